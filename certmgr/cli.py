@@ -1,0 +1,156 @@
+"""Command line: the only place that runs the event loop and turns CertmgrError into exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from certmgr import __version__
+from certmgr import inventory as inventory_mod
+from certmgr import log
+from certmgr.errors import CertmgrError
+from certmgr.inventory import Inventory
+
+DEFAULT_STATE_DIR = "/var/lib/certmgr"
+
+
+@dataclass
+class Ctx:
+    """What every command needs, loaded lazily so `--help` never touches the disk."""
+
+    inventory_path: Path
+    state_dir: Path
+    verbosity: int
+    _inventory: Inventory | None = field(default=None, repr=False)
+
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = inventory_mod.load(self.inventory_path)
+        return self._inventory
+
+    def store(self) -> Any:
+        from certmgr.store import Store
+
+        return Store.open(self.state_dir)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def fail(exc: CertmgrError) -> NoReturn:
+    click.echo(f"certmgr: error: {log.redact(str(exc))}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CertmgrError as exc:
+            fail(exc)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="certmgr")
+@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False, path_type=Path),
+              default="domains.toml", show_default=True, envvar="CERTMGR_INVENTORY",
+              help="Inventory file [env: CERTMGR_INVENTORY].")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
+              show_default=True, envvar=["CERTMGR_STATE_DIR", "STATE_DIRECTORY"],
+              help="Local store: archive/, live/, accounts, state, audit log "
+                   "[env: CERTMGR_STATE_DIR, or systemd's STATE_DIRECTORY].")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", count=True, help="Less output: errors only.")
+@click.pass_context
+def main(ctx: click.Context, inventory_path: Path, state_dir: Path, verbose: int, quiet: int) -> None:
+    """certmgr: scan, renew (ACME DNS-01 over RFC 2136), deploy and watch TLS certificates.
+
+    The pipeline: inventory → scan → plan → issue → store → deploy → verify → notify.
+    """
+    # systemd may pass several colon-separated StateDirectory= paths; the first is ours
+    state_dir = Path(str(state_dir).split(":")[0])
+    log.setup(verbose - quiet)
+    ctx.obj = Ctx(inventory_path=inventory_path, state_dir=state_dir, verbosity=verbose - quiet)
+
+
+# ---------------------------------------------------------------- inventory
+
+
+@main.group("inventory")
+def inventory_group() -> None:
+    """Validate and show the inventory (domains.toml)."""
+
+
+@inventory_group.command("check")
+@pass_ctx
+def inventory_check(c: Ctx) -> None:
+    """Validate the inventory; every problem is reported with its key path (exit 2)."""
+    inv = c.inventory()
+    names = sum(len(cert.domains) for cert in inv.certificates)
+    click.echo(
+        f"{inv.path}: ok — {len(inv.certificates)} certificates ({names} names), {len(inv.hosts)} hosts, "
+        f"{len(inv.dns)} DNS providers, {len(inv.cas)} CAs, {len(inv.channels)} channels"
+    )
+
+
+@inventory_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def inventory_show(c: Ctx, as_json: bool) -> None:
+    """Print the resolved inventory (tags expanded, defaults applied, secrets redacted)."""
+    data = inventory_mod.redacted(c.inventory())
+    if as_json:
+        emit_json(data)
+        return
+    for cert in data["certificates"]:
+        click.echo(f"certificate {cert['name']}: {', '.join(cert['domains'])}")
+        click.echo(f"  ca={cert['ca']} dns={cert['dns']} key={cert['key_type']} renew_before={cert['renew_before']}")
+        click.echo(f"  hosts: {', '.join(cert['hosts']) or '(none)'}")
+    for name, h in data["hosts"].items():
+        tags = f" [{', '.join(h['tags'])}]" if h["tags"] else ""
+        click.echo(f"host {name}: {h['user']}@{h['address']}:{h['port']} https:{h['https_port']}{tags}")
+    for name, p in data["dns"].items():
+        click.echo(f"dns {name}: {p['type']} zones={','.join(p['zones'])} key={p['tsig_key']} "
+                   f"({p['tsig_algorithm']}, {p['tsig_secret']})")
+    for name, ch in data["channels"].items():
+        click.echo(f"channel {name}: {ch['type']} min={ch['min_severity']} {ch['url'] or ch['token']}")
+
+
+def run_async(coro: Any) -> Any:
+    """The one asyncio.run; SIGTERM cancels the main task so `finally` cleanups still run."""
+    import asyncio
+    import signal
+
+    async def wrapper() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            try:
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        return await coro
+
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        click.echo("certmgr: interrupted", err=True)
+        sys.exit(130)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

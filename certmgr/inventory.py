@@ -1,0 +1,836 @@
+"""The inventory: domains.toml → frozen, validated dataclasses.
+
+Validation is strict and reports every problem at once, each naming its key path
+(`certificates[1].hosts[2]: no host named 'salyl' (did you mean 'sally'?)`).
+Nothing here does I/O beyond reading the file; secrets are only *referenced*.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+
+from certmgr.errors import InventoryError, SecretError
+
+KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+SEVERITIES = ("ok", "warning", "critical", "error")
+CHANNEL_TYPES = ("discord", "slack", "matrix", "webhook")
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
+PROFILES_HINT = ("classic", "tlsserver", "shortlived")
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A point before expiry: an absolute number of seconds or a fraction of lifetime."""
+
+    seconds: float | None = None
+    fraction: float | None = None
+    text: str = ""
+
+    def before(self, lifetime_s: float) -> float:
+        """Seconds before not_after at which the threshold is crossed."""
+        if self.fraction is not None:
+            return lifetime_s * self.fraction
+        assert self.seconds is not None
+        return self.seconds
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives: a file, a systemd credential, or an environment variable.
+
+    `str()`/`repr()` never show the value; `read()` is the only way to it.
+    """
+
+    kind: str  # "file" | "credential" | "env"
+    where: str
+    key_path: str
+
+    def read(self, env: Mapping[str, str] | None = None) -> str:
+        env = os.environ if env is None else env
+        if self.kind == "file":
+            path = Path(self.where)
+        elif self.kind == "credential":
+            creds = env.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise SecretError(
+                    f"{self.key_path}: systemd credential {self.where!r} requested but "
+                    "$CREDENTIALS_DIRECTORY is not set",
+                    hint="run under systemd with LoadCredential=, or use a *_file reference",
+                )
+            path = Path(creds) / self.where
+        else:
+            value = env.get(self.where)
+            if not value:
+                raise SecretError(f"{self.key_path}: environment variable {self.where} is not set or empty")
+            return value.strip()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise SecretError(f"{self.key_path}: cannot read secret file {path}: {exc.strerror}") from exc
+        if not value:
+            raise SecretError(f"{self.key_path}: secret file {path} is empty")
+        return value
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.where}"
+
+
+# ---------------------------------------------------------------- inventory types
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CA:
+    name: str
+    directory: str
+    contact: tuple[str, ...] = ()
+    agree_tos: bool = False
+    trust: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: SecretRef | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DNSProvider:
+    name: str
+    type: str
+    zones: tuple[str, ...]
+    tsig_key: str
+    tsig_secret: SecretRef
+    tsig_algorithm: str = "hmac-sha256"
+    server: str | None = None
+    port: int = 53
+    nameservers: tuple[str, ...] = ()
+    propagation_timeout: float = 120.0
+
+    def zone_for(self, fqdn: str) -> str | None:
+        """The longest of this provider's zones that contains `fqdn`."""
+        best = None
+        for zone in self.zones:
+            if fqdn == zone or fqdn.endswith("." + zone):
+                if best is None or len(zone) > len(best):
+                    best = zone
+        return best
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Host:
+    name: str
+    address: str
+    port: int = 22
+    https_port: int = 443
+    user: str = "certmgr"
+    ssh_key_file: Path | None = None
+    known_hosts: Path | None = None
+    tags: tuple[str, ...] = ()
+    cert_root: str = "/etc/letsencrypt"
+    test_command: tuple[str, ...] = ()
+    reload_command: tuple[str, ...] = ()
+    jump: str | None = None
+
+    @property
+    def canary(self) -> bool:
+        return "canary" in self.tags
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Certificate:
+    name: str
+    domains: tuple[str, ...]
+    dns: str
+    hosts: tuple[str, ...]  # resolved host names, tags expanded, in inventory order
+    ca: str
+    key_type: str = "ecdsa-p256"
+    reuse_key: bool = False
+    profile: str | None = None
+    preferred_chain: str | None = None
+    renew_before: Threshold | None = None  # None: 1/3 of lifetime (1/2 under 10 days)
+    warn_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.25, text="1/4"))
+    critical_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.1, text="1/10"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Channel:
+    name: str
+    type: str
+    url: SecretRef | None = None
+    token: SecretRef | None = None
+    homeserver: str | None = None
+    room: str | None = None
+    min_severity: str = "warning"
+    repeat: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inventory:
+    path: Path
+    cas: Mapping[str, CA]
+    dns: Mapping[str, DNSProvider]
+    hosts: Mapping[str, Host]
+    certificates: tuple[Certificate, ...]
+    channels: Mapping[str, Channel]
+    trust: tuple[Path, ...] = ()
+
+    def certificate(self, name: str) -> Certificate:
+        for cert in self.certificates:
+            if cert.name == name:
+                return cert
+        raise InventoryError([f"no certificate named {name!r}{_suggest(name, [c.name for c in self.certificates])}"],
+                             path=str(self.path))
+
+    def select(self, names: tuple[str, ...] | list[str]) -> tuple[Certificate, ...]:
+        """The named certificates (all when none named); unknown names → one InventoryError."""
+        if not names:
+            return self.certificates
+        known = {c.name: c for c in self.certificates}
+        problems = [
+            f"no certificate named {n!r}{_suggest(n, list(known))}" for n in names if n not in known
+        ]
+        if problems:
+            raise InventoryError(problems, path=str(self.path))
+        return tuple(known[n] for n in dict.fromkeys(names))
+
+    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
+        """The provider and zone that own `fqdn` (longest zone match across providers)."""
+        best: tuple[DNSProvider, str] | None = None
+        for prov in self.dns.values():
+            zone = prov.zone_for(fqdn)
+            if zone and (best is None or len(zone) > len(best[1])):
+                best = (prov, zone)
+        return best
+
+
+# ---------------------------------------------------------------- name rules
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LINEAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
+_TAG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_CHANNEL_SECRET_KEYS = {"url", "token"}
+
+
+def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
+    """Why `name` is not an acceptable DNS name, or None.
+
+    Accepts IDNA (converted names must already be in A-label form to avoid
+    confusables: a U-label is rejected with its punycode spelled out).
+    """
+    if not isinstance(name, str):
+        return f"must be a string, not {_tname(name)}"
+    if not name:
+        return "empty DNS name"
+    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in ".-*_"))})
+    if bad:
+        if all(not c.isascii() for c in bad):
+            try:
+                alabel = name.encode("idna").decode()
+            except UnicodeError:
+                return f"{name!r} is not a valid internationalised name"
+            return f"{name!r} contains non-ASCII characters; write the A-label form {alabel!r}"
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)
+        return f"{name!r} contains characters not allowed in a DNS name: {shown!r}"
+    if name != name.lower():
+        return f"{name!r} must be lower case"
+    if name.endswith("."):
+        return f"{name!r} must not end with a dot"
+    if len(name) > 253:
+        return f"{name!r} is longer than 253 characters"
+    labels = name.split(".")
+    if len(labels) < 2:
+        return f"{name!r} is not a fully qualified name"
+    for i, label in enumerate(labels):
+        if label == "*":
+            if i != 0 or not wildcard_ok:
+                return f"{name!r}: a wildcard is only allowed as the leftmost label"
+            continue
+        if "*" in label:
+            return f"{name!r}: '*' must be a whole label"
+        if not label:
+            return f"{name!r} has an empty label"
+        if "_" in label:
+            return f"{name!r}: label {label!r} contains '_'"
+        if not _LABEL.match(label):
+            if len(label) > 63:
+                return f"{name!r}: label {label[:20]!r}… is longer than 63 characters"
+            return f"{name!r}: label {label!r} must not start or end with '-'"
+        if label.startswith("xn--"):
+            try:
+                label.encode().decode("idna")
+            except UnicodeError:
+                return f"{name!r}: label {label!r} is not valid punycode"
+    return None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike[str]) -> Inventory:
+    """Read and validate an inventory file; raises InventoryError listing every problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise InventoryError([f"file not found: {p}"], path=str(p)) from None
+    except OSError as exc:
+        raise InventoryError([f"cannot read {p}: {exc.strerror}"], path=str(p)) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InventoryError([f"not UTF-8 at byte {exc.start}"], path=str(p)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InventoryError([f"TOML syntax: {exc}"], path=str(p)) from exc
+    return parse(data, base=p.parent.resolve(), path=p)
+
+
+def loads(text: str, *, base: Path | None = None) -> Inventory:
+    """Parse inventory text (tests, docs examples)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InventoryError([f"TOML syntax: {exc}"], path="<string>") from exc
+    return parse(data, base=base or Path.cwd(), path=Path("<string>"))
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Collects problems while reading typed values out of nested tables."""
+
+    def __init__(self, base: Path) -> None:
+        self.problems: list[str] = []
+        self.base = base
+
+    def err(self, keypath: str, msg: str) -> None:
+        self.problems.append(f"{keypath}: {msg}")
+
+    def table(self, data: object, keypath: str, allowed: set[str], secrets: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        if not isinstance(data, dict):
+            self.err(keypath, f"must be a table, not {_tname(data)}")
+            return {}
+        known = allowed | {f"{s}_{k}" for s in secrets for k in ("file", "credential", "env")}
+        for key in data:
+            if key in secrets:
+                self.err(f"{keypath}.{key}" if keypath else key,
+                         f"secrets must not be written inline; use {key}_file, {key}_credential or {key}_env")
+            elif key not in known:
+                self.err(f"{keypath}.{key}" if keypath else key, f"unknown key{_suggest(key, sorted(known))}")
+        return data
+
+    def get(self, data: dict[str, Any], key: str, keypath: str, typ: type[T] | tuple[type, ...],
+            default: Any = None, required: bool = False) -> Any:
+        kp = f"{keypath}.{key}" if keypath else key
+        if key not in data:
+            if required:
+                self.err(kp, "required key is missing")
+            return default
+        value = data[key]
+        # bool is an int subclass: never accept it where a number is wanted
+        if isinstance(value, bool) and typ is not bool and not (isinstance(typ, tuple) and bool in typ):
+            self.err(kp, f"must be {_typname(typ)}, not a boolean")
+            return default
+        if not isinstance(value, typ):
+            self.err(kp, f"must be {_typname(typ)}, not {_tname(value)}")
+            return default
+        return value
+
+    def strlist(self, data: dict[str, Any], key: str, keypath: str, default: tuple[str, ...] = (),
+                required: bool = False, nonempty: bool = False) -> tuple[str, ...] | None:
+        kp = f"{keypath}.{key}" if keypath else key
+        value = self.get(data, key, keypath, list, required=required)
+        if value is None:
+            return default if key not in data else None
+        out = []
+        ok = True
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.err(f"{kp}[{i}]", f"must be a string, not {_tname(item)}")
+                ok = False
+            else:
+                out.append(item)
+        if nonempty and not value:
+            self.err(kp, "must not be empty")
+            return None
+        return tuple(out) if ok else None
+
+    def secret(self, data: dict[str, Any], key: str, keypath: str, required: bool) -> SecretRef | None:
+        refs = [(k, data[f"{key}_{k}"]) for k in ("file", "credential", "env") if f"{key}_{k}" in data]
+        if len(refs) > 1:
+            self.err(f"{keypath}.{key}_*", f"give exactly one of {key}_file, {key}_credential, {key}_env")
+            return None
+        if not refs:
+            if required and key not in data:  # inline secrets are reported by table()
+                self.err(f"{keypath}.{key}_file", f"required: the {key} must come from {key}_file, "
+                         f"{key}_credential or {key}_env")
+            return None
+        kind, where = refs[0]
+        kp = f"{keypath}.{key}_{kind}"
+        if not isinstance(where, str) or not where:
+            self.err(kp, f"must be a non-empty string, not {_tname(where)}")
+            return None
+        if kind == "file":
+            where = str(self.path(where))
+        elif kind == "credential" and ("/" in where or where.startswith(".")):
+            self.err(kp, f"{where!r} is not a credential name (no '/' or leading '.')")
+            return None
+        elif kind == "env" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", where):
+            self.err(kp, f"{where!r} is not an environment variable name")
+            return None
+        return SecretRef(kind, where, kp)
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def duration(self, data: dict[str, Any], key: str, keypath: str, default: float) -> float:
+        value = self.get(data, key, keypath, str)
+        if value is None:
+            return default
+        secs = parse_duration(value)
+        if secs is None:
+            self.err(f"{keypath}.{key}" if keypath else key,
+                     f"{value!r} is not a duration (e.g. \"90s\", \"15m\", \"12h\", \"30d\")")
+            return default
+        return secs
+
+    def threshold(self, data: dict[str, Any], key: str, keypath: str, default: Threshold | None) -> Threshold | None:
+        value = self.get(data, key, keypath, str)
+        if value is None:
+            return default
+        th = parse_threshold(value)
+        if th is None:
+            self.err(f"{keypath}.{key}" if keypath else key,
+                     f"{value!r} is neither a duration (\"30d\") nor a fraction of the lifetime (\"1/3\", \"0.25\")")
+            return default
+        return th
+
+    def choice(self, data: dict[str, Any], key: str, keypath: str, choices: tuple[str, ...], default: str | None,
+               required: bool = False) -> str | None:
+        value = self.get(data, key, keypath, str, required=required)
+        if value is None:
+            return default
+        if value not in choices:
+            self.err(f"{keypath}.{key}" if keypath else key,
+                     f"{value!r} is not one of {', '.join(choices)}{_suggest(value, list(choices))}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def argv(self, data: dict[str, Any], key: str, keypath: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        kp = f"{keypath}.{key}" if keypath else key
+        if key in data and isinstance(data[key], str):
+            self.err(kp, "must be a list of arguments (argv), e.g. [\"sudo\", \"-n\", \"nginx\", \"-t\"]; "
+                     "certmgr never runs a shell string")
+            return default
+        value = self.strlist(data, key, keypath, default=default)
+        if value is None:
+            return default
+        if key in data and not value:
+            self.err(kp, "must not be empty")
+            return default
+        for i, arg in enumerate(value):
+            if "\x00" in arg or "\n" in arg:
+                self.err(f"{kp}[{i}]", "contains a NUL or newline")
+        return value
+
+    def port(self, data: dict[str, Any], key: str, keypath: str, default: int) -> int:
+        value = self.get(data, key, keypath, int, default=default)
+        if not 1 <= value <= 65535:
+            self.err(f"{keypath}.{key}", f"{value} is not a port number (1-65535)")
+            return default
+        return int(value)
+
+
+def parse_duration(text: str) -> float | None:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*", text)
+    if not m:
+        return None
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_threshold(text: str) -> Threshold | None:
+    secs = parse_duration(text)
+    if secs is not None:
+        return Threshold(seconds=secs, text=text)
+    try:
+        frac = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        return None
+    if not 0 < frac < 1:
+        return None
+    return Threshold(fraction=frac, text=text.strip())
+
+
+def _ip_or_hostname_problem(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    problem = dns_name_problem(value, wildcard_ok=False)
+    if problem and value in ("localhost",):
+        return None
+    return problem
+
+
+def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
+    """Validate a parsed TOML document; every problem names its key path."""
+    r = _Reader(base)
+    r.table(data, "", {"defaults", "ca", "dns", "hosts", "certificates", "channels"})
+
+    # -- defaults
+    d = r.table(data.get("defaults", {}), "defaults",
+                {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
+                 "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command"})
+    key_type = r.choice(d, "key_type", "defaults", KEY_TYPES, "ecdsa-p256") or "ecdsa-p256"
+    renew_before = r.threshold(d, "renew_before", "defaults", None)
+    warn_before = r.threshold(d, "warn_before", "defaults", Threshold(fraction=0.25, text="1/4"))
+    critical_before = r.threshold(d, "critical_before", "defaults", Threshold(fraction=0.1, text="1/10"))
+    cert_root = _abs_remote_path(r, d, "cert_root", "defaults", "/etc/letsencrypt")
+    ssh_user = _user(r, d, "ssh_user", "defaults", "certmgr")
+    ssh_key_s = r.get(d, "ssh_key_file", "defaults", str)
+    known_hosts_s = r.get(d, "known_hosts", "defaults", str)
+    https_port = r.port(d, "https_port", "defaults", 443)
+    trust = tuple(r.path(t) for t in (r.strlist(d, "trust", "defaults") or ()))
+    test_cmd = r.argv(d, "test_command", "defaults", ("sudo", "-n", "nginx", "-t"))
+    reload_cmd = r.argv(d, "reload_command", "defaults", ("sudo", "-n", "systemctl", "reload", "nginx"))
+
+    # -- CAs
+    cas: dict[str, CA] = {}
+    for name, t in _named_tables(r, data, "ca"):
+        kp = f"ca.{name}"
+        t = r.table(t, kp, {"directory", "contact", "agree_tos", "trust", "eab_kid"}, secrets={"eab_hmac_key"})
+        directory = r.get(t, "directory", kp, str, required=True)
+        if directory is not None and not directory.startswith("https://"):
+            r.err(f"{kp}.directory", f"{directory!r} must be an https:// URL")
+        contact = r.strlist(t, "contact", kp) or ()
+        for i, c in enumerate(contact):
+            if not c.startswith("mailto:") or not re.fullmatch(r"mailto:[^@\s]+@[^@\s]+\.[^@\s]+", c):
+                r.err(f"{kp}.contact[{i}]", f"{c!r} must be a mailto: address")
+        trust_s = r.get(t, "trust", kp, str)
+        eab_kid = r.get(t, "eab_kid", kp, str)
+        eab_key = r.secret(t, "eab_hmac_key", kp, required=eab_kid is not None)
+        if eab_key is not None and eab_kid is None:
+            r.err(f"{kp}.eab_kid", "required when an EAB HMAC key is given")
+        cas[name] = CA(name=name, directory=directory or "", contact=contact,
+                       agree_tos=bool(r.get(t, "agree_tos", kp, bool, default=False)),
+                       trust=r.path(trust_s) if trust_s else None, eab_kid=eab_kid, eab_hmac_key=eab_key)
+    default_ca = r.get(d, "ca", "defaults", str)
+    if default_ca is not None and default_ca not in cas:
+        r.err("defaults.ca", f"no CA named {default_ca!r}{_suggest(default_ca, list(cas))}")
+    if default_ca is None and len(cas) == 1:
+        default_ca = next(iter(cas))
+
+    # -- DNS providers
+    providers: dict[str, DNSProvider] = {}
+    for name, t in _named_tables(r, data, "dns"):
+        kp = f"dns.{name}"
+        t = r.table(t, kp, {"type", "zones", "server", "port", "tsig_key", "tsig_algorithm", "nameservers",
+                            "propagation_timeout"}, secrets={"tsig_secret"})
+        r.choice(t, "type", kp, ("rfc2136",), None, required=True)
+        zones = r.strlist(t, "zones", kp, required=True, nonempty=True) or ()
+        for i, z in enumerate(zones):
+            if (p := dns_name_problem(z, wildcard_ok=False)) is not None:
+                r.err(f"{kp}.zones[{i}]", p)
+        server = r.get(t, "server", kp, str)
+        if server is not None and _ip_problem(server):
+            r.err(f"{kp}.server", f"{server!r} must be an IP address (certmgr never resolves the primary "
+                  "through the system resolver)")
+        nameservers = r.strlist(t, "nameservers", kp) or ()
+        for i, ns in enumerate(nameservers):
+            if _ip_problem(ns):
+                r.err(f"{kp}.nameservers[{i}]", f"{ns!r} must be an IP address")
+        algo_raw = r.get(t, "tsig_algorithm", kp, str, default="hmac-sha256")
+        algo = normalise_tsig_algorithm(algo_raw)
+        if algo is None:
+            if "md5" in algo_raw.lower():
+                r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r}: HMAC-MD5 is refused; use hmac-sha256")
+            else:
+                r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r} is not one of {', '.join(TSIG_ALGORITHMS)}")
+        tsig_key = r.get(t, "tsig_key", kp, str, required=True)
+        if tsig_key is not None and dns_name_problem(tsig_key.rstrip(".") + ".x", wildcard_ok=False):
+            r.err(f"{kp}.tsig_key", f"{tsig_key!r} is not a valid key name")
+        secret = r.secret(t, "tsig_secret", kp, required=True)
+        providers[name] = DNSProvider(
+            name=name, type="rfc2136", zones=zones, tsig_key=tsig_key or "",
+            tsig_secret=secret or SecretRef("env", "", f"{kp}.tsig_secret"),
+            tsig_algorithm=algo or "hmac-sha256", server=server, port=r.port(t, "port", kp, 53),
+            nameservers=nameservers, propagation_timeout=r.duration(t, "propagation_timeout", kp, 120.0))
+
+    # -- hosts
+    hosts: dict[str, Host] = {}
+    raw_jumps: dict[str, str] = {}
+    for name, t in _named_tables(r, data, "hosts"):
+        kp = f"hosts.{name}"
+        if not _LINEAGE.match(name):
+            r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
+        t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
+                            "cert_root", "test_command", "reload_command", "jump"})
+        address = r.get(t, "address", kp, str, required=True)
+        if address is not None and (p := _ip_or_hostname_problem(address)) is not None:
+            r.err(f"{kp}.address", p)
+        tags = r.strlist(t, "tags", kp) or ()
+        for i, tag in enumerate(tags):
+            if not _TAG.match(tag):
+                r.err(f"{kp}.tags[{i}]", f"{tag!r} is not a valid tag (lower-case letters, digits, '-', '_')")
+        jump = r.get(t, "jump", kp, str)
+        if jump is not None:
+            raw_jumps[name] = jump
+        key_s = r.get(t, "ssh_key_file", kp, str, default=ssh_key_s)
+        kh_s = r.get(t, "known_hosts", kp, str, default=known_hosts_s)
+        hosts[name] = Host(
+            name=name, address=address or "", port=r.port(t, "port", kp, 22),
+            https_port=r.port(t, "https_port", kp, https_port), user=_user(r, t, "user", kp, ssh_user),
+            ssh_key_file=r.path(key_s) if key_s else None, known_hosts=r.path(kh_s) if kh_s else None,
+            tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
+            test_command=r.argv(t, "test_command", kp, test_cmd),
+            reload_command=r.argv(t, "reload_command", kp, reload_cmd), jump=jump)
+    for name, jump in raw_jumps.items():
+        if jump not in hosts:
+            r.err(f"hosts.{name}.jump", f"no host named {jump!r}{_suggest(jump, list(hosts))}")
+        elif jump == name:
+            r.err(f"hosts.{name}.jump", "a host cannot be its own jump host")
+    all_tags = sorted({tag for h in hosts.values() for tag in h.tags})
+
+    # -- certificates
+    certs: list[Certificate] = []
+    raw_certs = data.get("certificates", [])
+    if not isinstance(raw_certs, list):
+        r.err("certificates", "must be an array of tables ([[certificates]])")
+        raw_certs = []
+    seen_names: dict[str, int] = {}
+    seen_domains: dict[str, str] = {}
+    for ci, t in enumerate(raw_certs):
+        kp = f"certificates[{ci}]"
+        t = r.table(t, kp, {"name", "domains", "dns", "hosts", "ca", "key_type", "reuse_key", "profile",
+                            "preferred_chain", "renew_before", "warn_before", "critical_before"})
+        if not t:
+            continue
+        name = r.get(t, "name", kp, str, required=True)
+        if name is not None:
+            if (p := _lineage_problem(name)) is not None:
+                r.err(f"{kp}.name", p)
+            elif name in seen_names:
+                r.err(f"{kp}.name", f"duplicate certificate name {name!r} (also certificates[{seen_names[name]}])")
+            else:
+                seen_names[name] = ci
+        domains = r.strlist(t, "domains", kp, required=True, nonempty=True) or ()
+        local_seen: set[str] = set()
+        for i, dn in enumerate(domains):
+            if (p := dns_name_problem(dn)) is not None:
+                r.err(f"{kp}.domains[{i}]", p)
+            elif dn in local_seen:
+                r.err(f"{kp}.domains[{i}]", f"{dn!r} is listed twice")
+            local_seen.add(dn)
+            if name and dn in seen_domains and seen_domains[dn] != name:
+                r.err(f"{kp}.domains[{i}]", f"{dn!r} is already on certificate {seen_domains[dn]!r}")
+            elif name:
+                seen_domains.setdefault(dn, name)
+        dns_name = r.get(t, "dns", kp, str)
+        if dns_name is None:
+            if len(providers) == 1:
+                dns_name = next(iter(providers))
+            else:
+                r.err(f"{kp}.dns", "required: name a [dns.*] provider" if providers else "no [dns.*] provider is defined")
+        elif dns_name not in providers:
+            r.err(f"{kp}.dns", f"no DNS provider named {dns_name!r}{_suggest(dns_name, list(providers))}")
+        ca = r.get(t, "ca", kp, str, default=default_ca)
+        if ca is None:
+            r.err(f"{kp}.ca", "required: no [defaults] ca and more than one [ca.*]" if cas else "no [ca.*] is defined")
+        elif ca not in cas:
+            r.err(f"{kp}.ca", f"no CA named {ca!r}{_suggest(ca, list(cas))}")
+        targets: list[str] = []
+        for i, ref in enumerate(r.strlist(t, "hosts", kp) or ()):
+            if ref.startswith("tag:"):
+                tag = ref[4:]
+                matched = [h.name for h in hosts.values() if tag in h.tags]
+                if not matched:
+                    r.err(f"{kp}.hosts[{i}]", f"no host has tag {tag!r}{_suggest(tag, all_tags)}")
+                targets.extend(matched)
+            elif ref in hosts:
+                targets.append(ref)
+            else:
+                r.err(f"{kp}.hosts[{i}]", f"no host named {ref!r}{_suggest(ref, list(hosts))}")
+        profile = r.get(t, "profile", kp, str)
+        if profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", profile):
+            r.err(f"{kp}.profile", f"{profile!r} is not a valid profile name")
+        certs.append(Certificate(
+            name=name or f"<certificates[{ci}]>", domains=domains, dns=dns_name or "", hosts=tuple(dict.fromkeys(targets)),
+            ca=ca or "", key_type=r.choice(t, "key_type", kp, KEY_TYPES, key_type) or key_type,
+            reuse_key=bool(r.get(t, "reuse_key", kp, bool, default=False)), profile=profile,
+            preferred_chain=r.get(t, "preferred_chain", kp, str),
+            renew_before=r.threshold(t, "renew_before", kp, renew_before),
+            warn_before=r.threshold(t, "warn_before", kp, warn_before) or warn_before,  # type: ignore[arg-type]
+            critical_before=r.threshold(t, "critical_before", kp, critical_before) or critical_before,  # type: ignore[arg-type]
+        ))
+    for cert in certs:
+        prov = providers.get(cert.dns)
+        if prov is None:
+            continue
+        for i, dn in enumerate(cert.domains):
+            if dns_name_problem(dn) is None and prov.zone_for(dn.removeprefix("*.")) is None:
+                ci = seen_names.get(cert.name, 0)
+                r.err(f"certificates[{ci}].domains[{i}]",
+                      f"{dn!r} is in none of dns.{prov.name}'s zones ({', '.join(prov.zones)})")
+
+    # -- channels
+    channels: dict[str, Channel] = {}
+    for name, t in _named_tables(r, data, "channels"):
+        kp = f"channels.{name}"
+        t = r.table(t, kp, {"type", "homeserver", "room", "min_severity", "repeat"}, secrets=_CHANNEL_SECRET_KEYS)
+        typ = r.choice(t, "type", kp, CHANNEL_TYPES, None, required=True)
+        homeserver = r.get(t, "homeserver", kp, str)
+        room = r.get(t, "room", kp, str)
+        if typ == "matrix":
+            if homeserver is None:
+                r.err(f"{kp}.homeserver", "required for a matrix channel")
+            elif not re.match(r"https?://", homeserver):
+                r.err(f"{kp}.homeserver", f"{homeserver!r} must be an http(s):// URL")
+            if room is None:
+                r.err(f"{kp}.room", "required for a matrix channel")
+            elif not re.fullmatch(r"[!#][^:\s]+:[^\s]+", room):
+                r.err(f"{kp}.room", f"{room!r} is not a Matrix room id (!id:server) or alias (#name:server)")
+            url = None
+            token = r.secret(t, "token", kp, required=True)
+        else:
+            url = r.secret(t, "url", kp, required=typ is not None)
+            token = None
+            for k in ("homeserver", "room"):
+                if k in t and typ is not None:
+                    r.err(f"{kp}.{k}", f"only used by matrix channels, not {typ}")
+        channels[name] = Channel(
+            name=name, type=typ or "", url=url, token=token, homeserver=homeserver, room=room,
+            min_severity=r.choice(t, "min_severity", kp, SEVERITIES, "warning") or "warning",
+            repeat=r.duration(t, "repeat", kp, 86400.0))
+
+    if not certs and not r.problems:
+        r.err("certificates", "no certificates defined")
+    if r.problems:
+        raise InventoryError(r.problems, path=str(path))
+    return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
+                     channels=channels, trust=trust)
+
+
+def normalise_tsig_algorithm(name: str) -> str | None:
+    """`HMAC-SHA256`, `hmac-sha256.`, `hmac-sha256.sig-alg.reg.int` → `hmac-sha256`; MD5 → None."""
+    n = name.strip().lower().rstrip(".").removesuffix(".sig-alg.reg.int")
+    return n if n in TSIG_ALGORITHMS else None
+
+
+def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[str, Any]]:
+    value = data.get(section, {})
+    if not isinstance(value, dict):
+        r.err(section, f"must be a table of named entries ([{section}.NAME]), not {_tname(value)}")
+        return []
+    out = []
+    for name, t in value.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+            r.err(f"{section}.{name}", f"{name!r} is not a valid name (lower-case letters, digits, '.', '-', '_')")
+            continue
+        out.append((name, t))
+    return out
+
+
+def _lineage_problem(name: str) -> str | None:
+    if not _LINEAGE.match(name) or ".." in name:
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+        return (f"{shown!r} is not a valid certificate name (lower-case letters, digits, '.', '-', '_'; "
+                "it becomes a directory name on every host)")
+    return None
+
+
+def _ip_problem(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return False
+    except ValueError:
+        return True
+
+
+def _user(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str:
+    value = r.get(t, key, kp, str)
+    if value is None:
+        return default
+    if not _USER.match(value):
+        r.err(f"{kp}.{key}", f"{value!r} is not a valid user name")
+        return default
+    return value  # type: ignore[no-any-return]
+
+
+def _abs_remote_path(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str:
+    value = r.get(t, key, kp, str)
+    if value is None:
+        return default
+    if not value.startswith("/") or not re.fullmatch(r"[A-Za-z0-9_./@+-]+", value) or "/../" in value + "/":
+        r.err(f"{kp}.{key}", f"{value!r} must be an absolute path of letters, digits and ._-/@+ (no '..')")
+        return default
+    return value.rstrip("/") or "/"
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _tname(value: object) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _typname(typ: type | tuple[type, ...]) -> str:
+    if isinstance(typ, tuple):
+        return " or ".join(_typname(t) for t in typ)
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+            dict: "a table"}.get(typ, typ.__name__)
+
+
+# ---------------------------------------------------------------- display
+
+
+def redacted(inv: Inventory) -> dict[str, Any]:
+    """The resolved inventory as plain data, secrets shown only as their references."""
+
+    def ref(s: SecretRef | None) -> str | None:
+        return None if s is None else f"<secret {s.describe()}>"
+
+    return {
+        "path": str(inv.path),
+        "trust": [str(p) for p in inv.trust],
+        "ca": {n: {"directory": c.directory, "contact": list(c.contact), "agree_tos": c.agree_tos,
+                   "trust": str(c.trust) if c.trust else None, "eab_kid": c.eab_kid,
+                   "eab_hmac_key": ref(c.eab_hmac_key)} for n, c in inv.cas.items()},
+        "dns": {n: {"type": p.type, "zones": list(p.zones), "server": p.server, "port": p.port,
+                    "tsig_key": p.tsig_key, "tsig_algorithm": p.tsig_algorithm, "tsig_secret": ref(p.tsig_secret),
+                    "nameservers": list(p.nameservers), "propagation_timeout": p.propagation_timeout}
+                for n, p in inv.dns.items()},
+        "hosts": {n: {"address": h.address, "port": h.port, "https_port": h.https_port, "user": h.user,
+                      "tags": list(h.tags), "cert_root": h.cert_root, "test_command": list(h.test_command),
+                      "reload_command": list(h.reload_command), "jump": h.jump,
+                      "ssh_key_file": str(h.ssh_key_file) if h.ssh_key_file else None,
+                      "known_hosts": str(h.known_hosts) if h.known_hosts else None}
+                  for n, h in inv.hosts.items()},
+        "certificates": [{"name": c.name, "domains": list(c.domains), "dns": c.dns, "hosts": list(c.hosts),
+                          "ca": c.ca, "key_type": c.key_type, "reuse_key": c.reuse_key, "profile": c.profile,
+                          "preferred_chain": c.preferred_chain,
+                          "renew_before": str(c.renew_before) if c.renew_before else "1/3 (1/2 under 10 days)",
+                          "warn_before": str(c.warn_before), "critical_before": str(c.critical_before)}
+                         for c in inv.certificates],
+        "channels": {n: {"type": ch.type, "url": ref(ch.url), "token": ref(ch.token), "homeserver": ch.homeserver,
+                         "room": ch.room, "min_severity": ch.min_severity, "repeat": ch.repeat}
+                     for n, ch in inv.channels.items()},
+    }
+
+
+Check = Callable[[Inventory], list[str]]
