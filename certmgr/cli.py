@@ -11,9 +11,8 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__
+from certmgr import __version__, log
 from certmgr import inventory as inventory_mod
-from certmgr import log
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Inventory
 

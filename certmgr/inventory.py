@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -643,7 +643,8 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             if len(providers) == 1:
                 dns_name = next(iter(providers))
             else:
-                r.err(f"{kp}.dns", "required: name a [dns.*] provider" if providers else "no [dns.*] provider is defined")
+                r.err(f"{kp}.dns",
+                      "required: name a [dns.*] provider" if providers else "no [dns.*] provider is defined")
         elif dns_name not in providers:
             r.err(f"{kp}.dns", f"no DNS provider named {dns_name!r}{_suggest(dns_name, list(providers))}")
         ca = r.get(t, "ca", kp, str, default=default_ca)
@@ -667,7 +668,8 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
         if profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", profile):
             r.err(f"{kp}.profile", f"{profile!r} is not a valid profile name")
         certs.append(Certificate(
-            name=name or f"<certificates[{ci}]>", domains=domains, dns=dns_name or "", hosts=tuple(dict.fromkeys(targets)),
+            name=name or f"<certificates[{ci}]>", domains=domains, dns=dns_name or "",
+            hosts=tuple(dict.fromkeys(targets)),
             ca=ca or "", key_type=r.choice(t, "key_type", kp, KEY_TYPES, key_type) or key_type,
             reuse_key=bool(r.get(t, "reuse_key", kp, bool, default=False)), profile=profile,
             preferred_chain=r.get(t, "preferred_chain", kp, str),
@@ -738,6 +740,9 @@ def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[
     for name, t in value.items():
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
             r.err(f"{section}.{name}", f"{name!r} is not a valid name (lower-case letters, digits, '.', '-', '_')")
+            continue
+        if not isinstance(t, dict):
+            r.err(f"{section}.{name}", f"must be a table, not {_tname(t)}")
             continue
         out.append((name, t))
     return out
@@ -832,5 +837,3 @@ def redacted(inv: Inventory) -> dict[str, Any]:
                      for n, ch in inv.channels.items()},
     }
 
-
-Check = Callable[[Inventory], list[str]]
