@@ -717,7 +717,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             min_severity=r.choice(t, "min_severity", kp, SEVERITIES, "warning") or "warning",
             repeat=r.duration(t, "repeat", kp, 86400.0))
 
-    if not certs and not r.problems:
+    if not raw_certs and "certificates" not in data:
         r.err("certificates", "no certificates defined")
     if r.problems:
         raise InventoryError(r.problems, path=str(path))

@@ -1,0 +1,72 @@
+"""The command line: help, version, exit codes and redaction at the edge."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from certmgr import __version__, log
+from certmgr.cli import main
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_console_script_installed() -> None:
+    """`pip install` of the repo gives a working `certmgr` console script."""
+    script = Path(sys.executable).with_name("certmgr")
+    if not script.exists():
+        pytest.skip("not running from an installed venv")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"certmgr, version {__version__}"
+
+
+def test_help_lists_built_commands_only() -> None:
+    """`certmgr --help` lists the command groups that exist, and nothing pretends."""
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "inventory" in result.output
+
+
+def test_inventory_check_ok() -> None:
+    """`inventory check` on the repo's example prints a summary and exits 0."""
+    result = CliRunner().invoke(main, ["--inventory", str(ROOT / "domains.toml"), "inventory", "check"])
+    assert result.exit_code == 0, result.output
+    assert "2 certificates (3 names), 5 hosts" in result.output
+
+
+def test_inventory_errors_exit_2(tmp_path: Path) -> None:
+    """An invalid inventory exits 2 and names every key path on stderr."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[hosts.sally]\naddress = "1.2.3.4"\nprot = 22\n')
+    result = CliRunner().invoke(main, ["--inventory", str(bad), "inventory", "check"])
+    assert result.exit_code == 2
+    assert "hosts.sally.prot: unknown key (did you mean 'port'?)" in result.output
+    assert "certificates: no certificates defined" in result.output
+
+
+def test_inventory_env_var(tmp_path: Path) -> None:
+    """CERTMGR_INVENTORY selects the inventory when --inventory is not given."""
+    result = CliRunner().invoke(main, ["inventory", "check"], env={"CERTMGR_INVENTORY": str(tmp_path / "x.toml")})
+    assert result.exit_code == 2
+    assert f"file not found: {tmp_path / 'x.toml'}" in result.output
+
+
+def test_inventory_show_json_redacts() -> None:
+    """`inventory show --json` shows secret references, never values."""
+    result = CliRunner().invoke(main, ["--inventory", str(ROOT / "domains.toml"), "inventory", "show", "--json"])
+    assert result.exit_code == 0
+    assert '"tsig_secret": "<secret credential:tsig.key>"' in result.output
+
+
+def test_secret_values_are_redacted_from_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """A registered secret never appears in a formatted log line, and Secret() prints as ***."""
+    secret = log.Secret("https://discord.example/api/webhooks/123/abcdef")
+    assert str(secret) == "***" and "abcdef" not in repr(secret)
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "posting to %s", (secret.reveal(),), None)
+    line = log.KVFormatter(timestamps=False).format(record)
+    assert "abcdef" not in line and "***" in line
