@@ -1,0 +1,790 @@
+"""Deploy: push the store's live version of each certificate to its hosts, all at once, bounded.
+
+Per host: preflight test, upload a new archive version over SFTP, swap `live/<name>` with one
+rename(2), test, reload, verify by TLS handshake — and roll back with one rename when any step fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import logging
+import re
+import secrets
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from certmgr import remote as remote_mod
+from certmgr.errors import CertmgrError, DeployError, UsageError
+from certmgr.inventory import Certificate, Host, Inventory
+from certmgr.log import event
+from certmgr.material import CertInfo, CertMaterial
+from certmgr.remote import Result, Timeouts, b64text
+from certmgr.scan import Probe, probe
+
+logger = logging.getLogger(__name__)
+
+PEM_MODE = 0o644
+KEY_MODE = 0o600
+DIR_MODE = 0o755
+FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
+_TMP_DIR = re.compile(r"\.tmp-[1-9][0-9]{0,8}-[0-9a-f]{12}")
+
+
+class Status(StrEnum):
+    SKIPPED = "skipped"  # already live and served: nothing touched
+    DEPLOYED = "deployed"  # new version live, tested, reloaded, served
+    ROLLED_BACK = "rolled back"  # the new version failed; the previous one is live and served again
+    FAILED = "failed"  # could not deploy (nothing changed), or could not restore cleanly
+    UNREACHABLE = "unreachable"  # no SSH session: nothing touched
+    HELD = "held"  # not attempted: a canary did not verify
+
+
+OK_STATUSES = (Status.SKIPPED, Status.DEPLOYED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostOutcome:
+    """What happened to one certificate on one host."""
+
+    cert: str
+    host: str
+    status: Status
+    new_serial: str
+    old_serial: str | None = None  # what the host had live before (None: nothing, or unknown)
+    version: int | None = None  # the host's archive version live at the end (None: unknown/none)
+    previous_version: int | None = None
+    converted: bool = False  # certbot's live/<name>/ directory was converted to a symlink
+    error: str | None = None  # "step subject: cause (outcome)"; nginx's own text where it has one
+    hint: str | None = None
+    timings: tuple[tuple[str, float], ...] = ()
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+    def line(self) -> str:
+        """One line for the terminal: status, cert → host, serials, timings, error."""
+        if self.status == Status.SKIPPED:
+            serials = f"serial {self.new_serial} (already live)"
+        else:
+            serials = f"serial {self.old_serial or '-'} → {self.new_serial}"
+        ver = f" v{self.version}" if self.version is not None else ""
+        conv = " (converted from certbot layout)" if self.converted else ""
+        text = f"{self.status.value:<11} {self.cert} → {self.host}{ver} {serials} {self.elapsed:.2f}s{conv}"
+        if self.error:
+            text += f"\n            {self.error}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cert": self.cert, "host": self.host, "status": self.status.value, "ok": self.ok,
+            "new_serial": self.new_serial, "old_serial": self.old_serial, "version": self.version,
+            "previous_version": self.previous_version, "converted": self.converted, "error": self.error,
+            "hint": self.hint, "timings": dict(self.timings), "elapsed": round(self.elapsed, 3),
+        }
+
+
+# ---------------------------------------------------------------------------- remote scripts
+#
+# POSIX sh + coreutils + sha256sum only. Constants: all inputs arrive as positional parameters
+# ($1…) quoted by shlex; commands from the inventory arrive as one shlex.join'ed string and are
+# run with `eval`, which re-parses exactly the quoted argv (that is what the quoting is for).
+# Multi-line text (nginx's messages) is returned base64-encoded on one `key=value` line.
+
+_COMMON_SH = r"""
+set -u
+say() { printf '%s\n' "$*"; }
+b64() { printf '%s' "$1" | base64 -w0; }
+live=$root/live/$name
+arch=$root/archive/$name
+"""
+
+INSPECT_SH = r"""root=$1 name=$2 test=$3
+""" + _COMMON_SH + r"""
+if [ -L "$live" ]; then
+  say layout=link
+  say "target=$(readlink -- "$live")"
+elif [ -d "$live" ]; then
+  say layout=certbot
+  for k in cert chain fullchain privkey; do
+    t=$(readlink -- "$live/$k.pem" 2>/dev/null) || t=
+    say "certbot_$k=${t##*/}"
+  done
+elif [ -e "$live" ]; then
+  say layout=other
+else
+  say layout=none
+fi
+if [ -d "$arch" ]; then
+  for e in "$arch"/*; do
+    b=${e##*/}
+    case $b in
+      ''|*[!0-9]*) ;;
+      *) if [ -d "$e" ] && [ ! -L "$e" ]; then say "version=$b"; fi ;;
+    esac
+    case $b in
+      fullchain[0-9]*.pem) n=${b#fullchain}; n=${n%.pem}
+        case $n in *[!0-9]*) ;; *) say "certbot_version=$n" ;; esac ;;
+    esac
+  done
+fi
+if [ -r "$live/fullchain.pem" ]; then
+  say "fullchain_sha256=$(sha256sum < "$live/fullchain.pem" | cut -d ' ' -f 1)"
+fi
+if [ -r "$live/cert.pem" ]; then
+  say "cert_b64=$(base64 -w0 < "$live/cert.pem")"
+fi
+out=$(eval "$test" 2>&1 </dev/null); rc=$?
+say "test_rc=$rc"
+say "test_out=$(b64 "$out")"
+"""
+
+# Shared by commit and rollback: point live/<name> at $1 (a relative target) with one rename(2).
+_POINT_SH = r"""
+point() {
+  tl=$root/live/.$name.tmp-$$-$2
+  rm -f -- "$tl"
+  if [ -z "$1" ]; then rm -f -- "$live"; return $?; fi
+  ln -s -- "$1" "$tl" || return 1
+  if ! mv -T -- "$tl" "$live"; then rm -f -- "$tl"; return 1; fi
+  sync -- "$root/live" 2>/dev/null || :
+}
+retest() {
+  out=$(eval "$test" 2>&1 </dev/null); rc=$?
+  say "retest_rc=$rc"
+  say "retest_out=$(b64 "$out")"
+}
+"""
+
+COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8
+""" + _COMMON_SH + _POINT_SH + r"""
+umask 077
+fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; exit 3; }
+o=$(cd -- "$arch/$tmp" 2>&1 && printf '%s\n' "$sums" | sha256sum --strict --quiet -c - 2>&1) || fail verify "$o"
+o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || fail sync "$o"
+o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || fail rename "$o"
+sync -- "$arch" 2>/dev/null || :
+say "stored=$ver"
+prev=
+if [ -n "$conv" ]; then
+  # certbot layout: copy its live version into archive/<name>/<K>/ once; rollback goes there
+  if [ ! -d "$arch/$conv" ]; then
+    ct=$arch/.tmp-$conv-conv$$
+    o=$(mkdir -m 755 -- "$ct" 2>&1) || fail convert "$o"
+    for k in cert chain fullchain privkey; do
+      o=$(cp -- "$arch/$k$conv.pem" "$ct/$k.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
+    done
+    chmod 644 -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
+    chmod 600 -- "$ct/privkey.pem"
+    sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
+    o=$(mv -T -- "$ct" "$arch/$conv" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
+  fi
+  prev=../archive/$name/$conv
+  tl=$root/live/.$name.tmp-$$-new
+  bak=$root/live/.$name.certbot-old
+  rm -f -- "$tl"
+  o=$(ln -s -- "../archive/$name/$ver" "$tl" 2>&1) || fail swap "$o"
+  # rename(2) cannot replace a directory by a symlink: two renames, microseconds apart
+  o=$(mv -T -- "$live" "$bak" 2>&1) || { rm -f -- "$tl"; fail swap "$o"; }
+  if ! o=$(mv -T -- "$tl" "$live" 2>&1); then mv -T -- "$bak" "$live"; rm -f -- "$tl"; fail swap "$o"; fi
+  sync -- "$root/live" 2>/dev/null || :
+  rm -rf -- "$bak"
+  say "converted=$conv"
+else
+  if [ -L "$live" ]; then prev=$(readlink -- "$live"); fi
+  o=$(point "../archive/$name/$ver" new 2>&1) || fail swap "$o"
+fi
+say "prev=$prev"
+say swapped=1
+out=$(eval "$test" 2>&1 </dev/null); rc=$?
+say "test_rc=$rc"
+say "test_out=$(b64 "$out")"
+if [ "$rc" -ne 0 ]; then
+  if point "$prev" back; then say rolled_back=1; else say rolled_back=0; fi
+  retest
+  exit 4
+fi
+out=$(eval "$reload" 2>&1 </dev/null); rc=$?
+say "reload_rc=$rc"
+say "reload_out=$(b64 "$out")"
+if [ "$rc" -ne 0 ]; then
+  if point "$prev" back; then say rolled_back=1; else say rolled_back=0; fi
+  retest
+  exit 4
+fi
+for d in "$arch"/.tmp-* "$root/live/.$name.tmp-"*; do
+  case $d in *'*') ;; *) rm -rf -- "$d" ;; esac
+done
+say done=1
+"""
+
+ROLLBACK_SH = r"""root=$1 name=$2 prev=$3 test=$4 reload=$5
+""" + _COMMON_SH + _POINT_SH + r"""
+if point "$prev" back; then say rolled_back=1; else say rolled_back=0; exit 3; fi
+retest
+if [ "$rc" -ne 0 ]; then exit 4; fi
+out=$(eval "$reload" 2>&1 </dev/null); rc=$?
+say "reload_rc=$rc"
+say "reload_out=$(b64 "$out")"
+"""
+
+PRUNE_SH = r"""root=$1 name=$2 keep=$3
+""" + _COMMON_SH + r"""
+cur=
+if [ -L "$live" ]; then t=$(readlink -- "$live"); cur=${t##*/}; fi
+vs=
+for e in "$arch"/*; do
+  b=${e##*/}
+  case $b in ''|*[!0-9]*) continue ;; esac
+  if [ -d "$e" ] && [ ! -L "$e" ]; then vs="$vs $b"; fi
+done
+for v in $(printf '%s\n' $vs | sort -n | head -n "-$keep"); do
+  [ "$v" = "$cur" ] && continue
+  g=$arch/.tmp-prune-$v-$$
+  if mv -T -- "$arch/$v" "$g" && rm -rf -- "$g"; then say "removed=$v"; else say "prune_failed=$v"; fi
+done
+say "kept_live=$cur"
+"""
+
+
+# ---------------------------------------------------------------------------- seams for tests
+
+
+class RemoteSession(Protocol):
+    """What deploy needs from a connection (remote.Remote; fakes in unit tests)."""
+
+    def prefetch_sftp(self) -> None: ...
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                         timeout: float | None = None) -> Result: ...
+
+    async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
+                         dir_mode: int = ...) -> None: ...
+
+    async def remove_tree_quietly(self, directory: str) -> None: ...
+
+
+Connector = Callable[..., AbstractAsyncContextManager[RemoteSession]]
+Prober = Callable[[str, int, str], Any]  # async (address, port, sni) -> Probe
+
+
+def _default_connector(host: Host, *, jump: Host | None, accept_new: bool,
+                       timeouts: Timeouts) -> AbstractAsyncContextManager[RemoteSession]:
+    return remote_mod.connect(host, jump=jump, accept_new=accept_new, timeouts=timeouts)
+
+
+# ---------------------------------------------------------------------------- planning helpers
+
+
+def certbot_version(fields: Mapping[str, list[str]], name: str) -> tuple[int | None, str | None]:
+    """The K that all four of certbot's `live/<name>/*.pem` links point at, or (None, why not)."""
+    ks: dict[str, int] = {}
+    for kind in ("cert", "chain", "fullchain", "privkey"):
+        base = (fields.get(f"certbot_{kind}") or [""])[-1]
+        m = re.fullmatch(rf"{kind}([1-9][0-9]{{0,8}})\.pem", base)
+        if m is None:
+            return None, f"live/{name}/{kind}.pem is not a link to archive/{name}/{kind}K.pem"
+        ks[kind] = int(m.group(1))
+    if len(set(ks.values())) != 1:
+        shown = ", ".join(f"{k}→{v}" for k, v in ks.items())
+        return None, f"certbot's live/{name} links disagree ({shown})"
+    return ks["fullchain"], None
+
+
+def next_version(fields: Mapping[str, list[str]]) -> int:
+    """One more than any version directory or certbot file number already in archive/<name>/."""
+    nums = [int(v) for v in fields.get("version", []) + fields.get("certbot_version", []) if v.isdigit()]
+    return max(nums, default=0) + 1
+
+
+def version_of_target(target: str | None, name: str) -> int | None:
+    if not target:
+        return None
+    m = re.fullmatch(rf"(?:\.\./archive/|.*/archive/){re.escape(name)}/([1-9][0-9]{{0,8}})/?", target)
+    return int(m.group(1)) if m else None
+
+
+def sha256sums(material: CertMaterial) -> str:
+    files = material.files()
+    return "".join(f"{hashlib.sha256(files[f]).hexdigest()}  {f}\n" for f in FILE_ORDER)
+
+
+def sni_names(cert: Certificate) -> tuple[str, ...]:
+    """The names to verify by handshake; a wildcard is checked with a label of our own."""
+    return tuple(dict.fromkeys(n.replace("*.", "certmgr-verify.", 1) if n.startswith("*.") else n
+                               for n in cert.domains))
+
+
+def _serial_of_pem(pem: bytes) -> str | None:
+    try:
+        return CertInfo.from_cert(x509.load_pem_x509_certificate(pem)).serial
+    except ValueError:
+        return None
+
+
+def _serial_of_probe(p: Probe) -> str | None:
+    if not p.ok:
+        return None
+    try:
+        return CertInfo.from_der(p.chain[0]).serial
+    except ValueError:
+        return None
+
+
+def _quote_text(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return '"' + text.replace('"', "'") + '"'
+
+
+# ---------------------------------------------------------------------------- one (cert, host)
+
+
+@dataclass(kw_only=True)
+class _Job:
+    cert: Certificate
+    host: Host
+    material: CertMaterial
+    info: CertInfo
+    local_version: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Deployer:
+    def __init__(self, *, inventory: Inventory, store: Any, timeouts: Timeouts, accept_new: bool,
+                 connector: Connector, prober: Prober, prune: int | None, now: dt.datetime) -> None:
+        self.inventory = inventory
+        self.store = store
+        self.timeouts = timeouts
+        self.accept_new = accept_new
+        self.connector = connector
+        self.prober = prober
+        self.prune = prune
+        self.now = now
+        self.loop = asyncio.get_running_loop()
+
+    # -- audit: one JSON line per change, written in a thread (it fsyncs)
+
+    async def audit(self, action: str, obj: str, **kw: Any) -> None:
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.audit, action, obj, **kw)
+        except CertmgrError as exc:
+            logger.error("audit: %s", exc)
+
+    # -- handshakes
+
+    async def served(self, host: Host, names: Sequence[str]) -> dict[str, Probe]:
+        probes = await asyncio.gather(*(self.prober(host.address, host.https_port, n) for n in names))
+        return dict(zip(names, probes, strict=True))
+
+    async def wait_served(self, host: Host, names: Sequence[str], serial: str) -> tuple[bool, dict[str, Probe]]:
+        """Poll handshakes until every name serves `serial` or the verify timeout passes."""
+        deadline = self.loop.time() + self.timeouts.verify
+        delay = 0.05
+        while True:
+            seen = await self.served(host, names)
+            if all(_serial_of_probe(p) == serial for p in seen.values()):
+                return True, seen
+            if self.loop.time() + delay > deadline:
+                return False, seen
+            await asyncio.sleep(delay)  # old workers drain within a few hundred ms after a reload
+            delay = min(delay * 2, 0.5)
+
+    # -- the per-host task
+
+    async def host_task(self, host: Host, jobs: Sequence[_Job]) -> list[HostOutcome]:
+        outcomes: list[HostOutcome] = []
+        start = self.loop.time()
+        jump = self.inventory.hosts.get(host.jump) if host.jump else None
+        try:
+            async with self.connector(host, jump=jump, accept_new=self.accept_new, timeouts=self.timeouts) as rem:
+                connected = self.loop.time() - start
+                for job in jobs:
+                    job.timings["connect"] = connected
+                    outcomes.append(await self.one(rem, job))
+                    connected = 0.0
+                if self.prune is not None:
+                    for job in jobs:
+                        await self.prune_one(rem, job)
+        except (remote_mod.Unreachable, DeployError) as exc:
+            status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
+            done = {o.cert for o in outcomes}
+            for job in jobs:
+                if job.cert.name not in done:
+                    outcomes.append(self.outcome(job, status, error=f"deploy {job.cert.name} → {host.name}: "
+                                                 f"{exc.message}", hint=exc.hint, start=start))
+        return outcomes
+
+    def outcome(self, job: _Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
+        elapsed = self.loop.time() - start
+        return HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
+                           timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+
+    async def one(self, rem: RemoteSession, job: _Job) -> HostOutcome:
+        start = self.loop.time() - job.timings.get("connect", 0.0)
+        try:
+            return await self._one(rem, job, start)
+        except remote_mod.ConnectionLost as exc:
+            return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
+                                error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
+        except DeployError as exc:
+            return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
+                                error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
+
+    async def _one(self, rem: RemoteSession, job: _Job, start: float) -> HostOutcome:
+        host, cert, name = job.host, job.cert, job.cert.name
+        subject = f"deploy {name} → {host.name}"
+        root = remote_mod.check_remote_path(host.cert_root)
+        remote_mod.check_name(name)
+        test = _argv(host.test_command, "test_command", host)
+        reload = _argv(host.reload_command, "reload_command", host)
+        names = sni_names(cert)
+        t = self.loop.time()
+
+        # 0. preflight + state in one script; the handshakes for the skip check run meanwhile
+        rem.prefetch_sftp()
+        served_task = asyncio.ensure_future(self.served(host, names))
+        try:
+            state = await rem.run_script(INSPECT_SH, [root, name, test], step="inspect")
+        except BaseException:
+            served_task.cancel()
+            raise
+        job.timings["inspect"] = self.loop.time() - t
+        f = state.fields
+        if state.get("test_rc") is None:
+            served_task.cancel()
+            raise remote_mod.RemoteCommandError(
+                f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
+                f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
+                hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
+        old_serial = _serial_of_pem(base64.b64decode(state.get("cert_b64") or "")) if state.get("cert_b64") else None
+        layout = state.get("layout")
+        target = state.get("target")
+        prev_version = version_of_target(target, name)
+        if state.get("test_rc") != "0":
+            served_task.cancel()
+            text = b64text(state.get("test_out") or "")
+            return self.outcome(
+                job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
+                hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
+        served = await served_task
+        if old_serial is None:
+            old_serial = next((s for p in served.values() if (s := _serial_of_probe(p))), None)
+
+        # 2. skip: this exact fullchain is live and every name serves it
+        if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()
+                and all(_serial_of_probe(p) == job.info.serial for p in served.values())):
+            return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
+                                previous_version=prev_version)
+
+        conv = ""
+        if layout == "certbot":
+            k, why = certbot_version(f, name)
+            if k is None:
+                return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial,
+                                    error=f"{subject}: cannot convert certbot layout: {why} (nothing changed)",
+                                    hint="repair live/<name>/ so its four links name the same version")
+            conv = str(k)
+            prev_version = k
+        elif layout == "other":
+            return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial,
+                                error=f"{subject}: {root}/live/{name} is neither a symlink nor certbot's "
+                                      "directory (nothing changed)")
+        version = next_version(f)
+
+        # 3. upload into a temp dir; the commit script verifies SHA-256 before anything is renamed
+        t = self.loop.time()
+        tmp = f".tmp-{version}-{secrets.token_hex(6)}"
+        tmpdir = f"{root}/archive/{name}/{tmp}"
+        files = {fname: (data, KEY_MODE if fname == "privkey.pem" else PEM_MODE)
+                 for fname, data in job.material.files().items()}
+        try:
+            await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE)
+        except remote_mod.UploadError as exc:
+            await rem.remove_tree_quietly(tmpdir)
+            return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                                error=f"{subject}: {exc.message} (live unchanged)",
+                                hint="check free space and that the deploy user owns "
+                                     f"{root}/archive/{name}/ and {root}/live/")
+        except remote_mod.ConnectionLost as exc:
+            return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                                error=f"{subject}: {exc.message} during upload (live unchanged)",
+                                hint="rerun deploy; the partial upload is a hidden temp dir swept by the next run")
+        job.timings["upload"] = self.loop.time() - t
+
+        # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
+        t = self.loop.time()
+        res = await rem.run_script(COMMIT_SH, [root, name, tmp, str(version), sha256sums(job.material), conv,
+                                               test, reload], step="commit")
+        job.timings["commit"] = self.loop.time() - t
+        converted = res.get("converted") is not None
+        if converted:
+            await self.audit("converted", name, frm="certbot live/ directory", to=f"live/{name} symlink",
+                             host=host.name, version=int(conv),
+                             summary=f"converted {name} on {host.name} from certbot's layout "
+                                     f"(its version {conv} kept as archive/{name}/{conv}/)")
+        if res.get("failed_step") is not None:
+            step = res.get("failed_step")
+            text = b64text(res.get("failed_out") or "")
+            if step in ("verify", "sync", "rename"):
+                await rem.remove_tree_quietly(tmpdir)
+            what = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
+                    "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
+                    "swap": "cannot switch the live link"}.get(step or "", f"step {step} failed")
+            return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                                error=f"{subject}: {what}: {_quote_text(text)} (live unchanged)")
+        if res.get("swapped") != "1":
+            raise remote_mod.RemoteCommandError(
+                f"commit {host.name}: unexpected output (exit {res.exit_status}): "
+                f"{_quote_text(res.stderr or res.stdout, 300)} (state unknown: rerun deploy)")
+        prev_target = res.get("prev") or ""
+        prev_version = version_of_target(prev_target, name)
+        if res.get("done") != "1":
+            return await self._after_failed_test(job, res, start=start, old_serial=old_serial,
+                                                 version=version, prev_version=prev_version, converted=converted)
+
+        # 7. verify by handshake for every name
+        t = self.loop.time()
+        ok, seen = await self.wait_served(host, names, job.info.serial)
+        job.timings["verify"] = self.loop.time() - t
+        if ok:
+            event(logger, logging.INFO, "deployed", cert=name, host=host.name, version=version,
+                  serial=job.info.serial, old_serial=old_serial)
+            await self.audit("deployed", name, frm=old_serial, to=job.info.serial, host=host.name,
+                             version=version, previous_version=prev_version,
+                             summary=f"deployed {name} to {host.name}: serial {old_serial or '-'} → {job.info.serial}")
+            return self.outcome(job, Status.DEPLOYED, start=start, old_serial=old_serial, version=version,
+                                previous_version=prev_version, converted=converted)
+        seen_text = ", ".join(f"{n}: {_serial_of_probe(p) or p.error or 'no certificate'}" for n, p in seen.items())
+        cause = f"new serial {job.info.serial} not served after {self.timeouts.verify:g}s ({seen_text})"
+        return await self._rollback_after_verify(rem, job, root, test, reload, prev_target, cause,
+                                                 start=start, old_serial=old_serial, version=version,
+                                                 prev_version=prev_version, converted=converted)
+
+    async def _after_failed_test(self, job: _Job, res: Result, *, start: float, old_serial: str | None,
+                                 version: int, prev_version: int | None, converted: bool) -> HostOutcome:
+        name, host = job.cert.name, job.host
+        subject = f"deploy {name} → {host.name}"
+        if res.get("reload_rc") is not None:
+            step, text = "reload failed", b64text(res.get("reload_out") or "")
+        else:
+            step, text = f"{' '.join(host.test_command[-2:]) or 'test'} failed", b64text(res.get("test_out") or "")
+        retest_ok = res.get("retest_rc") == "0" and res.get("rolled_back") == "1"
+        back = f"version {prev_version}" if prev_version is not None else "the previous version"
+        if retest_ok:
+            outcome = f"rolled back to {back}, not reloaded"
+            status = Status.ROLLED_BACK
+            await self.audit("rolled back", name, frm=job.info.serial, to=old_serial, host=host.name,
+                             version=prev_version, failed_version=version,
+                             summary=f"rolled back {name} on {host.name} to {back}: {step}")
+        else:
+            again = b64text(res.get("retest_out") or "")
+            outcome = (f"rollback to {back} done but the test still fails: {_quote_text(again, 300)}"
+                       if res.get("rolled_back") == "1" else f"could NOT switch back to {back}")
+            status = Status.FAILED
+            await self.audit("rollback failed", name, frm=job.info.serial, to=old_serial, host=host.name,
+                             summary=f"{subject}: {step}; {outcome}")
+        return self.outcome(job, status, start=start, old_serial=old_serial, previous_version=prev_version,
+                            version=prev_version if retest_ok else None, converted=converted,
+                            error=f"{subject}: {step}: {_quote_text(text)} ({outcome})",
+                            hint=None if retest_ok else f"log in to {host.name} and repair the web server config now")
+
+    async def _rollback_after_verify(self, rem: RemoteSession, job: _Job, root: str, test: str, reload: str,
+                                     prev_target: str, cause: str, *, start: float, old_serial: str | None,
+                                     version: int, prev_version: int | None, converted: bool) -> HostOutcome:
+        name, host = job.cert.name, job.host
+        subject = f"deploy {name} → {host.name}"
+        back = f"version {prev_version}" if prev_version is not None else "the previous version"
+        res = await rem.run_script(ROLLBACK_SH, [root, name, prev_target, test, reload], step="rollback")
+        if res.get("rolled_back") != "1":
+            outcome = f"could NOT switch back to {back}"
+        elif res.get("retest_rc") != "0":
+            outcome = f"switched back to {back} but the test fails: {_quote_text(b64text(res.get('retest_out') or ''))}"
+        elif res.get("reload_rc") != "0":
+            outcome = f"switched back to {back} but reload fails: {_quote_text(b64text(res.get('reload_out') or ''))}"
+        else:
+            restored = True
+            if old_serial is not None:
+                restored, _ = await self.wait_served(host, sni_names(job.cert), old_serial)
+            if restored:
+                await self.audit("rolled back", name, frm=job.info.serial, to=old_serial, host=host.name,
+                                 version=prev_version, failed_version=version,
+                                 summary=f"rolled back {name} on {host.name} to {back}: {cause}")
+                return self.outcome(job, Status.ROLLED_BACK, start=start, old_serial=old_serial,
+                                    version=prev_version, previous_version=prev_version, converted=converted,
+                                    error=f"{subject}: {cause} (rolled back to {back}, reloaded)")
+            outcome = f"switched back to {back} and reloaded, but serial {old_serial} is not served either"
+        await self.audit("rollback failed", name, frm=job.info.serial, to=old_serial, host=host.name,
+                         summary=f"{subject}: {cause}; {outcome}")
+        return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, previous_version=prev_version,
+                            converted=converted, error=f"{subject}: {cause} ({outcome})",
+                            hint=f"log in to {host.name} and check what nginx serves")
+
+    async def prune_one(self, rem: RemoteSession, job: _Job) -> None:
+        assert self.prune is not None
+        root = remote_mod.check_remote_path(job.host.cert_root)
+        try:
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune)], step="prune")
+        except DeployError as exc:
+            logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
+            return
+        removed = [int(v) for v in res.all("removed")]
+        if removed:
+            await self.audit("pruned", job.cert.name, host=job.host.name, removed=removed,
+                             kept_live=res.get("kept_live"), keep=self.prune)
+        for v in res.all("prune_failed"):
+            logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
+
+
+def _argv(argv: Sequence[str], key: str, host: Host) -> str:
+    if not argv:
+        raise DeployError(f"deploy {host.name}: {key} is empty", hint=f"set {key} in [defaults] or [hosts.{host.name}]")
+    return shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+async def deploy(
+    inventory: Inventory,
+    store: Any,
+    certs: Sequence[Certificate],
+    *,
+    hosts: Sequence[str] | None = None,
+    parallel: int = 20,
+    accept_new: bool = False,
+    canary: Sequence[str] = (),
+    prune: int | None = None,
+    now: dt.datetime,
+    timeouts: Timeouts | None = None,
+    connector: Connector | None = None,
+    prober: Prober | None = None,
+) -> list[HostOutcome]:
+    """Push the store's live version of each of `certs` to its hosts; one outcome per (cert, host).
+
+    `hosts` limits the targets (names; unknown ones are a UsageError). Hosts tagged `canary` or
+    named in `canary` go first; the rest only when every canary outcome is skipped/deployed
+    (else they are HELD). At most `parallel` hosts at once; each host gets one SSH connection
+    and its certificates in order. Expected failures become outcomes; the caller holds the store
+    lock. Per-certificate state is saved to `state/deploy/<name>.json`; every change is audited.
+    """
+    if parallel < 1:
+        raise UsageError(f"deploy: --parallel must be at least 1, not {parallel}")
+    if prune is not None and prune < 1:
+        raise UsageError(f"deploy: --prune must keep at least 1 version, not {prune}")
+    wanted = set(hosts) if hosts else None
+    if wanted is not None:
+        unknown = sorted(wanted - set(inventory.hosts))
+        if unknown:
+            raise UsageError(f"deploy: no host named {', '.join(map(repr, unknown))} in the inventory")
+    bad_canary = sorted(set(canary) - set(inventory.hosts))
+    if bad_canary:
+        raise UsageError(f"deploy: canary {', '.join(map(repr, bad_canary))} is not a host in the inventory")
+
+    timeouts = timeouts or Timeouts()
+    deployer = _Deployer(inventory=inventory, store=store, timeouts=timeouts, accept_new=accept_new,
+                         connector=connector or _default_connector, prober=prober or _probe_with(timeouts),
+                         prune=prune, now=now)
+    outcomes: list[HostOutcome] = []
+    by_host: dict[str, list[_Job]] = {}
+    for cert in certs:
+        targets = [h for h in cert.hosts if wanted is None or h in wanted]
+        if not targets:
+            continue
+        try:
+            material = store.read(cert.name)
+            material.check()
+            local_version = store.live_version(cert.name)
+        except CertmgrError as exc:
+            for h in targets:
+                outcomes.append(HostOutcome(cert=cert.name, host=h, status=Status.FAILED, new_serial="-",
+                                            error=f"deploy {cert.name} → {h}: {exc.message} (nothing changed)",
+                                            hint=exc.hint))
+            continue
+        info = material.info()
+        for h in targets:
+            by_host.setdefault(h, []).append(_Job(cert=cert, host=inventory.hosts[h], material=material,
+                                                  info=info, local_version=local_version))
+
+    canaries = [h for h in by_host if inventory.hosts[h].canary or h in canary]
+    rest = [h for h in by_host if h not in canaries]
+    sem = asyncio.Semaphore(parallel)
+
+    async def bounded(h: str) -> list[HostOutcome]:
+        async with sem:
+            return await deployer.host_task(inventory.hosts[h], by_host[h])
+
+    async def wave(names: Sequence[str]) -> list[HostOutcome]:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(bounded(h)) for h in names]
+        return [o for t in tasks for o in t.result()]
+
+    first = await wave(canaries) if canaries else []
+    outcomes.extend(first)
+    bad = [o for o in first if not o.ok]
+    if bad:
+        why = ", ".join(sorted({o.host for o in bad}))
+        for h in rest:
+            for job in by_host[h]:
+                outcomes.append(HostOutcome(
+                    cert=job.cert.name, host=h, status=Status.HELD, new_serial=job.info.serial,
+                    error=f"deploy {job.cert.name} → {h}: held: canary {why} did not verify (not touched)",
+                    hint="fix the canary, then rerun deploy"))
+    else:
+        outcomes.extend(await wave(rest))
+
+    await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
+    return outcomes
+
+
+def _probe_with(timeouts: Timeouts) -> Prober:
+    async def p(address: str, port: int, sni: str) -> Probe:
+        return await probe(address, port, sni, connect_timeout=timeouts.handshake,
+                           handshake_timeout=timeouts.handshake)
+
+    return p
+
+
+def _save_state(store: Any, outcomes: Sequence[HostOutcome], by_host: Mapping[str, list[_Job]],
+                now: dt.datetime) -> None:
+    """Merge this run's outcomes into `state/deploy/<name>.json` ({"hosts": {host: {...}}})."""
+    if store is None:
+        return
+    local_versions = {j.cert.name: j.local_version for jobs in by_host.values() for j in jobs}
+    per_cert: dict[str, list[HostOutcome]] = {}
+    for o in outcomes:
+        per_cert.setdefault(o.cert, []).append(o)
+    for name, outs in per_cert.items():
+        path = f"state/deploy/{name}.json"
+        try:
+            state = store.load_json(path, default={}) or {}
+        except CertmgrError as exc:
+            logger.error("deploy state %s: %s (starting afresh)", name, exc)
+            state = {}
+        hosts_state = state.setdefault("hosts", {})
+        for o in outs:
+            entry = hosts_state.setdefault(o.host, {})
+            entry.update({"status": o.status.value, "at": now.isoformat(), "error": o.error,
+                          "wanted_serial": o.new_serial, "local_version": local_versions.get(name)})
+            if o.status in (Status.DEPLOYED, Status.SKIPPED):
+                entry.update({"serial": o.new_serial, "version": o.version})
+            elif o.status == Status.ROLLED_BACK:
+                entry.update({"serial": o.old_serial, "version": o.version})
+        try:
+            store.save_json(path, state)
+        except CertmgrError as exc:
+            logger.error("deploy state %s: %s", name, exc)

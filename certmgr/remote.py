@@ -1,0 +1,392 @@
+"""SSH to POPs with asyncssh: strict host keys, fixed-argv quoted commands, SFTP uploads.
+
+The network edge of `deploy`: asyncssh and OS errors are mapped to DeployError subclasses here,
+and every remote shell script is a constant that receives its inputs only as quoted arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import shlex
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from certmgr.errors import DeployError, HostKeyError
+from certmgr.inventory import Host
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY = Path("~/.ssh/id_ed25519")
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+
+# Remote paths are built only from validated pieces: an absolute cert_root and a lineage name.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./@+*-]*")
+_SAFE_NAME = re.compile(r"[a-z0-9*][a-z0-9*._-]{0,199}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Seconds allowed per step; one object so every network call has a bound."""
+
+    connect: float = 10.0  # TCP + SSH handshake + auth (per hop)
+    command: float = 60.0  # one remote script (includes nginx -t / reload)
+    upload: float = 60.0  # SFTP session + all files of one version
+    verify: float = 10.0  # polling TLS handshakes until the new serial is served
+    handshake: float = 5.0  # one TLS handshake
+
+
+class Unreachable(DeployError):
+    """TCP connect, SSH handshake or authentication failed: nothing on the host was touched."""
+
+    retryable = True
+
+
+class ConnectionLost(DeployError):
+    """The SSH connection broke after it was established."""
+
+    retryable = True
+
+
+class RemoteCommandError(DeployError):
+    """A remote script could not be run or produced output we cannot understand."""
+
+
+class UploadError(DeployError):
+    """SFTP could not write a file (disk full, permissions, connection lost)."""
+
+
+def check_remote_path(path: str) -> str:
+    """Return `path` if it is an absolute path of safe characters without '..', else raise DeployError."""
+    if not _SAFE_PATH.fullmatch(path) or "/../" in path + "/" or "//" in path:
+        raise DeployError(f"deploy: remote path {path!r} is not acceptable (absolute, letters, digits, ._-/@+*)")
+    return path
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a valid lineage name (the store's rule), else raise DeployError."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise DeployError(f"deploy: {name!r} is not a valid certificate name")
+    return name
+
+
+def sh_command(script: str, args: Sequence[str]) -> str:
+    """The command line `sh -c SCRIPT certmgr ARGS...`, every element quoted.
+
+    The script is a constant of this module; everything variable arrives as a positional
+    parameter, so no value can ever be parsed as shell syntax.
+    """
+    for a in args:
+        if "\0" in a:
+            raise DeployError("deploy: NUL byte in a remote argument")
+    return shlex.join(["sh", "-c", script, "certmgr", *args])
+
+
+def parse_kv(text: str) -> dict[str, list[str]]:
+    """`key=value` lines → {key: [values...]}; lines without '=' are ignored."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def b64text(value: str) -> str:
+    """Decode a base64 field written by a remote script (lossy UTF-8)."""
+    try:
+        return base64.b64decode(value, validate=False).decode("utf-8", "replace").strip()
+    except ValueError:
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """A finished remote command."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+    fields: Mapping[str, list[str]] = field(default_factory=dict)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        values = self.fields.get(key)
+        return values[-1] if values else default
+
+    def all(self, key: str) -> list[str]:
+        return list(self.fields.get(key, ()))
+
+
+def _where(host: Host) -> str:
+    return f"{host.name} ({host.address}:{host.port})"
+
+
+def _hostport(host: Host) -> str:
+    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+
+
+_KEY_CACHE: dict[str, asyncssh.SSHKey] = {}
+
+
+def _client_key(host: Host) -> asyncssh.SSHKey:
+    path = (host.ssh_key_file or DEFAULT_KEY).expanduser()
+    key = _KEY_CACHE.get(str(path))
+    if key is None:
+        try:
+            key = asyncssh.read_private_key(str(path))
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise DeployError(
+                f"connect {host.name}: cannot read SSH key {path}: {getattr(exc, 'strerror', None) or exc} "
+                "(nothing changed)",
+                hint="set ssh_key_file in [defaults] or [hosts.*]; the key must not need a passphrase",
+            ) from exc
+        _KEY_CACHE[str(path)] = key
+    return key
+
+
+class _HostKeyPolicy(asyncssh.SSHClient):
+    """Records the key the server offered; accepts an unknown key only under accept-new."""
+
+    def __init__(self, accept_unknown: bool) -> None:
+        self.accept_unknown = accept_unknown
+        self.offered: asyncssh.SSHKey | None = None
+        self.accepted_new = False
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        # asyncssh calls this only when the key is not among the known ones.
+        self.offered = key
+        self.accepted_new = self.accept_unknown
+        return self.accept_unknown
+
+
+def _known_keys(host: Host) -> tuple[Path, list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+    path = (host.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise HostKeyError(
+            f"connect {_where(host)}: cannot read known_hosts {path}: {exc.strerror} (refused, nothing changed)"
+        ) from exc
+    try:
+        kh = asyncssh.import_known_hosts(text)
+    except (ValueError, asyncssh.KeyImportError) as exc:
+        raise HostKeyError(f"connect {_where(host)}: known_hosts {path} does not parse: {exc} (refused)") from exc
+    host_keys, ca_keys, revoked, *_ = kh.match(host.address, host.address, host.port)
+    return path, list(host_keys), list(ca_keys), list(revoked)
+
+
+_KH_LOCK = asyncio.Lock()
+
+
+async def _remember_host_key(path: Path, host: Host, key: asyncssh.SSHKey) -> None:
+    line = f"{_hostport(host)} {key.export_public_key('openssh').decode().strip()}\n"
+    async with _KH_LOCK:
+
+        def append() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(append)
+    logger.warning("connect %s: accepted new host key %s (added to %s)", host.name, key.get_fingerprint(), path)
+
+
+async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
+                tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
+    path, host_keys, ca_keys, revoked = _known_keys(host)
+    unknown = not host_keys and not ca_keys
+    policy = _HostKeyPolicy(accept_unknown=accept_new and unknown)
+    key = _client_key(host)
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            conn = await asyncssh.connect(
+                host.address, host.port, tunnel=tunnel, username=host.user, client_keys=[key],
+                known_hosts=(host_keys, ca_keys, revoked), client_factory=lambda: policy,
+                agent_path=None, config=None, preferred_auth="publickey", password=None,
+                kbdint_auth=False, gss_host=None, connect_timeout=timeouts.connect,
+                keepalive_interval=15, keepalive_count_max=3,
+            )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        offered = policy.offered
+        fp = f"{offered.get_algorithm()} {offered.get_fingerprint()}" if offered else "a key"
+        if unknown:
+            raise HostKeyError(
+                f"connect {_where(host)}: unknown host key {fp}, not in {path} (refused, nothing changed)",
+                hint=f"check the fingerprint out of band, then add it (ssh-keyscan -p {host.port} {host.address} "
+                     f">> {path}), or rerun with --accept-new to trust it on first use",
+            ) from exc
+        raise HostKeyError(
+            f"connect {_where(host)}: host key changed: server offered {fp}, which {path} does not list for "
+            f"{_hostport(host)} (refused, nothing changed)",
+            hint=f"if {host.name} was legitimately re-keyed, verify the new fingerprint out of band and replace "
+                 f"its entry (ssh-keygen -R '{_hostport(host)}' -f {path}); otherwise treat it as an attack",
+        ) from exc
+    except TimeoutError as exc:
+        raise Unreachable(f"connect {_where(host)}: timed out after {timeouts.connect:g}s (nothing changed)") from exc
+    except asyncssh.PermissionDenied as exc:
+        raise Unreachable(
+            f"connect {_where(host)}: authentication as {host.user!r} refused: {exc.reason} (nothing changed)",
+            hint="check the user and that its authorized_keys holds certmgr's public key",
+        ) from exc
+    except asyncssh.Error as exc:
+        raise Unreachable(f"connect {_where(host)}: ssh: {exc.reason} (nothing changed)") from exc
+    except OSError as exc:
+        raise Unreachable(f"connect {_where(host)}: {exc.strerror or exc} (nothing changed)") from exc
+    if policy.accepted_new and policy.offered is not None:
+        await _remember_host_key(path, host, policy.offered)
+    return conn
+
+
+class Remote:
+    """One SSH connection to one host: scripts run over it, files go up over one SFTP session."""
+
+    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts) -> None:
+        self.host = host
+        self.conn = conn
+        self.timeouts = timeouts
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp_task: asyncio.Task[asyncssh.SFTPClient] | None = None
+
+    def _lost(self, step: str, exc: BaseException) -> DeployError:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return ConnectionLost(f"{step} {_where(self.host)}: connection lost: {reason}")
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                         timeout: float | None = None) -> Result:
+        """Run `sh -c SCRIPT certmgr ARGS...`; its `key=value` output lines are parsed into `fields`."""
+        cmd = sh_command(script, args)
+        limit = timeout if timeout is not None else self.timeouts.command
+        try:
+            async with asyncio.timeout(limit):
+                proc = await self.conn.run(cmd, check=False, stdin=asyncssh.DEVNULL)
+        except TimeoutError as exc:
+            raise RemoteCommandError(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._lost(step, exc) from exc
+        out = proc.stdout if isinstance(proc.stdout, str) else (proc.stdout or b"").decode("utf-8", "replace")
+        err = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr or b"").decode("utf-8", "replace")
+        status = proc.exit_status if proc.exit_status is not None else -1
+        return Result(exit_status=status, stdout=out, stderr=err, fields=parse_kv(out))
+
+    def prefetch_sftp(self) -> None:
+        """Start opening the SFTP session in the background (it needs no decision yet)."""
+        if self._sftp_task is None:
+            self._sftp_task = asyncio.ensure_future(self.conn.start_sftp_client())
+
+    async def sftp(self) -> asyncssh.SFTPClient:
+        if self._sftp is None:
+            self.prefetch_sftp()
+            assert self._sftp_task is not None
+            try:
+                async with asyncio.timeout(self.timeouts.upload):
+                    self._sftp = await asyncio.shield(self._sftp_task)
+            except TimeoutError as exc:
+                raise UploadError(f"upload {_where(self.host)}: SFTP session did not open in time") from exc
+            except asyncssh.SFTPError as exc:
+                raise UploadError(f"upload {_where(self.host)}: SFTP unavailable: {exc.reason}") from exc
+            except (asyncssh.Error, OSError) as exc:
+                raise self._lost("upload", exc) from exc
+        return self._sftp
+
+    async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
+                         dir_mode: int = 0o755) -> None:
+        """Create `directory` (must not exist) and write each file with its mode from creation on, fsynced.
+
+        Files are opened with O_EXCL and the mode in the open request, so a private key is never
+        readable by others even briefly; all writes run concurrently over one SFTP session.
+        """
+        check_remote_path(directory)
+        sftp = await self.sftp()
+
+        async def put(name: str, data: bytes, mode: int) -> None:
+            path = f"{directory}/{name}"
+            async with sftp.open(path, "xb", attrs=asyncssh.SFTPAttrs(permissions=mode)) as f:
+                await f.write(data)
+                await f.fsync()  # fsync@openssh.com: the bytes are on disk before the swap
+
+        try:
+            async with asyncio.timeout(self.timeouts.upload):
+                await sftp.mkdir(directory, asyncssh.SFTPAttrs(permissions=dir_mode))
+                results = await asyncio.gather(*(put(n, d, m) for n, (d, m) in files.items()),
+                                               return_exceptions=True)
+        except TimeoutError as exc:
+            raise UploadError(f"upload {_where(self.host)}: not finished within {self.timeouts.upload:g}s") from exc
+        except asyncssh.SFTPError as exc:
+            raise UploadError(f"upload {_where(self.host)}: {directory}: {exc.reason}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._lost("upload", exc) from exc
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if isinstance(err, asyncssh.SFTPError):
+                raise UploadError(f"upload {_where(self.host)}: {directory}: {err.reason}") from err
+        for err in errors:
+            if isinstance(err, (asyncssh.Error, OSError)):
+                raise self._lost("upload", err) from err
+            raise err
+
+    async def remove_tree_quietly(self, directory: str) -> None:
+        """Best effort: remove an upload directory we created (errors are logged, never raised)."""
+        try:
+            check_remote_path(directory)
+            async with asyncio.timeout(self.timeouts.command):
+                await self.conn.run(shlex.join(["rm", "-rf", "--", directory]), check=False,
+                                    stdin=asyncssh.DEVNULL)
+        except (DeployError, TimeoutError, asyncssh.Error, OSError) as exc:
+            logger.info("cleanup %s: could not remove %s: %s", self.host.name, directory, exc)
+
+    async def close(self) -> None:
+        if self._sftp_task is not None and not self._sftp_task.done():
+            self._sftp_task.cancel()
+        if self._sftp is not None:
+            self._sftp.exit()
+        self.conn.close()
+        try:
+            async with asyncio.timeout(2.0):
+                await self.conn.wait_closed()
+        except (TimeoutError, asyncssh.Error, OSError):
+            pass
+
+
+@asynccontextmanager
+async def connect(host: Host, *, jump: Host | None = None, accept_new: bool = False,
+                  timeouts: Timeouts | None = None) -> AsyncIterator[Remote]:
+    """Open an SSH connection to `host` (through `jump` if given) with strict host-key checking.
+
+    Raises HostKeyError (unknown/changed key; never accepted silently), Unreachable (TCP, SSH
+    handshake, auth, timeout). `accept_new` trusts and records a key only for a host that has
+    no entry at all in its known_hosts, like OpenSSH's StrictHostKeyChecking=accept-new.
+    """
+    timeouts = timeouts or Timeouts()
+    tunnel = None
+    if jump is not None:
+        tunnel = await _open(jump, accept_new=accept_new, timeouts=timeouts, tunnel=None)
+    try:
+        conn = await _open(host, accept_new=accept_new, timeouts=timeouts, tunnel=tunnel)
+        remote = Remote(host, conn, timeouts)
+        try:
+            yield remote
+        finally:
+            await remote.close()
+    finally:
+        if tunnel is not None:
+            tunnel.close()
+
+
+def describe_exc(exc: BaseException) -> str:
+    """A one-line description of an unexpected asyncssh/OS error (for results)."""
+    reason: Any = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"{type(exc).__name__}: {reason}"
