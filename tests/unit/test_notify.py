@@ -1,0 +1,235 @@
+"""Notify: payload per service, dedupe across runs, resolved, retries and secrecy, against the local receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+import pytest
+
+from certmgr import log
+from certmgr.inventory import Channel, SecretRef
+from certmgr.material import CertInfo
+from certmgr.notify import Alert, Message, Retry, alerts_for, apply, notify_scan, ping_message, send
+from certmgr.scan import CertSummary, Endpoint, EndpointResult, ScanResult
+from tests.receiver import HANG, Receiver, Reply
+
+NOW = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
+FAST = Retry(attempts=3, backoff=(0.01, 0.02), timeout=0.5)
+
+
+class MemStore:
+    """The slice of Store that notify uses, in memory."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Any] = {}
+        self.audits: list[tuple[str, str, dict[str, Any]]] = []
+
+    def load_json(self, relpath: str, default: Any = None) -> Any:
+        return self.files.get(relpath, default)
+
+    def save_json(self, relpath: str, obj: Any, mode: int = 0o600) -> None:
+        self.files[relpath] = obj
+
+    def audit(self, action: str, obj: str, **kw: Any) -> None:
+        self.audits.append((action, obj, kw))
+
+
+def channel(kind: str, name: str | None = None, *, min_severity: str = "warning", repeat: float = 86400,
+            rx: Receiver | None = None) -> Channel:
+    name = name or kind
+    if kind == "matrix":
+        return Channel(name=name, type="matrix", homeserver=rx.url("") if rx else "http://127.0.0.1:9",
+                       room="!room:example.test", token=SecretRef("env", "TEST_MATRIX_TOKEN", "t"),
+                       min_severity=min_severity, repeat=repeat)
+    return Channel(name=name, type=kind, url=SecretRef("env", f"TEST_URL_{name.upper().replace('-', '_')}", "u"),
+                   min_severity=min_severity, repeat=repeat)
+
+
+def result(severity: str, *, hosts: tuple[str, ...] = ("sally", "esme"), days: float = 4.0,
+           cert: str = "media.example.test") -> ScanResult:
+    info = CertInfo(serial="1", sha256="ab", subject="CN=m", issuer="CN=ca", not_before=NOW - dt.timedelta(days=80),
+                    not_after=NOW + dt.timedelta(days=days), names=(cert,), key_type="ecdsa-p256")
+    eps = tuple(
+        EndpointResult(endpoint=Endpoint(cert=cert, name=cert, host=h, address="127.0.0.1", port=443),
+                       severity=severity, info=info, chain="ok",
+                       problems=() if severity == "ok" else (f"expires in {days:.1f}d (critical below 9.0d, 1/10)",))
+        for h in hosts
+    )
+    summary = CertSummary(name=cert, severity=severity, endpoints=len(eps),
+                          hosts_by_severity={} if severity == "ok" else {severity: hosts}, days_left=days,
+                          command=None if severity == "ok" else f"certmgr renew {cert}")
+    return ScanResult(started=NOW, elapsed=0.1, endpoints=eps, certificates=(summary,), severity=severity)
+
+
+@pytest.fixture
+def rx() -> Any:
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, rx: Receiver) -> dict[str, str]:
+    urls = {
+        "TEST_URL_DISCORD": rx.url("/discord/api/webhooks/123/s3cr3t-discord-token"),
+        "TEST_URL_SLACK": rx.url("/slack/services/T000/B000/s3cr3t-slack-token"),
+        "TEST_URL_WEBHOOK": rx.url("/hook/s3cr3t-webhook-path"),
+        "TEST_MATRIX_TOKEN": "syt_s3cr3t_matrix_token",
+    }
+    for k, v in urls.items():
+        monkeypatch.setenv(k, v)
+    return urls
+
+
+def test_payload_shape_per_service(rx: Receiver, env: dict[str, str]) -> None:
+    """Each service gets its documented format: Discord content+embeds, Slack text+blocks, Matrix PUT m.notice."""
+    chans = [channel("discord"), channel("slack"), channel("matrix", rx=rx), channel("webhook")]
+    msg = Message(kind="problem", severity="critical", title="CRITICAL media on 2 of 4 POPs",
+                  lines=("POPs: sally, esme", "Time left: 4.0 days left"), certificate="media",
+                  hosts=("sally", "esme"), days_left=4.0, command="certmgr renew media", key="txn-1")
+    deliveries = asyncio.run(send(chans, msg, retry=FAST))
+    assert [d.ok for d in deliveries] == [True] * 4
+    reqs = {r.path.split("/")[1]: r for r in rx.wait_for(4)}
+    d = reqs["discord"]
+    assert d.method == "POST"
+    assert d.json["content"].startswith("🔴 CRITICAL media on 2 of 4 POPs\nPOPs: sally, esme")
+    assert d.json["content"].endswith("Run: certmgr renew media")
+    assert d.json["allowed_mentions"] == {"parse": []}
+    assert d.json["embeds"][0]["color"] == 0xE74C3C
+    s = reqs["slack"]
+    assert s.json["text"] == "CRITICAL media on 2 of 4 POPs"
+    assert s.json["blocks"][0]["text"]["type"] == "mrkdwn"
+    assert "Run: certmgr renew media" in s.json["blocks"][0]["text"]["text"]
+    m = reqs["_matrix"]
+    assert m.method == "PUT"
+    assert m.path == "/_matrix/client/v3/rooms/%21room%3Aexample.test/send/m.room.message/txn-1"
+    assert m.headers["Authorization"] == "Bearer syt_s3cr3t_matrix_token"
+    assert m.json["msgtype"] == "m.notice" and m.json["format"] == "org.matrix.custom.html"
+    assert m.json["body"].endswith("Run: certmgr renew media")
+    w = reqs["hook"]
+    assert {k: w.json[k] for k in ("source", "version", "kind", "severity", "certificate", "hosts", "days_left",
+                                   "command")} == {
+        "source": "certmgr", "version": 1, "kind": "problem", "severity": "critical", "certificate": "media",
+        "hosts": ["sally", "esme"], "days_left": 4.0, "command": "certmgr renew media"}
+
+
+@pytest.mark.parametrize("prev,severity,min_sev,age_h,kind", [
+    (None, "ok", "warning", 0, None),
+    (None, "warning", "warning", 0, "problem"),
+    (None, "warning", "critical", 0, None),
+    ("warning", "warning", "warning", 1, None),
+    ("warning", "warning", "warning", 25, "repeat"),
+    ("warning", "critical", "warning", 1, "worse"),
+    ("critical", "warning", "warning", 1, None),
+    ("critical", "ok", "warning", 1, "resolved"),
+    ("warning", "error", "warning", 1, "worse"),
+])
+def test_alert_decisions(prev: str | None, severity: str, min_sev: str, age_h: int, kind: str | None) -> None:
+    """Notify on first problem, on a rise, after `repeat`, and once when resolved; otherwise stay quiet."""
+    state = {} if prev is None else {
+        "media.example.test": {"c": {"severity": prev, "sent_at": (NOW - dt.timedelta(hours=age_h)).isoformat()}}}
+    alerts = alerts_for(result(severity), state, NOW, [channel("webhook", "c", min_severity=min_sev)])
+    assert [a.kind for a in alerts] == ([kind] if kind else [])
+
+
+def test_apply_records_and_resolves() -> None:
+    """A delivered alert is remembered; a delivered "resolved" forgets the problem."""
+    state: dict[str, dict[str, Any]] = {}
+    msg = Message(kind="problem", severity="warning", title="t")
+    apply(state, Alert(channel="c", certificate="x", kind="problem", severity="warning", message=msg), NOW)
+    assert state == {"x": {"c": {"severity": "warning", "sent_at": NOW.isoformat(), "kind": "problem"}}}
+    apply(state, Alert(channel="c", certificate="x", kind="resolved", severity="ok", message=msg), NOW)
+    assert state == {"x": {}}
+
+
+def test_dedupe_across_runs_and_resolved(rx: Receiver, env: dict[str, str]) -> None:
+    """Two identical scans send one message; the fixed scan sends "resolved" once; then nothing."""
+    store = MemStore()
+    chans = [channel("webhook")]
+
+    def run(res: ScanResult, now: dt.datetime) -> Any:
+        return asyncio.run(notify_scan(res, chans, store=store, now=now, retry=FAST))
+
+    o1 = run(result("critical"), NOW)
+    o2 = run(result("critical"), NOW + dt.timedelta(hours=1))
+    assert [a.kind for a in o1.alerts] == ["problem"] and o2.alerts == ()
+    o3 = run(result("ok", days=89), NOW + dt.timedelta(hours=2))
+    assert [a.kind for a in o3.alerts] == ["resolved"]
+    o4 = run(result("ok", days=89), NOW + dt.timedelta(hours=3))
+    assert o4.alerts == ()
+    reqs = rx.wait_for(2)
+    assert [r.json["kind"] for r in reqs] == ["problem", "resolved"]
+    assert reqs[1].json["title"] == "RESOLVED media.example.test: all 2 endpoints ok"
+    assert store.files["state/notify/media.example.test.json"] == {"channels": {}}
+
+
+def test_500_then_200_is_retried(rx: Receiver, env: dict[str, str]) -> None:
+    """A receiver answering 500 then 200 gets the message on the second attempt."""
+    rx.script(500, 200)
+    (d,) = asyncio.run(send([channel("webhook")], ping_message(NOW), retry=FAST))
+    assert (d.ok, d.attempts, d.status) == (True, 2, 200)
+    assert len(rx.wait_for(2)) == 2
+
+
+def test_failed_delivery_keeps_state_for_next_run(rx: Receiver, env: dict[str, str]) -> None:
+    """When every attempt fails the problem is not recorded, so the next run sends it again."""
+    store = MemStore()
+    rx.script(503, 503, 503)
+    o1 = asyncio.run(notify_scan(result("critical"), [channel("webhook")], store=store, now=NOW, retry=FAST))
+    (d,) = o1.failed
+    assert d.error == "HTTP 503 (3 attempts, gave up)"
+    o2 = asyncio.run(notify_scan(result("critical"), [channel("webhook")], store=store, now=NOW, retry=FAST))
+    assert [a.kind for a in o2.alerts] == ["problem"] and not o2.failed
+    assert [a[2]["to"] for a in store.audits] == ["failed", "sent"]
+
+
+@pytest.mark.parametrize("steps,ok,attempts,error", [
+    ((404,), False, 1, "HTTP 404 (1 attempt, gave up)"),
+    ((HANG, 200), True, 2, None),
+    ((Reply(429, b'{"retry_after": 0.01}'), 204), True, 2, None),
+    ((500, 502, 503), False, 3, "HTTP 503 (3 attempts, gave up)"),
+])
+def test_retry_policy(rx: Receiver, env: dict[str, str], steps: tuple[Any, ...], ok: bool, attempts: int,
+                      error: str | None) -> None:
+    """4xx is final, a hang is cut by the timeout and retried, 429 waits as told, 5xx retries a bounded number."""
+    rx.script(*steps)
+    (d,) = asyncio.run(send([channel("webhook")], ping_message(NOW),
+                            retry=Retry(attempts=3, backoff=(0.01,), timeout=0.3)))
+    assert (d.ok, d.attempts, d.error) == (ok, attempts, error)
+
+
+def test_unreachable_channel_is_a_result(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel whose receiver is down gives a failed Delivery; other channels still get the message."""
+    monkeypatch.setenv("TEST_URL_DEAD", "http://127.0.0.1:9/s3cr3t-dead")
+    ds = asyncio.run(send([channel("webhook", "dead"), channel("webhook")], ping_message(NOW), retry=FAST))
+    assert [d.ok for d in ds] == [False, True]
+    assert ds[0].attempts == 3 and ds[0].error is not None and ds[0].error.startswith("ConnectError")
+
+
+def test_secrets_never_logged(rx: Receiver, env: dict[str, str], caplog: pytest.LogCaptureFixture,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Webhook URLs and Matrix tokens never appear in log lines or delivery errors."""
+    monkeypatch.setenv("TEST_URL_DEAD", "http://127.0.0.1:9/s3cr3t-dead-url")
+    rx.script(500, 500, 500, 500, 500, 500, 500, 500, 500, 500, 500, 500)
+    caplog.set_level(logging.DEBUG)
+    formatter = log.KVFormatter(timestamps=False)
+    ds = asyncio.run(send([channel("webhook"), channel("matrix", rx=rx), channel("webhook", "dead")],
+                          ping_message(NOW), retry=FAST))
+    text = "\n".join(formatter.format(r) for r in caplog.records) + "\n".join(str(d) for d in ds)
+    assert "notify failed" in text
+    for secret in ("s3cr3t", "syt_"):
+        assert secret not in text
+
+
+def test_many_alerts_become_one_digest(rx: Receiver, env: dict[str, str]) -> None:
+    """More than five certificates changing state at once reach a channel as one digest message."""
+    results = [result("warning", cert=f"c{i}.example.test") for i in range(7)]
+    merged = ScanResult(started=NOW, elapsed=0.1, endpoints=tuple(e for r in results for e in r.endpoints),
+                        certificates=tuple(c for r in results for c in r.certificates), severity="warning")
+    out = asyncio.run(notify_scan(merged, [channel("webhook")], store=MemStore(), now=NOW, retry=FAST))
+    assert len(out.alerts) == 7 and len(out.deliveries) == 1
+    (req,) = rx.wait_for(1)
+    assert req.json["kind"] == "digest"
+    assert req.json["title"] == "certmgr: 7 certificates changed state"
