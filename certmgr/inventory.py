@@ -262,7 +262,7 @@ def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
             return f"{name!r} has an empty label"
         if "_" in label:
             return f"{name!r}: label {label!r} contains '_'"
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             if len(label) > 63:
                 return f"{name!r}: label {label[:20]!r}… is longer than 63 characters"
             return f"{name!r}: label {label!r} must not start or end with '-'"
@@ -574,7 +574,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     raw_jumps: dict[str, str] = {}
     for name, t in _named_tables(r, data, "hosts"):
         kp = f"hosts.{name}"
-        if not _LINEAGE.match(name):
+        if not _LINEAGE.fullmatch(name):
             r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
         t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
                             "cert_root", "test_command", "reload_command", "jump"})
@@ -583,7 +583,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             r.err(f"{kp}.address", p)
         tags = r.strlist(t, "tags", kp) or ()
         for i, tag in enumerate(tags):
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 r.err(f"{kp}.tags[{i}]", f"{tag!r} is not a valid tag (lower-case letters, digits, '-', '_')")
         jump = r.get(t, "jump", kp, str)
         if jump is not None:
@@ -749,7 +749,7 @@ def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[
 
 
 def _lineage_problem(name: str) -> str | None:
-    if not _LINEAGE.match(name) or ".." in name:
+    if not _LINEAGE.fullmatch(name) or ".." in name:
         shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
         return (f"{shown!r} is not a valid certificate name (lower-case letters, digits, '.', '-', '_'; "
                 "it becomes a directory name on every host)")
@@ -768,7 +768,7 @@ def _user(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str
     value = r.get(t, key, kp, str)
     if value is None:
         return default
-    if not _USER.match(value):
+    if not _USER.fullmatch(value):
         r.err(f"{kp}.{key}", f"{value!r} is not a valid user name")
         return default
     return value  # type: ignore[no-any-return]

@@ -252,3 +252,10 @@ def test_redacted_view_hides_secret_values() -> None:
     data = inventory.redacted(inventory.loads(BASE, base=Path("/etc/certmgr")))
     assert data["dns"]["lab"]["tsig_secret"] == "<secret file:/etc/certmgr/tsig.key>"
     assert data["channels"]["ops"]["url"] == "<secret file:/etc/certmgr/discord-url>"
+
+
+@pytest.mark.parametrize("name", ["media.hachyderm.test\n", "media.hachyderm.test\r"])
+def test_trailing_newline_rejected(name: str) -> None:
+    """A certificate name with a trailing newline is rejected, not passed on to the store."""
+    text = with_cert(name=f'"{name.encode("unicode_escape").decode()}"', domains='["m2.hachyderm.test"]')
+    assert problems(text)[0].startswith("certificates[1].name: ")
