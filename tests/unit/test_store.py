@@ -726,3 +726,18 @@ def test_docs_import_example_runs(tmp_path: Path, certbot: Path, capsys: pytest.
     exec(compile(code, "docs/store.md", "exec"), {})
     assert capsys.readouterr().out == "example.com imported (1, 2, 3) already present () live 2\n"
     assert Store.open(tmp_path / "state").live_version("example.com") == 2
+
+
+def test_import_command(tmp_path: Path, certbot: Path) -> None:
+    """`certmgr import DIR` adopts the lineages, says what it did, and is safe to re-run."""
+    from click.testing import CliRunner
+
+    from certmgr.cli import main
+
+    args = ["--state-dir", str(tmp_path / "state"), "import", str(certbot)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.output == "example.com: imported 3; live: v2\n"
+    again = CliRunner().invoke(main, args)
+    assert again.output == "example.com: imported 0; 3 already present; live unchanged\n"
+    assert Store.open(tmp_path / "state").live_version("example.com") == 2
