@@ -153,3 +153,63 @@ def run_async(coro: Any) -> Any:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# ---------------------------------------------------------------- deploy
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _report_deploy(outcomes: list[Any], *, as_json: bool) -> bool:
+    """Print deploy outcomes (one line per cert and host, or JSON); True when every host serves the new version."""
+    if as_json:
+        emit_json([o.to_json() for o in outcomes])
+    else:
+        for o in outcomes:
+            click.echo(o.line())
+            if o.hint and not o.ok:
+                click.echo(f"            hint: {o.hint}")
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[o.status.value] = counts.get(o.status.value, 0) + 1
+        click.echo("deploy: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"))
+    return all(o.ok for o in outcomes)
+
+
+@main.command("deploy")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_certs", is_flag=True, help="Deploy every certificate in the inventory.")
+@click.option("--hosts", "hosts_csv", metavar="H,...", help="Only these hosts (comma-separated names).")
+@click.option("--canary", "canary_csv", metavar="H,...",
+              help="Treat these hosts as canaries too (hosts tagged `canary` always are): they go first, "
+                   "the rest only if every canary verified.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True,
+              envvar="CERTMGR_DEPLOY_PARALLEL", help="Hosts worked on at once [env: CERTMGR_DEPLOY_PARALLEL].")
+@click.option("--accept-new", is_flag=True,
+              help="Trust and record the key of a host absent from known_hosts (OpenSSH accept-new); "
+                   "a changed key is still refused.")
+@click.option("--prune", type=click.IntRange(1, None), metavar="K",
+              help="Afterwards remove archive versions older than the newest K on each host (never the live one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@pass_ctx
+def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str | None, canary_csv: str | None,
+               parallel: int, accept_new: bool, prune: int | None, as_json: bool) -> None:
+    """Push the live version of NAME... (or --all) to its hosts over SSH; exit 1 unless every host serves it."""
+    import datetime as dt
+
+    from certmgr.deploy import deploy
+    from certmgr.errors import UsageError
+
+    if bool(names) == all_certs:
+        raise UsageError("deploy: give certificate NAMEs or --all (not both)")
+    inv = c.inventory()
+    certs = inv.select(list(names)) if names else inv.certificates
+    store = c.store()
+    with store.lock("deploy"):
+        outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
+                                    accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
+                                    now=dt.datetime.now(dt.UTC)))
+    if not _report_deploy(outcomes, as_json=as_json):
+        sys.exit(1)
