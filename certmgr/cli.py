@@ -213,3 +213,129 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
                                     now=dt.datetime.now(dt.UTC)))
     if not _report_deploy(outcomes, as_json=as_json):
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- scan and notify (issue 3)
+
+
+@main.command("scan")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema in docs/scan.md).")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a node_exporter textfile here (atomic replace).")
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              envvar="CERTMGR_SCAN_CONCURRENCY", help="Handshakes in flight at most [env: CERTMGR_SCAN_CONCURRENCY].")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes to shard handshakes across [default: 1 below 400 endpoints, else one per CPU].")
+@click.option("--public", is_flag=True, help="Also resolve each name in DNS and scan the addresses it points to.")
+@click.option("--resolver", metavar="IP[:PORT]", help="DNS server for --public [default: the system resolver].")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@click.option("--no-notify", is_flag=True, help="Do not send chat warnings for this scan.")
+@pass_ctx
+def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | None, concurrency: int,
+             workers: int | None, public: bool, resolver: str | None, connect_timeout: float,
+             handshake_timeout: float, no_notify: bool) -> None:
+    """Handshake with every POP for every name and report what is really served.
+
+    Exit status follows the monitoring convention: 0 ok, 1 warning, 2 critical, 3 error (unreachable).
+    """
+    import datetime as dt
+
+    from certmgr import report
+    from certmgr import scan as scan_mod
+    from certmgr.errors import StoreError, UsageError
+
+    inv = c.inventory()
+    resolver_addr: tuple[str, int] | None = None
+    if resolver:
+        host, _, port = resolver.rpartition(":") if resolver.count(":") == 1 else (resolver, "", "53")
+        if not port.isdigit():
+            raise UsageError(f"scan --resolver {resolver!r}: not IP or IP:PORT")
+        resolver_addr = (host or resolver, int(port))
+    store = None
+    try:
+        store = c.store()
+    except StoreError as exc:
+        click.echo(f"certmgr: warning: {exc} (scanning without the store: no drift against live/, "
+                   "no saved state, no notifications)", err=True)
+    progress = report.Progress(enabled=None if not as_json else False)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=now, concurrency=concurrency, workers=workers, public=public,
+            public_resolver=resolver_addr,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout),
+            on_progress=progress))
+    finally:
+        progress.close()
+    if store is not None:
+        try:
+            scan_mod.save_state(store, result)
+        except StoreError as exc:
+            click.echo(f"certmgr: warning: {exc}", err=True)
+    if prom_path is not None:
+        try:
+            report.write_prometheus(result, prom_path)
+        except OSError as exc:
+            click.echo(f"certmgr: error: scan --prometheus {prom_path}: {exc.strerror} (not written)", err=True)
+    deliveries: list[dict[str, Any]] = []
+    if store is not None and not no_notify and inv.channels:
+        from certmgr.notify import notify_scan
+
+        outcome = run_async(notify_scan(result, list(inv.channels.values()), store=store, now=now))
+        for ch, msg, d in outcome.deliveries:
+            deliveries.append({"channel": ch, "kind": msg.kind, "certificate": msg.certificate, "ok": d.ok,
+                               "attempts": d.attempts, "error": d.error})
+            if not d.ok:
+                click.echo(f"certmgr: warning: notify {ch}: {d.error} (will retry next run)", err=True)
+    if as_json:
+        data = scan_mod.result_json(result)
+        data["notifications"] = deliveries
+        emit_json(data)
+    else:
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        click.echo(report.table(result, colour=colour))
+        for d in deliveries:
+            if d["ok"]:
+                click.echo(f"  notified {d['channel']}: {d['kind']} {d['certificate'] or ''}".rstrip())
+    sys.exit(result.exit_code)
+
+
+@main.group("notify")
+def notify_group() -> None:
+    """Chat channels from the inventory ([channels.*])."""
+
+
+@notify_group.command("test")
+@click.option("--channel", "only", multiple=True, help="Only this channel (repeatable).")
+@pass_ctx
+def notify_test_cmd(c: Ctx, only: tuple[str, ...]) -> None:
+    """Send a test message to each channel; exit 1 if any could not be reached."""
+    import datetime as dt
+
+    from certmgr.errors import StoreError, UsageError
+    from certmgr.notify import ping_message, send
+
+    inv = c.inventory()
+    unknown = [n for n in only if n not in inv.channels]
+    if unknown:
+        raise UsageError(f"notify test: no channel named {', '.join(map(repr, unknown))}",
+                         hint=f"channels: {', '.join(inv.channels) or '(none)'}")
+    channels = [ch for n, ch in inv.channels.items() if not only or n in only]
+    if not channels:
+        raise UsageError("notify test: the inventory has no [channels.*]")
+    try:
+        store = c.store()
+    except StoreError:
+        store = None
+    deliveries = run_async(send(channels, ping_message(dt.datetime.now(dt.UTC)), store=store))
+    for d in deliveries:
+        if d.ok:
+            click.echo(f"{d.channel}: ok (HTTP {d.status}, {d.attempts} attempt{'s' if d.attempts != 1 else ''})")
+        else:
+            click.echo(f"{d.channel}: FAILED: {d.error}")
+    if not all(d.ok for d in deliveries):
+        sys.exit(1)

@@ -71,7 +71,7 @@ class Retry:
     """Bounded retries: `attempts` tries, sleeping `backoff[i]` between them, each try under `timeout`."""
 
     attempts: int = 4
-    backoff: tuple[float, ...] = (1.0, 4.0, 15.0)
+    backoff: tuple[float, ...] = (0.5, 2.0, 5.0)
     timeout: float = 10.0
     max_retry_after: float = 60.0  # honour a 429's Retry-After up to this long
 
@@ -403,8 +403,16 @@ async def notify_scan(result: ScanResult, channels: Sequence[Channel], *, store:
                 msgs = [(digest(items), items)]
             else:
                 msgs = [(a.message, [a]) for a in items]
+            down: Delivery | None = None
             for msg, covered in msgs:
-                d = await deliver(c, ch, msg, retry=retry)
+                if down is not None:
+                    # the channel just failed every attempt: do not spend the retry budget again per message
+                    d = Delivery(channel=ch.name, ok=False, attempts=0, status=down.status,
+                                 error=f"skipped: channel failed earlier in this run ({down.error})")
+                else:
+                    d = await deliver(c, ch, msg, retry=retry)
+                    if not d.ok and d.attempts > 1:
+                        down = d
                 deliveries.append((ch.name, msg, d))
                 if d.ok:
                     for a in covered:

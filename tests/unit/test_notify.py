@@ -233,3 +233,15 @@ def test_many_alerts_become_one_digest(rx: Receiver, env: dict[str, str]) -> Non
     (req,) = rx.wait_for(1)
     assert req.json["kind"] == "digest"
     assert req.json["title"] == "certmgr: 7 certificates changed state"
+
+
+def test_down_channel_is_tried_once_per_run(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one message used up its retries on a dead channel, the run's other messages skip it."""
+    monkeypatch.setenv("TEST_URL_DEAD", "http://127.0.0.1:9/s3cr3t-dead")
+    results = [result("critical", cert=f"c{i}.example.test") for i in range(3)]
+    merged = ScanResult(started=NOW, elapsed=0.1, endpoints=tuple(e for r in results for e in r.endpoints),
+                        certificates=tuple(c for r in results for c in r.certificates), severity="critical")
+    out = asyncio.run(notify_scan(merged, [channel("webhook", "dead")], store=MemStore(), now=NOW, retry=FAST))
+    assert [d.attempts for _, _, d in out.deliveries] == [3, 0, 0]
+    assert out.deliveries[1][2].error is not None
+    assert out.deliveries[1][2].error.startswith("skipped: channel failed earlier in this run (ConnectError")
