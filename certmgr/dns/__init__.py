@@ -1,0 +1,115 @@
+"""DNS-01 plumbing: the provider contract, challenge records, and finding where a challenge record lives.
+
+A provider is validated when built (secret read, algorithm known) so it never half-works mid-challenge.
+`locate` follows `_acme-challenge` CNAMEs against the zones' own authoritative servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from certmgr.errors import CertmgrError, DNSError
+from certmgr.inventory import DNSProvider, Inventory
+
+MAX_CNAME_HOPS = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TXTRecord:
+    """One challenge value to publish: `fqdn` (absolute, no trailing dot) in `zone`, for identifier `domain`."""
+
+    fqdn: str
+    zone: str
+    value: str
+    domain: str
+
+
+class Provider(Protocol):
+    """A DNS-01 provider. Safe to call concurrently from many tasks.
+
+    `present` writes every record (one update per zone) or raises DNSError having written none it
+    knows of; `cleanup` removes only the given values (never whole RRsets) and never raises — it
+    logs; `wait_propagated` returns once every authoritative nameserver of each zone serves every
+    value, or raises PropagationTimeout naming the servers that lag.
+    """
+
+    name: str
+
+    async def present(self, records: Sequence[TXTRecord]) -> None: ...
+
+    async def cleanup(self, records: Sequence[TXTRecord]) -> None: ...
+
+    async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None: ...
+
+    async def cname_target(self, fqdn: str, zone: str) -> str | None: ...
+
+
+def challenge_name(domain: str) -> str:
+    """RFC 8555 §8.4: `_acme-challenge.` + the identifier, the wildcard label removed."""
+    return "_acme-challenge." + domain.removeprefix("*.")
+
+
+def build(cfg: DNSProvider) -> Provider:
+    """The provider for an inventory `[dns.*]` entry, validated now (reads its TSIG secret)."""
+    if cfg.type == "rfc2136":
+        from certmgr.dns.rfc2136 import RFC2136Provider
+
+        return RFC2136Provider.build(cfg)
+    raise DNSError(f"dns provider {cfg.name}: unknown type {cfg.type!r} (only rfc2136 is supported)")
+
+
+async def locate(inventory: Inventory, providers: Mapping[str, Provider], domain: str,
+                 value: str) -> tuple[Provider, TXTRecord]:
+    """Where the TXT for `domain` must be written: follows `_acme-challenge` CNAMEs (delegated challenge zones).
+
+    Each hop is asked of the authoritative servers of the zone holding the name, never a public resolver.
+    """
+    fqdn = challenge_name(domain)
+    seen = [fqdn]
+    for _ in range(MAX_CNAME_HOPS):
+        owner = inventory.zone_provider(fqdn)
+        if owner is None:
+            via = f" (via CNAME from {seen[0]})" if len(seen) > 1 else ""
+            raise DNSError(
+                f"dns locate {domain}: {fqdn}{via} is in none of the inventory's DNS zones (challenge not attempted)",
+                hint="add a [dns.*] provider whose zones include the CNAME target's zone")
+        cfg, zone = owner
+        prov = providers.get(cfg.name)
+        if prov is None:
+            raise DNSError(f"dns locate {domain}: provider {cfg.name} was not built (challenge not attempted)")
+        target = await prov.cname_target(fqdn, zone)
+        if target is None:
+            return prov, TXTRecord(fqdn=fqdn, zone=zone, value=value, domain=domain)
+        if target in seen:
+            raise DNSError(f"dns locate {domain}: CNAME loop {' → '.join([*seen, target])} (challenge not attempted)")
+        seen.append(target)
+        fqdn = target
+    raise DNSError(f"dns locate {domain}: more than {MAX_CNAME_HOPS} CNAMEs from {seen[0]} (challenge not attempted)")
+
+
+async def run_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> None:
+    """Run `coros` concurrently; the first CertmgrError propagates as itself (the rest are cancelled).
+
+    TaskGroup wraps failures in an ExceptionGroup; callers and operators want the one error that
+    says what went wrong. Anything that is not a CertmgrError is a bug and keeps its group.
+    """
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for coro in coros:
+                tg.create_task(coro)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if isinstance(e, CertmgrError)), None)
+        if first is None or not all(isinstance(e, (CertmgrError, asyncio.CancelledError)) for e in leaves):
+            raise
+        raise first from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

@@ -1,0 +1,305 @@
+"""RFC 2136 dynamic updates signed with TSIG (RFC 8945), via dnspython's asyncio API.
+
+One UPDATE per zone per batch; cleanup deletes only our own TXT value, never the RRset (apex and `*.apex`
+share one `_acme-challenge` name). Updates go to the inventory's `server` or the primary in the zone's SOA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dns.asyncquery
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import dns.tsig
+import dns.update
+
+from certmgr.dns import TXTRecord, run_all
+from certmgr.dns.propagation import wait_served
+from certmgr.errors import DNSAuthError, DNSClockSkewError, DNSError, SecretError
+from certmgr.inventory import DNSProvider, normalise_tsig_algorithm
+from certmgr.log import Secret, event
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_TTL = 60
+UPDATE_TIMEOUT = 10.0
+QUERY_TIMEOUT = 3.0
+
+_ALGORITHMS = {
+    "hmac-sha1": dns.tsig.HMAC_SHA1,
+    "hmac-sha224": dns.tsig.HMAC_SHA224,
+    "hmac-sha256": dns.tsig.HMAC_SHA256,
+    "hmac-sha384": dns.tsig.HMAC_SHA384,
+    "hmac-sha512": dns.tsig.HMAC_SHA512,
+}
+
+_BIND_KEY = re.compile(
+    r'key\s+"?(?P<name>[^"\s{]+)"?\s*\{(?P<body>[^}]*)\}\s*;?', re.IGNORECASE | re.DOTALL)
+_BIND_ALG = re.compile(r"algorithm\s+\"?(?P<alg>[A-Za-z0-9.-]+)\"?\s*;", re.IGNORECASE)
+_BIND_SECRET = re.compile(r'secret\s+"(?P<secret>[A-Za-z0-9+/=\s]+)"\s*;', re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class TSIGKey:
+    """A TSIG key: name, normalised algorithm, and the secret (never shown)."""
+
+    name: str
+    algorithm: str
+    secret: Secret = field(repr=False)
+
+    def dns_key(self) -> dns.tsig.Key:
+        return dns.tsig.Key(dns.name.from_text(self.name), base64.b64decode(self.secret.reveal()),
+                            _ALGORITHMS[self.algorithm])
+
+
+def parse_tsig_secret(text: str, *, key_name: str, algorithm: str, where: str) -> TSIGKey:
+    """A BIND key file (`key "n" { algorithm …; secret "…"; };`) or a bare base64 secret → TSIGKey.
+
+    The file's key name and algorithm, when present, must agree with the inventory: a mismatch would
+    only show up later as BADKEY/BADSIG from the server, far from its cause.
+    """
+    m = _BIND_KEY.search(text)
+    if m:
+        file_name = m.group("name").rstrip(".")
+        if file_name.lower() != key_name.rstrip(".").lower():
+            raise SecretError(f"{where}: the key file defines key {file_name!r} but tsig_key is {key_name!r}")
+        alg_m = _BIND_ALG.search(m.group("body"))
+        if alg_m:
+            file_alg = normalise_tsig_algorithm(alg_m.group("alg"))
+            if file_alg is None:
+                raise SecretError(f"{where}: the key file's algorithm {alg_m.group('alg')!r} is refused "
+                                  "(HMAC-MD5 and unknown algorithms are never used)")
+            if file_alg != algorithm:
+                raise SecretError(f"{where}: the key file says {file_alg} but tsig_algorithm is {algorithm}",
+                                  hint=f'set tsig_algorithm = "{file_alg}" in the inventory')
+        sec_m = _BIND_SECRET.search(m.group("body"))
+        if not sec_m:
+            raise SecretError(f"{where}: the key file has no secret \"…\"; line")
+        raw = "".join(sec_m.group("secret").split())
+    else:
+        raw = "".join(text.split())
+    try:
+        decoded = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise SecretError(f"{where}: the TSIG secret is not base64 (nor a BIND key file)") from None
+    if len(decoded) < 16:
+        raise SecretError(f"{where}: the TSIG secret is only {len(decoded)} bytes (at least 16 expected)")
+    return TSIGKey(name=key_name.rstrip("."), algorithm=algorithm, secret=Secret(raw))
+
+
+def _server(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+class RFC2136Provider:
+    """DNS-01 through RFC 2136 UPDATEs; validated when built; safe for concurrent use by many orders."""
+
+    def __init__(self, cfg: DNSProvider, key: TSIGKey, *, resolver: dns.asyncresolver.Resolver | None = None) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self._key = key
+        self._resolver = resolver
+        self._primary: dict[str, str] = {}
+        self._nameservers: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def __repr__(self) -> str:
+        return f"RFC2136Provider({self.name!r}, zones={self.cfg.zones!r}, key={self._key.name!r})"
+
+    @classmethod
+    def build(cls, cfg: DNSProvider) -> RFC2136Provider:
+        algorithm = normalise_tsig_algorithm(cfg.tsig_algorithm)
+        if algorithm is None:  # the inventory refuses these already; never fall back to MD5 silently
+            raise DNSError(f"dns provider {cfg.name}: TSIG algorithm {cfg.tsig_algorithm!r} is refused")
+        text = cfg.tsig_secret.read()
+        key = parse_tsig_secret(text, key_name=cfg.tsig_key, algorithm=algorithm, where=cfg.tsig_secret.key_path)
+        return cls(cfg, key)
+
+    # -- where to send things
+
+    async def _system_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            self._resolver = dns.asyncresolver.Resolver()
+        return self._resolver
+
+    async def primary(self, zone: str) -> str:
+        """Address of the server that takes updates for `zone`: the inventory's `server`, else the SOA MNAME."""
+        if self.cfg.server:
+            return self.cfg.server
+        async with self._locks[f"primary:{zone}"]:
+            if zone not in self._primary:
+                res = await self._system_resolver()
+                try:
+                    async with asyncio.timeout(QUERY_TIMEOUT * 2):
+                        soa = await res.resolve(zone, "SOA")
+                        mname = str(soa[0].mname).rstrip(".")
+                        addrs = await res.resolve(mname, "A")
+                except (TimeoutError, dns.exception.DNSException) as exc:
+                    raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {exc} (TXT not written)",
+                                   hint=f"set server = \"ADDRESS\" in [dns.{self.name}]") from exc
+                self._primary[zone] = str(addrs[0])
+        return self._primary[zone]
+
+    async def nameservers(self, zone: str) -> tuple[tuple[str, int], ...]:
+        """Every authoritative server of `zone` (inventory `nameservers`, else its NS records), with the port."""
+        port = self.cfg.port
+        if self.cfg.nameservers:
+            return tuple((ns, port) for ns in self.cfg.nameservers)
+        async with self._locks[f"ns:{zone}"]:
+            if zone not in self._nameservers:
+                primary = await self.primary(zone)
+                resp = await self._query(primary, zone, dns.rdatatype.NS)
+                hosts = sorted({str(rd.target).rstrip(".") for rr in resp.answer if rr.rdtype == dns.rdatatype.NS
+                                for rd in rr})
+                addrs: set[str] = set()
+                for host in hosts:
+                    addrs.update(await self._addresses(primary, host))
+                if not addrs:
+                    addrs.add(primary)
+                self._nameservers[zone] = tuple((a, port) for a in sorted(addrs))
+        return self._nameservers[zone]
+
+    async def _addresses(self, primary: str, host: str) -> set[str]:
+        """A/AAAA of a nameserver host: first from our authoritative primary (in-zone glue), else resolved."""
+        out: set[str] = set()
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                resp = await self._query(primary, host, rdtype)
+            except DNSError:
+                continue
+            out.update(str(rd) for rr in resp.answer if rr.rdtype == rdtype for rd in rr)
+        if out:
+            return out
+        res = await self._system_resolver()
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT * 2):
+                answer = await res.resolve(host, "A")
+            return {str(rd) for rd in answer}
+        except (TimeoutError, dns.exception.DNSException):
+            event(log, logging.WARNING, "nameserver address not found", provider=self.name, host=host)
+            return set()
+
+    async def _query(self, server: str, qname: str, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
+        q = dns.message.make_query(dns.name.from_text(qname), rdtype)
+        q.flags &= ~dns.flags.RD
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                resp, _ = await dns.asyncquery.udp_with_fallback(q, server, timeout=QUERY_TIMEOUT, port=self.cfg.port)
+        except (TimeoutError, OSError, dns.exception.DNSException) as exc:
+            raise DNSError(f"dns query {qname} {dns.rdatatype.to_text(rdtype)} @{_server(server, self.cfg.port)}: "
+                           f"{type(exc).__name__} {exc}".rstrip()) from exc
+        return resp
+
+    async def cname_target(self, fqdn: str, zone: str) -> str | None:
+        """The CNAME target of `fqdn` as its zone's primary serves it, or None when it is no CNAME."""
+        primary = await self.primary(zone)
+        try:
+            resp = await self._query(primary, fqdn, dns.rdatatype.CNAME)
+        except DNSError as exc:
+            raise DNSError(f"dns locate {fqdn}: {exc} (challenge not attempted)") from exc
+        for rr in resp.answer:
+            if rr.rdtype == dns.rdatatype.CNAME and rr.name == dns.name.from_text(fqdn):
+                return str(rr[0].target).rstrip(".").lower()
+        return None
+
+    # -- the Provider contract
+
+    async def present(self, records: Sequence[TXTRecord]) -> None:
+        """Add every record's value, one UPDATE per zone (the zones concurrently)."""
+        await run_all([self._update(zone, recs, add=True) for zone, recs in _by_zone(records).items()])
+
+    async def cleanup(self, records: Sequence[TXTRecord]) -> None:
+        """Delete exactly our values (never the RRset); errors are logged, never raised."""
+        for zone, recs in _by_zone(records).items():
+            try:
+                await self._update(zone, recs, add=False)
+            except (DNSError, OSError) as exc:
+                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=zone,
+                      records=len(recs), error=str(exc))
+
+    async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None:
+        limit = self.cfg.propagation_timeout if timeout is None else timeout
+        waits = []
+        for zone, recs in _by_zone(records).items():
+            expected: dict[str, frozenset[str]] = {}
+            for r in recs:
+                expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
+            waits.append(wait_served(zone, await self.nameservers(zone), expected, timeout=limit))
+        await run_all(waits)
+
+    async def _update(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> None:
+        primary = await self.primary(zone)
+        where = _server(primary, self.cfg.port)
+        upd = dns.update.UpdateMessage(dns.name.from_text(zone))
+        upd.use_tsig(self._key.dns_key())
+        for r in recs:
+            rdata = f'"{r.value}"'
+            if add:
+                upd.add(dns.name.from_text(r.fqdn), CHALLENGE_TTL, dns.rdatatype.TXT, rdata)
+            else:
+                # RFC 2136 §2.5.4: delete an RR from an RRset — only this value, other orders' values stay
+                upd.delete(dns.name.from_text(r.fqdn), dns.rdatatype.TXT, rdata)
+        verb = "add" if add else "delete"
+        outcome = "(TXT not written)" if add else "(TXT may be left behind)"
+        step = f"dns update {zone} @{where}"
+        try:
+            async with asyncio.timeout(UPDATE_TIMEOUT):
+                resp = await dns.asyncquery.tcp(upd, primary, timeout=UPDATE_TIMEOUT, port=self.cfg.port)
+        except dns.tsig.PeerBadKey as exc:
+            raise DNSAuthError(f"{step}: server does not know TSIG key {self._key.name!r} (BADKEY) {outcome}",
+                               hint="check tsig_key against the key name in the server's config") from exc
+        except dns.tsig.PeerBadSignature as exc:
+            raise DNSAuthError(f"{step}: TSIG signature rejected (BADSIG) — wrong secret or algorithm for key "
+                               f"{self._key.name!r} {outcome}",
+                               hint="compare the tsig_secret file with the server's key and tsig_algorithm") from exc
+        except dns.tsig.PeerBadTime as exc:
+            raise DNSClockSkewError(f"{step}: TSIG time rejected (BADTIME) {outcome}",
+                                    hint="this machine's clock and the DNS server's differ by more than 5 minutes; "
+                                         "fix NTP") from exc
+        except dns.tsig.PeerError as exc:
+            raise DNSAuthError(f"{step}: TSIG rejected ({type(exc).__name__}) {outcome}") from exc
+        except (TimeoutError, dns.exception.Timeout) as exc:
+            raise DNSError(f"{step}: no answer within {UPDATE_TIMEOUT:g}s {outcome}") from exc
+        except ConnectionRefusedError as exc:
+            raise DNSError(f"{step}: connection refused {outcome}", hint="is the DNS server running?") from exc
+        except (OSError, dns.exception.DNSException) as exc:
+            raise DNSError(f"{step}: {type(exc).__name__}: {exc} {outcome}") from exc
+        rcode = resp.rcode()
+        if rcode == dns.rcode.NOERROR:
+            event(log, logging.DEBUG, f"challenge TXT {verb}", provider=self.name, zone=zone, server=where,
+                  names=",".join(sorted({r.fqdn for r in recs})), values=len(recs))
+            return
+        names = ", ".join(sorted({r.fqdn for r in recs}))
+        text = dns.rcode.to_text(rcode)
+        if rcode == dns.rcode.REFUSED:
+            raise DNSAuthError(f"{step}: REFUSED for {names} {outcome}",
+                               hint=f"the server's update-policy must grant key {self._key.name!r} "
+                                    f"TXT on {names}")
+        if rcode == dns.rcode.NOTAUTH:
+            raise DNSAuthError(f"{step}: NOTAUTH (the key is not accepted or the server is not authoritative "
+                               f"for {zone}) {outcome}",
+                               hint="check tsig_key/tsig_secret and that server is the zone's primary")
+        if rcode == dns.rcode.NOTZONE:
+            raise DNSError(f"{step}: NOTZONE — {names} is not inside {zone} {outcome}", hint="check zones = [...]")
+        raise DNSError(f"{step}: {text} {outcome}")
+
+
+def _by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:
+    out: dict[str, list[TXTRecord]] = {}
+    for r in records:
+        out.setdefault(r.zone, []).append(r)
+    return out

@@ -1,0 +1,592 @@
+"""ACME (RFC 8555) issuance with DNS-01: account, order, challenges through `dns/`, finalize; RFC 9773 ARI.
+
+The only module that touches `acme`/`josepy`. That library is synchronous (`requests`): every call runs in a
+dedicated thread pool (one `ClientNetwork` per order, so no session or nonce pool is shared between threads);
+waiting, polling and retrying happen on the event loop with `asyncio.sleep` and bounded deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import email.utils
+import functools
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import josepy as jose
+import requests
+from acme import challenges, errors, messages
+from acme.client import ClientNetwork, ClientV2
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from josepy import json_util
+
+from certmgr import __version__, keys
+from certmgr.dns import Provider, TXTRecord, locate, run_all
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
+from certmgr.inventory import CA, Certificate, Inventory
+from certmgr.log import Secret, event
+from certmgr.material import CertMaterial, split_pem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ERR = "urn:ietf:params:acme:error:"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Every ACME wait in one place (seconds)."""
+
+    http: float = 20.0  # one HTTP request (requests' connect+read timeout)
+    authorizations: float = 180.0  # all authorizations of one order valid
+    finalize: float = 120.0  # order valid and certificate downloaded after finalize
+    short_wait: float = 15.0  # Retry-After up to this long is waited out in-run; longer → RateLimited
+    poll_intervals: tuple[float, ...] = (0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)  # then the last, repeated
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewalInfo:
+    """RFC 9773 §4.2: the CA's suggested renewal window for one certificate, and when to ask again."""
+
+    start: dt.datetime
+    end: dt.datetime
+    retry_after: dt.datetime
+    explanation_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Issued:
+    """A certificate fresh from the CA, with what happened on the way."""
+
+    material: CertMaterial
+    replaced: str | None = None  # the ARI certID sent as `replaces`, when the CA took it
+    notes: tuple[str, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+class AccountStore(Protocol):
+    def load_account_key(self, ca_id: str) -> bytes | None: ...
+
+    def save_account_key(self, ca_id: str, pem: bytes) -> Any: ...
+
+
+class _Net(ClientNetwork):
+    """ClientNetwork that remembers the last response, for Retry-After and status codes on errors."""
+
+    last_response: requests.Response | None = None
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        self.last_response = None
+        response = super()._send_request(method, url, *args, **kwargs)
+        self.last_response = response
+        return response
+
+
+class _NewOrder(messages.NewOrder):
+    """newOrder with RFC 9773 §5 `replaces`, which the acme library cannot send."""
+
+    replaces: str | None = json_util.field("replaces", omitempty=True)
+
+
+def ari_cert_id(cert: x509.Certificate) -> str:
+    """RFC 9773 §4.1: base64url(AKI keyIdentifier) "." base64url(DER serial bytes), unpadded."""
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    if aki is None:
+        raise ValueError("certificate has no authority key identifier")
+    serial = cert.serial_number
+    serial_bytes = serial.to_bytes(math.ceil((serial.bit_length() + 1) / 8), "big", signed=True)
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+    return f"{b64(aki)}.{b64(serial_bytes)}"
+
+
+def account_id(ca: CA) -> str:
+    """One account per CA directory and contact set: `NAME-<hash>`, so a changed contact registers anew."""
+    h = hashlib.sha256("\n".join([ca.directory, *sorted(ca.contact)]).encode()).hexdigest()[:10]
+    return f"{ca.name}-{h}"
+
+
+def parse_retry_after(value: str | None, now: dt.datetime) -> dt.datetime | None:
+    """RFC 9110 §10.2.3 Retry-After: delay-seconds or an HTTP-date; None when absent or unparseable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return now + dt.timedelta(seconds=int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _short(typ: str | None) -> str:
+    return (typ or "error").removeprefix(ERR)
+
+
+def choose_chain(fullchains: Sequence[str], preferred_issuer: str | None) -> tuple[str, str | None]:
+    """The fullchain whose topmost certificate's issuer CN is `preferred_issuer` (else the default, first)."""
+    if not preferred_issuer:
+        return fullchains[0], None
+    for chain in fullchains:
+        certs = split_pem(chain.encode())
+        if not certs:
+            continue
+        top = x509.load_pem_x509_certificate(certs[-1])
+        cns = [a.value for a in top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        if preferred_issuer in cns:
+            return chain, None
+    return fullchains[0], (f"preferred chain {preferred_issuer!r} not offered by the CA "
+                           f"({len(fullchains)} chain(s)); kept the default")
+
+
+class ACMEClient:
+    """One CA for one run: its directory and account, shared by many concurrent orders."""
+
+    def __init__(self, ca: CA, directory: messages.Directory, account_key: jose.jwk.JWK | None,
+                 regr: messages.RegistrationResource | None, *, executor: ThreadPoolExecutor,
+                 timeouts: Timeouts) -> None:
+        self.ca = ca
+        self.directory = directory
+        self.account_key = account_key
+        self.regr = regr
+        self.executor = executor
+        self.timeouts = timeouts
+        self._account_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _verify(self) -> Any:  # requests takes a CA bundle path where acme's signature says bool
+        # Trust for the ACME endpoint's own TLS: the inventory's bundle, else the system roots. Never off.
+        return str(self.ca.trust) if self.ca.trust else True
+
+    def _net(self, *, account: bool = True) -> _Net:
+        net = _Net(self.account_key, account=self.regr if account else None, alg=jose.jwa.ES256,
+                   verify_ssl=self._verify(), user_agent=f"certmgr/{__version__}",
+                   timeout=int(self.timeouts.http))
+        return net
+
+    @staticmethod
+    async def _fetch_directory(ca: CA, executor: ThreadPoolExecutor, timeouts: Timeouts) -> messages.Directory:
+        verify: Any = str(ca.trust) if ca.trust else True
+        net = _Net(None, verify_ssl=verify, user_agent=f"certmgr/{__version__}",
+                   timeout=int(timeouts.http))
+        step = f"acme directory {ca.name}"
+        try:
+            return await _retrying(step, net, executor, timeouts, ClientV2.get_directory, ca.directory, net,
+                                   outcome="nothing ordered")
+        finally:
+            net.session.close()
+
+    async def call(self, net: _Net, step: str, fn: Callable[..., T], *args: Any, outcome: str) -> T:
+        return await _retrying(step, net, self.executor, self.timeouts, fn, *args, outcome=outcome)
+
+    # ------------------------------------------------------------ account
+
+    @classmethod
+    async def open(cls, ca: CA, *, executor: ThreadPoolExecutor, timeouts: Timeouts | None = None) -> ACMEClient:
+        """Fetch the directory; no account yet (`ensure_account` before ordering)."""
+        timeouts = timeouts or Timeouts()
+        directory = await cls._fetch_directory(ca, executor, timeouts)
+        return cls(ca, directory, None, None, executor=executor, timeouts=timeouts)
+
+    async def ensure_account(self, accounts: AccountStore, *, env: Mapping[str, str] | None = None) -> None:
+        """Find (or register, once) the account whose key the store keeps; concurrent callers share one."""
+        async with self._account_lock:
+            if self.regr is not None:
+                return
+            ca_id = account_id(self.ca)
+            pem = accounts.load_account_key(ca_id)
+            new = pem is None
+            key = ec.generate_private_key(ec.SECP256R1()) if pem is None else keys.from_pem(pem)
+            self.account_key = jose.jwk.JWKEC(key=key)
+            await self._account(new=new, env=env)
+            if new:
+                # saved only once the CA accepted it: a failed registration leaves no orphan key
+                accounts.save_account_key(ca_id, keys.to_pem(key))
+
+    async def _account(self, *, new: bool, env: Mapping[str, str] | None) -> None:
+        ca = self.ca
+        net = self._net(account=False)
+        client = ClientV2(self.directory, net)
+        step = f"acme account {ca.name}"
+        try:
+            if not new:
+                # RFC 8555 §7.3.1: look the key's account up without creating one
+                probe = messages.NewRegistration(only_return_existing=True)
+                try:
+                    resp = await self.call(net, step, client._post, self.directory["newAccount"], probe,
+                                           outcome="no account")
+                    self.regr = messages.RegistrationResource(
+                        body=messages.Registration.from_json(resp.json()), uri=resp.headers.get("Location"))
+                    event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=self.regr.uri)
+                    return
+                except ACMEError as exc:
+                    if exc.typ != ERR + "accountDoesNotExist":
+                        raise
+                    event(log, logging.INFO, "acme account unknown to the CA, registering the stored key again",
+                          ca=ca.name)
+            tos = self.directory.meta.terms_of_service if hasattr(self.directory, "meta") else None
+            if not ca.agree_tos:
+                raise ACMEError(
+                    f"{step}: the CA's terms of service{f' ({tos})' if tos else ''} are not agreed (no account "
+                    "registered)", hint=f"read them, then set agree_tos = true in [ca.{ca.name}]", retryable=False)
+            kwargs: dict[str, Any] = {"terms_of_service_agreed": True}
+            if ca.contact:
+                kwargs["contact"] = tuple(ca.contact)
+            if ca.eab_kid:
+                if ca.eab_hmac_key is None:
+                    raise ACMEError(f"{step}: eab_kid is set but no eab_hmac_key_* (no account registered)",
+                                    retryable=False)
+                hmac = Secret(ca.eab_hmac_key.read(env))
+                assert self.account_key is not None
+                kwargs["external_account_binding"] = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self.account_key.public_key(), kid=ca.eab_kid, hmac_key=hmac.reveal(),
+                    directory=self.directory)
+            elif self.directory.meta.external_account_required:
+                raise ACMEError(f"{step}: the CA requires External Account Binding (no account registered)",
+                                hint=f"set eab_kid and eab_hmac_key_file in [ca.{ca.name}]", retryable=False)
+            reg = messages.NewRegistration(**kwargs)
+            try:
+                regr = await self.call(net, step, client.new_account, reg, outcome="no account registered")
+            except errors.ConflictError as exc:  # the key already has an account: RFC 8555 §7.3.1 returns it
+                regr = messages.RegistrationResource(body=reg, uri=str(exc))
+            self.regr = regr
+            event(log, logging.INFO, "acme account registered", ca=ca.name, uri=regr.uri)
+        finally:
+            net.session.close()
+
+    # ------------------------------------------------------------ directory facts
+
+    @property
+    def has_ari(self) -> bool:
+        return "renewalInfo" in self.directory.to_partial_json()
+
+    @property
+    def profiles(self) -> dict[str, str] | None:
+        meta = getattr(self.directory, "meta", None)
+        return dict(meta.profiles) if meta is not None and meta.profiles else None
+
+    def check_profile(self, cert: Certificate) -> None:
+        """An unknown profile is a clear error from the directory's `meta.profiles`."""
+        if cert.profile is None:
+            return
+        offered = self.profiles
+        if not offered:
+            raise ACMEError(f"acme order {cert.name}: profile {cert.profile!r} requested but CA {self.ca.name} "
+                            "offers no profiles (order not placed)",
+                            hint="remove `profile` from the certificate or use a CA that supports profiles",
+                            retryable=False)
+        if cert.profile not in offered:
+            raise ACMEError(f"acme order {cert.name}: CA {self.ca.name} has no profile {cert.profile!r}; it offers "
+                            f"{', '.join(sorted(offered))} (order not placed)", retryable=False)
+
+    # ------------------------------------------------------------ ARI
+
+    async def renewal_info(self, cert: x509.Certificate, *, now: dt.datetime) -> RenewalInfo | None:
+        """RFC 9773 §4.2: GET renewalInfo/<certID>; None when the CA has no ARI."""
+        if not self.has_ari:
+            return None
+        url = self.directory["renewalInfo"].rstrip("/") + "/" + ari_cert_id(cert)
+        net = self._net(account=False)
+        try:
+            resp = await self.call(net, f"acme renewal-info {self.ca.name}", net.get, url, outcome="window unknown")
+        finally:
+            net.session.close()
+        info = messages.RenewalInfo.from_json(resp.json())
+        start, end = info.suggested_window.start, info.suggested_window.end
+        start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+        end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+        retry = parse_retry_after(resp.headers.get("Retry-After"), now) or now + dt.timedelta(hours=6)
+        # RFC 9773 §4.3: clamp Retry-After to a sane range (at least a minute, at most a day)
+        retry = min(max(retry, now + dt.timedelta(minutes=1)), now + dt.timedelta(days=1))
+        return RenewalInfo(start=start.astimezone(dt.UTC), end=end.astimezone(dt.UTC), retry_after=retry,
+                           explanation_url=resp.json().get("explanationURL"))
+
+    # ------------------------------------------------------------ the order
+
+    async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
+                    providers: Mapping[str, Provider], replaces: str | None = None) -> Issued:
+        """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
+
+        Challenge records are removed in `finally` — on success, failure and cancellation alike.
+        """
+        self.check_profile(cert)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        csr_pem = keys.csr(key, cert.domains)
+        net = self._net()
+        client = ClientV2(self.directory, net)
+        name = cert.name
+        try:
+            order, uri, used_replaces = await self._new_order(net, client, cert, replaces, notes)
+            timings["order"] = loop.time() - t0
+            authzs = []
+            for url in order.authorizations:
+                resp = await self.call(net, f"acme authorization {name}", client._post_as_get, url,
+                                       outcome="order abandoned")
+                authzs.append((url, messages.Authorization.from_json(resp.json())))
+            pending = [(url, a) for url, a in authzs if a.status != messages.STATUS_VALID]
+            if pending:
+                await self._dns01(net, client, cert, pending, inventory=inventory, providers=providers,
+                                  timings=timings, t0=t0)
+            else:
+                notes.append("all authorizations already valid (reused)")
+            body = await self._finalize(net, client, cert, uri, order, csr_pem)
+            timings["finalized"] = loop.time() - t0
+            fullchain, chain_note = await self._download(net, client, cert, body)
+            if chain_note:
+                notes.append(chain_note)
+        finally:
+            net.session.close()
+        material = CertMaterial.from_fullchain(fullchain.encode(), keys.to_pem(key))
+        material.check()
+        timings["total"] = loop.time() - t0
+        return Issued(material=material, replaced=replaces if used_replaces else None, notes=tuple(notes),
+                      timings=timings)
+
+    async def _new_order(self, net: _Net, client: ClientV2, cert: Certificate, replaces: str | None,
+                         notes: list[str]) -> tuple[messages.Order, str, bool]:
+        step = f"acme new-order {cert.name}"
+        idents = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in cert.domains]
+
+        async def place(with_replaces: bool) -> tuple[messages.Order, str]:
+            order = _NewOrder(identifiers=idents, profile=cert.profile or None,
+                              replaces=replaces if with_replaces else None)
+            resp = await self.call(net, step, client._post, self.directory["newOrder"], order,
+                                   outcome="order not placed")
+            return messages.Order.from_json(resp.json()), resp.headers["Location"]
+
+        if replaces:
+            try:
+                order, uri = await place(True)
+                return order, uri, True
+            except errors.ConflictError:
+                why = "409 alreadyReplaced (this certificate was already replaced)"
+            except ACMEError as exc:
+                if not (exc.typ in (ERR + "alreadyReplaced", ERR + "unauthorized", ERR + "malformed")
+                        or "replaces" in (exc.detail or "")):
+                    raise
+                why = f"{_short(exc.typ)}: {exc.detail}"
+            # RFC 9773 §5: the CA may refuse `replaces` (already replaced, other account): order without it
+            event(log, logging.WARNING, "CA rejected replaces, ordering without it", cert=cert.name, reason=why)
+            notes.append(f"CA rejected `replaces` ({why}); ordered without it (not exempt from rate limits)")
+        order, uri = await place(False)
+        return order, uri, False
+
+    async def _dns01(self, net: _Net, client: ClientV2, cert: Certificate,
+                     pending: list[tuple[str, messages.Authorization]], *, inventory: Inventory,
+                     providers: Mapping[str, Provider], timings: dict[str, float], t0: float) -> None:
+        """Present every TXT, wait until every authoritative server serves them, answer, poll; always clean up."""
+        loop = asyncio.get_running_loop()
+        todo: list[tuple[str, messages.Authorization, messages.ChallengeBody]] = []
+        for url, authz in pending:
+            ident = authz.identifier.value
+            domain = f"*.{ident}" if authz.wildcard else ident
+            chall = next((c for c in authz.challenges if isinstance(c.chall, challenges.DNS01)), None)
+            if chall is None:
+                raise ACMEError(f"acme authorization {domain}: the CA offers no dns-01 challenge (order abandoned)",
+                                retryable=False)
+            todo.append((url, authz, chall))
+        placed: dict[str, tuple[Provider, list[TXTRecord]]] = {}
+        try:
+            for _url, authz, chall in todo:
+                ident = authz.identifier.value
+                domain = f"*.{ident}" if authz.wildcard else ident
+                value = chall.chall.validation(self.account_key)
+                prov, rec = await locate(inventory, providers, domain, value)
+                placed.setdefault(prov.name, (prov, []))[1].append(rec)
+            # one UPDATE per zone per provider; providers in parallel
+            await run_all([prov.present(recs) for prov, recs in placed.values()])
+            timings["presented"] = loop.time() - t0
+            await run_all([prov.wait_propagated(recs) for prov, recs in placed.values()])
+            timings["propagated"] = loop.time() - t0
+            for _url, _authz, chall in todo:
+                await self.call(net, f"acme challenge {cert.name}", client.answer_challenge, chall,
+                                chall.chall.response(self.account_key), outcome="order abandoned")
+            await self._poll_authorizations(net, client, cert, [u for u, _, _ in todo])
+            timings["validated"] = loop.time() - t0
+        finally:
+            # shield: on cancellation (Ctrl-C, SIGTERM) the records are still removed
+            async def clean() -> None:
+                for prov, recs in placed.values():
+                    await prov.cleanup(recs)
+
+            if placed:
+                try:
+                    await asyncio.shield(clean())
+                except asyncio.CancelledError:
+                    await clean()
+                    raise
+
+    async def _poll_authorizations(self, net: _Net, client: ClientV2, cert: Certificate, urls: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.authorizations
+        remaining = list(urls)
+        i = 0
+        while remaining:
+            for url in list(remaining):
+                resp = await self.call(net, f"acme authorization {cert.name}", client._post_as_get, url,
+                                       outcome="order abandoned")
+                authz = messages.Authorization.from_json(resp.json())
+                if authz.status == messages.STATUS_VALID:
+                    remaining.remove(url)
+                elif authz.status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
+                    continue
+                else:
+                    raise _invalid(cert, authz)
+            if not remaining:
+                return
+            wait = self._interval(i, net.last_response)
+            i += 1
+            if loop.time() + wait > deadline:
+                raise ACMEError(f"acme authorization {cert.name}: {len(remaining)} authorization(s) still pending "
+                                f"after {self.timeouts.authorizations:g}s (order abandoned)",
+                                hint="the CA is slow to validate; try again later")
+            await asyncio.sleep(wait)
+
+    def _interval(self, i: int, resp: requests.Response | None) -> float:
+        iv = self.timeouts.poll_intervals
+        wait = iv[min(i, len(iv) - 1)]
+        if resp is not None:
+            ra = parse_retry_after(resp.headers.get("Retry-After"), dt.datetime.now(dt.UTC))
+            if ra is not None:
+                wait = max(wait, min((ra - dt.datetime.now(dt.UTC)).total_seconds(), self.timeouts.short_wait))
+        return wait
+
+    async def _finalize(self, net: _Net, client: ClientV2, cert: Certificate, uri: str, order: messages.Order,
+                        csr_pem: bytes) -> messages.Order:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.finalize
+        step = f"acme finalize {cert.name}"
+        csr = messages.CertificateRequest(csr=x509.load_pem_x509_csr(csr_pem))
+        finalized = False
+        i = 0
+        body = order
+        while True:
+            if not finalized and body.status in (messages.STATUS_READY, messages.STATUS_PENDING):
+                try:
+                    resp = await self.call(net, step, client._post, order.finalize, csr, outcome="no certificate")
+                    body = messages.Order.from_json(resp.json())
+                    finalized = True
+                except ACMEError as exc:
+                    if exc.typ != ERR + "orderNotReady":
+                        raise
+            if body.status == messages.STATUS_VALID and body.certificate:
+                return body
+            if body.status == messages.STATUS_INVALID:
+                err = body.error
+                raise ACMEError(f"{step}: order invalid: {err.detail if err else 'no detail from the CA'} "
+                                "(no certificate)", typ=err.typ if err else None, detail=err.detail if err else None,
+                                retryable=False)
+            wait = self._interval(i, net.last_response)
+            i += 1
+            if loop.time() + wait > deadline:
+                raise ACMEError(f"{step}: order still {body.status} after {self.timeouts.finalize:g}s "
+                                "(no certificate)")
+            await asyncio.sleep(wait)
+            resp = await self.call(net, step, client._post_as_get, uri, outcome="no certificate")
+            body = messages.Order.from_json(resp.json())
+
+    async def _download(self, net: _Net, client: ClientV2, cert: Certificate,
+                        body: messages.Order) -> tuple[str, str | None]:
+        step = f"acme certificate {cert.name}"
+        resp = await self.call(net, step, client._post_as_get, body.certificate, outcome="no certificate")
+        chains = [resp.text]
+        if cert.preferred_chain:
+            for url in client._get_links(resp, "alternate"):
+                alt = await self.call(net, step, client._post_as_get, url, outcome="no certificate")
+                chains.append(alt.text)
+        return choose_chain(chains, cert.preferred_chain)
+
+
+def _invalid(cert: Certificate, authz: messages.Authorization) -> CertmgrError:
+    ident = authz.identifier.value
+    domain = f"*.{ident}" if authz.wildcard else ident
+    err = next((c.error for c in authz.challenges if c.error is not None), None)
+    detail = err.detail if err is not None else f"authorization {authz.status}"
+    return ChallengeInvalid(
+        f"acme challenge {cert.name} ({domain}): the CA found the dns-01 challenge invalid: {detail} "
+        "(order abandoned)", typ=err.typ if err is not None else None, detail=detail,
+        hint="check that _acme-challenge TXT records are not overridden (stale CNAME, other provider)")
+
+
+async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts: Timeouts,
+                    fn: Callable[..., T], *args: Any, outcome: str) -> T:
+    """Run one blocking acme call in the pool, retrying what RFC 8555 says is retryable.
+
+    badNonce (RFC 8555 §6.5): again at once with a fresh nonce — Pebble rejects a share of valid nonces.
+    429/rateLimited and 5xx: wait out a short Retry-After (else back off 1, 2, 4 s), a few times, then fail.
+    Connection errors: twice more after short pauses, then "CA unreachable".
+    """
+    loop = asyncio.get_running_loop()
+    nonce_retries = 0
+    attempts = 0
+    while True:
+        try:
+            return await loop.run_in_executor(executor, functools.partial(fn, *args))
+        except messages.Error as err:
+            resp = net.last_response
+            status = resp.status_code if resp is not None else None
+            now = dt.datetime.now(dt.UTC)
+            if err.code == "badNonce" and nonce_retries < 10:
+                nonce_retries += 1
+                continue
+            retry_at = parse_retry_after(resp.headers.get("Retry-After") if resp is not None else None, now)
+            if err.code == "rateLimited" or status == 429:
+                wait = (retry_at - now).total_seconds() if retry_at else None
+                if wait is not None and wait <= timeouts.short_wait and attempts < 3:
+                    attempts += 1
+                    event(log, logging.INFO, "rate limited, waiting", step=step, seconds=f"{wait:.1f}")
+                    await asyncio.sleep(max(wait, 0.0))
+                    continue
+                raise RateLimited(f"{step}: rate limited: {err.detail} ({outcome})", retry_after=retry_at,
+                                  detail=err.detail) from err
+            if (status is not None and status >= 500) or err.code == "serverInternal":
+                if attempts < 3:
+                    wait = (retry_at - now).total_seconds() if retry_at else 2.0 ** attempts
+                    attempts += 1
+                    await asyncio.sleep(min(max(wait, 0.0), timeouts.short_wait))
+                    continue
+            raise ACMEError(f"{step}: {_short(err.typ)}: {err.detail or 'no detail'} ({outcome})", typ=err.typ,
+                            detail=err.detail,
+                            retryable=(status or 0) >= 500 or err.code in ("rateLimited", "serverInternal",
+                                                                           "badNonce")) from err
+        except errors.ConflictError:
+            raise
+        except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class: never retried
+            raise ACMEError(f"{step}: TLS to the CA failed: {exc} ({outcome})",
+                            hint="check [ca.*] trust: the bundle must contain the CA of the ACME endpoint",
+                            retryable=False) from exc
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            if attempts < 2:
+                attempts += 1
+                await asyncio.sleep(0.5 * attempts)
+                continue
+            url = getattr(exc.request, "url", None) if getattr(exc, "request", None) is not None else None
+            kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
+            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({url})' if url else ''} ({outcome})",
+                            hint="is the ACME server up? check [ca.*] directory and trust") from exc
+        except errors.ClientError as exc:
+            resp = net.last_response
+            status = resp.status_code if resp is not None else None
+            if status is not None and status >= 500 and attempts < 3:
+                attempts += 1
+                await asyncio.sleep(2.0 ** (attempts - 1))
+                continue
+            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {exc} "
+                            f"({outcome})") from exc
+        except errors.Error as exc:
+            raise ACMEError(f"{step}: {exc} ({outcome})") from exc

@@ -1,0 +1,300 @@
+"""Renew many certificates at once: plan each, issue the due ones concurrently, store, audit, remember failures.
+
+One certificate failing never blocks or corrupts another: each task turns its expected (CertmgrError)
+failures into a `RenewOutcome`. The caller holds the store lock; store writes run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from certmgr import keys
+from certmgr import plan as plan_mod
+from certmgr.dns import Provider
+from certmgr.dns import build as build_provider
+from certmgr.errors import CertmgrError, RateLimited, StoreError
+from certmgr.inventory import CA, Certificate, Inventory
+from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
+from certmgr.log import event
+from certmgr.material import CertInfo, CertMaterial
+from certmgr.plan import Decision, RenewState
+from certmgr.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 10
+STATE_SECTION = "state/renew"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewOutcome:
+    """What happened to one certificate in one run.
+
+    status: "renewed" | "failed" | "not-due" | "backoff" (held back after failures) | "planned" (--dry-run).
+    """
+
+    name: str
+    status: str
+    decision: Decision
+    error: str | None = None
+    hint: str | None = None
+    retryable: bool = False
+    old_serial: str | None = None
+    old_not_after: dt.datetime | None = None
+    new_serial: str | None = None
+    new_not_after: dt.datetime | None = None
+    version: int | None = None  # the archive version made live (renewed)
+    previous_version: int | None = None
+    replaced: bool = False  # the order carried ARI `replaces` and the CA took it
+    notes: tuple[str, ...] = ()
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    @property
+    def overdue(self) -> bool:
+        return self.decision.overdue
+
+    def line(self) -> str:
+        """One human line for the summary."""
+        flag = " [OVERDUE]" if self.overdue and self.status != "renewed" else ""
+        if self.status == "renewed":
+            old = (f"serial {self.old_serial} (expires {self.old_not_after:%Y-%m-%d})" if self.old_serial
+                   and self.old_not_after else "nothing")
+            assert self.new_not_after is not None
+            extra = " (replaces)" if self.replaced else ""
+            return (f"renewed  {self.name}: {old} → serial {self.new_serial} (expires {self.new_not_after:%Y-%m-%d})"
+                    f" as version {self.version} in {self.elapsed:.1f}s{extra}")
+        if self.status == "failed":
+            return f"FAILED   {self.name}{flag}: {self.error}"
+        if self.status == "backoff":
+            until = self.decision.blocked_until
+            return (f"backoff  {self.name}{flag}: {self.decision.reason}; after failures, next try "
+                    f"{until:%Y-%m-%d %H:%M}Z (--force to try now)" if until else f"backoff  {self.name}")
+        if self.status == "planned":
+            return f"would renew {self.name}{flag}: {self.decision.reason}"
+        return f"not due  {self.name}: {self.decision.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(v: dt.datetime | None) -> str | None:
+            return v.isoformat() if v else None
+
+        return {
+            "name": self.name, "status": self.status, "overdue": self.overdue, "error": self.error, "hint": self.hint,
+            "retryable": self.retryable, "old_serial": self.old_serial, "old_not_after": iso(self.old_not_after),
+            "new_serial": self.new_serial, "new_not_after": iso(self.new_not_after), "version": self.version,
+            "previous_version": self.previous_version, "replaced": self.replaced, "notes": list(self.notes),
+            "elapsed": round(self.elapsed, 3), "decision": self.decision.to_json(),
+        }
+
+
+def state_path(name: str) -> str:
+    return f"{STATE_SECTION}/{name}.json"
+
+
+def load_state(store: Store, name: str) -> RenewState:
+    """The renewal state of `name` (what scan/status need to show backoff and ARI windows)."""
+    return RenewState.from_json(store.load_json(state_path(name), default=None))
+
+
+def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
+    if store.live_version(name) is None:
+        return None, None
+    material = store.read(name)
+    return material, material.info()
+
+
+def status(store: Store, cert: Certificate, now: dt.datetime) -> Decision:
+    """The plan for one certificate from the store alone (no network): for scan/status to show overdue."""
+    _, info = live_info(store, cert.name)
+    return plan_mod.decide(cert, info, load_state(store, cert.name), now)
+
+
+class _Run:
+    """Per-run shared resources: one ACME client per CA, one provider per [dns.*], one thread pool."""
+
+    def __init__(self, inventory: Inventory, store: Store, *, concurrency: int, timeouts: Timeouts,
+                 env: Mapping[str, str] | None) -> None:
+        self.inventory = inventory
+        self.store = store
+        self.timeouts = timeouts
+        self.env = env
+        # acme is synchronous: each in-flight order holds at most one pool thread while waiting on HTTP
+        self.executor = ThreadPoolExecutor(max_workers=max(4, concurrency + 2), thread_name_prefix="certmgr-acme")
+        self._clients: dict[str, asyncio.Task[ACMEClient]] = {}
+        self._providers: dict[str, Provider] | None = None
+        self._provider_errors: dict[str, CertmgrError] = {}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def client(self, ca: CA) -> ACMEClient:
+        """The CA's client, directory fetched once per run (concurrent callers share the one fetch)."""
+        task = self._clients.get(ca.name)
+        if task is None:
+            task = asyncio.ensure_future(ACMEClient.open(ca, executor=self.executor, timeouts=self.timeouts))
+            self._clients[ca.name] = task
+        return await asyncio.shield(task)
+
+    def providers(self) -> tuple[dict[str, Provider], dict[str, CertmgrError]]:
+        """Every [dns.*] provider, built (validated) once; a broken one fails only the certificates using it."""
+        if self._providers is None:
+            self._providers = {}
+            for name, cfg in self.inventory.dns.items():
+                try:
+                    self._providers[name] = build_provider(cfg)
+                except CertmgrError as exc:
+                    self._provider_errors[name] = exc
+        return self._providers, self._provider_errors
+
+
+async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate], *, now: dt.datetime,
+                force: bool = False, dry_run: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
+                timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None,
+                rng: random.Random | None = None) -> list[RenewOutcome]:
+    """Plan every certificate in `certs`, renew the due ones (all with `force`), at most `concurrency` at once.
+
+    Returns one outcome per certificate, in the order given. The caller holds `store.lock()` unless
+    `dry_run` (which writes nothing). ACME runs in a private thread pool; DNS is native asyncio.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    run = _Run(inventory, store, concurrency=concurrency, timeouts=timeouts or Timeouts(), env=env)
+    rng = rng or random.SystemRandom()
+    sem = asyncio.Semaphore(concurrency)
+    results: dict[str, RenewOutcome] = {}
+
+    async def one(cert: Certificate) -> None:
+        async with sem:
+            results[cert.name] = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for cert in certs:
+                tg.create_task(one(cert))
+    finally:
+        run.close()
+    return [results[c.name] for c in certs]
+
+
+async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, dry_run: bool,
+               rng: random.Random) -> RenewOutcome:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    store = run.store
+    ca = run.inventory.cas[cert.ca]
+    material: CertMaterial | None = None
+    info: CertInfo | None = None
+    state = RenewState()
+    try:
+        material, info = live_info(store, cert.name)
+        state = load_state(store, cert.name)
+        state = await _refresh_ari(run, ca, cert, material, info, state, now=now, dry_run=dry_run, rng=rng)
+    except CertmgrError as exc:
+        decision = plan_mod.decide(cert, info, state, now)
+        return RenewOutcome(name=cert.name, status="failed", decision=decision, error=str(exc), hint=exc.hint,
+                            retryable=exc.retryable, elapsed=loop.time() - t0)
+    decision = plan_mod.decide(cert, info, state, now)
+    base = RenewOutcome(name=cert.name, status="not-due", decision=decision, old_serial=info.serial if info else None,
+                        old_not_after=info.not_after if info else None)
+    if not decision.due and not force:
+        return base
+    if decision.blocked_until is not None and not force:
+        return replace(base, status="backoff")
+    if dry_run:
+        return replace(base, status="planned")
+
+    event(log, logging.INFO, "renewing", cert=cert.name, reason=decision.reason, forced=force and not decision.due)
+    try:
+        result = await _issue_and_store(run, ca, cert, material, info, state, now=now)
+    except CertmgrError as exc:
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        failed = state.failed(now, str(exc), retry_after=retry_after)
+        try:
+            store.save_json(state_path(cert.name), failed.to_json())
+        except StoreError as store_exc:
+            event(log, logging.ERROR, "cannot record renewal failure", cert=cert.name, error=str(store_exc))
+        event(log, logging.ERROR, "renewal failed", cert=cert.name, error=str(exc), failures=failed.failures)
+        return replace(base, status="failed", decision=plan_mod.decide(cert, info, failed, now), error=str(exc),
+                       hint=exc.hint, retryable=exc.retryable, elapsed=loop.time() - t0)
+    return replace(result, decision=decision, elapsed=loop.time() - t0)
+
+
+async def _refresh_ari(run: _Run, ca: CA, cert: Certificate, material: CertMaterial | None, info: CertInfo | None,
+                       state: RenewState, *, now: dt.datetime, dry_run: bool, rng: random.Random) -> RenewState:
+    """RFC 9773: fetch the CA's window when due for a fetch, pick a random time in it once, persist both."""
+    if material is None or info is None or now >= info.not_after:
+        return state  # RFC 9773 §4.3.3: never ask about an expired certificate
+    if state.ari_serial == info.serial and state.ari_next_fetch is not None and now < state.ari_next_fetch:
+        return state
+    try:
+        client = await run.client(ca)
+        if not client.has_ari:
+            return state
+        got = await client.renewal_info(material.leaf, now=now)
+    except CertmgrError as exc:
+        event(log, logging.WARNING, "renewal info unavailable, using the lifetime rule", cert=cert.name,
+              error=str(exc))
+        return state
+    except ValueError as exc:  # no AKI: ARI cannot name this certificate
+        event(log, logging.INFO, "no ARI for this certificate", cert=cert.name, error=str(exc))
+        return state
+    if got is None:
+        return state
+    same = state.ari_serial == info.serial and state.ari_start == got.start and state.ari_end == got.end
+    renew_at = state.ari_renew_at if same else None
+    if renew_at is None:
+        span = max((got.end - got.start).total_seconds(), 0.0)
+        renew_at = got.start + dt.timedelta(seconds=rng.uniform(0, span))
+    new = replace(state, ari_serial=info.serial, ari_start=got.start, ari_end=got.end, ari_renew_at=renew_at,
+                  ari_next_fetch=got.retry_after, ari_explanation=got.explanation_url)
+    if not dry_run:
+        run.store.save_json(state_path(cert.name), new.to_json())
+    return new
+
+
+async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertMaterial | None,
+                           info: CertInfo | None, state: RenewState, *, now: dt.datetime) -> RenewOutcome:
+    providers, errors = run.providers()
+    if cert.dns in errors:
+        raise errors[cert.dns]
+    client = await run.client(ca)
+    await client.ensure_account(run.store, env=run.env)
+    loop = asyncio.get_running_loop()
+    if cert.reuse_key and material is not None and info is not None and info.key_type == cert.key_type:
+        key = keys.from_pem(material.privkey)
+    else:
+        key = await loop.run_in_executor(run.executor, keys.generate, cert.key_type)
+    replaces = None
+    if client.has_ari and material is not None:
+        try:
+            replaces = ari_cert_id(material.leaf)
+        except ValueError:
+            replaces = None
+    issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces)
+    new_info = issued.material.info()
+    store = run.store
+    version = store.add_version(cert.name, issued.material)
+    previous = store.activate(cert.name, version)
+    # <deploy hooks in after this point: cli.renew pushes outcomes with status "renewed" (see docs/renew.md)>
+    old = (f"serial {info.serial} (expires {info.not_after.isoformat()})" if info else "nothing")
+    new = f"serial {new_info.serial} (expires {new_info.not_after.isoformat()})"
+    store.audit("renewed", cert.name, frm=old, to=new, message=f"renewed {cert.name}: {old} → {new}",
+                version=version, previous_version=previous, replaced=bool(issued.replaced),
+                timings={k: round(v, 3) for k, v in issued.timings.items()})
+    store.save_json(state_path(cert.name), state.succeeded(now).to_json())
+    event(log, logging.INFO, "renewed", cert=cert.name, serial=new_info.serial, version=version,
+          not_after=new_info.not_after.isoformat(), seconds=f"{issued.timings.get('total', 0):.2f}")
+    return RenewOutcome(name=cert.name, status="renewed", decision=plan_mod.decide(cert, new_info, RenewState(), now),
+                        old_serial=info.serial if info else None, old_not_after=info.not_after if info else None,
+                        new_serial=new_info.serial, new_not_after=new_info.not_after, version=version,
+                        previous_version=previous, replaced=bool(issued.replaced), notes=issued.notes)
