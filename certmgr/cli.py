@@ -129,6 +129,40 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
         click.echo(f"channel {name}: {ch['type']} min={ch['min_severity']} {ch['url'] or ch['token']}")
 
 
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/etc/letsencrypt")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
+    """Adopt certbot lineages from SRC (default /etc/letsencrypt): every archived version, the current one live.
+
+    SRC is never modified; re-running is safe (versions already present are skipped).
+    """
+    store = c.store()
+    with store.lock("certmgr import"):
+        results = store.import_certbot(src)
+    if as_json:
+        emit_json([{"name": r.name, "imported": list(r.imported), "present": list(r.present),
+                    "skipped": [{"version": v, "reason": why} for v, why in r.skipped],
+                    "certbot_live": r.certbot_live, "activated": r.activated, "problem": r.problem}
+                   for r in results])
+    else:
+        for r in results:
+            parts = [f"imported {len(r.imported)}"]
+            if r.present:
+                parts.append(f"{len(r.present)} already present")
+            if r.skipped:
+                parts.append("skipped " + ", ".join(f"v{v} ({why})" for v, why in r.skipped))
+            parts.append(f"live: v{r.activated}" if r.activated else "live unchanged")
+            if r.problem:
+                parts.append(f"problem: {r.problem}")
+            click.echo(f"{r.name}: " + "; ".join(parts))
+        if not results:
+            click.echo(f"no certbot lineages found under {src}")
+    if any(r.problem for r in results):
+        sys.exit(1)
+
+
 def run_async(coro: Any) -> Any:
     """The one asyncio.run; SIGTERM cancels the main task so `finally` cleanups still run."""
     import asyncio
@@ -153,6 +187,58 @@ def run_async(coro: Any) -> Any:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# ---------------------------------------------------------------- renew
+
+
+@main.command("renew")
+@click.argument("names", nargs=-1)
+@click.option("--due", is_flag=True, help="Consider every certificate; renew those inside their renewal window.")
+@click.option("--force", is_flag=True, help="Renew even when not due, and ignore the backoff after failures.")
+@click.option("--dry-run", is_flag=True, help="Plan only: show what would be renewed and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@click.option("--concurrency", type=click.IntRange(1, 200), default=10, show_default=True,
+              envvar="CERTMGR_RENEW_CONCURRENCY", help="Orders in flight at once [env: CERTMGR_RENEW_CONCURRENCY].")
+@pass_ctx
+def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: bool, as_json: bool,
+              concurrency: int) -> None:
+    """Renew certificates over ACME DNS-01 (RFC 2136): NAME... or --due; exit 1 if any failed."""
+    import contextlib
+    import datetime as dt
+
+    from certmgr.errors import UsageError
+    from certmgr.renew import renew
+
+    if bool(names) == due:
+        raise UsageError("renew: give certificate NAMEs or --due (not both)",
+                         hint="`certmgr renew --due` renews every certificate inside its renewal window")
+    inv = c.inventory()
+    certs = inv.select(list(names)) if names else inv.certificates
+    store = c.store()
+    lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    with lock:
+        outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
+                                   concurrency=concurrency))
+        # Deploy hooks in here, still under the lock: push every outcome with status "renewed"
+        # (o.name, o.version) to its hosts unless --no-deploy (the deploy issue adds that option).
+    if as_json:
+        emit_json([o.to_json() for o in outcomes])
+    else:
+        for o in outcomes:
+            click.echo(o.line())
+            if o.status == "failed" and o.hint:
+                click.echo(f"         hint: {o.hint}")
+            for note in o.notes:
+                click.echo(f"         note: {note}")
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        overdue = sum(1 for o in outcomes if o.overdue and o.status != "renewed")
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+        click.echo(f"renew: {summary}" + (f"; {overdue} overdue" if overdue else ""))
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- deploy
