@@ -36,7 +36,8 @@ PEM_MODE = 0o644
 KEY_MODE = 0o600
 DIR_MODE = 0o755
 FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
-_TMP_DIR = re.compile(r"\.tmp-[1-9][0-9]{0,8}-[0-9a-f]{12}")
+CONFIRM_ROUNDS = 3  # handshake rounds in a row that must all show the new serial
+CONFIRM_INTERVAL = 0.1
 
 
 class Status(StrEnum):
@@ -325,6 +326,23 @@ def sni_names(cert: Certificate) -> tuple[str, ...]:
                                for n in cert.domains))
 
 
+def command_label(argv: Sequence[str]) -> str:
+    """A short name for a configured command: `sudo -n /usr/sbin/nginx -p … -t` → `nginx -t`."""
+    args = list(argv)
+    while args and (args[0] == "sudo" or args[0].startswith("-")):
+        args.pop(0)
+    if not args:
+        return "command"
+    prog = args[0].rsplit("/", 1)[-1]
+    if len(args) >= 3 and args[-2] == "-s":
+        return f"{prog} -s {args[-1]}"
+    if len(args) >= 2 and args[-1].startswith("-"):
+        return f"{prog} {args[-1]}"
+    if prog == "systemctl" and len(args) >= 2:
+        return " ".join([prog, *args[1:3]])
+    return prog
+
+
 def _serial_of_pem(pem: bytes) -> str | None:
     try:
         return CertInfo.from_cert(x509.load_pem_x509_certificate(pem)).serial
@@ -391,17 +409,28 @@ class _Deployer:
         return dict(zip(names, probes, strict=True))
 
     async def wait_served(self, host: Host, names: Sequence[str], serial: str) -> tuple[bool, dict[str, Probe]]:
-        """Poll handshakes until every name serves `serial` or the verify timeout passes."""
+        """Poll handshakes until every name serves `serial` in CONFIRM_ROUNDS rounds in a row, or time runs out.
+
+        One good round is not proof: between `nginx -s reload` returning and the old workers closing
+        their listeners, both generations accept, so a lucky handshake can precede stale ones.
+        """
         deadline = self.loop.time() + self.timeouts.verify
         delay = 0.05
+        streak = 0
         while True:
             seen = await self.served(host, names)
             if all(_serial_of_probe(p) == serial for p in seen.values()):
-                return True, seen
-            if self.loop.time() + delay > deadline:
+                streak += 1
+                if streak >= CONFIRM_ROUNDS:
+                    return True, seen
+                pause = CONFIRM_INTERVAL
+            else:
+                streak = 0
+                pause = delay
+                delay = min(delay * 2, 0.5)
+            if self.loop.time() + pause > deadline:
                 return False, seen
-            await asyncio.sleep(delay)  # old workers drain within a few hundred ms after a reload
-            delay = min(delay * 2, 0.5)
+            await asyncio.sleep(pause)  # bounded polling: old workers drain within a few hundred ms
 
     # -- the per-host task
 
@@ -580,9 +609,9 @@ class _Deployer:
         name, host = job.cert.name, job.host
         subject = f"deploy {name} → {host.name}"
         if res.get("reload_rc") is not None:
-            step, text = "reload failed", b64text(res.get("reload_out") or "")
+            step, text = f"{command_label(host.reload_command)} failed", b64text(res.get("reload_out") or "")
         else:
-            step, text = f"{' '.join(host.test_command[-2:]) or 'test'} failed", b64text(res.get("test_out") or "")
+            step, text = f"{command_label(host.test_command)} failed", b64text(res.get("test_out") or "")
         retest_ok = res.get("retest_rc") == "0" and res.get("rolled_back") == "1"
         back = f"version {prev_version}" if prev_version is not None else "the previous version"
         if retest_ok:

@@ -245,7 +245,9 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
     except asyncssh.Error as exc:
         raise Unreachable(f"connect {_where(host)}: ssh: {exc.reason} (nothing changed)") from exc
     except OSError as exc:
-        raise Unreachable(f"connect {_where(host)}: {exc.strerror or exc} (nothing changed)") from exc
+        # asyncio's "Connect call failed (addr, port)" hides the errno's text; show the text
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise Unreachable(f"connect {_where(host)}: {reason} (nothing changed)") from exc
     if policy.accepted_new and policy.offered is not None:
         await _remember_host_key(path, host, policy.offered)
     return conn

@@ -1,0 +1,402 @@
+"""End-to-end deploy tests on the lab's real POPs (sshd as a non-root user + sudo'd nginx).
+
+Uses its own lab on CERTMGR_TEST_PORT_BASE (default 44000) so it never collides with other labs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from certmgr import inventory as inventory_mod
+from certmgr.deploy import HostOutcome, Status, deploy
+from certmgr.inventory import Host, Inventory
+from certmgr.material import CertInfo, CertMaterial
+from certmgr.remote import Timeouts
+from certmgr.store import Store
+from lab import Lab, pki
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+MEDIA = "media.hachyderm.test"
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def dlab() -> Iterator[Lab]:
+    """A 4-POP lab of this module's own, on CERTMGR_TEST_PORT_BASE, stopped at the end."""
+    base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "44000"))
+    lab = Lab(Path(os.environ.get("CERTMGR_TEST_LAB_DIR", f"/tmp/certmgr-lab-deploy-{base}")), base, pops=4)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture()
+def fresh(dlab: Lab) -> Iterator[Lab]:
+    """Every POP back to the certbot-layout seed, conf.d emptied, serving the seed serials."""
+    dlab.reseed()
+    yield dlab
+    for pop in dlab.pop_names:  # a broken conf.d left behind would stop the next `lab up`
+        for f in dlab.pop_paths(pop).conf_d.glob("*.conf"):
+            f.unlink()
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "state")
+
+
+_CA = pki.make_ca("certmgr deploy test CA")
+
+
+def new_material(domains: Sequence[str], *, pad: int = 0) -> CertMaterial:
+    """A fresh leaf for `domains` signed by the test CA; `pad` bytes of PEM comment make the chain big."""
+    leaf = pki.make_leaf(_CA, list(domains))
+    chain = (b"# padding\n" * (pad // 10)) + _CA.cert_pem
+    return CertMaterial(cert=leaf.cert_pem, chain=chain, privkey=leaf.key_pem)
+
+
+def put_new_versions(store: Store, inv: Inventory, names: Sequence[str], *, pad: int = 0) -> dict[str, str]:
+    """Add and activate a new version of each lineage; returns {name: serial}."""
+    serials = {}
+    with store.lock("test"):
+        for name in names:
+            m = new_material(inv.certificate(name).domains, pad=pad)
+            store.activate(name, store.add_version(name, m))
+            serials[name] = m.info().serial
+    return serials
+
+
+def run(inv: Inventory, store: Store, names: Sequence[str], **kw: object) -> list[HostOutcome]:
+    kw.setdefault("timeouts", Timeouts(connect=5, command=30, upload=30, verify=5, handshake=3))
+    return asyncio.run(deploy(inv, store, [inv.certificate(n) for n in names], now=NOW, **kw))  # type: ignore[arg-type]
+
+
+def served(lab: Lab, pop: str, sni: str) -> str:
+    return format(lab.served_serial(pop, sni), "x")
+
+
+def by_host(outcomes: Sequence[HostOutcome], name: str = MEDIA) -> dict[str, HostOutcome]:
+    return {o.host: o for o in outcomes if o.cert == name}
+
+
+def live_state(lab: Lab, pop: str, name: str = MEDIA) -> tuple[str, list[str]]:
+    """(what live/<name> is, the archive listing) — to assert that nothing changed."""
+    root = lab.pop_paths(pop).cert_root
+    live = root / "live" / name
+    what = f"link:{os.readlink(live)}" if live.is_symlink() else f"dir:{sorted(os.listdir(live))}"
+    return what, sorted(os.listdir(root / "archive" / name))
+
+
+def with_hosts(inv: Inventory, **changes: Host) -> Inventory:
+    hosts = dict(inv.hosts)
+    hosts.update(changes)
+    return dataclasses.replace(inv, hosts=hosts)
+
+
+def audit(store: Store) -> list[dict[str, object]]:
+    return list(store.read_audit())
+
+
+# ---------------------------------------------------------------------------- happy path
+
+
+def test_deploy_four_pops_then_rerun_skips(fresh: Lab, store: Store) -> None:
+    """All lineages reach all 4 POPs (each serving the new serial, certbot layout converted); a rerun skips all."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    names = [c.name for c in inv.certificates]
+    serials = put_new_versions(store, inv, names)
+    outcomes = run(inv, store, names)
+    assert {(o.cert, o.host): o.status for o in outcomes} == {
+        (n, p): Status.DEPLOYED for n in names for p in fresh.pop_names}
+    assert all(o.converted and o.version == 2 and o.previous_version == 1 for o in outcomes)
+    for pop in fresh.pop_names:
+        for cert in inv.certificates:
+            for sni in cert.domains:
+                assert served(fresh, pop, sni) == serials[cert.name]
+            root = fresh.pop_paths(pop).cert_root
+            assert os.readlink(root / "live" / cert.name) == f"../archive/{cert.name}/2"
+            assert (root / "archive" / cert.name / "2" / "privkey.pem").stat().st_mode & 0o777 == 0o600
+            assert not [e for e in os.listdir(root / "archive" / cert.name) if e.startswith(".")]
+    entries = audit(store)
+    deployed = [e for e in entries if e["action"] == "deployed"]
+    assert len(deployed) == 12
+    assert any(e["summary"] == f"deployed {MEDIA} to sally: serial {e['from']} → {serials[MEDIA]}"
+               for e in deployed if e["host"] == "sally" and e["object"] == MEDIA)
+    assert len([e for e in entries if e["action"] == "converted"]) == 12
+    state = store.load_json(f"state/deploy/{MEDIA}.json")
+    assert state["hosts"]["sally"]["serial"] == serials[MEDIA] and state["hosts"]["sally"]["version"] == 2
+
+    again = run(inv, store, names)
+    assert {o.status for o in again} == {Status.SKIPPED}
+    assert len([e for e in audit(store) if e["action"] == "deployed"]) == 12
+
+
+def test_cli_deploy_json_and_exit_status(fresh: Lab, store: Store) -> None:
+    """`certmgr deploy NAME --json` prints one object per host and exits 0 when every host serves the new serial."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    serial = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    res = _cli(fresh, store, "deploy", MEDIA, "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert sorted(r["host"] for r in rows) == sorted(fresh.pop_names)
+    assert {(r["status"], r["new_serial"]) for r in rows} == {("deployed", serial)}
+
+
+def _cli(lab: Lab, store: Store, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_INVENTORY": str(lab.inventory_path),
+           "CERTMGR_STATE_DIR": str(store.root)}
+    return subprocess.run([sys.executable, "-m", "certmgr", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+# ---------------------------------------------------------------------------- nginx -t fails on one POP
+
+
+def test_nginx_t_failure_rolls_back_that_pop_and_rerun_finishes(fresh: Lab, store: Store) -> None:
+    """A POP whose nginx -t fails after the swap is rolled back (old serial served, test passing); a rerun after the fix deploys only it."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    first = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    assert {o.status for o in run(inv, store, [MEDIA])} == {Status.DEPLOYED}
+    # sally's conf.d includes a file that only the current version dir has: the next swap breaks nginx -t
+    sally = fresh.pop_paths("sally")
+    (sally.cert_root / "archive" / MEDIA / "2" / "extra.conf").write_text("# present in version 2 only\n")
+    (sally.conf_d / "extra.conf").write_text(f"include {sally.cert_root}/live/{MEDIA}/extra.conf;\n")
+    assert fresh.nginx_test("sally")[0] == 0
+
+    second = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    res = _cli(fresh, store, "deploy", MEDIA)
+    assert res.returncode == 1
+    assert "rolled back" in res.stdout
+    assert len([row for row in res.stdout.splitlines() if row[:1].isalpha() and f"{MEDIA} → " in row]) == 4
+    state = store.load_json(f"state/deploy/{MEDIA}.json")["hosts"]
+    assert state["sally"]["status"] == "rolled back" and state["sally"]["serial"] == first
+    assert "extra.conf" in state["sally"]["error"] and "No such file or directory" in state["sally"]["error"]
+    assert state["sally"]["error"].endswith("(rolled back to version 2, not reloaded)")
+    assert served(fresh, "sally", MEDIA) == first
+    assert os.readlink(sally.cert_root / "live" / MEDIA) == f"../archive/{MEDIA}/2"
+    assert fresh.nginx_test("sally")[0] == 0
+    for pop in fresh.pop_names:
+        if pop != "sally":
+            assert state[pop]["status"] == "deployed" and served(fresh, pop, MEDIA) == second
+    assert any(e["action"] == "rolled back" and e["host"] == "sally" for e in audit(store))
+
+    (sally.conf_d / "extra.conf").unlink()
+    rerun = by_host(run(inv, store, [MEDIA]))
+    assert rerun["sally"].status == Status.DEPLOYED
+    assert {rerun[p].status for p in fresh.pop_names if p != "sally"} == {Status.SKIPPED}
+    assert served(fresh, "sally", MEDIA) == second
+
+
+def test_preflight_broken_config_changes_nothing(fresh: Lab, store: Store) -> None:
+    """A POP whose config is already broken is reported as such and left exactly as it was."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    put_new_versions(store, inv, [MEDIA])
+    esme = fresh.pop_paths("esme")
+    (esme.conf_d / "broken.conf").write_text("this is not nginx syntax\n")
+    before = live_state(fresh, "esme")
+    outcomes = by_host(run(inv, store, [MEDIA]))
+    assert outcomes["esme"].status == Status.FAILED
+    assert outcomes["esme"].error is not None
+    assert "config was already broken before deploy" in outcomes["esme"].error
+    assert "broken.conf" in outcomes["esme"].error and outcomes["esme"].error.endswith("(nothing changed)")
+    assert live_state(fresh, "esme") == before
+    assert {outcomes[p].status for p in fresh.pop_names if p != "esme"} == {Status.DEPLOYED}
+
+
+# ---------------------------------------------------------------------------- host keys and reachability
+
+
+def test_changed_host_key_is_refused_and_nothing_written(fresh: Lab, store: Store, tmp_path: Path) -> None:
+    """A host key that differs from known_hosts is refused with a clear message; the POP is untouched."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    serial = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    addr = f"[{fresh.pop_paths('sally').address}]:{fresh.ports.ssh}"
+    lines = [ln for ln in fresh.known_hosts.read_text().splitlines() if not ln.startswith(addr + " ")]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("\n".join([*lines, f"{addr} {other}"]) + "\n")
+    before = live_state(fresh, "sally")
+    inv2 = with_hosts(inv, sally=dataclasses.replace(inv.hosts["sally"], known_hosts=kh))
+    outcomes = by_host(run(inv2, store, [MEDIA], accept_new=True))  # accept-new never accepts a *changed* key
+    o = outcomes["sally"]
+    assert o.status == Status.FAILED
+    assert o.error is not None and "host key changed: server offered ssh-ed25519 SHA256:" in o.error
+    assert o.error.endswith("(refused, nothing changed)") and o.hint and "ssh-keygen -R" in o.hint
+    assert live_state(fresh, "sally") == before
+    assert served(fresh, "sally", MEDIA) != serial
+    assert outcomes["esme"].status == Status.DEPLOYED
+
+
+def test_unknown_host_key_refused_then_accept_new_records_it(fresh: Lab, store: Store, tmp_path: Path) -> None:
+    """A host absent from known_hosts is refused, unless --accept-new, which trusts and records its key."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    put_new_versions(store, inv, [MEDIA])
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    inv2 = with_hosts(inv, sally=dataclasses.replace(inv.hosts["sally"], known_hosts=kh))
+    o = by_host(run(inv2, store, [MEDIA], hosts=["sally"]))["sally"]
+    assert o.status == Status.FAILED and o.error is not None
+    assert "unknown host key ssh-ed25519 SHA256:" in o.error and f"not in {kh}" in o.error
+    assert o.hint is not None and "--accept-new" in o.hint
+    o = by_host(run(inv2, store, [MEDIA], hosts=["sally"], accept_new=True))["sally"]
+    assert o.status == Status.DEPLOYED
+    addr = f"[{fresh.pop_paths('sally').address}]:{fresh.ports.ssh}"
+    assert kh.read_text().startswith(addr + " ssh-ed25519 ")
+    assert by_host(run(inv2, store, [MEDIA], hosts=["sally"]))["sally"].status == Status.SKIPPED
+
+
+def test_unreachable_pop_does_not_stop_the_others(fresh: Lab, store: Store) -> None:
+    """A POP nobody answers for is reported unreachable; every other POP is deployed."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    put_new_versions(store, inv, [MEDIA])
+    ghost = dataclasses.replace(inv.hosts["esme"], name="ghost", address="127.0.1.250", tags=("cdn",))
+    inv2 = with_hosts(inv, ghost=ghost)
+    cert = dataclasses.replace(inv2.certificate(MEDIA), hosts=(*inv2.certificate(MEDIA).hosts, "ghost"))
+    inv2 = dataclasses.replace(inv2, certificates=(cert,))
+    outcomes = by_host(run(inv2, store, [MEDIA]))
+    assert outcomes["ghost"].status == Status.UNREACHABLE
+    assert outcomes["ghost"].error == (f"deploy {MEDIA} → ghost: connect ghost (127.0.1.250:{fresh.ports.ssh}): "
+                                       "Connection refused (nothing changed)")
+    assert {outcomes[p].status for p in fresh.pop_names} == {Status.DEPLOYED}
+
+
+# ---------------------------------------------------------------------------- upload failures
+
+
+def test_upload_refused_by_permissions_changes_no_live_link(fresh: Lab, store: Store) -> None:
+    """A POP where the deploy user cannot write archive/<name>/ fails at upload and its live state is unchanged."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    put_new_versions(store, inv, [MEDIA])
+    arch = fresh.pop_paths("sally").cert_root / "archive" / MEDIA
+    before = live_state(fresh, "sally")
+    old = served(fresh, "sally", MEDIA)
+    arch.chmod(0o555)
+    try:
+        outcomes = by_host(run(inv, store, [MEDIA]))
+    finally:
+        arch.chmod(0o700)
+    o = outcomes["sally"]
+    assert o.status == Status.FAILED and o.error is not None, [x.line() for x in outcomes.values()]
+    assert "upload sally" in o.error and "ermission denied" in o.error and o.error.endswith("(live unchanged)")
+    assert live_state(fresh, "sally") == before and served(fresh, "sally", MEDIA) == old
+    assert {outcomes[p].status for p in fresh.pop_names if p != "sally"} == {Status.DEPLOYED}, [
+        x.line() for x in outcomes.values()]
+
+
+class _CuttingProxy:
+    """TCP proxy to an sshd that drops both sides once `limit` bytes went client → server."""
+
+    def __init__(self, target: tuple[str, int], limit: int) -> None:
+        self.target = target
+        self.limit = limit
+        self.sent = 0
+        self.cut = False
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: bool) -> None:
+            try:
+                while data := await src.read(16384):
+                    if count:
+                        self.sent += len(data)
+                        if self.sent > self.limit:
+                            self.cut = True
+                            break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                for x in (w, uw):
+                    x.transport.abort()
+
+        await asyncio.gather(pipe(r, uw, True), pipe(ur, w, False))
+
+
+def test_connection_cut_mid_upload_changes_no_live_link_and_rerun_finishes(fresh: Lab, store: Store) -> None:
+    """The SSH connection dying mid-upload leaves live/ untouched; the next run deploys and sweeps the partial upload."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    serial = put_new_versions(store, inv, [MEDIA], pad=400_000)[MEDIA]
+    sally = fresh.pop_paths("sally")
+    before = live_state(fresh, "sally")
+    old = served(fresh, "sally", MEDIA)
+    proxy_port = fresh.ports.base + 50
+    proxy = _CuttingProxy((sally.address, fresh.ports.ssh), limit=120_000)
+    via = dataclasses.replace(inv.hosts["sally"], port=proxy_port)
+    kh_line = next(ln for ln in fresh.known_hosts.read_text().splitlines()
+                   if ln.startswith(f"[{sally.address}]:{fresh.ports.ssh} "))
+    kh = Path(store.root) / "known_hosts"
+    kh.write_text(kh_line.replace(f":{fresh.ports.ssh} ", f":{proxy_port} ", 1) + "\n")
+    via = dataclasses.replace(via, known_hosts=kh)
+
+    async def main() -> list[HostOutcome]:
+        server = await asyncio.start_server(proxy.handle, sally.address, proxy_port)
+        try:
+            return await deploy(with_hosts(inv, sally=via), store, [inv.certificate(MEDIA)], hosts=["sally"],
+                                now=NOW, timeouts=Timeouts(connect=5, command=30, upload=30, verify=5))
+        finally:
+            server.close()
+
+    o = asyncio.run(main())[0]
+    assert proxy.cut
+    assert o.status == Status.FAILED and o.error is not None
+    assert "connection lost" in o.error and o.error.endswith("during upload (live unchanged)")
+    assert live_state(fresh, "sally")[0] == before[0]
+    assert [e for e in live_state(fresh, "sally")[1] if not e.startswith(".")] == before[1]
+    assert served(fresh, "sally", MEDIA) == old
+
+    again = by_host(run(inv, store, [MEDIA], hosts=["sally"]))["sally"]
+    assert again.status == Status.DEPLOYED and served(fresh, "sally", MEDIA) == serial
+    assert not [e for e in os.listdir(sally.cert_root / "archive" / MEDIA) if e.startswith(".")]
+
+
+# ---------------------------------------------------------------------------- canary, prune
+
+
+def test_failing_canary_holds_every_other_host(fresh: Lab, store: Store) -> None:
+    """When the canary (tag `canary`: cdn-frankfurt-1) fails, no other POP is touched."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    assert inv.hosts["cdn-frankfurt-1"].canary
+    put_new_versions(store, inv, [MEDIA])
+    (fresh.pop_paths("cdn-frankfurt-1").conf_d / "broken.conf").write_text("not nginx\n")
+    before = {p: live_state(fresh, p) for p in fresh.pop_names}
+    outcomes = by_host(run(inv, store, [MEDIA]))
+    assert outcomes["cdn-frankfurt-1"].status == Status.FAILED
+    others = [p for p in fresh.pop_names if p != "cdn-frankfurt-1"]
+    assert {outcomes[p].status for p in others} == {Status.HELD}
+    assert outcomes["sally"].error == f"deploy {MEDIA} → sally: held: canary cdn-frankfurt-1 did not verify (not touched)"
+    assert {p: live_state(fresh, p) for p in fresh.pop_names} == before
+
+
+def test_prune_keeps_newest_and_live(fresh: Lab, store: Store) -> None:
+    """--prune K leaves the newest K version dirs (and the live one) on each host and audits what it removed."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    for _ in range(3):
+        put_new_versions(store, inv, [MEDIA])
+        assert {o.status for o in run(inv, store, [MEDIA], hosts=["esme"])} == {Status.DEPLOYED}
+    arch = fresh.pop_paths("esme").cert_root / "archive" / MEDIA
+    assert sorted(e for e in os.listdir(arch) if e.isdigit()) == ["1", "2", "3", "4"]
+    outcomes = run(inv, store, [MEDIA], hosts=["esme"], prune=2)
+    assert [o.status for o in outcomes] == [Status.SKIPPED]
+    assert sorted(e for e in os.listdir(arch) if e.isdigit()) == ["3", "4"]
+    assert os.readlink(fresh.pop_paths("esme").cert_root / "live" / MEDIA) == f"../archive/{MEDIA}/4"
+    assert (arch / "fullchain1.pem").exists()  # certbot's flat files are not ours to prune
+    pruned = [e for e in audit(store) if e["action"] == "pruned"]
+    assert pruned and pruned[-1]["removed"] == [1, 2] and pruned[-1]["host"] == "esme"
+    assert CertInfo.from_cert(store.read(MEDIA).leaf).serial == served(fresh, "esme", MEDIA)
