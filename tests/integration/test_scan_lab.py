@@ -165,7 +165,7 @@ def install(lab: Lab, pop: str, chain: list[Key], leaf_key: Key | None = None) -
 def _served(lab: Lab, pop: str) -> int | None:
     try:
         return lab.served_serial(pop, SNI)
-    except Exception:  # noqa: BLE001 - not served yet
+    except Exception:  # not served yet (connection refused, handshake cut)
         return None
 
 
