@@ -72,6 +72,10 @@ class Issued:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+# Told (provider name, record) pairs before challenge TXT records are written, and [] once they are removed.
+Journal = Callable[[Sequence[tuple[str, TXTRecord]]], None]
+
+
 class AccountStore(Protocol):
     def load_account_key(self, ca_id: str) -> bytes | None: ...
 
@@ -316,8 +320,12 @@ class ACMEClient:
     # ------------------------------------------------------------ the order
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
-                    providers: Mapping[str, Provider], replaces: str | None = None) -> Issued:
+                    providers: Mapping[str, Provider], replaces: str | None = None,
+                    journal: Journal | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
+
+        `journal` is told which TXT records are about to be written (before the UPDATE) and that they
+        are gone (after cleanup), so a run killed in between can have them removed by the next one.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
@@ -341,7 +349,7 @@ class ACMEClient:
             pending = [(url, a) for url, a in authzs if a.status != messages.STATUS_VALID]
             if pending:
                 await self._dns01(net, client, cert, pending, inventory=inventory, providers=providers,
-                                  timings=timings, t0=t0)
+                                  timings=timings, t0=t0, journal=journal)
             else:
                 notes.append("all authorizations already valid (reused)")
             body = await self._finalize(net, client, cert, uri, order, csr_pem)
@@ -388,7 +396,8 @@ class ACMEClient:
 
     async def _dns01(self, net: _Net, client: ClientV2, cert: Certificate,
                      pending: list[tuple[str, messages.Authorization]], *, inventory: Inventory,
-                     providers: Mapping[str, Provider], timings: dict[str, float], t0: float) -> None:
+                     providers: Mapping[str, Provider], timings: dict[str, float], t0: float,
+                     journal: Journal | None) -> None:
         """Present every TXT, wait until every authoritative server serves them, answer, poll; always clean up."""
         loop = asyncio.get_running_loop()
         todo: list[tuple[str, messages.Authorization, messages.ChallengeBody]] = []
@@ -408,6 +417,8 @@ class ACMEClient:
                 value = chall.chall.validation(self.account_key)
                 prov, rec = await locate(inventory, providers, domain, value)
                 placed.setdefault(prov.name, (prov, []))[1].append(rec)
+            if journal is not None:
+                journal([(name, rec) for name, (_, recs) in placed.items() for rec in recs])
             # one UPDATE per zone per provider; providers in parallel
             await run_all([prov.present(recs) for prov, recs in placed.values()])
             timings["presented"] = loop.time() - t0
@@ -423,6 +434,8 @@ class ACMEClient:
             async def clean() -> None:
                 for prov, recs in placed.values():
                     await prov.cleanup(recs)
+                if journal is not None:
+                    journal([])
 
             if placed:
                 try:

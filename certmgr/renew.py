@@ -17,7 +17,7 @@ from typing import Any
 
 from certmgr import keys
 from certmgr import plan as plan_mod
-from certmgr.dns import Provider
+from certmgr.dns import Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.errors import CertmgrError, RateLimited, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
@@ -104,6 +104,29 @@ def state_path(name: str) -> str:
 def load_state(store: Store, name: str) -> RenewState:
     """The renewal state of `name` (what scan/status need to show backoff and ARI windows)."""
     return RenewState.from_json(store.load_json(state_path(name), default=None))
+
+
+def pending_path(name: str) -> str:
+    """Challenge records written but not yet removed (a run killed mid-order leaves them listed here)."""
+    return f"{STATE_SECTION}/pending/{name}.json"
+
+
+async def _clean_leftovers(run: _Run, cert: Certificate, providers: Mapping[str, Provider]) -> None:
+    """Remove TXT records a killed earlier run of this certificate left behind (our values only)."""
+    pending = run.store.load_json(pending_path(cert.name), default=[])
+    if not pending:
+        return
+    groups: dict[str, list[TXTRecord]] = {}
+    for item in pending:
+        groups.setdefault(item["provider"], []).append(TXTRecord(fqdn=item["fqdn"], zone=item["zone"],
+                                                                 value=item["value"], domain=item["domain"]))
+    for name, recs in groups.items():
+        prov = providers.get(name)
+        if prov is not None:
+            await prov.cleanup(recs)
+    event(log, logging.INFO, "removed challenge records left by an interrupted run", cert=cert.name,
+          records=len(pending))
+    run.store.save_json(pending_path(cert.name), [])
 
 
 def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
@@ -280,7 +303,14 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
             replaces = ari_cert_id(material.leaf)
         except ValueError:
             replaces = None
-    issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces)
+    await _clean_leftovers(run, cert, providers)
+
+    def journal(records: Sequence[tuple[str, TXTRecord]]) -> None:
+        run.store.save_json(pending_path(cert.name), [
+            {"provider": p, "fqdn": r.fqdn, "zone": r.zone, "value": r.value, "domain": r.domain} for p, r in records])
+
+    issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
+                                journal=journal)
     new_info = issued.material.info()
     store = run.store
     version = store.add_version(cert.name, issued.material)

@@ -91,7 +91,8 @@ async def wait_served(zone: str, servers: Sequence[tuple[str, int]], expected: M
             waited = now() - start
             event(log, logging.DEBUG, "propagated", zone=zone, servers=len(servers), waited=f"{waited:.2f}")
             return waited
-        if now() + interval > deadline:
+        remaining = deadline - now()
+        if remaining <= 0:
             names = tuple(_show(s) for s in lagging)
             detail = "; ".join(f"{_show(s)}: {missing.get(s, 'not yet')}" for s in lagging)
             raise PropagationTimeout(
@@ -99,4 +100,4 @@ async def wait_served(zone: str, servers: Sequence[tuple[str, int]], expected: M
                 f"{timeout:g}s — {detail} (challenge not answered)",
                 lagging=names,
                 hint="check zone transfers (NOTIFY/IXFR) to those servers, or raise propagation_timeout")
-        await asyncio.sleep(interval)
+        await asyncio.sleep(min(interval, remaining))
