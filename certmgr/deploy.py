@@ -126,7 +126,11 @@ elif [ -e "$live" ]; then
 else
   say layout=none
 fi
-if [ -d "$arch" ]; then
+[ -d "$root/live" ] || say missing=live
+[ -d "$root/archive" ] || say missing=archive
+if [ ! -d "$arch" ]; then
+  say missing=lineage
+else
   for e in "$arch"/*; do
     b=${e##*/}
     case $b in
@@ -270,7 +274,7 @@ class RemoteSession(Protocol):
                          timeout: float | None = None) -> Result: ...
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
-                         dir_mode: int = ...) -> None: ...
+                         dir_mode: int = ..., ensure: Sequence[str] = ...) -> None: ...
 
     async def remove_tree_quietly(self, directory: str) -> None: ...
 
@@ -505,7 +509,7 @@ class _Deployer:
         prev_version = version_of_target(target, name)
         if state.get("test_rc") != "0":
             served_task.cancel()
-            text = b64text(state.get("test_out") or "")
+            text = b64text(state.get("test_out") or "") or f"exit status {state.get('test_rc')}, no output"
             return self.outcome(
                 job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
@@ -542,7 +546,10 @@ class _Deployer:
         files = {fname: (data, KEY_MODE if fname == "privkey.pem" else PEM_MODE)
                  for fname, data in job.material.files().items()}
         try:
-            await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE)
+            missing = set(state.all("missing"))
+            ensure = [d for d, key in ((f"{root}/archive", "archive"), (f"{root}/live", "live"),
+                                       (f"{root}/archive/{name}", "lineage")) if key in missing]
+            await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE, ensure=ensure)
         except remote_mod.UploadError as exc:
             await rem.remove_tree_quietly(tmpdir)
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,

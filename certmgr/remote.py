@@ -305,14 +305,24 @@ class Remote:
         return self._sftp
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
-                         dir_mode: int = 0o755) -> None:
+                         dir_mode: int = 0o755, ensure: Sequence[str] = ()) -> None:
         """Create `directory` (must not exist) and write each file with its mode from creation on, fsynced.
 
+        `ensure` lists parent directories to create first (mode 0700) when missing, outermost first.
         Files are opened with O_EXCL and the mode in the open request, so a private key is never
         readable by others even briefly; all writes run concurrently over one SFTP session.
         """
         check_remote_path(directory)
+        for d in ensure:
+            check_remote_path(d)
         sftp = await self.sftp()
+
+        async def ensure_dir(path: str) -> None:
+            try:
+                await sftp.mkdir(path, asyncssh.SFTPAttrs(permissions=0o700))
+            except asyncssh.SFTPFailure:
+                if not await sftp.isdir(path):  # OpenSSH answers a plain "failure" when it exists
+                    raise
 
         async def put(name: str, data: bytes, mode: int) -> None:
             path = f"{directory}/{name}"
@@ -322,6 +332,8 @@ class Remote:
 
         try:
             async with asyncio.timeout(self.timeouts.upload):
+                for d in ensure:
+                    await ensure_dir(d)
                 await sftp.mkdir(directory, asyncssh.SFTPAttrs(permissions=dir_mode))
                 results = await asyncio.gather(*(put(n, d, m) for n, (d, m) in files.items()),
                                                return_exceptions=True)

@@ -1,0 +1,497 @@
+"""Unit tests for certmgr.deploy: the remote sh scripts run locally, and the orchestration over a local fake host."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import shutil
+import stat
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certmgr import remote as remote_mod
+from certmgr.deploy import (
+    COMMIT_SH,
+    INSPECT_SH,
+    PRUNE_SH,
+    ROLLBACK_SH,
+    HostOutcome,
+    Status,
+    certbot_version,
+    command_label,
+    deploy,
+    next_version,
+    sha256sums,
+    sni_names,
+    version_of_target,
+)
+from certmgr.errors import UsageError
+from certmgr.inventory import Certificate, Host, Inventory
+from certmgr.material import CertMaterial
+from certmgr.remote import Result, Timeouts, parse_kv, sh_command
+from certmgr.scan import Probe
+from certmgr.store import Store
+from lab import pki
+
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+NAME = "a.example"
+_CA = pki.make_ca("unit test CA")
+
+
+def material(domains: Sequence[str] = (NAME,)) -> CertMaterial:
+    leaf = pki.make_leaf(_CA, list(domains))
+    return CertMaterial(cert=leaf.cert_pem, chain=_CA.cert_pem, privkey=leaf.key_pem)
+
+
+def sh(script: str, *args: str) -> Result:
+    """Run a deploy script exactly as the remote login shell would: `sh -c "<sh_command>"`."""
+    import subprocess
+
+    proc = subprocess.run(["sh", "-c", sh_command(script, args)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    return Result(exit_status=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, fields=parse_kv(proc.stdout))
+
+
+def certbot_root(tmp: Path, name: str = NAME, k: int = 1) -> tuple[Path, CertMaterial]:
+    """A cert root in certbot's layout: archive/<name>/{kind}K.pem and live/<name>/ of relative links."""
+    root = tmp / "le"
+    (root / "archive" / name).mkdir(parents=True)
+    (root / "live" / name).mkdir(parents=True)
+    m = material()
+    for kind, data in (("cert", m.cert), ("chain", m.chain), ("fullchain", m.fullchain), ("privkey", m.privkey)):
+        (root / "archive" / name / f"{kind}{k}.pem").write_bytes(data)
+        os.symlink(f"../../archive/{name}/{kind}{k}.pem", root / "live" / name / f"{kind}.pem")
+    return root, m
+
+
+def upload(root: Path, tmp: str, m: CertMaterial, name: str = NAME) -> None:
+    d = root / "archive" / name / tmp
+    d.mkdir()
+    for fname, data in m.files().items():
+        (d / fname).write_bytes(data)
+        (d / fname).chmod(0o600 if fname == "privkey.pem" else 0o644)
+
+
+def linked_root(tmp: Path, versions: int = 1, name: str = NAME) -> Path:
+    """A cert root in certmgr's layout with `versions` version dirs, the last one live."""
+    root = tmp / "le"
+    (root / "live").mkdir(parents=True)
+    (root / "archive" / name).mkdir(parents=True)
+    for v in range(1, versions + 1):
+        upload(root, str(v), material(), name)
+    os.symlink(f"../archive/{name}/{versions}", root / "live" / name)
+    return root
+
+
+# ---------------------------------------------------------------------------- the scripts, run locally
+
+
+def test_inspect_reports_certbot_layout_versions_and_test_result(tmp_path: Path) -> None:
+    """INSPECT names the layout, every version number in archive/, the live fullchain's SHA-256 and the test result."""
+    root, m = certbot_root(tmp_path, k=3)
+    (root / "archive" / NAME / "7").mkdir()
+    (root / "archive" / NAME / ".tmp-8-abc").mkdir()
+    res = sh(INSPECT_SH, str(root), NAME, "echo 'config ok'; true")
+    f = res.fields
+    assert f["layout"] == ["certbot"]
+    assert f["certbot_fullchain"] == ["fullchain3.pem"] and f["certbot_privkey"] == ["privkey3.pem"]
+    assert f["version"] == ["7"] and f["certbot_version"] == ["3"]
+    assert f["fullchain_sha256"] == [hashlib.sha256(m.fullchain).hexdigest()]
+    assert f["test_rc"] == ["0"] and remote_mod.b64text(f["test_out"][0]) == "config ok"
+    assert next_version(f) == 8 and certbot_version(f, NAME) == (3, None)
+
+
+def test_inspect_reports_a_failing_test_with_its_text(tmp_path: Path) -> None:
+    """A failing preflight comes back as test_rc and the command's own output."""
+    root = linked_root(tmp_path, 2)
+    res = sh(INSPECT_SH, str(root), NAME, "echo 'nginx: [emerg] unknown directive' >&2; exit 1")
+    assert res.get("layout") == "link" and res.get("target") == f"../archive/{NAME}/2"
+    assert res.get("test_rc") == "1"
+    assert remote_mod.b64text(res.get("test_out") or "") == "nginx: [emerg] unknown directive"
+
+
+def test_arguments_are_never_shell_syntax(tmp_path: Path) -> None:
+    """Metacharacters in arguments and in configured commands stay literal: no injection through quoting."""
+    root = linked_root(tmp_path)
+    evil = "$(touch PWNED); `touch PWNED2`; touch PWNED3 #"
+    res = sh(INSPECT_SH, str(root), NAME, command_string(["printf", "%s", evil]))
+    assert remote_mod.b64text(res.get("test_out") or "") == evil
+    assert not list(Path.cwd().glob("PWNED*")) and not list(tmp_path.glob("**/PWNED*"))
+
+
+def command_string(argv: Sequence[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def test_commit_swaps_with_one_link_and_sweeps_temps(tmp_path: Path) -> None:
+    """COMMIT checks the sums, renames the upload to N, repoints live/<name> and runs test then reload."""
+    root = linked_root(tmp_path, 1)
+    (root / "archive" / NAME / ".tmp-9-stale").mkdir()
+    m = material()
+    upload(root, ".tmp-2-aaaaaaaaaaaa", m)
+    log = tmp_path / "log"
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-aaaaaaaaaaaa", "2", sha256sums(m), "",
+             f"echo test >> {log}", f"echo reload >> {log}")
+    assert res.get("done") == "1", res.stdout + res.stderr
+    assert res.get("prev") == f"../archive/{NAME}/1" and res.get("stored") == "2"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/2"
+    assert (root / "live" / NAME / "fullchain.pem").read_bytes() == m.fullchain
+    assert log.read_text() == "test\nreload\n"
+    assert sorted(os.listdir(root / "archive" / NAME)) == ["1", "2"]
+    assert not [e for e in os.listdir(root / "live") if e != NAME]
+
+
+def test_commit_refuses_files_whose_sums_differ(tmp_path: Path) -> None:
+    """An upload that does not match its SHA-256 is never stored or made live."""
+    root = linked_root(tmp_path, 1)
+    m = material()
+    upload(root, ".tmp-2-bbbbbbbbbbbb", m)
+    (root / "archive" / NAME / ".tmp-2-bbbbbbbbbbbb" / "chain.pem").write_bytes(b"truncated")
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-bbbbbbbbbbbb", "2", sha256sums(m), "", "true", "true")
+    assert res.get("failed_step") == "verify" and res.exit_status == 3
+    assert "chain.pem: FAILED" in remote_mod.b64text(res.get("failed_out") or "")
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+
+
+def test_commit_rolls_back_with_one_rename_when_the_test_fails(tmp_path: Path) -> None:
+    """A test failing after the swap points live/<name> back, tests again, and never reloads."""
+    root = linked_root(tmp_path, 1)
+    (root / "archive" / NAME / "1" / "marker").write_text("only in version 1")
+    m = material()
+    upload(root, ".tmp-2-cccccccccccc", m)
+    test = f"cat {root}/live/{NAME}/marker >/dev/null 2>&1 || {{ echo 'include marker failed'; exit 1; }}"
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-cccccccccccc", "2", sha256sums(m), "", test,
+             f"touch {tmp_path}/reloaded")
+    assert res.exit_status == 4
+    assert res.get("test_rc") == "1" and remote_mod.b64text(res.get("test_out") or "") == "include marker failed"
+    assert res.get("rolled_back") == "1" and res.get("retest_rc") == "0"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+    assert not (tmp_path / "reloaded").exists()
+    assert (root / "archive" / NAME / "2").is_dir()  # kept: the next run uses 3
+
+
+def test_commit_rolls_back_when_reload_fails(tmp_path: Path) -> None:
+    """A failing reload also points live/<name> back and reports the reload's text."""
+    root = linked_root(tmp_path, 1)
+    m = material()
+    upload(root, ".tmp-2-dddddddddddd", m)
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-dddddddddddd", "2", sha256sums(m), "", "true",
+             "echo 'reload refused'; exit 1")
+    assert res.get("reload_rc") == "1" and res.get("rolled_back") == "1" and res.get("retest_rc") == "0"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+
+
+def test_commit_converts_certbot_layout_once(tmp_path: Path) -> None:
+    """certbot's live/<name>/ becomes a symlink; its version K is kept as archive/<name>/K/ for rollback."""
+    root, old = certbot_root(tmp_path, k=4)
+    m = material()
+    upload(root, ".tmp-5-eeeeeeeeeeee", m)
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-5-eeeeeeeeeeee", "5", sha256sums(m), "4", "true", "true")
+    assert res.get("done") == "1", res.stdout + res.stderr
+    assert res.get("converted") == "4" and res.get("prev") == f"../archive/{NAME}/4"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/5"
+    kept = root / "archive" / NAME / "4"
+    assert (kept / "fullchain.pem").read_bytes() == old.fullchain and (kept / "privkey.pem").read_bytes() == old.privkey
+    assert stat.S_IMODE((kept / "privkey.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((kept / "cert.pem").stat().st_mode) == 0o644
+    assert sorted(os.listdir(root / "live")) == [NAME]  # certbot's directory is gone, no backup left
+
+
+def test_commit_conversion_rolls_back_to_the_certbot_version(tmp_path: Path) -> None:
+    """After a conversion, a failing test restores the copy of certbot's version (same bytes nginx had)."""
+    root, old = certbot_root(tmp_path, k=1)
+    m = material()
+    upload(root, ".tmp-2-ffffffffffff", m)
+    test = f"grep -q '{old.cert.decode().splitlines()[1]}' {root}/live/{NAME}/cert.pem"
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-ffffffffffff", "2", sha256sums(m), "1", test, "true")
+    assert res.get("converted") == "1" and res.get("rolled_back") == "1" and res.get("retest_rc") == "0"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+    assert (root / "live" / NAME / "cert.pem").read_bytes() == old.cert
+
+
+def test_rollback_script_points_back_tests_and_reloads(tmp_path: Path) -> None:
+    """ROLLBACK (after a failed handshake check) restores the previous target, tests, then reloads."""
+    root = linked_root(tmp_path, 2)
+    res = sh(ROLLBACK_SH, str(root), NAME, f"../archive/{NAME}/1", "true", "echo reloaded")
+    assert res.get("rolled_back") == "1" and res.get("retest_rc") == "0" and res.get("reload_rc") == "0"
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+
+
+def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
+    """PRUNE removes version dirs older than the newest K, never the live one, and nothing else."""
+    root = linked_root(tmp_path, 5)
+    os.unlink(root / "live" / NAME)
+    os.symlink(f"../archive/{NAME}/2", root / "live" / NAME)
+    (root / "archive" / NAME / "fullchain1.pem").write_text("certbot's")
+    res = sh(PRUNE_SH, str(root), NAME, "2")
+    assert sorted(res.all("removed")) == ["1", "3"] and res.get("kept_live") == "2"
+    assert sorted(os.listdir(root / "archive" / NAME)) == ["2", "4", "5", "fullchain1.pem"]
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(("argv", "label"), [
+    (["sudo", "-n", "/usr/sbin/nginx", "-p", "/x", "-c", "/x/n.conf", "-t"], "nginx -t"),
+    (["sudo", "-n", "/usr/sbin/nginx", "-p", "/x", "-s", "reload"], "nginx -s reload"),
+    (["sudo", "-n", "systemctl", "reload", "nginx"], "systemctl reload nginx"),
+    (["/usr/local/bin/check-web"], "check-web"),
+])
+def test_command_label(argv: list[str], label: str) -> None:
+    """Messages name a configured command the way an operator would say it."""
+    assert command_label(argv) == label
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({f"certbot_{k}": [f"{k}2.pem"] for k in ("cert", "chain", "fullchain", "privkey")}, (2, None)),
+    ({"certbot_cert": ["cert2.pem"], "certbot_chain": ["chain2.pem"], "certbot_fullchain": ["fullchain3.pem"],
+      "certbot_privkey": ["privkey2.pem"]},
+     (None, "certbot's live/a.example links disagree (cert→2, chain→2, fullchain→3, privkey→2)")),
+    ({"certbot_cert": [""], "certbot_chain": ["chain2.pem"]},
+     (None, "live/a.example/cert.pem is not a link to archive/a.example/certK.pem")),
+])
+def test_certbot_version(fields: dict[str, list[str]], expected: tuple[int | None, str | None]) -> None:
+    """certbot's four links must agree on one K before the layout is converted."""
+    assert certbot_version(fields, NAME) == expected
+
+
+@pytest.mark.parametrize(("target", "version"), [
+    (f"../archive/{NAME}/12", 12), (f"/etc/letsencrypt/archive/{NAME}/3/", 3), ("../archive/other/1", None),
+    ("", None), (None, None), (f"../archive/{NAME}/0", None),
+])
+def test_version_of_target(target: str | None, version: int | None) -> None:
+    """Only a link into this lineage's archive names a version."""
+    assert version_of_target(target, NAME) == version
+
+
+@pytest.mark.parametrize("path", ["relative/x", "/etc/../root", "/etc/le$(id)", "/etc/le;rm", "/a b", "/x//y"])
+def test_unsafe_remote_paths_are_refused(path: str) -> None:
+    """A cert_root with shell metacharacters, '..' or spaces never reaches a remote command."""
+    with pytest.raises(remote_mod.DeployError, match="is not acceptable"):
+        remote_mod.check_remote_path(path)
+
+
+def test_sni_names_replace_a_wildcard_label() -> None:
+    """A wildcard is verified with a concrete label under it; duplicates collapse."""
+    cert = Certificate(name="w", domains=("*.example.org", "example.org"), dns="d", hosts=(), ca="c")
+    assert sni_names(cert) == ("certmgr-verify.example.org", "example.org")
+
+
+def test_outcome_line_and_json() -> None:
+    """The terminal line and the JSON of an outcome carry status, serials, version, timings and error."""
+    o = HostOutcome(cert=NAME, host="sally", status=Status.ROLLED_BACK, new_serial="bb", old_serial="aa",
+                    version=7, error=f"deploy {NAME} → sally: nginx -t failed: \"x\" (rolled back to version 7)",
+                    timings=(("connect", 0.1),), elapsed=0.5)
+    assert o.line() == (f"rolled back {NAME} → sally v7 serial aa → bb 0.50s\n"
+                        f"            deploy {NAME} → sally: nginx -t failed: \"x\" (rolled back to version 7)")
+    j = o.to_json()
+    assert j["status"] == "rolled back" and j["ok"] is False and j["timings"] == {"connect": 0.1}
+
+
+# ---------------------------------------------------------------------------- orchestration over a fake host
+#
+# A "host" is a local directory: the scripts run in a local sh, uploads are local writes, the
+# reload command copies each live cert to served/<name>.pem, and the prober reads that file.
+
+_TEST = 'for d in "$1"/live/*; do [ -e "$d" ] || continue; [ -r "$d/fullchain.pem" ] || exit 1; done; [ ! -e "$1/broken" ] || { echo broken; exit 1; }'
+_RELOAD = 'mkdir -p "$1/served"; for d in "$1"/live/*; do [ -e "$d" ] || continue; cp -L "$d/cert.pem" "$1/served/${d##*/}.pem"; done'
+
+
+def fake_host(tmp: Path, name: str, tags: tuple[str, ...] = ()) -> Host:
+    root = tmp / name / "le"
+    (root / "live").mkdir(parents=True)
+    (root / "archive").mkdir()
+    return Host(name=name, address=str(root), port=22, tags=tags, cert_root=str(root),
+                test_command=("sh", "-c", _TEST, "_", str(root)), reload_command=("sh", "-c", _RELOAD, "_", str(root)))
+
+
+class LocalSession:
+    def __init__(self, host: Host, fail_upload: bool = False) -> None:
+        self.host = host
+        self.fail_upload = fail_upload
+
+    def prefetch_sftp(self) -> None:
+        pass
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
+        proc = await asyncio.create_subprocess_exec("sh", "-c", sh_command(script, args),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        return Result(exit_status=proc.returncode or 0, stdout=out.decode(), stderr=err.decode(),
+                      fields=parse_kv(out.decode()))
+
+    async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *, dir_mode: int = 0o755,
+                         ensure: Sequence[str] = ()) -> None:
+        for d in ensure:
+            os.makedirs(d, 0o700, exist_ok=True)
+        if self.fail_upload:
+            raise remote_mod.UploadError(f"upload {self.host.name}: {directory}: No space left on device")
+        os.mkdir(directory, dir_mode)
+        for name, (data, mode) in files.items():
+            fd = os.open(f"{directory}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.write(fd, data)
+            os.close(fd)
+
+    async def remove_tree_quietly(self, directory: str) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class FakeFleet:
+    """Connector + prober over local fake hosts, recording concurrency and which hosts were contacted."""
+
+    def __init__(self, *, unreachable: frozenset[str] = frozenset(), fail_upload: frozenset[str] = frozenset(),
+                 stale: frozenset[str] = frozenset()) -> None:
+        self.unreachable = unreachable
+        self.fail_upload = fail_upload
+        self.stale = stale  # hosts whose "web server" never picks up a new certificate
+        self.contacted: list[str] = []
+        self.active = 0
+        self.peak = 0
+
+    @asynccontextmanager
+    async def connector(self, host: Host, *, jump: Host | None, accept_new: bool,
+                        timeouts: Timeouts) -> AsyncIterator[LocalSession]:
+        self.contacted.append(host.name)
+        if host.name in self.unreachable:
+            raise remote_mod.Unreachable(f"connect {host.name} ({host.address}:22): Connection refused (nothing changed)")
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(0.01)
+            yield LocalSession(host, fail_upload=host.name in self.fail_upload)
+        finally:
+            self.active -= 1
+
+    async def prober(self, address: str, port: int, sni: str) -> Probe:
+        root = Path(address)
+        path = root / "served" / f"{sni}.pem"
+        if root.parent.name in self.stale and (root / "served-first" / f"{sni}.pem").exists():
+            path = root / "served-first" / f"{sni}.pem"
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            return Probe(address=address, port=port, sni=sni, error="refused")
+        der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        return Probe(address=address, port=port, sni=sni, chain=(der,))
+
+
+def fleet_inventory(tmp: Path, n: int, canary: int | None = None) -> Inventory:
+    hosts = {f"h{i}": fake_host(tmp, f"h{i}", ("canary",) if i == canary else ()) for i in range(n)}
+    cert = Certificate(name=NAME, domains=(NAME,), dns="d", hosts=tuple(hosts), ca="c")
+    return Inventory(path=tmp / "inv.toml", cas={}, dns={}, hosts=hosts, certificates=(cert,), channels={})
+
+
+def seeded_store(tmp: Path) -> tuple[Store, str]:
+    store = Store.open(tmp / "state")
+    m = material()
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, m))
+    return store, m.info().serial
+
+
+def run_fleet(inv: Inventory, store: Store, fleet: FakeFleet, **kw: Any) -> dict[str, HostOutcome]:
+    kw.setdefault("timeouts", Timeouts(verify=1.0))
+    outs = asyncio.run(deploy(inv, store, inv.certificates, now=NOW, connector=fleet.connector,
+                              prober=fleet.prober, **kw))
+    return {o.host: o for o in outs}
+
+
+def test_fleet_deploys_then_skips_and_bounds_parallelism(tmp_path: Path) -> None:
+    """Every fake host is deployed at most `parallel` at a time; a second run skips all of them."""
+    inv = fleet_inventory(tmp_path, 6)
+    store, serial = seeded_store(tmp_path)
+    fleet = FakeFleet()
+    outs = run_fleet(inv, store, fleet, parallel=2)
+    assert {o.status for o in outs.values()} == {Status.DEPLOYED} and fleet.peak == 2
+    assert all(o.new_serial == serial and o.version == 1 and o.old_serial is None for o in outs.values())
+    again = run_fleet(inv, store, FakeFleet())
+    assert {o.status for o in again.values()} == {Status.SKIPPED}
+
+
+def test_one_unreachable_or_failing_host_never_stops_the_others(tmp_path: Path) -> None:
+    """Unreachable and upload-failing hosts become outcomes; the rest deploy; state records each."""
+    inv = fleet_inventory(tmp_path, 4)
+    store, _ = seeded_store(tmp_path)
+    outs = run_fleet(inv, store, FakeFleet(unreachable=frozenset({"h1"}), fail_upload=frozenset({"h2"})))
+    assert outs["h1"].status == Status.UNREACHABLE
+    assert outs["h1"].error == f"deploy {NAME} → h1: connect h1 ({inv.hosts['h1'].address}:22): Connection refused (nothing changed)"
+    assert outs["h2"].status == Status.FAILED
+    assert outs["h2"].error is not None and outs["h2"].error.endswith("No space left on device (live unchanged)")
+    assert not os.path.lexists(Path(inv.hosts["h2"].cert_root) / "live" / NAME)
+    assert not [e for e in os.listdir(Path(inv.hosts["h2"].cert_root) / "archive" / NAME)]
+    assert {outs["h0"].status, outs["h3"].status} == {Status.DEPLOYED}
+    state = store.load_json(f"state/deploy/{NAME}.json")["hosts"]
+    assert {h: s["status"] for h, s in state.items()} == {"h0": "deployed", "h1": "unreachable", "h2": "failed",
+                                                           "h3": "deployed"}
+
+
+def test_failing_canary_holds_the_rest(tmp_path: Path) -> None:
+    """When a canary does not verify, no other host is even contacted."""
+    inv = fleet_inventory(tmp_path, 4, canary=2)
+    store, _ = seeded_store(tmp_path)
+    (Path(inv.hosts["h2"].cert_root) / "broken").write_text("")
+    fleet = FakeFleet()
+    outs = run_fleet(inv, store, fleet)
+    assert fleet.contacted == ["h2"]
+    assert outs["h2"].status == Status.FAILED and outs["h2"].error is not None
+    assert outs["h2"].error == f'deploy {NAME} → h2: config was already broken before deploy: "broken" (nothing changed)'
+    assert {outs[h].status for h in ("h0", "h1", "h3")} == {Status.HELD}
+
+
+def test_canary_by_name_goes_first(tmp_path: Path) -> None:
+    """Hosts named in `canary` are contacted before all others."""
+    inv = fleet_inventory(tmp_path, 4)
+    store, _ = seeded_store(tmp_path)
+    fleet = FakeFleet()
+    outs = run_fleet(inv, store, fleet, canary=["h3"], parallel=1)
+    assert fleet.contacted[0] == "h3" and {o.status for o in outs.values()} == {Status.DEPLOYED}
+
+
+def test_new_serial_not_served_rolls_back_and_reloads(tmp_path: Path) -> None:
+    """If handshakes never show the new serial, the host is switched back, reloaded, and checked for the old one."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    root = Path(inv.hosts["h0"].cert_root)
+    (root / "served-first").mkdir()
+    shutil.copy(root / "served" / f"{NAME}.pem", root / "served-first" / f"{NAME}.pem")
+    first = x509.load_pem_x509_certificate((root / "served" / f"{NAME}.pem").read_bytes())
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, material()))
+    o = run_fleet(inv, store, FakeFleet(stale=frozenset({"h0"})))["h0"]
+    assert o.status == Status.ROLLED_BACK, o.line()
+    assert o.old_serial == format(first.serial_number, "x") and o.version == 1
+    assert o.error is not None and "not served after 1s" in o.error and o.error.endswith("(rolled back to version 1, reloaded)")
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+    assert any(e["action"] == "rolled back" for e in store.read_audit())
+
+
+def test_unknown_hosts_and_bad_options_are_usage_errors(tmp_path: Path) -> None:
+    """--hosts naming no inventory host, --parallel 0 and --prune 0 are refused before any connection."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    with pytest.raises(UsageError, match=r"^deploy: no host named 'nope' in the inventory$"):
+        run_fleet(inv, store, FakeFleet(), hosts=["nope"])
+    with pytest.raises(UsageError, match=r"^deploy: --parallel must be at least 1, not 0$"):
+        run_fleet(inv, store, FakeFleet(), parallel=0)
+    with pytest.raises(UsageError, match=r"^deploy: --prune must keep at least 1 version, not 0$"):
+        run_fleet(inv, store, FakeFleet(), prune=0)
+
+
+def test_hosts_filter_limits_the_targets(tmp_path: Path) -> None:
+    """--hosts deploys only to the named hosts."""
+    inv = fleet_inventory(tmp_path, 3)
+    store, _ = seeded_store(tmp_path)
+    fleet = FakeFleet()
+    outs = run_fleet(inv, store, fleet, hosts=["h1"])
+    assert list(outs) == ["h1"] and fleet.contacted == ["h1"]
