@@ -1,0 +1,54 @@
+"""Shared pytest fixtures for certmgr.
+
+`lab` is the session-wide local lab (Pebble, bind9, CDN POPs) for tests marked
+`integration`; other fixtures go here as the suite grows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# `lab/` lives at the repo root, next to `certmgr/`; make it importable however pytest is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lab import Lab
+
+LAB_PORT_BASE = 20000
+LAB_PORT_STRIDE = 1000  # a lab uses base … base+11; one block per xdist worker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject.toml registers it too; this keeps `--strict-markers` happy if run without it.
+    if not any(str(m).startswith("integration:") for m in config.getini("markers")):
+        config.addinivalue_line("markers", "integration: needs the local lab (root, Pebble, bind9, sshd, nginx)")
+
+
+def _lab_port_base() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", … under pytest-xdist
+    index = int(worker[2:]) if worker.startswith("gw") else 0
+    return LAB_PORT_BASE + LAB_PORT_STRIDE * index
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """A lab in a fresh temporary dir, torn down (even after failures) when the session ends.
+
+    Set CERTMGR_LAB_KEEP=1 to keep the directory (logs, configs) for a post-mortem.
+    """
+    # Not pytest's tmp_path: that lives under a 0700 dir the deploy user cannot traverse.
+    path = Path(tempfile.mkdtemp(prefix=f"certmgr-lab-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
+    instance = Lab(path, _lab_port_base())
+    try:
+        instance.up()
+        yield instance
+    finally:
+        instance.down()
+        if not os.environ.get("CERTMGR_LAB_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
