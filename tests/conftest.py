@@ -31,9 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _lab_port_base() -> int:
+    """20000 + 1000 × xdist worker index; CERTMGR_TEST_PORT_BASE moves the whole block (parallel checkouts)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", … under pytest-xdist
     index = int(worker[2:]) if worker.startswith("gw") else 0
-    return LAB_PORT_BASE + LAB_PORT_STRIDE * index
+    base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", LAB_PORT_BASE))
+    return base + LAB_PORT_STRIDE * index
 
 
 @pytest.fixture(scope="session")
