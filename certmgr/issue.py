@@ -549,7 +549,12 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
     attempts = 0
     while True:
         try:
-            return await loop.run_in_executor(executor, functools.partial(fn, *args))
+            # requests' own timeout bounds the thread; this bounds our wait even if it misbehaves
+            async with asyncio.timeout(timeouts.http * 2 + 5):
+                return await loop.run_in_executor(executor, functools.partial(fn, *args))
+        except TimeoutError as exc:
+            raise ACMEError(f"{step}: CA unreachable: no answer within {timeouts.http * 2 + 5:g}s ({outcome})",
+                            hint="is the ACME server up? check [ca.*] directory and trust") from exc
         except messages.Error as err:
             resp = net.last_response
             status = resp.status_code if resp is not None else None

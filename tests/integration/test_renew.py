@@ -413,3 +413,41 @@ def test_failure_of_one_does_not_block_others(rlab: Lab, store: Store, tmp_path:
     assert [o.name for o in outs] == ["c010.hachyderm.test", "nope.hachyderm.test", "c011.hachyderm.test"]
     assert [o.status for o in outs] == ["renewed", "failed", "renewed"]
     assert "REFUSED" in (outs[1].error or "")
+
+
+def test_heavy_nonce_rejection_is_retried(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """With Pebble rejecting 30% of valid nonces, five concurrent orders still all succeed."""
+    names = [f"c{i:03d}.hachyderm.test" for i in range(20, 25)]
+    inv = load(tmp_path, inventory_text(rlab, [{"name": n, "domains": [n]} for n in names]))
+    rlab.restart_pebble(env={"PEBBLE_WFE_NONCEREJECT": "30"})
+    try:
+        outs = run_renew(inv, store, concurrency=5)
+    finally:
+        rlab.restart_pebble()
+    assert [o.status for o in outs] == ["renewed"] * 5, [o.error for o in outs]
+
+
+def test_no_secret_or_private_key_in_logs(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """A whole renewal logged at DEBUG shows neither the TSIG secret nor any private key."""
+    import io
+    import logging
+    import re as re_mod
+
+    from certmgr import log as log_mod
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    log_mod.setup(2, stream=buf, timestamps=False)
+    try:
+        inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}]))
+        [out] = run_renew(inv, store)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert out.status == "renewed", out.error
+    text = buf.getvalue()
+    secret = re_mod.search(r'secret "([^"]+)"', (rlab.dns_dir / "certmgr-lab.key").read_text())
+    assert secret and secret.group(1) not in text
+    assert "PRIVATE KEY" not in text
+    assert "renewed" in text
