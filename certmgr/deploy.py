@@ -510,6 +510,12 @@ class _Deployer:
         if state.get("test_rc") != "0":
             served_task.cancel()
             text = b64text(state.get("test_out") or "") or f"exit status {state.get('test_rc')}, no output"
+            if text.startswith("sudo:") or state.get("test_rc") in ("126", "127"):
+                return self.outcome(
+                    job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                    error=f"{subject}: {command_label(host.test_command)} cannot run: {_quote_text(text)} "
+                          "(nothing changed)",
+                    hint="check test_command and the deploy user's sudoers lines (docs/deploy.md)")
             return self.outcome(
                 job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",

@@ -495,3 +495,47 @@ def test_hosts_filter_limits_the_targets(tmp_path: Path) -> None:
     fleet = FakeFleet()
     outs = run_fleet(inv, store, fleet, hosts=["h1"])
     assert list(outs) == ["h1"] and fleet.contacted == ["h1"]
+
+
+# ---------------------------------------------------------------------------- docs/deploy.md examples
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+
+
+def doc_blocks(tag: str) -> list[str]:
+    """Fenced blocks that follow a `<!-- docs-test: TAG -->` marker in docs/deploy.md."""
+    import re
+
+    pattern = rf"<!-- docs-test: {tag} -->\n```[a-z]*\n(.*?)```"
+    return re.findall(pattern, DOCS.read_text(), flags=re.S)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/visudo"), reason="needs visudo")
+def test_docs_sudoers_lines_parse(tmp_path: Path) -> None:
+    """Every sudoers example in docs/deploy.md passes `visudo -c`."""
+    import subprocess
+
+    blocks = doc_blocks("sudoers")
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"sudoers{i}"
+        path.write_text(block)
+        res = subprocess.run(["/usr/sbin/visudo", "-cf", str(path)], capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_docs_manual_certbot_conversion_works(tmp_path: Path) -> None:
+    """The by-hand conversion in docs/deploy.md leaves the layout deploy would have made, same bytes."""
+    import subprocess
+
+    name = "media.hachyderm.test"
+    root, old = certbot_root(tmp_path, name, k=3)
+    (block,) = doc_blocks("convert")
+    res = subprocess.run(["sh", "-eu", "-c", block], cwd=root, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert os.readlink(root / "live" / name) == f"../archive/{name}/3"
+    assert (root / "live" / name / "fullchain.pem").read_bytes() == old.fullchain
+    assert stat.S_IMODE((root / "archive" / name / "3" / "privkey.pem").stat().st_mode) == 0o600
+    assert sorted(os.listdir(root / "live")) == [name]
+    res = sh(INSPECT_SH, str(root), name, "true")
+    assert res.get("layout") == "link" and version_of_target(res.get("target"), name) == 3
