@@ -200,9 +200,10 @@ def env_flag(name: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
 @click.option("--concurrency", type=click.IntRange(1, 200), default=10, show_default=True,
               envvar="CERTMGR_RENEW_CONCURRENCY", help="Orders in flight at once [env: CERTMGR_RENEW_CONCURRENCY].")
+@click.option("--no-deploy", is_flag=True, help="Do not push renewed certificates to their hosts (see `deploy`).")
 @pass_ctx
 def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: bool, as_json: bool,
-              concurrency: int) -> None:
+              concurrency: int, no_deploy: bool) -> None:
     """Renew certificates over ACME DNS-01 (RFC 2136): NAME... or --due; exit 1 if any failed."""
     import contextlib
     import datetime as dt
@@ -220,10 +221,15 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
                                    concurrency=concurrency))
-        # Deploy hooks in here, still under the lock: push every outcome with status "renewed"
-        # (o.name, o.version) to its hosts unless --no-deploy (the deploy issue adds that option).
+        deployed: list[Any] = []
+        renewed = [o.name for o in outcomes if o.status == "renewed"]
+        if renewed and not no_deploy and not dry_run:
+            from certmgr.deploy import deploy
+
+            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)))
     if as_json:
-        emit_json([o.to_json() for o in outcomes])
+        emit_json([o.to_json() | ({"deploy": [d.to_json() for d in deployed if d.cert == o.name]}
+                                  if o.status == "renewed" and not no_deploy else {}) for o in outcomes])
     else:
         for o in outcomes:
             click.echo(o.line())
@@ -237,7 +243,9 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
         overdue = sum(1 for o in outcomes if o.overdue and o.status != "renewed")
         summary = ", ".join(f"{n} {s}" for s, n in counts.items())
         click.echo(f"renew: {summary}" + (f"; {overdue} overdue" if overdue else ""))
-    if any(o.status == "failed" for o in outcomes):
+        if deployed:
+            _report_deploy(deployed, as_json=False)
+    if any(o.status == "failed" for o in outcomes) or not all(d.ok for d in deployed):
         sys.exit(1)
 
 
