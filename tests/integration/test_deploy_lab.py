@@ -400,3 +400,24 @@ def test_prune_keeps_newest_and_live(fresh: Lab, store: Store) -> None:
     pruned = [e for e in audit(store) if e["action"] == "pruned"]
     assert pruned and pruned[-1]["removed"] == [1, 2] and pruned[-1]["host"] == "esme"
     assert CertInfo.from_cert(store.read(MEDIA).leaf).serial == served(fresh, "esme", MEDIA)
+
+
+# ---------------------------------------------------------------------------- renew hook
+
+
+def test_renew_deploys_unless_no_deploy(fresh: Lab, store: Store) -> None:
+    """`certmgr renew` pushes a renewed certificate to every POP; with --no-deploy it touches no POP."""
+    res = _cli(fresh, store, "renew", MEDIA, "--force", "--no-deploy", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["status"] == "renewed" and "deploy" not in row
+    assert {served(fresh, p, MEDIA) for p in fresh.pop_names} == {format(fresh.seed_serial(MEDIA), "x")}
+
+    res = _cli(fresh, store, "renew", MEDIA, "--force", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    serial = CertInfo.from_cert(store.read(MEDIA).leaf).serial
+    assert row["status"] == "renewed"
+    assert sorted((d["host"], d["status"], d["new_serial"]) for d in row["deploy"]) == sorted(
+        (p, "deployed", serial) for p in fresh.pop_names)
+    assert {served(fresh, p, MEDIA) for p in fresh.pop_names} == {serial}
