@@ -167,6 +167,7 @@ class ACMEClient:
         self.executor = executor
         self.timeouts = timeouts
         self._account_lock = asyncio.Lock()
+        self._account_error: CertmgrError | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -209,15 +210,23 @@ class ACMEClient:
         async with self._account_lock:
             if self.regr is not None:
                 return
-            ca_id = account_id(self.ca)
-            pem = accounts.load_account_key(ca_id)
-            new = pem is None
-            key = ec.generate_private_key(ec.SECP256R1()) if pem is None else keys.from_pem(pem)
-            self.account_key = jose.jwk.JWKEC(key=key)
-            await self._account(new=new, env=env)
-            if new:
-                # saved only once the CA accepted it: a failed registration leaves no orphan key
-                accounts.save_account_key(ca_id, keys.to_pem(key))
+            if self._account_error is not None:  # one failed registration per run, not one per certificate
+                raise self._account_error
+            try:
+                await self._ensure_account(accounts, env=env)
+            except CertmgrError as exc:
+                self._account_error = exc
+                raise
+
+    async def _ensure_account(self, accounts: AccountStore, *, env: Mapping[str, str] | None) -> None:
+        ca_id = account_id(self.ca)
+        pem = accounts.load_account_key(ca_id)
+        key = ec.generate_private_key(ec.SECP256R1()) if pem is None else keys.from_pem(pem)
+        self.account_key = jose.jwk.JWKEC(key=key)
+        await self._account(new=pem is None, env=env)
+        if pem is None:
+            # saved only once the CA accepted it: a failed registration leaves no orphan key
+            accounts.save_account_key(ca_id, keys.to_pem(key))
 
     async def _account(self, *, new: bool, env: Mapping[str, str] | None) -> None:
         ca = self.ca

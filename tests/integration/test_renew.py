@@ -451,3 +451,43 @@ def test_no_secret_or_private_key_in_logs(rlab: Lab, store: Store, tmp_path: Pat
     assert secret and secret.group(1) not in text
     assert "PRIVATE KEY" not in text
     assert "renewed" in text
+
+
+def test_ca_unreachable_fails_every_certificate_cleanly(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """A directory URL nobody listens on fails each certificate with "CA unreachable", retryable, nothing written."""
+    dead = f"https://127.0.0.1:{rlab.ports.base + 9}/dir"
+    names = ["c030.hachyderm.test", "c031.hachyderm.test"]
+    inv = load(tmp_path, inventory_text(rlab, [{"name": n, "domains": [n]} for n in names], directory=dead))
+    outs = run_renew(inv, store)
+    for o in outs:
+        assert o.status == "failed" and o.retryable
+        assert o.error == (f"acme directory pebble: CA unreachable: connection failed ({dead}) (nothing ordered)")
+    assert store.load_json("state/renew/c030.hachyderm.test.json")["failures"] == 1
+    assert list(store.root.joinpath("accounts").iterdir()) == []
+
+
+def test_preferred_chain_by_issuer_name(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """With alternate chains on offer, the one whose top issuer CN is `preferred_chain` is stored."""
+    import ssl
+    import urllib.request
+
+    from cryptography import x509
+
+    from certmgr.material import split_pem
+
+    rlab.restart_pebble(env={"PEBBLE_ALTERNATE_ROOTS": "1"})
+    try:
+        ctx = ssl.create_default_context(cafile=str(rlab.https_ca))
+        url = f"https://127.0.0.1:{rlab.ports.management}/roots/1"
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
+            alt_root = x509.load_pem_x509_certificate(resp.read())
+        cn = alt_root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"],
+                                                   "preferred_chain": cn}]))
+        [out] = run_renew(inv, store)
+    finally:
+        rlab.restart_pebble()
+    assert out.status == "renewed", out.error
+    top = x509.load_pem_x509_certificate(split_pem(store.read("media.hachyderm.test").chain)[-1])
+    assert top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == cn
+    assert out.notes == ()
