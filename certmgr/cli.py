@@ -38,6 +38,17 @@ class Ctx:
 
         return Store.open(self.state_dir)
 
+    def store_readonly(self) -> Any:
+        """The store for reading only (dry runs, status): never creates or chmods anything."""
+        from certmgr.store import Store
+
+        from certmgr.errors import StoreError
+
+        try:
+            return Store.open(self.state_dir, create=False)
+        except StoreError:
+            return Store(self.state_dir)  # nothing stored yet: reads find nothing
+
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
@@ -433,3 +444,70 @@ def notify_test_cmd(c: Ctx, only: tuple[str, ...]) -> None:
             click.echo(f"{d.channel}: FAILED: {d.error}")
     if not all(d.ok for d in deliveries):
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- run and status (issue 6)
+
+
+@main.command("run")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would renew, where it would deploy, why); "
+              "change nothing locally, on any POP, in DNS or in chat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
+@click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
+              envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
+              "[env: CERTMGR_WAIT_LOCK].")
+@pass_ctx
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+    """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
+
+    Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
+    critical problem remains, 3 endpoints unreachable.
+    """
+    import contextlib
+    import datetime as dt
+
+    from certmgr import pipeline
+
+    inv = c.inventory()
+    now = dt.datetime.now(dt.UTC)
+    if dry_run:
+        store = c.store_readonly()
+        lock: Any = contextlib.nullcontext()
+    else:
+        store = c.store()
+        lock = store.lock("certmgr run", wait=wait_lock or None)
+    with lock:
+        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for line in pipeline.render(report):
+            click.echo(line)
+    sys.exit(report.exit_code)
+
+
+@main.command("status")
+@click.option("--scan", "fresh", is_flag=True,
+              help="Scan every POP first (and save it) instead of showing the last scan.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status_cmd(c: Ctx, fresh: bool, as_json: bool) -> None:
+    """Per certificate: live version and expiry, renewal window, last outcomes, and what each POP serves."""
+    import datetime as dt
+
+    from certmgr import scan as scan_mod
+    from certmgr import status as status_mod
+
+    inv = c.inventory()
+    store = c.store_readonly()
+    now = dt.datetime.now(dt.UTC)
+    if fresh:
+        result = run_async(scan_mod.scan(inv, store, now=now))
+        scan_mod.save_state(c.store(), result)
+    views = status_mod.gather(inv, store, now=now)
+    if as_json:
+        emit_json({"time": now.isoformat(), "certificates": [v.to_json() for v in views]})
+    else:
+        for line in status_mod.render(views, now):
+            click.echo(line)

@@ -1,0 +1,308 @@
+"""The daily job: scan every POP → renew what is due → deploy where behind → verify → notify.
+
+`run` strings the steps together and owns nothing else: each step is its module's public
+function, and typed results flow from one to the next. The caller holds the store lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from certmgr import deploy as deploy_mod
+from certmgr import log
+from certmgr import notify as notify_mod
+from certmgr import renew as renew_mod
+from certmgr import scan as scan_mod
+from certmgr.inventory import Certificate, Inventory
+from certmgr.scan import SEVERITY_RANK, ScanResult
+
+_log = logging.getLogger(__name__)
+
+# Exit status of `certmgr run`: the worst outcome wins.
+EXIT_OK, EXIT_WARNING, EXIT_FAILED, EXIT_ERROR = 0, 1, 2, 3
+LOG_EXAMPLES = 3  # a repeated failure is logged once with this many examples, never once per endpoint
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeployPlan:
+    """Where one certificate goes in this run, and why."""
+
+    cert: str
+    hosts: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunReport:
+    """Everything one `certmgr run` saw and did."""
+
+    started: dt.datetime
+    dry_run: bool
+    scan_before: ScanResult
+    renewals: tuple[renew_mod.RenewOutcome, ...]
+    deploy_plan: tuple[DeployPlan, ...]
+    deploys: tuple[deploy_mod.HostOutcome, ...] = ()
+    scan_after: ScanResult | None = None
+    messages: tuple[tuple[str, notify_mod.Message, notify_mod.Delivery], ...] = ()
+    elapsed: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def final_scan(self) -> ScanResult:
+        return self.scan_after or self.scan_before
+
+    @property
+    def renew_failed(self) -> tuple[renew_mod.RenewOutcome, ...]:
+        return tuple(o for o in self.renewals if o.status == "failed")
+
+    @property
+    def deploy_failed(self) -> tuple[deploy_mod.HostOutcome, ...]:
+        return tuple(o for o in self.deploys if not o.ok)
+
+    @property
+    def changed(self) -> bool:
+        return any(o.status == "renewed" for o in self.renewals) or any(
+            o.status == deploy_mod.Status.DEPLOYED for o in self.deploys)
+
+    @property
+    def exit_code(self) -> int:
+        if self.renew_failed or self.deploy_failed:
+            return EXIT_FAILED
+        severity = self.final_scan.severity
+        if self.dry_run:
+            return EXIT_OK
+        return {"ok": EXIT_OK, "warning": EXIT_WARNING, "critical": EXIT_FAILED}.get(severity, EXIT_ERROR)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started": self.started.isoformat(),
+            "dry_run": self.dry_run,
+            "elapsed": round(self.elapsed, 3),
+            "exit_code": self.exit_code,
+            "scan_before": {"severity": self.scan_before.severity,
+                            "certificates": [scan_mod.certificate_json(c) for c in self.scan_before.certificates]},
+            "renewals": [o.to_json() for o in self.renewals],
+            "deploy_plan": [{"cert": p.cert, "hosts": list(p.hosts), "reason": p.reason} for p in self.deploy_plan],
+            "deploys": [o.to_json() for o in self.deploys],
+            "final": {"severity": self.final_scan.severity,
+                      "certificates": [scan_mod.certificate_json(c) for c in self.final_scan.certificates]},
+            "messages": [{"channel": ch, "kind": m.kind, "severity": m.severity, "title": m.title, "ok": d.ok,
+                          "error": d.error} for ch, m, d in self.messages],
+            "notes": list(self.notes),
+        }
+
+
+def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.RenewOutcome],
+                 dry_run: bool) -> list[DeployPlan]:
+    """Renewed certificates go to all their hosts; others only to hosts not serving the local live version."""
+    renewed = {o.name for o in renewals if o.status in (("renewed", "planned") if dry_run else ("renewed",))}
+    failed = {o.name for o in renewals if o.status == "failed"}
+    live = {c.name: c.live_sha256 for c in scan.certificates}
+    behind: dict[str, dict[str, str]] = {}
+    for r in scan.endpoints:
+        sha = r.info.sha256 if r.info else None
+        want = live.get(r.endpoint.cert)
+        if want is not None and sha != want:
+            why = r.error or ("serves an older certificate" if r.info else "serves nothing")
+            behind.setdefault(r.endpoint.cert, {}).setdefault(r.endpoint.host, why)
+    plans = []
+    for cert in inv.certificates:
+        if not cert.hosts:
+            continue
+        if cert.name in renewed:
+            plans.append(DeployPlan(cert=cert.name, hosts=cert.hosts,
+                                    reason="planned renewal" if dry_run else "renewed"))
+        elif cert.name in behind and cert.name not in failed:
+            hosts = tuple(h for h in cert.hosts if h in behind[cert.name])
+            reasons = sorted(set(behind[cert.name].values()))
+            plans.append(DeployPlan(cert=cert.name, hosts=hosts, reason="behind the local live version: "
+                                    + "; ".join(reasons)))
+    return plans
+
+
+def log_grouped(step: str, items: Iterable[tuple[str, str]]) -> None:
+    """Log (subject, error) pairs once per distinct error with a count and a few examples."""
+    groups: dict[str, list[str]] = {}
+    for subject, error in items:
+        groups.setdefault(error, []).append(subject)
+    for error, subjects in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        more = len(subjects) - LOG_EXAMPLES
+        log.event(_log, logging.WARNING, f"{step}: {error}", count=len(subjects),
+                  examples=",".join(subjects[:LOG_EXAMPLES]) + (f",+{more} more" if more > 0 else ""))
+
+
+def failure_messages(report_renewals: Sequence[renew_mod.RenewOutcome],
+                     deploys: Sequence[deploy_mod.HostOutcome]) -> list[notify_mod.Message]:
+    """One immediate alert per certificate that failed to renew and per host that failed to deploy."""
+    msgs = []
+    for o in report_renewals:
+        if o.status == "failed":
+            lines = [o.error or "renewal failed"]
+            if o.hint:
+                lines.append(f"Hint: {o.hint}")
+            msgs.append(notify_mod.Message(kind="failure", severity="critical", certificate=o.name,
+                                           title=f"FAILED renewal of {o.name}", lines=tuple(lines),
+                                           command=f"certmgr renew {o.name}"))
+    by_host: dict[str, list[deploy_mod.HostOutcome]] = {}
+    for d in deploys:
+        if not d.ok and d.status != deploy_mod.Status.HELD:
+            by_host.setdefault(d.host, []).append(d)
+    for host, outs in by_host.items():
+        certs = tuple(dict.fromkeys(o.cert for o in outs))
+        lines = [o.error or f"{o.status.value}" for o in outs[:5]]
+        msgs.append(notify_mod.Message(
+            kind="failure", severity="critical", certificate=certs[0] if len(certs) == 1 else None, hosts=(host,),
+            title=f"FAILED deploy to {host}: {', '.join(certs)} ({outs[0].status.value})", lines=tuple(lines),
+            command=f"certmgr deploy {' '.join(certs)} --hosts {host}"))
+    held = [d for d in deploys if d.status == deploy_mod.Status.HELD]
+    if held:
+        hosts = tuple(dict.fromkeys(d.host for d in held))
+        msgs.append(notify_mod.Message(kind="failure", severity="critical", hosts=hosts,
+                                       title=f"HELD deploy to {len(hosts)} hosts: a canary did not verify",
+                                       lines=(held[0].error or "",)))
+    return msgs
+
+
+def summary_message(report: RunReport, alerts: Sequence[notify_mod.Alert]) -> notify_mod.Message:
+    """The one end-of-run message: what was renewed and deployed, what failed, what is still wrong."""
+    renewed = [o for o in report.renewals if o.status == "renewed"]
+    deployed = [o for o in report.deploys if o.status == deploy_mod.Status.DEPLOYED]
+    lines = []
+    for o in renewed:
+        exp = o.new_not_after.date().isoformat() if o.new_not_after else "?"
+        lines.append(f"renewed {o.name}: serial {o.new_serial} (expires {exp})")
+    per_cert = Counter(o.cert for o in deployed)
+    for cert, n in per_cert.items():
+        lines.append(f"deployed {cert} to {n} host{'s' if n != 1 else ''}")
+    for o in report.renew_failed:
+        lines.append(f"FAILED renewal {o.name}: {o.error}")
+    for d in report.deploy_failed:
+        lines.append(f"{d.status.value.upper()} {d.cert} → {d.host}")
+    for a in alerts:
+        m = a.message
+        lines.append(f"{a.severity.upper()} {a.certificate}: {m.title}" + (f" → {m.command}" if m.command else ""))
+    final = report.final_scan
+    worst = max([final.severity] + ["critical" for _ in report.renew_failed + report.deploy_failed],
+                key=SEVERITY_RANK.__getitem__)
+    title = (f"certmgr run: {len(renewed)} renewed, {len(deployed)} deployed, "
+             f"{len(report.renew_failed) + len(report.deploy_failed)} failed; "
+             f"{sum(c.endpoints for c in final.certificates)} endpoints now {final.severity}")
+    return notify_mod.Message(kind="summary", severity=worst, title=title, lines=tuple(lines[:40]))
+
+
+async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = False,
+              renew_concurrency: int = renew_mod.DEFAULT_CONCURRENCY, deploy_parallel: int = 20,
+              scan_concurrency: int = 100, notify: bool = True,
+              retry: notify_mod.Retry | None = None) -> RunReport:
+    """One daily run. With `dry_run`, nothing is written locally, on a POP, in DNS or to chat."""
+    t0 = time.monotonic()
+    certs: tuple[Certificate, ...] = inv.certificates
+    channels = list(inv.channels.values()) if notify and not dry_run else []
+
+    # 1. scan: what every POP really serves, against the local live versions
+    before = await scan_mod.scan(inv, store, now=now, concurrency=scan_concurrency)
+    log.event(_log, logging.INFO, "run: scanned", endpoints=len(before.endpoints), severity=before.severity)
+    log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
+                         for r in before.endpoints if r.severity != "ok"))
+
+    # 2. renew what is due (plan.decide: ARI window, renew_before, backoff)
+    renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=dry_run,
+                                           concurrency=renew_concurrency))
+    for o in renewals:
+        if o.status in ("renewed", "failed", "planned"):
+            log.event(_log, logging.WARNING if o.status == "failed" else logging.INFO, f"run: {o.status}",
+                      cert=o.name, error=o.error or "", reason=o.decision.reason)
+    messages: list[tuple[str, notify_mod.Message, notify_mod.Delivery]] = []
+    client_retry = retry or notify_mod.Retry()
+
+    async def alert(msgs: Sequence[notify_mod.Message]) -> None:
+        for msg in msgs:
+            for d in await notify_mod.send(channels, msg, store=store, retry=client_retry):
+                messages.append((d.channel, msg, d))
+
+    if channels:
+        await alert(failure_messages(renewals, ()))
+
+    # 3. deploy where behind: every host for renewed certificates, lagging hosts for the rest
+    plans = plan_deploys(inv, before, renewals, dry_run)
+    deploys: tuple[deploy_mod.HostOutcome, ...] = ()
+    if plans and not dry_run:
+        by_name = {c.name: c for c in certs}
+        hosts = sorted({h for p in plans for h in p.hosts})
+        deploys = tuple(await deploy_mod.deploy(inv, store, [by_name[p.cert] for p in plans], hosts=hosts,
+                                                parallel=deploy_parallel, now=now))
+        log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
+        if channels:
+            await alert(failure_messages((), deploys))
+
+    # 4. verify: a fresh scan of what changed is the state we report and remember
+    after = None
+    if not dry_run:
+        touched = sorted({o.name for o in renewals if o.status == "renewed"} | {o.cert for o in deploys})
+        # A fresh clock: certificates issued during this run are not yet valid at its start time.
+        later = max(now, dt.datetime.now(dt.UTC))
+        after = before if not touched else await scan_mod.scan(inv, store, now=later, concurrency=scan_concurrency)
+        scan_mod.save_state(store, after)
+
+    report = RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
+                       deploy_plan=tuple(plans), deploys=deploys, scan_after=after)
+
+    # 5. notify: one summary when anything happened, else only deduplicated expiry alerts
+    if channels and after is not None:
+        if report.changed or report.renew_failed or report.deploy_failed:
+            names = [c.name for c in after.certificates]
+            state = notify_mod.load_state(store, names)
+            alerts = notify_mod.alerts_for(after, state, after.started, channels)
+            summary = summary_message(report, alerts)
+            await alert([summary])
+            delivered = {ch for ch, m, d in messages if m is summary and d.ok}
+            for a in alerts:
+                if a.channel in delivered:
+                    notify_mod.apply(state, a, now)
+            notify_mod.save_state(store, state, names)
+        else:
+            outcome = await notify_mod.notify_scan(after, channels, store=store, now=now, retry=client_retry)
+            messages.extend(outcome.deliveries)
+        log_grouped("notify", ((ch, d.error or "failed") for ch, _, d in messages if not d.ok))
+
+    return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
+                     deploy_plan=tuple(plans), deploys=deploys, scan_after=after, messages=tuple(messages),
+                     elapsed=time.monotonic() - t0)
+
+
+def render(report: RunReport) -> list[str]:
+    """Lines for the terminal (and the journal): plan or outcome per step, then one verdict."""
+    out = []
+    head = "plan (dry run: nothing changed)" if report.dry_run else "run"
+    out.append(f"{head}: scanned {len(report.scan_before.endpoints)} endpoints "
+               f"({report.scan_before.severity})")
+    for o in report.renewals:
+        if report.dry_run:
+            verb = "would renew" if o.status == "planned" else o.status
+            out.append(f"  {verb:<12} {o.name}: {o.decision.reason}")
+        elif o.status != "not-due":
+            out.append("  " + o.line())
+    for p in report.deploy_plan:
+        if report.dry_run:
+            out.append(f"  would deploy {p.cert} → {', '.join(p.hosts)} ({p.reason})")
+    for d in report.deploys:
+        out.append("  " + d.line())
+    if report.scan_after is not None:
+        f = report.scan_after
+        out.append(f"verify: {len(f.endpoints)} endpoints {f.severity}")
+        for c in f.certificates:
+            if c.severity != "ok":
+                hosts = ", ".join(h for sev, hs in c.hosts_by_severity.items() if sev != "ok" for h in hs)
+                out.append(f"  {c.severity:<8} {c.name} on {hosts}" + (f" → {c.command}" if c.command else ""))
+    sent = sum(1 for _, _, d in report.messages if d.ok)
+    failed = sum(1 for _, _, d in report.messages if not d.ok)
+    if report.messages:
+        out.append(f"notify: {sent} sent" + (f", {failed} failed" if failed else ""))
+    out.append(f"run: exit {report.exit_code} in {report.elapsed:.1f}s")
+    return out
