@@ -114,9 +114,8 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
                     f"({v.days_left:.1f} days left)")
         out.append(head)
         d = v.decision
-        when = f"renew at {d.renew_at:%Y-%m-%d %H:%M}Z" if d.renew_at else ""
         tag = "OVERDUE" if d.overdue else ("due" if d.due else "not due")
-        out.append(f"  renewal: {tag} — {d.reason}" + (f" ({when})" if when and not d.due else ""))
+        out.append(f"  renewal: {tag} — {d.reason}")
         if d.blocked_until:
             out.append(f"  backoff: no attempt before {d.blocked_until:%Y-%m-%d %H:%M}Z "
                        f"(after {v.failures} failures; `certmgr renew --force {v.name}` overrides)")
@@ -124,10 +123,21 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
             out.append(f"  last error: {v.last_error}")
         if v.last_success:
             out.append(f"  last renewal: {v.last_success:%Y-%m-%d %H:%M}Z")
-        out.append(f"  POPs (scanned {v.scanned_at or 'never'}):")
+        out.append(f"  POPs (scanned {_short(v.scanned_at) if v.scanned_at else 'never'}):")
         for p in v.pops:
             mark = {True: "current", False: "BEHIND", None: "unknown"}[p.current]
-            dep = f", last deploy {p.last_deploy} {p.last_deploy_at}" if p.last_deploy else ""
+            dep = f", last deploy {p.last_deploy} {_short(p.last_deploy_at)}" if p.last_deploy else ""
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""
             out.append(f"    {p.host:<20} {mark:<8} {p.severity or '-':<8} serial {p.serves or '-'}{dep}{prob}")
     return out
+
+
+def _short(iso: str | None) -> str:
+    """`2026-11-27T10:21:02.132755+00:00` → `2026-11-27 10:21Z` (unparseable text is shown as is)."""
+    if not iso:
+        return "-"
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return f"{t.astimezone(dt.UTC):%Y-%m-%d %H:%M}Z"
