@@ -168,13 +168,9 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, sni: 
             if not chunk:
                 raise _EOF from None
             incoming.write(chunk)
-    # Send our Finished so the server sees a complete handshake (best effort, never waited for).
-    tail = outgoing.read()
-    if tail:
-        try:
-            sock.send(tail)
-        except OSError:
-            pass
+    # Our Finished is not sent: the server's certificate is already read, and a server that never
+    # sees the Finished skips minting session tickets (half its remaining work). nginx logs the
+    # early close at "info" level only.
     # Python 3.11 exposes the unverified chain only on the private object (public from 3.13).
     raw = obj._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
     if raw:

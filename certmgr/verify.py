@@ -120,6 +120,7 @@ class Verifier:
         self._certs: dict[bytes, x509.Certificate] = {}
         self._infos: dict[bytes, CertInfo] = {}
         self._verdicts: dict[tuple[bytes, str], Verdict] = {}
+        self._chains: dict[bytes, tuple[str, str | None]] = {}  # chain status does not depend on the name
 
     # ------------------------------------------------------------ caches
 
@@ -153,11 +154,11 @@ class Verifier:
         key = (h.digest(), name.lower())
         v = self._verdicts.get(key)
         if v is None:
-            v = self._verify(chain, name)
+            v = self._verify(chain, name, key[0])
             self._verdicts[key] = v
         return v
 
-    def _verify(self, chain: Sequence[bytes], name: str) -> Verdict:
+    def _verify(self, chain: Sequence[bytes], name: str, chain_key: bytes) -> Verdict:
         problems: list[str] = []
         try:
             leaf = self.cert(chain[0])
@@ -177,7 +178,10 @@ class Verifier:
         if not name_ok:
             shown = ", ".join(info.names[:4]) + ("…" if len(info.names) > 4 else "") if info.names else "no DNS names"
             problems.append(f"name mismatch: {name} not in certificate ({shown})")
-        status, detail = self._chain_status(leaf, info, chain)
+        cached = self._chains.get(chain_key)
+        if cached is None:
+            cached = self._chains[chain_key] = self._chain_status(leaf, info, chain)
+        status, detail = cached
         if status != CHAIN_OK:
             problems.append(f"chain {status}: {detail}")
         return Verdict(info=info, chain=status, chain_detail=detail, name_ok=name_ok, problems=tuple(problems),

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
                 record = json.loads(body)
