@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -52,5 +53,30 @@ def lab() -> Iterator[Lab]:
         yield instance
     finally:
         instance.down()
+        if not os.environ.get("CERTMGR_LAB_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_SLOTS_IN_USE: set[int] = set()
+PRIVATE_SLOT_STRIDE = 100  # a lab uses base … base+11; the session lab is slot 0 of this worker's block
+
+
+@contextlib.contextmanager
+def private_lab(tag: str, **kwargs: object) -> Iterator[Lab]:
+    """A lab of a test module's own (fault tests restart Pebble, break POPs, run 20 POPs…).
+
+    It gets a free 100-port slot inside this worker's 1000-port block, so it never collides
+    with the session `lab` or another worker's labs; it is stopped and removed on exit.
+    """
+    slot = next(i for i in range(1, 10) if i not in _SLOTS_IN_USE)
+    _SLOTS_IN_USE.add(slot)
+    path = Path(tempfile.mkdtemp(prefix=f"certmgr-lab-{tag}-"))
+    instance = Lab(path, _lab_port_base() + PRIVATE_SLOT_STRIDE * slot, **kwargs)  # type: ignore[arg-type]
+    try:
+        instance.up()
+        yield instance
+    finally:
+        instance.down()
+        _SLOTS_IN_USE.discard(slot)
         if not os.environ.get("CERTMGR_LAB_KEEP"):
             shutil.rmtree(path, ignore_errors=True)
