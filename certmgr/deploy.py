@@ -7,7 +7,6 @@ rename(2), test, reload, verify by TLS handshake — and roll back with one rena
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import logging
@@ -19,8 +18,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
-
-from cryptography import x509
 
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
@@ -146,12 +143,9 @@ fi
 if [ -r "$live/fullchain.pem" ]; then
   say "fullchain_sha256=$(sha256sum < "$live/fullchain.pem" | cut -d ' ' -f 1)"
 fi
-if [ -r "$live/cert.pem" ]; then
-  say "cert_b64=$(base64 -w0 < "$live/cert.pem")"
-fi
 out=$(eval "$test" 2>&1 </dev/null); rc=$?
 say "test_rc=$rc"
-say "test_out=$(b64 "$out")"
+[ "$rc" -eq 0 ] || say "test_out=$(b64 "$out")"
 """
 
 # Shared by commit and rollback: point live/<name> at $1 (a relative target) with one rename(2).
@@ -213,16 +207,16 @@ say "prev=$prev"
 say swapped=1
 out=$(eval "$test" 2>&1 </dev/null); rc=$?
 say "test_rc=$rc"
-say "test_out=$(b64 "$out")"
 if [ "$rc" -ne 0 ]; then
+  say "test_out=$(b64 "$out")"
   if point "$prev" back; then say rolled_back=1; else say rolled_back=0; fi
   retest
   exit 4
 fi
 out=$(eval "$reload" 2>&1 </dev/null); rc=$?
 say "reload_rc=$rc"
-say "reload_out=$(b64 "$out")"
 if [ "$rc" -ne 0 ]; then
+  say "reload_out=$(b64 "$out")"
   if point "$prev" back; then say rolled_back=1; else say rolled_back=0; fi
   retest
   exit 4
@@ -345,13 +339,6 @@ def command_label(argv: Sequence[str]) -> str:
     if prog == "systemctl" and len(args) >= 2:
         return " ".join([prog, *args[1:3]])
     return prog
-
-
-def _serial_of_pem(pem: bytes) -> str | None:
-    try:
-        return CertInfo.from_cert(x509.load_pem_x509_certificate(pem)).serial
-    except ValueError:
-        return None
 
 
 def _serial_of_probe(p: Probe) -> str | None:
@@ -503,7 +490,7 @@ class _Deployer:
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
-        old_serial = _serial_of_pem(base64.b64decode(state.get("cert_b64") or "")) if state.get("cert_b64") else None
+        old_serial: str | None = None
         layout = state.get("layout")
         target = state.get("target")
         prev_version = version_of_target(target, name)
@@ -521,8 +508,8 @@ class _Deployer:
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
                 hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
         served = await served_task
-        if old_serial is None:
-            old_serial = next((s for p in served.values() if (s := _serial_of_probe(p))), None)
+        # what clients get now is the "from" of this change (the live file may not be what nginx loaded)
+        old_serial = next((s for p in served.values() if (s := _serial_of_probe(p))), None)
 
         # 2. skip: this exact fullchain is live and every name serves it
         if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()

@@ -133,6 +133,11 @@ def _hostport(host: Host) -> str:
     return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
 
 
+# AES-GCM first: one AEAD call per packet in asyncssh, where chacha20-poly1305 costs several;
+# every one of these is in OpenSSH's default server list.
+_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+            "aes128-ctr", "aes256-ctr")
+
 _KEY_CACHE: dict[str, asyncssh.SSHKey] = {}
 
 
@@ -218,7 +223,7 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
                 known_hosts=(host_keys, ca_keys, revoked), client_factory=lambda: policy,
                 agent_path=None, config=None, preferred_auth="publickey", password=None,
                 kbdint_auth=False, gss_host=None, connect_timeout=timeouts.connect,
-                keepalive_interval=15, keepalive_count_max=3,
+                keepalive_interval=15, keepalive_count_max=3, encryption_algs=_CIPHERS,
             )
     except asyncssh.HostKeyNotVerifiable as exc:
         offered = policy.offered

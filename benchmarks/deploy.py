@@ -1,0 +1,152 @@
+"""Benchmark: push one certificate to 1, 4, 20 and 50 lab POPs with certmgr, beside the by-hand loop.
+
+    sudo PYTHONPATH=. /tmp/venv0/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--port-base 44200]
+
+Each certmgr run is a child process (so its peak RSS is its own) that deploys a fresh version of
+one lineage to the first N POPs after a warm-up run (which converts certbot's layout). The by-hand
+way is a sequential loop per POP: `ssh mkdir`, `scp` the four files, `ssh 'ln -sfn … && sudo nginx -t
+&& sudo nginx -s reload'`. Targets: 50 POPs ≤ 3x the time of 1 POP; ≥ 10x faster than the loop at 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from certmgr import inventory as inventory_mod  # noqa: E402
+from certmgr.deploy import Status, deploy  # noqa: E402
+from certmgr.material import CertMaterial  # noqa: E402
+from certmgr.store import Store  # noqa: E402
+from lab import Lab, pki  # noqa: E402
+
+NAME = "media.hachyderm.test"
+
+
+def child(lab_dir: str, n: int, parallel: int, state: str) -> None:
+    """One certmgr deploy of a fresh version to the first `n` POPs; prints JSON with time and peak RSS."""
+    lab = Lab.load(lab_dir)
+    inv = inventory_mod.load(lab.inventory_path)
+    pops = lab.pop_names[:n]
+    cert = dataclasses.replace(inv.certificate(NAME), hosts=tuple(pops))
+    inv = dataclasses.replace(inv, certificates=(cert,))
+    store = Store.open(Path(state))
+    ca = pki.make_ca("benchmark CA")
+    leaf = pki.make_leaf(ca, list(cert.domains))
+    with store.lock("benchmark"):
+        store.activate(NAME, store.add_version(NAME, CertMaterial(cert=leaf.cert_pem, chain=ca.cert_pem,
+                                                                    privkey=leaf.key_pem)))
+        start = time.monotonic()
+        outcomes = asyncio.run(deploy(inv, store, [cert], parallel=parallel, now=dt.datetime.now(dt.UTC)))
+        wall = time.monotonic() - start
+    bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
+    print(json.dumps({"n": n, "wall": wall, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad}))
+
+
+def run_child(lab: Lab, n: int, parallel: int, state: Path) -> dict[str, object]:
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state)],
+                         capture_output=True, text=True, check=False, timeout=600)
+    total = time.monotonic() - t
+    if res.returncode != 0:
+        raise SystemExit(f"child failed:\n{res.stderr}")
+    out: dict[str, object] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process_wall"] = total
+    return out
+
+
+def by_hand(lab: Lab, n: int, version: int) -> float:
+    """The sequential loop an operator would write; returns its wall time for the first `n` POPs."""
+    ca = pki.make_ca("by-hand CA")
+    leaf = pki.make_leaf(ca, [NAME])
+    files = Path(tempfile.mkdtemp(prefix="certmgr-byhand-"))
+    for fname, data in (("fullchain.pem", leaf.cert_pem + ca.cert_pem), ("privkey.pem", leaf.key_pem),
+                        ("cert.pem", leaf.cert_pem), ("chain.pem", ca.cert_pem)):
+        (files / fname).write_bytes(data)
+    (files / "privkey.pem").chmod(0o600)
+    port = str(lab.ports.ssh)
+    opts = ["-i", str(lab.ssh_key), "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+    start = time.monotonic()
+    for pop in lab.pop_names[:n]:
+        p = lab.pop_paths(pop)
+        dest = f"{p.cert_root}/archive/{NAME}/byhand{version}"
+        target = f"certmgr-deploy@{p.address}"
+        subprocess.run(["ssh", *opts, "-p", port, target, shlex.join(["mkdir", "-p", dest])], check=True)
+        subprocess.run(["scp", "-q", *opts, "-P", port, *[str(files / f) for f in sorted(os.listdir(files))],
+                        f"{target}:{dest}/"], check=True)
+        script = " && ".join([shlex.join(["ln", "-sfn", dest, f"{p.cert_root}/live/{NAME}"]),
+                              shlex.join(p.test_command), shlex.join(p.reload_command)])
+        subprocess.run(["ssh", *opts, "-p", port, target, script], check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,4,20,50")
+    ap.add_argument("--port-base", type=int, default=int(os.environ.get("CERTMGR_TEST_PORT_BASE", "44200")))
+    ap.add_argument("--dir", default=None, help="lab dir (default /tmp/certmgr-lab-deploy-bench-PORTBASE)")
+    ap.add_argument("--repeat", type=int, default=3, help="certmgr runs per size; the median is reported")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the by-hand loop")
+    ap.add_argument("--keep", action="store_true", help="leave the lab running")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    lab = Lab(Path(args.dir or f"/tmp/certmgr-lab-deploy-bench-{args.port_base}"), args.port_base, pops=max(sizes))
+    t = time.monotonic()
+    lab.up()
+    lab.reseed()
+    print(f"lab: {lab.pops} POPs up and seeded in {time.monotonic() - t:.1f}s (port base {args.port_base})")
+    state = Path(tempfile.mkdtemp(prefix="certmgr-bench-state-"))
+    try:
+        warm = run_child(lab, max(sizes), min(max(sizes), 50), state)  # converts certbot's layout everywhere
+        print(f"warm-up (certbot layout conversion) to {max(sizes)} POPs: {warm['wall']:.2f}s")
+        rows = []
+        for n in sizes:
+            runs = [run_child(lab, n, min(n, 50), state) for _ in range(args.repeat)]
+            for r in runs:
+                if r["bad"]:
+                    print(f"  {n} POPs: not all deployed: {r['bad']}")
+            walls = sorted(float(r["wall"]) for r in runs)  # type: ignore[arg-type]
+            rss = max(int(r["rss_kb"]) for r in runs)  # type: ignore[call-overload]
+            rows.append((n, walls[len(walls) // 2], walls, rss))
+            print(f"certmgr {n:>2} POPs: median {walls[len(walls) // 2]:.2f}s "
+                  f"(runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {rss / 1024:.0f} MiB")
+        one = rows[0][1]
+        for n, med, _, _ in rows:
+            print(f"  {n:>2} POPs / 1 POP = {med / one:.2f}x")
+        if not args.no_baseline:
+            base = {}
+            for n in sizes:
+                base[n] = by_hand(lab, n, n)
+                print(f"by hand {n:>2} POPs: {base[n]:.2f}s ({base[n] / n:.2f}s per POP)")
+            big = sizes[-1]
+            print(f"at {big} POPs: certmgr {rows[-1][1]:.2f}s vs by hand {base[big]:.2f}s → "
+                  f"{base[big] / rows[-1][1]:.1f}x faster")
+        print(f"target 1: {sizes[-1]} POPs ≤ 3x 1 POP → {rows[-1][1] / one:.2f}x "
+              f"({'met' if rows[-1][1] <= 3 * one else 'NOT met'})")
+    finally:
+        if not args.keep:
+            lab.reseed()
+            lab.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
