@@ -511,3 +511,43 @@ def status_cmd(c: Ctx, fresh: bool, as_json: bool) -> None:
     else:
         for line in status_mod.render(views, now):
             click.echo(line)
+
+
+# ---------------------------------------------------------------- doctor (issue 6)
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option("--timer-interval", metavar="DURATION",
+              help="Assume certmgr runs this often (e.g. 12h) instead of reading certmgr.timer.")
+@click.option("--concurrency", type=click.IntRange(1, 200), default=20, show_default=True,
+              help="Checks (CAs, zones, hosts) in flight at once.")
+@click.option("--timeout", type=click.FloatRange(1, 600), default=60.0, show_default=True,
+              help="Seconds allowed for each CA, zone or host.")
+@pass_ctx
+def doctor_cmd(c: Ctx, as_json: bool, timer_interval: str | None, concurrency: int, timeout: float) -> None:
+    """Check everything a run needs (inventory, store, CAs, TSIG keys, POPs, nginx, timer); change nothing.
+
+    Exit status: 0 all ok, 1 warnings, 2 failures.
+    """
+    import dataclasses
+    import datetime as dt
+
+    from certmgr import doctor
+    from certmgr.errors import UsageError
+    from certmgr.inventory import parse_duration
+
+    interval = None
+    if timer_interval is not None:
+        interval = parse_duration(timer_interval)
+        if interval is None or interval <= 0:
+            raise UsageError(f"doctor --timer-interval {timer_interval!r}: not a duration (e.g. 12h, 1d, 90m)")
+    timeouts = dataclasses.replace(doctor.Timeouts(), check=timeout)
+    report = run_async(doctor.run(c.inventory_path, c.state_dir, now=dt.datetime.now(dt.UTC),
+                                  timer_interval_s=interval, concurrency=concurrency, timeouts=timeouts))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        tty = sys.stdout.isatty()
+        click.echo(doctor.render(report, tty=tty, colour=tty and "NO_COLOR" not in os.environ))
+    sys.exit(report.exit_code)
