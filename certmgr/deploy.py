@@ -165,8 +165,15 @@ retest() {
 }
 """
 
+# A client that vanishes mid-script (killed, network cut) must not leave an untested link live:
+# ignoring HUP and PIPE lets the script run to its end (test, rollback or reload) with nobody
+# reading its output; the next run's INSPECT sees where it got to.
+_DETACH_SH = r"""
+trap '' HUP PIPE
+"""
+
 COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8
-""" + _COMMON_SH + _POINT_SH + r"""
+""" + _DETACH_SH + _COMMON_SH + _POINT_SH + r"""
 umask 077
 fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; exit 3; }
 o=$(cd -- "$arch/$tmp" 2>&1 && printf '%s\n' "$sums" | sha256sum --strict --quiet -c - 2>&1) || fail verify "$o"
@@ -228,7 +235,7 @@ say done=1
 """
 
 ROLLBACK_SH = r"""root=$1 name=$2 prev=$3 test=$4 reload=$5
-""" + _COMMON_SH + _POINT_SH + r"""
+""" + _DETACH_SH + _COMMON_SH + _POINT_SH + r"""
 if point "$prev" back; then say rolled_back=1; else say rolled_back=0; exit 3; fi
 retest
 if [ "$rc" -ne 0 ]; then exit 4; fi

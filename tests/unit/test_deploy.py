@@ -539,3 +539,30 @@ def test_docs_manual_certbot_conversion_works(tmp_path: Path) -> None:
     assert sorted(os.listdir(root / "live")) == [name]
     res = sh(INSPECT_SH, str(root), name, "true")
     assert res.get("layout") == "link" and version_of_target(res.get("target"), name) == 3
+
+
+def test_commit_finishes_when_nobody_reads_its_output(tmp_path: Path) -> None:
+    """A client gone mid-COMMIT (closed pipe) cannot strand an untested link: the script still tests and reloads."""
+    import subprocess
+
+    root = linked_root(tmp_path, 1)
+    m = material()
+    upload(root, ".tmp-2-abababababab", m)
+    args = (str(root), NAME, ".tmp-2-abababababab", "2", sha256sums(m), "", f"sleep 0.3; touch {tmp_path}/tested",
+            f"touch {tmp_path}/reloaded")
+    import signal
+    import time
+
+    proc = subprocess.Popen(["sh", "-c", sh_command(COMMIT_SH, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 10
+    while os.readlink(root / "live" / NAME) != f"../archive/{NAME}/2" and time.monotonic() < deadline:
+        time.sleep(0.01)  # swapped, test running: the worst moment to lose the client
+    proc.stdout.close()  # the SSH channel is gone: every later write gets EPIPE
+    os.killpg(proc.pid, signal.SIGHUP)  # and the session is hung up (the login shell dies of it)
+    proc.wait(timeout=10)
+    while not (tmp_path / "reloaded").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the detached script finishes on its own
+    assert (tmp_path / "tested").exists() and (tmp_path / "reloaded").exists()
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/2"
