@@ -227,10 +227,10 @@ def _weekdays(text: str, spec: str) -> frozenset[int]:
 def parse_calendar(text: str) -> CalendarSpec:
     """A systemd.time(7) calendar expression (the common subset) → CalendarSpec; ValueError if unsupported."""
     spec = text.strip()
-    norm = _SHORTHANDS.get(spec.lower(), spec)
-    tokens = norm.split()
-    if tokens and (tokens[-1].upper() in ("UTC", "Z") or ("/" in tokens[-1] and tokens[-1][0].isupper())):
+    tokens = spec.split()
+    if len(tokens) > 1 and (tokens[-1].upper() in ("UTC", "Z") or ("/" in tokens[-1] and tokens[-1][0].isupper())):
         tokens = tokens[:-1]  # a time zone shifts the times, not the gaps between them
+    tokens = _SHORTHANDS.get(" ".join(tokens).lower(), " ".join(tokens)).split()
     weekdays = frozenset(range(7))
     if tokens and re.match(r"[A-Za-z]", tokens[0]):
         weekdays = _weekdays(tokens.pop(0), spec)
