@@ -491,3 +491,21 @@ def test_preferred_chain_by_issuer_name(rlab: Lab, store: Store, tmp_path: Path)
     top = x509.load_pem_x509_certificate(split_pem(store.read("media.hachyderm.test").chain)[-1])
     assert top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == cn
     assert out.notes == ()
+
+
+def test_six_day_certificate_renews_at_half_its_lifetime(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """A 6-day certificate from the CA gets the short-lived rule: renewal from half its lifetime on."""
+    rlab.restart_pebble(validity=6 * 86400)
+    try:
+        inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test",
+                                                   "domains": ["media.hachyderm.test"]}]))
+        [out] = run_renew(inv, store)
+    finally:
+        rlab.restart_pebble()
+    assert out.status == "renewed", out.error
+    info = store.read("media.hachyderm.test").info()
+    assert dt.timedelta(days=5) < info.lifetime <= dt.timedelta(days=6, hours=1)
+    [later] = run_renew(inv, store, now=info.not_before + info.lifetime / 2 - dt.timedelta(minutes=1), dry_run=True)
+    assert later.status == "not-due" and later.decision.reason.endswith("(1/2 of lifetime (under 10 days))")
+    [due] = run_renew(inv, store, now=info.not_before + info.lifetime / 2, dry_run=True)
+    assert due.status == "planned"
