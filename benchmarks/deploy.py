@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,19 +54,45 @@ def child(lab_dir: str, n: int, parallel: int, state: str) -> None:
         outcomes = asyncio.run(deploy(inv, store, [cert], parallel=parallel, now=dt.datetime.now(dt.UTC)))
         wall = time.monotonic() - start
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
-    print(json.dumps({"n": n, "wall": wall, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"n": n, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
                       "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad}))
 
 
-def run_child(lab: Lab, n: int, parallel: int, state: Path) -> dict[str, object]:
+def _proc_cpu(pid: int | None) -> float:
+    """CPU seconds of `pid` plus its reaped children (sshd sessions, sh, sudo, nginx -t; old nginx workers)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy() -> float:
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(lab: Lab, n: int) -> float:
+    return sum(_proc_cpu(lab.sshd_pid(p)) + _proc_cpu(lab.nginx_pid(p)) for p in lab.pop_names[:n])
+
+
+def run_child(lab: Lab, n: int, parallel: int, state: Path) -> dict[str, Any]:
+    cpu0, busy0 = server_cpu(lab, n), _busy()
     t = time.monotonic()
     res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state)],
                          capture_output=True, text=True, check=False, timeout=600)
     total = time.monotonic() - t
+    time.sleep(0.3)  # let the POPs' sshd reap their sessions so the children's CPU is counted
     if res.returncode != 0:
         raise SystemExit(f"child failed:\n{res.stderr}")
-    out: dict[str, object] = json.loads(res.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     out["process_wall"] = total
+    out["server_cpu"] = server_cpu(lab, n) - cpu0
+    out["machine_busy"] = _busy() - busy0
+    out["load"] = os.getloadavg()[0]
     return out
 
 
@@ -123,11 +150,17 @@ def main() -> int:
             for r in runs:
                 if r["bad"]:
                     print(f"  {n} POPs: not all deployed: {r['bad']}")
-            walls = sorted(float(r["wall"]) for r in runs)  # type: ignore[arg-type]
-            rss = max(int(r["rss_kb"]) for r in runs)  # type: ignore[call-overload]
+            walls = sorted(float(r["wall"]) for r in runs)
+            rss = max(int(r["rss_kb"]) for r in runs)
             rows.append((n, walls[len(walls) // 2], walls, rss))
+            srv = sum(r["server_cpu"] for r in runs) / len(runs)
+            cli = sum(r["client_cpu"] for r in runs) / len(runs)
+            busy = sum(r["machine_busy"] for r in runs) / len(runs)
+            load = sum(r["load"] for r in runs) / len(runs)
             print(f"certmgr {n:>2} POPs: median {walls[len(walls) // 2]:.2f}s "
-                  f"(runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {rss / 1024:.0f} MiB")
+                  f"(runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {rss / 1024:.0f} MiB; "
+                  f"CPU: POPs {srv * 1000 / n:.0f} ms/POP, certmgr {cli:.2f}s, whole machine {busy:.1f}s "
+                  f"busy (load avg {load:.1f} on {os.cpu_count()} cores)")
         one = rows[0][1]
         for n, med, _, _ in rows:
             print(f"  {n:>2} POPs / 1 POP = {med / one:.2f}x")

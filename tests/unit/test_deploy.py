@@ -566,3 +566,23 @@ def test_commit_finishes_when_nobody_reads_its_output(tmp_path: Path) -> None:
         time.sleep(0.05)  # the detached script finishes on its own
     assert (tmp_path / "tested").exists() and (tmp_path / "reloaded").exists()
     assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/2"
+
+
+def test_one_preflight_per_host_for_several_certificates(tmp_path: Path) -> None:
+    """The second certificate on a host reuses the passing test that ended the first: 3 test runs, not 4."""
+    host = fake_host(tmp_path, "h0")
+    counting = ("sh", "-c", 'echo x >> "$1/tests.log"; ' + _TEST, "_", host.cert_root)
+    host = Host(name=host.name, address=host.address, cert_root=host.cert_root, test_command=counting,
+                reload_command=host.reload_command)
+    certs = tuple(Certificate(name=n, domains=(n,), dns="d", hosts=("h0",), ca="c") for n in ("a.example", "b.example"))
+    inv = Inventory(path=tmp_path / "inv.toml", cas={}, dns={}, hosts={"h0": host}, certificates=certs, channels={})
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        for c in certs:
+            store.activate(c.name, store.add_version(c.name, material(c.domains)))
+    fleet = FakeFleet()
+    outs = asyncio.run(deploy(inv, store, certs, now=NOW, connector=fleet.connector, prober=fleet.prober,
+                              timeouts=Timeouts(verify=1.0)))
+    assert [(o.cert, o.status) for o in outs] == [("a.example", Status.DEPLOYED), ("b.example", Status.DEPLOYED)]
+    assert (Path(host.cert_root) / "tests.log").read_text().count("x") == 3
+    assert fleet.contacted == ["h0"]  # one connection for both
