@@ -566,6 +566,29 @@ def check_secrets(inv: Inventory, env: Mapping[str, str] | None = None) -> list[
     return out
 
 
+def check_trust(inv: Inventory) -> list[Check]:
+    """Every trust bundle the inventory names (for served chains, for each CA's endpoint) holds PEM certificates."""
+    paths: dict[Path, str] = {p: "defaults.trust" for p in inv.trust}
+    for ca in inv.cas.values():
+        if ca.trust is not None:
+            paths.setdefault(ca.trust, f"ca.{ca.name}.trust")
+    out = []
+    for path, key in paths.items():
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except OSError as exc:
+            out.append(Check(group="inventory", name="trust", subject=key, status=Status.FAIL,
+                             message=f"cannot read {path}: {exc.strerror}", hint=f"fix {key} in the inventory"))
+            continue
+        except ValueError:
+            out.append(Check(group="inventory", name="trust", subject=key, status=Status.FAIL,
+                             message=f"{path} holds no PEM certificate", hint=f"fix {key} in the inventory"))
+            continue
+        out.append(Check(group="inventory", name="trust", subject=key, status=Status.OK,
+                         message=f"{path}: {len(certs)} certificate(s)"))
+    return out
+
+
 class _StoreLike(Protocol):
     root: Path
 
@@ -787,6 +810,62 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
                       "set server to the zone's primary")
     return result(Status.OK, f"key {kname} ({algorithm}) accepted by {where}; zone {zone} served authoritatively "
                              f"(SOA serial {soa[0].serial})")
+
+
+async def check_nameservers(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Check:
+    """Every server the propagation check waits for answers the zone's SOA authoritatively (unsigned, no RD)."""
+    from certmgr.dns.rfc2136 import RFC2136Provider, TSIGKey
+    from certmgr.errors import DNSError
+    from certmgr.log import Secret
+
+    subject = f"dns.{prov.name} {zone}"
+    t0 = time.monotonic()
+
+    def result(status: Status, message: str, hint: str | None = None) -> Check:
+        return Check(group="dns", name="nameservers", subject=subject, status=status, message=message, hint=hint,
+                     elapsed=time.monotonic() - t0)
+
+    # Finding the nameservers needs no key: a placeholder never signs anything here.
+    finder = RFC2136Provider(prov, TSIGKey(name=prov.tsig_key, algorithm="hmac-sha256", secret=Secret("")))
+    try:
+        servers = await finder.nameservers(zone)
+    except DNSError as exc:
+        return result(Status.FAIL, f"cannot list the nameservers of {zone}: {exc.message}",
+                      f"set nameservers = [...] in [dns.{prov.name}]")
+
+    async def soa(addr: str, port: int) -> tuple[str, int | None, str | None]:
+        show = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        q = dns.message.make_query(dns.name.from_text(zone), dns.rdatatype.SOA)
+        q.flags &= ~dns.flags.RD
+        try:
+            async with asyncio.timeout(timeouts.dns):
+                resp, _ = await dns.asyncquery.udp_with_fallback(q, addr, port=port, timeout=timeouts.dns)
+        except (TimeoutError, dns.exception.Timeout):
+            return show, None, "no answer"
+        except (OSError, dns.exception.DNSException) as exc:
+            return show, None, type(exc).__name__
+        rr = next((r for r in resp.answer if r.rdtype == dns.rdatatype.SOA), None)
+        if resp.rcode() != dns.rcode.NOERROR or rr is None:
+            return show, None, dns.rcode.to_text(resp.rcode()) if resp.rcode() != dns.rcode.NOERROR else "no SOA"
+        if not resp.flags & dns.flags.AA:
+            return show, None, "not authoritative"
+        return show, int(rr[0].serial), None
+
+    answers = await asyncio.gather(*(soa(a, p) for a, p in servers))
+    bad = [f"{show}: {err}" for show, _, err in answers if err is not None]
+    names = ", ".join(show for show, _, _ in answers)
+    if bad:
+        return result(Status.FAIL, f"propagation waits for {names}, but {'; '.join(bad)}: every challenge would "
+                                   f"time out after {_human(prov.propagation_timeout)}",
+                      f"fix those servers, or list the ones that serve {zone} in nameservers = [...]")
+    serials = {serial for _, serial, _ in answers}
+    if len(serials) > 1:
+        shown = ", ".join(f"{show} {serial}" for show, serial, _ in answers)
+        return result(Status.WARNING, f"nameservers disagree on the SOA serial ({shown}): a secondary lags, so "
+                                      "challenges wait for it",
+                      "check zone transfers (NOTIFY, allow-transfer) if this persists")
+    return result(Status.OK, f"{len(answers)} nameserver(s) answer authoritatively ({names}), serial "
+                             f"{next(iter(serials))}")
 
 
 # ============================================================================ hosts
@@ -1078,6 +1157,7 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
     checks: list[Check] = [inv_check]
     if inv is None:
         return Report(checks=tuple(checks), elapsed=loop.time() - start)
+    checks += check_trust(inv)
     checks += check_secrets(inv)
     store_check, store = check_store(state_dir)
     checks.append(store_check)
@@ -1119,6 +1199,7 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
     def zone_body(prov: DNSProvider, zone: str) -> Callable[[list[Check]], Awaitable[None]]:
         async def body(out: list[Check]) -> None:
             out.append(await check_zone(prov, zone, timeouts=timeouts))
+            out.append(await check_nameservers(prov, zone, timeouts=timeouts))
         return body
 
     def host_body(host: Host) -> Callable[[list[Check]], Awaitable[None]]:
@@ -1200,8 +1281,11 @@ __all__ = [
     "TimerSpec",
     "calendar_max_gap",
     "check_inventory",
+    "check_nameservers",
     "check_store",
     "check_timer",
+    "check_trust",
+    "check_zone",
     "find_timer_files",
     "interval_check",
     "known_lifetimes",

@@ -93,7 +93,8 @@ def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) 
     assert not_ok(report) == []
     assert code == 0 and report["status"] == "ok"
     names = {c["name"] for c in report["checks"]}
-    assert names == {"inventory", "secret", "store", "directory", "account", "tsig", "ssh", "write", "test-command",
+    assert names == {"inventory", "trust", "secret", "store", "directory", "account", "tsig", "nameservers", "ssh", "write",
+                     "test-command",
                      "reload-command", "serves-live", "interval"}
     assert len([c for c in report["checks"] if c["name"] == "serves-live"]) == 3 * len(pops)
     assert find(report, "account", "pebble")["message"].startswith("no account yet: the first renewal registers one")
@@ -208,6 +209,25 @@ def test_nginx_reading_another_path_fails_for_that_pop(doctor_lab: Lab, state_di
         f"nginx serves another certificate than {live_dir}/fullchain.pem (serial {live.serial}): "
         f"{LINEAGE}: serial {served.serial}; it reads another path, or was not reloaded")
     assert check["hint"].startswith(f"on {victim}, point ssl_certificate/ssl_certificate_key for {LINEAGE} at ")
+
+
+def test_broken_web_server_config_fails_the_test_command(doctor_lab: Lab, state_dir: Path) -> None:
+    """A conf.d file nginx cannot parse fails that POP's test command with nginx's own message; nothing reloads."""
+    victim = doctor_lab.pop_names[0]
+    p = doctor_lab.pop_paths(victim)
+    bad = p.conf_d / "doctor-broken.conf"
+    bad.write_text("this_is_not_a_directive on;\n")
+    try:
+        code, report = doctor(doctor_lab.inventory_path, state_dir, "--timer-interval", "12h")
+    finally:
+        bad.unlink()
+    assert code == 2
+    assert not_ok(report) == [("test-command", victim, "fail")]
+    check = find(report, "test-command", victim)
+    assert check["message"] == (
+        f'`nginx -t` failed (exit 1): "nginx: [emerg] unknown directive "this_is_not_a_directive" in {bad}:1 '
+        f'nginx: configuration file {p.nginx_conf} test failed"')
+    assert check["hint"] == f"fix the web server config on {victim}; deploy refuses to swap while this fails"
 
 
 def _six_day_material(now: dt.datetime) -> CertMaterial:
