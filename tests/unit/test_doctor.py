@@ -476,3 +476,29 @@ def test_unreachable_host_is_one_failure_and_others_continue(tmp_path: Path) -> 
         ("dead", "ssh", "fail"), ("good", "ssh", "ok"), ("good", "write", "ok"), ("good", "test-command", "ok"),
         ("good", "reload-command", "warning")]
     assert got[0].message == "connect dead (127.0.1.9:2222): Connection refused (nothing else checked on this host)"
+
+
+# ---------------------------------------------------------------- docs/doctor.md
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "doctor.md"
+
+
+def test_docs_name_every_check() -> None:
+    """docs/doctor.md documents every check name doctor emits."""
+    text = DOC.read_text()
+    for name in ("inventory", "trust", "secret", "store", "directory", "account", "tsig", "nameservers", "ssh",
+                 "write", "test-command", "reload-command", "serves-live", "interval"):
+        assert f"| `{name}` |" in text, name
+
+
+@pytest.mark.parametrize(("lifetime", "daily", "twice"), [
+    (dt.timedelta(days=90), Status.OK, Status.OK),
+    (dt.timedelta(days=6), Status.FAIL, Status.OK),
+    (dt.timedelta(hours=160), Status.FAIL, Status.OK),
+])
+def test_docs_timer_table(lifetime: dt.timedelta, daily: Status, twice: Status) -> None:
+    """The timer table in docs/doctor.md holds: the shipped daily timer (25 h) and twice-daily (13 h) per lifetime."""
+    lts = [Lifetime(cert="c", lifetime=lifetime, source="store")]
+    assert interval_check(25 * H, "t", lts, {"c": cert("c")}).status == daily
+    assert interval_check(13 * H, "t", lts, {"c": cert("c")}).status == twice
