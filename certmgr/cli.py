@@ -334,6 +334,8 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
               help="Processes to shard handshakes across [default: 1 below 400 endpoints, else one per CPU].")
 @click.option("--public", is_flag=True, help="Also resolve each name in DNS and scan the addresses it points to.")
 @click.option("--resolver", metavar="IP[:PORT]", help="DNS server for --public [default: the system resolver].")
+@click.option("--public-port", type=click.IntRange(1, 65535), default=443, show_default=True,
+              help="TLS port scanned on the addresses --public finds.")
 @click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
               help="Seconds to wait for TCP connect.")
 @click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
@@ -341,7 +343,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
 @click.option("--no-notify", is_flag=True, help="Do not send chat warnings for this scan.")
 @pass_ctx
 def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | None, concurrency: int,
-             workers: int | None, public: bool, resolver: str | None, connect_timeout: float,
+             workers: int | None, public: bool, resolver: str | None, public_port: int, connect_timeout: float,
              handshake_timeout: float, no_notify: bool) -> None:
     """Handshake with every POP for every name and report what is really served.
 
@@ -371,7 +373,7 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     try:
         result = run_async(scan_mod.scan(
             inv, store, names, now=now, concurrency=concurrency, workers=workers, public=public,
-            public_resolver=resolver_addr,
+            public_resolver=resolver_addr, public_port=public_port,
             timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout),
             on_progress=progress))
     finally:

@@ -297,3 +297,15 @@ def test_whole_inventory_prometheus_and_state(scan_lab: Lab, inventory: Path, tm
     assert not [p for p in prom.parent.iterdir() if p.name.startswith(".")]  # no temp left behind
     state = json.loads((tmp_path / "state" / "state" / "scan" / f"{LINEAGE}.json").read_text())
     assert state["severity"] == "critical" and len(state["endpoints"]) == len(scan_lab.pop_names)
+
+
+def test_public_scan_resolves_through_lab_dns(scan_lab: Lab, inventory: Path, tmp_path: Path) -> None:
+    """--public resolves each name at the given DNS server and scans what it points to; NXDOMAIN is an error result."""
+    code, data = run_scan(inventory, tmp_path, LINEAGE, "silent.hachyderm.test", "--public",
+                          "--resolver", f"127.0.0.1:{scan_lab.ports.dns}", "--public-port", str(scan_lab.ports.https))
+    hosts = {(e["certificate"], e["host"]): e for e in data["endpoints"]}
+    pub = hosts[(LINEAGE, "public:127.0.1.2")]  # the lab zone's A records point at the first POP
+    assert pub["serial"] == hosts[(LINEAGE, scan_lab.pop_names[0])]["serial"]
+    nx = hosts[("silent.hachyderm.test", "public")]
+    assert (nx["severity"], nx["error"]) == ("error", "dns: NXDOMAIN")
+    assert code == 3
