@@ -39,13 +39,14 @@ def toml_list(items: Sequence[str]) -> str:
 
 
 def inventory_text(rlab: Lab, certs: Sequence[dict[str, Any]], *, lab_key_file: Path | None = None,
-                   nameservers: Sequence[str] | None = None, propagation_timeout: str | None = None,
+                   nameservers: Sequence[str] | str | None = "default", propagation_timeout: str | None = None,
                    directory: str | None = None, extra_dns: str = "") -> str:
     """An inventory for the lab's Pebble and bind; `certs` are [[certificates]] tables as dicts."""
     port = rlab.ports.dns
-    if nameservers is None and rlab.secondary:
-        nameservers = ["127.0.0.1"]  # the lab's secondary lags on purpose: only the failure test waits for it
-    ns = f"nameservers = {toml_list(nameservers)}\n" if nameservers is not None else ""
+    if nameservers == "default":
+        # the lab's secondary lags on purpose: only the failure test waits for it; None = discover from NS
+        nameservers = ["127.0.0.1"] if rlab.secondary else None
+    ns = f"nameservers = {toml_list(nameservers)}\n" if isinstance(nameservers, (list, tuple)) else ""
     pt = f'propagation_timeout = "{propagation_timeout}"\n' if propagation_timeout else ""
     lines = [f"""
 [ca.pebble]
@@ -273,10 +274,12 @@ tsig_secret_file = "{rlab.dns_dir / 'certmgr-lab.key'}"
 
 def test_nameserver_never_serving_the_record(rlab: Lab, store: Store, tmp_path: Path) -> None:
     """A nameserver that never serves the TXT fails within the bound, names the laggard, and leaves no TXT."""
-    # the lab's secondary (127.0.0.2) never transfers without `sync_secondary`; without it, a dead address
+    # the lab's secondary (127.0.0.2, NS ns2) never transfers without `sync_secondary`: found from the zone's
+    # NS records and asked directly; without a secondary, a dead address listed in the inventory
     laggard = "127.0.0.2" if rlab.secondary else "127.0.0.3"
     inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
-                                        nameservers=["127.0.0.1", laggard], propagation_timeout="3s"))
+                                        nameservers=None if rlab.secondary else ["127.0.0.1", laggard],
+                                        propagation_timeout="3s"))
     started = time.monotonic()
     [out] = run_renew(inv, store)
     elapsed = time.monotonic() - started
@@ -509,3 +512,41 @@ def test_six_day_certificate_renews_at_half_its_lifetime(rlab: Lab, store: Store
     assert later.status == "not-due" and later.decision.reason.endswith("(1/2 of lifetime (under 10 days))")
     [due] = run_renew(inv, store, now=info.not_before + info.lifetime / 2, dry_run=True)
     assert due.status == "planned"
+
+
+def test_propagation_waits_for_a_lagging_secondary(rlab: Lab, store: Store, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The challenge is answered only once the secondary (found from NS) serves the TXT, after its transfer."""
+    if not rlab.secondary:
+        pytest.skip("needs the lab's secondary nameserver (python -m lab up --secondary)")
+    import threading
+
+    from certmgr.dns.rfc2136 import RFC2136Provider
+
+    real_present = RFC2136Provider.present
+    synced = threading.Event()
+    sync_errors: list[Exception] = []
+
+    def sync() -> None:
+        try:
+            rlab.sync_secondary()
+            synced.set()
+        except Exception as exc:  # a LabError: reported below
+            sync_errors.append(exc)
+
+    async def present_then_transfer_later(self: RFC2136Provider, records: Any) -> None:
+        await real_present(self, records)
+        asyncio.get_running_loop().call_later(1.0, lambda: threading.Thread(target=sync).start())
+
+    monkeypatch.setattr(RFC2136Provider, "present", present_then_transfer_later)
+    inv = load(tmp_path, inventory_text(rlab, [{"name": "c040.hachyderm.test", "domains": ["c040.hachyderm.test"]}],
+                                        nameservers=None, propagation_timeout="10s"))
+    started = time.monotonic()
+    [out] = run_renew(inv, store)
+    elapsed = time.monotonic() - started
+    if sync_errors:
+        pytest.xfail(f"lab: sync_secondary failed, the secondary never transferred: {sync_errors[0]}")
+    assert out.status == "renewed", out.error
+    assert synced.is_set() and elapsed >= 1.0
+    monkeypatch.undo()
+    rlab.sync_secondary()  # let the secondary drop the cleaned-up TXT too
