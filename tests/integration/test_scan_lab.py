@@ -309,3 +309,41 @@ def test_public_scan_resolves_through_lab_dns(scan_lab: Lab, inventory: Path, tm
     nx = hosts[("silent.hachyderm.test", "public")]
     assert (nx["severity"], nx["error"]) == ("error", "dns: NXDOMAIN")
     assert code == 3
+
+
+def test_scan_notifies_once_then_resolves(scan_lab: Lab, pki: PKI, inventory: Path, tmp_path: Path,
+                                          clean: None) -> None:
+    """Through the real CLI: a 500 is retried, a repeated scan stays quiet, and the fix sends "resolved"."""
+    from tests.receiver import Receiver
+
+    good = pki.leaf()
+    for pop in scan_lab.pop_names:
+        install(scan_lab, pop, [good, pki.inter])
+    install(scan_lab, VICTIM, [pki.leaf(start=-92, end=-2), pki.inter])
+    state = tmp_path / "state"
+
+    def scan_notify() -> tuple[int, dict[str, Any]]:
+        res = CliRunner().invoke(main, ["--inventory", str(inventory), "--state-dir", str(state), "scan", "--json",
+                                        LINEAGE])
+        return res.exit_code, json.loads(res.stdout)
+
+    with Receiver(port=scan_lab.ports.webhook) as rx:  # the lab inventory's [channels.ops] webhook
+        rx.script(500, 200)
+        code, data = scan_notify()
+        assert code == 2
+        assert data["notifications"] == [{"channel": "ops", "kind": "problem", "certificate": LINEAGE, "ok": True,
+                                          "attempts": 2, "error": None}]
+        first = rx.wait_for(2)[1].json
+        assert (first["kind"], first["severity"], first["hosts"], first["command"]) == (
+            "problem", "critical", [VICTIM], f"certmgr renew {LINEAGE}")
+        assert any(line.startswith(f"- {VICTIM} {SNI}: expired 2.0d ago") for line in first["lines"])
+
+        code, data = scan_notify()
+        assert (code, data["notifications"]) == (2, [])
+
+        install(scan_lab, VICTIM, [good, pki.inter])
+        code, data = scan_notify()
+        assert code == 0
+        assert [n["kind"] for n in data["notifications"]] == ["resolved"]
+        assert rx.wait_for(3)[2].json["title"].startswith(f"RESOLVED {LINEAGE}: all ")
+        assert len(rx.requests) == 3
