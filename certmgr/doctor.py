@@ -908,29 +908,35 @@ async def check_host(inv: Inventory, host: Host, out: list[Check], served: list[
     t0 = time.monotonic()
     jump = inv.hosts.get(host.jump) if host.jump else None
     target = f"{host.user}@{host.address}:{host.port}"
+    step = ("host", "ssh", host.name)  # the check in progress: a lost connection is reported against it
     try:
         async with connector(host, jump=jump, accept_new=False, timeouts=timeouts.ssh) as rem:
             out.append(Check(group="host", name="ssh", subject=host.name, status=Status.OK,
                              message=f"{target}: logged in, host key known", elapsed=time.monotonic() - t0))
+            step = ("host", "write", host.name)
             out.append(await _check_write(host, rem))
+            step = ("host", "test-command", host.name)
             out.append(await _check_test(host, rem))
+            step = ("host", "reload-command", host.name)
             out.append(await _check_reload(host, rem))
-            certs = [c for c in inv.certificates if host.name in c.hosts]
-            for cert in certs:
+            for cert in (c for c in inv.certificates if host.name in c.hosts):
+                step = ("nginx", "serves-live", f"{host.name} {cert.name}")
                 out.append(await _check_served(host, cert, rem, served, sni_names(cert), prober))
     except HostKeyError as exc:
         out.append(Check(group="host", name="ssh", subject=host.name, status=Status.FAIL,
                          message=_strip_outcome(exc.message) + " (nothing else checked on this host)", hint=exc.hint,
                          elapsed=time.monotonic() - t0))
-    except DeployError as exc:
-        if any(c.subject == host.name and c.name == "ssh" for c in out):
+    except (DeployError, asyncssh.Error, OSError) as exc:
+        text = exc.message if isinstance(exc, DeployError) else f"{step[1]} {host.name}: {remote_mod.describe_exc(exc)}"
+        hint = exc.hint if isinstance(exc, DeployError) else None
+        if step[1] == "ssh":
             out.append(Check(group="host", name="ssh", subject=host.name, status=Status.FAIL,
-                             message=f"{_strip_outcome(exc.message)} (later checks on this host not done)",
-                             hint=exc.hint, elapsed=time.monotonic() - t0))
+                             message=_strip_outcome(text) + " (nothing else checked on this host)",
+                             hint=hint or f"is sshd running on {host.name}? check address and port",
+                             elapsed=time.monotonic() - t0))
         else:
-            out.append(Check(group="host", name="ssh", subject=host.name, status=Status.FAIL,
-                             message=_strip_outcome(exc.message) + " (nothing else checked on this host)",
-                             hint=exc.hint or f"is sshd running on {host.name}? check address and port",
+            out.append(Check(group=step[0], name=step[1], subject=step[2], status=Status.FAIL,
+                             message=f"{_strip_outcome(text)} (later checks on this host not done)", hint=hint,
                              elapsed=time.monotonic() - t0))
 
 

@@ -101,6 +101,12 @@ def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) 
     assert {p: tree(doctor_lab.pop_paths(p).cert_root) for p in pops} == before
     assert {p: sorted(descendants(doctor_lab.nginx_pid(p) or 0)) for p in pops} == workers  # never reloaded
     assert not list((state_dir / "accounts").rglob("*.pem")) and not list((state_dir / "accounts").rglob("*key*"))
+    text = json.dumps(report)
+    import re
+    for key in ("certmgr-lab", "certmgr-challenges"):
+        secret = re.search(r'secret "([^"]+)"', (doctor_lab.dns_dir / f"{key}.key").read_text())
+        assert secret is not None and secret.group(1) not in text
+    assert doctor_lab.webhook_url_file.read_text().strip() not in text
 
 
 def test_plain_text_output_groups_checks(doctor_lab: Lab, state_dir: Path) -> None:

@@ -371,7 +371,7 @@ def test_bad_timer_interval_is_a_usage_error(tmp_path: Path) -> None:
 
 @dataclass
 class FakeRemote:
-    """Answers run_script by the argv it was given; no SFTP (write and served checks are lab-tested)."""
+    """Answers run_script by the argv it was given; SFTP always succeeds (real SFTP is lab-tested)."""
 
     answers: dict[str, tuple[int, str]] = field(default_factory=dict)
     calls: list[list[str]] = field(default_factory=list)
@@ -389,7 +389,23 @@ class FakeRemote:
         return Result(exit_status=0, stdout=out, stderr="", fields=parse_kv(out))
 
     async def sftp(self) -> Any:
-        raise AssertionError("not used")
+        return FakeSFTP()
+
+
+class FakeSFTP:
+    """Every directory exists and every file can be created and removed."""
+
+    async def isdir(self, path: str) -> bool:
+        return True
+
+    def open(self, path: str, mode: str, attrs: Any = None) -> Any:
+        @contextlib.asynccontextmanager
+        async def cm() -> AsyncIterator[None]:
+            yield None
+        return cm()
+
+    async def remove(self, path: str) -> None:
+        return None
 
 
 @pytest.mark.parametrize(("reload", "answers", "status", "message"), [
@@ -441,28 +457,11 @@ def test_unreachable_host_is_one_failure_and_others_continue(tmp_path: Path) -> 
     inv = Inventory(path=tmp_path / "i.toml", cas={}, dns={}, hosts={"good": good, "dead": dead}, certificates=(),
                     channels={})
 
-    class WriteOK(FakeRemote):
-        async def sftp(self) -> Any:
-            class Async:
-                async def isdir(self, p: str) -> bool:
-                    return True
-
-                def open(self, p: str, mode: str, attrs: Any = None) -> Any:
-                    @contextlib.asynccontextmanager
-                    async def cm() -> AsyncIterator[None]:
-                        yield None
-                    return cm()
-
-                async def remove(self, p: str) -> None:
-                    return None
-
-            return Async()
-
     @contextlib.asynccontextmanager
     async def connector(host: Host, **_: Any) -> AsyncIterator[Any]:
         if host.name == "dead":
             raise Unreachable("connect dead (127.0.1.9:2222): Connection refused (nothing changed)")
-        yield WriteOK({"t": (0, ""), "r": (0, "")})
+        yield FakeRemote({"t": (0, ""), "r": (0, "")})
 
     async def go() -> list[Check]:
         out: list[Check] = []
@@ -502,3 +501,34 @@ def test_docs_timer_table(lifetime: dt.timedelta, daily: Status, twice: Status) 
     lts = [Lifetime(cert="c", lifetime=lifetime, source="store")]
     assert interval_check(25 * H, "t", lts, {"c": cert("c")}).status == daily
     assert interval_check(13 * H, "t", lts, {"c": cert("c")}).status == twice
+
+
+def test_connection_lost_mid_host_is_reported_against_the_step(tmp_path: Path) -> None:
+    """A connection lost during one host check fails that check (not `ssh`) and says later ones were not done."""
+    import asyncio
+
+    from certmgr.inventory import Inventory
+    from certmgr.remote import ConnectionLost
+
+    host = Host(name="h", address="127.0.1.2", test_command=("t",), reload_command=("sudo", "r"))
+    inv = Inventory(path=tmp_path / "i.toml", cas={}, dns={}, hosts={"h": host}, certificates=(), channels={})
+
+    class Dropping(FakeRemote):
+        async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                             timeout: float | None = None) -> Result:
+            raise ConnectionLost("doctor test_command h (127.0.1.2:22): connection lost: reset")
+
+    @contextlib.asynccontextmanager
+    async def connector(host: Host, **_: Any) -> AsyncIterator[Any]:
+        yield Dropping()
+
+    async def go() -> list[Check]:
+        out: list[Check] = []
+        await doctor.check_host(inv, host, out, [], timeouts=doctor.Timeouts(), connector=connector,
+                                prober=None)  # type: ignore[arg-type]
+        return out
+
+    got = asyncio.run(go())
+    assert [(c.name, c.status.value) for c in got] == [("ssh", "ok"), ("write", "ok"), ("test-command", "fail")]
+    assert got[-1].message == ("doctor test_command h (127.0.1.2:22): connection lost: reset (later checks on this "
+                               "host not done)")
