@@ -1,8 +1,7 @@
 """ACME (RFC 8555) issuance with DNS-01: account, order, challenges through `dns/`, finalize; RFC 9773 ARI.
 
-The only module that touches `acme`/`josepy`. That library is synchronous (`requests`): every call runs in a
-dedicated thread pool (one `ClientNetwork` per order, so no session or nonce pool is shared between threads);
-waiting, polling and retrying happen on the event loop with `asyncio.sleep` and bounded deadlines.
+The only module touching `acme`/`josepy`, which is synchronous: each call runs in a private thread pool (one
+`ClientNetwork` per order); waiting, polling and retrying stay on the event loop, under bounded deadlines.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 
 
-class KeyError_(CertmgrError):
+class KeyMaterialError(CertmgrError):
     """A private key that cannot be generated or used for a CSR."""
 
 
@@ -30,7 +30,7 @@ def generate(key_type: str) -> PrivateKey:
         return ec.generate_private_key(ec.SECP384R1())
     if key_type.startswith("rsa-") and key_type in KEY_TYPES:
         return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
-    raise KeyError_(f"generate key: unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
+    raise KeyMaterialError(f"generate key: unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
 
 
 def to_pem(key: PrivateKey) -> bytes:
@@ -43,9 +43,9 @@ def from_pem(pem: bytes) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyError_("load key: the stored private key does not parse (re-issue without reuse_key)") from exc
+        raise KeyMaterialError("load key: the stored private key does not parse (re-issue without reuse_key)") from exc
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-        raise KeyError_(f"load key: unsupported key algorithm {type(key).__name__}")
+        raise KeyMaterialError(f"load key: unsupported key algorithm {type(key).__name__}")
     return key
 
 
@@ -56,7 +56,7 @@ def key_type(key: PrivateKey) -> str:
 def csr(key: PrivateKey, domains: tuple[str, ...]) -> bytes:
     """A PEM CSR for `domains` (all in the SAN; the first also as CN when it fits in 64 characters)."""
     if not domains:
-        raise KeyError_("build CSR: no DNS names")
+        raise KeyMaterialError("build CSR: no DNS names")
     builder = x509.CertificateSigningRequestBuilder()
     if len(domains[0]) <= 64:
         builder = builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0])]))

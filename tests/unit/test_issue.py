@@ -120,5 +120,5 @@ def test_keys_and_csr(key_type: str) -> None:
 
 def test_unknown_key_type() -> None:
     """An unknown key type is refused with the list of known ones."""
-    with pytest.raises(keys.KeyError_, match="unknown key type 'dsa'"):
+    with pytest.raises(keys.KeyMaterialError, match="unknown key type 'dsa'"):
         keys.generate("dsa")
