@@ -227,7 +227,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
                          hint="`certmgr renew --due` renews every certificate inside its renewal window")
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
-    store = c.store()
+    store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
     lock = contextlib.nullcontext() if dry_run else store.lock("renew")
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,

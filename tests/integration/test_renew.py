@@ -220,6 +220,7 @@ def test_cli_renew_due_dry_run_and_json(rlab: Lab, tmp_path: Path) -> None:
     dry = subprocess.run([*base, "renew", "--due", "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "would renew media.hachyderm.test: no certificate yet" in dry.stdout
+    assert not (tmp_path / "s").exists(), "a dry run must not create the store"
     real = subprocess.run([*base, "renew", "--due", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert real.returncode == 0, real.stderr
     [entry] = json.loads(real.stdout)
