@@ -40,7 +40,8 @@ def toml_list(items: Sequence[str]) -> str:
 
 def inventory_text(rlab: Lab, certs: Sequence[dict[str, Any]], *, lab_key_file: Path | None = None,
                    nameservers: Sequence[str] | str | None = "default", propagation_timeout: str | None = None,
-                   directory: str | None = None, extra_dns: str = "") -> str:
+                   directory: str | None = None, extra_dns: str = "", agree_tos: bool = True,
+                   lab_key_name: str = "certmgr-lab") -> str:
     """An inventory for the lab's Pebble and bind; `certs` are [[certificates]] tables as dicts."""
     port = rlab.ports.dns
     if nameservers == "default":
@@ -52,7 +53,7 @@ def inventory_text(rlab: Lab, certs: Sequence[dict[str, Any]], *, lab_key_file: 
 [ca.pebble]
 directory = "{directory or rlab.pebble.directory}"
 contact = ["mailto:ops@hachyderm.test"]
-agree_tos = true
+agree_tos = {str(agree_tos).lower()}
 trust = "{rlab.https_ca}"
 
 [dns.lab]
@@ -60,7 +61,7 @@ type = "rfc2136"
 zones = ["hachyderm.test"]
 server = "127.0.0.1"
 port = {port}
-{ns}{pt}tsig_key = "certmgr-lab"
+{ns}{pt}tsig_key = "{lab_key_name}"
 tsig_secret_file = "{lab_key_file or rlab.dns_dir / 'certmgr-lab.key'}"
 
 [dns.challenges]
@@ -551,3 +552,28 @@ def test_propagation_waits_for_a_lagging_secondary(rlab: Lab, store: Store, tmp_
     assert synced.is_set() and elapsed >= 1.0
     monkeypatch.undo()
     rlab.sync_secondary()  # let the secondary drop the cleaned-up TXT too
+
+
+def test_unknown_tsig_key_name(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """A key name the server does not know fails with BADKEY and says where to look."""
+    bare = tmp_path / "bare.key"
+    text = (rlab.dns_dir / "certmgr-lab.key").read_text()
+    bare.write_text(text[text.index('secret "') + 8:].split('"')[0] + "\n")  # the bare base64 form
+    inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
+                                        lab_key_file=bare, lab_key_name="no-such-key"))
+    [out] = run_renew(inv, store)
+    assert out.error == (f"dns update hachyderm.test @127.0.0.1:{rlab.ports.dns}: server does not know TSIG key "
+                         "'no-such-key' (BADKEY) (TXT not written)")
+    assert out.hint == "check tsig_key against the key name in the server's config"
+
+
+def test_terms_of_service_must_be_agreed(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """Without agree_tos no account is registered, the error says so, and no account key is kept."""
+    inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
+                                        agree_tos=False))
+    [out] = run_renew(inv, store)
+    assert out.status == "failed" and not out.retryable
+    assert out.error is not None and out.error.startswith("acme account pebble: the CA's terms of service")
+    assert out.error.endswith("are not agreed (no account registered)")
+    assert out.hint == "read them, then set agree_tos = true in [ca.pebble]"
+    assert list(store.root.joinpath("accounts").iterdir()) == []
