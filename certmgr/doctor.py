@@ -797,6 +797,9 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
     if rcode == dns.rcode.NOTAUTH:
         return result(Status.FAIL, f"{where} answered NOTAUTH for {zone}: not authoritative, or key {kname} not "
                                    "accepted", "check server and zones in the inventory")
+    if rcode == dns.rcode.NXDOMAIN:
+        return result(Status.FAIL, f"key {kname} accepted, but zone {zone} does not exist at {where} (NXDOMAIN)",
+                      "check zones = [...] and server: the zone must be served by that primary")
     if rcode != dns.rcode.NOERROR:
         return result(Status.FAIL, f"{where} answered {dns.rcode.to_text(rcode)} for {zone} SOA (key {kname})",
                       "check zones = [...]: is this the zone apex?")

@@ -146,6 +146,22 @@ def test_wrong_tsig_secret_fails_naming_the_key(doctor_lab: Lab, state_dir: Path
     assert find(report, "tsig", "dns.challenges challenges.test")["status"] == "ok"
 
 
+@pytest.mark.parametrize(("zone", "expected"), [
+    ("www.hachyderm.test", "key certmgr-lab accepted, but {server} has no SOA for www.hachyderm.test: it is not a "
+                           "zone apex"),
+    ("nothere.test", "key certmgr-lab accepted, but zone nothere.test does not exist at {server} (NXDOMAIN)"),
+])
+def test_zone_not_served_fails(doctor_lab: Lab, state_dir: Path, tmp_path: Path, zone: str, expected: str) -> None:
+    """A zone the primary does not serve (or a name that is no apex) fails its tsig check; the real zone passes."""
+    inv = inventory_copy(doctor_lab, tmp_path, {'zones = ["hachyderm.test"]': f'zones = ["hachyderm.test", "{zone}"]'})
+    code, report = doctor(inv, state_dir, "--timer-interval", "12h")
+    assert code == 2
+    assert ("tsig", f"dns.lab {zone}", "fail") in not_ok(report)
+    server = f"127.0.0.1:{doctor_lab.ports.dns}"
+    assert find(report, "tsig", f"dns.lab {zone}")["message"] == expected.format(server=server)
+    assert find(report, "tsig", "dns.lab hachyderm.test")["status"] == "ok"
+
+
 def test_stopped_pop_fails_and_the_others_pass(doctor_lab: Lab, state_dir: Path) -> None:
     """With one POP's sshd and nginx stopped, its ssh check fails by name and every other host is ok."""
     victim = doctor_lab.pop_names[-1]
