@@ -280,7 +280,7 @@ class RemoteSession(Protocol):
                          timeout: float | None = None) -> Result: ...
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
-                         dir_mode: int = ..., ensure: Sequence[str] = ...) -> None: ...
+                         dir_mode: int = ..., ensure: Sequence[str] = ..., fsync: bool = ...) -> None: ...
 
     async def remove_tree_quietly(self, directory: str) -> None: ...
 
@@ -559,7 +559,7 @@ class _Deployer:
             missing = set(state.all("missing"))
             ensure = [d for d, key in ((f"{root}/archive", "archive"), (f"{root}/live", "live"),
                                        (f"{root}/archive/{name}", "lineage")) if key in missing]
-            await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE, ensure=ensure)
+            await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE, ensure=ensure, fsync=False)
         except remote_mod.UploadError as exc:
             await rem.remove_tree_quietly(tmpdir)
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,

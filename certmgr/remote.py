@@ -310,9 +310,11 @@ class Remote:
         return self._sftp
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
-                         dir_mode: int = 0o755, ensure: Sequence[str] = ()) -> None:
-        """Create `directory` (must not exist) and write each file with its mode from creation on, fsynced.
+                         dir_mode: int = 0o755, ensure: Sequence[str] = (), fsync: bool = True) -> None:
+        """Create `directory` (must not exist) and write each file with its mode from creation on.
 
+        Each file is fsynced unless `fsync` is False (deploy's commit script syncs the files itself,
+        before the rename, in the same round trip that verifies their SHA-256).
         `ensure` lists parent directories to create first (mode 0700) when missing, outermost first.
         Files are opened with O_EXCL and the mode in the open request, so a private key is never
         readable by others even briefly; all writes run concurrently over one SFTP session.
@@ -333,7 +335,8 @@ class Remote:
             path = f"{directory}/{name}"
             async with sftp.open(path, "xb", attrs=asyncssh.SFTPAttrs(permissions=mode)) as f:
                 await f.write(data)
-                await f.fsync()  # fsync@openssh.com: the bytes are on disk before the swap
+                if fsync:
+                    await f.fsync()  # fsync@openssh.com
 
         try:
             async with asyncio.timeout(self.timeouts.upload):
@@ -368,8 +371,11 @@ class Remote:
             logger.info("cleanup %s: could not remove %s: %s", self.host.name, directory, exc)
 
     async def close(self) -> None:
-        if self._sftp_task is not None and not self._sftp_task.done():
-            self._sftp_task.cancel()
+        if self._sftp_task is not None:
+            if not self._sftp_task.done():
+                self._sftp_task.cancel()
+            elif not self._sftp_task.cancelled():
+                self._sftp_task.exception()  # retrieved: a session that failed to open is not news here
         if self._sftp is not None:
             self._sftp.exit()
         self.conn.close()

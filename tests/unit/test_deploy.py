@@ -331,7 +331,7 @@ class LocalSession:
                       fields=parse_kv(out.decode()))
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *, dir_mode: int = 0o755,
-                         ensure: Sequence[str] = ()) -> None:
+                         ensure: Sequence[str] = (), fsync: bool = True) -> None:
         for d in ensure:
             os.makedirs(d, 0o700, exist_ok=True)
         if self.fail_upload:
