@@ -539,8 +539,13 @@ def check_inventory(path: Path) -> tuple[Check, Inventory | None]:
                      hint="fix these, then rerun `certmgr doctor` (`certmgr inventory check` lists them too)"), None
     names = sum(len(c.domains) for c in inv.certificates)
     return Check(group="inventory", name="inventory", subject=str(path), status=Status.OK,
-                 message=f"{len(inv.certificates)} certificates ({names} names), {len(inv.hosts)} hosts, "
-                         f"{len(inv.dns)} DNS providers, {len(inv.cas)} CAs, {len(inv.channels)} channels"), inv
+                 message=f"{_n(len(inv.certificates), 'certificate')} ({_n(names, 'name')}), "
+                         f"{_n(len(inv.hosts), 'host')}, {_n(len(inv.dns), 'DNS provider')}, {_n(len(inv.cas), 'CA')}, "
+                         f"{_n(len(inv.channels), 'channel')}"), inv
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def check_secrets(inv: Inventory, env: Mapping[str, str] | None = None) -> list[Check]:
