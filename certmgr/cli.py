@@ -40,9 +40,8 @@ class Ctx:
 
     def store_readonly(self) -> Any:
         """The store for reading only (dry runs, status): never creates or chmods anything."""
-        from certmgr.store import Store
-
         from certmgr.errors import StoreError
+        from certmgr.store import Store
 
         try:
             return Store.open(self.state_dir, create=False)
