@@ -323,8 +323,10 @@ def test_drift_against_live_version() -> None:
     assert out[0].problems == ("drift: serves serial 1, not the live version (sha256 live…)",)
 
 
-def test_scan_end_to_end_in_process(tmp_path: Path, pki: dict[str, Issued]) -> None:
-    """`scan()` over an inventory: per-endpoint results, urgency order, drift, summary command and exit code."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scan_end_to_end_in_process(tmp_path: Path, pki: dict[str, Issued], workers: int) -> None:
+    """`scan()` over an inventory (in one process or sharded to forked workers): per-endpoint results,
+    urgency order, drift, summary command and exit code."""
     good = make_leaf(pki["inter"], ["a.example.test"], not_before=NOW - DAY, not_after=NOW + 89 * DAY)
     old = make_leaf(pki["inter"], ["a.example.test"], not_before=NOW - 80 * DAY, not_after=NOW + 10 * DAY)
     (tmp_path / "trust.pem").write_bytes(pki["root"].cert_pem)
@@ -363,7 +365,7 @@ domains = ["a.example.test"]
 hosts = ["pop1", "pop2", "pop3"]
 """)
             seen: list[tuple[int, int]] = []
-            return await scan_mod.scan(inv, None, now=NOW, concurrency=4, workers=1,
+            return await scan_mod.scan(inv, None, now=NOW, concurrency=4, workers=workers,
                                        timeouts=scan_mod.Timeouts(connect=1, handshake=1),
                                        on_progress=lambda d, t: seen.append((d, t)))
 
