@@ -7,6 +7,7 @@ rename(2), test, reload, verify by TLS handshake — and roll back with one rena
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import logging
@@ -18,6 +19,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
@@ -142,6 +145,9 @@ else
 fi
 if [ -r "$live/fullchain.pem" ]; then
   say "fullchain_sha256=$(sha256sum < "$live/fullchain.pem" | cut -d ' ' -f 1)"
+fi
+if [ -r "$live/cert.pem" ]; then
+  say "cert_b64=$(base64 -w0 < "$live/cert.pem")"
 fi
 if [ -n "$test" ]; then
   out=$(eval "$test" 2>&1 </dev/null); rc=$?
@@ -353,6 +359,15 @@ def command_label(argv: Sequence[str]) -> str:
     return prog
 
 
+def _serial_of_pem(b64: str | None) -> str | None:
+    if not b64:
+        return None
+    try:
+        return CertInfo.from_cert(x509.load_pem_x509_certificate(base64.b64decode(b64))).serial
+    except ValueError:
+        return None
+
+
 def _serial_of_probe(p: Probe) -> str | None:
     if not p.ok:
         return None
@@ -491,28 +506,21 @@ class _Deployer:
         names = sni_names(cert)
         t = self.loop.time()
 
-        # 0. preflight + state in one script; the handshakes for the skip check run meanwhile
+        # 0. preflight + state in one script
         rem.prefetch_sftp()
-        served_task = asyncio.ensure_future(self.served(host, names))
-        try:
-            state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else ""], step="inspect")
-        except BaseException:
-            served_task.cancel()
-            raise
+        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else ""], step="inspect")
         job.timings["inspect"] = self.loop.time() - t
         f = state.fields
         if state.get("test_rc") is None:
-            served_task.cancel()
             raise remote_mod.RemoteCommandError(
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
-        old_serial: str | None = None
+        old_serial = _serial_of_pem(state.get("cert_b64"))
         layout = state.get("layout")
         target = state.get("target")
         prev_version = version_of_target(target, name)
         if state.get("test_rc") != "0":
-            served_task.cancel()
             text = b64text(state.get("test_out") or "") or f"exit status {state.get('test_rc')}, no output"
             if text.startswith("sudo:") or state.get("test_rc") in ("126", "127"):
                 return self.outcome(
@@ -524,13 +532,9 @@ class _Deployer:
                 job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
                 hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
-        served = await served_task
-        # what clients get now is the "from" of this change (the live file may not be what nginx loaded)
-        old_serial = next((s for p in served.values() if (s := _serial_of_probe(p))), None)
-
-        # 2. skip: this exact fullchain is live and every name serves it
+        # 2. skip: this exact fullchain is live and every name serves it (handshakes only when it might be)
         if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()
-                and all(_serial_of_probe(p) == job.info.serial for p in served.values())):
+                and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
             return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
                                 previous_version=prev_version)
 

@@ -182,15 +182,19 @@ def _known_keys(host: Host) -> tuple[Path, list[asyncssh.SSHKey], list[asyncssh.
         raise HostKeyError(
             f"connect {_where(host)}: cannot read known_hosts {path}: {exc.strerror} (refused, nothing changed)"
         ) from exc
-    try:
-        kh = asyncssh.import_known_hosts(text)
-    except (ValueError, asyncssh.KeyImportError) as exc:
-        raise HostKeyError(f"connect {_where(host)}: known_hosts {path} does not parse: {exc} (refused)") from exc
-    host_keys, ca_keys, revoked, *_ = kh.match(host.address, host.address, host.port)
+    kh = _KH_CACHE.get(str(path))
+    if kh is None or kh[0] != text:
+        try:
+            kh = (text, asyncssh.import_known_hosts(text))
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            raise HostKeyError(f"connect {_where(host)}: known_hosts {path} does not parse: {exc} (refused)") from exc
+        _KH_CACHE[str(path)] = kh  # parsed once per content: a fleet shares one file
+    host_keys, ca_keys, revoked, *_ = kh[1].match(host.address, host.address, host.port)
     return path, list(host_keys), list(ca_keys), list(revoked)
 
 
 _KH_LOCK = asyncio.Lock()
+_KH_CACHE: dict[str, tuple[str, asyncssh.SSHKnownHosts]] = {}
 
 
 async def _remember_host_key(path: Path, host: Host, key: asyncssh.SSHKey) -> None:
