@@ -365,6 +365,14 @@ class ACMEClient:
             fullchain, chain_note = await self._download(net, client, cert, body)
             if chain_note:
                 notes.append(chain_note)
+        except jose.errors.DeserializationError as exc:
+            # A malformed (or hostile) CA response, e.g. a dns-01 token that is not base64url
+            # (RFC 8555 §8.1): this certificate fails, as text; the run and the other orders go on.
+            text = str(exc)
+            text = text[max(text.rfind("Could not decode "), 0):]  # the innermost field and why
+            raise ACMEError(f"acme order {name}: the CA sent a response certmgr cannot accept: {text[:300]!r} "
+                            "(order abandoned)", hint="the CA's answer is malformed; nothing was answered or "
+                            "written; report it to the CA", retryable=False) from exc
         finally:
             net.session.close()
         material = CertMaterial.from_fullchain(fullchain.encode(), keys.to_pem(key))
