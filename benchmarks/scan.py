@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from certmgr import inventory as inv_mod  # noqa: E402
-from certmgr import scan as scan_mod  # noqa: E402
-from lab import Lab  # noqa: E402
+from certmgr import inventory as inv_mod
+from certmgr import scan as scan_mod
+from lab import Lab
 
 
 def write_inventory(lab: Lab, names: int, pops: int, path: Path) -> Path:
@@ -45,20 +45,74 @@ def write_inventory(lab: Lab, names: int, pops: int, path: Path) -> Path:
     return path
 
 
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_pss_kb() -> int:
+    """Proportional set size of this process plus its children: shared (forked) pages counted once."""
+    me = os.getpid()
+    kids: list[int] = []
+    for task in Path(f"/proc/{me}/task").iterdir():
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return _pss_kb(me) + sum(_pss_kb(k) for k in kids)
+
+
 def one_run(inventory: Path, workers: int, concurrency: int) -> dict[str, float]:
     """Run one scan in this process; print figures as JSON (called in a fresh subprocess per config)."""
+    import threading
+
     inv = inv_mod.load(inventory)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], _tree_pss_kb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     result = asyncio.run(scan_mod.scan(inv, None, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
                                        workers=workers,
                                        timeouts=scan_mod.Timeouts(connect=5, handshake=5)))
     wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     errors = sum(1 for r in result.endpoints if r.error)
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest single worker
     return {"endpoints": len(result.endpoints), "wall_s": wall, "eps": len(result.endpoints) / wall,
-            "errors": errors, "rss_parent_mb": self_kb / 1024, "rss_worker_mb": child_kb / 1024,
-            "rss_total_mb": (self_kb + child_kb * max(0, workers if workers > 1 else 0)) / 1024}
+            "errors": errors, "cpu_s": cpu, "rss_parent_mb": self_kb / 1024, "pss_total_mb": peak[0] / 1024,
+            "rss_worker_mb": child_kb / 1024}
+
+
+def nginx_cpu(lab: Lab, pops: int) -> float:
+    """CPU seconds used so far by the first N POPs' nginx workers (the server side of each handshake)."""
+    from lab.proc import descendants
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for name in lab.pop_names[:pops]:
+        master = lab.nginx_pid(name)
+        for pid in [master, *descendants(master)] if master else []:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def naive(lab: Lab, sample: int, pops: int) -> float:
@@ -92,16 +146,22 @@ def main() -> int:
         inventory = write_inventory(lab, args.names, args.pops, Path(tmp) / "bench.toml")
         total = args.names * args.pops
         print(f"scan benchmark: {args.names} names x {args.pops} POPs = {total} endpoints, "
-              f"concurrency {args.concurrency}, {os.cpu_count()} CPUs")
+              f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         best = None
         for w in (int(x) for x in args.workers.split(",")):
+            server_before = nginx_cpu(lab, args.pops)
             out = subprocess.run([sys.executable, __file__, "--one", str(inventory), str(w), str(args.concurrency)],
                                  capture_output=True, text=True, check=True)
+            server_cpu = nginx_cpu(lab, args.pops) - server_before
             r = json.loads(out.stdout.strip().splitlines()[-1])
             best = r if best is None or r["eps"] > best["eps"] else best
             print(f"  certmgr scan --workers {w}: {r['endpoints']} endpoints in {r['wall_s']:.2f}s = "
-                  f"{r['eps']:.0f}/s, {r['errors']} errors, peak RSS parent {r['rss_parent_mb']:.0f} MB, "
-                  f"largest worker {r['rss_worker_mb']:.0f} MB")
+                  f"{r['eps']:.0f}/s, {r['errors']} errors, scanner CPU {r['cpu_s']:.1f}s "
+                  f"({r['cpu_s'] / r['endpoints'] * 1e6:.0f} us/handshake), "
+                  f"peak RSS parent {r['rss_parent_mb']:.0f} MB, "
+                  f"largest worker {r['rss_worker_mb']:.0f} MB, all processes (PSS) {r['pss_total_mb']:.0f} MB; "
+                  f"nginx CPU {server_cpu:.1f}s "
+                  f"({server_cpu / r['endpoints'] * 1e6:.0f} us/handshake)")
         per = naive(lab, args.naive_sample, args.pops)
         print(f"  openssl s_client loop: {1 / per:.0f}/s on {args.naive_sample} endpoints "
               f"-> {total} endpoints in ~{per * total:.0f}s (extrapolated)")
