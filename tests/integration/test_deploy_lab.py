@@ -35,14 +35,18 @@ NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture(scope="module")
 def dlab() -> Iterator[Lab]:
-    """A 4-POP lab of this module's own, on CERTMGR_TEST_PORT_BASE, stopped at the end."""
+    """A 4-POP lab of this module's own, on CERTMGR_TEST_PORT_BASE, stopped at the end (unless CERTMGR_LAB_KEEP=1).
+
+    CERTMGR_TEST_LAB_DIR may name a lab that is already running (its first 4 POPs are used).
+    """
     base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "44000"))
     lab = Lab(Path(os.environ.get("CERTMGR_TEST_LAB_DIR", f"/tmp/certmgr-lab-deploy-{base}")), base, pops=4)
     try:
         lab.up()
         yield lab
     finally:
-        lab.down()
+        if os.environ.get("CERTMGR_LAB_KEEP") != "1":
+            lab.down()
 
 
 @pytest.fixture()
