@@ -81,7 +81,9 @@ class HostOutcome:
             serials = f"serial {self.old_serial or '-'} → {self.new_serial}"
         ver = f" v{self.version}" if self.version is not None else ""
         conv = " (converted from certbot layout)" if self.converted else ""
-        text = f"{self.status.value:<11} {self.cert} → {self.host}{ver} {serials} {self.elapsed:.2f}s{conv}"
+        steps = " ".join(f"{k} {v:.2f}" for k, v in self.timings if v >= 0.005)
+        took = f"{self.elapsed:.2f}s" + (f" [{steps}]" if steps else "")
+        text = f"{self.status.value:<11} {self.cert} → {self.host}{ver} {serials} {took}{conv}"
         if self.error:
             text += f"\n            {self.error}"
         return text

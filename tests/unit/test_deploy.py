@@ -292,7 +292,7 @@ def test_outcome_line_and_json() -> None:
     o = HostOutcome(cert=NAME, host="sally", status=Status.ROLLED_BACK, new_serial="bb", old_serial="aa",
                     version=7, error=f"deploy {NAME} → sally: nginx -t failed: \"x\" (rolled back to version 7)",
                     timings=(("connect", 0.1),), elapsed=0.5)
-    assert o.line() == (f"rolled back {NAME} → sally v7 serial aa → bb 0.50s\n"
+    assert o.line() == (f"rolled back {NAME} → sally v7 serial aa → bb 0.50s [connect 0.10]\n"
                         f"            deploy {NAME} → sally: nginx -t failed: \"x\" (rolled back to version 7)")
     j = o.to_json()
     assert j["status"] == "rolled back" and j["ok"] is False and j["timings"] == {"connect": 0.1}
