@@ -425,3 +425,20 @@ def test_renew_deploys_unless_no_deploy(fresh: Lab, store: Store) -> None:
     assert sorted((d["host"], d["status"], d["new_serial"]) for d in row["deploy"]) == sorted(
         (p, "deployed", serial) for p in fresh.pop_names)
     assert {served(fresh, p, MEDIA) for p in fresh.pop_names} == {serial}
+
+
+def test_reload_that_does_nothing_is_caught_by_the_handshake_and_rolled_back(fresh: Lab, store: Store) -> None:
+    """A reload command that succeeds without reloading (new serial never served) ends rolled back, old serial served."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    first = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    assert {o.status for o in run(inv, store, [MEDIA], hosts=["sally"])} == {Status.DEPLOYED}
+    put_new_versions(store, inv, [MEDIA])
+    inv2 = with_hosts(inv, sally=dataclasses.replace(inv.hosts["sally"], reload_command=("true",)))
+    o = by_host(run(inv2, store, [MEDIA], hosts=["sally"],
+                    timeouts=Timeouts(connect=5, command=30, upload=30, verify=1.5, handshake=3)))["sally"]
+    assert o.status == Status.ROLLED_BACK and o.error is not None, o.line()
+    assert f"new serial {o.new_serial} not served after 1.5s ({MEDIA}: {first})" in o.error
+    assert o.error.endswith("(rolled back to version 2, reloaded)")
+    root = fresh.pop_paths("sally").cert_root
+    assert os.readlink(root / "live" / MEDIA) == f"../archive/{MEDIA}/2"
+    assert served(fresh, "sally", MEDIA) == first and fresh.nginx_test("sally")[0] == 0
