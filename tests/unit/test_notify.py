@@ -245,3 +245,44 @@ def test_down_channel_is_tried_once_per_run(env: dict[str, str], monkeypatch: py
     assert [d.attempts for _, _, d in out.deliveries] == [3, 0, 0]
     assert out.deliveries[1][2].error is not None
     assert out.deliveries[1][2].error.startswith("skipped: channel failed earlier in this run (ConnectError")
+
+
+def test_notify_test_command(rx: Receiver, tmp_path: Any) -> None:
+    """`certmgr notify test` reaches each channel, prints one line per channel, and exits 1 if one failed."""
+    from click.testing import CliRunner
+
+    from certmgr.cli import main
+
+    (tmp_path / "good").write_text(rx.url("/hook/s3cr3t-good") + "\n")
+    gone = Receiver(default=404).start()  # a deleted webhook: 404, final at once
+    (tmp_path / "dead").write_text(gone.url("/s3cr3t-dead") + "\n")
+    inv = tmp_path / "inv.toml"
+    inv.write_text("""
+[ca.x]
+directory = "https://127.0.0.1/dir"
+[dns.x]
+type = "rfc2136"
+zones = ["example.test"]
+tsig_key = "k"
+tsig_secret_env = "X"
+[[certificates]]
+name = "a"
+domains = ["a.example.test"]
+[channels.good]
+type = "webhook"
+url_file = "good"
+[channels.dead]
+type = "slack"
+url_file = "dead"
+""")
+    args = ["--inventory", str(inv), "--state-dir", str(tmp_path / "state"), "notify", "test"]
+    res = CliRunner().invoke(main, [*args, "--channel", "good"])
+    assert (res.exit_code, res.stdout) == (0, "good: ok (HTTP 204, 1 attempt)\n")
+    assert rx.wait_for(1)[0].json["kind"] == "test"
+    try:
+        res = CliRunner().invoke(main, args)
+    finally:
+        gone.stop()
+    assert res.exit_code == 1
+    assert res.stdout == "good: ok (HTTP 204, 1 attempt)\ndead: FAILED: HTTP 404 (1 attempt, gave up)\n"
+    assert "s3cr3t" not in res.output

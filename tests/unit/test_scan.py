@@ -381,3 +381,57 @@ hosts = ["pop1", "pop2", "pop3"]
     data = scan_mod.result_json(result)
     assert data["counts"] == {"ok": 1, "warning": 0, "critical": 1, "error": 1}
     assert data["endpoints"][0]["error"] == "refused"
+
+
+def test_drift_against_the_stores_live_version(tmp_path: Path, pki: dict[str, Issued]) -> None:
+    """With a live version in the real Store, a POP still serving the old leaf is drift and the command is deploy."""
+    from certmgr.material import CertMaterial
+    from certmgr.store import Store
+
+    old = make_leaf(pki["inter"], ["a.example.test"], not_before=NOW - 30 * DAY, not_after=NOW + 60 * DAY)
+    new = make_leaf(pki["inter"], ["a.example.test"], not_before=NOW - DAY, not_after=NOW + 89 * DAY)
+    (tmp_path / "trust.pem").write_bytes(pki["root"].cert_pem)
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        v = store.add_version("a", CertMaterial(cert=new.cert_pem, chain=pki["inter"].cert_pem, privkey=new.key_pem))
+        store.activate("a", v)
+
+    async def go() -> scan_mod.ScanResult:
+        d1, d2 = tmp_path / "1", tmp_path / "2"
+        d1.mkdir()
+        d2.mkdir()
+        async with tls_server(d1, new, (pki["inter"],)) as p1, tls_server(d2, old, (pki["inter"],)) as p2:
+            inv = inv_mod.loads(f"""
+[defaults]
+trust = ["{tmp_path}/trust.pem"]
+[ca.x]
+directory = "https://127.0.0.1/dir"
+[dns.x]
+type = "rfc2136"
+zones = ["example.test"]
+tsig_key = "k"
+tsig_secret_env = "X"
+[hosts.fresh]
+address = "127.0.0.1"
+https_port = {p1}
+[hosts.stale]
+address = "127.0.0.1"
+https_port = {p2}
+[[certificates]]
+name = "a"
+domains = ["a.example.test"]
+hosts = ["fresh", "stale"]
+""")
+            return await scan_mod.scan(inv, store, now=NOW, workers=1)
+
+    result = run(go)
+    assert isinstance(result, scan_mod.ScanResult)
+    stale, fresh = result.endpoints
+    assert (stale.endpoint.host, stale.severity, stale.drift) == ("stale", "critical", True)
+    assert stale.problems[-1].startswith("drift: serves serial ") and "not the live version" in stale.problems[-1]
+    assert (fresh.severity, fresh.drift) == ("ok", False)
+    (summary,) = result.certificates
+    assert (summary.live_version, summary.command) == (1, "certmgr deploy a")
+    scan_mod.save_state(store, result)
+    saved = store.load_json("state/scan/a.json")
+    assert saved["command"] == "certmgr deploy a" and [e["host"] for e in saved["endpoints"]] == ["stale", "fresh"]
