@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import ipaddress
 import logging
 import math
@@ -607,7 +606,7 @@ async def scan(
     n_workers = max(1, min(n_workers, len(eps) or 1))
     _raise_nofile()
 
-    def progress(r: EndpointResult | None = None, n: int = 1) -> None:
+    def progress() -> None:
         if on_progress is not None:
             on_progress(len(results), total)
 
@@ -751,10 +750,6 @@ def save_state(store: _StateStore, result: ScanResult) -> None:
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
-
-
-def leaf_sha256(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
 
 
 __all__ = [
