@@ -279,7 +279,7 @@ def test_silent_port_times_out(inventory: Path, tmp_path: Path) -> None:
     assert code == 3
     (e,) = data["endpoints"]
     assert (e["host"], e["severity"], e["error"]) == ("mute", "error", "handshake timeout")
-    assert 1000 <= e["elapsed_ms"] < 2500
+    assert 1000 <= e["elapsed_ms"] < 4000  # bounded by --handshake-timeout 1 (slack for a loaded machine)
 
 
 def test_whole_inventory_prometheus_and_state(scan_lab: Lab, inventory: Path, tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def test_probe_connect_timeout_is_bounded() -> None:
     p = run(go)
     assert isinstance(p, Probe)
     assert p.error == "connect timeout"
-    assert 0.3 <= p.elapsed < 1.0
+    assert 0.3 <= p.elapsed < 2.0  # bounded by connect_timeout (slack for a loaded machine)
 
 
 @pytest.mark.parametrize("patterns,name,ok", [
