@@ -471,7 +471,6 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     from certmgr import pipeline
 
     inv = c.inventory()
-    now = dt.datetime.now(dt.UTC)
     if dry_run:
         store = c.store_readonly()
         lock: Any = contextlib.nullcontext()
@@ -479,6 +478,9 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         store = c.store()
         lock = store.lock("certmgr run", wait=wait_lock or None)
     with lock:
+        # the clock is read once the lock is ours: after --wait-lock, certificates the previous
+        # holder issued meanwhile must not look "not yet valid" to a run that started earlier
+        now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
     if as_json:
         emit_json(report.to_json())
