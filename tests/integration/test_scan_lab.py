@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ def scan_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     finally:
         if not given:
             instance.down()
+            if not os.environ.get("CERTMGR_LAB_KEEP"):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
