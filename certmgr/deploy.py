@@ -114,6 +114,16 @@ arch=$root/archive/$name
 
 INSPECT_SH = r"""root=$1 name=$2 test=$3
 """ + _COMMON_SH + r"""
+# The host died between the two renames of a certbot conversion (COMMIT_SH): put certbot's
+# directory back before nginx -t looks at the config. Every lineage, not just $name: the test
+# covers the whole host (jobs on one host run one after another, so no commit is mid-way).
+for bak in "$root"/live/.*.certbot-old; do
+  [ -d "$bak" ] || continue
+  n=${bak##*/}; n=${n#.}; n=${n%.certbot-old}
+  if [ ! -e "$root/live/$n" ] && [ ! -L "$root/live/$n" ]; then
+    mv -T -- "$bak" "$root/live/$n" && say "restored=$n"
+  fi
+done
 if [ -L "$live" ]; then
   say layout=link
   say "target=$(readlink -- "$live")"
@@ -518,6 +528,9 @@ class _Deployer:
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
+        for restored in state.all("restored"):
+            event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
+                  cert=restored, host=host.name)
         old_serial = _serial_of_pem(state.get("cert_b64"))
         layout = state.get("layout")
         target = state.get("target")
