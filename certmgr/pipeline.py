@@ -221,10 +221,21 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
     messages: list[tuple[str, notify_mod.Message, notify_mod.Delivery]] = []
     client_retry = retry or notify_mod.Retry()
 
+    down: dict[str, notify_mod.Delivery] = {}  # channels that failed every attempt in this run
+
     async def alert(msgs: Sequence[notify_mod.Message]) -> None:
         for msg in msgs:
-            for d in await notify_mod.send(channels, msg, store=store, retry=client_retry):
+            # as notify_scan does: a channel that just failed every attempt does not get the whole
+            # retry budget again per message (a hung webhook would add ~50 s to the run each time)
+            for name, d in down.items():
+                messages.append((name, msg, notify_mod.Delivery(
+                    channel=name, ok=False, attempts=0, status=d.status,
+                    error=f"skipped: channel failed earlier in this run ({d.error})")))
+            live = [ch for ch in channels if ch.name not in down]
+            for d in await notify_mod.send(live, msg, store=store, retry=client_retry) if live else []:
                 messages.append((d.channel, msg, d))
+                if not d.ok and d.attempts > 1:
+                    down[d.channel] = d
 
     if channels:
         await alert(failure_messages(renewals, ()))
