@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -13,10 +14,12 @@ import click
 
 from certmgr import __version__, log
 from certmgr import inventory as inventory_mod
-from certmgr.errors import CertmgrError
+from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
+EXIT_BUG = 70  # EX_SOFTWARE
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 @dataclass
@@ -71,6 +74,14 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception:
+            # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
+            # systemd's OnFailure= tells chat, while 1-3 (outcomes already reported) do not.
+            traceback.print_exc()
+            click.echo("certmgr: internal error (a bug): please report the traceback above", err=True)
+            sys.exit(EXIT_BUG)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -178,21 +189,34 @@ def run_async(coro: Any) -> Any:
     import asyncio
     import signal
 
+    terminated = False
+
     async def wrapper() -> Any:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        if task is not None:
-            try:
-                loop.add_signal_handler(signal.SIGTERM, task.cancel)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-                pass
+
+        def on_term() -> None:
+            nonlocal terminated
+            terminated = True
+            if task is not None:
+                task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_term)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
         return await coro
 
     try:
         return asyncio.run(wrapper())
     except KeyboardInterrupt:
-        click.echo("certmgr: interrupted", err=True)
+        click.echo("certmgr: interrupted (cleanup done)", err=True)
         sys.exit(130)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        click.echo("certmgr: terminated by SIGTERM (cleanup done)", err=True)
+        sys.exit(EXIT_TERMINATED)
 
 
 def env_flag(name: str) -> bool:
@@ -444,6 +468,27 @@ def notify_test_cmd(c: Ctx, only: tuple[str, ...]) -> None:
         else:
             click.echo(f"{d.channel}: FAILED: {d.error}")
     if not all(d.ok for d in deliveries):
+        sys.exit(1)
+
+
+@notify_group.command("failure")
+@click.argument("unit")
+@pass_ctx
+def notify_failure_cmd(c: Ctx, unit: str) -> None:
+    """Tell every channel that the systemd UNIT failed (used by certmgr-failure@.service's OnFailure=)."""
+    from certmgr.notify import Message, send
+
+    inv = c.inventory()
+    if not inv.channels:
+        raise UsageError("notify failure: the inventory has no [channels.*]")
+    msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
+                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                         f"Look at: journalctl -u {unit} -n 100"),
+                  command=f"systemctl status {unit}")
+    deliveries = run_async(send(list(inv.channels.values()), msg))
+    for d in deliveries:
+        click.echo(f"{d.channel}: {'ok' if d.ok else 'FAILED: ' + str(d.error)}")
+    if not any(d.ok for d in deliveries):
         sys.exit(1)
 
 

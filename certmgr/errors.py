@@ -74,7 +74,9 @@ class LockHeld(StoreError):
     exit_code = 75  # EX_TEMPFAIL: the timer may simply try again later
 
     def __init__(self, message: str, *, pid: int | None = None, started: str | None = None) -> None:
-        super().__init__(message, hint="wait for it to finish, or check it with `ps -p PID`")
+        who = f"`ps -p {pid}`" if pid else "`ps`"
+        super().__init__(message,
+                         hint=f"wait for it to finish (see it with {who}), or `certmgr run --wait-lock SECONDS`")
         self.pid = pid
         self.started = started
 

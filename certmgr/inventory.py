@@ -392,6 +392,14 @@ class _Reader:
         return SecretRef(kind, where, kp)
 
     def path(self, value: str) -> Path:
+        """A local path: `~` and `${VAR}` expanded (e.g. `${CREDENTIALS_DIRECTORY}/id_ed25519` under systemd),
+        relative paths taken from the inventory's directory. A variable that is not set leaves the path
+        as written, so the step that opens it fails naming it."""
+        if "$" in value:
+            expanded = os.path.expandvars(value)
+            if "$" in expanded:
+                return Path(value)
+            value = expanded
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
 

@@ -312,7 +312,8 @@ class Store:
         if not target.startswith(prefix) or not _VERSION.fullmatch(target[len(prefix) :]):
             raise StoreError(
                 f"store {name}: live/{name} points at {target!r}, not at a version in archive/{name}/",
-                hint=f"repair it with `ln -sfn ../archive/{name}/N {link}` for a whole version N",
+                hint=f"point it at a whole version N atomically: `ln -s ../archive/{name}/N {link}.new && "
+                     f"mv -T {link}.new {link}`",
             )
         return int(target[len(prefix) :])
 

@@ -259,3 +259,12 @@ def test_trailing_newline_rejected(name: str) -> None:
     """A certificate name with a trailing newline is rejected, not passed on to the store."""
     text = with_cert(name=f'"{name.encode("unicode_escape").decode()}"', domains='["m2.hachyderm.test"]')
     assert problems(text)[0].startswith("certificates[1].name: ")
+
+
+def test_credentials_directory_in_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`${CREDENTIALS_DIRECTORY}` in a path is expanded under systemd, and left as written when unset."""
+    text = BASE.replace('[hosts.sally]', '[hosts.sally]\nssh_key_file = "${CREDENTIALS_DIRECTORY}/id_ed25519"')
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/certmgr.service")
+    assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("/run/credentials/certmgr.service/id_ed25519")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("${CREDENTIALS_DIRECTORY}/id_ed25519")
