@@ -156,6 +156,8 @@ def failure_messages(report_renewals: Sequence[renew_mod.RenewOutcome],
     for host, outs in by_host.items():
         certs = tuple(dict.fromkeys(o.cert for o in outs))
         lines = [o.error or f"{o.status.value}" for o in outs[:5]]
+        if outs[0].hint:
+            lines.append(f"Hint: {outs[0].hint}")
         msgs.append(notify_mod.Message(
             kind="failure", severity="critical", certificate=certs[0] if len(certs) == 1 else None, hosts=(host,),
             title=f"FAILED deploy to {host}: {', '.join(certs)} ({outs[0].status.value})", lines=tuple(lines),
@@ -299,11 +301,15 @@ def render(report: RunReport) -> list[str]:
             out.append(f"  {verb:<12} {o.name}: {o.decision.reason}")
         elif o.status != "not-due":
             out.append("  " + o.line())
+            if o.status == "failed" and o.hint:
+                out.append(f"           hint: {o.hint}")
     for p in report.deploy_plan:
         if report.dry_run:
             out.append(f"  would deploy {p.cert} → {', '.join(p.hosts)} ({p.reason})")
     for d in report.deploys:
         out.append("  " + d.line())
+        if d.hint and not d.ok:
+            out.append(f"              hint: {d.hint}")
     if report.scan_after is not None:
         f = report.scan_after
         out.append(f"verify: {len(f.endpoints)} endpoints {f.severity}")
