@@ -550,6 +550,7 @@ class _Deployer:
         # 2. skip: this exact fullchain is live and every name serves it (handshakes only when it might be)
         if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
+            await self._audit_unrecorded_switch(job, prev_version)
             return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
                                 previous_version=prev_version)
 
@@ -639,6 +640,22 @@ class _Deployer:
         return await self._rollback_after_verify(rem, job, root, test, reload, prev_target, cause,
                                                  start=start, old_serial=old_serial, version=version,
                                                  prev_version=prev_version, converted=converted)
+
+    async def _audit_unrecorded_switch(self, job: _Job, version: int | None) -> None:
+        """Audit a switch nobody recorded: a run killed after the remote commit (which runs on) never wrote it."""
+        if self.store is None:
+            return
+        name, host = job.cert.name, job.host.name
+        try:
+            state = await asyncio.to_thread(self.store.load_json, f"state/deploy/{name}.json", default={})
+        except CertmgrError:
+            state = {}
+        recorded = ((state or {}).get("hosts", {}).get(host) or {}).get("serial")
+        if recorded == job.info.serial:
+            return
+        await self.audit("deployed", name, frm=recorded, to=job.info.serial, host=host, version=version,
+                         summary=f"found {name} on {host} already serving {job.info.serial}, a switch no run "
+                                 "recorded (an interrupted deploy); recorded now")
 
     async def _after_failed_test(self, job: _Job, res: Result, *, start: float, old_serial: str | None,
                                  version: int, prev_version: int | None, converted: bool) -> HostOutcome:
