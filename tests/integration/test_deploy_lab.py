@@ -25,6 +25,7 @@ from certmgr.material import CertInfo, CertMaterial
 from certmgr.remote import Timeouts
 from certmgr.store import Store
 from lab import Lab, pki
+from tests.conftest import private_lab
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +36,16 @@ NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture(scope="module")
 def dlab() -> Iterator[Lab]:
-    """A 4-POP lab of this module's own, on CERTMGR_TEST_PORT_BASE, stopped at the end (unless CERTMGR_LAB_KEEP=1).
+    """A 4-POP lab of this module's own (it breaks POPs and proxies SSH), stopped at the end.
 
     CERTMGR_TEST_LAB_DIR may name a lab that is already running (its first 4 POPs are used).
     """
-    base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "44000"))
-    lab = Lab(Path(os.environ.get("CERTMGR_TEST_LAB_DIR", f"/tmp/certmgr-lab-deploy-{base}")), base, pops=4)
-    try:
-        lab.up()
+    path = os.environ.get("CERTMGR_TEST_LAB_DIR")
+    if path:
+        yield Lab.load(path)
+        return
+    with private_lab("deploy", pops=4) as lab:
         yield lab
-    finally:
-        if os.environ.get("CERTMGR_LAB_KEEP") != "1":
-            lab.down()
 
 
 @pytest.fixture()
