@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,23 +36,12 @@ VICTIM = "sally"
 
 @pytest.fixture(scope="module")
 def scan_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """The shared `lab`, or with CERTMGR_TEST_PORT_BASE set, a lab on that port base (CERTMGR_SCAN_LAB_DIR
-    to reuse a running one), so side-by-side engineers never collide."""
-    base = os.environ.get("CERTMGR_TEST_PORT_BASE")
-    if not base:
-        yield request.getfixturevalue("lab")
-        return
+    """The shared session `lab` (CERTMGR_TEST_PORT_BASE moves it), or a running lab named by CERTMGR_SCAN_LAB_DIR."""
     given = os.environ.get("CERTMGR_SCAN_LAB_DIR")
-    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="certmgr-scan-lab-"))
-    instance = Lab(path, int(base))
-    instance.up()
-    try:
-        yield instance
-    finally:
-        if not given:
-            instance.down()
-            if not os.environ.get("CERTMGR_LAB_KEEP"):
-                shutil.rmtree(path, ignore_errors=True)
+    if given:
+        yield Lab.load(given)
+        return
+    yield request.getfixturevalue("lab")
 
 
 @dataclass
