@@ -1,6 +1,6 @@
 """Benchmark: push one certificate to 1, 4, 20 and 50 lab POPs with certmgr, beside the by-hand loop.
 
-    sudo PYTHONPATH=. /tmp/venv0/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--port-base 44200]
+    .venv/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--port-base 44200]
 
 Each certmgr run is a child process (so its peak RSS is its own) that deploys a fresh version of
 one lineage to the first N POPs, all at once, after a warm-up run (which converts certbot's layout);

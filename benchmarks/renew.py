@@ -4,9 +4,9 @@ Every tool gets a fresh account (so Pebble reuses no authorization), the same na
 the same Pebble (nonce rejection as the lab runs it) and the same bind9 over RFC 2136 with TSIG.
 Wall time and peak RSS (the largest process of the run, from wait4) are printed; nothing is asserted.
 
-    python -m lab up --dir /tmp/renew-lab --port-base 42000
-    PYTHONPATH=. python benchmarks/renew.py --lab-dir /tmp/renew-lab \
-        --certbot /tmp/certbot-venv/bin/certbot --lego /usr/bin/lego
+    .venv/bin/python -m lab up --dir /tmp/renew-lab --port-base 42000
+    .venv/bin/python benchmarks/renew.py --lab-dir /tmp/renew-lab \
+        --certbot .venv-peers/bin/certbot --lego /usr/bin/lego
 
 certbot (PyPI 5.x + certbot-dns-rfc2136) gets `--dns-rfc2136-propagation-seconds 1` — it only sleeps,
 it does not check — and HMAC-SHA256 spelled in upper case (otherwise it silently uses HMAC-MD5).

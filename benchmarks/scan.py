@@ -3,7 +3,7 @@
 Compares with the common way (a sequential `openssl s_client` loop) on a small sample,
 extrapolated to the same endpoint count. Not a test: it prints figures and asserts nothing.
 
-    PYTHONPATH=. python benchmarks/scan.py --lab-dir /tmp/scan-lab --names 2500 --pops 4
+    .venv/bin/python benchmarks/scan.py --lab-dir /tmp/scan-lab --names 2500 --pops 4
 """
 
 from __future__ import annotations
