@@ -258,7 +258,16 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise Unreachable(f"connect {_where(host)}: {reason} (nothing changed)") from exc
     if policy.accepted_new and policy.offered is not None:
-        await _remember_host_key(path, host, policy.offered)
+        try:
+            await _remember_host_key(path, host, policy.offered)
+        except OSError as exc:
+            # Trust on first use that is not written down would be trust on every use: refuse.
+            conn.close()
+            raise HostKeyError(
+                f"connect {_where(host)}: new host key {policy.offered.get_fingerprint()} could not be recorded "
+                f"in {path}: {exc.strerror} (refused, nothing changed)",
+                hint=f"make {path} writable by this user, or add the key yourself after checking its fingerprint",
+            ) from exc
     return conn
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -121,6 +122,21 @@ def test_accept_new_trusts_and_records_an_unknown_host(tmp_path: Path) -> None:
             assert fh.known_hosts.read_text() == line
             async with connect(fh.host, timeouts=TIMEOUTS):
                 pass
+
+    asyncio.run(main())
+
+
+def test_accept_new_refuses_when_the_key_cannot_be_recorded(tmp_path: Path) -> None:
+    """--accept-new with an unwritable known_hosts refuses the host instead of trusting it unrecorded."""
+    async def main() -> None:
+        async with fake_sshd(tmp_path) as fh:
+            fh.known_hosts.unlink()
+            # absent, so it reads as empty; and nobody (root included) can create a file in /proc
+            host = dataclasses.replace(fh.host, known_hosts=Path("/proc/self/certmgr-known_hosts"))
+            with pytest.raises(HostKeyError, match=r"new host key SHA256:\S+ could not be recorded in "
+                                                   r"/proc/self/certmgr-known_hosts: .* \(refused, nothing changed\)"):
+                async with connect(host, accept_new=True, timeouts=TIMEOUTS):
+                    pass
 
     asyncio.run(main())
 
