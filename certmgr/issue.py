@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ERR = "urn:ietf:params:acme:error:"
+# RFC 8555 §8.1: a token "MUST NOT contain any characters outside the base64url alphabet"
+# (and carries at least 128 bits of entropy, so at least 22 characters).
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{22,}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,7 +357,9 @@ class ACMEClient:
             for url in order.authorizations:
                 resp = await self.call(net, f"acme authorization {name}", client._post_as_get, url,
                                        outcome="order abandoned")
-                authzs.append((url, messages.Authorization.from_json(resp.json())))
+                body = resp.json()
+                _check_tokens(name, body)
+                authzs.append((url, messages.Authorization.from_json(body)))
             pending = [(url, a) for url, a in authzs if a.status != messages.STATUS_VALID]
             if pending:
                 await self._dns01(net, client, cert, pending, inventory=inventory, providers=providers,
@@ -539,6 +545,23 @@ class ACMEClient:
                 alt = await self.call(net, step, client._post_as_get, url, outcome="no certificate")
                 chains.append(alt.text)
         return choose_chain(chains, cert.preferred_chain)
+
+
+def _check_tokens(name: str, body: Any) -> None:
+    """Refuse an authorization whose dns-01 token is not plain base64url, before it is decoded or used.
+
+    josepy's decoder skips characters outside the alphabet, so `AAAA…$(touch x)` would be accepted
+    and answered with a key authorization the CA never issued; `../../x` would crash the parser.
+    """
+    chals = body.get("challenges") if isinstance(body, dict) else None
+    for chal in chals if isinstance(chals, list) else []:
+        if isinstance(chal, dict) and chal.get("type") == "dns-01":
+            token = chal.get("token")
+            if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+                raise ACMEError(f"acme authorization {name}: the CA sent a dns-01 token that is not base64url "
+                                f"(RFC 8555 §8.1): {str(token)[:100]!r} (order abandoned)",
+                                hint="the CA's answer is malformed or hostile; nothing was written or answered; "
+                                     "report it to the CA", retryable=False)
 
 
 def _invalid(cert: Certificate, authz: messages.Authorization) -> CertmgrError:

@@ -130,11 +130,12 @@ def run_through(lab: Lab, proxy: ACMEProxy, tmp_path: Path) -> tuple[Any, Path]:
     return certmgr(inv, state, "run", "--json"), state
 
 
-def test_challenge_token_with_path_traversal_is_rejected(quiet: Lab, rx: Receiver, proxy: ACMEProxy,
-                                                         tmp_path: Path) -> None:
-    """A dns-01 token `../../x` from the CA fails that certificate as text: no TXT written, no challenge answered, no file `x` anywhere, POPs untouched."""
+@pytest.mark.parametrize("token", ["../../x", f"AAAAAAAAAAAAAAAAAAAAAA{INJECT}"], ids=["traversal", "subshell"])
+def test_hostile_challenge_token_is_rejected(quiet: Lab, rx: Receiver, proxy: ACMEProxy, tmp_path: Path,
+                                             token: str) -> None:
+    """A dns-01 token such as `../../x` or one holding `$(touch …)` fails that certificate as text: no TXT written, no challenge answered, no file created, POPs untouched."""
     proxy.clear()
-    proxy.rewrite_token("../../x")
+    proxy.rewrite_token(token)
     named = LogMark(quiet.dns_dir / "named.log")
     before = served(quiet, certs=(MEDIA,))
     try:
@@ -145,9 +146,9 @@ def test_challenge_token_with_path_traversal_is_rejected(quiet: Lab, rx: Receive
     report = json.loads(proc.stdout)
     [out] = report["renewals"]
     assert out["status"] == "failed"
-    assert out["error"] == (f"acme order {MEDIA}: the CA sent a response certmgr cannot accept: \"Could not decode "
-                            "'token' ('../../x'): Deserialization error: Expected at least or exactly 16 bytes\" "
-                            "(order abandoned)")
+    assert out["error"] == (f"acme authorization {MEDIA}: the CA sent a dns-01 token that is not base64url "
+                            f"(RFC 8555 §8.1): {token!r} (order abandoned)"), out["error"]
+    assert out["retryable"] is False
     assert "Traceback" not in proc.stderr
     assert proxy.requests("challenge") == [] and named.count("updating zone") == 0
     for base in (REPO, state, state / "archive", tmp_path, Path("/")):
@@ -156,7 +157,7 @@ def test_challenge_token_with_path_traversal_is_rejected(quiet: Lab, rx: Receive
     assert served(quiet, certs=(MEDIA,)) == before
     alerts = [r.json for r in rx.requests if r.json["kind"] == "failure"]
     assert [a["title"] for a in alerts] == [f"FAILED renewal of {MEDIA}"]
-    assert "('../../x')" in alerts[0]["lines"][0]
+    assert f": {token!r} (order abandoned)" in alerts[0]["lines"][0]
     canary_nowhere(quiet)
 
 
