@@ -696,8 +696,15 @@ class Store:
             elif self.live_version(name) != certbot_live:
                 self.activate(name, certbot_live)
                 activated = certbot_live
+        elif certbot_live is None and problem is None and ours and self.live_version(name) is None:
+            # No certbot live/<name>/ to follow (a copied archive): the newest whole version is the
+            # best guess, and leaving nothing live would make the next run order a new certificate.
+            activated = max(ours)
+            self.activate(name, activated)
+            logger.warning("import %s: no certbot live/%s/; made the newest version %d live", name, name, activated)
         if imported:
-            self.audit("import", name, to=certbot_live, source=str(src), versions=imported, skipped=skipped)
+            self.audit("import", name, to=activated or certbot_live, source=str(src.resolve()), versions=imported,
+                       skipped=skipped)
         return ImportResult(
             name=name,
             imported=tuple(imported),

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -741,3 +742,16 @@ def test_import_command(tmp_path: Path, certbot: Path) -> None:
     again = CliRunner().invoke(main, args)
     assert again.output == "example.com: imported 0; 3 already present; live unchanged\n"
     assert Store.open(tmp_path / "state").live_version("example.com") == 2
+
+
+def test_import_without_certbot_live_makes_the_newest_version_live(
+    store: Store, tmp_path: Path, materials: list[CertMaterial]
+) -> None:
+    """An archive without certbot's live/<name>/ is imported with its newest version live (not left dark)."""
+    root = tmp_path / "copied"
+    make_certbot_tree(root, "example.com", materials[:2], live=2)
+    shutil.rmtree(root / "live")
+    with store.lock("certmgr import"):
+        [result] = store.import_certbot(root)
+    assert (result.imported, result.certbot_live, result.activated, result.problem) == ((1, 2), None, 2, None)
+    assert store.live_version("example.com") == 2
