@@ -244,6 +244,9 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
         failed = state.failed(now, str(exc), retry_after=retry_after)
         try:
             store.save_json(state_path(cert.name), failed.to_json())
+            store.audit("renew failed", cert.name, frm=info.serial if info else None, error=str(exc),
+                        failures=failed.failures,
+                        retry_after=retry_after.isoformat() if retry_after else None)
         except StoreError as store_exc:
             event(log, logging.ERROR, "cannot record renewal failure", cert=cert.name, error=str(store_exc))
         event(log, logging.ERROR, "renewal failed", cert=cert.name, error=str(exc), failures=failed.failures)

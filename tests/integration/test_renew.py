@@ -249,6 +249,8 @@ def test_wrong_tsig_secret(rlab: Lab, store: Store, tmp_path: Path) -> None:
     assert again.status == "backoff" and again.decision.blocked_until is not None
     state = store.load_json("state/renew/media.hachyderm.test.json")
     assert state["failures"] == 1 and "BADSIG" in state["last_error"]
+    [failed] = [e for e in store.read_audit() if e["action"] == "renew failed"]
+    assert failed["object"] == "media.hachyderm.test" and failed["failures"] == 1 and "BADSIG" in failed["error"]
 
 
 def test_zone_refusing_updates(rlab: Lab, store: Store, tmp_path: Path) -> None:
