@@ -137,6 +137,17 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> dt.datetime | None
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+def shown(text: str | None) -> str | None:
+    """CA-supplied text made safe to print: control characters (newlines, ESC…) become visible escapes.
+
+    An error detail is the CA's words, shown verbatim, but it must not forge a line of our output
+    or drive the operator's terminal (RFC 7807 details are free text).
+    """
+    if text is None:
+        return None
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(typ: str | None) -> str:
     return (typ or "error").removeprefix(ERR)
 
@@ -523,8 +534,9 @@ class ACMEClient:
                 return body
             if body.status == messages.STATUS_INVALID:
                 err = body.error
-                raise ACMEError(f"{step}: order invalid: {err.detail if err else 'no detail from the CA'} "
-                                "(no certificate)", typ=err.typ if err else None, detail=err.detail if err else None,
+                detail = shown(err.detail) if err else None
+                raise ACMEError(f"{step}: order invalid: {detail or 'no detail from the CA'} "
+                                "(no certificate)", typ=err.typ if err else None, detail=detail,
                                 retryable=False)
             wait = self._interval(i, net.last_response)
             i += 1
@@ -568,7 +580,7 @@ def _invalid(cert: Certificate, authz: messages.Authorization) -> CertmgrError:
     ident = authz.identifier.value
     domain = f"*.{ident}" if authz.wildcard else ident
     err = next((c.error for c in authz.challenges if c.error is not None), None)
-    detail = err.detail if err is not None else f"authorization {authz.status}"
+    detail = shown(err.detail) if err is not None else f"authorization {authz.status}"
     return ChallengeInvalid(
         f"acme challenge {cert.name} ({domain}): the CA found the dns-01 challenge invalid: {detail} "
         "(order abandoned)", typ=err.typ if err is not None else None, detail=detail,
@@ -609,16 +621,16 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
                     event(log, logging.INFO, "rate limited, waiting", step=step, seconds=f"{wait:.1f}")
                     await asyncio.sleep(max(wait, 0.0))
                     continue
-                raise RateLimited(f"{step}: rate limited: {err.detail} ({outcome})", retry_after=retry_at,
-                                  detail=err.detail) from err
+                raise RateLimited(f"{step}: rate limited: {shown(err.detail)} ({outcome})", retry_after=retry_at,
+                                  detail=shown(err.detail)) from err
             if (status is not None and status >= 500) or err.code == "serverInternal":
                 if attempts < 3:
                     wait = (retry_at - now).total_seconds() if retry_at else 2.0 ** attempts
                     attempts += 1
                     await asyncio.sleep(min(max(wait, 0.0), timeouts.short_wait))
                     continue
-            raise ACMEError(f"{step}: {_short(err.typ)}: {err.detail or 'no detail'} ({outcome})", typ=err.typ,
-                            detail=err.detail,
+            raise ACMEError(f"{step}: {shown(_short(err.typ))}: {shown(err.detail) or 'no detail'} ({outcome})",
+                            typ=err.typ, detail=shown(err.detail),
                             retryable=(status or 0) >= 500 or err.code in ("rateLimited", "serverInternal",
                                                                            "badNonce")) from err
         except errors.ConflictError:

@@ -163,19 +163,27 @@ def test_hostile_challenge_token_is_rejected(quiet: Lab, rx: Receiver, proxy: AC
 
 def test_error_detail_with_shell_syntax_is_shown_as_text(quiet: Lab, rx: Receiver, proxy: ACMEProxy,
                                                          tmp_path: Path) -> None:
-    """An ACME error whose detail holds `$(touch …)` and backticks is reported verbatim, in the outcome and the alert, and never executed."""
+    """An ACME error detail holding `$(touch …)`, backticks, a forged newline and terminal escapes is reported as inert text (escaped), never executed."""
     proxy.clear()
-    detail = f"order refused {INJECT} `touch {CANARY}`; reboot"
+    detail = f"order refused {INJECT} `touch {CANARY}`; reboot\nrenewed  {MEDIA}: forged\x1b]0;owned\x07\x1b[2J"
+    escaped = detail.replace("\n", "\\n").replace("\x1b", "\\x1b").replace("\x07", "\\x07")
     proxy.fail("new-order", 400, "malformed", detail, times=None)
     try:
         proc, state = run_through(quiet, proxy, tmp_path)
+        inv = tmp_path / "domains.toml"
+        text = certmgr(inv, state, "renew", MEDIA, "--force")  # the human-readable form on-call reads
     finally:
         proxy.clear()
     assert proc.returncode == 2, proc.stderr
     [out] = json.loads(proc.stdout)["renewals"]
-    assert out["error"] == f"acme new-order {MEDIA}: malformed: {detail} (order not placed)"
+    assert out["error"] == f"acme new-order {MEDIA}: malformed: {escaped} (order not placed)"
     st = json.loads((state / "state" / "renew" / f"{MEDIA}.json").read_text())
     assert st["last_error"] == out["error"]
     alerts = [r.json for r in rx.requests if r.json["kind"] == "failure"]
-    assert len(alerts) == 1 and detail in alerts[0]["lines"][0]
+    assert len(alerts) == 1 and escaped in alerts[0]["lines"][0]
+    assert text.returncode == 1
+    assert f"FAILED   {MEDIA} [OVERDUE]: acme new-order {MEDIA}: malformed: {escaped} (order not placed)" in text.stdout
+    for output in (proc.stdout, proc.stderr, text.stdout, text.stderr):
+        assert "\x1b" not in output and "\x07" not in output
+    assert not [line for line in text.stdout.splitlines() if line.startswith("renewed")]
     canary_nowhere(quiet)
