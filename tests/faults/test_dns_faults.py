@@ -212,6 +212,38 @@ def test_secondary_never_receiving_the_record_fails_bounded_and_cleans(dlab: Lab
     assert actions(state, "renewed") == []
 
 
+def test_lagging_secondary_that_catches_up_is_waited_for(dlab: Lab, tmp_path: Path) -> None:
+    """A secondary that gets the TXT only when it transfers the zone mid-wait: certmgr waits, answers the challenge once, renews, and cleans up."""
+    inv = write_inventory(tmp_path / "domains.toml", inventory_text(
+        dlab, hosts=[], dns_overrides={"nameservers": ["127.0.0.1", "127.0.0.2"], "propagation_timeout": "30s"}))
+    state = tmp_path / "state"
+    pebble = pebble_mark(dlab)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "certmgr", "--inventory", str(inv), "--state-dir", str(state),
+                             "renew", MEDIA, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    fqdn = f"_acme-challenge.{MEDIA}"
+    try:
+        deadline = time.monotonic() + 30
+        while not txt_at(dlab, fqdn):
+            assert proc.poll() is None and time.monotonic() < deadline, "the TXT never reached the primary"
+            time.sleep(0.05)
+        assert txt_at(dlab, fqdn, "127.0.0.2") == set() and pebble.count("POST /chalZ/") == 0
+        dlab.sync_secondary()  # the secondary transfers the zone: now both serve the value
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    [outcome] = json.loads(out[out.index("["):])
+    assert outcome["status"] == "renewed", outcome["error"]
+    assert pebble.count("orders in the db") == 1 and pebble.count("Pulled a task") == 1
+    assert txt_at(dlab, fqdn) == set()
+    [renewed] = actions(state, "renewed")
+    assert renewed["object"] == MEDIA
+
+
 # ---------------------------------------------------------------- stale records after a crash
 
 
