@@ -1,0 +1,332 @@
+"""Shared fixtures and checks for the fault-injection suite (`pytest -m faults`).
+
+Each fault module gets a lab of its own (`flab`, from conftest's `private_lab`: faults restart
+Pebble and break POPs), the fault-injecting ACME proxy in front of its Pebble (`proxy`), and the
+chat receiver on the lab's webhook port. The helpers here state what "every POP serves a valid
+certificate", "no file is truncated or mixed" and "what the audit log says" mean, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from lab import Lab
+from lab.pop import CERTIFICATES
+from lab.proc import LabError, port_in_use
+from tests.conftest import private_lab
+from tests.faults.acmeproxy import ACMEProxy
+from tests.receiver import Receiver
+
+REPO = Path(__file__).resolve().parents[2]
+LINEAGES = tuple(name for name, _ in CERTIFICATES)
+SNI: dict[str, tuple[str, ...]] = dict(CERTIFICATES)
+CLI_TIMEOUT = 120.0
+
+
+# ---------------------------------------------------------------- summary line
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """One line counting the fault cases (tests marked `faults`) by outcome.
+
+    Under pytest-xdist the controller loads only the top conftest (and `test*` dirs'), not this one:
+    tests/conftest.py re-exports this hook for that case; the config flag keeps it to one line.
+    """
+    if getattr(config, "_certmgr_fault_summary", False):
+        return
+    config._certmgr_fault_summary = True  # type: ignore[attr-defined]
+    counts = {"passed": 0, "failed": 0, "xfailed": 0}
+    seen: set[tuple[str, str]] = set()
+    for key, reports in terminalreporter.stats.items():
+        for rep in reports:
+            keywords = getattr(rep, "keywords", None) or {}
+            nodeid = getattr(rep, "nodeid", None)
+            if "faults" not in keywords or nodeid is None:
+                continue
+            if key == "passed" and rep.when == "call":
+                outcome = "passed"
+            elif key in ("failed", "error"):
+                outcome = "failed"
+            elif key == "xfailed":
+                outcome = "xfailed"
+            else:
+                continue
+            if (nodeid, outcome) not in seen:
+                seen.add((nodeid, outcome))
+                counts[outcome] += 1
+    if any(counts.values()):
+        terminalreporter.write_line(
+            f"fault cases: {counts['passed']} passed, {counts['failed']} failed, {counts['xfailed']} xfailed")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def flab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A lab of this module's own (2 POPs unless the module sets FAULT_POPS), torn down at module end."""
+    pops = getattr(request.module, "FAULT_POPS", 2)
+    tag = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    # Ports 32768-60999 are also the kernel's ephemeral range: another lab's outgoing connections
+    # leave TIME_WAIT sockets on our ports for a minute. Such a start fails cleanly (and is torn
+    # down); then the next free slot of this worker's block is tried.
+    import tests.conftest as top
+
+    def loopback_ports_free(slot: int) -> bool:
+        base = top._lab_port_base() + top.PRIVATE_SLOT_STRIDE * slot
+        # ACME, management, DNS, webhook receiver, rndc: the ports bound on 127.0.0.1
+        return not any(port_in_use("127.0.0.1", base + i) for i in range(5))
+
+    deadline = time.monotonic() + 120
+    started = False
+    while True:
+        free = [i for i in range(1, 10) if i not in top._SLOTS_IN_USE]
+        slot = next((i for i in free if loopback_ports_free(i)), None)
+        skipped = [i for i in free if slot is not None and i < slot]
+        top._SLOTS_IN_USE.update(skipped)  # private_lab takes the lowest free slot: steer it to `slot`
+        try:
+            if slot is None:
+                raise LabError(f"every free slot has a loopback port already in use (slots {free})")
+            with private_lab(tag, pops=pops) as instance:
+                top._SLOTS_IN_USE.difference_update(skipped)
+                started = True
+                yield instance
+            return
+        except LabError as exc:
+            if started or "already in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # bounded by `deadline`: waiting for TIME_WAIT sockets to expire
+        finally:
+            top._SLOTS_IN_USE.difference_update(skipped)
+
+
+@pytest.fixture(scope="module")
+def proxy(flab: Lab) -> Iterator[ACMEProxy]:
+    """The fault-injecting proxy in front of the module lab's Pebble (TLS from the lab's HTTPS CA)."""
+    with ACMEProxy.running(flab.ports.acme, flab.https_cert, flab.https_key, flab.https_ca) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def chat(flab: Lab) -> Iterator[Receiver]:
+    """The chat receiver on the lab's webhook port (the inventory's `ops` channel)."""
+    with Receiver(port=flab.ports.webhook) as rx:
+        yield rx
+
+
+@pytest.fixture()
+def fresh(flab: Lab, proxy: ACMEProxy, chat: Receiver) -> Iterator[Lab]:
+    """Every POP back on its near-expiry seed, no proxy rules or records, an empty chat log."""
+    proxy.clear()
+    chat.clear()
+    flab.reseed()
+    # reseed waits for one handshake showing the seed; right after a reload the old nginx worker may
+    # still accept a few: wait until three rounds in a row show every seed everywhere
+    want = {(pop, sni): flab.seed_serial(lineage) for pop in flab.pop_names for lineage in LINEAGES
+            for sni in SNI[lineage]}
+    streak = [0]
+
+    def settled() -> bool:
+        streak[0] = streak[0] + 1 if served(flab) == want else 0
+        return streak[0] >= 3
+
+    wait_for(settled, 15, "every POP to serve its seed certificates", interval=0.1)
+    yield flab
+    proxy.clear()
+    for pop in flab.pop_names:
+        for f in flab.pop_paths(pop).conf_d.glob("*.conf"):
+            f.unlink()
+
+
+# ---------------------------------------------------------------- inventory and CLI
+
+
+def write_inventory(flab: Lab, proxy: ACMEProxy, path: Path, *, certs: Sequence[str] | None = None,
+                    cert_extra: dict[str, str] | None = None) -> Path:
+    """The lab's inventory with the CA directory pointed at the proxy; `certs` keeps only those lineages.
+
+    `cert_extra` adds TOML lines (e.g. `preferred_chain = "…"`) to every [[certificates]] table.
+    """
+    text = flab.inventory_path.read_text().replace(flab.pebble.directory, proxy.directory)
+    blocks = text.split("[[certificates]]\n")
+    head, tables = blocks[0], blocks[1:]
+    kept = []
+    for t in tables:
+        name = t.split('name = "', 1)[1].split('"', 1)[0]
+        if certs is not None and name not in certs:
+            continue
+        body, _, rest = t.partition("\n\n")
+        extra = "".join(f"{k} = {v}\n" for k, v in (cert_extra or {}).items())
+        kept.append(body.rstrip("\n") + "\n" + extra + ("\n" + rest if rest else "\n"))
+    # the [channels.*] table follows the last [[certificates]] table in the lab's rendering
+    tail = ""
+    if kept and "[channels." in tables[-1] and "[channels." not in "".join(kept):
+        tail = "[channels." + tables[-1].split("[channels.", 1)[1]
+    path.write_text(head + "".join("[[certificates]]\n" + k for k in kept) + ("\n" + tail if tail else ""))
+    return path
+
+
+def cli_argv(inventory: Path, state: Path, *args: str, crash: str | None = None) -> list[str]:
+    base = [sys.executable, "-m", "tests.faults.crashpoints", crash, "--"] if crash else [sys.executable, "-m",
+                                                                                          "certmgr"]
+    return [*base, "--inventory", str(inventory), "--state-dir", str(state), *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def certmgr(inventory: Path, state: Path, *args: str, timeout: float = CLI_TIMEOUT,
+            crash: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI to completion (as the timer would), output captured."""
+    return subprocess.run(cli_argv(inventory, state, *args, crash=crash), capture_output=True, text=True,
+                          env=cli_env(**env), cwd=REPO, timeout=timeout)
+
+
+def start_certmgr(inventory: Path, state: Path, *args: str, crash: str | None = None,
+                  **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(cli_argv(inventory, state, *args, crash=crash), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(**env), cwd=REPO)
+
+
+def kill9(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGKILL a CLI we started and collect its output."""
+    proc.kill()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -9, (proc.returncode, out, err)
+    return out, err
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Bounded polling: the first truthy value of cond(), or AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def audit(state: Path) -> list[dict[str, Any]]:
+    path = state / "audit.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- what "whole" and "valid" mean
+
+
+def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return cert.public_key().public_bytes(enc, pub) == key.public_key().public_bytes(enc, pub)
+
+
+def check_version_dir(d: Path) -> str:
+    """A version directory is whole: four files, parseable, fullchain = cert + chain, key matches. Its serial."""
+    files = {f: (d / f).read_bytes() for f in ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")}
+    assert files["fullchain.pem"] == files["cert.pem"] + files["chain.pem"], f"{d}: fullchain is not cert + chain"
+    x509.load_pem_x509_certificates(files["fullchain.pem"])
+    assert _key_matches(files["cert.pem"], files["privkey.pem"]), f"{d}: private key does not match the certificate"
+    return f"{x509.load_pem_x509_certificate(files['cert.pem']).serial_number:x}"
+
+
+def check_store_whole(state: Path) -> dict[str, str]:
+    """Every archived version is whole and every live link points at one; returns {lineage: live serial}."""
+    live: dict[str, str] = {}
+    archive = state / "archive"
+    for lineage in sorted(archive.iterdir()) if archive.is_dir() else []:
+        for v in lineage.iterdir():
+            if v.name.isdigit():
+                check_version_dir(v)
+        link = state / "live" / lineage.name
+        if link.is_symlink():
+            target = link.resolve()
+            assert target.parent == lineage.resolve() and target.name.isdigit(), f"{link} → {target}"
+            live[lineage.name] = check_version_dir(target)
+    return live
+
+
+def check_pop_files_whole(flab: Lab) -> None:
+    """On every POP, whatever each live/<name>/ resolves to is whole and matched (the files nginx reads)."""
+    for pop in flab.pop_names:
+        root = flab.pop_paths(pop).cert_root
+        for lineage in LINEAGES:
+            live = root / "live" / lineage
+            fullchain = (live / "fullchain.pem").read_bytes()
+            key = (live / "privkey.pem").read_bytes()
+            certs = x509.load_pem_x509_certificates(fullchain)
+            assert certs, f"{pop}: {live}/fullchain.pem is empty"
+            leaf_pem = certs[0].public_bytes(serialization.Encoding.PEM)
+            assert _key_matches(leaf_pem, key), f"{pop}: {live}: fullchain and privkey are from different versions"
+
+
+def handshake(address: str, port: int, sni: str, cafile: Path, timeout: float = 5.0) -> x509.Certificate:
+    """A verifying TLS handshake (chain to `cafile`, hostname, dates); the leaf the server presented."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection((address, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def served(flab: Lab) -> dict[tuple[str, str], int]:
+    """(POP, SNI) → serial presented right now (unverified handshake)."""
+    return {(pop, sni): flab.served_serial(pop, sni) for pop in flab.pop_names for names in SNI.values()
+            for sni in names}
+
+
+def assert_every_pop_serves_live(flab: Lab, state: Path, lineages: Sequence[str] = LINEAGES) -> None:
+    """Every POP presents, for every name, the store's live certificate, and it verifies against Pebble's roots."""
+    live = check_store_whole(state)
+    for lineage in lineages:
+        assert lineage in live, f"{lineage} has no live version in the store"
+        for pop in flab.pop_names:
+            p = flab.pop_paths(pop)
+            for sni in SNI[lineage]:
+                leaf = handshake(p.address, flab.ports.https, sni, flab.pebble.roots)
+                assert f"{leaf.serial_number:x}" == live[lineage], (pop, sni)
+
+
+def assert_every_pop_serves_a_valid_certificate(flab: Lab, bundle: Path) -> None:
+    """Every POP completes a verifying handshake for every name, old (seed) or new (Pebble) certificate alike."""
+    bundle.write_bytes(flab.seed_ca.read_bytes() + flab.pebble.roots.read_bytes())
+    for pop in flab.pop_names:
+        p = flab.pop_paths(pop)
+        for names in SNI.values():
+            for sni in names:
+                handshake(p.address, flab.ports.https, sni, bundle)
+
+
+def digest_tree(root: Path) -> str:
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            p = Path(d) / n
+            h.update(str(p.relative_to(root)).encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,67 @@
+"""Run the real certmgr CLI and SIGKILL it at a precise step that no outside observer can catch in time.
+
+    python -m tests.faults.crashpoints STEP -- [certmgr arguments…]
+
+Most crash points are produced from outside (the ACME proxy holds a request, the test watches
+the audit log or a file and sends SIGKILL). Two steps last microseconds, so this wrapper arms a
+trigger on the system call itself before handing over to `certmgr.cli.main`; certmgr's code runs
+unchanged, and the process dies exactly as a power cut or the OOM killer would leave it:
+
+* `privkey-write`  — half-way through writing `archive/<name>/…/privkey.pem` (the bytes written so
+  far are on disk, the rest never will be);
+* `live-swap`      — a version is renamed into `archive/` but the rename of `live/<name>` onto it has
+  not happened yet (between the two renames that make a new version live).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(step: str) -> None:
+    if step == "privkey-write":
+        real_write = os.write
+
+        def write(fd: int, data: Any) -> int:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if "/archive/" in target and target.endswith("/privkey.pem") and len(data) > 1:
+                real_write(fd, bytes(data[: len(data) // 2]))
+                _die()
+            return real_write(fd, data)
+
+        os.write = write
+    elif step == "live-swap":
+        real_replace = os.replace
+
+        def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            d = os.fspath(dst)
+            if os.path.basename(os.path.dirname(d)) == "live" and ".tmp-" in os.path.basename(os.fspath(src)):
+                _die()
+            real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace
+    else:
+        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] != "--":
+        raise SystemExit("usage: python -m tests.faults.crashpoints STEP -- [certmgr arguments…]")
+    arm(argv[0])
+    from certmgr.cli import main as certmgr_main
+
+    certmgr_main(argv[2:], prog_name="certmgr")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

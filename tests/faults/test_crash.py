@@ -1,0 +1,205 @@
+"""Crash at every step: `certmgr run` SIGKILLed mid-way, then rerun as the next timer would.
+
+The kill comes from outside at an observable moment — a request held at the ACME proxy (before
+Pebble sees it, or after Pebble answered but before certmgr does), a line in the audit log — or,
+for the two steps that last microseconds, from tests/faults/crashpoints.py armed on the system
+call itself. After each crash nothing at a final path is truncated or mixed (store and POPs), and
+after the rerun every POP serves a valid certificate with at most one extra order per certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import dns.message
+import dns.query
+import pytest
+
+from lab import Lab
+from tests.faults.acmeproxy import ACMEProxy
+from tests.faults.conftest import (
+    LINEAGES,
+    SNI,
+    assert_every_pop_serves_a_valid_certificate,
+    assert_every_pop_serves_live,
+    audit,
+    certmgr,
+    check_pop_files_whole,
+    check_store_whole,
+    kill9,
+    start_certmgr,
+    wait_for,
+    write_inventory,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+FAULT_POPS = 3
+MEDIA = "media.hachyderm.test"
+
+
+def orders_created(proxy: ACMEProxy) -> dict[str, int]:
+    return {lineage: proxy.created("new-order", SNI[lineage][0]) for lineage in LINEAGES}
+
+
+def challenge_txt(flab: Lab) -> dict[str, list[str]]:
+    """Every `_acme-challenge` TXT value the lab's primary still serves for the lab's names."""
+    out = {}
+    for name in sorted({n for names in SNI.values() for n in names}):
+        fqdn = f"_acme-challenge.{name}."
+        resp = dns.query.udp(dns.message.make_query(fqdn, "TXT"), "127.0.0.1", port=flab.ports.dns, timeout=3)
+        values = [b"".join(r.strings).decode() for rrset in resp.answer for r in rrset]
+        if values:
+            out[fqdn] = values
+    return out
+
+
+def renewed_before_crash(state: Path) -> set[str]:
+    return {e["object"] for e in audit(state) if e["action"] == "renewed"}
+
+
+def crash_and_rerun(flab: Lab, proxy: ACMEProxy, tmp_path: Path, crash: Callable[[subprocess.Popen[str]], None],
+                    *, wrapper: str | None = None) -> tuple[Path, set[str]]:
+    """Start `certmgr run`, let `crash` kill it, check nothing is torn, rerun, check every POP; return the state dir."""
+    inv = write_inventory(flab, proxy, tmp_path / "domains.toml")
+    state = tmp_path / "state"
+    proc = start_certmgr(inv, state, "run", "--no-notify", crash=wrapper)
+    try:
+        crash(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        proxy.release()
+    assert proc.returncode == -9, f"certmgr was killed, not finished (exit {proc.returncode})"
+    done_before = renewed_before_crash(state)
+    # right after the crash: every final path in the store and on every POP is whole
+    check_store_whole(state)
+    check_pop_files_whole(flab)
+    assert_every_pop_serves_a_valid_certificate(flab, tmp_path / "trust.pem")
+
+    rerun = certmgr(inv, state, "run", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_every_pop_serves_live(flab, state)
+    check_pop_files_whole(flab)
+    assert challenge_txt(flab) == {}, "the rerun removed the challenge records the killed run left"
+    orders = orders_created(proxy)
+    for lineage in LINEAGES:
+        assert orders[lineage] <= (1 if lineage in done_before else 2), (lineage, orders)
+    assert not list((state / "archive").glob("*/.tmp-*")), "temporaries of the killed run are swept"
+    return state, done_before
+
+
+def _held(proxy: ACMEProxy, kind: str, *, after: bool) -> Callable[[subprocess.Popen[str]], None]:
+    rule = proxy.hold(kind, ident=None if kind == "new-account" else MEDIA, after=after)
+
+    def crash(proc: subprocess.Popen[str]) -> None:
+        ACMEProxy.wait_held(rule)
+        kill9(proc)
+
+    return crash
+
+
+@pytest.mark.parametrize(("step", "kind", "after", "ca_orders"), [
+    ("after account registration", "new-account", True, 0),
+    ("after key generation", "new-order", False, 0),
+    ("after new-order", "new-order", True, 1),
+    ("after answering the challenge", "challenge", True, 1),
+    ("after finalize", "finalize", True, 1),
+])
+def test_kill_at_acme_step(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, step: str, kind: str, after: bool,
+                           ca_orders: int) -> None:
+    """SIGKILL at an ACME step (request held at the proxy) → the rerun serves valid certificates everywhere, with at
+    most one extra order for the certificate that was in flight."""
+    crash = _held(proxy, kind, after=after)
+
+    def and_count(proc: subprocess.Popen[str]) -> None:
+        crash(proc)
+        assert proxy.created("new-order", MEDIA) == ca_orders, step
+
+    state, _ = crash_and_rerun(fresh, proxy, tmp_path, and_count)
+    assert proxy.created("new-order", MEDIA) == ca_orders + 1
+    # the account key is stored once the CA accepted it: a crash in between costs one orphan account, no more
+    assert proxy.created("new-account") == (2 if kind == "new-account" else 1)
+    if kind == "finalize":
+        # the CA issued a certificate the killed run never stored: the rerun made a second one, not more
+        assert len(proxy.requests("finalize", MEDIA, status=200)) == 2
+    media = [e for e in audit(state) if e["action"] == "renewed" and e["object"] == MEDIA]
+    assert len(media) == 1 and media[0]["version"] == 1
+
+
+def test_kill_mid_write_of_private_key(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """SIGKILL half-way through writing a version's privkey.pem leaves only a hidden temp dir; live is never torn."""
+    state_dir = tmp_path / "state"
+
+    def crash(proc: subprocess.Popen[str]) -> None:
+        proc.wait(timeout=120)
+        torn = [p for p in state_dir.glob("archive/*/.tmp-*/privkey.pem")]
+        assert torn, "the crash hit while a private key was being written"
+        assert all(b"END" not in p.read_bytes() for p in torn), "the key file was cut short"
+        assert [p.name for p in state_dir.glob("live/*") if not p.name.startswith(".")] == [], "nothing became live"
+
+    crash_and_rerun(fresh, proxy, tmp_path, crash, wrapper="privkey-write")
+
+
+def test_kill_between_the_renames_of_a_swap(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """SIGKILL after a version is renamed into archive/ but before live/<name> is renamed onto it: live stays as it
+    was, the version is whole, and the rerun makes a version live everywhere."""
+    state_dir = tmp_path / "state"
+
+    def crash(proc: subprocess.Popen[str]) -> None:
+        proc.wait(timeout=120)
+        versions = [p for p in state_dir.glob("archive/*/*") if p.name.isdigit()]
+        assert versions, "a version was stored before the crash"
+        assert [p.name for p in state_dir.glob("live/*") if not p.name.startswith(".")] == [], \
+            "the crash came before the live rename"
+        assert [p for p in state_dir.glob("live/.*.tmp-*") if p.is_symlink()], "the new link was made, not renamed"
+
+    state, _ = crash_and_rerun(fresh, proxy, tmp_path, crash, wrapper="live-swap")
+    for lineage in LINEAGES:
+        assert (state / "live" / lineage).is_symlink()
+    assert not list(state.glob("live/.*")), "the rerun swept the temporary link"
+
+
+def test_kill_mid_push(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """SIGKILL the moment the first POP's live/<name> is switched (its commit script runs on; the other POPs are
+    mid-upload or mid-commit): every POP serves a whole certificate, and the rerun brings every POP to the live
+    version without a new order, the audit log naming every POP's new serial."""
+    links = [fresh.pop_paths(pop).cert_root / "live" / lineage for pop in fresh.pop_names for lineage in LINEAGES]
+
+    def crash(proc: subprocess.Popen[str]) -> None:
+        wait_for(lambda: any(p.is_symlink() for p in links) or proc.poll() is not None, 120,
+                 "the first POP to switch live/<name>", interval=0.002)
+        kill9(proc)
+
+    state, done = crash_and_rerun(fresh, proxy, tmp_path, crash)
+    assert done == set(LINEAGES), "every certificate was renewed before the push began"
+    assert orders_created(proxy) == {lineage: 1 for lineage in LINEAGES}, "a redeploy orders nothing"
+    live = check_store_whole(state)
+    deployed = {(e["object"], e["host"]): e["to"] for e in audit(state) if e["action"] == "deployed"}
+    assert deployed == {(lineage, pop): live[lineage] for lineage in LINEAGES for pop in fresh.pop_names}, \
+        "every POP's switch to the new serial is in the audit log, also one the killed run made"
+
+
+def test_pop_crash_between_the_two_renames_of_the_certbot_conversion(fresh: Lab, proxy: ACMEProxy,
+                                                                     tmp_path: Path) -> None:
+    """A POP that died between `mv live/<name> live/.<name>.certbot-old` and `mv <new link> live/<name>` (the two
+    renames converting certbot's layout; the remote script survives certmgr's own death, so only the host dying can
+    stop it there) is repaired by the next run: certbot's directory is put back, converted, and the POP serves the
+    new certificate."""
+    pop = fresh.pop_names[-1]
+    live = fresh.pop_paths(pop).cert_root / "live"
+    # exactly what the first rename leaves: live/<name> missing, certbot's directory under the backup name,
+    # and the new link prepared under its temporary name
+    os.rename(live / MEDIA, live / f".{MEDIA}.certbot-old")
+    os.symlink(f"../archive/{MEDIA}/2", live / f".{MEDIA}.tmp-4242-new")
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml")
+    state = tmp_path / "state"
+    res = certmgr(inv, state, "run", "--no-notify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_every_pop_serves_live(fresh, state)
+    check_pop_files_whole(fresh)
+    assert not (live / f".{MEDIA}.certbot-old").exists()
