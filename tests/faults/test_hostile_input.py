@@ -87,6 +87,17 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
      "hosts.sally.cert_root: '/etc/letsencrypt;reboot' must be an absolute path"),
     ("ssh-user", {"host_overrides": {"sally": {"user": "root;id"}}},
      "hosts.sally.user: 'root;id' is not a valid user name"),
+    ("ssh-option-address", {"host_overrides": {"sally": {"address": "-oProxyCommand=touch"}}},
+     "hosts.sally.address: '-oProxyCommand=touch' contains characters not allowed in a DNS name: '='"),
+    ("host-name-semicolon", {"_replace": [("[hosts.sally]", '[hosts."sally;reboot"]'),
+                                          ('"sally",', '"sally;reboot",')]},
+     "hosts.sally;reboot: 'sally;reboot' is not a valid name"),
+    ("tsig-key-name", {"dns_overrides": {"tsig_key": "certmgr-lab;reboot"}},
+     "dns.lab.tsig_key: 'certmgr-lab;reboot' is not a valid key name"),
+    ("test-command-nul", {"host_overrides": {"sally": {"test_command": ["nginx\x00", "-t"]}}},
+     "hosts.sally.test_command[0]: contains a NUL or newline"),
+    ("domain-rtl-override", {"extra_certs": [{"name": "x.hachyderm.test", "domains": ["x\u202e.hachyderm.test"]}]},
+     "certificates[0].domains[0]: 'x\\u202e.hachyderm.test' is not a valid internationalised name"),
 ]
 
 
@@ -95,8 +106,12 @@ def test_hostile_inventory_value_is_rejected_before_any_io(quiet: Lab, rx: Recei
                                                            where: dict[str, Any], problem: str) -> None:
     """A hostile name, address, path or user in the inventory: exit 2 naming its key path; no state dir, and nothing reaches the CA, bind, a POP or chat."""
     certs = () if "extra_certs" in where else (MEDIA,)  # the hostile certificate is certificates[0]
-    inv = write_inventory(tmp_path / "domains.toml", inventory_text(
-        quiet, certs=certs, channel_url_file=quiet.webhook_url_file, **where))
+    kwargs = {k: v for k, v in where.items() if not k.startswith("_")}
+    text = inventory_text(quiet, certs=certs, channel_url_file=quiet.webhook_url_file, **kwargs)
+    for old, new in where.get("_replace", ()):
+        assert old in text
+        text = text.replace(old, new)
+    inv = write_inventory(tmp_path / "domains.toml", text)
     state = tmp_path / "state"
     pebble, named, sshd = pebble_mark(quiet), LogMark(quiet.dns_dir / "named.log"), sshd_marks(quiet)
     pops = {pop: tree_digest(quiet.pop_paths(pop).cert_root) for pop in quiet.pop_names}
