@@ -137,3 +137,36 @@ def test_webhook_fault_changes_neither_outcome_nor_exit_status(seeded: Lab, rx: 
 
 def _audit(state: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (state / "audit.log").read_text().splitlines() if line.strip()]
+
+
+def test_scan_alerts_lost_to_a_failing_webhook_are_sent_next_time(seeded: Lab, rx: Receiver, tmp_path: Path) -> None:
+    """`certmgr scan` with a webhook answering 500: same exit status, at most 4 attempts for all its alerts, nothing leaked; the next scan with the webhook back sends them, the one after stays quiet."""
+    url_file = tmp_path / "webhook-url"
+    url_file.write_text(rx.url("/hook") + "\n")
+    url_file.chmod(0o600)
+    inv = write_inventory(tmp_path / "domains.toml", inventory_text(
+        seeded, certs=("hachyderm.test", MEDIA, "static.hachyderm.test"), hosts=POPS, channel_url_file=url_file))
+    state = tmp_path / "state"
+    rx.default = Reply(500, b"{}")
+    failing = certmgr(inv, state, "scan", "--json")
+    # the seeds have 5 of 90 days left: critical (exit 2), whatever the webhook does
+    assert failing.returncode == 2, failing.stderr[-2000:]
+    report = json.loads(failing.stdout)
+    assert report["notifications"] and not any(n["ok"] for n in report["notifications"])
+    assert 1 <= len(rx.requests) <= ATTEMPTS, f"{len(rx.requests)} attempts at a dead channel in one scan"
+    text = failing.stdout + failing.stderr + everything_written(state)
+    for secret in [rx.url("/hook"), *lab_secrets(seeded)]:
+        assert secret not in text
+
+    rx.clear()
+    rx.default = Reply(204)
+    back = certmgr(inv, state, "scan", "--json")
+    assert back.returncode == 2
+    sent = json.loads(back.stdout)["notifications"]
+    assert sent and all(n["ok"] for n in sent)
+    told = {r.json["certificate"] for r in rx.requests}
+    assert told == {"hachyderm.test", MEDIA, "static.hachyderm.test"}, told
+
+    rx.clear()
+    again = certmgr(inv, state, "scan", "--json")
+    assert again.returncode == 2 and json.loads(again.stdout)["notifications"] == [] and rx.requests == []
