@@ -82,6 +82,13 @@ def assert_no_secret(lab: Lab, proc: subprocess.CompletedProcess[str], state: Pa
         assert s not in text
 
 
+def assert_failure_audited(state: Path, cert: str, error: object) -> None:
+    """The audit log holds exactly one `renew failed` line for `cert`, with the error as reported, and no `renewed`."""
+    [failed] = actions(state, "renew failed")
+    assert failed["object"] == cert and failed["error"] == error and failed["failures"] == 1, failed
+    assert actions(state, "renewed") == []
+
+
 def bad_key_file(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.key"
     path.write_text(f'key "{name}" {{\n\talgorithm hmac-sha256;\n\tsecret "'
@@ -134,7 +141,7 @@ def test_dns_update_refused_fails_fast_without_answering_a_challenge(dlab: Lab, 
     assert not (state / "live" / cert).exists()
     st = json.loads((state / "state" / "renew" / f"{cert}.json").read_text())
     assert st["failures"] == 1 and st["last_error"] == expected
-    assert actions(state, "renewed") == []
+    assert_failure_audited(state, cert, expected)
     assert_no_secret(dlab, proc, state)
 
     # the timer's next run: held back, nothing sent to the CA or to bind
@@ -143,6 +150,7 @@ def test_dns_update_refused_fails_fast_without_answering_a_challenge(dlab: Lab, 
     assert again.returncode == 0, again.stderr
     assert renew_json(again)[0]["status"] == "backoff"
     assert pebble2.count("orders in the db") == 0 and named2.count("updating zone") == 0
+    assert_failure_audited(state, cert, expected)  # a backoff is not a new failure
 
 
 def test_tsig_clock_skew_is_classified_as_clock_skew(dlab: Lab, tmp_path: Path) -> None:
@@ -163,6 +171,7 @@ def test_tsig_clock_skew_is_classified_as_clock_skew(dlab: Lab, tmp_path: Path) 
     assert pebble.count("POST /chalZ/") == 0 and pebble.count("Pulled a task") == 0
     assert txt_at(dlab, f"_acme-challenge.{MEDIA}") == set()
     assert not (state / "live" / MEDIA).exists()
+    assert_failure_audited(state, MEDIA, out["error"])
     assert_no_secret(dlab, proc, state)
 
 
@@ -182,7 +191,8 @@ def test_dns_server_down_fails_fast_without_answering_a_challenge(dlab: Lab, tmp
                             "(challenge not attempted)")
     assert elapsed < 15
     assert pebble.count("POST /chalZ/") == 0 and pebble.count("Pulled a task") == 0
-    assert not (state / "live" / MEDIA).exists() and actions(state, "renewed") == []
+    assert not (state / "live" / MEDIA).exists()
+    assert_failure_audited(state, MEDIA, out["error"])
 
 
 # ---------------------------------------------------------------- propagation
@@ -209,7 +219,7 @@ def test_secondary_never_receiving_the_record_fails_bounded_and_cleans(dlab: Lab
     assert txt_at(dlab, f"_acme-challenge.{MEDIA}") == set()  # cleaned on the primary
     pending = json.loads((state / "state" / "renew" / "pending" / f"{MEDIA}.json").read_text())
     assert pending == []  # the journal says nothing is left behind
-    assert actions(state, "renewed") == []
+    assert_failure_audited(state, MEDIA, error)
 
 
 def test_lagging_secondary_that_catches_up_is_waited_for(dlab: Lab, tmp_path: Path) -> None:

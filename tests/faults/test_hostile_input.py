@@ -20,6 +20,7 @@ from tests.faults.acmeproxy import ACMEProxy
 from tests.faults.helpers_b import (
     REPO,
     LogMark,
+    audit,
     certmgr,
     inventory_text,
     pebble_mark,
@@ -164,6 +165,7 @@ def test_hostile_challenge_token_is_rejected(quiet: Lab, rx: Receiver, proxy: AC
     assert out["error"] == (f"acme authorization {MEDIA}: the CA sent a dns-01 token that is not base64url "
                             f"(RFC 8555 §8.1): {token!r} (order abandoned)"), out["error"]
     assert out["retryable"] is False
+    assert [e["error"] for e in audit(state) if e["action"] == "renew failed"] == [out["error"]]
     assert "Traceback" not in proc.stderr
     assert proxy.requests("challenge") == [] and named.count("updating zone") == 0
     for base in (REPO, state, state / "archive", tmp_path, Path("/")):
@@ -194,6 +196,7 @@ def test_error_detail_with_shell_syntax_is_shown_as_text(quiet: Lab, rx: Receive
     assert out["error"] == f"acme new-order {MEDIA}: malformed: {escaped} (order not placed)"
     st = json.loads((state / "state" / "renew" / f"{MEDIA}.json").read_text())
     assert st["last_error"] == out["error"]
+    assert next(e["error"] for e in audit(state) if e["action"] == "renew failed") == out["error"]
     alerts = [r.json for r in rx.requests if r.json["kind"] == "failure"]
     assert len(alerts) == 1 and escaped in alerts[0]["lines"][0]
     assert text.returncode == 1
