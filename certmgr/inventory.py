@@ -241,7 +241,7 @@ def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
                 return f"{name!r} is not a valid internationalised name"
             return f"{name!r} contains non-ASCII characters; write the A-label form {alabel!r}"
         shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)
-        return f"{name!r} contains characters not allowed in a DNS name: {shown!r}"
+        return f"{name!r} contains characters not allowed in a DNS name: '{shown}'"
     if name != name.lower():
         return f"{name!r} must be lower case"
     if name.endswith("."):
@@ -759,7 +759,7 @@ def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[
 def _lineage_problem(name: str) -> str | None:
     if not _LINEAGE.fullmatch(name) or ".." in name:
         shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
-        return (f"{shown!r} is not a valid certificate name (lower-case letters, digits, '.', '-', '_'; "
+        return (f"'{shown}' is not a valid certificate name (lower-case letters, digits, '.', '-', '_'; "
                 "it becomes a directory name on every host)")
     return None
 

@@ -73,7 +73,7 @@ BAD: list[tuple[str, str, str]] = [
      "certificates[1].name: '../../etc' is not a valid certificate name (lower-case letters, digits, '.', '-', "
      "'_'; it becomes a directory name on every host)"),
     ("NUL byte in name", with_cert(name='"a\\u0000b.hachyderm.test"', domains='["a.hachyderm.test"]'),
-     "certificates[1].name: 'a\\\\x00b.hachyderm.test' is not a valid certificate name (lower-case letters, "
+     "certificates[1].name: 'a\\x00b.hachyderm.test' is not a valid certificate name (lower-case letters, "
      "digits, '.', '-', '_'; it becomes a directory name on every host)"),
     ("command substitution in domain", with_cert(name='"x.hachyderm.test"', domains='["$(id).hachyderm.test"]'),
      "certificates[1].domains[0]: '$(id).hachyderm.test' contains characters not allowed in a DNS name: '$()'"),
