@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import email.utils
 import json
 import ssl
 import time
@@ -101,8 +102,10 @@ def test_nonce_reject_90_bounded_and_clean(fresh: Lab, proxy: ACMEProxy, tmp_pat
         if r["status"] != "failed":
             assert r["status"] == "renewed", r
             continue
-        assert "badNonce" in r["error"], r["error"]
+        assert "badNonce" in r["error"] and r["retryable"], r
         assert r["name"] not in live
+        failed_state = json.loads((state / "state" / "renew" / f"{r['name']}.json").read_text())
+        assert failed_state["failures"] == 1, "recorded once, so the timer backs off"
         for pop in fresh.pop_names:
             for sni in SNI[r["name"]]:
                 assert fresh.served_serial(pop, sni) == fresh.seed_serial(r["name"])
@@ -110,19 +113,41 @@ def test_nonce_reject_90_bounded_and_clean(fresh: Lab, proxy: ACMEProxy, tmp_pat
     assert renewed_lineages(state) == sorted(renewed)
 
 
-def test_503_retry_after_twice_then_success(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
-    """Two 503s with `Retry-After: 3` on new-order are waited out (≥ 6 s) and the third attempt makes the one order."""
+@pytest.mark.parametrize(("kind", "ok"), [("new-order", 201), ("authz", 200), ("finalize", 200),
+                                          ("certificate", 200)])
+def test_503_retry_after_twice_then_success(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, kind: str,
+                                            ok: int) -> None:
+    """Two 503s with `Retry-After: 3` (on new-order, an authorization, finalize or the download) are waited out
+    (≥ 3 s each) and the third attempt goes through: one order, renewed and live on every POP."""
     inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA])
-    proxy.fail("new-order", 503, "serverInternal", "service busy (injected)", ident=MEDIA, times=2, retry_after=3)
+    proxy.fail(kind, 503, "serverInternal", "service busy (injected)", ident=MEDIA, times=2, retry_after=3)
     res = certmgr(inv, tmp_path / "state", "renew", MEDIA)
     assert res.returncode == 0, res.stdout + res.stderr
-    attempts = proxy.requests("new-order", MEDIA)
-    assert [s.status for s in attempts if s.status != 400] == [503, 503, 201]  # 400: Pebble's own badNonce
-    assert attempts[1].time - attempts[0].time >= 2.9 and attempts[-1].time - attempts[1].time >= 2.9
+    attempts = [s for s in proxy.requests(kind, MEDIA) if s.status != 400]  # 400: Pebble's own badNonce
+    assert [s.status for s in attempts[:3]] == [503, 503, ok]
+    assert attempts[1].time - attempts[0].time >= 2.9 and attempts[2].time - attempts[1].time >= 2.9
     assert proxy.created("new-order", MEDIA) == 1
     [entry] = [e for e in audit(tmp_path / "state") if e["action"] == "renewed"]
-    assert entry["object"] == MEDIA and entry["timings"]["order"] >= 5.8
+    assert entry["object"] == MEDIA and entry["timings"]["total"] >= 5.8
     assert_every_pop_serves_live(fresh, tmp_path / "state", [MEDIA])
+
+
+def test_pebble_restart_forgets_the_account(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """A CA that lost its accounts (Pebble restarted) gets the stored key registered once per run, not once per
+    certificate; every certificate renews and deploys."""
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml")
+    state = tmp_path / "state"
+    first = certmgr(inv, state, "run", "--no-notify")
+    assert first.returncode == 0, first.stdout + first.stderr
+    key = next((state / "accounts").rglob("key.pem")).read_bytes()
+    fresh.restart_pebble()
+    proxy.clear()
+    second = certmgr(inv, state, "renew", *LINEAGES, "--force")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert proxy.created("new-account") == 1
+    assert next((state / "accounts").rglob("key.pem")).read_bytes() == key, "the same key, registered again"
+    assert orders_created(proxy) == {lineage: 1 for lineage in LINEAGES}
+    assert_every_pop_serves_live(fresh, state)
 
 
 def test_finalize_answer_lost_behind_a_503(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
@@ -141,15 +166,18 @@ def test_finalize_answer_lost_behind_a_503(fresh: Lab, proxy: ACMEProxy, tmp_pat
     assert_every_pop_serves_live(fresh, tmp_path / "state", [MEDIA])
 
 
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
 def test_rate_limited_certificate_waits_until_retry_after(fresh: Lab, proxy: ACMEProxy, chat: Receiver,
-                                                         tmp_path: Path) -> None:
-    """429 rateLimited with a 1 h Retry-After on one certificate: the others renew and deploy; the alert gives the
-    retry time; later runs send no order for it before then (persisted in its state)."""
+                                                         tmp_path: Path, form: str) -> None:
+    """429 rateLimited with a 1 h Retry-After (delay-seconds or HTTP-date) on one certificate: the others renew and
+    deploy; the alert gives the retry time; later runs send no order for it before then (persisted in its state)."""
     inv = write_inventory(fresh, proxy, tmp_path / "domains.toml")
     state = tmp_path / "state"
-    proxy.fail("new-order", 429, "rateLimited", f"too many certificates already issued for {MEDIA}", ident=MEDIA,
-               times=None, retry_after=3600)
     t0 = dt.datetime.now(dt.UTC)
+    retry_after = "3600" if form == "seconds" else email.utils.format_datetime(t0 + dt.timedelta(seconds=3600),
+                                                                               usegmt=True)
+    proxy.fail("new-order", 429, "rateLimited", f"too many certificates already issued for {MEDIA}", ident=MEDIA,
+               times=None, retry_after=retry_after)
     first = certmgr(inv, state, "run")
     assert first.returncode == 2, first.stdout + first.stderr
     assert proxy.requests("new-order", MEDIA) and proxy.created("new-order", MEDIA) == 0
@@ -163,7 +191,7 @@ def test_rate_limited_certificate_waits_until_retry_after(fresh: Lab, proxy: ACM
 
     renew_state = json.loads((state / "state" / "renew" / f"{MEDIA}.json").read_text())
     retry_at = dt.datetime.fromisoformat(renew_state["retry_after"])
-    assert t0 + dt.timedelta(seconds=3590) <= retry_at <= t0 + dt.timedelta(seconds=3700)
+    assert t0 + dt.timedelta(seconds=3590) <= retry_at <= t0 + dt.timedelta(seconds=3700), retry_at
 
     failures = [r.json for r in chat.requests if r.json.get("kind") == "failure"]
     assert [f["title"] for f in failures] == [f"FAILED renewal of {MEDIA}"]

@@ -109,6 +109,7 @@ def _held(proxy: ACMEProxy, kind: str, *, after: bool) -> Callable[[subprocess.P
     ("after new-order", "new-order", True, 1),
     ("after answering the challenge", "challenge", True, 1),
     ("after finalize", "finalize", True, 1),
+    ("after downloading the certificate", "certificate", True, 1),
 ])
 def test_kill_at_acme_step(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, step: str, kind: str, after: bool,
                            ca_orders: int) -> None:
@@ -124,7 +125,7 @@ def test_kill_at_acme_step(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, step: s
     assert proxy.created("new-order", MEDIA) == ca_orders + 1
     # the account key is stored once the CA accepted it: a crash in between costs one orphan account, no more
     assert proxy.created("new-account") == (2 if kind == "new-account" else 1)
-    if kind == "finalize":
+    if kind in ("finalize", "certificate"):
         # the CA issued a certificate the killed run never stored: the rerun made a second one, not more
         assert len(proxy.requests("finalize", MEDIA, status=200)) == 2
     media = [e for e in audit(state) if e["action"] == "renewed" and e["object"] == MEDIA]
