@@ -30,7 +30,7 @@ from josepy import json_util
 
 from certmgr import __version__, keys
 from certmgr.dns import Provider, TXTRecord, locate, run_all
-from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, DNSAuthError, RateLimited
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.log import Secret, event
 from certmgr.material import CertMaterial, split_pem
@@ -443,6 +443,18 @@ class ACMEClient:
                                 retryable=False)
             todo.append((url, authz, chall))
         placed: dict[str, tuple[Provider, list[TXTRecord]]] = {}
+        rejected: set[str] = set()  # providers whose server refused the UPDATE: nothing of ours is there
+
+        async def present(name: str, prov: Provider, recs: list[TXTRecord]) -> None:
+            try:
+                await prov.present(recs)
+            except DNSAuthError:
+                # Provider contract: present() raises having written nothing it knows of. A rejected
+                # UPDATE (REFUSED, NOTAUTH, BADKEY, BADSIG, BADTIME) wrote nothing, so there is
+                # nothing to clean up and a second rejected UPDATE would only mislead the operator.
+                rejected.add(name)
+                raise
+
         try:
             for _url, authz, chall in todo:
                 ident = authz.identifier.value
@@ -453,7 +465,7 @@ class ACMEClient:
             if journal is not None:
                 journal([(name, rec) for name, (_, recs) in placed.items() for rec in recs])
             # one UPDATE per zone per provider; providers in parallel
-            await run_all([prov.present(recs) for prov, recs in placed.values()])
+            await run_all([present(name, prov, recs) for name, (prov, recs) in placed.items()])
             timings["presented"] = loop.time() - t0
             await run_all([prov.wait_propagated(recs) for prov, recs in placed.values()])
             timings["propagated"] = loop.time() - t0
@@ -465,8 +477,9 @@ class ACMEClient:
         finally:
             # shield: on cancellation (Ctrl-C, SIGTERM) the records are still removed
             async def clean() -> None:
-                for prov, recs in placed.values():
-                    await prov.cleanup(recs)
+                for name, (prov, recs) in placed.items():
+                    if name not in rejected:
+                        await prov.cleanup(recs)
                 if journal is not None:
                     journal([])
 
