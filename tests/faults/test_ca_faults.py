@@ -150,6 +150,19 @@ def test_pebble_restart_forgets_the_account(fresh: Lab, proxy: ACMEProxy, tmp_pa
     assert_every_pop_serves_live(fresh, state)
 
 
+def test_new_order_answer_lost_behind_a_503(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """A 503 replacing the answer to a new-order the CA did create: ACME has no idempotency key, so the retry makes
+    a second order — at most one extra, and still exactly one certificate issued."""
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA])
+    proxy.fail("new-order", 503, "serverInternal", "upstream timed out (injected)", ident=MEDIA, retry_after=1,
+               lost=True)
+    res = certmgr(inv, tmp_path / "state", "renew", MEDIA)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [s.status for s in proxy.requests("new-order", MEDIA) if s.status != 400] == [503, 201]
+    assert len(proxy.requests("finalize", MEDIA, status=200)) == 1, "one certificate"
+    assert_every_pop_serves_live(fresh, tmp_path / "state", [MEDIA])
+
+
 def test_finalize_answer_lost_behind_a_503(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
     """A 503 replacing the answer to a finalize the CA did process: the retry learns the order is already finalized,
     polls it and downloads that certificate — one order, one certificate, live on every POP."""
