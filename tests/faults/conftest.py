@@ -224,10 +224,22 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def audit(state: Path) -> list[dict[str, Any]]:
-    path = state / "audit.log"
-    if not path.exists():
+    """The audit log's entries, as certmgr's own reader sees them (a line torn by a crash is skipped)."""
+    from certmgr.store import Store
+
+    if not (state / "audit.log").exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(Store(state).read_audit())
+
+
+def torn_audit_lines(state: Path) -> list[str]:
+    out = []
+    for line in (state / "audit.log").read_text().splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            out.append(line)
+    return out
 
 
 # ---------------------------------------------------------------- what "whole" and "valid" mean

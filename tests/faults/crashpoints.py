@@ -10,7 +10,9 @@ unchanged, and the process dies exactly as a power cut or the OOM killer would l
 * `privkey-write`  — half-way through writing `archive/<name>/…/privkey.pem` (the bytes written so
   far are on disk, the rest never will be);
 * `live-swap`      — a version is renamed into `archive/` but the rename of `live/<name>` onto it has
-  not happened yet (between the two renames that make a new version live).
+  not happened yet (between the two renames that make a new version live);
+* `audit-renewed`  — `live/<name>` already switched, half-way through appending the `renewed` line to
+  audit.log (a torn last line; the renewal state is not saved either).
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ def _die() -> None:
 
 
 def arm(step: str) -> None:
-    if step == "privkey-write":
+    if step in ("privkey-write", "audit-renewed"):
         real_write = os.write
+
+        def torn(target: str, data: Any) -> bool:
+            if step == "privkey-write":
+                return "/archive/" in target and target.endswith("/privkey.pem")
+            return target.endswith("/audit.log") and b'"action": "renewed"' in bytes(data)
 
         def write(fd: int, data: Any) -> int:
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 target = ""
-            if "/archive/" in target and target.endswith("/privkey.pem") and len(data) > 1:
+            if len(data) > 1 and torn(target, data):
                 real_write(fd, bytes(data[: len(data) // 2]))
                 _die()
             return real_write(fd, data)
@@ -51,7 +58,7 @@ def arm(step: str) -> None:
 
         os.replace = replace
     else:
-        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap)")
+        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap, audit-renewed)")
 
 
 def main(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ from tests.faults.conftest import (
     check_store_whole,
     kill9,
     start_certmgr,
+    torn_audit_lines,
     wait_for,
     write_inventory,
 )
@@ -163,6 +164,27 @@ def test_kill_between_the_renames_of_a_swap(fresh: Lab, proxy: ACMEProxy, tmp_pa
     for lineage in LINEAGES:
         assert (state / "live" / lineage).is_symlink()
     assert not list(state.glob("live/.*")), "the rerun swept the temporary link"
+
+
+def test_kill_mid_audit_line_after_activation(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """SIGKILL after a version went live, half-way through its `renewed` audit line: the rerun orders nothing more
+    for it, deploys it everywhere, and appends whole lines after the torn one (which readers skip)."""
+    state_dir = tmp_path / "state"
+    torn_name: list[str] = []
+
+    def crash(proc: subprocess.Popen[str]) -> None:
+        proc.wait(timeout=120)
+        [line] = torn_audit_lines(state_dir)
+        assert '"action": "renewed"' not in line or not line.endswith("}"), line
+        torn_name.extend(n for n in LINEAGES if f'"object": "{n}"' in line)
+        assert torn_name, "the torn line names the certificate that went live"
+        assert (state_dir / "live" / torn_name[0]).is_symlink()
+
+    state, _ = crash_and_rerun(fresh, proxy, tmp_path, crash, wrapper="audit-renewed")
+    assert orders_created(proxy)[torn_name[0]] == 1, "already live: the rerun does not order it again"
+    assert len(torn_audit_lines(state)) == 1
+    assert (state / "audit.log").read_text().endswith("\n")
+    assert any(e["action"] == "deployed" and e["object"] == torn_name[0] for e in audit(state))
 
 
 def test_kill_mid_push(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
