@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 
 from lab import Lab
 from lab.pop import CERTIFICATES
-from lab.proc import LabError, port_in_use
 from tests.conftest import private_lab
 from tests.faults.acmeproxy import ACMEProxy
 from tests.receiver import Receiver
@@ -37,42 +36,6 @@ SNI: dict[str, tuple[str, ...]] = dict(CERTIFICATES)
 CLI_TIMEOUT = 120.0
 
 
-# ---------------------------------------------------------------- summary line
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    """One line counting the fault cases (tests marked `faults`) by outcome.
-
-    Under pytest-xdist the controller loads only the top conftest (and `test*` dirs'), not this one:
-    tests/conftest.py re-exports this hook for that case; the config flag keeps it to one line.
-    """
-    if getattr(config, "_certmgr_fault_summary", False):
-        return
-    config._certmgr_fault_summary = True  # type: ignore[attr-defined]
-    counts = {"passed": 0, "failed": 0, "xfailed": 0}
-    seen: set[tuple[str, str]] = set()
-    for key, reports in terminalreporter.stats.items():
-        for rep in reports:
-            keywords = getattr(rep, "keywords", None) or {}
-            nodeid = getattr(rep, "nodeid", None)
-            if "faults" not in keywords or nodeid is None:
-                continue
-            if key == "passed" and rep.when == "call":
-                outcome = "passed"
-            elif key in ("failed", "error"):
-                outcome = "failed"
-            elif key == "xfailed":
-                outcome = "xfailed"
-            else:
-                continue
-            if (nodeid, outcome) not in seen:
-                seen.add((nodeid, outcome))
-                counts[outcome] += 1
-    if any(counts.values()):
-        terminalreporter.write_line(
-            f"fault cases: {counts['passed']} passed, {counts['failed']} failed, {counts['xfailed']} xfailed")
-
-
 # ---------------------------------------------------------------- fixtures
 
 
@@ -81,37 +44,8 @@ def flab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """A lab of this module's own (2 POPs unless the module sets FAULT_POPS), torn down at module end."""
     pops = getattr(request.module, "FAULT_POPS", 2)
     tag = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    # Ports 32768-60999 are also the kernel's ephemeral range: another lab's outgoing connections
-    # leave TIME_WAIT sockets on our ports for a minute. Such a start fails cleanly (and is torn
-    # down); then the next free slot of this worker's block is tried.
-    import tests.conftest as top
-
-    def loopback_ports_free(slot: int) -> bool:
-        base = top._lab_port_base() + top.PRIVATE_SLOT_STRIDE * slot
-        # ACME, management, DNS, webhook receiver, rndc: the ports bound on 127.0.0.1
-        return not any(port_in_use("127.0.0.1", base + i) for i in range(5))
-
-    deadline = time.monotonic() + 120
-    started = False
-    while True:
-        free = [i for i in range(1, 10) if i not in top._SLOTS_IN_USE]
-        slot = next((i for i in free if loopback_ports_free(i)), None)
-        skipped = [i for i in free if slot is not None and i < slot]
-        top._SLOTS_IN_USE.update(skipped)  # private_lab takes the lowest free slot: steer it to `slot`
-        try:
-            if slot is None:
-                raise LabError(f"every free slot has a loopback port already in use (slots {free})")
-            with private_lab(tag, pops=pops) as instance:
-                top._SLOTS_IN_USE.difference_update(skipped)
-                started = True
-                yield instance
-            return
-        except LabError as exc:
-            if started or "already in use" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)  # bounded by `deadline`: waiting for TIME_WAIT sockets to expire
-        finally:
-            top._SLOTS_IN_USE.difference_update(skipped)
+    with private_lab(tag, pops=pops) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
