@@ -117,15 +117,22 @@ def test_kill_at_acme_step(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, step: s
     """SIGKILL at an ACME step (request held at the proxy) → the rerun serves valid certificates everywhere, with at
     most one extra order for the certificate that was in flight."""
     crash = _held(proxy, kind, after=after)
+    accounts_at_kill: list[int] = []
 
     def and_count(proc: subprocess.Popen[str]) -> None:
         crash(proc)
         assert proxy.created("new-order", MEDIA) == ca_orders, step
+        accounts_at_kill.append(proxy.created("new-account"))
 
     state, _ = crash_and_rerun(fresh, proxy, tmp_path, and_count)
     assert proxy.created("new-order", MEDIA) == ca_orders + 1
-    # the account key is stored once the CA accepted it: a crash in between costs one orphan account, no more
-    assert proxy.created("new-account") == (2 if kind == "new-account" else 1)
+    # the account key is stored once the CA accepted it: a crash in between costs one orphan account, no more.
+    # (The held new-account answer may be Pebble's random badNonce rejection, which created nothing.)
+    if kind == "new-account":
+        assert accounts_at_kill[0] in (0, 1)
+        assert proxy.created("new-account") == accounts_at_kill[0] + 1
+    else:
+        assert proxy.created("new-account") == 1
     if kind in ("finalize", "certificate"):
         # the CA issued a certificate the killed run never stored: the rerun made a second one, not more
         assert len(proxy.requests("finalize", MEDIA, status=200)) == 2
