@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import http.client
 import json
 import ssl
 import threading
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import forward, reply
 
 PROFILES = {
     "classic": "The same profile you're accustomed to",
@@ -112,8 +113,8 @@ class ARIProxy:
         if h.command == "POST" and path == "/order-plz":
             refusal = self._inspect_order(body)
             if refusal is not None:
-                return self._send(h, *refusal)
-        status, headers, data = self._forward(h, body)
+                return reply(h, *refusal)
+        status, headers, data = forward(h, body, self.upstream_port, self._upstream_ctx)
         if h.command == "GET" and path == "/dir" and status == 200:
             directory = json.loads(data)
             directory["renewalInfo"] = f"https://{h.headers['Host']}/renewal-info"
@@ -124,7 +125,7 @@ class ARIProxy:
                 replaces = self.state.orders[-1].get("replaces")
                 if replaces:
                     self.state.replaced.add(replaces)
-        self._send(h, status, headers, data)
+        reply(h, status, headers, data)
 
     def _inspect_order(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
         jws = json.loads(body)
@@ -144,36 +145,12 @@ class ARIProxy:
             self.state.renewal_info_requests.append(cert_id)
             window = self.state.windows.get(cert_id, self.state.default_window)
         if window is None:
-            return self._send(h, *_problem(404, "malformed", "no such certificate"))
+            return reply(h, *_problem(404, "malformed", "no such certificate"))
         doc: dict[str, Any] = {"suggestedWindow": {"start": _iso(window.start), "end": _iso(window.end)}}
         if window.explanation_url:
             doc["explanationURL"] = window.explanation_url
-        self._send(h, 200, [("Content-Type", "application/json"), ("Retry-After", str(window.retry_after))],
+        reply(h, 200, [("Content-Type", "application/json"), ("Retry-After", str(window.retry_after))],
                    json.dumps(doc).encode())
-
-    def _forward(self, h: BaseHTTPRequestHandler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        conn = http.client.HTTPSConnection("127.0.0.1", self.upstream_port, context=self._upstream_ctx, timeout=30)
-        try:
-            # keep Host: Pebble builds URLs and checks the JWS `url` against it
-            headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "content-length")}
-            conn.request(h.command, h.path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out = [(k, v) for k, v in resp.getheaders()
-                   if k.lower() not in ("connection", "content-length", "transfer-encoding")]
-            return resp.status, out, data
-        finally:
-            conn.close()
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-        h.send_response(status)
-        for k, v in headers:
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
 
 
 def _problem(status: int, typ: str, detail: str) -> tuple[int, list[tuple[str, str]], bytes]:

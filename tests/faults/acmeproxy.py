@@ -32,6 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import forward, reply
+
 ERR = "urn:ietf:params:acme:error:"
 
 # Pebble 2.4's resource paths → the kind of request (RFC 8555 §7.1 resource names, shortened).
@@ -242,7 +244,7 @@ class ACMEProxy:
         if rule is not None and rule.hold is None:
             if rule.lost:
                 try:
-                    _, lost_headers, lost_data = self._forward(h, body)
+                    _, lost_headers, lost_data = forward(h, body, self.upstream_port, self._upstream_ctx)
                     self._learn(kind, lost_headers, lost_data, idents)
                 except OSError:
                     pass
@@ -255,9 +257,9 @@ class ACMEProxy:
             doc = {"type": rule.typ if rule.typ.startswith("urn:") else ERR + rule.typ, "detail": rule.detail,
                    "status": rule.status}
             self._record(h, kind, path, idents, rule.status, rule.lost)
-            return self._send(h, rule.status, headers, json.dumps(doc).encode())
+            return reply(h, rule.status, headers, json.dumps(doc).encode())
         try:
-            status, headers, data = self._forward(h, body)
+            status, headers, data = forward(h, body, self.upstream_port, self._upstream_ctx)
         except OSError:
             self._record(h, kind, path, idents, 0, True)
             h.close_connection = True
@@ -274,7 +276,7 @@ class ACMEProxy:
                 h.close_connection = True
                 return
         self._record(h, kind, path, idents, status, True)
-        self._send(h, status, headers, data)
+        reply(h, status, headers, data)
 
     def _record(self, h: BaseHTTPRequestHandler, kind: str, path: str, idents: frozenset[str], status: int,
                 forwarded: bool) -> None:
@@ -335,29 +337,3 @@ class ACMEProxy:
             return None
         finally:
             conn.close()
-
-    def _forward(self, h: BaseHTTPRequestHandler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        conn = http.client.HTTPSConnection("127.0.0.1", self.upstream_port, context=self._upstream_ctx, timeout=30)
-        try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "content-length")}
-            conn.request(h.command, h.path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out = [(k, v) for k, v in resp.getheaders()
-                   if k.lower() not in ("connection", "content-length", "transfer-encoding")]
-            return resp.status, out, data
-        finally:
-            conn.close()
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-        try:
-            h.send_response(status)
-            for k, v in headers:
-                h.send_header(k, v)
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            if h.command != "HEAD":
-                h.wfile.write(data)
-        except OSError:  # the client was killed meanwhile
-            h.close_connection = True

@@ -8,7 +8,6 @@ certificate", "no file is truncated or mixed" and "what the audit log says" mean
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -264,15 +263,3 @@ def assert_every_pop_serves_a_valid_certificate(flab: Lab, bundle: Path) -> None
                 handshake(p.address, flab.ports.https, sni, bundle)
 
 
-def digest_tree(root: Path) -> str:
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for n in sorted(dirs + files):
-            p = Path(d) / n
-            h.update(str(p.relative_to(root)).encode())
-            if p.is_symlink():
-                h.update(os.readlink(p).encode())
-            elif p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()

@@ -7,7 +7,6 @@ operator's; the lab's own logs (Pebble, sshd, named) count what reached each ser
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from lab import Lab
 from lab.inventory import toml_value
 from lab.named import CHALLENGE_KEY, LAB_KEY
 from lab.pop import CERTIFICATES, DEPLOY_USER
+from tests.helpers import tree_digest  # noqa: F401  (re-exported for the fault tests)
 
 REPO = Path(__file__).resolve().parents[2]
 SNI: dict[str, tuple[str, ...]] = {name: domains for name, domains in CERTIFICATES}
@@ -112,22 +112,6 @@ def everything_written(state: Path) -> str:
 
 
 # ---------------------------------------------------------------- what the POPs and services saw
-
-
-def tree_digest(root: Path) -> str:
-    """Names, modes, link targets and contents of everything under root: what "changed nothing" means."""
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for n in sorted(dirs + files):
-            p = Path(d) / n
-            st = os.lstat(p)
-            h.update(f"{p.relative_to(root)} {st.st_mode:o}\n".encode())
-            if p.is_symlink():
-                h.update(os.readlink(p).encode())
-            elif p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def served(lab: Lab, pops: Sequence[str] | None = None, certs: Sequence[str] = tuple(SNI)) -> dict[tuple[str, str], int]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from certmgr.cli import main
 from lab import Lab
+from tests.helpers import tree_digest
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -45,22 +44,6 @@ def certmgr(lab: Lab, state: Path, *args: str) -> Result:
 def served(lab: Lab) -> dict[tuple[str, str], int]:
     return {(pop, sni): lab.served_serial(pop, sni) for pop in lab.pop_names for names in SNI.values()
             for sni in names}
-
-
-def tree_digest(root: Path) -> str:
-    """Names, modes, link targets and contents of everything under root (what 'changed nothing' means)."""
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for n in sorted(dirs + files):
-            p = Path(d) / n
-            st = os.lstat(p)
-            h.update(f"{p.relative_to(root)} {st.st_mode:o}\n".encode())
-            if p.is_symlink():
-                h.update(os.readlink(p).encode())
-            elif p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def audit(state: Path) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from certmgr.errors import LockHeld, StoreError
 from certmgr.fsutil import is_temp_name
 from certmgr.material import FILES, CertMaterial, MaterialError
 from certmgr.store import ImportResult, Store, convert_certbot_live
+from tests.helpers import tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
 WRITER = Path(__file__).with_name("store_crash_writer.py")
@@ -574,22 +574,6 @@ def test_audit_survives_a_torn_last_line(store: Store) -> None:
 # ---------------------------------------------------------------- certbot import
 
 
-def _tree_digest(root: Path) -> str:
-    """Names, modes, link targets and contents of everything under root."""
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for n in sorted(dirs + files):
-            p = Path(d) / n
-            st = os.lstat(p)
-            h.update(f"{p.relative_to(root)} {st.st_mode:o}\n".encode())
-            if p.is_symlink():
-                h.update(os.readlink(p).encode())
-            elif p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def make_certbot_tree(root: Path, name: str, versions: list[CertMaterial], live: int) -> None:
     """A certbot config dir: renewal conf, flat archive cert1.pem.., live/ per-file relative links."""
     (root / "renewal").mkdir(parents=True, exist_ok=True)
@@ -620,7 +604,7 @@ def test_import_certbot_keeps_numbering_and_live_version(
     store: Store, certbot: Path, materials: list[CertMaterial]
 ) -> None:
     """Each certbot archive version K becomes version K, certbot's live one is made live, the source is untouched."""
-    digest = _tree_digest(certbot)
+    digest = tree_digest(certbot)
     with store.lock("certmgr import"):
         results = store.import_certbot(certbot)
     assert results == [ImportResult(name="example.com", imported=(1, 2, 3), certbot_live=2, activated=2)]
@@ -628,7 +612,7 @@ def test_import_certbot_keeps_numbering_and_live_version(
     assert store.live_version("example.com") == 2
     assert [store.read("example.com", k) for k in (1, 2, 3)] == materials[:3]
     assert mode(store.root / "archive" / "example.com" / "2" / "privkey.pem") == 0o600
-    assert _tree_digest(certbot) == digest
+    assert tree_digest(certbot) == digest
     imports = [e for e in store.read_audit() if e["action"] == "import"]
     assert imports == [
         {
@@ -649,10 +633,10 @@ def test_import_certbot_twice_changes_nothing(store: Store, certbot: Path) -> No
     """Re-importing reports every version as present, rewrites no file and adds no audit entry."""
     with store.lock("certmgr import"):
         store.import_certbot(certbot)
-        before = _tree_digest(store.root / "archive"), len(list(store.read_audit()))
+        before = tree_digest(store.root / "archive"), len(list(store.read_audit()))
         results = store.import_certbot(certbot)
     assert results == [ImportResult(name="example.com", present=(1, 2, 3), certbot_live=2)]
-    assert (_tree_digest(store.root / "archive"), len(list(store.read_audit()))) == before
+    assert (tree_digest(store.root / "archive"), len(list(store.read_audit()))) == before
 
 
 def test_import_certbot_skips_and_reports_broken_versions(

@@ -1,0 +1,59 @@
+"""Small helpers shared by test modules and the test proxies (no fixtures here: see conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import ssl
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+
+def tree_digest(root: Path) -> str:
+    """Names, modes, link targets and contents of everything under root: what "changed nothing" means."""
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            p = Path(d) / n
+            st = os.lstat(p)
+            h.update(f"{p.relative_to(root)} {st.st_mode:o}\n".encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def forward(h: BaseHTTPRequestHandler, body: bytes, port: int,
+            ctx: ssl.SSLContext) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Pass one request on to the ACME server at 127.0.0.1:port; its status, headers and body.
+
+    The Host header is kept: Pebble builds its URLs from it and checks each JWS `url` against it.
+    """
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    try:
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "content-length")}
+        conn.request(h.command, h.path, body=body or None, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        out = [(k, v) for k, v in resp.getheaders()
+               if k.lower() not in ("connection", "content-length", "transfer-encoding")]
+        return resp.status, out, data
+    finally:
+        conn.close()
+
+
+def reply(h: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+    """Answer the client; a client killed meanwhile (the crash tests do that) is not an error."""
+    try:
+        h.send_response(status)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+    except OSError:
+        h.close_connection = True
