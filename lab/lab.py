@@ -452,9 +452,13 @@ class Lab:
         self._write_outputs()
 
     def start_second_pebble(self, env: Mapping[str, str | None] | None = None,
-                            validity: int | None = None) -> dict[str, Any]:
-        """Start an independent Pebble on ports base+5/base+6 (same lab DNS); return its info."""
-        self.pebble2.start(env, validity or self.validity)
+                            validity: int | None = None,
+                            eab_keys: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Start an independent Pebble on ports base+5/base+6 (same lab DNS); return its info.
+
+        `eab_keys` ({kid: base64url HMAC key}) makes it require External Account Binding.
+        """
+        self.pebble2.start(env, validity or self.validity, eab_keys)
         self._write_outputs()
         return self.pebble2.info()
 

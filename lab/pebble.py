@@ -53,8 +53,12 @@ class Pebble:
         pid = read_pid(self.pidfile)
         return pid if ours(pid, str(self.conf)) else None
 
-    def start(self, env: Mapping[str, str | None] | None, validity: int) -> None:
-        """Start unless running. `env` goes on top of PEBBLE_VA_NOSLEEP=1; a None value unsets."""
+    def start(self, env: Mapping[str, str | None] | None, validity: int,
+              eab_keys: Mapping[str, str] | None = None) -> None:
+        """Start unless running. `env` goes on top of PEBBLE_VA_NOSLEEP=1; a None value unsets.
+
+        With `eab_keys` ({kid: base64url HMAC key}), External Account Binding is required.
+        """
         if self.pid is not None:
             return
         check_ports_free(self.name, [("127.0.0.1", self.acme_port, "tcp"), ("127.0.0.1", self.management_port, "tcp")])
@@ -69,7 +73,8 @@ class Pebble:
                 "httpPort": 5002,
                 "tlsPort": 5001,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": False,
+                "externalAccountBindingRequired": bool(eab_keys),
+                "externalAccountMACKeys": dict(eab_keys or {}),
                 "certificateValidityPeriod": validity,
             }
         }

@@ -580,3 +580,29 @@ def test_terms_of_service_must_be_agreed(rlab: Lab, store: Store, tmp_path: Path
     assert out.error.endswith("are not agreed (no account registered)")
     assert out.hint == "read them, then set agree_tos = true in [ca.pebble]"
     assert list(store.root.joinpath("accounts").iterdir()) == []
+
+
+def test_external_account_binding(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """A CA that requires EAB (a second Pebble): refused without it, registered and issuing with eab_kid + key file."""
+    key = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    info = rlab.start_second_pebble(eab_keys={"kid-ops": key})
+    try:
+        cert = [{"name": "c061.hachyderm.test", "domains": ["c061.hachyderm.test"]}]
+        plain = load(tmp_path, inventory_text(rlab, cert, directory=info["directory"]))
+        [refused] = run_renew(plain, store)
+        assert refused.status == "failed" and refused.retryable is False, refused
+        assert refused.error == ("acme account pebble: the CA requires External Account Binding "
+                                 "(no account registered)")
+        assert refused.hint == "set eab_kid and eab_hmac_key_file in [ca.pebble]"
+        assert not list((store.root / "accounts").glob("*/key.pem")), "no account key kept for a refused registration"
+
+        (tmp_path / "eab.key").write_text(key + "\n")
+        text = inventory_text(rlab, cert, directory=info["directory"]).replace(
+            "agree_tos = true", f'agree_tos = true\neab_kid = "kid-ops"\neab_hmac_key_file = "{tmp_path / "eab.key"}"')
+        bound = load(tmp_path, text)
+        fresh_store = Store.open(tmp_path / "bound-state")
+        [out] = run_renew(bound, fresh_store)
+        assert out.status == "renewed", out.error
+        assert len(list((fresh_store.root / "accounts").glob("*/key.pem"))) == 1
+    finally:
+        rlab.stop_second_pebble()
