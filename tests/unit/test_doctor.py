@@ -19,24 +19,19 @@ from cryptography.x509.oid import NameOID
 
 from certmgr import doctor
 from certmgr.cli import main
-from certmgr.doctor import (
-    Check,
-    Lifetime,
-    Report,
-    Status,
-    calendar_max_gap,
-    find_timer_files,
-    interval_check,
-    parse_calendar,
-    parse_timer,
-    parse_timespan,
-    served_check,
-    sudo_list_argv,
-    timer_interval,
-)
+from certmgr.doctor import Check, Lifetime, Report, Status, interval_check, served_check, sudo_list_argv
 from certmgr.inventory import Certificate, Host, Threshold
 from certmgr.material import CertInfo
 from certmgr.remote import Result, parse_kv
+from certmgr.timer import (
+    REPO_SYSTEMD_DIR,
+    calendar_max_gap,
+    find_timer_files,
+    parse_calendar,
+    parse_timer,
+    parse_timespan,
+    timer_interval,
+)
 
 TODAY = dt.date(2026, 11, 27)  # a Friday
 H = 3600.0
@@ -162,7 +157,7 @@ def test_find_timer_files_prefers_installed_units_and_overrides_dropins_by_name(
 
 def test_repo_timer_files_parse() -> None:
     """The repo's own systemd/certmgr.timer and its drop-in parse, and together run at least every 13 h."""
-    files = find_timer_files([], fallback=doctor.REPO_SYSTEMD_DIR)
+    files = find_timer_files([], fallback=REPO_SYSTEMD_DIR)
     assert [p.name for p in files] == ["certmgr.timer", "twice-daily.conf"]
     assert timer_interval(parse_timer([(p, p.read_text()) for p in files]), today=TODAY) == 13 * H
 
