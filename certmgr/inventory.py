@@ -494,11 +494,43 @@ def _ip_or_hostname_problem(value: str) -> str | None:
 
 
 def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
-    """Validate a parsed TOML document; every problem names its key path."""
+    """Validate a parsed TOML document; every problem names its key path, in file order."""
     r = _Reader(base)
     r.table(data, "", {"defaults", "ca", "dns", "hosts", "certificates", "channels"})
+    dd = _parse_defaults(r, data)
+    cas, default_ca = _parse_cas(r, data, dd)
+    providers = _parse_dns(r, data)
+    hosts = _parse_hosts(r, data, dd)
+    certs = _parse_certificates(r, data, dd, cas=cas, default_ca=default_ca, providers=providers, hosts=hosts)
+    channels = _parse_channels(r, data)
+    if "certificates" not in data:
+        r.err("certificates", "no certificates defined")
+    if r.problems:
+        raise InventoryError(r.problems, path=str(path))
+    return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
+                     channels=channels, trust=dd.trust)
 
-    # -- defaults
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Defaults:
+    """`[defaults]`, read once: what hosts and certificates inherit."""
+
+    table: dict[str, Any]
+    key_type: str
+    renew_before: Threshold | None
+    warn_before: Threshold
+    critical_before: Threshold
+    cert_root: str
+    ssh_user: str
+    ssh_key_file: str | None
+    known_hosts: str | None
+    https_port: int
+    trust: tuple[Path, ...]
+    test_command: tuple[str, ...]
+    reload_command: tuple[str, ...]
+
+
+def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     d = r.table(data.get("defaults", {}), "defaults",
                 {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
                  "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command"})
@@ -514,8 +546,16 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     trust = tuple(r.path(t) for t in (r.strlist(d, "trust", "defaults") or ()))
     test_cmd = r.argv(d, "test_command", "defaults", ("sudo", "-n", "nginx", "-t"))
     reload_cmd = r.argv(d, "reload_command", "defaults", ("sudo", "-n", "systemctl", "reload", "nginx"))
+    return _Defaults(table=d, key_type=key_type, renew_before=renew_before,
+                     warn_before=warn_before or Threshold(fraction=0.25, text="1/4"),
+                     critical_before=critical_before or Threshold(fraction=0.1, text="1/10"), cert_root=cert_root,
+                     ssh_user=ssh_user, ssh_key_file=ssh_key_s, known_hosts=known_hosts_s, https_port=https_port,
+                     trust=trust, test_command=test_cmd, reload_command=reload_cmd)
 
-    # -- CAs
+
+def _parse_cas(r: _Reader, data: dict[str, Any], dd: _Defaults) -> tuple[dict[str, CA], str | None]:
+    """`[ca.*]`, and the default CA (the only one when `[defaults] ca` is not set)."""
+    d = dd.table
     cas: dict[str, CA] = {}
     for name, t in _named_tables(r, data, "ca"):
         kp = f"ca.{name}"
@@ -540,8 +580,10 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
         r.err("defaults.ca", f"no CA named {default_ca!r}{_suggest(default_ca, list(cas))}")
     if default_ca is None and len(cas) == 1:
         default_ca = next(iter(cas))
+    return cas, default_ca
 
-    # -- DNS providers
+
+def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
     providers: dict[str, DNSProvider] = {}
     for name, t in _named_tables(r, data, "dns"):
         kp = f"dns.{name}"
@@ -576,8 +618,12 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             tsig_secret=secret or SecretRef("env", "", f"{kp}.tsig_secret"),
             tsig_algorithm=algo or "hmac-sha256", server=server, port=r.port(t, "port", kp, 53),
             nameservers=nameservers, propagation_timeout=r.duration(t, "propagation_timeout", kp, 120.0))
+    return providers
 
-    # -- hosts
+
+def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, Host]:
+    ssh_key_s, known_hosts_s, https_port, ssh_user = dd.ssh_key_file, dd.known_hosts, dd.https_port, dd.ssh_user
+    cert_root, test_cmd, reload_cmd = dd.cert_root, dd.test_command, dd.reload_command
     hosts: dict[str, Host] = {}
     raw_jumps: dict[str, str] = {}
     for name, t in _named_tables(r, data, "hosts"):
@@ -610,9 +656,15 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             r.err(f"hosts.{name}.jump", f"no host named {jump!r}{_suggest(jump, list(hosts))}")
         elif jump == name:
             r.err(f"hosts.{name}.jump", "a host cannot be its own jump host")
-    all_tags = sorted({tag for h in hosts.values() for tag in h.tags})
+    return hosts
 
-    # -- certificates
+
+def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas: Mapping[str, CA],
+                        default_ca: str | None, providers: Mapping[str, DNSProvider],
+                        hosts: Mapping[str, Host]) -> list[Certificate]:
+    key_type, renew_before = dd.key_type, dd.renew_before
+    warn_before, critical_before = dd.warn_before, dd.critical_before
+    all_tags = sorted({tag for h in hosts.values() for tag in h.tags})
     certs: list[Certificate] = []
     raw_certs = data.get("certificates", [])
     if not isinstance(raw_certs, list):
@@ -682,8 +734,8 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             reuse_key=bool(r.get(t, "reuse_key", kp, bool, default=False)), profile=profile,
             preferred_chain=r.get(t, "preferred_chain", kp, str),
             renew_before=r.threshold(t, "renew_before", kp, renew_before),
-            warn_before=r.threshold(t, "warn_before", kp, warn_before) or warn_before,  # type: ignore[arg-type]
-            critical_before=r.threshold(t, "critical_before", kp, critical_before) or critical_before,  # type: ignore[arg-type]
+            warn_before=r.threshold(t, "warn_before", kp, warn_before) or warn_before,
+            critical_before=r.threshold(t, "critical_before", kp, critical_before) or critical_before,
         ))
     for cert in certs:
         prov = providers.get(cert.dns)
@@ -694,8 +746,10 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
                 ci = seen_names.get(cert.name, 0)
                 r.err(f"certificates[{ci}].domains[{i}]",
                       f"{dn!r} is in none of dns.{prov.name}'s zones ({', '.join(prov.zones)})")
+    return certs
 
-    # -- channels
+
+def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     for name, t in _named_tables(r, data, "channels"):
         kp = f"channels.{name}"
@@ -724,13 +778,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
             name=name, type=typ or "", url=url, token=token, homeserver=homeserver, room=room,
             min_severity=r.choice(t, "min_severity", kp, SEVERITIES, "warning") or "warning",
             repeat=r.duration(t, "repeat", kp, 86400.0))
-
-    if not raw_certs and "certificates" not in data:
-        r.err("certificates", "no certificates defined")
-    if r.problems:
-        raise InventoryError(r.problems, path=str(path))
-    return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=trust)
+    return channels
 
 
 def normalise_tsig_algorithm(name: str) -> str | None:
