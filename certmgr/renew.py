@@ -82,7 +82,8 @@ class RenewOutcome:
                     f"{until:%Y-%m-%d %H:%M}Z (--force to try now)" if until else f"backoff  {self.name}")
         if self.status == "planned":
             return f"would renew {self.name}{flag}: {self.decision.reason}"
-        return f"not due  {self.name}: {self.decision.reason}"
+        return (f"not due  {self.name}: {self.decision.reason} (--force renews now; a POP serving something "
+                f"else needs `certmgr deploy {self.name}`)")
 
     def to_json(self) -> dict[str, Any]:
         def iso(v: dt.datetime | None) -> str | None:

@@ -82,3 +82,10 @@ def test_repeated_errors_are_logged_once(caplog: pytest.LogCaptureFixture) -> No
     first = caplog.records[0]
     assert first.getMessage() == "scan: refused"
     assert first.kv == {"count": 10_000, "examples": "pop-0/x,pop-1/x,pop-2/x,+9997 more"}  # type: ignore[attr-defined]
+
+
+def test_not_due_line_says_what_on_call_can_do() -> None:
+    """`renew NAME` on a certificate that is not due says how to force it and when deploy is the answer."""
+    line = outcome(MEDIA, "not-due").line()
+    assert line == (f"not due  {MEDIA}: test (--force renews now; a POP serving something else needs "
+                    f"`certmgr deploy {MEDIA}`)")
