@@ -19,7 +19,7 @@ from certmgr import keys
 from certmgr import plan as plan_mod
 from certmgr.dns import Provider, TXTRecord
 from certmgr.dns import build as build_provider
-from certmgr.errors import CertmgrError, RateLimited, StoreError
+from certmgr.errors import CertmgrError, RateLimited, SecretError, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
 from certmgr.log import event
@@ -240,6 +240,13 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
     event(log, logging.INFO, "renewing", cert=cert.name, reason=decision.reason, forced=force and not decision.due)
     try:
         result = await _issue_and_store(run, ca, cert, material, info, state, now=now)
+    except SecretError as exc:
+        # A secret this process cannot read (a *_credential outside systemd, a missing key file) is
+        # this machine's configuration, not the CA's or the DNS server's answer: no backoff, so the
+        # timer's run, which has the credentials, is not held back by an on-call attempt.
+        event(log, logging.ERROR, "renewal not attempted", cert=cert.name, error=str(exc))
+        return replace(base, status="failed", error=str(exc), hint=exc.hint, retryable=True,
+                       elapsed=loop.time() - t0)
     except CertmgrError as exc:
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         failed = state.failed(now, str(exc), retry_after=retry_after)

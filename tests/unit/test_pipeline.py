@@ -89,3 +89,20 @@ def test_not_due_line_says_what_on_call_can_do() -> None:
     line = outcome(MEDIA, "not-due").line()
     assert line == (f"not due  {MEDIA}: test (--force renews now; a POP serving something else needs "
                     f"`certmgr deploy {MEDIA}`)")
+
+
+def test_unreadable_secret_fails_without_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A *_credential read outside systemd fails that renewal clearly, and records no backoff for the timer."""
+    import asyncio
+
+    from certmgr.renew import renew
+    from certmgr.store import Store
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        [out] = asyncio.run(renew(INV, store, [INV.certificate(MEDIA)], now=NOW, force=True))
+    assert out.status == "failed"
+    assert out.error == ("dns.hachyderm.tsig_secret_credential: systemd credential 'tsig.key' requested but "
+                         "$CREDENTIALS_DIRECTORY is not set")
+    assert store.load_json(f"state/renew/{MEDIA}.json", default=None) is None
