@@ -222,7 +222,7 @@ class Store:
                 remaining = deadline - time.monotonic() if deadline is not None else 0.0
                 if remaining <= 0:
                     raise self._lock_held(fd, wait) from None
-                time.sleep(min(0.05, remaining))
+                time.sleep(min(0.05, remaining))  # bounded by `wait`: flock has no timed wait
             except OSError as exc:
                 raise StoreError(f"store {self.root}: cannot lock: {_strerror(exc)}") from exc
 

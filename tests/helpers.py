@@ -6,7 +6,9 @@ import hashlib
 import http.client
 import os
 import ssl
-from http.server import BaseHTTPRequestHandler
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -57,3 +59,27 @@ def reply(h: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]]
             h.wfile.write(data)
     except OSError:
         h.close_connection = True
+
+
+def https_server(handle: Callable[[BaseHTTPRequestHandler], None], cert: Path, key: Path, *, port: int = 0,
+                 name: str = "proxy") -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """A TLS HTTP/1.1 server on 127.0.0.1 passing every GET/HEAD/POST to `handle`; start the thread yourself."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            handle(self)
+
+        do_HEAD = do_POST = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
+    return server, thread

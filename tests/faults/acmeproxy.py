@@ -28,11 +28,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import forward, reply
+from tests.helpers import forward, https_server, reply
 
 ERR = "urn:ietf:params:acme:error:"
 
@@ -117,28 +117,9 @@ class ACMEProxy:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._upstream_ctx = ssl.create_default_context(cafile=str(ca))
-        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_ctx.load_cert_chain(str(cert), str(key))
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy._handle(self)
-
-            do_HEAD = do_POST = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.server.socket = server_ctx.wrap_socket(self.server.socket, server_side=True)
+        self.server, self._thread = https_server(self._handle, cert, key, port=port, name="acmeproxy")
         self.port = int(self.server.server_address[1])
         self.directory = f"https://127.0.0.1:{self.port}/dir"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="acmeproxy", daemon=True)
 
     @classmethod
     @contextmanager
