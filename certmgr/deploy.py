@@ -112,7 +112,7 @@ live=$root/live/$name
 arch=$root/archive/$name
 """
 
-INSPECT_SH = r"""root=$1 name=$2 test=$3
+INSPECT_SH = r"""root=$1 name=$2 test=$3 keyown=$4
 """ + _COMMON_SH + r"""
 # The host died between the two renames of a certbot conversion (COMMIT_SH): put certbot's
 # directory back before nginx -t looks at the config. Every lineage, not just $name: the test
@@ -161,6 +161,9 @@ fi
 if [ -r "$live/cert.pem" ]; then
   say "cert_b64=$(base64 -w0 < "$live/cert.pem")"
 fi
+if [ -n "$keyown" ] && [ -e "$live/privkey.pem" ]; then
+  say "key_owner=$(stat -L -c '%U:%G:%u:%g' -- "$live/privkey.pem" 2>/dev/null)"
+fi
 if [ -n "$test" ]; then
   out=$(eval "$test" 2>&1 </dev/null); rc=$?
   say "test_rc=$rc"
@@ -195,11 +198,20 @@ _DETACH_SH = r"""
 trap '' HUP PIPE
 """
 
-COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8
+COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8 keyown=$9
 """ + _DETACH_SH + _COMMON_SH + _POINT_SH + r"""
 umask 077
 fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; exit 3; }
+# owner[:group] or :group for privkey.pem ("" leaves it to the deploy user); mode stays 0600
+keyown() {
+  [ -n "$keyown" ] || return 0
+  case $keyown in
+    :*) chgrp -- "${keyown#:}" "$1" ;;
+    *) chown -- "$keyown" "$1" ;;
+  esac
+}
 o=$(cd -- "$arch/$tmp" 2>&1 && printf '%s\n' "$sums" | sha256sum --strict --quiet -c - 2>&1) || fail verify "$o"
+o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || fail chown "$o"
 o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || fail sync "$o"
 o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || fail rename "$o"
 sync -- "$arch" 2>/dev/null || :
@@ -215,6 +227,7 @@ if [ -n "$conv" ]; then
     done
     chmod 644 -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
     chmod 600 -- "$ct/privkey.pem"
+    o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
     sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
     o=$(mv -T -- "$ct" "$arch/$conv" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
   fi
@@ -328,6 +341,18 @@ def certbot_version(fields: Mapping[str, list[str]], name: str) -> tuple[int | N
         shown = ", ".join(f"{k}→{v}" for k, v in ks.items())
         return None, f"certbot's live/{name} links disagree ({shown})"
     return ks["fullchain"], None
+
+
+def key_owner_matches(want: str, seen: str | None) -> bool:
+    """Does `seen` ("user:group:uid:gid" from stat) satisfy `want` ("owner:group", "owner", ":group", "")?"""
+    if not want:
+        return True
+    parts = (seen or "").split(":")
+    if len(parts) != 4:
+        return False
+    user, group, uid, gid = parts
+    owner, _, grp = want.partition(":")
+    return (not owner or owner in (user, uid)) and (not grp or grp in (group, gid))
 
 
 def next_version(fields: Mapping[str, list[str]]) -> int:
@@ -520,7 +545,8 @@ class _Deployer:
 
         # 0. preflight + state in one script
         rem.prefetch_sftp()
-        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else ""], step="inspect")
+        keyown = host.privkey_chown
+        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else "", keyown], step="inspect")
         job.timings["inspect"] = self.loop.time() - t
         f = state.fields
         if state.get("test_rc") is None:
@@ -547,8 +573,10 @@ class _Deployer:
                 job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
                 hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
-        # 2. skip: this exact fullchain is live and every name serves it (handshakes only when it might be)
+        # 2. skip: this exact fullchain is live, its key owned as configured, and every name serves it
+        #    (handshakes only when it might be)
         if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()
+                and key_owner_matches(keyown, state.get("key_owner"))
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
             await self._audit_unrecorded_switch(job, prev_version)
             return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
@@ -595,7 +623,7 @@ class _Deployer:
         # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
         t = self.loop.time()
         res = await rem.run_script(COMMIT_SH, [root, name, tmp, str(version), sha256sums(job.material), conv,
-                                               test, reload], step="commit")
+                                               test, reload, keyown], step="commit")
         job.timings["commit"] = self.loop.time() - t
         converted = res.get("converted") is not None
         if converted:
@@ -606,13 +634,18 @@ class _Deployer:
         if res.get("failed_step") is not None:
             step = res.get("failed_step")
             text = b64text(res.get("failed_out") or "")
-            if step in ("verify", "sync", "rename"):
+            if step in ("verify", "chown", "sync", "rename"):
                 await rem.remove_tree_quietly(tmpdir)
             what = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
-                    "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
+                    "rename": "cannot store the version", "chown": f"cannot give privkey.pem to {keyown}",
+                    "convert": "cannot convert certbot's layout",
                     "swap": "cannot switch the live link"}.get(step or "", f"step {step} failed")
+            hint = None
+            if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
+                hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
+                        f"privkey_owner/privkey_group of {host.name}")
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
-                                error=f"{subject}: {what}: {_quote_text(text)} (live unchanged)")
+                                error=f"{subject}: {what}: {_quote_text(text)} (live unchanged)", hint=hint)
         if res.get("swapped") != "1":
             raise remote_mod.RemoteCommandError(
                 f"commit {host.name}: unexpected output (exit {res.exit_status}): "

@@ -140,6 +140,15 @@ class Host:
     test_command: tuple[str, ...] = ()
     reload_command: tuple[str, ...] = ()
     jump: str | None = None
+    privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)
+    privkey_group: str | None = None  # group name or gid (None: the deploy user's group)
+
+    @property
+    def privkey_chown(self) -> str:
+        """The `chown` operand for privkey.pem: "owner:group", "owner", ":group", or "" (leave as created)."""
+        if self.privkey_owner:
+            return self.privkey_owner + (f":{self.privkey_group}" if self.privkey_group else "")
+        return f":{self.privkey_group}" if self.privkey_group else ""
 
     @property
     def canary(self) -> bool:
@@ -528,12 +537,15 @@ class _Defaults:
     trust: tuple[Path, ...]
     test_command: tuple[str, ...]
     reload_command: tuple[str, ...]
+    privkey_owner: str | None
+    privkey_group: str | None
 
 
 def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     d = r.table(data.get("defaults", {}), "defaults",
                 {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
-                 "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command"})
+                 "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command",
+                 "privkey_owner", "privkey_group"})
     key_type = r.choice(d, "key_type", "defaults", KEY_TYPES, "ecdsa-p256") or "ecdsa-p256"
     renew_before = r.threshold(d, "renew_before", "defaults", None)
     warn_before = r.threshold(d, "warn_before", "defaults", Threshold(fraction=0.25, text="1/4"))
@@ -550,7 +562,9 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
                      warn_before=warn_before or Threshold(fraction=0.25, text="1/4"),
                      critical_before=critical_before or Threshold(fraction=0.1, text="1/10"), cert_root=cert_root,
                      ssh_user=ssh_user, ssh_key_file=ssh_key_s, known_hosts=known_hosts_s, https_port=https_port,
-                     trust=trust, test_command=test_cmd, reload_command=reload_cmd)
+                     trust=trust, test_command=test_cmd, reload_command=reload_cmd,
+                     privkey_owner=_owner(r, d, "privkey_owner", "defaults", None),
+                     privkey_group=_owner(r, d, "privkey_group", "defaults", None))
 
 
 def _parse_cas(r: _Reader, data: dict[str, Any], dd: _Defaults) -> tuple[dict[str, CA], str | None]:
@@ -631,7 +645,8 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
         if not _LINEAGE.fullmatch(name):
             r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
         t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
-                            "cert_root", "test_command", "reload_command", "jump"})
+                            "cert_root", "test_command", "reload_command", "jump", "privkey_owner",
+                            "privkey_group"})
         address = r.get(t, "address", kp, str, required=True)
         if address is not None and (p := _ip_or_hostname_problem(address)) is not None:
             r.err(f"{kp}.address", p)
@@ -650,7 +665,9 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
             ssh_key_file=r.path(key_s) if key_s else None, known_hosts=r.path(kh_s) if kh_s else None,
             tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
             test_command=r.argv(t, "test_command", kp, test_cmd),
-            reload_command=r.argv(t, "reload_command", kp, reload_cmd), jump=jump)
+            reload_command=r.argv(t, "reload_command", kp, reload_cmd), jump=jump,
+            privkey_owner=_owner(r, t, "privkey_owner", kp, dd.privkey_owner),
+            privkey_group=_owner(r, t, "privkey_group", kp, dd.privkey_group))
     for name, jump in raw_jumps.items():
         if jump not in hosts:
             r.err(f"hosts.{name}.jump", f"no host named {jump!r}{_suggest(jump, list(hosts))}")
@@ -830,6 +847,24 @@ def _user(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str
     return value  # type: ignore[no-any-return]
 
 
+def _owner(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str | None) -> str | None:
+    """A user or group name, or a numeric id, for chown on a host ("" in a host clears the default)."""
+    value = r.get(t, key, kp, (str, int))
+    if value is None:
+        return default
+    if isinstance(value, int) and not 0 <= value < 2**32:
+        r.err(f"{kp}.{key}", f"{value!r} is not a user/group name or numeric id")
+        return default
+    text = str(value)
+    if text == "":
+        return None
+    if not (text.isdigit() or _USER.fullmatch(text)):
+        r.err(f"{kp}.{key}", f"{text!r} is not a valid name (lower-case letters, digits, '_', '.', '-'; "
+                             "at most 32) or numeric id")
+        return default
+    return text
+
+
 def _abs_remote_path(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str:
     value = r.get(t, key, kp, str)
     if value is None:
@@ -879,6 +914,7 @@ def redacted(inv: Inventory) -> dict[str, Any]:
         "hosts": {n: {"address": h.address, "port": h.port, "https_port": h.https_port, "user": h.user,
                       "tags": list(h.tags), "cert_root": h.cert_root, "test_command": list(h.test_command),
                       "reload_command": list(h.reload_command), "jump": h.jump,
+                      "privkey_owner": h.privkey_owner, "privkey_group": h.privkey_group,
                       "ssh_key_file": str(h.ssh_key_file) if h.ssh_key_file else None,
                       "known_hosts": str(h.known_hosts) if h.known_hosts else None}
                   for n, h in inv.hosts.items()},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import grp
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from lab.pebble import PEBBLE, Pebble
 from lab.pop import (
     CERTIFICATES,
     DEPLOY_USER,
+    KEY_GROUP,
     MAX_POPS,
     NGINX,
     PopPaths,
@@ -264,6 +266,12 @@ class Lab:
         entry = next((line.split(":") for line in shadow if line.startswith(DEPLOY_USER + ":")), None)
         if entry is not None and entry[1].startswith("!"):
             run(["usermod", "--password", "*", DEPLOY_USER])
+        if not _in_group(KEY_GROUP, DEPLOY_USER):
+            # Several labs may add it at once (groupadd exit 9: exists; 10: lock busy).
+            wait_until(lambda: run(["groupadd", "--system", KEY_GROUP], check=False).returncode in (0, 9)
+                       or _in_group(KEY_GROUP, None), 10.0, 0.1)
+            wait_until(lambda: run(["usermod", "--append", "--groups", KEY_GROUP, DEPLOY_USER],
+                                   check=False).returncode == 0 or _in_group(KEY_GROUP, DEPLOY_USER), 10.0, 0.1)
         pw = pwd.getpwnam(DEPLOY_USER)
         DEPLOY_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chown(DEPLOY_HOME, pw.pw_uid, pw.pw_gid)
@@ -719,6 +727,15 @@ def _parallel(tasks: Mapping[str, Callable[[], Any]]) -> list[Any]:
     if errors:
         raise LabError("\n".join(errors))
     return results
+
+
+def _in_group(group: str, user: str | None) -> bool:
+    """Does `group` exist (and list `user` as a member, when given)?"""
+    try:
+        members = grp.getgrnam(group).gr_mem
+    except KeyError:
+        return False
+    return user is None or user in members
 
 
 def _user_exists() -> bool:

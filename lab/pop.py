@@ -20,6 +20,8 @@ from lab.proc import LabError
 
 MAX_POPS = 50
 DEPLOY_USER = "certmgr-deploy"
+# A supplementary group of the deploy user: the group a POP's privkey_group can hand keys to.
+KEY_GROUP = "certmgr-lab-keys"
 NGINX = "/usr/sbin/nginx"
 
 # Lineage name → names on the certificate; served by every POP and listed in the inventory.

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import grp
 import json
 import os
+import pwd
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,7 @@ from certmgr.material import CertInfo, CertMaterial
 from certmgr.remote import Timeouts
 from certmgr.store import Store
 from lab import Lab, pki
+from lab.pop import KEY_GROUP
 from tests.conftest import private_lab
 
 pytestmark = pytest.mark.integration
@@ -299,6 +302,40 @@ def test_upload_refused_by_permissions_changes_no_live_link(fresh: Lab, store: S
     assert live_state(fresh, "sally") == before and served(fresh, "sally", MEDIA) == old
     assert {outcomes[p].status for p in fresh.pop_names if p != "sally"} == {Status.DEPLOYED}, [
         x.line() for x in outcomes.values()]
+
+
+def test_privkey_group_is_set_on_the_pop_and_an_owner_it_cannot_set_changes_nothing(fresh: Lab, store: Store) -> None:
+    """privkey_group: the key on the POP belongs to that group (0600); a non-root deploy user cannot give it to root.
+
+    A changed setting alone makes the next run deploy again (the live key's ownership is part of "already live").
+    """
+    inv = inventory_mod.load(fresh.inventory_path)
+    put_new_versions(store, inv, [MEDIA])
+    sally, esme = inv.hosts["sally"], inv.hosts["esme"]
+    inv = with_hosts(inv, sally=dataclasses.replace(sally, privkey_group=KEY_GROUP),
+                     esme=dataclasses.replace(esme, privkey_owner="root"))
+    before = live_state(fresh, "esme")
+    old = served(fresh, "esme", MEDIA)
+    outcomes = by_host(run(inv, store, [MEDIA], hosts=["sally", "esme"]))
+    ok, bad = outcomes["sally"], outcomes["esme"]
+    assert ok.status == Status.DEPLOYED, ok.line()
+    key = fresh.pop_paths("sally").cert_root / "live" / MEDIA / "privkey.pem"
+    st = key.stat()
+    assert (grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777) == (KEY_GROUP, 0o600)
+    assert pwd.getpwuid(st.st_uid).pw_name == "certmgr-deploy"
+    assert bad.status == Status.FAILED and bad.error is not None, bad.line()
+    assert "cannot give privkey.pem to root" in bad.error and "Operation not permitted" in bad.error
+    assert bad.error.endswith("(live unchanged)") and bad.hint and "privkey_owner" in bad.hint
+    assert live_state(fresh, "esme") == before and served(fresh, "esme", MEDIA) == old
+
+    again = by_host(run(inv, store, [MEDIA], hosts=["sally"]))
+    assert again["sally"].status == Status.SKIPPED
+    regrouped = with_hosts(inv, sally=dataclasses.replace(sally, privkey_group=None, privkey_owner="certmgr-deploy"))
+    assert by_host(run(regrouped, store, [MEDIA], hosts=["sally"]))["sally"].status == Status.SKIPPED
+    moved = with_hosts(inv, sally=dataclasses.replace(sally, privkey_group="certmgr-deploy"))
+    third = by_host(run(moved, store, [MEDIA], hosts=["sally"]))["sally"]
+    assert third.status == Status.DEPLOYED and third.version == ok.version + 1, third.line()  # type: ignore[operator]
+    assert grp.getgrgid(key.stat().st_gid).gr_name == "certmgr-deploy"
 
 
 class _CuttingProxy:

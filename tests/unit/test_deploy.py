@@ -28,6 +28,7 @@ from certmgr.deploy import (
     certbot_version,
     command_label,
     deploy,
+    key_owner_matches,
     next_version,
     sha256sums,
     sni_names,
@@ -205,6 +206,48 @@ def test_commit_converts_certbot_layout_once(tmp_path: Path) -> None:
     assert stat.S_IMODE((kept / "privkey.pem").stat().st_mode) == 0o600
     assert stat.S_IMODE((kept / "cert.pem").stat().st_mode) == 0o644
     assert sorted(os.listdir(root / "live")) == [NAME]  # certbot's directory is gone, no backup left
+
+
+def test_commit_gives_the_key_to_the_configured_owner_and_group(tmp_path: Path) -> None:
+    """privkey_owner/privkey_group: the uploaded key is chowned (still 0600) before it is stored; the rest is not."""
+    root = linked_root(tmp_path, 1)
+    m = material()
+    upload(root, ".tmp-2-ffffffffffff", m)
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-ffffffffffff", "2", sha256sums(m), "", "true", "true", "nobody:65534")
+    assert res.get("done") == "1", res.stdout + res.stderr
+    st = os.stat(root / "archive" / NAME / "2" / "privkey.pem")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600)
+    assert os.stat(root / "archive" / NAME / "2" / "fullchain.pem").st_uid == os.getuid()
+    inspect = sh(INSPECT_SH, str(root), NAME, "", "nobody:65534")
+    assert inspect.get("key_owner", "").split(":")[2:] == ["65534", "65534"]
+
+
+def test_commit_refuses_an_owner_it_cannot_set_and_changes_nothing(tmp_path: Path) -> None:
+    """A chown that fails (unknown user here; EPERM for a non-root deploy user) stops before anything is stored."""
+    root = linked_root(tmp_path, 1)
+    m = material()
+    upload(root, ".tmp-2-gggggggggggg", m)
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-gggggggggggg", "2", sha256sums(m), "", "true", "true",
+             ":certmgr-no-such-group")
+    assert res.get("failed_step") == "chown" and res.exit_status == 3
+    assert "certmgr-no-such-group" in remote_mod.b64text(res.get("failed_out") or "")
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+    assert not (root / "archive" / NAME / "2").exists()
+
+
+@pytest.mark.parametrize(("want", "seen", "ok"), [
+    ("", None, True),
+    ("", "x:y:1:2", True),
+    ("nobody", "nobody:nogroup:65534:65534", True),
+    ("65534", "nobody:nogroup:65534:65534", True),
+    (":ssl-cert", "root:ssl-cert:0:108", True),
+    (":108", "root:ssl-cert:0:108", True),
+    ("root:ssl-cert", "root:root:0:0", False),
+    (":ssl-cert", None, False),
+    ("root", "garbage", False),
+])
+def test_key_owner_matches(want: str, seen: str | None, ok: bool) -> None:
+    assert key_owner_matches(want, seen) is ok
 
 
 def test_commit_conversion_rolls_back_to_the_certbot_version(tmp_path: Path) -> None:

@@ -157,6 +157,11 @@ BAD: list[tuple[str, str, str]] = [
      "channels.ops.type: 'teams' is not one of discord, slack, matrix, webhook"),
     ("bad duration", BASE.replace('url_file = "discord-url"', 'url_file = "discord-url"\nrepeat = "daily"'),
      "channels.ops.repeat: 'daily' is not a duration (e.g. \"90s\", \"15m\", \"12h\", \"30d\")"),
+    ("shell syntax in privkey_group", BASE.replace('tags = ["cdn"]', 'tags = ["cdn"]\nprivkey_group = "ssl-cert;id"'),
+     "hosts.esme.privkey_group: 'ssl-cert;id' is not a valid name (lower-case letters, digits, '_', '.', '-'; "
+     "at most 32) or numeric id"),
+    ("negative privkey_owner", BASE.replace('tags = ["cdn"]', 'tags = ["cdn"]\nprivkey_owner = -1'),
+     "hosts.esme.privkey_owner: -1 is not a user/group name or numeric id"),
     ("hosts not a table", BASE + '\n[[hosts.extra]]\naddress = "127.0.0.9"\n',
      "hosts.extra: must be a table, not an array"),
 ]
@@ -186,6 +191,15 @@ def test_all_problems_reported_at_once() -> None:
         "certificates[1].hosts[0]: no host named 'salyl' (did you mean 'sally'?)",
     ]
     assert str(info.value).startswith("inventory <string>: 3 problems\n  hosts.esme.prot")
+
+
+def test_privkey_owner_and_group_inherit_and_can_be_cleared() -> None:
+    """[defaults] privkey_group reaches every host; a host can set its own owner or clear the group with ""."""
+    text = BASE.replace("[defaults]", "[defaults]\nprivkey_group = \"ssl-cert\"", 1)
+    text = text.replace('tags = ["cdn", "canary"]', 'tags = ["cdn", "canary"]\nprivkey_owner = 33\nprivkey_group = ""')
+    inv = inventory.loads(text)
+    assert (inv.hosts["sally"].privkey_chown, inv.hosts["esme"].privkey_chown) == ("33", ":ssl-cert")
+    assert inventory.loads(BASE).hosts["esme"].privkey_chown == ""
 
 
 def test_toml_syntax_error_is_reported() -> None:
