@@ -470,7 +470,7 @@ class _Deployer:
         their listeners, both generations accept, so a lucky handshake can precede stale ones.
         """
         deadline = self.loop.time() + self.timeouts.verify
-        delay = 0.05
+        delay = 0.01  # the master takes a few ms to start new workers after `reload` returns
         streak = 0
         while True:
             seen = await self.served(host, names)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -157,6 +158,63 @@ def _client_key(host: Host) -> asyncssh.SSHKey:
     return key
 
 
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+
+
+class _QuickAck(asyncio.Protocol):
+    """asyncssh's protocol on a direct TCP connection, with every received segment ACKed at once.
+
+    OpenSSH's sshd leaves Nagle on for sessions without a pty and writes small messages back to
+    back: after auth a debug message and `hostkeys-00@openssh.com`, then, on the first channel, a
+    second debug message and the confirmation. The confirmation waits for the ACK of the first pair,
+    which the client's delayed ACK holds back 40 ms (Linux's minimum; 200 ms on other systems):
+    every connection's first command stalled that long. TCP_QUICKACK after each read (one cheap
+    setsockopt; the kernel drops quick-ack mode on its own) sends the ACK at once.
+    """
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.sock: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sock = transport.get_extra_info("socket")
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+        if self.sock is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                self.sock = None  # not TCP after all: stop trying
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _DirectTCP:
+    """A `tunnel=` for asyncssh that is plain TCP from here, through `_QuickAck`."""
+
+    async def create_connection(self, factory: Any, host: str, port: int) -> tuple[asyncio.BaseTransport, Any]:
+        made: list[Any] = []
+
+        def wrapped() -> asyncio.Protocol:
+            made.append(factory())
+            return _QuickAck(made[0])
+
+        transport, _ = await asyncio.get_running_loop().create_connection(wrapped, host, port)
+        return transport, made[0]
+
+
 class _HostKeyPolicy(asyncssh.SSHClient):
     """Records the key the server offered; accepts an unknown key only under accept-new."""
 
@@ -223,7 +281,7 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
     try:
         async with asyncio.timeout(timeouts.connect):
             conn = await asyncssh.connect(
-                host.address, host.port, tunnel=tunnel, username=host.user, client_keys=[key],
+                host.address, host.port, tunnel=tunnel or (_DirectTCP() if _TCP_QUICKACK else ()), username=host.user, client_keys=[key],
                 known_hosts=(host_keys, ca_keys, revoked), client_factory=lambda: policy,
                 agent_path=None, config=None, preferred_auth="publickey", password=None,
                 kbdint_auth=False, gss_host=None, connect_timeout=timeouts.connect,
