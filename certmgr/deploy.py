@@ -305,6 +305,9 @@ say "kept_live=$cur"
 class RemoteSession(Protocol):
     """What deploy needs from a connection (remote.Remote; fakes in unit tests)."""
 
+    @property
+    def accepted_keys(self) -> Sequence[remote_mod.AcceptedKey]: ...  # host keys trusted on first use here
+
     def prefetch_sftp(self) -> None: ...
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str,
@@ -496,6 +499,10 @@ class _Deployer:
         try:
             async with self.connector(host, jump=jump, accept_new=self.accept_new, timeouts=self.timeouts) as rem:
                 connected = self.loop.time() - start
+                for k in rem.accepted_keys:
+                    await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
+                                     summary=f"trusted {k.host}'s host key {k.fingerprint} on first use "
+                                             f"(--accept-new), added to {k.known_hosts}")
                 tested_ok = False
                 for job in jobs:
                     job.timings["connect"] = connected

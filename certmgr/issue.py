@@ -77,12 +77,17 @@ class Issued:
 
 # Told (provider name, record) pairs before challenge TXT records are written, and [] once they are removed.
 Journal = Callable[[Sequence[tuple[str, TXTRecord]]], None]
+# Told (action, provider name, records) once challenge TXT records were published ("dns published")
+# or removed ("dns removed"): the audit log's record of what certmgr changed in DNS.
+DNSLog = Callable[[str, str, Sequence[TXTRecord]], None]
 
 
 class AccountStore(Protocol):
     def load_account_key(self, ca_id: str) -> bytes | None: ...
 
     def save_account_key(self, ca_id: str, pem: bytes) -> Any: ...
+
+    def audit(self, action: str, obj: str, **kw: Any) -> None: ...
 
 
 class _Net(ClientNetwork):
@@ -237,12 +242,17 @@ class ACMEClient:
         pem = accounts.load_account_key(ca_id)
         key = ec.generate_private_key(ec.SECP256R1()) if pem is None else keys.from_pem(pem)
         self.account_key = jose.jwk.JWKEC(key=key)
-        await self._account(new=pem is None, env=env)
+        registered = await self._account(new=pem is None, env=env)
         if pem is None:
             # saved only once the CA accepted it: a failed registration leaves no orphan key
             accounts.save_account_key(ca_id, keys.to_pem(key))
+        if registered and self.regr is not None:
+            accounts.audit("account registered", self.ca.name, to=self.regr.uri, directory=self.ca.directory,
+                           contact=list(self.ca.contact), eab=bool(self.ca.eab_kid), key=f"accounts/{ca_id}",
+                           new_key=pem is None)
 
-    async def _account(self, *, new: bool, env: Mapping[str, str] | None) -> None:
+    async def _account(self, *, new: bool, env: Mapping[str, str] | None) -> bool:
+        """Find the account of `self.account_key` at the CA, or register it; True when registered now."""
         ca = self.ca
         net = self._net(account=False)
         client = ClientV2(self.directory, net)
@@ -257,7 +267,7 @@ class ACMEClient:
                     self.regr = messages.RegistrationResource(
                         body=messages.Registration.from_json(resp.json()), uri=resp.headers.get("Location"))
                     event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=self.regr.uri)
-                    return
+                    return False
                 except ACMEError as exc:
                     if exc.typ != ERR + "accountDoesNotExist":
                         raise
@@ -290,6 +300,7 @@ class ACMEClient:
                 regr = messages.RegistrationResource(body=reg, uri=str(exc))
             self.regr = regr
             event(log, logging.INFO, "acme account registered", ca=ca.name, uri=regr.uri)
+            return True
         finally:
             net.session.close()
 
@@ -344,11 +355,12 @@ class ACMEClient:
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
                     providers: Mapping[str, Provider], replaces: str | None = None,
-                    journal: Journal | None = None) -> Issued:
+                    journal: Journal | None = None, dns_log: DNSLog | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
 
         `journal` is told which TXT records are about to be written (before the UPDATE) and that they
-        are gone (after cleanup), so a run killed in between can have them removed by the next one.
+        are gone (after cleanup), so a run killed in between can have them removed by the next one;
+        `dns_log` is told what was published and removed, once each UPDATE succeeded.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
@@ -374,7 +386,7 @@ class ACMEClient:
             pending = [(url, a) for url, a in authzs if a.status != messages.STATUS_VALID]
             if pending:
                 await self._dns01(net, client, cert, pending, inventory=inventory, providers=providers,
-                                  timings=timings, t0=t0, journal=journal)
+                                  timings=timings, t0=t0, journal=journal, dns_log=dns_log)
             else:
                 notes.append("all authorizations already valid (reused)")
             body = await self._finalize(net, client, cert, uri, order, csr_pem)
@@ -430,7 +442,7 @@ class ACMEClient:
     async def _dns01(self, net: _Net, client: ClientV2, cert: Certificate,
                      pending: list[tuple[str, messages.Authorization]], *, inventory: Inventory,
                      providers: Mapping[str, Provider], timings: dict[str, float], t0: float,
-                     journal: Journal | None) -> None:
+                     journal: Journal | None, dns_log: DNSLog | None) -> None:
         """Present every TXT, wait until every authoritative server serves them, answer, poll; always clean up."""
         loop = asyncio.get_running_loop()
         todo: list[tuple[str, messages.Authorization, messages.ChallengeBody]] = []
@@ -454,6 +466,8 @@ class ACMEClient:
                 # nothing to clean up and a second rejected UPDATE would only mislead the operator.
                 rejected.add(name)
                 raise
+            if dns_log is not None:
+                dns_log("dns published", name, recs)
 
         try:
             for _url, authz, chall in todo:
@@ -480,6 +494,8 @@ class ACMEClient:
                 for name, (prov, recs) in placed.items():
                     if name not in rejected:
                         await prov.cleanup(recs)
+                        if dns_log is not None:
+                            dns_log("dns removed", name, recs)
                 if journal is not None:
                     journal([])
 

@@ -272,8 +272,17 @@ async def _remember_host_key(path: Path, host: Host, key: asyncssh.SSHKey) -> No
     logger.warning("connect %s: accepted new host key %s (added to %s)", host.name, key.get_fingerprint(), path)
 
 
-async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
-                tunnel: asyncssh.SSHClientConnection | None) -> asyncssh.SSHClientConnection:
+@dataclass(frozen=True, slots=True)
+class AcceptedKey:
+    """A host key trusted on first use (--accept-new) and appended to known_hosts."""
+
+    host: str
+    fingerprint: str  # "ssh-ed25519 SHA256:…"
+    known_hosts: Path
+
+
+async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asyncssh.SSHClientConnection | None,
+                accepted: list[AcceptedKey]) -> asyncssh.SSHClientConnection:
     path, host_keys, ca_keys, revoked = _known_keys(host)
     unknown = not host_keys and not ca_keys
     policy = _HostKeyPolicy(accept_unknown=accept_new and unknown)
@@ -281,7 +290,8 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
     try:
         async with asyncio.timeout(timeouts.connect):
             conn = await asyncssh.connect(
-                host.address, host.port, tunnel=tunnel or (_DirectTCP() if _TCP_QUICKACK else ()), username=host.user, client_keys=[key],
+                host.address, host.port, tunnel=tunnel or (_DirectTCP() if _TCP_QUICKACK else ()),
+                username=host.user, client_keys=[key],
                 known_hosts=(host_keys, ca_keys, revoked), client_factory=lambda: policy,
                 agent_path=None, config=None, preferred_auth="publickey", password=None,
                 kbdint_auth=False, gss_host=None, connect_timeout=timeouts.connect,
@@ -326,16 +336,20 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts,
                 f"in {path}: {exc.strerror} (refused, nothing changed)",
                 hint=f"make {path} writable by this user, or add the key yourself after checking its fingerprint",
             ) from exc
+        offered = policy.offered
+        accepted.append(AcceptedKey(host.name, f"{offered.get_algorithm()} {offered.get_fingerprint()}", path))
     return conn
 
 
 class Remote:
     """One SSH connection to one host: scripts run over it, files go up over one SFTP session."""
 
-    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts) -> None:
+    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts,
+                 accepted: Sequence[AcceptedKey] = ()) -> None:
         self.host = host
         self.conn = conn
         self.timeouts = timeouts
+        self.accepted_keys = tuple(accepted)  # host keys (this host's, its jump host's) trusted on this connect
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_task: asyncio.Task[asyncssh.SFTPClient] | None = None
 
@@ -468,11 +482,12 @@ async def connect(host: Host, *, jump: Host | None = None, accept_new: bool = Fa
     """
     timeouts = timeouts or Timeouts()
     tunnel = None
+    accepted: list[AcceptedKey] = []
     if jump is not None:
-        tunnel = await _open(jump, accept_new=accept_new, timeouts=timeouts, tunnel=None)
+        tunnel = await _open(jump, accept_new=accept_new, timeouts=timeouts, tunnel=None, accepted=accepted)
     try:
-        conn = await _open(host, accept_new=accept_new, timeouts=timeouts, tunnel=tunnel)
-        remote = Remote(host, conn, timeouts)
+        conn = await _open(host, accept_new=accept_new, timeouts=timeouts, tunnel=tunnel, accepted=accepted)
+        remote = Remote(host, conn, timeouts, accepted)
         try:
             yield remote
         finally:

@@ -125,9 +125,16 @@ async def _clean_leftovers(run: _Run, cert: Certificate, providers: Mapping[str,
         prov = providers.get(name)
         if prov is not None:
             await prov.cleanup(recs)
+            audit_dns(run.store, cert.name, "dns removed", name, recs, note="left by an interrupted run")
     event(log, logging.INFO, "removed challenge records left by an interrupted run", cert=cert.name,
           records=len(pending))
     run.store.save_json(pending_path(cert.name), [])
+
+
+def audit_dns(store: Store, name: str, action: str, provider: str, records: Sequence[TXTRecord], **kw: Any) -> None:
+    """One audit line per UPDATE certmgr made: which challenge names changed, in which zones, through which provider."""
+    store.audit(action, name, provider=provider, names=sorted({r.fqdn for r in records}),
+                zones=sorted({r.zone for r in records}), **kw)
 
 
 def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
@@ -320,8 +327,11 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
         run.store.save_json(pending_path(cert.name), [
             {"provider": p, "fqdn": r.fqdn, "zone": r.zone, "value": r.value, "domain": r.domain} for p, r in records])
 
+    def dns_log(action: str, provider: str, records: Sequence[TXTRecord]) -> None:
+        audit_dns(run.store, cert.name, action, provider, records)
+
     issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
-                                journal=journal)
+                                journal=journal, dns_log=dns_log)
     new_info = issued.material.info()
     store = run.store
     version = store.add_version(cert.name, issued.material)

@@ -263,6 +263,9 @@ def test_unknown_host_key_refused_then_accept_new_records_it(fresh: Lab, store: 
     assert o.status == Status.DEPLOYED
     addr = f"[{fresh.pop_paths('sally').address}]:{fresh.ports.ssh}"
     assert kh.read_text().startswith(addr + " ssh-ed25519 ")
+    [accepted] = [e for e in audit(store) if e["action"] == "host key accepted"]
+    assert accepted["object"] == "sally" and str(accepted["to"]).startswith("ssh-ed25519 SHA256:")
+    assert accepted["known_hosts"] == str(kh)
     assert by_host(run(inv2, store, [MEDIA], hosts=["sally"]))["sally"].status == Status.SKIPPED
 
 

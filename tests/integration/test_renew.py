@@ -163,6 +163,13 @@ def test_issue_single_multi_wildcard_rsa_ecdsa(rlab: Lab, store: Store, tmp_path
     assert audit[-1]["object"] == name
     assert audit[-1]["message"].startswith(f"renewed {name}: nothing → serial {out.new_serial} (expires ")
     assert challenge_txt_left(rlab, domains) == {}
+    # the audit log also holds the account registered and every change made in DNS
+    entries = list(store.read_audit())
+    [acct] = [e for e in entries if e["action"] == "account registered"]
+    assert str(acct["to"]).startswith("https://") and acct["new_key"] is True
+    names = sorted({f"_acme-challenge.{d.removeprefix('*.')}" for d in domains})
+    dns = [(e["action"], e["names"]) for e in entries if e["action"].startswith("dns ") and e["object"] == name]
+    assert dns == [("dns published", names), ("dns removed", names)]
 
 
 def test_renew_again_replaces_live_and_audits_both_serials(rlab: Lab, store: Store, tmp_path: Path) -> None:

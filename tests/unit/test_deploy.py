@@ -359,6 +359,8 @@ def fake_host(tmp: Path, name: str, tags: tuple[str, ...] = ()) -> Host:
 
 
 class LocalSession:
+    accepted_keys: tuple[remote_mod.AcceptedKey, ...] = ()
+
     def __init__(self, host: Host, fail_upload: bool = False) -> None:
         self.host = host
         self.fail_upload = fail_upload
