@@ -142,17 +142,46 @@ class RFC2136Provider:
             return self.cfg.server
         async with self._locks[f"primary:{zone}"]:
             if zone not in self._primary:
-                res = await self._system_resolver()
-                try:
-                    async with asyncio.timeout(QUERY_TIMEOUT * 2):
-                        soa = await res.resolve(zone, "SOA")
-                        mname = str(soa[0].mname).rstrip(".")
-                        addrs = await res.resolve(mname, "A")
-                except (TimeoutError, dns.exception.DNSException) as exc:
-                    raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {exc} (TXT not written)",
-                                   hint=f"set server = \"ADDRESS\" in [dns.{self.name}]") from exc
-                self._primary[zone] = str(addrs[0])
+                self._primary[zone] = await self._soa_primary(zone)
         return self._primary[zone]
+
+    async def _soa_primary(self, zone: str) -> str:
+        """The SOA MNAME's address: asked of the listed `nameservers` (no recursion), else the system resolver.
+
+        With `nameservers` set nothing goes to the machine's resolver unless the MNAME has no
+        address in the zone itself (no glue): then, as for NS hosts, the resolver is asked.
+        """
+        hint = f'set server = "ADDRESS" in [dns.{self.name}]'
+        if self.cfg.nameservers:
+            problems: list[str] = []
+            for ns in self.cfg.nameservers:
+                try:
+                    resp = await self._query(ns, zone, dns.rdatatype.SOA)
+                except DNSError as exc:
+                    problems.append(str(exc))
+                    continue
+                soa = [rd for rr in resp.answer if rr.rdtype == dns.rdatatype.SOA for rd in rr]
+                if not soa:
+                    problems.append(f"{_server(ns, self.cfg.port)} has no SOA for {zone} "
+                                    f"({dns.rcode.to_text(resp.rcode())})")
+                    continue
+                mname = str(soa[0].mname).rstrip(".")
+                addrs = await self._addresses(ns, mname)
+                if addrs:
+                    return min(addrs, key=lambda a: (":" in a, a))  # IPv4 first: what `server` usually is
+                problems.append(f"the SOA primary {mname} has no address")
+            raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {'; '.join(problems)} "
+                           "(TXT not written)", hint=hint)
+        res = await self._system_resolver()
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT * 2):
+                soa_answer = await res.resolve(zone, "SOA")
+                mname = str(soa_answer[0].mname).rstrip(".")
+                answer = await res.resolve(mname, "A")
+        except (TimeoutError, dns.exception.DNSException) as exc:
+            raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {exc} (TXT not written)",
+                           hint=hint) from exc
+        return str(answer[0])
 
     async def nameservers(self, zone: str) -> tuple[tuple[str, int], ...]:
         """Every authoritative server of `zone` (inventory `nameservers`, else its NS records), with the port."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -613,3 +614,38 @@ def test_external_account_binding(rlab: Lab, store: Store, tmp_path: Path) -> No
         assert len(list((fresh_store.root / "accounts").glob("*/key.pem"))) == 1
     finally:
         rlab.stop_second_pebble()
+
+
+def test_update_primary_found_from_the_soa_without_server(rlab: Lab, store: Store, tmp_path: Path) -> None:
+    """No `server`: the SOA's MNAME (ns1 → 127.0.0.1) is found through the listed nameservers — here only
+    the lab's secondary — or through a resolver (the lab's, configured here: never the machine's own),
+    and a renewal's UPDATE reaches it."""
+    import dns.asyncresolver
+
+    from certmgr.dns.rfc2136 import RFC2136Provider
+    from certmgr.errors import DNSError
+
+    text = inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
+                          nameservers=["127.0.0.1"]).replace('server = "127.0.0.1"\n', "")
+    inv = load(tmp_path, text)
+    assert inv.dns["lab"].server is None
+    via_secondary = RFC2136Provider.build(dataclasses.replace(inv.dns["lab"], nameservers=("127.0.0.2",)))
+    assert asyncio.run(via_secondary.primary("hachyderm.test")) == "127.0.0.1"
+
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = rlab.ports.dns
+    no_ns = dataclasses.replace(inv.dns["lab"], nameservers=())
+    key = RFC2136Provider.build(no_ns)._key
+    assert asyncio.run(RFC2136Provider(no_ns, key, resolver=resolver).primary("hachyderm.test")) == "127.0.0.1"
+
+    silent = RFC2136Provider.build(dataclasses.replace(inv.dns["lab"], nameservers=("127.0.0.9",)))
+    with pytest.raises(DNSError) as info:
+        asyncio.run(silent.primary("hachyderm.test"))
+    assert info.value.message.startswith("dns primary hachyderm.test: cannot find the SOA primary: dns query "
+                                         "hachyderm.test SOA @127.0.0.9:")
+    assert info.value.message.endswith("(TXT not written)") and 'set server = "ADDRESS"' in (info.value.hint or "")
+
+    [out] = run_renew(inv, store)
+    assert out.status == "renewed", out.error
+    assert challenge_txt_left(rlab, ["media.hachyderm.test"]) == {}
