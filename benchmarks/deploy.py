@@ -1,12 +1,17 @@
 """Benchmark: push one certificate to 1, 4, 20 and 50 lab POPs with certmgr, beside the by-hand loop.
 
-    .venv/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--port-base 44200]
+    .venv/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--port-base 44200] [--rtt MS]
 
 Each certmgr run is a child process (so its peak RSS is its own) that deploys a fresh version of
 one lineage to the first N POPs, all at once, after a warm-up run (which converts certbot's layout);
 the largest size is also run canary-first, as `certmgr deploy` does with the lab's canary tag. The by-hand
 way is a sequential loop per POP: `ssh mkdir`, `scp` the four files, `ssh 'ln -sfn … && sudo nginx -t
 && sudo nginx -s reload'`. Targets: 50 POPs ≤ 3x the time of 1 POP; ≥ 10x faster than the loop at 50.
+
+`--rtt MS` puts every POP behind `benchmarks/wanproxy.py` (SSH and HTTPS), which adds that
+round-trip time, as between a control host and real, remote POPs: on loopback the POPs' work is
+CPU time on the same two cores as certmgr, while in the field each POP brings its own CPU and
+the cost certmgr pays per POP is mostly waiting.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from lab import Lab, pki  # noqa: E402
 NAME = "media.hachyderm.test"
 
 
-def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool) -> None:
+def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: str) -> None:
     """One certmgr deploy of a fresh version to the first `n` POPs; prints JSON with time and peak RSS.
 
     Without `canary` the lab's canary tag is dropped, so all POPs go at once (a pure fan-out
@@ -49,6 +54,10 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool) -> None
     pops = lab.pop_names[:n]
     cert = dataclasses.replace(inv.certificate(NAME), hosts=tuple(pops))
     hosts = dict(inv.hosts)
+    if far != "-":  # the POPs seen through wanproxy: {pop: address} and a known_hosts for those addresses
+        spec = json.loads(Path(far).read_text())
+        hosts = {k: dataclasses.replace(h, address=spec["address"][k], known_hosts=Path(spec["known_hosts"]))
+                 if k in spec["address"] else h for k, h in hosts.items()}
     if not canary:
         hosts = {k: dataclasses.replace(h, tags=tuple(t for t in h.tags if t != "canary")) for k, h in hosts.items()}
     inv = dataclasses.replace(inv, certificates=(cert,), hosts=hosts)
@@ -87,11 +96,11 @@ def server_cpu(lab: Lab, n: int) -> float:
     return sum(_proc_cpu(lab.sshd_pid(p)) + _proc_cpu(lab.nginx_pid(p)) for p in lab.pop_names[:n])
 
 
-def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False) -> dict[str, Any]:
+def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False, far: str = "-") -> dict[str, Any]:
     cpu0, busy0 = server_cpu(lab, n), _busy()
     t = time.monotonic()
     res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state),
-                          "canary" if canary else "all"],
+                          "canary" if canary else "all", far],
                          capture_output=True, text=True, check=False, timeout=600)
     total = time.monotonic() - t
     time.sleep(0.3)  # let the POPs' sshd reap their sessions so the children's CPU is counted
@@ -105,7 +114,36 @@ def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False
     return out
 
 
-def by_hand(lab: Lab, n: int, version: int) -> float:
+class FarPops:
+    """wanproxy in front of every POP (SSH and HTTPS): POP i is reached at 127.0.3.(i+2), `rtt_ms` away."""
+
+    def __init__(self, lab: Lab, rtt_ms: float, work: Path) -> None:
+        self.address = {pop: f"127.0.3.{i + 2}" for i, pop in enumerate(lab.pop_names)}
+        pairs = [f"{self.address[pop]}:{port}={lab.pop_paths(pop).address}:{port}"
+                 for pop in lab.pop_names for port in (lab.ports.ssh, lab.ports.https)]
+        real = {lab.pop_paths(pop).address: self.address[pop] for pop in lab.pop_names}
+        lines = []
+        for line in lab.known_hosts.read_text().splitlines():
+            hostport, _, key = line.partition(" ")
+            addr = hostport.strip("[").split("]")[0]
+            if addr in real:
+                lines.append(hostport.replace(addr, real[addr]) + " " + key)
+        self.known_hosts = work / "known_hosts-far"
+        self.known_hosts.write_text("\n".join(lines) + "\n")
+        self.spec = work / "far.json"
+        self.spec.write_text(json.dumps({"address": self.address, "known_hosts": str(self.known_hosts)}))
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wanproxy.py")), "--rtt",
+                                      str(rtt_ms), *pairs], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("wanproxy did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def by_hand(lab: Lab, n: int, version: int, far: FarPops | None = None) -> float:
     """The sequential loop an operator would write; returns its wall time for the first `n` POPs."""
     ca = pki.make_ca("by-hand CA")
     leaf = pki.make_leaf(ca, [NAME])
@@ -115,13 +153,14 @@ def by_hand(lab: Lab, n: int, version: int) -> float:
         (files / fname).write_bytes(data)
     (files / "privkey.pem").chmod(0o600)
     port = str(lab.ports.ssh)
-    opts = ["-i", str(lab.ssh_key), "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+    known_hosts = far.known_hosts if far else lab.known_hosts
+    opts = ["-i", str(lab.ssh_key), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
     start = time.monotonic()
     for pop in lab.pop_names[:n]:
         p = lab.pop_paths(pop)
         dest = f"{p.cert_root}/archive/{NAME}/byhand{version}"
-        target = f"certmgr-deploy@{p.address}"
+        target = f"certmgr-deploy@{far.address[pop] if far else p.address}"
         subprocess.run(["ssh", *opts, "-p", port, target, shlex.join(["mkdir", "-p", dest])], check=True)
         subprocess.run(["scp", "-q", *opts, "-P", port, *[str(files / f) for f in sorted(os.listdir(files))],
                         f"{target}:{dest}/"], check=True)
@@ -133,7 +172,7 @@ def by_hand(lab: Lab, n: int, version: int) -> float:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "canary")
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "canary", sys.argv[7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,20,50")
@@ -142,6 +181,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="certmgr runs per size; the median is reported")
     ap.add_argument("--no-baseline", action="store_true", help="skip the by-hand loop")
     ap.add_argument("--keep", action="store_true", help="leave the lab running")
+    ap.add_argument("--rtt", type=float, default=0.0,
+                    help="milliseconds of round-trip time between certmgr and each POP (benchmarks/wanproxy.py)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     lab = Lab(Path(args.dir or f"/tmp/certmgr-lab-deploy-bench-{args.port_base}"), args.port_base, pops=max(sizes))
@@ -150,12 +191,16 @@ def main() -> int:
     lab.reseed()
     print(f"lab: {lab.pops} POPs up and seeded in {time.monotonic() - t:.1f}s (port base {args.port_base})")
     state = Path(tempfile.mkdtemp(prefix="certmgr-bench-state-"))
+    far = FarPops(lab, args.rtt, Path(tempfile.mkdtemp(prefix="certmgr-bench-far-"))) if args.rtt else None
+    fs = str(far.spec) if far else "-"
+    if far:
+        print(f"every POP is {args.rtt:g} ms away (round trip), through benchmarks/wanproxy.py")
     try:
-        warm = run_child(lab, max(sizes), min(max(sizes), 50), state)  # converts certbot's layout everywhere
+        warm = run_child(lab, max(sizes), min(max(sizes), 50), state, far=fs)  # converts certbot's layout everywhere
         print(f"warm-up (certbot layout conversion) to {max(sizes)} POPs: {warm['wall']:.2f}s")
         rows = []
         for n in sizes:
-            runs = [run_child(lab, n, min(n, 50), state) for _ in range(args.repeat)]
+            runs = [run_child(lab, n, min(n, 50), state, far=fs) for _ in range(args.repeat)]
             for r in runs:
                 if r["bad"]:
                     print(f"  {n} POPs: not all deployed: {r['bad']}")
@@ -174,20 +219,22 @@ def main() -> int:
         for n, med, _, _ in rows:
             print(f"  {n:>2} POPs / 1 POP = {med / one:.2f}x")
         big = sizes[-1]
-        canary = sorted(float(run_child(lab, big, min(big, 50), state, canary=True)["wall"])
+        canary = sorted(float(run_child(lab, big, min(big, 50), state, canary=True, far=fs)["wall"])
                         for _ in range(args.repeat))
         print(f"certmgr {big:>2} POPs, canary first (the default with a canary-tagged POP): median "
               f"{canary[len(canary) // 2]:.2f}s (runs {', '.join(f'{w:.2f}' for w in canary)})")
         if not args.no_baseline:
             base = {}
             for n in sizes:
-                base[n] = by_hand(lab, n, n)
+                base[n] = by_hand(lab, n, n, far)
                 print(f"by hand {n:>2} POPs: {base[n]:.2f}s ({base[n] / n:.2f}s per POP)")
             print(f"at {big} POPs: certmgr {rows[-1][1]:.2f}s vs by hand {base[big]:.2f}s → "
                   f"{base[big] / rows[-1][1]:.1f}x faster")
         print(f"target 1: {sizes[-1]} POPs ≤ 3x 1 POP → {rows[-1][1] / one:.2f}x "
               f"({'met' if rows[-1][1] <= 3 * one else 'NOT met'})")
     finally:
+        if far:
+            far.close()
         if not args.keep:
             lab.reseed()
             lab.down()

@@ -470,22 +470,35 @@ class _Deployer:
         """Poll handshakes until every name serves `serial` in CONFIRM_ROUNDS rounds in a row, or time runs out.
 
         One good round is not proof: between `nginx -s reload` returning and the old workers closing
-        their listeners, both generations accept, so a lucky handshake can precede stale ones.
+        their listeners, both generations accept, so a lucky handshake can precede stale ones. After
+        a good round the confirming rounds start CONFIRM_INTERVAL apart from it without waiting
+        for each other: a far POP's handshake takes two round trips, which then add no sleep.
         """
         deadline = self.loop.time() + self.timeouts.verify
         delay = 0.01  # the master takes a few ms to start new workers after `reload` returns
-        streak = 0
+
+        def new(seen: Mapping[str, Probe]) -> bool:
+            return all(_serial_of_probe(p) == serial for p in seen.values())
+
+        async def round_at(when: float) -> dict[str, Probe]:
+            await asyncio.sleep(max(0.0, when - self.loop.time()))
+            return await self.served(host, names)
+
         while True:
+            began = self.loop.time()
             seen = await self.served(host, names)
-            if all(_serial_of_probe(p) == serial for p in seen.values()):
-                streak += 1
-                if streak >= CONFIRM_ROUNDS:
-                    return True, seen
-                pause = CONFIRM_INTERVAL
-            else:
-                streak = 0
-                pause = delay
-                delay = min(delay * 2, 0.5)
+            if new(seen):
+                last = began + (CONFIRM_ROUNDS - 1) * CONFIRM_INTERVAL
+                if last > deadline:
+                    return False, seen
+                rounds = await asyncio.gather(*(round_at(began + k * CONFIRM_INTERVAL)
+                                                for k in range(1, CONFIRM_ROUNDS)))
+                stale = [r for r in rounds if not new(r)]
+                if not stale:
+                    return True, rounds[-1] if rounds else seen
+                seen = stale[0]
+            pause = max(0.0, began + delay - self.loop.time())
+            delay = min(delay * 2, 0.5)
             if self.loop.time() + pause > deadline:
                 return False, seen
             await asyncio.sleep(pause)  # bounded polling: old workers drain within a few hundred ms

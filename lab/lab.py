@@ -557,9 +557,28 @@ class Lab:
         res = run(self.pop_paths(name).nginx_argv("-t"), check=False)
         return res.returncode, res.stderr + res.stdout
 
-    def nginx_reload(self, name: str) -> None:
-        """Reload POP `name`'s nginx as root (no sudo); raise LabError when nginx refuses."""
+    def nginx_reload(self, name: str, timeout: float = 15.0) -> None:
+        """Reload POP `name`'s nginx as root (no sudo) and wait until it took effect; LabError when refused.
+
+        `nginx -s reload` returns once the signal is sent; the master then re-reads its config (tens
+        of ms with several certificates) and only then retires the old workers, which kept serving
+        the old certificates meanwhile. Done means: every worker from before has exited.
+        """
+        before = self._nginx_workers(name)
         run(self.pop_paths(name).nginx_argv("-s", "reload"))
+        if not wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in before), timeout, 0.01):
+            raise LabError(f"reload {name}: the old nginx workers {sorted(before)} still run after {timeout:.0f}s")
+
+    def _nginx_workers(self, name: str) -> set[int]:
+        """PIDs of the children of POP `name`'s nginx master (its workers)."""
+        master = self.nginx_pid(name)
+        if master is None:
+            return set()
+        try:
+            children = Path(f"/proc/{master}/task/{master}/children").read_text()
+        except OSError:
+            return set()
+        return {int(pid) for pid in children.split()}
 
     def served_serial(self, name: str, sni: str | None) -> int:
         """Serial of the leaf POP `name` presents for `sni` right now."""
