@@ -59,17 +59,29 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: flo
         task.cancel()
 
 
+_HANDLERS: set[asyncio.Task[None]] = set()  # strong references: a pending handler is never collected
+
+
 async def _serve(listen: tuple[str, int], target: tuple[str, int], rtt: float) -> asyncio.Server:
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            _HANDLERS.add(me)
+            me.add_done_callback(_HANDLERS.discard)
         await asyncio.sleep(rtt)  # the SYN, SYN-ACK a distant server costs before anything flows
         try:
             ur, uw = await asyncio.open_connection(*target)
         except OSError:
             w.transport.abort()
             return
+        pipes = [asyncio.ensure_future(_pipe(r, uw, rtt / 2)), asyncio.ensure_future(_pipe(ur, w, rtt / 2))]
         try:
-            await asyncio.gather(_pipe(r, uw, rtt / 2), _pipe(ur, w, rtt / 2))
+            _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            if pending:  # a half-close: let the other direction finish, briefly
+                await asyncio.wait(pending, timeout=rtt + 1.0)
         finally:
+            for p in pipes:
+                p.cancel()
             for x in (w, uw):
                 x.transport.abort()
 

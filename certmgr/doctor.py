@@ -390,8 +390,6 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
     """Directory reachable; the stored account key's account valid (looked up with onlyReturnExisting), or
     none yet with agree_tos set. Never registers anything."""
     import josepy as jose
-    from acme import messages
-    from acme.client import ClientV2
 
     from certmgr import issue, keys
     from certmgr.errors import ACMEError
@@ -443,30 +441,23 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
                          hint="restore it from a backup; a new key means a new account"))
         return out
     client.account_key = jwk
-    net = client._net(account=False)  # a JWS signed with the key itself (jwk), as for newAccount
-    step = f"acme account {ca.name}"
     try:
-        # RFC 8555 §7.3.1: onlyReturnExisting looks the key's account up and never creates one
-        resp = await client.call(net, step, ClientV2(client.directory, net)._post, client.directory["newAccount"],
-                                 messages.NewRegistration(only_return_existing=True), outcome="nothing registered")
+        found = await client.find_account()  # onlyReturnExisting: never creates an account
     except ACMEError as exc:
-        if exc.typ == issue.ERR + "accountDoesNotExist":
-            status = Status.WARNING if ca.agree_tos else Status.FAIL
-            then = ("the next renewal registers this key again" if ca.agree_tos
-                    else "agree_tos is false, so the next renewal cannot register it again")
-            out.append(Check(group="ca", name="account", subject=ca.name, status=status,
-                             message=f"the CA does not know the stored account key (accounts/{ca_id}): {then}",
-                             hint="normal after a test CA restart; for a real CA, check the directory URL",
-                             elapsed=time.monotonic() - t0))
-        else:
-            out.append(Check(group="ca", name="account", subject=ca.name, status=Status.FAIL, message=exc.message,
-                             hint=exc.hint, elapsed=time.monotonic() - t0))
+        out.append(Check(group="ca", name="account", subject=ca.name, status=Status.FAIL, message=exc.message,
+                         hint=exc.hint, elapsed=time.monotonic() - t0))
         return out
-    finally:
-        net.session.close()
-    body = resp.json() if resp.content else {}
-    acct_status = body.get("status", "valid")
-    url = resp.headers.get("Location", "?")
+    if found is None:
+        status = Status.WARNING if ca.agree_tos else Status.FAIL
+        then = ("the next renewal registers this key again" if ca.agree_tos
+                else "agree_tos is false, so the next renewal cannot register it again")
+        out.append(Check(group="ca", name="account", subject=ca.name, status=status,
+                         message=f"the CA does not know the stored account key (accounts/{ca_id}): {then}",
+                         hint="normal after a test CA restart; for a real CA, check the directory URL",
+                         elapsed=time.monotonic() - t0))
+        return out
+    acct_status = found.body.status or "valid"
+    url = found.uri or "?"
     if acct_status != "valid":
         out.append(Check(group="ca", name="account", subject=ca.name, status=Status.FAIL,
                          message=f"account {url} is {acct_status}: the CA refuses orders from it",

@@ -259,20 +259,13 @@ class ACMEClient:
         step = f"acme account {ca.name}"
         try:
             if not new:
-                # RFC 8555 §7.3.1: look the key's account up without creating one
-                probe = messages.NewRegistration(only_return_existing=True)
-                try:
-                    resp = await self.call(net, step, client._post, self.directory["newAccount"], probe,
-                                           outcome="no account")
-                    self.regr = messages.RegistrationResource(
-                        body=messages.Registration.from_json(resp.json()), uri=resp.headers.get("Location"))
-                    event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=self.regr.uri)
+                found = await self.find_account()
+                if found is not None:
+                    self.regr = found
+                    event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=found.uri)
                     return False
-                except ACMEError as exc:
-                    if exc.typ != ERR + "accountDoesNotExist":
-                        raise
-                    event(log, logging.INFO, "acme account unknown to the CA, registering the stored key again",
-                          ca=ca.name)
+                event(log, logging.INFO, "acme account unknown to the CA, registering the stored key again",
+                      ca=ca.name)
             tos = self.directory.meta.terms_of_service if hasattr(self.directory, "meta") else None
             if not ca.agree_tos:
                 raise ACMEError(
@@ -303,6 +296,27 @@ class ACMEClient:
             return True
         finally:
             net.session.close()
+
+    async def find_account(self) -> messages.RegistrationResource | None:
+        """The account of `self.account_key` at the CA, or None when the CA does not know the key.
+
+        RFC 8555 §7.3.1: newAccount with onlyReturnExisting looks the account up and never creates
+        one (signed with the key itself, like a registration). Other errors raise ACMEError.
+        """
+        net = self._net(account=False)
+        try:
+            probe = messages.NewRegistration(only_return_existing=True)
+            resp = await self.call(net, f"acme account {self.ca.name}", ClientV2(self.directory, net)._post,
+                                   self.directory["newAccount"], probe, outcome="nothing registered")
+        except ACMEError as exc:
+            if exc.typ == ERR + "accountDoesNotExist":
+                return None
+            raise
+        finally:
+            net.session.close()
+        body = resp.json() if resp.content else {}
+        return messages.RegistrationResource(body=messages.Registration.from_json(body),
+                                             uri=resp.headers.get("Location"))
 
     # ------------------------------------------------------------ directory facts
 
