@@ -155,11 +155,9 @@ else
     esac
   done
 fi
+# the live fullchain itself (a few KB): certmgr hashes it and reads the serial of its leaf
 if [ -r "$live/fullchain.pem" ]; then
-  say "fullchain_sha256=$(sha256sum < "$live/fullchain.pem" | cut -d ' ' -f 1)"
-fi
-if [ -r "$live/cert.pem" ]; then
-  say "cert_b64=$(base64 -w0 < "$live/cert.pem")"
+  say "fullchain_b64=$(base64 -w0 < "$live/fullchain.pem")"
 fi
 if [ -n "$keyown" ] && [ -e "$live/privkey.pem" ]; then
   say "key_owner=$(stat -L -c '%U:%G:%u:%g' -- "$live/privkey.pem" 2>/dev/null)"
@@ -178,9 +176,9 @@ fi
 _POINT_SH = r"""
 point() {
   tl=$root/live/.$name.tmp-$$-$2
-  rm -f -- "$tl"
   if [ -z "$1" ]; then rm -f -- "$live"; return $?; fi
-  ln -s -- "$1" "$tl" || return 1
+  # the name is this shell's own; only a leftover of a dead run with the same PID is in the way
+  ln -s -- "$1" "$tl" 2>/dev/null || { rm -f -- "$tl" && ln -s -- "$1" "$tl"; } || return 1
   if ! mv -T -- "$tl" "$live"; then rm -f -- "$tl"; return 1; fi
   sync -- "$root/live" 2>/dev/null || :
 }
@@ -210,8 +208,11 @@ keyown() {
     *) chown -- "$keyown" "$1" ;;
   esac
 }
-o=$(cd -- "$arch/$tmp" 2>&1 && printf '%s\n' "$sums" | sha256sum --strict --quiet -c - 2>&1) || fail verify "$o"
-o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || fail chown "$o"
+o=$(cd -- "$arch/$tmp" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
+$sums
+SUMS
+) || fail verify "$o"
+if [ -n "$keyown" ]; then o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || fail chown "$o"; fi
 o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || fail sync "$o"
 o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || fail rename "$o"
 sync -- "$arch" 2>/dev/null || :
@@ -227,7 +228,7 @@ if [ -n "$conv" ]; then
     done
     chmod 644 -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
     chmod 600 -- "$ct/privkey.pem"
-    o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
+    if [ -n "$keyown" ]; then o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }; fi
     sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
     o=$(mv -T -- "$ct" "$arch/$conv" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
   fi
@@ -244,7 +245,7 @@ if [ -n "$conv" ]; then
   say "converted=$conv"
 else
   if [ -L "$live" ]; then prev=$(readlink -- "$live"); fi
-  o=$(point "../archive/$name/$ver" new 2>&1) || fail swap "$o"
+  point "../archive/$name/$ver" new || fail swap ""
 fi
 say "prev=$prev"
 say swapped=1
@@ -399,11 +400,19 @@ def command_label(argv: Sequence[str]) -> str:
     return prog
 
 
-def _serial_of_pem(b64: str | None) -> str | None:
-    if not b64:
+def _b64bytes(value: str | None) -> bytes | None:
+    try:
+        return base64.b64decode(value, validate=True) if value else None
+    except ValueError:
+        return None
+
+
+def _serial_of_pem(pem: bytes | None) -> str | None:
+    """Serial of the first certificate in `pem` (a fullchain's leaf), or None."""
+    if not pem:
         return None
     try:
-        return CertInfo.from_cert(x509.load_pem_x509_certificate(base64.b64decode(b64))).serial
+        return CertInfo.from_cert(x509.load_pem_x509_certificate(pem)).serial
     except ValueError:
         return None
 
@@ -577,7 +586,8 @@ class _Deployer:
         for restored in state.all("restored"):
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
-        old_serial = _serial_of_pem(state.get("cert_b64"))
+        live_fullchain = _b64bytes(state.get("fullchain_b64"))
+        old_serial = _serial_of_pem(live_fullchain)
         layout = state.get("layout")
         target = state.get("target")
         prev_version = version_of_target(target, name)
@@ -595,7 +605,7 @@ class _Deployer:
                 hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
         # 2. skip: this exact fullchain is live, its key owned as configured, and every name serves it
         #    (handshakes only when it might be)
-        if (state.get("fullchain_sha256") == hashlib.sha256(job.material.fullchain).hexdigest()
+        if (live_fullchain == job.material.fullchain
                 and key_owner_matches(keyown, state.get("key_owner"))
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
             await self._audit_unrecorded_switch(job, prev_version)
@@ -653,7 +663,7 @@ class _Deployer:
                                      f"(its version {conv} kept as archive/{name}/{conv}/)")
         if res.get("failed_step") is not None:
             step = res.get("failed_step")
-            text = b64text(res.get("failed_out") or "")
+            text = b64text(res.get("failed_out") or "") or res.stderr.strip()
             if step in ("verify", "chown", "sync", "rename"):
                 await rem.remove_tree_quietly(tmpdir)
             what = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
-import hashlib
 import os
 import shutil
 import stat
@@ -105,7 +105,7 @@ def test_inspect_reports_certbot_layout_versions_and_test_result(tmp_path: Path)
     assert f["layout"] == ["certbot"]
     assert f["certbot_fullchain"] == ["fullchain3.pem"] and f["certbot_privkey"] == ["privkey3.pem"]
     assert f["version"] == ["7"] and f["certbot_version"] == ["3"]
-    assert f["fullchain_sha256"] == [hashlib.sha256(m.fullchain).hexdigest()]
+    assert base64.b64decode(f["fullchain_b64"][0]) == m.fullchain
     assert f["test_rc"] == ["0"] and "test_out" not in f  # output only travels when it explains a failure
     assert next_version(f) == 8 and certbot_version(f, NAME) == (3, None)
 
@@ -206,6 +206,18 @@ def test_commit_converts_certbot_layout_once(tmp_path: Path) -> None:
     assert stat.S_IMODE((kept / "privkey.pem").stat().st_mode) == 0o600
     assert stat.S_IMODE((kept / "cert.pem").stat().st_mode) == 0o644
     assert sorted(os.listdir(root / "live")) == [NAME]  # certbot's directory is gone, no backup left
+
+
+def test_commit_reports_a_failed_swap_with_the_tools_own_words(tmp_path: Path) -> None:
+    """A link that cannot be made (here: live/ is gone) fails the swap; ln's message reaches stderr."""
+    root = linked_root(tmp_path, 1)
+    shutil.rmtree(root / "live")
+    m = material()
+    upload(root, ".tmp-2-hhhhhhhhhhhh", m)
+    res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-hhhhhhhhhhhh", "2", sha256sums(m), "", "true", "true")
+    assert res.get("failed_step") == "swap" and res.exit_status == 3
+    assert "ln: failed to create symbolic link" in res.stderr
+    assert not (root / "live").exists() and res.get("swapped") is None
 
 
 def test_commit_gives_the_key_to_the_configured_owner_and_group(tmp_path: Path) -> None:
