@@ -1,7 +1,8 @@
 """Doctor: check all a run will need — inventory, store, CAs, TSIG keys, POPs, nginx, timer — before it is needed.
 
-Read-only: no DNS update, no reload, no ACME account is ever created; on a POP only one empty temp file is
-created and removed (to prove the cert root is writable). Every check is a result; one failing stops nothing.
+Read-only: no DNS update, no reload, no ACME account is ever created; on a POP only empty temp files are
+created and removed (to prove the cert root is writable, and that privkey_owner/privkey_group can be set).
+Every check is a result; one failing stops nothing.
 """
 
 from __future__ import annotations
@@ -619,6 +620,18 @@ printf 'out=%s\n' "$(printf '%s' "$out" | base64 -w0)"
 """
 FIND_SH = r"""if command -v -- "$1" >/dev/null 2>&1; then echo found=1; else echo found=0; fi
 """
+# What deploy does to privkey.pem (owner[:group] or :group), tried on an empty temp file in $1.
+CHOWN_SH = r"""t=$1/.certmgr-doctor-chown-$$
+umask 077
+if ! out=$(: 2>&1 > "$t"); then printf 'rc=create\nout=%s\n' "$(printf '%s' "$out" | base64 -w0)"; exit 0; fi
+case $2 in
+  :*) out=$(chgrp -- "${2#:}" "$t" 2>&1) ;;
+  *) out=$(chown -- "$2" "$t" 2>&1) ;;
+esac
+rc=$?
+rm -f -- "$t"
+printf 'rc=%s\nout=%s\n' "$rc" "$(printf '%s' "$out" | base64 -w0)"
+"""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -656,6 +669,9 @@ async def check_host(inv: Inventory, host: Host, out: list[Check], served: list[
                              message=f"{target}: logged in, host key known", elapsed=time.monotonic() - t0))
             step = ("host", "write", host.name)
             out.append(await _check_write(host, rem))
+            if host.privkey_chown:
+                step = ("host", "privkey-owner", host.name)
+                out.append(await _check_key_owner(host, rem))
             step = ("host", "test-command", host.name)
             out.append(await _check_test(host, rem))
             step = ("host", "reload-command", host.name)
@@ -718,6 +734,29 @@ async def _check_write(host: Host, rem: _Remote) -> Check:
         return result(Status.FAIL, f"{where}: {exc.reason}")
     status = Status.WARNING if note else Status.OK
     return result(status, f"{host.user} can create and remove files in {where}{note}")
+
+
+async def _check_key_owner(host: Host, rem: _Remote) -> Check:
+    """privkey_owner/privkey_group: the deploy user can give a new file in archive/ that owner and group."""
+    t0 = time.monotonic()
+    root = remote_mod.check_remote_path(host.cert_root)
+    want = host.privkey_chown
+
+    def result(status: Status, message: str, hint: str | None = None) -> Check:
+        return Check(group="host", name="privkey-owner", subject=host.name, status=status, message=message,
+                     hint=hint, elapsed=time.monotonic() - t0)
+
+    res = await rem.run_script(CHOWN_SH, [f"{root}/archive", want], step="doctor privkey owner")
+    text = _one_line(remote_mod.b64text(res.get("out") or ""))
+    if res.get("rc") == "create":
+        return result(Status.WARNING, f"not tried: no temp file in {root}/archive: \"{text}\"",
+                      "see the write check; deploy creates archive/")
+    if res.get("rc") == "0":
+        return result(Status.OK, f"{host.user} can give privkey.pem to {want.lstrip(':')}")
+    return result(Status.FAIL, f"{host.user} cannot give privkey.pem to {want.lstrip(':')}: \"{text}\" "
+                               "(every deploy to this host would fail)",
+                  "a deploy user that is not root can only give files to a group it belongs to: add it to that "
+                  f"group, or change privkey_owner/privkey_group of {host.name}")
 
 
 async def _check_test(host: Host, rem: _Remote) -> Check:

@@ -331,3 +331,25 @@ def test_registered_account_is_valid(doctor_lab: Lab, state_dir: Path) -> None:
     assert code == 0, not_ok(report)
     msg = find(report, "account", "pebble")["message"]
     assert msg.startswith(f"account https://127.0.0.1:{doctor_lab.ports.acme}/") and msg.endswith(" valid")
+
+
+def test_privkey_owner_a_deploy_user_cannot_set_fails(doctor_lab: Lab, state_dir: Path, tmp_path: Path) -> None:
+    """privkey_group the deploy user belongs to passes; privkey_owner = root (deploy user not root) fails early,
+    with chown's own words, instead of failing every deploy to that host."""
+    from lab.pop import KEY_GROUP
+
+    first, second = doctor_lab.pop_names[0], doctor_lab.pop_names[1]
+    text = doctor_lab.inventory_path.read_text()
+    text = text.replace(f"[hosts.{first}]\n", f"[hosts.{first}]\nprivkey_group = \"{KEY_GROUP}\"\n", 1)
+    text = text.replace(f"[hosts.{second}]\n", f"[hosts.{second}]\nprivkey_owner = \"root\"\n", 1)
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(text)
+    before = {p: tree(doctor_lab.pop_paths(p).cert_root) for p in (first, second)}
+    code, report = doctor(inv, state_dir, "--timer-interval", "12h")
+    assert code == 2
+    assert not_ok(report) == [("privkey-owner", second, "fail")]
+    assert find(report, "privkey-owner", first)["message"] == f"certmgr-deploy can give privkey.pem to {KEY_GROUP}"
+    bad = find(report, "privkey-owner", second)
+    assert bad["message"].startswith("certmgr-deploy cannot give privkey.pem to root: \"chown: changing ownership")
+    assert "Operation not permitted" in bad["message"] and "privkey_owner" in bad["hint"]
+    assert {p: tree(doctor_lab.pop_paths(p).cert_root) for p in (first, second)} == before
