@@ -177,8 +177,8 @@ _POINT_SH = r"""
 point() {
   tl=$root/live/.$name.tmp-$$-$2
   if [ -z "$1" ]; then rm -f -- "$live"; return $?; fi
-  # the name is this shell's own; only a leftover of a dead run with the same PID is in the way
-  ln -s -- "$1" "$tl" 2>/dev/null || { rm -f -- "$tl" && ln -s -- "$1" "$tl"; } || return 1
+  # -T: a leftover of a dead run with the same PID, a link to a directory, is replaced, never entered
+  ln -sfT -- "$1" "$tl" || return 1
   if ! mv -T -- "$tl" "$live"; then rm -f -- "$tl"; return 1; fi
   sync -- "$root/live" 2>/dev/null || :
 }

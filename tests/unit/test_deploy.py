@@ -208,6 +208,17 @@ def test_commit_converts_certbot_layout_once(tmp_path: Path) -> None:
     assert sorted(os.listdir(root / "live")) == [NAME]  # certbot's directory is gone, no backup left
 
 
+def test_point_replaces_a_leftover_temp_link_instead_of_entering_it(tmp_path: Path) -> None:
+    """A temp link left by a dead run with the same PID (a link to an old version) never becomes live."""
+    root = linked_root(tmp_path, 3)
+    script = ROLLBACK_SH.replace("$$", "4242")  # the dead run's PID is ours
+    os.symlink(f"../archive/{NAME}/1", root / "live" / f".{NAME}.tmp-4242-back")
+    res = sh(script, str(root), NAME, f"../archive/{NAME}/2", "true", "true")
+    assert res.get("rolled_back") == "1", res.stdout + res.stderr
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/2"
+    assert not (root / "archive" / NAME / "1" / "2").is_symlink()
+
+
 def test_commit_reports_a_failed_swap_with_the_tools_own_words(tmp_path: Path) -> None:
     """A link that cannot be made (here: live/ is gone) fails the swap; ln's message reaches stderr."""
     root = linked_root(tmp_path, 1)
