@@ -77,9 +77,6 @@ class Issued:
 
 # Told (provider name, record) pairs before challenge TXT records are written, and [] once they are removed.
 Journal = Callable[[Sequence[tuple[str, TXTRecord]]], None]
-# Told (action, provider name, records) once challenge TXT records were published ("dns published")
-# or removed ("dns removed"): the audit log's record of what certmgr changed in DNS.
-DNSLog = Callable[[str, str, Sequence[TXTRecord]], None]
 
 
 class AccountStore(Protocol):
@@ -369,12 +366,11 @@ class ACMEClient:
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
                     providers: Mapping[str, Provider], replaces: str | None = None,
-                    journal: Journal | None = None, dns_log: DNSLog | None = None) -> Issued:
+                    journal: Journal | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
 
         `journal` is told which TXT records are about to be written (before the UPDATE) and that they
-        are gone (after cleanup), so a run killed in between can have them removed by the next one;
-        `dns_log` is told what was published and removed, once each UPDATE succeeded.
+        are gone (after cleanup), so a run killed in between can have them removed by the next one.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
@@ -400,7 +396,7 @@ class ACMEClient:
             pending = [(url, a) for url, a in authzs if a.status != messages.STATUS_VALID]
             if pending:
                 await self._dns01(net, client, cert, pending, inventory=inventory, providers=providers,
-                                  timings=timings, t0=t0, journal=journal, dns_log=dns_log)
+                                  timings=timings, t0=t0, journal=journal)
             else:
                 notes.append("all authorizations already valid (reused)")
             body = await self._finalize(net, client, cert, uri, order, csr_pem)
@@ -456,7 +452,7 @@ class ACMEClient:
     async def _dns01(self, net: _Net, client: ClientV2, cert: Certificate,
                      pending: list[tuple[str, messages.Authorization]], *, inventory: Inventory,
                      providers: Mapping[str, Provider], timings: dict[str, float], t0: float,
-                     journal: Journal | None, dns_log: DNSLog | None) -> None:
+                     journal: Journal | None) -> None:
         """Present every TXT, wait until every authoritative server serves them, answer, poll; always clean up."""
         loop = asyncio.get_running_loop()
         todo: list[tuple[str, messages.Authorization, messages.ChallengeBody]] = []
@@ -480,8 +476,6 @@ class ACMEClient:
                 # nothing to clean up and a second rejected UPDATE would only mislead the operator.
                 rejected.add(name)
                 raise
-            if dns_log is not None:
-                dns_log("dns published", name, recs)
 
         try:
             for _url, authz, chall in todo:
@@ -508,8 +502,6 @@ class ACMEClient:
                 for name, (prov, recs) in placed.items():
                     if name not in rejected:
                         await prov.cleanup(recs)
-                        if dns_log is not None:
-                            dns_log("dns removed", name, recs)
                 if journal is not None:
                     journal([])
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from certmgr import keys
 from certmgr import plan as plan_mod
-from certmgr.dns import Provider, TXTRecord
+from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.errors import CertmgrError, RateLimited, SecretError, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
@@ -125,16 +125,9 @@ async def _clean_leftovers(run: _Run, cert: Certificate, providers: Mapping[str,
         prov = providers.get(name)
         if prov is not None:
             await prov.cleanup(recs)
-            audit_dns(run.store, cert.name, "dns removed", name, recs, note="left by an interrupted run")
     event(log, logging.INFO, "removed challenge records left by an interrupted run", cert=cert.name,
           records=len(pending))
     run.store.save_json(pending_path(cert.name), [])
-
-
-def audit_dns(store: Store, name: str, action: str, provider: str, records: Sequence[TXTRecord], **kw: Any) -> None:
-    """One audit line per UPDATE certmgr made: which challenge names changed, in which zones, through which provider."""
-    store.audit(action, name, provider=provider, names=sorted({r.fqdn for r in records}),
-                zones=sorted({r.zone for r in records}), **kw)
 
 
 def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
@@ -185,7 +178,22 @@ class _Run:
                     self._providers[name] = build_provider(cfg)
                 except CertmgrError as exc:
                     self._provider_errors[name] = exc
+                    continue
+                self._providers[name].on_change = self._dns_audit(name)
         return self._providers, self._provider_errors
+
+    def _dns_audit(self, provider: str) -> DNSChange:
+        """One audit line per UPDATE the server accepted: what certmgr changed in DNS, zone by zone."""
+        store = self.store
+
+        def on_change(action: str, zone: str, records: Sequence[TXTRecord]) -> None:
+            try:
+                store.audit(action, zone, provider=provider, names=sorted({r.fqdn for r in records}),
+                            domains=sorted({r.domain for r in records}), values=len(records))
+            except CertmgrError as exc:  # an unwritable audit log must not stop a cleanup half-way
+                event(log, logging.ERROR, "audit line lost", action=action, zone=zone, error=str(exc))
+
+        return on_change
 
 
 async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate], *, now: dt.datetime,
@@ -327,11 +335,8 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
         run.store.save_json(pending_path(cert.name), [
             {"provider": p, "fqdn": r.fqdn, "zone": r.zone, "value": r.value, "domain": r.domain} for p, r in records])
 
-    def dns_log(action: str, provider: str, records: Sequence[TXTRecord]) -> None:
-        audit_dns(run.store, cert.name, action, provider, records)
-
     issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
-                                journal=journal, dns_log=dns_log)
+                                journal=journal)
     new_info = issued.material.info()
     store = run.store
     version = store.add_version(cert.name, issued.material)

@@ -7,7 +7,7 @@ A provider is validated when built (secret read, algorithm known) so it never ha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,10 @@ class TXTRecord:
     domain: str
 
 
+# (action, zone, records) once a server accepted an UPDATE: "dns published" or "dns removed".
+DNSChange = Callable[[str, str, Sequence[TXTRecord]], None]
+
+
 class Provider(Protocol):
     """A DNS-01 provider. Safe to call concurrently from many tasks.
 
@@ -37,6 +41,7 @@ class Provider(Protocol):
     """
 
     name: str
+    on_change: DNSChange | None  # told of every change the server accepted (the audit log)
 
     async def present(self, records: Sequence[TXTRecord]) -> None: ...
 

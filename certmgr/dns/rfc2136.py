@@ -27,7 +27,7 @@ import dns.resolver
 import dns.tsig
 import dns.update
 
-from certmgr.dns import TXTRecord, run_all
+from certmgr.dns import DNSChange, TXTRecord, run_all
 from certmgr.dns.propagation import wait_served
 from certmgr.errors import DNSAuthError, DNSClockSkewError, DNSError, SecretError
 from certmgr.inventory import DNSProvider, normalise_tsig_algorithm
@@ -116,6 +116,7 @@ class RFC2136Provider:
         self._primary: dict[str, str] = {}
         self._nameservers: dict[str, tuple[tuple[str, int], ...]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.on_change: DNSChange | None = None
 
     def __repr__(self) -> str:
         return f"RFC2136Provider({self.name!r}, zones={self.cfg.zones!r}, key={self._key.name!r})"
@@ -311,6 +312,8 @@ class RFC2136Provider:
         if rcode == dns.rcode.NOERROR:
             event(log, logging.DEBUG, f"challenge TXT {verb}", provider=self.name, zone=zone, server=where,
                   names=",".join(sorted({r.fqdn for r in recs})), values=len(recs))
+            if self.on_change is not None:
+                self.on_change("dns published" if add else "dns removed", zone, recs)
             return
         names = ", ".join(sorted({r.fqdn for r in recs}))
         text = dns.rcode.to_text(rcode)

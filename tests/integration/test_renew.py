@@ -169,8 +169,9 @@ def test_issue_single_multi_wildcard_rsa_ecdsa(rlab: Lab, store: Store, tmp_path
     [acct] = [e for e in entries if e["action"] == "account registered"]
     assert str(acct["to"]).startswith("https://") and acct["new_key"] is True
     names = sorted({f"_acme-challenge.{d.removeprefix('*.')}" for d in domains})
-    dns = [(e["action"], e["names"]) for e in entries if e["action"].startswith("dns ") and e["object"] == name]
-    assert dns == [("dns published", names), ("dns removed", names)]
+    dns = [(e["action"], e["object"], e["names"], e["domains"]) for e in entries if e["action"].startswith("dns ")]
+    assert dns == [("dns published", "hachyderm.test", names, sorted(domains)),
+                   ("dns removed", "hachyderm.test", names, sorted(domains))]
 
 
 def test_renew_again_replaces_live_and_audits_both_serials(rlab: Lab, store: Store, tmp_path: Path) -> None:
@@ -649,3 +650,33 @@ def test_update_primary_found_from_the_soa_without_server(rlab: Lab, store: Stor
     [out] = run_renew(inv, store)
     assert out.status == "renewed", out.error
     assert challenge_txt_left(rlab, ["media.hachyderm.test"]) == {}
+
+
+def test_dns_changes_reported_only_when_the_server_accepted_them(rlab: Lab, tmp_path: Path) -> None:
+    """on_change (the audit log's source) hears of a published and a removed TXT, but not of a cleanup the
+    server refused (BADSIG): the audit never claims a record gone that is still served."""
+    from certmgr.dns import TXTRecord
+    from certmgr.dns.rfc2136 import RFC2136Provider, parse_tsig_secret
+
+    inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
+                                        nameservers=["127.0.0.1"]))
+    cfg = inv.dns["lab"]
+    changes: list[tuple[str, str, list[str]]] = []
+
+    def heard(action: str, zone: str, records: Sequence[TXTRecord]) -> None:
+        changes.append((action, zone, [r.value for r in records]))
+
+    good = RFC2136Provider.build(cfg)
+    wrong = parse_tsig_secret(base64.b64encode(os.urandom(32)).decode(), key_name=cfg.tsig_key,
+                              algorithm="hmac-sha256", where="test")
+    bad = RFC2136Provider(cfg, wrong)
+    good.on_change = bad.on_change = heard
+    rec = TXTRecord(fqdn="_acme-challenge.media.hachyderm.test", zone="hachyderm.test", value="audit-test-value",
+                    domain="media.hachyderm.test")
+    asyncio.run(good.present([rec]))
+    assert changes == [("dns published", "hachyderm.test", ["audit-test-value"])]
+    asyncio.run(bad.cleanup([rec]))  # refused: logged, never raised, not reported as a change
+    assert len(changes) == 1 and "audit-test-value" in served_txt(rlab, rec.fqdn)
+    asyncio.run(good.cleanup([rec]))
+    assert changes[-1] == ("dns removed", "hachyderm.test", ["audit-test-value"])
+    assert "audit-test-value" not in served_txt(rlab, rec.fqdn)

@@ -161,6 +161,8 @@ dns = "lab"
 
 
 class FakeProvider:
+    on_change = None
+
     def __init__(self, name: str, cnames: dict[str, str]) -> None:
         self.name = name
         self.cnames = cnames
