@@ -306,9 +306,6 @@ say "kept_live=$cur"
 class RemoteSession(Protocol):
     """What deploy needs from a connection (remote.Remote; fakes in unit tests)."""
 
-    @property
-    def accepted_keys(self) -> Sequence[remote_mod.AcceptedKey]: ...  # host keys trusted on first use here
-
     def prefetch_sftp(self) -> None: ...
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str,
@@ -324,9 +321,9 @@ Connector = Callable[..., AbstractAsyncContextManager[RemoteSession]]
 Prober = Callable[[str, int, str], Any]  # async (address, port, sni) -> Probe
 
 
-def _default_connector(host: Host, *, jump: Host | None, accept_new: bool,
-                       timeouts: Timeouts) -> AbstractAsyncContextManager[RemoteSession]:
-    return remote_mod.connect(host, jump=jump, accept_new=accept_new, timeouts=timeouts)
+def _default_connector(host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                       on_accept: remote_mod.OnAccept | None = None) -> AbstractAsyncContextManager[RemoteSession]:
+    return remote_mod.connect(host, jump=jump, accept_new=accept_new, timeouts=timeouts, on_accept=on_accept)
 
 
 # ---------------------------------------------------------------------------- planning helpers
@@ -469,6 +466,11 @@ class _Deployer:
         except CertmgrError as exc:
             logger.error("audit: %s", exc)
 
+    async def audit_accepted(self, k: remote_mod.AcceptedKey) -> None:
+        await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
+                         summary=f"trusted {k.host}'s host key {k.fingerprint} on first use (--accept-new), "
+                                 f"added to {k.known_hosts}")
+
     # -- handshakes
 
     async def served(self, host: Host, names: Sequence[str]) -> dict[str, Probe]:
@@ -519,12 +521,9 @@ class _Deployer:
         start = self.loop.time()
         jump = self.inventory.hosts.get(host.jump) if host.jump else None
         try:
-            async with self.connector(host, jump=jump, accept_new=self.accept_new, timeouts=self.timeouts) as rem:
+            async with self.connector(host, jump=jump, accept_new=self.accept_new, timeouts=self.timeouts,
+                                      on_accept=self.audit_accepted) as rem:
                 connected = self.loop.time() - start
-                for k in rem.accepted_keys:
-                    await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
-                                     summary=f"trusted {k.host}'s host key {k.fingerprint} on first use "
-                                             f"(--accept-new), added to {k.known_hosts}")
                 tested_ok = False
                 for job in jobs:
                     job.timings["connect"] = connected

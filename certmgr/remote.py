@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +281,11 @@ class AcceptedKey:
     known_hosts: Path
 
 
+OnAccept = Callable[[AcceptedKey], Awaitable[None]]
+
+
 async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asyncssh.SSHClientConnection | None,
-                accepted: list[AcceptedKey]) -> asyncssh.SSHClientConnection:
+                on_accept: OnAccept | None) -> asyncssh.SSHClientConnection:
     path, host_keys, ca_keys, revoked = _known_keys(host)
     unknown = not host_keys and not ca_keys
     policy = _HostKeyPolicy(accept_unknown=accept_new and unknown)
@@ -336,20 +339,19 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asy
                 f"in {path}: {exc.strerror} (refused, nothing changed)",
                 hint=f"make {path} writable by this user, or add the key yourself after checking its fingerprint",
             ) from exc
-        offered = policy.offered
-        accepted.append(AcceptedKey(host.name, f"{offered.get_algorithm()} {offered.get_fingerprint()}", path))
+        if on_accept is not None:  # told now: a later failure (the target after a jump host) must not hide it
+            offered = policy.offered
+            await on_accept(AcceptedKey(host.name, f"{offered.get_algorithm()} {offered.get_fingerprint()}", path))
     return conn
 
 
 class Remote:
     """One SSH connection to one host: scripts run over it, files go up over one SFTP session."""
 
-    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts,
-                 accepted: Sequence[AcceptedKey] = ()) -> None:
+    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts) -> None:
         self.host = host
         self.conn = conn
         self.timeouts = timeouts
-        self.accepted_keys = tuple(accepted)  # host keys (this host's, its jump host's) trusted on this connect
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_task: asyncio.Task[asyncssh.SFTPClient] | None = None
 
@@ -473,7 +475,7 @@ class Remote:
 
 @asynccontextmanager
 async def connect(host: Host, *, jump: Host | None = None, accept_new: bool = False,
-                  timeouts: Timeouts | None = None) -> AsyncIterator[Remote]:
+                  timeouts: Timeouts | None = None, on_accept: OnAccept | None = None) -> AsyncIterator[Remote]:
     """Open an SSH connection to `host` (through `jump` if given) with strict host-key checking.
 
     Raises HostKeyError (unknown/changed key; never accepted silently), Unreachable (TCP, SSH
@@ -482,12 +484,11 @@ async def connect(host: Host, *, jump: Host | None = None, accept_new: bool = Fa
     """
     timeouts = timeouts or Timeouts()
     tunnel = None
-    accepted: list[AcceptedKey] = []
     if jump is not None:
-        tunnel = await _open(jump, accept_new=accept_new, timeouts=timeouts, tunnel=None, accepted=accepted)
+        tunnel = await _open(jump, accept_new=accept_new, timeouts=timeouts, tunnel=None, on_accept=on_accept)
     try:
-        conn = await _open(host, accept_new=accept_new, timeouts=timeouts, tunnel=tunnel, accepted=accepted)
-        remote = Remote(host, conn, timeouts, accepted)
+        conn = await _open(host, accept_new=accept_new, timeouts=timeouts, tunnel=tunnel, on_accept=on_accept)
+        remote = Remote(host, conn, timeouts)
         try:
             yield remote
         finally:

@@ -341,6 +341,67 @@ def test_privkey_group_is_set_on_the_pop_and_an_owner_it_cannot_set_changes_noth
     assert grp.getgrgid(key.stat().st_gid).gr_name == "certmgr-deploy"
 
 
+@pytest.fixture()
+def bastion(fresh: Lab, tmp_path: Path) -> Iterator[tuple[str, int, str]]:
+    """A jump host: an sshd of its own on 127.0.2.250 that lets the deploy user forward to sally's sshd only.
+
+    Yields (address, port, its known_hosts line); stopped at the end.
+    """
+    from lab.pop import sshd_conf
+    from lab.proc import spawn, stop_tree, wait_tcp
+
+    sally = fresh.pop_paths("sally")
+    address, port = "127.0.2.250", fresh.ports.ssh
+    d = tmp_path / "bastion"
+    d.mkdir()
+    d.chmod(0o755)
+    paths = dataclasses.replace(sally, name="bastion", address=address, host_key=d / "ssh_host_ed25519_key")
+    pub = pki.make_ssh_keypair(paths.host_key, "root@bastion").rsplit(" ", 1)[0]
+    conf = sshd_conf(paths, port, fresh.authorized_keys).replace(
+        "AllowTcpForwarding no", f"AllowTcpForwarding local\nPermitOpen {sally.address}:{port}")
+    (d / "sshd_config").write_text(conf)
+    log = d / "sshd.log"
+    pid = spawn(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(log)], log=d / "sshd.out")
+    try:
+        wait_tcp("bastion sshd", address, port, pid=pid, log=log)
+        yield address, port, f"[{address}]:{port} {pub}"
+    finally:
+        stop_tree(pid, str(d / "sshd_config"))
+
+
+def test_jump_host_with_accept_new_audited_even_when_the_target_is_refused(
+        fresh: Lab, store: Store, tmp_path: Path, bastion: tuple[str, int, str]) -> None:
+    """sally behind a jump host: --accept-new trusts the unknown jump host (audited and recorded even though
+    sally's changed key is then refused, nothing written); with sally's key fixed the deploy goes through it."""
+    address, port, bastion_line = bastion
+    inv = inventory_mod.load(fresh.inventory_path)
+    serial = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    sally = fresh.pop_paths("sally")
+    hostport = f"[{sally.address}]:{fresh.ports.ssh}"
+    real = next(ln for ln in fresh.known_hosts.read_text().splitlines() if ln.startswith(hostport + " "))
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"{hostport} {other}\n")
+    jump = dataclasses.replace(inv.hosts["sally"], name="bastion", address=address, port=port, known_hosts=kh,
+                               tags=())
+    inv2 = with_hosts(inv, bastion=jump, sally=dataclasses.replace(inv.hosts["sally"], jump="bastion", known_hosts=kh))
+    before = live_state(fresh, "sally")
+
+    o = by_host(run(inv2, store, [MEDIA], hosts=["sally"], accept_new=True))["sally"]
+    assert o.status == Status.FAILED and o.error is not None and "host key changed" in o.error, o.line()
+    assert live_state(fresh, "sally") == before
+    [accepted] = [e for e in audit(store) if e["action"] == "host key accepted"]
+    assert accepted["object"] == "bastion" and accepted["known_hosts"] == str(kh)
+    assert bastion_line.split(" ", 1)[1] in kh.read_text()
+
+    kh.write_text(kh.read_text().replace(f"{hostport} {other}", real))
+    o = by_host(run(inv2, store, [MEDIA], hosts=["sally"]))["sally"]
+    assert o.status == Status.DEPLOYED, o.line()
+    assert served(fresh, "sally", MEDIA) == serial
+    bastion_log = (tmp_path / "bastion" / "sshd.log").read_text()
+    assert "Accepted publickey for certmgr-deploy" in bastion_log
+
+
 class _CuttingProxy:
     """TCP proxy to an sshd that drops both sides once `limit` bytes went client → server."""
 

@@ -382,8 +382,6 @@ def fake_host(tmp: Path, name: str, tags: tuple[str, ...] = ()) -> Host:
 
 
 class LocalSession:
-    accepted_keys: tuple[remote_mod.AcceptedKey, ...] = ()
-
     def __init__(self, host: Host, fail_upload: bool = False) -> None:
         self.host = host
         self.fail_upload = fail_upload
@@ -427,8 +425,8 @@ class FakeFleet:
         self.peak = 0
 
     @asynccontextmanager
-    async def connector(self, host: Host, *, jump: Host | None, accept_new: bool,
-                        timeouts: Timeouts) -> AsyncIterator[LocalSession]:
+    async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                        on_accept: Any = None) -> AsyncIterator[LocalSession]:
         self.contacted.append(host.name)
         if host.name in self.unreachable:
             raise remote_mod.Unreachable(f"connect {host.name} ({host.address}:22): Connection refused (nothing changed)")
