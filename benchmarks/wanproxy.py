@@ -74,16 +74,11 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], rtt: float) -
         except OSError:
             w.transport.abort()
             return
-        pipes = [asyncio.ensure_future(_pipe(r, uw, rtt / 2)), asyncio.ensure_future(_pipe(ur, w, rtt / 2))]
-        try:
-            _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            if pending:  # a half-close: let the other direction finish, briefly
-                await asyncio.wait(pending, timeout=rtt + 1.0)
+        try:  # each direction ends at its EOF (or an error, passed on as EOF); a half-close stays open
+            await asyncio.gather(_pipe(r, uw, rtt / 2), _pipe(ur, w, rtt / 2))
         finally:
-            for p in pipes:
-                p.cancel()
             for x in (w, uw):
-                x.transport.abort()
+                x.close()
 
     return await asyncio.start_server(handle, *listen, backlog=512)
 

@@ -482,8 +482,9 @@ class _Deployer:
 
         One good round is not proof: between `nginx -s reload` returning and the old workers closing
         their listeners, both generations accept, so a lucky handshake can precede stale ones. After
-        a good round the confirming rounds start CONFIRM_INTERVAL apart from it without waiting
-        for each other: a far POP's handshake takes two round trips, which then add no sleep.
+        a good round the confirming rounds start CONFIRM_INTERVAL apart (the first no sooner than
+        the good round ended) without waiting for each other: a far POP's handshake takes two round
+        trips, which then add no sleep, and the samples stay spread in time.
         """
         deadline = self.loop.time() + self.timeouts.verify
         delay = 0.01  # the master takes a few ms to start new workers after `reload` returns
@@ -499,11 +500,11 @@ class _Deployer:
             began = self.loop.time()
             seen = await self.served(host, names)
             if new(seen):
-                last = began + (CONFIRM_ROUNDS - 1) * CONFIRM_INTERVAL
-                if last > deadline:
+                first = max(began + CONFIRM_INTERVAL, self.loop.time())
+                if first + (CONFIRM_ROUNDS - 2) * CONFIRM_INTERVAL > deadline:
                     return False, seen
-                rounds = await asyncio.gather(*(round_at(began + k * CONFIRM_INTERVAL)
-                                                for k in range(1, CONFIRM_ROUNDS)))
+                rounds = await asyncio.gather(*(round_at(first + k * CONFIRM_INTERVAL)
+                                                for k in range(CONFIRM_ROUNDS - 1)))
                 stale = [r for r in rounds if not new(r)]
                 if not stale:
                     return True, rounds[-1] if rounds else seen

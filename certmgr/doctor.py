@@ -621,9 +621,9 @@ printf 'out=%s\n' "$(printf '%s' "$out" | base64 -w0)"
 FIND_SH = r"""if command -v -- "$1" >/dev/null 2>&1; then echo found=1; else echo found=0; fi
 """
 # What deploy does to privkey.pem (owner[:group] or :group), tried on an empty temp file in $1.
-CHOWN_SH = r"""t=$1/.certmgr-doctor-chown-$$
-umask 077
-if ! out=$(: 2>&1 > "$t"); then printf 'rc=create\nout=%s\n' "$(printf '%s' "$out" | base64 -w0)"; exit 0; fi
+CHOWN_SH = r"""if ! t=$(mktemp -- "$1/.certmgr-doctor-chown-XXXXXXXX" 2>&1); then
+  printf 'rc=create\nout=%s\n' "$(printf '%s' "$t" | base64 -w0)"; exit 0
+fi
 case $2 in
   :*) out=$(chgrp -- "${2#:}" "$t" 2>&1) ;;
   *) out=$(chown -- "$2" "$t" 2>&1) ;;

@@ -858,7 +858,7 @@ def _owner(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str | None
     text = str(value)
     if text == "":
         return None
-    if not (text.isdigit() or _USER.fullmatch(text)):
+    if not (re.fullmatch(r"[0-9]+", text) or _USER.fullmatch(text)):
         r.err(f"{kp}.{key}", f"{text!r} is not a valid name (lower-case letters, digits, '_', '.', '-'; "
                              "at most 32) or numeric id")
         return default

@@ -240,29 +240,28 @@ class ACMEClient:
         key = ec.generate_private_key(ec.SECP256R1()) if pem is None else keys.from_pem(pem)
         self.account_key = jose.jwk.JWKEC(key=key)
         registered = await self._account(new=pem is None, env=env)
-        if pem is None:
-            # saved only once the CA accepted it: a failed registration leaves no orphan key
-            accounts.save_account_key(ca_id, keys.to_pem(key))
-        if registered and self.regr is not None:
+        if registered and self.regr is not None:  # first: the account exists at the CA even if saving fails
             accounts.audit("account registered", self.ca.name, to=self.regr.uri, directory=self.ca.directory,
                            contact=list(self.ca.contact), eab=bool(self.ca.eab_kid), key=f"accounts/{ca_id}",
                            new_key=pem is None)
+        if pem is None:
+            # saved only once the CA accepted it: a failed registration leaves no orphan key
+            accounts.save_account_key(ca_id, keys.to_pem(key))
 
     async def _account(self, *, new: bool, env: Mapping[str, str] | None) -> bool:
         """Find the account of `self.account_key` at the CA, or register it; True when registered now."""
         ca = self.ca
+        if not new:
+            found = await self.find_account()
+            if found is not None:
+                self.regr = found
+                event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=found.uri)
+                return False
+            event(log, logging.INFO, "acme account unknown to the CA, registering the stored key again", ca=ca.name)
         net = self._net(account=False)
         client = ClientV2(self.directory, net)
         step = f"acme account {ca.name}"
         try:
-            if not new:
-                found = await self.find_account()
-                if found is not None:
-                    self.regr = found
-                    event(log, logging.DEBUG, "acme account found", ca=ca.name, uri=found.uri)
-                    return False
-                event(log, logging.INFO, "acme account unknown to the CA, registering the stored key again",
-                      ca=ca.name)
             tos = self.directory.meta.terms_of_service if hasattr(self.directory, "meta") else None
             if not ca.agree_tos:
                 raise ACMEError(

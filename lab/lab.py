@@ -565,20 +565,31 @@ class Lab:
         the old certificates meanwhile. Done means: every worker from before has exited.
         """
         before = self._nginx_workers(name)
+        if not before and self.nginx_pid(name) is not None:
+            raise LabError(f"reload {name}: nginx runs but no worker of its master was found")
         run(self.pop_paths(name).nginx_argv("-s", "reload"))
         if not wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in before), timeout, 0.01):
-            raise LabError(f"reload {name}: the old nginx workers {sorted(before)} still run after {timeout:.0f}s")
+            log = self.pop_paths(name).nginx_error_log
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise LabError(f"reload {name}: the old nginx workers {sorted(before)} still run after {timeout:.0f}s"
+                           f" (the master kept its old config?){': ' + last[0] if last else ''}")
 
     def _nginx_workers(self, name: str) -> set[int]:
-        """PIDs of the children of POP `name`'s nginx master (its workers)."""
+        """PIDs of the processes whose parent is POP `name`'s nginx master (its workers)."""
         master = self.nginx_pid(name)
         if master is None:
             return set()
-        try:
-            children = Path(f"/proc/{master}/task/{master}/children").read_text()
-        except OSError:
-            return set()
-        return {int(pid) for pid in children.split()}
+        out: set[int] = set()
+        for entry in Path("/proc").iterdir():  # /proc/PID/task/PID/children needs CONFIG_PROC_CHILDREN
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                out.add(int(entry.name))
+        return out
 
     def served_serial(self, name: str, sni: str | None) -> int:
         """Serial of the leaf POP `name` presents for `sni` right now."""
