@@ -7,7 +7,6 @@ rename(2), test, reload, verify by TLS handshake — and roll back with one rena
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import logging
@@ -27,7 +26,7 @@ from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
-from certmgr.remote import Result, Timeouts, b64text
+from certmgr.remote import Result, Timeouts, b64bytes, b64text
 from certmgr.scan import Probe, probe
 
 logger = logging.getLogger(__name__)
@@ -189,6 +188,18 @@ retest() {
 }
 """
 
+# Give file $1 to $keyown: owner[:group] or :group (privkey_owner/privkey_group); mode stays 0600.
+# Shared with doctor, which tries it on a temp file.
+KEYOWN_SH = r"""
+keyown() {
+  [ -n "$keyown" ] || return 0
+  case $keyown in
+    :*) chgrp -- "${keyown#:}" "$1" ;;
+    *) chown -- "$keyown" "$1" ;;
+  esac
+}
+"""
+
 # A client that vanishes mid-script (killed, network cut) must not leave an untested link live:
 # ignoring HUP and PIPE lets the script run to its end (test, rollback or reload) with nobody
 # reading its output; the next run's INSPECT sees where it got to.
@@ -197,17 +208,9 @@ trap '' HUP PIPE
 """
 
 COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8 keyown=$9
-""" + _DETACH_SH + _COMMON_SH + _POINT_SH + r"""
+""" + _DETACH_SH + _COMMON_SH + _POINT_SH + KEYOWN_SH + r"""
 umask 077
 fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; exit 3; }
-# owner[:group] or :group for privkey.pem ("" leaves it to the deploy user); mode stays 0600
-keyown() {
-  [ -n "$keyown" ] || return 0
-  case $keyown in
-    :*) chgrp -- "${keyown#:}" "$1" ;;
-    *) chown -- "$keyown" "$1" ;;
-  esac
-}
 o=$(cd -- "$arch/$tmp" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
 $sums
 SUMS
@@ -397,13 +400,6 @@ def command_label(argv: Sequence[str]) -> str:
     return prog
 
 
-def _b64bytes(value: str | None) -> bytes | None:
-    try:
-        return base64.b64decode(value, validate=True) if value else None
-    except ValueError:
-        return None
-
-
 def _serial_of_pem(pem: bytes | None) -> str | None:
     """Serial of the first certificate in `pem` (a fullchain's leaf), or None."""
     if not pem:
@@ -586,7 +582,7 @@ class _Deployer:
         for restored in state.all("restored"):
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
-        live_fullchain = _b64bytes(state.get("fullchain_b64"))
+        live_fullchain = b64bytes(state.get("fullchain_b64"))
         old_serial = _serial_of_pem(live_fullchain)
         layout = state.get("layout")
         target = state.get("target")

@@ -33,6 +33,7 @@ import dns.tsig
 from cryptography import x509
 
 from certmgr import remote as remote_mod
+from certmgr.deploy import KEYOWN_SH
 from certmgr.errors import CertmgrError, InventoryError, StoreError
 from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory, normalise_tsig_algorithm
 from certmgr.log import event
@@ -620,14 +621,14 @@ printf 'out=%s\n' "$(printf '%s' "$out" | base64 -w0)"
 """
 FIND_SH = r"""if command -v -- "$1" >/dev/null 2>&1; then echo found=1; else echo found=0; fi
 """
-# What deploy does to privkey.pem (owner[:group] or :group), tried on an empty temp file in $1.
-CHOWN_SH = r"""if ! t=$(mktemp -- "$1/.certmgr-doctor-chown-XXXXXXXX" 2>&1); then
+# What deploy does to privkey.pem (deploy.KEYOWN_SH, with $2 as owner[:group] or :group), tried on an
+# empty temp file in $1.
+CHOWN_SH = r"""keyown=$2
+""" + KEYOWN_SH + r"""
+if ! t=$(mktemp -- "$1/.certmgr-doctor-chown-XXXXXXXX" 2>&1); then
   printf 'rc=create\nout=%s\n' "$(printf '%s' "$t" | base64 -w0)"; exit 0
 fi
-case $2 in
-  :*) out=$(chgrp -- "${2#:}" "$t" 2>&1) ;;
-  *) out=$(chown -- "$2" "$t" 2>&1) ;;
-esac
+out=$(keyown "$t" 2>&1)
 rc=$?
 rm -f -- "$t"
 printf 'rc=%s\nout=%s\n' "$rc" "$(printf '%s' "$out" | base64 -w0)"

@@ -109,6 +109,14 @@ def b64text(value: str) -> str:
         return value
 
 
+def b64bytes(value: str | None) -> bytes | None:
+    """Decode a base64 field written by a remote script; None when absent or malformed."""
+    try:
+        return base64.b64decode(value, validate=True) if value else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
     """A finished remote command."""

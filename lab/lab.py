@@ -46,6 +46,7 @@ from lab.pop import (
 from lab.proc import (
     LabError,
     check_ports_free,
+    descendants,
     ours,
     pid_alive,
     read_pid,
@@ -575,21 +576,9 @@ class Lab:
                            f" (the master kept its old config?){': ' + last[0] if last else ''}")
 
     def _nginx_workers(self, name: str) -> set[int]:
-        """PIDs of the processes whose parent is POP `name`'s nginx master (its workers)."""
+        """PIDs of the processes under POP `name`'s nginx master (its workers)."""
         master = self.nginx_pid(name)
-        if master is None:
-            return set()
-        out: set[int] = set()
-        for entry in Path("/proc").iterdir():  # /proc/PID/task/PID/children needs CONFIG_PROC_CHILDREN
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                out.add(int(entry.name))
-        return out
+        return set(descendants(master)) if master is not None else set()
 
     def served_serial(self, name: str, sni: str | None) -> int:
         """Serial of the leaf POP `name` presents for `sni` right now."""
