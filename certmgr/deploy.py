@@ -725,7 +725,7 @@ class _Deployer:
                                        (f"{root}/archive/{name}", "lineage")) if key in missing]
             await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE, ensure=ensure, fsync=False)
         except remote_mod.UploadError as exc:
-            full = await self._no_space(rem, host, tmpdir, files)
+            full = await self._no_space(rem, host, f"{root}/archive/{name}", files)
             await rem.remove_tree_quietly(tmpdir)
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                                 error=f"{subject}: {full or exc.message} (live unchanged)",
