@@ -146,3 +146,39 @@ def test_failed_reload_is_rolled_back_and_the_old_serial_proven(fresh: Lab, tmp_
     for sni in cert.domains:
         assert served(fresh, "sally", sni) == old
     assert pop_consistent(fresh, "sally") == (1, old)
+
+
+def test_timed_out_commit_leaves_the_host_alone_and_its_lock_keeps_the_next_run_out(fresh: Lab, tmp_path: Path) -> None:
+    """A commit outliving the command timeout: 'unknown', the host's next certificate held; while the stranded script runs, another run's commit is locked out; afterwards a run ends consistent."""
+    import dataclasses
+    import fcntl
+    import shlex
+
+    inv = inventory_mod.load(fresh.inventory_path)
+    store = seeded_store(fresh, tmp_path / "state")
+    certs = [c for c in inv.certificates if "sally" in c.hosts]
+    assert len(certs) >= 2
+    for c in certs:
+        add(store, new_material(c.domains), c.name)
+    p = fresh.pop_paths("sally")
+    slow = ("sh", "-c", f"sleep 6; {shlex.join(p.reload_command)}")
+    slow_inv = dataclasses.replace(inv, hosts={**inv.hosts, "sally": dataclasses.replace(inv.hosts["sally"],
+                                                                                         reload_command=slow)})
+    short = dataclasses.replace(TIMEOUTS, command=3)
+    first = asyncio.run(deploy(slow_inv, store, certs, hosts=["sally"], now=NOW, timeouts=short))
+    assert [o.status for o in first] == [Status.UNKNOWN] + [Status.HELD] * (len(certs) - 1), [o.line() for o in first]
+    assert first[0].error == (f"deploy {certs[0].name} → sally: commit sally ({p.address}:{fresh.ports.ssh}): no answer "
+                              "within 3s (state unknown; host left alone for the rest of this run)")
+
+    second = asyncio.run(deploy(inv, store, certs[:1], hosts=["sally"], now=NOW, timeouts=short))
+    lock = p.cert_root / "archive" / ".certmgr.lock"
+    assert second[0].status == Status.FAILED and second[0].error == (
+        f"deploy {certs[0].name} → sally: another deploy holds the lock on sally ({lock}) for more than 1s "
+        "(live unchanged)"), second[0].line()
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # returns when the stranded script has ended
+    third = asyncio.run(deploy(inv, store, certs, hosts=["sally"], now=NOW, timeouts=TIMEOUTS))
+    assert {o.status for o in third} <= {Status.DEPLOYED, Status.SKIPPED}, [o.line() for o in third]
+    for c in certs:
+        assert pop_consistent(fresh, "sally", c.name) == (store.live_version(c.name), store.read(c.name).info().serial)
