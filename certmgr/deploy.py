@@ -21,11 +21,13 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from certmgr import popguard
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
+from certmgr.popguard import LOCK_SH
 from certmgr.remote import Result, Timeouts, b64bytes, b64text
 from certmgr.scan import Probe, probe
 
@@ -45,7 +47,8 @@ class Status(StrEnum):
     ROLLED_BACK = "rolled back"  # the new version failed; the previous one is live and served again
     FAILED = "failed"  # could not deploy (nothing changed), or could not restore cleanly
     UNREACHABLE = "unreachable"  # no SSH session: nothing touched
-    HELD = "held"  # not attempted: a canary did not verify
+    HELD = "held"  # not attempted: a canary did not verify, or the host was left alone after a timeout
+    UNKNOWN = "unknown"  # a remote script timed out and may still run there: state unknown, host left alone
 
 
 OK_STATUSES = (Status.SKIPPED, Status.DEPLOYED)
@@ -111,12 +114,14 @@ live=$root/live/$name
 arch=$root/archive/$name
 """
 
-INSPECT_SH = r"""root=$1 name=$2 test=$3 keyown=$4
-""" + _COMMON_SH + r"""
+INSPECT_SH = r"""root=$1 name=$2 test=$3 keyown=$4 lockwait=${5:-30}
+""" + _COMMON_SH + LOCK_SH + r"""
 # The host died between the two renames of a certbot conversion (COMMIT_SH): put certbot's
 # directory back before nginx -t looks at the config. Every lineage, not just $name: the test
-# covers the whole host (jobs on one host run one after another, so no commit is mid-way).
+# covers the whole host. Under the POP lock: a commit of another controller may be mid-way.
 for bak in "$root"/live/.*.certbot-old; do
+  [ -d "$bak" ] || continue
+  lock
   [ -d "$bak" ] || continue
   n=${bak##*/}; n=${n#.}; n=${n%.certbot-old}
   if [ ! -e "$root/live/$n" ] && [ ! -L "$root/live/$n" ]; then
@@ -162,7 +167,7 @@ if [ -n "$keyown" ] && [ -e "$live/privkey.pem" ]; then
   say "key_owner=$(stat -L -c '%U:%G:%u:%g' -- "$live/privkey.pem" 2>/dev/null)"
 fi
 if [ -n "$test" ]; then
-  out=$(eval "$test" 2>&1 </dev/null); rc=$?
+  out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
   say "test_rc=$rc"
   [ "$rc" -eq 0 ] || say "test_out=$(b64 "$out")"
 else
@@ -182,7 +187,7 @@ point() {
   sync -- "$root/live" 2>/dev/null || :
 }
 retest() {
-  out=$(eval "$test" 2>&1 </dev/null); rc=$?
+  out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
   say "retest_rc=$rc"
   say "retest_out=$(b64 "$out")"
 }
@@ -207,23 +212,58 @@ _DETACH_SH = r"""
 trap '' HUP PIPE
 """
 
+# COMMIT arguments beyond the ninth: ${10} this controller's tag (its own upload temp dirs are
+# `.tmp-up-<tag>-…`), ${11} a UTC stamp for names set aside, ${12} seconds to wait for the POP lock.
 COMMIT_SH = r"""root=$1 name=$2 tmp=$3 ver=$4 sums=$5 conv=$6 test=$7 reload=$8 keyown=$9
-""" + _DETACH_SH + _COMMON_SH + _POINT_SH + KEYOWN_SH + r"""
+ctl=${10:-} stamp=${11:-0} lockwait=${12:-30}
+""" + _DETACH_SH + _COMMON_SH + LOCK_SH + _POINT_SH + KEYOWN_SH + r"""
 umask 077
 fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; exit 3; }
-o=$(cd -- "$arch/$tmp" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
+sumsok() { (cd -- "$1" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
 $sums
 SUMS
-) || fail verify "$o"
+) }
+lock
+o=$(sumsok "$arch/$tmp") || fail verify "$o"
 if [ -n "$keyown" ]; then o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || fail chown "$o"; fi
 o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || fail sync "$o"
-o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || fail rename "$o"
+# The store's number names this version on every POP. archive/<name>/N/ may exist already: this
+# very certificate (a rolled-back attempt, another controller's upload) is used as it is; other
+# content (a certbot-era or hand-made N/) is set aside as N.certmgr-aside-<stamp>/, never lost.
+if [ -d "$arch/$ver" ] && [ ! -L "$arch/$ver" ] && sumsok "$arch/$ver" >/dev/null; then
+  if [ -n "$keyown" ]; then o=$(keyown "$arch/$ver/privkey.pem" 2>&1) || fail chown "$o"; fi
+  rm -rf -- "${arch:?}/$tmp"
+  say "reused=$ver"
+else
+  if [ -e "$arch/$ver" ] || [ -L "$arch/$ver" ]; then
+    aside=$ver.certmgr-aside-$stamp
+    cur=
+    if [ -L "$live" ]; then cur=$(readlink -- "$live"); fi
+    if [ "$cur" = "../archive/$name/$ver" ]; then
+      # live reads N/: copy it aside, point live at the copy, then remove N/ — live never dangles
+      o=$(cp -a -- "$arch/$ver" "$arch/$aside" 2>&1) || fail aside "$o"
+      point "../archive/$name/$aside" aside || fail aside "cannot point live at $aside"
+      o=$(rm -rf -- "${arch:?}/$ver" 2>&1) || fail aside "$o"
+    else
+      o=$(mv -T -- "$arch/$ver" "$arch/$aside" 2>&1) || fail aside "$o"
+    fi
+    say "aside=$aside"
+  fi
+  o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || fail rename "$o"
+fi
 sync -- "$arch" 2>/dev/null || :
 say "stored=$ver"
 prev=
 if [ -n "$conv" ]; then
-  # certbot layout: copy its live version into archive/<name>/<K>/ once; rollback goes there
-  if [ ! -d "$arch/$conv" ]; then
+  # certbot layout: copy its live version K into archive/<name>/K/ once; rollback goes there.
+  # K/ holding other content (or K being the store's number) puts certbot's copy aside instead.
+  cdir=$conv
+  if [ "$conv" = "$ver" ]; then
+    cdir=$conv.certmgr-aside-$stamp
+  elif [ -e "$arch/$conv" ] && ! cmp -s -- "$arch/$conv/fullchain.pem" "$arch/fullchain$conv.pem"; then
+    cdir=$conv.certmgr-aside-$stamp
+  fi
+  if [ ! -d "$arch/$cdir" ]; then
     ct=$arch/.tmp-$conv-conv$$
     o=$(mkdir -m 755 -- "$ct" 2>&1) || fail convert "$o"
     for k in cert chain fullchain privkey; do
@@ -233,9 +273,9 @@ if [ -n "$conv" ]; then
     chmod 600 -- "$ct/privkey.pem"
     if [ -n "$keyown" ]; then o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }; fi
     sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
-    o=$(mv -T -- "$ct" "$arch/$conv" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
+    o=$(mv -T -- "$ct" "$arch/$cdir" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; }
   fi
-  prev=../archive/$name/$conv
+  prev=../archive/$name/$cdir
   tl=$root/live/.$name.tmp-$$-new
   bak=$root/live/.$name.certbot-old
   rm -f -- "$tl"
@@ -246,13 +286,14 @@ if [ -n "$conv" ]; then
   sync -- "$root/live" 2>/dev/null || :
   rm -rf -- "$bak"
   say "converted=$conv"
+  say "convdir=$cdir"
 else
   if [ -L "$live" ]; then prev=$(readlink -- "$live"); fi
   point "../archive/$name/$ver" new || fail swap ""
 fi
 say "prev=$prev"
 say swapped=1
-out=$(eval "$test" 2>&1 </dev/null); rc=$?
+out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
 say "test_rc=$rc"
 if [ "$rc" -ne 0 ]; then
   say "test_out=$(b64 "$out")"
@@ -260,32 +301,48 @@ if [ "$rc" -ne 0 ]; then
   retest
   exit 4
 fi
-out=$(eval "$reload" 2>&1 </dev/null); rc=$?
+out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
 say "reload_rc=$rc"
 if [ "$rc" -ne 0 ]; then
   say "reload_out=$(b64 "$out")"
-  if point "$prev" back; then say rolled_back=1; else say rolled_back=0; fi
+  # The failed reload may have loaded the new files anyway: switch back, test, reload again.
+  if point "$prev" back; then say rolled_back=1; else say rolled_back=0; exit 4; fi
   retest
+  [ "$rc" -eq 0 ] || exit 4
+  out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+  say "rereload_rc=$rc"
+  say "rereload_out=$(b64 "$out")"
   exit 4
 fi
+# Leftovers, swept under the lock. Scripts make their temporaries under the lock, so any such
+# is a dead script's. Uploads are made without it: only this controller's own (its earlier run
+# is over — the store lock) or one untouched for an hour (its controller is gone) is removed.
 for d in "$arch"/.tmp-* "$root/live/.$name.tmp-"*; do
-  case $d in *'*') ;; *) rm -rf -- "$d" ;; esac
+  [ -e "$d" ] || [ -L "$d" ] || continue
+  case ${d##*/} in
+    .tmp-up-"$ctl"-*) [ -n "$ctl" ] || continue ;;
+    .tmp-up-*) [ -n "$(find "$d" -maxdepth 0 -mmin +60 2>/dev/null)" ] || continue ;;
+  esac
+  rm -rf -- "$d"
 done
 say done=1
 """
 
-ROLLBACK_SH = r"""root=$1 name=$2 prev=$3 test=$4 reload=$5
-""" + _DETACH_SH + _COMMON_SH + _POINT_SH + r"""
+ROLLBACK_SH = r"""root=$1 name=$2 prev=$3 test=$4 reload=$5 lockwait=${6:-30}
+""" + _DETACH_SH + _COMMON_SH + LOCK_SH + _POINT_SH + r"""
+lock
 if point "$prev" back; then say rolled_back=1; else say rolled_back=0; exit 3; fi
 retest
 if [ "$rc" -ne 0 ]; then exit 4; fi
-out=$(eval "$reload" 2>&1 </dev/null); rc=$?
+out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
 say "reload_rc=$rc"
 say "reload_out=$(b64 "$out")"
 """
 
-PRUNE_SH = r"""root=$1 name=$2 keep=$3
-""" + _COMMON_SH + r"""
+PRUNE_SH = r"""root=$1 name=$2 keep=$3 lockwait=${4:-30}
+""" + _COMMON_SH + LOCK_SH + r"""
+[ -d "$root/archive" ] || { say "kept_live="; exit 0; }
+lock
 cur=
 if [ -L "$live" ]; then t=$(readlink -- "$live"); cur=${t##*/}; fi
 vs=
@@ -301,7 +358,6 @@ for v in $(printf '%s\n' $vs | sort -n | head -n "-$keep"); do
 done
 say "kept_live=$cur"
 """
-
 
 # ---------------------------------------------------------------------------- seams for tests
 
@@ -419,6 +475,11 @@ def _serial_of_probe(p: Probe) -> str | None:
         return None
 
 
+def _served_text(seen: Mapping[str, Probe]) -> str:
+    """`name: serial` per handshake (or why there was none)."""
+    return ", ".join(f"{n}: {_serial_of_probe(p) or p.error or 'no certificate'}" for n, p in seen.items()) or "nothing"
+
+
 def _quote_text(text: str, limit: int = 600) -> str:
     text = " ".join(text.split())
     if len(text) > limit:
@@ -451,6 +512,8 @@ class _Deployer:
         self.prune = prune
         self.now = now
         self.loop = asyncio.get_running_loop()
+        self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
+        self.lock_wait = str(popguard.lock_wait(timeouts.command))
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 
@@ -526,6 +589,9 @@ class _Deployer:
                     job.timings["connect"] = connected
                     outcome = await self.one(rem, job, preflight=not tested_ok)
                     outcomes.append(outcome)
+                    if outcome.status == Status.UNKNOWN:
+                        outcomes.extend(self.left_alone(jobs, outcomes, outcome, start=start))
+                        return outcomes
                     # Each of these ends with the test command just seen passing on this connection,
                     # which is the next certificate's preflight: one nginx -t per host saved per cert.
                     tested_ok = outcome.status in (Status.SKIPPED, Status.DEPLOYED, Status.ROLLED_BACK)
@@ -542,6 +608,15 @@ class _Deployer:
                                                  f"{exc.message}", hint=exc.hint, start=start))
         return outcomes
 
+    def left_alone(self, jobs: Sequence[_Job], done: Sequence[HostOutcome], cause: HostOutcome, *,
+                   start: float) -> list[HostOutcome]:
+        """After a timeout the host's state is unknown (its script may run on): its other jobs wait for the next run."""
+        seen = {o.cert for o in done}
+        return [self.outcome(job, Status.HELD, start=start,
+                             error=f"deploy {job.cert.name} → {job.host.name}: held: {job.host.name} left alone for "
+                                   f"this run after {cause.cert} timed out (not touched)",
+                             hint="the next run inspects the host afresh") for job in jobs if job.cert.name not in seen]
+
     def outcome(self, job: _Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
         elapsed = self.loop.time() - start
         return HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
@@ -551,6 +626,14 @@ class _Deployer:
         start = self.loop.time() - job.timings.get("connect", 0.0)
         try:
             return await self._one(rem, job, start, preflight=preflight)
+        except remote_mod.RemoteTimeout as exc:
+            event(logger, logging.ERROR, "remote script timed out; host left alone", cert=job.cert.name,
+                  host=job.host.name)
+            return self.outcome(job, Status.UNKNOWN, start=start,
+                                hint=f"the script may still be running on {job.host.name} (it holds the POP lock "
+                                     "until it ends); the next run inspects the host afresh",
+                                error=f"deploy {job.cert.name} → {job.host.name}: {exc.message} (state unknown; "
+                                      "host left alone for the rest of this run)")
         except remote_mod.ConnectionLost as exc:
             return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
                                 error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
@@ -571,9 +654,14 @@ class _Deployer:
         # 0. preflight + state in one script
         rem.prefetch_sftp()
         keyown = host.privkey_chown
-        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else "", keyown], step="inspect")
+        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else "", keyown, self.lock_wait],
+                                     step="inspect")
         job.timings["inspect"] = self.loop.time() - t
         f = state.fields
+        locked_out = popguard.lock_error(state, host, root)
+        if locked_out:
+            return self.outcome(job, Status.FAILED, start=start, error=f"{subject}: {locked_out} (nothing changed)",
+                                hint=popguard.LOCK_HINT)
         if state.get("test_rc") is None:
             raise remote_mod.RemoteCommandError(
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
@@ -599,9 +687,12 @@ class _Deployer:
                 job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
                 error=f"{subject}: config was already broken before deploy: {_quote_text(text)} (nothing changed)",
                 hint=f"fix the web server config on {host.name} first; its test command fails without certmgr")
-        # 2. skip: this exact fullchain is live, its key owned as configured, and every name serves it
-        #    (handshakes only when it might be)
-        if (live_fullchain == job.material.fullchain
+        # The store's version number names this certificate on every POP (falls back to the POP's
+        # next free number only without a store version, as with a bare CertMaterial in tests).
+        version = job.local_version if job.local_version is not None else next_version(f)
+        # 2. skip: this exact fullchain is live under the store's number (a certbot directory has
+        #    none), its key owned as configured, and every name serves it (handshakes only when it might be)
+        if (live_fullchain == job.material.fullchain and (layout != "link" or prev_version == version)
                 and key_owner_matches(keyown, state.get("key_owner"))
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
             await self._audit_unrecorded_switch(job, prev_version)
@@ -621,11 +712,10 @@ class _Deployer:
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial,
                                 error=f"{subject}: {root}/live/{name} is neither a symlink nor certbot's "
                                       "directory (nothing changed)")
-        version = next_version(f)
 
         # 3. upload into a temp dir; the commit script verifies SHA-256 before anything is renamed
         t = self.loop.time()
-        tmp = f".tmp-{version}-{secrets.token_hex(6)}"
+        tmp = f".tmp-up-{self.tag}-{version}-{secrets.token_hex(6)}"
         tmpdir = f"{root}/archive/{name}/{tmp}"
         files = {fname: (data, KEY_MODE if fname == "privkey.pem" else PEM_MODE)
                  for fname, data in job.material.files().items()}
@@ -635,9 +725,10 @@ class _Deployer:
                                        (f"{root}/archive/{name}", "lineage")) if key in missing]
             await rem.upload_dir(tmpdir, files, dir_mode=DIR_MODE, ensure=ensure, fsync=False)
         except remote_mod.UploadError as exc:
+            full = await self._no_space(rem, host, f"{root}/archive/{name}", files)
             await rem.remove_tree_quietly(tmpdir)
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
-                                error=f"{subject}: {exc.message} (live unchanged)",
+                                error=f"{subject}: {full or exc.message} (live unchanged)",
                                 hint="check free space and that the deploy user owns "
                                      f"{root}/archive/{name}/ and {root}/live/")
         except remote_mod.ConnectionLost as exc:
@@ -648,23 +739,38 @@ class _Deployer:
 
         # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
         t = self.loop.time()
+        stamp = self.now.strftime("%Y%m%dT%H%M%SZ")
         res = await rem.run_script(COMMIT_SH, [root, name, tmp, str(version), sha256sums(job.material), conv,
-                                               test, reload, keyown], step="commit")
+                                               test, reload, keyown, self.tag, stamp, self.lock_wait], step="commit")
         job.timings["commit"] = self.loop.time() - t
+        locked_out = popguard.lock_error(res, host, root)
+        if locked_out:
+            await rem.remove_tree_quietly(tmpdir)
+            return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial, version=prev_version,
+                                error=f"{subject}: {locked_out} (live unchanged)", hint=popguard.LOCK_HINT)
+        if res.get("aside") is not None:
+            aside = res.get("aside")
+            event(logger, logging.WARNING, "set aside a version directory of other content", cert=name,
+                  host=host.name, version=version, to=aside)
+            await self.audit("set aside", name, host=host.name, version=version, to=f"archive/{name}/{aside}",
+                             summary=f"archive/{name}/{version}/ on {host.name} held other content: moved to "
+                                     f"archive/{name}/{aside}/ so that {version} names the store's version")
         converted = res.get("converted") is not None
         if converted:
+            cdir = res.get("convdir") or conv
             await self.audit("converted", name, frm="certbot live/ directory", to=f"live/{name} symlink",
                              host=host.name, version=int(conv),
                              summary=f"converted {name} on {host.name} from certbot's layout "
-                                     f"(its version {conv} kept as archive/{name}/{conv}/)")
+                                     f"(its version {conv} kept as archive/{name}/{cdir}/)")
         if res.get("failed_step") is not None:
             step = res.get("failed_step")
             text = b64text(res.get("failed_out") or "") or res.stderr.strip()
-            if step in ("verify", "chown", "sync", "rename"):
+            if step in ("verify", "chown", "sync", "aside", "rename"):
                 await rem.remove_tree_quietly(tmpdir)
             what = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
                     "rename": "cannot store the version", "chown": f"cannot give privkey.pem to {keyown}",
                     "convert": "cannot convert certbot's layout",
+                    "aside": f"cannot set aside archive/{name}/{version}/ (other content)",
                     "swap": "cannot switch the live link"}.get(step or "", f"step {step} failed")
             hint = None
             if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
@@ -694,11 +800,20 @@ class _Deployer:
                              summary=f"deployed {name} to {host.name}: serial {old_serial or '-'} → {job.info.serial}")
             return self.outcome(job, Status.DEPLOYED, start=start, old_serial=old_serial, version=version,
                                 previous_version=prev_version, converted=converted)
-        seen_text = ", ".join(f"{n}: {_serial_of_probe(p) or p.error or 'no certificate'}" for n, p in seen.items())
-        cause = f"new serial {job.info.serial} not served after {self.timeouts.verify:g}s ({seen_text})"
+        cause = f"new serial {job.info.serial} not served after {self.timeouts.verify:g}s ({_served_text(seen)})"
         return await self._rollback_after_verify(rem, job, root, test, reload, prev_target, cause,
                                                  start=start, old_serial=old_serial, version=version,
                                                  prev_version=prev_version, converted=converted)
+
+    async def _no_space(self, rem: RemoteSession, host: Host, path: str,
+                        files: Mapping[str, tuple[bytes, int]]) -> str | None:
+        """After a failed upload: "no space left on POP:<path> (N KB free)" when that is the cause, else None."""
+        try:
+            free = await rem.run_script(popguard.FREE_SH, [path], step="free space")
+        except DeployError as exc:
+            logger.info("free space on %s: %s", host.name, exc)
+            return None
+        return popguard.upload_failure(host, path, free, files)
 
     async def _audit_unrecorded_switch(self, job: _Job, version: int | None) -> None:
         """Audit a switch nobody recorded: a run killed after the remote commit (which runs on) never wrote it."""
@@ -720,29 +835,46 @@ class _Deployer:
                                  version: int, prev_version: int | None, converted: bool) -> HostOutcome:
         name, host = job.cert.name, job.host
         subject = f"deploy {name} → {host.name}"
-        if res.get("reload_rc") is not None:
+        reload_failed = res.get("reload_rc") is not None
+        if reload_failed:
             step, text = f"{command_label(host.reload_command)} failed", b64text(res.get("reload_out") or "")
         else:
             step, text = f"{command_label(host.test_command)} failed", b64text(res.get("test_out") or "")
         retest_ok = res.get("retest_rc") == "0" and res.get("rolled_back") == "1"
         back = f"version {prev_version}" if prev_version is not None else "the previous version"
-        if retest_ok:
-            outcome = f"rolled back to {back}, not reloaded"
+        status = Status.FAILED
+        if not retest_ok:
+            again = b64text(res.get("retest_out") or "")
+            outcome = (f"rollback to {back} done but the test still fails: {_quote_text(again, 300)}"
+                       if res.get("rolled_back") == "1" else f"could NOT switch back to {back}")
+        elif not reload_failed:
+            outcome = f"rolled back to {back}, not reloaded"  # nginx never loaded the new files
             status = Status.ROLLED_BACK
+        else:
+            # The failed reload may have loaded the new files all the same: COMMIT_SH switched back,
+            # tested and reloaded again; only a handshake shows which certificate is served now.
+            again = ("reloaded again" if res.get("rereload_rc") == "0" else
+                     f"reload failed again: {_quote_text(b64text(res.get('rereload_out') or ''), 300)}")
+            restored, seen = ((await self.wait_served(host, sni_names(job.cert), old_serial))
+                              if old_serial is not None else (res.get("rereload_rc") == "0", {}))
+            if restored:
+                outcome = f"rolled back to {back}, {again}" + (f": old serial {old_serial} served"
+                                                                  if old_serial else "")
+                status = Status.ROLLED_BACK
+            else:
+                outcome = f"switched back to {back}, {again}, but {host.name} serves {_served_text(seen)}"
+        if status == Status.ROLLED_BACK:
             await self.audit("rolled back", name, frm=job.info.serial, to=old_serial, host=host.name,
                              version=prev_version, failed_version=version,
                              summary=f"rolled back {name} on {host.name} to {back}: {step}")
         else:
-            again = b64text(res.get("retest_out") or "")
-            outcome = (f"rollback to {back} done but the test still fails: {_quote_text(again, 300)}"
-                       if res.get("rolled_back") == "1" else f"could NOT switch back to {back}")
-            status = Status.FAILED
             await self.audit("rollback failed", name, frm=job.info.serial, to=old_serial, host=host.name,
                              summary=f"{subject}: {step}; {outcome}")
+        ok = status == Status.ROLLED_BACK
         return self.outcome(job, status, start=start, old_serial=old_serial, previous_version=prev_version,
-                            version=prev_version if retest_ok else None, converted=converted,
+                            version=prev_version if ok else None, converted=converted,
                             error=f"{subject}: {step}: {_quote_text(text)} ({outcome})",
-                            hint=None if retest_ok else f"log in to {host.name} and repair the web server config now")
+                            hint=None if ok else f"log in to {host.name} and repair the web server config now")
 
     async def _rollback_after_verify(self, rem: RemoteSession, job: _Job, root: str, test: str, reload: str,
                                      prev_target: str, cause: str, *, start: float, old_serial: str | None,
@@ -750,8 +882,12 @@ class _Deployer:
         name, host = job.cert.name, job.host
         subject = f"deploy {name} → {host.name}"
         back = f"version {prev_version}" if prev_version is not None else "the previous version"
-        res = await rem.run_script(ROLLBACK_SH, [root, name, prev_target, test, reload], step="rollback")
-        if res.get("rolled_back") != "1":
+        res = await rem.run_script(ROLLBACK_SH, [root, name, prev_target, test, reload, self.lock_wait],
+                                   step="rollback")
+        locked_out = popguard.lock_error(res, host, root)
+        if locked_out:
+            outcome = f"could NOT switch back to {back}: {locked_out}"
+        elif res.get("rolled_back") != "1":
             outcome = f"could NOT switch back to {back}"
         elif res.get("retest_rc") != "0":
             outcome = f"switched back to {back} but the test fails: {_quote_text(b64text(res.get('retest_out') or ''))}"
@@ -779,9 +915,13 @@ class _Deployer:
         assert self.prune is not None
         root = remote_mod.check_remote_path(job.host.cert_root)
         try:
-            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune)], step="prune")
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune), self.lock_wait], step="prune")
         except DeployError as exc:
             logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
+            return
+        locked_out = popguard.lock_error(res, job.host, root)
+        if locked_out:
+            logger.warning("prune %s on %s: %s (nothing removed)", job.cert.name, job.host.name, locked_out)
             return
         removed = [int(v) for v in res.all("removed")]
         if removed:

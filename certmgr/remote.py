@@ -61,6 +61,10 @@ class RemoteCommandError(DeployError):
     """A remote script could not be run or produced output we cannot understand."""
 
 
+class RemoteTimeout(RemoteCommandError):
+    """A remote script did not answer in time: it may still be running there (it ignores HUP), state unknown."""
+
+
 class UploadError(DeployError):
     """SFTP could not write a file (disk full, permissions, connection lost)."""
 
@@ -376,7 +380,7 @@ class Remote:
             async with asyncio.timeout(limit):
                 proc = await self.conn.run(cmd, check=False, stdin=asyncssh.DEVNULL)
         except TimeoutError as exc:
-            raise RemoteCommandError(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
+            raise RemoteTimeout(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
         except (asyncssh.Error, OSError) as exc:
             raise self._lost(step, exc) from exc
         out = proc.stdout if isinstance(proc.stdout, str) else (proc.stdout or b"").decode("utf-8", "replace")

@@ -158,6 +158,9 @@ def test_disk_full_on_a_pop_changes_nothing_live(seeded: Lab, rx: Receiver, tmp_
     assert_good_pops_deployed(seeded, state, report)
     [bad] = [d for d in report["deploys"] if d["host"] == BAD]
     assert bad["status"] == "failed" and str(bad["error"]).endswith("(live unchanged)"), bad
+    # SFTP says only "Failure": the free space on the POP names the cause
+    assert bad["error"].startswith(f"deploy {MEDIA} → {BAD}: no space left on {BAD}:{root}/archive/{MEDIA} ("), bad
+    assert bad["error"].endswith(" KB free) (live unchanged)"), bad
     assert leftovers == sorted(f"{k}1.pem" for k in ("cert", "chain", "fullchain", "privkey")), leftovers
     assert tree_digest(root / "live") == live_before
     assert served(seeded, [BAD], certs=(MEDIA,)) == {(BAD, MEDIA): seed}

@@ -62,8 +62,18 @@ def fresh(dlab: Lab) -> Iterator[Lab]:
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    return Store.open(tmp_path / "state")
+def store(tmp_path: Path, dlab: Lab) -> Store:
+    """A store holding each POP's certbot-era seed as its version 1 (as after importing certbot's lineages).
+
+    Store and POP numbers then agree from the start: the seed is certbot's version 1 on every POP.
+    """
+    s = Store.open(tmp_path / "state")
+    with s.lock("test"):
+        for d in sorted((dlab.seed_dir / "certs").iterdir()):
+            seed = CertMaterial(cert=(d / "cert.pem").read_bytes(), chain=(d / "chain.pem").read_bytes(),
+                                privkey=(d / "privkey.pem").read_bytes())
+            s.activate(d.name, s.add_version(d.name, seed))
+    return s
 
 
 _CA = pki.make_ca("certmgr deploy test CA")
@@ -130,6 +140,7 @@ def test_deploy_four_pops_then_rerun_skips(fresh: Lab, store: Store) -> None:
     assert {(o.cert, o.host): o.status for o in outcomes} == {
         (n, p): Status.DEPLOYED for n in names for p in fresh.pop_names}
     assert all(o.converted and o.version == 2 and o.previous_version == 1 for o in outcomes)
+    assert all(o.version == store.live_version(o.cert) for o in outcomes)  # the store's number, on every POP
     for pop in fresh.pop_names:
         for cert in inv.certificates:
             for sni in cert.domains:
@@ -337,7 +348,10 @@ def test_privkey_group_is_set_on_the_pop_and_an_owner_it_cannot_set_changes_noth
     assert by_host(run(regrouped, store, [MEDIA], hosts=["sally"]))["sally"].status == Status.SKIPPED
     moved = with_hosts(inv, sally=dataclasses.replace(sally, privkey_group="certmgr-deploy"))
     third = by_host(run(moved, store, [MEDIA], hosts=["sally"]))["sally"]
-    assert third.status == Status.DEPLOYED and third.version == ok.version + 1, third.line()  # type: ignore[operator]
+    # the same certificate keeps its one number: version 2 is given to the new group in place, no copy made
+    assert third.status == Status.DEPLOYED and third.version == ok.version == store.live_version(MEDIA), third.line()
+    assert live_state(fresh, "sally") == (f"link:../archive/{MEDIA}/2",
+                                          ["1", "2", "cert1.pem", "chain1.pem", "fullchain1.pem", "privkey1.pem"])
     assert grp.getgrgid(key.stat().st_gid).gr_name == "certmgr-deploy"
 
 
