@@ -377,6 +377,27 @@ def check_store(root: Path) -> tuple[Check, Any]:
                  message=f"writable; {live} certificate(s) live"), store
 
 
+def check_dns_leftovers(store: Any, *, now: dt.datetime) -> Check:
+    """The DNS journal is empty: no challenge TXT record certmgr wrote is waiting to be removed (warning if any)."""
+    from certmgr.dns import journal as journal_mod
+
+    subject = journal_mod.JOURNAL_PATH
+    try:
+        entries = journal_mod.read(store) if store is not None else []
+    except CertmgrError as exc:
+        return Check(group="dns", name="leftovers", subject=subject, status=Status.FAIL, message=exc.message,
+                     hint=exc.hint)
+    if not entries:
+        return Check(group="dns", name="leftovers", subject=subject, status=Status.OK,
+                     message="no challenge TXT record left behind")
+    shown = "; ".join(e.describe(now) for e in entries[:5]) + (f"; and {len(entries) - 5} more"
+                                                               if len(entries) > 5 else "")
+    return Check(group="dns", name="leftovers", subject=subject, status=Status.WARNING,
+                 message=f"{len(entries)} challenge TXT record(s) left behind, not yet confirmed removed: {shown}",
+                 hint="the next `certmgr renew`/`run` retries them first; if they stay, the DNS server refuses "
+                      "or times out the delete — see `certmgr status` and docs/troubleshooting.md")
+
+
 def _live_or_none(store: _StoreLike, name: str) -> int | None:
     try:
         return store.live_version(name)
@@ -476,7 +497,7 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
 
 async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Check:
     """A TSIG-signed SOA query for `zone` to its primary: the key is accepted and the zone served with AA."""
-    from certmgr.dns.rfc2136 import RFC2136Provider, parse_tsig_secret
+    from certmgr.dns.rfc2136 import RFC2136Provider, badkey_cause, badkey_hint, parse_tsig_secret
     from certmgr.errors import DNSError
 
     subject = f"dns.{prov.name} {zone}"
@@ -507,8 +528,9 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
         async with asyncio.timeout(timeouts.dns):
             resp = await dns.asyncquery.tcp(q, server, port=prov.port, timeout=timeouts.dns)
     except dns.tsig.PeerBadKey:
-        return result(Status.FAIL, f"TSIG key {kname}: {where} does not know this key (BADKEY)",
-                      "the tsig_key name must match a `key` clause in the server's config")
+        # one diagnosis with the provider's: Knot answers BADKEY for a known key its ACL denies, too
+        return result(Status.FAIL, f"TSIG key {kname}: {where} answered {badkey_cause(kname)}",
+                      badkey_hint(kname, f"the _acme-challenge names in {zone}"))
     except dns.tsig.PeerBadSignature:
         return result(Status.FAIL, f"TSIG key {kname}: {where} rejected the signature (BADSIG): the secret or "
                                    f"algorithm ({algorithm}) differs from the server's",
@@ -948,6 +970,7 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
     checks += check_secrets(inv)
     store_check, store = check_store(state_dir)
     checks.append(store_check)
+    checks.append(check_dns_leftovers(store, now=now))
 
     async def default_prober(address: str, port: int, sni: str) -> Any:
         return await probe(address, port, sni, connect_timeout=timeouts.handshake,

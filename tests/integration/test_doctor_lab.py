@@ -123,7 +123,8 @@ def test_plain_text_output_groups_checks(doctor_lab: Lab, state_dir: Path) -> No
 @pytest.mark.parametrize(("key_name", "expected"), [
     ("certmgr-lab", "TSIG key certmgr-lab: {server} rejected the signature (BADSIG): the secret or algorithm "
                     "(hmac-sha256) differs from the server's"),
-    ("certmgr-nokey", "TSIG key certmgr-nokey: {server} does not know this key (BADKEY)"),
+    ("certmgr-nokey", "TSIG key certmgr-nokey: {server} answered BADKEY for TSIG key 'certmgr-nokey': the server "
+                      "does not know this key, or its update policy/ACL denies it"),
 ])
 def test_wrong_tsig_secret_fails_naming_the_key(doctor_lab: Lab, state_dir: Path, tmp_path: Path, key_name: str,
                                                 expected: str) -> None:
