@@ -140,7 +140,7 @@ class FakeProvider:
 
     on_change = None
 
-    def __init__(self, name: str, answers: dict[str, bool | None | str]) -> None:
+    def __init__(self, name: str, answers: dict[str, bool | str | None]) -> None:
         self.name = name
         self.answers = answers
         self.asked: list[tuple[str, list[str]]] = []
