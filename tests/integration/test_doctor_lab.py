@@ -93,7 +93,8 @@ def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) 
     assert not_ok(report) == []
     assert code == 0 and report["status"] == "ok"
     names = {c["name"] for c in report["checks"]}
-    assert names == {"inventory", "trust", "secret", "store", "directory", "account", "tsig", "nameservers", "ssh", "write",
+    assert names == {"inventory", "trust", "secret", "store", "leftovers", "directory", "account", "tsig", "nameservers",
+                     "ssh", "write",
                      "test-command",
                      "reload-command", "serves-live", "interval"}
     assert len([c for c in report["checks"] if c["name"] == "serves-live"]) == 3 * len(pops)
