@@ -381,21 +381,17 @@ def check_dns_leftovers(store: Any, *, now: dt.datetime) -> Check:
     """The DNS journal is empty: no challenge TXT record certmgr wrote is waiting to be removed (warning if any)."""
     from certmgr.dns import journal as journal_mod
 
-    subject = journal_mod.JOURNAL_PATH
+    def result(status: Status, message: str, hint: str | None = None) -> Check:
+        return Check(group="dns", name="leftovers", subject=journal_mod.JOURNAL_PATH, status=status, message=message,
+                     hint=hint)
+
     try:
         entries = journal_mod.read(store) if store is not None else []
     except CertmgrError as exc:
-        return Check(group="dns", name="leftovers", subject=subject, status=Status.FAIL, message=exc.message,
-                     hint=exc.hint)
+        return result(Status.FAIL, exc.message, exc.hint)
     if not entries:
-        return Check(group="dns", name="leftovers", subject=subject, status=Status.OK,
-                     message="no challenge TXT record left behind")
-    shown = "; ".join(e.describe(now) for e in entries[:5]) + (f"; and {len(entries) - 5} more"
-                                                               if len(entries) > 5 else "")
-    return Check(group="dns", name="leftovers", subject=subject, status=Status.WARNING,
-                 message=f"{len(entries)} challenge TXT record(s) left behind, not yet confirmed removed: {shown}",
-                 hint="the next `certmgr renew`/`run` retries them first; if they stay, the DNS server refuses "
-                      "or times out the delete — see `certmgr status` and docs/troubleshooting.md")
+        return result(Status.OK, "no challenge TXT record left behind")
+    return result(Status.WARNING, *journal_mod.summary(entries, now))
 
 
 def _live_or_none(store: _StoreLike, name: str) -> int | None:

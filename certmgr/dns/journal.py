@@ -85,6 +85,15 @@ def age_text(age: dt.timedelta) -> str:
     return f"{s:.0f}s"
 
 
+def summary(entries: Sequence[Entry], now: dt.datetime, *, shown: int = 5) -> tuple[str, str]:
+    """One line about leftover entries (the first `shown` described) and the next step: for doctor."""
+    text = "; ".join(e.describe(now) for e in entries[:shown])
+    more = f"; and {len(entries) - shown} more" if len(entries) > shown else ""
+    return (f"{len(entries)} challenge TXT record(s) left behind, not yet confirmed removed: {text}{more}",
+            "the next `certmgr renew`/`run` retries them first; if they stay, the DNS server refuses or times out "
+            "the delete — see `certmgr status` and docs/troubleshooting.md")
+
+
 def read(store: JournalStore) -> list[Entry]:
     """The journal's entries, oldest first (read-only: for status and doctor; lock-free)."""
     raw = store.load_json(JOURNAL_PATH, default=[])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from certmgr.dns import TXTRecord, ZoneUpdate, first_error
-from certmgr.dns.journal import JOURNAL_PATH, CertJournal, Entry, Journal, age_text, read, retry_leftovers
+from certmgr.dns.journal import JOURNAL_PATH, CertJournal, Entry, Journal, age_text, read, retry_leftovers, summary
 from certmgr.errors import DNSAuthError, DNSError, StoreError
 from certmgr.store import Store
 
@@ -204,24 +204,25 @@ def test_empty_journal_asks_nothing(store: Store) -> None:
 
 
 def _churn(root: Path, out: int) -> None:
-    """Child: journal value i, say `sent i` (as if the UPDATE went out), every other one drop it and say `gone i`."""
+    """Child: journal value i, say `sent i` (as if the UPDATE went out); every other one say `dropping i`, drop it,
+    say `gone i`."""
     j = Journal.load(Store(root))
     i = 0
     while True:
         j.written("lab", "c", [rec(f"c{i % 100:03d}.hachyderm.test", f"v{i}")])
         os.write(out, f"sent {i}\n".encode())
         if i % 2:
+            os.write(out, f"dropping {i}\n".encode())
             j.drop([rec(f"c{i % 100:03d}.hachyderm.test", f"v{i}").key])
             os.write(out, f"gone {i}\n".encode())
         i += 1
 
 
 def test_a_writer_killed_at_any_moment_leaves_a_whole_journal_with_every_sent_value(store: Store) -> None:
-    """SIGKILLed 20 times mid-churn, the journal is always whole JSON and lists every value announced as sent and
-    not announced as dropped (an entry is saved before its UPDATE)."""
+    """SIGKILLed 20 times mid-churn, the journal is always whole JSON, lists every value announced as sent and not
+    being dropped (an entry is saved before its UPDATE), and none announced as dropped."""
     rng = random.Random(11)
-    sent: set[str] = set()
-    gone: set[str] = set()
+    said: dict[str, set[str]] = {"sent": set(), "dropping": set(), "gone": set()}
     for _ in range(20):
         r, w = os.pipe()
         pid = os.fork()
@@ -245,10 +246,23 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_journal_with_every_sent_va
         os.close(r)
         for line in buf.decode().splitlines():
             what, i = line.split()
-            (sent if what == "sent" else gone).add(f"v{i}")
+            said[what].add(f"v{i}")
         values = {e.value for e in read(store)}  # whole, parseable, every entry complete
-        assert (sent - gone) <= values, sorted((sent - gone) - values)
+        kept = said["sent"] - said["dropping"]
+        assert kept <= values, sorted(kept - values)
+        assert not (said["gone"] & values), sorted(said["gone"] & values)
         # start the next child from a clean journal, so `v0…` are fresh values again
         (store.root / JOURNAL_PATH).unlink()
-        sent.clear()
-        gone.clear()
+        for s in said.values():
+            s.clear()
+
+
+def test_summary_names_the_first_five_and_counts_the_rest() -> None:
+    """Doctor's line shows at most five leftovers and says how many more there are."""
+    entries = [Entry(zone="z.test", fqdn=f"_acme-challenge.n{i}.z.test", value=f"v{i}", provider="p", cert="c",
+                     domain=f"n{i}.z.test", first_written=T0) for i in range(7)]
+    message, hint = summary(entries, T0 + dt.timedelta(minutes=3))
+    assert message.startswith('7 challenge TXT record(s) left behind, not yet confirmed removed: '
+                              '_acme-challenge.n0.z.test TXT "v0" (zone z.test, provider p, cert c) left 3m ago')
+    assert message.count("(zone z.test") == 5 and message.endswith("; and 2 more")
+    assert hint.startswith("the next `certmgr renew`/`run` retries them first")
