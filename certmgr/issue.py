@@ -76,8 +76,6 @@ class Issued:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
-
-
 class AccountStore(Protocol):
     def load_account_key(self, ca_id: str) -> bytes | None: ...
 
