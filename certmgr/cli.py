@@ -554,10 +554,12 @@ def status_cmd(c: Ctx, fresh: bool, as_json: bool) -> None:
         result = run_async(scan_mod.scan(inv, store, now=now))
         scan_mod.save_state(c.store(), result)
     views = status_mod.gather(inv, store, now=now)
+    leftovers = status_mod.dns_leftovers(store)
     if as_json:
-        emit_json({"time": now.isoformat(), "certificates": [v.to_json() for v in views]})
+        emit_json({"time": now.isoformat(), "certificates": [v.to_json() for v in views],
+                   "dns_leftovers": status_mod.leftovers_json(leftovers, now)})
     else:
-        for line in status_mod.render(views, now):
+        for line in status_mod.render(views, now) + status_mod.render_leftovers(leftovers, now):
             click.echo(line)
 
 

@@ -377,6 +377,23 @@ def check_store(root: Path) -> tuple[Check, Any]:
                  message=f"writable; {live} certificate(s) live"), store
 
 
+def check_dns_leftovers(store: Any, *, now: dt.datetime) -> Check:
+    """The DNS journal is empty: no challenge TXT record certmgr wrote is waiting to be removed (warning if any)."""
+    from certmgr.dns import journal as journal_mod
+
+    def result(status: Status, message: str, hint: str | None = None) -> Check:
+        return Check(group="dns", name="leftovers", subject=journal_mod.JOURNAL_PATH, status=status, message=message,
+                     hint=hint)
+
+    try:
+        entries = journal_mod.read(store) if store is not None else []
+    except CertmgrError as exc:
+        return result(Status.FAIL, exc.message, exc.hint)
+    if not entries:
+        return result(Status.OK, "no challenge TXT record left behind")
+    return result(Status.WARNING, *journal_mod.summary(entries, now))
+
+
 def _live_or_none(store: _StoreLike, name: str) -> int | None:
     try:
         return store.live_version(name)
@@ -476,7 +493,7 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
 
 async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Check:
     """A TSIG-signed SOA query for `zone` to its primary: the key is accepted and the zone served with AA."""
-    from certmgr.dns.rfc2136 import RFC2136Provider, parse_tsig_secret
+    from certmgr.dns.rfc2136 import RFC2136Provider, badkey_cause, badkey_hint, parse_tsig_secret
     from certmgr.errors import DNSError
 
     subject = f"dns.{prov.name} {zone}"
@@ -507,8 +524,9 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
         async with asyncio.timeout(timeouts.dns):
             resp = await dns.asyncquery.tcp(q, server, port=prov.port, timeout=timeouts.dns)
     except dns.tsig.PeerBadKey:
-        return result(Status.FAIL, f"TSIG key {kname}: {where} does not know this key (BADKEY)",
-                      "the tsig_key name must match a `key` clause in the server's config")
+        # one diagnosis with the provider's: Knot answers BADKEY for a known key its ACL denies, too
+        return result(Status.FAIL, f"TSIG key {kname}: {where} answered {badkey_cause(kname)}",
+                      badkey_hint(kname, f"the _acme-challenge names in {zone}"))
     except dns.tsig.PeerBadSignature:
         return result(Status.FAIL, f"TSIG key {kname}: {where} rejected the signature (BADSIG): the secret or "
                                    f"algorithm ({algorithm}) differs from the server's",
@@ -948,6 +966,7 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
     checks += check_secrets(inv)
     store_check, store = check_store(state_dir)
     checks.append(store_check)
+    checks.append(check_dns_leftovers(store, now=now))
 
     async def default_prober(address: str, port: int, sni: str) -> Any:
         return await probe(address, port, sni, connect_timeout=timeouts.handshake,

@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import json_util
 
 from certmgr import __version__, keys
-from certmgr.dns import Provider, TXTRecord, locate, run_all
-from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, DNSAuthError, RateLimited
+from certmgr.dns import Provider, TXTRecord, ZoneUpdate, first_error, locate, run_all
+from certmgr.dns.journal import CertJournal, Key
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.log import Secret, event
 from certmgr.material import CertMaterial, split_pem
@@ -73,10 +74,6 @@ class Issued:
     replaced: str | None = None  # the ARI certID sent as `replaces`, when the CA took it
     notes: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
-
-
-# Told (provider name, record) pairs before challenge TXT records are written, and [] once they are removed.
-Journal = Callable[[Sequence[tuple[str, TXTRecord]]], None]
 
 
 class AccountStore(Protocol):
@@ -365,11 +362,11 @@ class ACMEClient:
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
                     providers: Mapping[str, Provider], replaces: str | None = None,
-                    journal: Journal | None = None) -> Issued:
+                    journal: CertJournal | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
 
-        `journal` is told which TXT records are about to be written (before the UPDATE) and that they
-        are gone (after cleanup), so a run killed in between can have them removed by the next one.
+        `journal` is told which TXT records are about to be written (before the UPDATE) and which the
+        server confirmed gone, so whatever a kill, a timeout or a refusal leaves is retried by a later run.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
@@ -451,7 +448,7 @@ class ACMEClient:
     async def _dns01(self, net: _Net, client: ClientV2, cert: Certificate,
                      pending: list[tuple[str, messages.Authorization]], *, inventory: Inventory,
                      providers: Mapping[str, Provider], timings: dict[str, float], t0: float,
-                     journal: Journal | None) -> None:
+                     journal: CertJournal | None) -> None:
         """Present every TXT, wait until every authoritative server serves them, answer, poll; always clean up."""
         loop = asyncio.get_running_loop()
         todo: list[tuple[str, messages.Authorization, messages.ChallengeBody]] = []
@@ -464,17 +461,11 @@ class ACMEClient:
                                 retryable=False)
             todo.append((url, authz, chall))
         placed: dict[str, tuple[Provider, list[TXTRecord]]] = {}
-        rejected: set[str] = set()  # providers whose server refused the UPDATE: nothing of ours is there
-
-        async def present(name: str, prov: Provider, recs: list[TXTRecord]) -> None:
-            try:
-                await prov.present(recs)
-            except DNSAuthError:
-                # Provider contract: present() raises having written nothing it knows of. A rejected
-                # UPDATE (REFUSED, NOTAUTH, BADKEY, BADSIG, BADTIME) wrote nothing, so there is
-                # nothing to clean up and a second rejected UPDATE would only mislead the operator.
-                rejected.add(name)
-                raise
+        # Records whose add the server refused: RFC 2136 §3.7, nothing of that UPDATE was written, so no
+        # delete follows (a second rejected UPDATE would only mislead the operator). Other zones' records,
+        # accepted or unanswered, are still removed.
+        refused: set[Key] = set()
+        journaled: set[Key] = set()  # keys this order added to the journal (a value left by an earlier run is not)
 
         try:
             for _url, authz, chall in todo:
@@ -483,10 +474,19 @@ class ACMEClient:
                 value = chall.chall.validation(self.account_key)
                 prov, rec = await locate(inventory, providers, domain, value)
                 placed.setdefault(prov.name, (prov, []))[1].append(rec)
-            if journal is not None:
-                journal([(name, rec) for name, (_, recs) in placed.items() for rec in recs])
-            # one UPDATE per zone per provider; providers in parallel
-            await run_all([present(name, prov, recs) for name, (prov, recs) in placed.items()])
+            if journal is not None:  # before any UPDATE: a kill from here on leaves the records listed
+                for name, (_, recs) in placed.items():
+                    journaled |= journal.written(name, recs)
+            # one UPDATE per zone per provider; providers in parallel, each zone's UPDATE to its end
+            results = await asyncio.gather(*(prov.present(recs) for prov, recs in placed.values()))
+            updates: list[ZoneUpdate] = [u for batch in results for u in batch]
+            not_written = {r.key for u in updates if u.applied is False for r in u.records}
+            refused |= not_written
+            if journal is not None and not_written & journaled:
+                journal.drop(not_written & journaled)
+            error = first_error(updates)
+            if error is not None:
+                raise error
             timings["presented"] = loop.time() - t0
             await run_all([prov.wait_propagated(recs) for prov, recs in placed.values()])
             timings["propagated"] = loop.time() - t0
@@ -498,11 +498,12 @@ class ACMEClient:
         finally:
             # shield: on cancellation (Ctrl-C, SIGTERM) the records are still removed
             async def clean() -> None:
-                for name, (prov, recs) in placed.items():
-                    if name not in rejected:
-                        await prov.cleanup(recs)
-                if journal is not None:
-                    journal([])
+                batches = await asyncio.gather(*(
+                    prov.cleanup([r for r in recs if r.key not in refused]) for prov, recs in placed.values()
+                    if any(r.key not in refused for r in recs)))
+                gone = {r.key for batch in batches for u in batch if u.applied for r in u.records}
+                if journal is not None and gone:
+                    journal.drop(gone)  # only what the server confirmed; the rest waits for a later run
 
             if placed:
                 try:

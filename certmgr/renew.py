@@ -19,6 +19,7 @@ from certmgr import keys
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
+from certmgr.dns.journal import CertJournal, Journal, retry_leftovers
 from certmgr.errors import CertmgrError, RateLimited, SecretError, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 10
 STATE_SECTION = "state/renew"
+LEFTOVER_TIMEOUT = 30.0  # each run spends at most this retrying challenge records earlier runs left behind
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,29 +109,6 @@ def load_state(store: Store, name: str) -> RenewState:
     return RenewState.from_json(store.load_json(state_path(name), default=None))
 
 
-def pending_path(name: str) -> str:
-    """Challenge records written but not yet removed (a run killed mid-order leaves them listed here)."""
-    return f"{STATE_SECTION}/pending/{name}.json"
-
-
-async def _clean_leftovers(run: _Run, cert: Certificate, providers: Mapping[str, Provider]) -> None:
-    """Remove TXT records a killed earlier run of this certificate left behind (our values only)."""
-    pending = run.store.load_json(pending_path(cert.name), default=[])
-    if not pending:
-        return
-    groups: dict[str, list[TXTRecord]] = {}
-    for item in pending:
-        groups.setdefault(item["provider"], []).append(TXTRecord(fqdn=item["fqdn"], zone=item["zone"],
-                                                                 value=item["value"], domain=item["domain"]))
-    for name, recs in groups.items():
-        prov = providers.get(name)
-        if prov is not None:
-            await prov.cleanup(recs)
-    event(log, logging.INFO, "removed challenge records left by an interrupted run", cert=cert.name,
-          records=len(pending))
-    run.store.save_json(pending_path(cert.name), [])
-
-
 def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
     if store.live_version(name) is None:
         return None, None
@@ -157,6 +136,7 @@ class _Run:
         self._clients: dict[str, asyncio.Task[ACMEClient]] = {}
         self._providers: dict[str, Provider] | None = None
         self._provider_errors: dict[str, CertmgrError] = {}
+        self.journal: Journal | None = None  # the DNS journal (None: dry run, or unreadable)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -217,12 +197,27 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
             results[cert.name] = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
 
     try:
+        if not dry_run:
+            await _retry_dns_leftovers(run)
         async with asyncio.TaskGroup() as tg:
             for cert in certs:
                 tg.create_task(one(cert))
     finally:
         run.close()
     return [results[c.name] for c in certs]
+
+
+async def _retry_dns_leftovers(run: _Run) -> None:
+    """Before any order: open the DNS journal and retry removing every TXT value earlier runs left (any cert)."""
+    try:
+        run.journal = Journal.load(run.store)
+    except CertmgrError as exc:  # renewals matter more than the journal: go on, but say it loudly
+        event(log, logging.ERROR, "DNS journal unreadable: challenge records are not tracked in this run",
+              error=str(exc), hint=exc.hint or "")
+        return
+    if run.journal.entries():
+        providers, _ = run.providers()
+        await retry_leftovers(run.journal, providers, timeout=LEFTOVER_TIMEOUT)
 
 
 async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, dry_run: bool,
@@ -329,12 +324,7 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
             replaces = ari_cert_id(material.leaf)
         except ValueError:
             replaces = None
-    await _clean_leftovers(run, cert, providers)
-
-    def journal(records: Sequence[tuple[str, TXTRecord]]) -> None:
-        run.store.save_json(pending_path(cert.name), [
-            {"provider": p, "fqdn": r.fqdn, "zone": r.zone, "value": r.value, "domain": r.domain} for p, r in records])
-
+    journal = CertJournal(run.journal, cert.name) if run.journal is not None else None
     issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
                                 journal=journal)
     new_info = issued.material.info()

@@ -11,6 +11,7 @@ from typing import Any
 
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
+from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Inventory
 from certmgr.material import CertInfo
@@ -129,6 +130,25 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
             dep = f", last deploy {p.last_deploy} {_short(p.last_deploy_at)}" if p.last_deploy else ""
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""
             out.append(f"    {p.host:<20} {mark:<8} {p.severity or '-':<8} serial {p.serves or '-'}{dep}{prob}")
+    return out
+
+
+def dns_leftovers(store: Any) -> list[journal_mod.Entry]:
+    """Challenge TXT values written and not yet confirmed removed (the DNS journal), oldest first."""
+    return journal_mod.read(store)
+
+
+def leftovers_json(entries: list[journal_mod.Entry], now: dt.datetime) -> list[dict[str, Any]]:
+    return [{**e.to_json(), "age_seconds": round((now - e.first_written).total_seconds())} for e in entries]
+
+
+def render_leftovers(entries: list[journal_mod.Entry], now: dt.datetime) -> list[str]:
+    """Nothing when the journal is empty; else a heading and one line per record with its age."""
+    if not entries:
+        return []
+    out = [f"DNS: {len(entries)} challenge TXT record(s) left behind, not yet confirmed removed "
+           "(the next renew retries them first):"]
+    out += [f"  {e.describe(now)}" for e in entries]
     return out
 
 

@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -437,6 +438,22 @@ class Lab:
 
         if not wait_until(caught_up, timeout, 0.05):
             raise LabError(f"secondary {SECONDARY_NS}:{self.ports.dns} did not catch up within {timeout:.0f}s")
+
+    def kill_named(self) -> None:
+        """SIGKILL the primary named, as a crash would: its zone files and update journals stay on disk."""
+        pid = self.named_pid
+        if pid is None:
+            raise LabError("the primary named is not running")
+        os.kill(pid, signal.SIGKILL)
+        if not wait_until(lambda: not pid_alive(pid), 10.0, 0.02):
+            raise LabError(f"named pid {pid} did not die")
+        (self.dns_dir / "named.pid").unlink(missing_ok=True)
+
+    def restart_named(self) -> None:
+        """Start the primary again over the same zone files and journals: its dynamic updates are served again."""
+        if self.named_pid is not None:
+            return
+        self._run_named("named", self.dns_dir, PRIMARY_NS, named.PRIMARY_ZONES)
 
     def _stop_dns(self) -> list[int]:
         stopped: list[int] = []

@@ -26,6 +26,32 @@ class TXTRecord:
     value: str
     domain: str
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(zone, owner name, value): what identifies one challenge value in DNS (names case-folded)."""
+        return (self.zone.lower(), self.fqdn.lower(), self.value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ZoneUpdate:
+    """What became of one UPDATE (one zone's records): applied, certainly not applied, or unknown.
+
+    RFC 2136 §3.7: an UPDATE is applied whole or not at all, so the server's answer covers every record in it.
+    """
+
+    zone: str
+    records: tuple[TXTRecord, ...]
+    # True: the server answered NOERROR. False: it answered with an error, or nothing was sent (no change made).
+    # None: no answer (timeout, connection lost): the change may or may not have been made.
+    applied: bool | None
+    error: DNSError | None = None
+
+
+def first_error(updates: Sequence[ZoneUpdate]) -> DNSError | None:
+    """The error to report for a batch: a server's verdict before a missing answer, else the first."""
+    failed = sorted((u for u in updates if u.error is not None), key=lambda u: u.applied is not False)
+    return failed[0].error if failed else None
+
 
 # (action, zone, records) once a server accepted an UPDATE: "dns published" or "dns removed".
 DNSChange = Callable[[str, str, Sequence[TXTRecord]], None]
@@ -34,18 +60,20 @@ DNSChange = Callable[[str, str, Sequence[TXTRecord]], None]
 class Provider(Protocol):
     """A DNS-01 provider. Safe to call concurrently from many tasks.
 
-    `present` writes every record (one update per zone) or raises DNSError having written none it
-    knows of; `cleanup` removes only the given values (never whole RRsets) and never raises — it
-    logs; `wait_propagated` returns once every authoritative nameserver of each zone serves every
+    `present` writes every record and `cleanup` removes exactly the given values (never whole RRsets),
+    one UPDATE per zone, every zone's UPDATE run to its end even when another fails; both return one
+    `ZoneUpdate` per zone saying what the server did (a zone refused never hides another accepted),
+    and never raise for a server's answer or silence (cleanup also logs its failures).
+    `wait_propagated` returns once every authoritative nameserver of each zone serves every
     value, or raises PropagationTimeout naming the servers that lag.
     """
 
     name: str
     on_change: DNSChange | None  # told of every change the server accepted (the audit log)
 
-    async def present(self, records: Sequence[TXTRecord]) -> None: ...
+    async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]: ...
 
-    async def cleanup(self, records: Sequence[TXTRecord]) -> None: ...
+    async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]: ...
 
     async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None: ...
 

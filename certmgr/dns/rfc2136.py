@@ -27,7 +27,7 @@ import dns.resolver
 import dns.tsig
 import dns.update
 
-from certmgr.dns import DNSChange, TXTRecord, run_all
+from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, run_all
 from certmgr.dns.propagation import wait_served
 from certmgr.errors import DNSAuthError, DNSClockSkewError, DNSError, SecretError
 from certmgr.inventory import DNSProvider, normalise_tsig_algorithm
@@ -248,18 +248,20 @@ class RFC2136Provider:
 
     # -- the Provider contract
 
-    async def present(self, records: Sequence[TXTRecord]) -> None:
-        """Add every record's value, one UPDATE per zone (the zones concurrently)."""
-        await run_all([self._update(zone, recs, add=True) for zone, recs in _by_zone(records).items()])
+    async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        """Add every record's value, one UPDATE per zone (the zones concurrently, each to its end)."""
+        return tuple(await asyncio.gather(*(self._update(zone, recs, add=True)
+                                            for zone, recs in _by_zone(records).items())))
 
-    async def cleanup(self, records: Sequence[TXTRecord]) -> None:
-        """Delete exactly our values (never the RRset); errors are logged, never raised."""
-        for zone, recs in _by_zone(records).items():
-            try:
-                await self._update(zone, recs, add=False)
-            except (DNSError, OSError) as exc:
-                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=zone,
-                      records=len(recs), error=str(exc))
+    async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        """Delete exactly our values (never the RRset), zones concurrently; failures are logged, never raised."""
+        done = tuple(await asyncio.gather(*(self._update(zone, recs, add=False)
+                                            for zone, recs in _by_zone(records).items())))
+        for u in done:
+            if u.error is not None:
+                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=u.zone,
+                      records=len(u.records), error=str(u.error))
+        return done
 
     async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None:
         limit = self.cfg.propagation_timeout if timeout is None else timeout
@@ -271,63 +273,90 @@ class RFC2136Provider:
             waits.append(wait_served(zone, await self.nameservers(zone), expected, timeout=limit))
         await run_all(waits)
 
-    async def _update(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> None:
-        primary = await self.primary(zone)
+    async def _update(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:
+        """One UPDATE for `recs` (all in `zone`); what the server did, its refusal or silence as the error."""
+        records = tuple(recs)
+
+        def failed(applied: bool | None, error: DNSError, cause: BaseException | None = None) -> ZoneUpdate:
+            error.__cause__ = cause
+            return ZoneUpdate(zone=zone, records=records, applied=applied, error=error)
+
+        try:
+            primary = await self.primary(zone)
+        except DNSError as exc:  # nothing was sent
+            return failed(False, exc)
         where = _server(primary, self.cfg.port)
         upd = dns.update.UpdateMessage(dns.name.from_text(zone))
         upd.use_tsig(self._key.dns_key())
-        for r in recs:
+        for r in records:
             rdata = f'"{r.value}"'
             if add:
                 upd.add(dns.name.from_text(r.fqdn), CHALLENGE_TTL, dns.rdatatype.TXT, rdata)
             else:
-                # RFC 2136 §2.5.4: delete an RR from an RRset — only this value, other orders' values stay
+                # RFC 2136 §2.5.4: delete an RR from an RRset — only this value, other orders' values stay.
+                # A value already gone is no error (NOERROR): the record is confirmed absent either way.
                 upd.delete(dns.name.from_text(r.fqdn), dns.rdatatype.TXT, rdata)
         verb = "add" if add else "delete"
         outcome = "(TXT not written)" if add else "(TXT may be left behind)"
         step = f"dns update {zone} @{where}"
+        names = ", ".join(sorted({r.fqdn for r in records}))
+        # A TSIG error or an rcode is the server's verdict: RFC 2136 §3.7, nothing of the UPDATE was applied.
         try:
             async with asyncio.timeout(UPDATE_TIMEOUT):
                 resp = await dns.asyncquery.tcp(upd, primary, timeout=UPDATE_TIMEOUT, port=self.cfg.port)
         except dns.tsig.PeerBadKey as exc:
-            raise DNSAuthError(f"{step}: server does not know TSIG key {self._key.name!r} (BADKEY) {outcome}",
-                               hint="check tsig_key against the key name in the server's config") from exc
+            return failed(False, DNSAuthError(f"{step}: {badkey_cause(self._key.name)} {outcome}",
+                                              hint=badkey_hint(self._key.name, names)), exc)
         except dns.tsig.PeerBadSignature as exc:
-            raise DNSAuthError(f"{step}: TSIG signature rejected (BADSIG) — wrong secret or algorithm for key "
-                               f"{self._key.name!r} {outcome}",
-                               hint="compare the tsig_secret file with the server's key and tsig_algorithm") from exc
+            return failed(False, DNSAuthError(
+                f"{step}: TSIG signature rejected (BADSIG) — wrong secret or algorithm for key {self._key.name!r} "
+                f"{outcome}", hint="compare the tsig_secret file with the server's key and tsig_algorithm"), exc)
         except dns.tsig.PeerBadTime as exc:
-            raise DNSClockSkewError(f"{step}: TSIG time rejected (BADTIME) {outcome}",
-                                    hint="this machine's clock and the DNS server's differ by more than 5 minutes; "
-                                         "fix NTP") from exc
+            return failed(False, DNSClockSkewError(
+                f"{step}: TSIG time rejected (BADTIME) {outcome}",
+                hint="this machine's clock and the DNS server's differ by more than 5 minutes; fix NTP"), exc)
         except dns.tsig.PeerError as exc:
-            raise DNSAuthError(f"{step}: TSIG rejected ({type(exc).__name__}) {outcome}") from exc
+            return failed(False, DNSAuthError(f"{step}: TSIG rejected ({type(exc).__name__}) {outcome}"), exc)
         except (TimeoutError, dns.exception.Timeout) as exc:
-            raise DNSError(f"{step}: no answer within {UPDATE_TIMEOUT:g}s {outcome}") from exc
-        except ConnectionRefusedError as exc:
-            raise DNSError(f"{step}: connection refused {outcome}", hint="is the DNS server running?") from exc
+            return failed(None, DNSError(f"{step}: no answer within {UPDATE_TIMEOUT:g}s {outcome}"), exc)
+        except ConnectionRefusedError as exc:  # nothing reached the server
+            return failed(False, DNSError(f"{step}: connection refused {outcome}",
+                                          hint="is the DNS server running?"), exc)
         except (OSError, dns.exception.DNSException) as exc:
-            raise DNSError(f"{step}: {type(exc).__name__}: {exc} {outcome}") from exc
+            return failed(None, DNSError(f"{step}: {type(exc).__name__}: {exc} {outcome}"), exc)
         rcode = resp.rcode()
         if rcode == dns.rcode.NOERROR:
             event(log, logging.DEBUG, f"challenge TXT {verb}", provider=self.name, zone=zone, server=where,
-                  names=",".join(sorted({r.fqdn for r in recs})), values=len(recs))
+                  names=",".join(sorted({r.fqdn for r in records})), values=len(records))
             if self.on_change is not None:
-                self.on_change("dns published" if add else "dns removed", zone, recs)
-            return
-        names = ", ".join(sorted({r.fqdn for r in recs}))
+                self.on_change("dns published" if add else "dns removed", zone, records)
+            return ZoneUpdate(zone=zone, records=records, applied=True)
         text = dns.rcode.to_text(rcode)
         if rcode == dns.rcode.REFUSED:
-            raise DNSAuthError(f"{step}: REFUSED for {names} {outcome}",
-                               hint=f"the server's update-policy must grant key {self._key.name!r} "
-                                    f"TXT on {names}")
+            return failed(False, DNSAuthError(f"{step}: REFUSED for {names} {outcome}",
+                                              hint=f"the server's update-policy must grant key {self._key.name!r} "
+                                                   f"TXT on {names}"))
         if rcode == dns.rcode.NOTAUTH:
-            raise DNSAuthError(f"{step}: NOTAUTH (the key is not accepted or the server is not authoritative "
-                               f"for {zone}) {outcome}",
-                               hint="check tsig_key/tsig_secret and that server is the zone's primary")
+            return failed(False, DNSAuthError(
+                f"{step}: NOTAUTH (the key is not accepted or the server is not authoritative for {zone}) {outcome}",
+                hint="check tsig_key/tsig_secret, that server is the zone's primary, and that its update "
+                     f"policy/ACL grants key {self._key.name!r} TXT on {names}"))
         if rcode == dns.rcode.NOTZONE:
-            raise DNSError(f"{step}: NOTZONE — {names} is not inside {zone} {outcome}", hint="check zones = [...]")
-        raise DNSError(f"{step}: {text} {outcome}")
+            return failed(False, DNSError(f"{step}: NOTZONE — {names} is not inside {zone} {outcome}",
+                                          hint="check zones = [...]"))
+        return failed(False, DNSError(f"{step}: {text} {outcome}"))
+
+
+def badkey_cause(key: str) -> str:
+    """What a TSIG BADKEY means (RFC 8945 §5.2.1): an unknown key — or, from Knot, a known key its ACL denies."""
+    return (f"BADKEY for TSIG key {key!r}: the server does not know this key, or its update policy/ACL "
+            "denies it")
+
+
+def badkey_hint(key: str, names: str) -> str:
+    """The next step after BADKEY: both causes, since Knot answers an update its ACL denies with NOTAUTH + BADKEY."""
+    return (f"check tsig_key {key!r} against the key names in the server's config; if it is there, the server's "
+            f"update policy/ACL (bind update-policy, Knot acl) must allow this key to update TXT on {names}")
 
 
 def _by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:

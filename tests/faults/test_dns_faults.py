@@ -70,6 +70,12 @@ def foreign_update(lab: Lab, adds: Sequence[tuple[str, str]]) -> None:
     assert resp.rcode() == 0, resp
 
 
+def journal_entries(state: Path) -> list[dict[str, str]]:
+    """The DNS journal as written (it must exist once a run has journaled anything)."""
+    data: list[dict[str, str]] = json.loads((state / "state" / "dns" / "journal.json").read_text())
+    return data
+
+
 def renew_json(proc: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     start = proc.stdout.index("[")
     data: list[dict[str, object]] = json.loads(proc.stdout[start:])
@@ -111,7 +117,8 @@ def test_dns_update_refused_fails_fast_without_answering_a_challenge(dlab: Lab, 
     elif fault == "unknown-key":
         cert, overrides = MEDIA, {"tsig_key": "certmgr-nobody",
                                   "tsig_secret_file": str(bad_key_file(tmp_path, "certmgr-nobody"))}
-        expected = f"{where}: server does not know TSIG key 'certmgr-nobody' (BADKEY) (TXT not written)"
+        expected = (f"{where}: BADKEY for TSIG key 'certmgr-nobody': the server does not know this key, or its "
+                    "update policy/ACL denies it (TXT not written)")
         named_says = "(BADKEY)"
     else:
         cert, overrides = MEDIA, {"tsig_secret_file": str(bad_key_file(tmp_path, "certmgr-lab"))}
@@ -217,8 +224,7 @@ def test_secondary_never_receiving_the_record_fails_bounded_and_cleans(dlab: Lab
     assert pebble.count("orders in the db") == 1
     assert pebble.count("POST /chalZ/") == 0 and pebble.count("Pulled a task") == 0
     assert txt_at(dlab, f"_acme-challenge.{MEDIA}") == set()  # cleaned on the primary
-    pending = json.loads((state / "state" / "renew" / "pending" / f"{MEDIA}.json").read_text())
-    assert pending == []  # the journal says nothing is left behind
+    assert journal_entries(state) == []  # the journal says nothing is left behind
     assert_failure_audited(state, MEDIA, error)
 
 
@@ -305,6 +311,132 @@ def test_thirty_stale_values_from_a_crash_are_removed_and_foreign_ones_kept(dlab
         assert not (left & stale[n]), f"{n}: stale value still served"
         assert left == ({f"foreign-{i}"} if i < 5 else set()), (n, left)
     assert txt_at(dlab, "_acme-challenge.c070.hachyderm.test") == {"foreign-other-name"}
-    assert json.loads((state / "state" / "renew" / "pending" / f"{name}.json").read_text()) == []
+    assert journal_entries(state) == []
     [renewed] = actions(state, "renewed")
     assert renewed["object"] == name
+
+
+# ---------------------------------------------------------------- records left behind: the DNS journal
+
+
+WWW = "www.hachyderm.test"
+
+
+def wait_published(lab: Lab, proc: subprocess.Popen[str], fqdn: str) -> set[str]:
+    """Wait until the primary serves a TXT at `fqdn` (the run presented it); return the values."""
+    deadline = time.monotonic() + 60
+    while not (values := txt_at(lab, fqdn)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the TXT never reached the primary"
+        time.sleep(0.05)
+    return values
+
+
+def doctor_check(inv: Path, state: Path, name: str) -> dict[str, object]:
+    proc = certmgr(inv, state, "doctor", "--json", "--timer-interval", "12h", verbose=False)
+    [check] = [c for c in json.loads(proc.stdout)["checks"] if c["name"] == name]
+    return dict(check)
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_dns_server_lost_during_cleanup_keeps_the_record_until_a_later_run_of_another_cert_removes_it(
+        dlab: Lab, tmp_path: Path, fault: str) -> None:
+    """The DNS server killed (or frozen) between present and cleanup: the journal keeps the value, status and doctor
+    list it, the zone still serves it; with the server back, the next `renew` of another certificate (or `run`)
+    removes it first."""
+    fqdn = f"_acme-challenge.{MEDIA}"
+    certs = [{"name": MEDIA, "domains": [MEDIA]}, {"name": WWW, "domains": [WWW]}]
+    # the lagging secondary makes the run fail propagation after 3 s and clean up, with the primary gone by then
+    slow = write_inventory(tmp_path / "slow.toml", inventory_text(
+        dlab, certs=(), hosts=[], extra_certs=certs,
+        dns_overrides={"nameservers": ["127.0.0.1", "127.0.0.2"], "propagation_timeout": "3s"}))
+    good = write_inventory(tmp_path / "good.toml", inventory_text(dlab, certs=(), hosts=[], extra_certs=certs))
+    state = tmp_path / "state"
+    port = dlab.ports.dns
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "certmgr", "--inventory", str(slow), "--state-dir", str(state),
+                             "-vv", "renew", MEDIA, "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        [value] = wait_published(dlab, proc, fqdn)
+        pid = dlab.named_pid
+        assert pid is not None
+        if fault == "kill":
+            dlab.kill_named()
+        else:
+            os.kill(pid, signal.SIGSTOP)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err[-2000:]
+        [outcome] = json.loads(out[out.index("["):])
+        assert str(outcome["error"]).startswith("dns propagation hachyderm.test: ")
+        said = ("connection refused" if fault == "kill" else "no answer within 10s") + " (TXT may be left behind)"
+        assert f"dns update hachyderm.test @127.0.0.1:{port}: {said}" in err
+        # the journal: the value, unconfirmed, kept with everything needed to remove it
+        [entry] = journal_entries(state)
+        assert {k: entry[k] for k in ("zone", "fqdn", "value", "provider", "cert", "domain")} == {
+            "zone": "hachyderm.test", "fqdn": fqdn, "value": value, "provider": "lab", "cert": MEDIA,
+            "domain": MEDIA}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if fault == "kill":
+            dlab.restart_named()  # over the same zone file and journal: what named had accepted is back
+        elif pid is not None:
+            os.kill(pid, signal.SIGCONT)
+    if fault == "kill":
+        assert txt_at(dlab, fqdn) == {value}  # bind had applied the add: the value is still in the zone
+    # status and doctor show it, with its age
+    status = certmgr(good, state, "status", verbose=False)
+    assert status.returncode == 0, status.stderr
+    assert ("DNS: 1 challenge TXT record(s) left behind, not yet confirmed removed (the next renew retries them "
+            "first):") in status.stdout
+    assert f'  {fqdn} TXT "{value[:10]}…" (zone hachyderm.test, provider lab, cert {MEDIA}) left ' in status.stdout
+    [left] = json.loads(certmgr(good, state, "status", "--json", verbose=False).stdout)["dns_leftovers"]
+    assert left["value"] == value and left["cert"] == MEDIA and left["age_seconds"] >= 0
+    check = doctor_check(good, state, "leftovers")
+    assert check["status"] == "warning" and check["subject"] == "state/dns/journal.json"
+    assert str(check["message"]).startswith(f"1 challenge TXT record(s) left behind, not yet confirmed removed: "
+                                            f"{fqdn} TXT")
+
+    # the next run, of another certificate, first removes it (by query: nothing left), then renews
+    if fault == "kill":
+        rerun = certmgr(good, state, "renew", WWW, "--json")
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert renew_json(rerun)[0]["status"] == "renewed"
+    else:  # the daily `run`: MEDIA is held back after its failure, WWW renews
+        rerun = certmgr(good, state, "run", "--json", "--no-notify")
+        report = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+        assert {r["name"]: r["status"] for r in report["renewals"]} == {MEDIA: "backoff", WWW: "renewed"}, (
+            rerun.stderr[-3000:])
+        assert rerun.returncode == report["exit_code"] == 0, rerun.stderr[-3000:]
+    assert "removed challenge records left by an interrupted run" in rerun.stderr and "records=1" in rerun.stderr
+    assert txt_at(dlab, fqdn) == set() and txt_at(dlab, f"_acme-challenge.{WWW}") == set()
+    assert journal_entries(state) == []
+    assert "left behind" not in certmgr(good, state, "status", verbose=False).stdout
+    assert doctor_check(good, state, "leftovers")["status"] == "ok"
+
+
+def test_a_zone_refusing_the_update_does_not_hide_another_zones_accepted_record(dlab: Lab, tmp_path: Path) -> None:
+    """One certificate over two zones of one provider: refuse.test answers REFUSED, hachyderm.test accepts; the error
+    names refuse.test, the accepted value is removed (journal empty), and no delete is sent to the refusing zone."""
+    name = "two-zones"
+    inv = write_inventory(tmp_path / "domains.toml", inventory_text(
+        dlab, certs=(), hosts=[], dns_overrides={"zones": ["hachyderm.test", "refuse.test"]},
+        extra_certs=[{"name": name, "domains": [MEDIA, "www.refuse.test"]}]))
+    state = tmp_path / "state"
+    pebble, named = pebble_mark(dlab), LogMark(dlab.dns_dir / "named.log")
+    proc = certmgr(inv, state, "renew", name, "--json")
+    assert proc.returncode == 1, proc.stderr
+    [out] = renew_json(proc)
+    assert out["error"] == (f"dns update refuse.test @127.0.0.1:{dlab.ports.dns}: REFUSED for "
+                            "_acme-challenge.www.refuse.test (TXT not written)")
+    # the accepted zone's value was published and then removed; the refusing zone got one UPDATE only
+    assert [(a["object"], a["names"]) for a in actions(state, "dns published")] == [
+        ("hachyderm.test", [f"_acme-challenge.{MEDIA}"])]
+    assert [(a["object"], a["names"]) for a in actions(state, "dns removed")] == [
+        ("hachyderm.test", [f"_acme-challenge.{MEDIA}"])]
+    assert named.count("update 'refuse.test/IN' denied") == 1, named.new()[-2000:]
+    assert txt_at(dlab, f"_acme-challenge.{MEDIA}") == set()
+    assert journal_entries(state) == []
+    assert pebble.count("POST /chalZ/") == 0

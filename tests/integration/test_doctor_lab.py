@@ -93,7 +93,8 @@ def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) 
     assert not_ok(report) == []
     assert code == 0 and report["status"] == "ok"
     names = {c["name"] for c in report["checks"]}
-    assert names == {"inventory", "trust", "secret", "store", "directory", "account", "tsig", "nameservers", "ssh", "write",
+    assert names == {"inventory", "trust", "secret", "store", "leftovers", "directory", "account", "tsig", "nameservers",
+                     "ssh", "write",
                      "test-command",
                      "reload-command", "serves-live", "interval"}
     assert len([c for c in report["checks"] if c["name"] == "serves-live"]) == 3 * len(pops)
@@ -123,7 +124,8 @@ def test_plain_text_output_groups_checks(doctor_lab: Lab, state_dir: Path) -> No
 @pytest.mark.parametrize(("key_name", "expected"), [
     ("certmgr-lab", "TSIG key certmgr-lab: {server} rejected the signature (BADSIG): the secret or algorithm "
                     "(hmac-sha256) differs from the server's"),
-    ("certmgr-nokey", "TSIG key certmgr-nokey: {server} does not know this key (BADKEY)"),
+    ("certmgr-nokey", "TSIG key certmgr-nokey: {server} answered BADKEY for TSIG key 'certmgr-nokey': the server "
+                      "does not know this key, or its update policy/ACL denies it"),
 ])
 def test_wrong_tsig_secret_fails_naming_the_key(doctor_lab: Lab, state_dir: Path, tmp_path: Path, key_name: str,
                                                 expected: str) -> None:

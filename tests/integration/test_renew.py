@@ -548,9 +548,10 @@ def test_propagation_waits_for_a_lagging_secondary(rlab: Lab, store: Store, tmp_
         except Exception as exc:  # a LabError: reported below
             sync_errors.append(exc)
 
-    async def present_then_transfer_later(self: RFC2136Provider, records: Any) -> None:
-        await real_present(self, records)
+    async def present_then_transfer_later(self: RFC2136Provider, records: Any) -> Any:
+        done = await real_present(self, records)
         asyncio.get_running_loop().call_later(1.0, lambda: threading.Thread(target=sync).start())
+        return done
 
     monkeypatch.setattr(RFC2136Provider, "present", present_then_transfer_later)
     inv = load(tmp_path, inventory_text(rlab, [{"name": "c040.hachyderm.test", "domains": ["c040.hachyderm.test"]}],
@@ -574,9 +575,12 @@ def test_unknown_tsig_key_name(rlab: Lab, store: Store, tmp_path: Path) -> None:
     inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
                                         lab_key_file=bare, lab_key_name="no-such-key"))
     [out] = run_renew(inv, store)
-    assert out.error == (f"dns update hachyderm.test @127.0.0.1:{rlab.ports.dns}: server does not know TSIG key "
-                         "'no-such-key' (BADKEY) (TXT not written)")
-    assert out.hint == "check tsig_key against the key name in the server's config"
+    assert out.error == (f"dns update hachyderm.test @127.0.0.1:{rlab.ports.dns}: BADKEY for TSIG key "
+                         "'no-such-key': the server does not know this key, or its update policy/ACL denies it "
+                         "(TXT not written)")
+    assert out.hint == ("check tsig_key 'no-such-key' against the key names in the server's config; if it is there, "
+                        "the server's update policy/ACL (bind update-policy, Knot acl) must allow this key to update "
+                        "TXT on _acme-challenge.media.hachyderm.test")
 
 
 def test_terms_of_service_must_be_agreed(rlab: Lab, store: Store, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from certmgr import inventory
-from certmgr.dns import Provider, TXTRecord, challenge_name, locate, run_all
+from certmgr.dns import Provider, TXTRecord, ZoneUpdate, challenge_name, locate, run_all
 from certmgr.dns.propagation import wait_served
 from certmgr.dns.rfc2136 import RFC2136Provider, parse_tsig_secret
 from certmgr.errors import DNSAuthError, DNSError, PropagationTimeout, SecretError
@@ -168,9 +168,11 @@ class FakeProvider:
         self.cnames = cnames
         self.asked: list[tuple[str, str]] = []
 
-    async def present(self, records: Sequence[TXTRecord]) -> None: ...
+    async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        return ()
 
-    async def cleanup(self, records: Sequence[TXTRecord]) -> None: ...
+    async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        return ()
 
     async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None: ...
 
