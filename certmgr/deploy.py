@@ -351,8 +351,14 @@ for e in "$arch"/*; do
   case $b in ''|*[!0-9]*) continue ;; esac
   if [ -d "$e" ] && [ ! -L "$e" ]; then vs="$vs $b"; fi
 done
+case $cur in ''|*[!0-9]*) cur= ;; esac
+prev=
+for v in $(printf '%s\n' $vs | sort -n); do
+  if [ -n "$cur" ] && [ "$v" -lt "$cur" ]; then prev=$v; fi
+done
 for v in $(printf '%s\n' $vs | sort -n | head -n "-$keep"); do
   [ "$v" = "$cur" ] && continue
+  [ "$v" = "$prev" ] && continue
   g=$arch/.tmp-prune-$v-$$
   if mv -T -- "$arch/$v" "$g" && rm -rf -- "$g"; then say "removed=$v"; else say "prune_failed=$v"; fi
 done

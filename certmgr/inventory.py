@@ -22,6 +22,7 @@ from certmgr.errors import InventoryError, SecretError
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 SEVERITIES = ("ok", "warning", "critical", "error")
+KEEP_VERSIONS = 3  # the live one, the previous one (the rollback target) and one more
 CHANNEL_TYPES = ("discord", "slack", "matrix", "webhook")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 PROFILES_HINT = ("classic", "tlsserver", "shortlived")
@@ -192,6 +193,7 @@ class Inventory:
     certificates: tuple[Certificate, ...]
     channels: Mapping[str, Channel]
     trust: tuple[Path, ...] = ()
+    keep_versions: int = KEEP_VERSIONS  # retention: versions kept per certificate, in the store and on each POP
 
     def certificate(self, name: str) -> Certificate:
         for cert in self.certificates:
@@ -517,7 +519,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     if r.problems:
         raise InventoryError(r.problems, path=str(path))
     return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=dd.trust)
+                     channels=channels, trust=dd.trust, keep_versions=dd.keep_versions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -539,13 +541,19 @@ class _Defaults:
     reload_command: tuple[str, ...]
     privkey_owner: str | None
     privkey_group: str | None
+    keep_versions: int = KEEP_VERSIONS
 
 
 def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     d = r.table(data.get("defaults", {}), "defaults",
                 {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
                  "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command",
-                 "privkey_owner", "privkey_group"})
+                 "privkey_owner", "privkey_group", "keep_versions"})
+    keep_versions = r.get(d, "keep_versions", "defaults", int, default=KEEP_VERSIONS)
+    if not isinstance(keep_versions, int) or keep_versions < 2:
+        r.err("defaults.keep_versions", f"{keep_versions} keeps too few versions: the live one and the previous "
+                                        "one (the rollback target) are always kept, so at least 2")
+        keep_versions = KEEP_VERSIONS
     key_type = r.choice(d, "key_type", "defaults", KEY_TYPES, "ecdsa-p256") or "ecdsa-p256"
     renew_before = r.threshold(d, "renew_before", "defaults", None)
     warn_before = r.threshold(d, "warn_before", "defaults", Threshold(fraction=0.25, text="1/4"))
@@ -564,7 +572,7 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
                      ssh_user=ssh_user, ssh_key_file=ssh_key_s, known_hosts=known_hosts_s, https_port=https_port,
                      trust=trust, test_command=test_cmd, reload_command=reload_cmd,
                      privkey_owner=_owner(r, d, "privkey_owner", "defaults", None),
-                     privkey_group=_owner(r, d, "privkey_group", "defaults", None))
+                     privkey_group=_owner(r, d, "privkey_group", "defaults", None), keep_versions=keep_versions)
 
 
 def _parse_cas(r: _Reader, data: dict[str, Any], dd: _Defaults) -> tuple[dict[str, CA], str | None]:

@@ -19,6 +19,7 @@ from certmgr import log
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
 from certmgr import scan as scan_mod
+from certmgr.errors import StoreError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.scan import SEVERITY_RANK, ScanResult
 
@@ -124,6 +125,16 @@ def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.
             plans.append(DeployPlan(cert=cert.name, hosts=hosts, reason="behind the local live version: "
                                     + "; ".join(reasons)))
     return plans
+
+
+def prune_store(store: Any, certs: Iterable[Certificate], keep: int) -> None:
+    """Remove local versions beyond the retention; a failure is logged (the next run tries again), never raised."""
+    for cert in certs:
+        try:
+            if len(store.versions(cert.name)) > keep:
+                store.prune(cert.name, keep)
+        except StoreError as exc:
+            log.event(_log, logging.WARNING, "prune: store", cert=cert.name, error=str(exc))
 
 
 def log_grouped(step: str, items: Iterable[tuple[str, str]]) -> None:
@@ -249,10 +260,15 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
         by_name = {c.name: c for c in certs}
         hosts = sorted({h for p in plans for h in p.hosts})
         deploys = tuple(await deploy_mod.deploy(inv, store, [by_name[p.cert] for p in plans], hosts=hosts,
-                                                parallel=deploy_parallel, now=now))
+                                                parallel=deploy_parallel, prune=inv.keep_versions, now=now))
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
         if channels:
             await alert(failure_messages((), deploys))
+
+    # retention: the store keeps the newest `keep_versions` per certificate (never the live one nor the one
+    # before it); POPs are pruned by the deploy above, on the connection it already has
+    if not dry_run:
+        prune_store(store, certs, inv.keep_versions)
 
     # 4. verify: a fresh scan of what changed is the state we report and remember
     after = None

@@ -406,7 +406,7 @@ class Store:
         return previous
 
     def prune(self, name: str, keep: int) -> list[int]:
-        """Delete all but the `keep` newest versions, never the live one; return the versions removed.
+        """Delete all but the `keep` newest versions, never the live one nor the one before it; return those removed.
 
         Each doomed version is first renamed to a temporary name, so a crash mid-delete never
         leaves a partial directory under a version number.
@@ -421,6 +421,9 @@ class Store:
         live = self.live_version(name)
         if live is not None:
             kept.add(live)
+            below = [v for v in versions if v < live]
+            if below:
+                kept.add(below[-1])  # the previous version: what a rollback goes back to
         doomed = [v for v in versions if v not in kept]
         if not doomed:
             return []

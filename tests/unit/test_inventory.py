@@ -282,3 +282,15 @@ def test_credentials_directory_in_paths(monkeypatch: pytest.MonkeyPatch) -> None
     assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("/run/credentials/certmgr.service/id_ed25519")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("${CREDENTIALS_DIRECTORY}/id_ed25519")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", "defaults.keep_versions: 1 keeps too few versions: the live one and the previous one (the rollback target) "
+          "are always kept, so at least 2"),
+    ('"3"', "defaults.keep_versions: must be an integer, not a string"),
+])
+def test_keep_versions_is_at_least_two(value: str, expected: str) -> None:
+    """[defaults] keep_versions (retention, default 3) must keep the live and the previous version."""
+    assert inventory.loads(BASE).keep_versions == 3
+    assert inventory.loads(BASE.replace("[defaults]", "[defaults]\nkeep_versions = 5", 1)).keep_versions == 5
+    assert problems(BASE.replace("[defaults]", f"[defaults]\nkeep_versions = {value}", 1)) == [expected]

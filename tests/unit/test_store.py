@@ -279,6 +279,16 @@ def test_prune_keeps_newest_and_live(store: Store, materials: list[CertMaterial]
     assert temps_under(store.root) == []
 
 
+def test_prune_never_removes_the_version_before_live(store: Store, materials: list[CertMaterial]) -> None:
+    """The version just below the live one (what a rollback goes back to) survives even keep=0."""
+    with store.lock("test"):
+        for m in materials:
+            store.add_version("example.com", m)
+        store.activate("example.com", 3)
+        assert store.prune("example.com", keep=0) == [1, 4]
+    assert store.versions("example.com") == [2, 3]
+
+
 def test_writers_must_hold_the_lock(store: Store, materials: list[CertMaterial]) -> None:
     """Writing archive/ or live/ outside `with store.lock()` is a programming error."""
     with pytest.raises(RuntimeError, match=re.escape("inside `with store.lock")):
