@@ -55,12 +55,12 @@ class SoakConfig:
     duration: float = 200.0  # seconds of faults and timer runs
     pops: int = 8
     seed: int = 20261203
-    lifetime: int = 40  # seconds (Pebble's certificateValidityPeriod)
+    lifetime: int = 48  # seconds (Pebble's certificateValidityPeriod)
     ratio: str = "twice-daily"
     faults: bool = True
     oncall: bool = True
     keep_versions: int = 3
-    faults_per_lifetime: float = 3.0
+    faults_per_lifetime: float = 2.5
     oncall_per_lifetime: float = 1.5
 
     @property
@@ -91,6 +91,7 @@ class Proc:
     started: float
     rc: int | None = None
     cpu: float = 0.0
+    elapsed: float = 0.0
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Report:
     alerts: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     observer: dict[str, int] = field(default_factory=dict)
+    run_time: dict[str, float] = field(default_factory=dict)
 
     def text(self) -> str:
         c = self.config
@@ -119,6 +121,8 @@ class Report:
             "faults injected: " + (", ".join(f"{k} {n}" for k, n in sorted(Counter(e.kind for e in self.episodes)
                                                                             .items())) or "none"),
             "processes: " + ", ".join(f"{k} {n}" for k, n in sorted(self.runs.items())),
+            f"timer runs took {self.run_time.get('mean', 0):.1f}s on average, {self.run_time.get('max', 0):.1f}s at "
+            "most (exit 75: the store lock was held by another command)",
             f"renewals: {self.audit['renewed']}, deploys: {self.audit['deployed']}, "
             f"rollbacks: {self.audit['rolled back']}, renew failures: {self.audit['renew failed']}, "
             f"pruned (POP/store): {self.audit['pruned']}/{self.audit['prune']}",
@@ -208,7 +212,7 @@ class Soak:
         _, status, usage = os.wait4(proc.popen.pid, 0)
         rc = os.waitstatus_to_exitcode(status)
         proc.popen.returncode = rc
-        proc.rc, proc.cpu = rc, usage.ru_utime + usage.ru_stime
+        proc.rc, proc.cpu, proc.elapsed = rc, usage.ru_utime + usage.ru_stime, time.time() - proc.started
         with self._lock:
             self.running.remove(proc)
             self.report.runs[f"{proc.what} exit {rc}"] += 1
@@ -261,7 +265,7 @@ class Soak:
         with self._lock:
             busy = any(p.what == "run" for p in self.running)
         if not busy:
-            self.launch("run", "run")
+            self.launch("run", "run", "--wait-lock", "900")  # as systemd/certmgr.service does
         return self.cfg.cadence
 
     def _oncall(self) -> float:
@@ -339,7 +343,7 @@ class Soak:
                 proxy.fail(k, 400, "badNonce", "soak: JWS has an invalid anti-replay nonce", times=n)
             self._episode(kind, "ca", 2 * c, f"{n}× on two kinds")
         elif kind == "slow-ca":
-            k, secs, n = rng.choice(ACME_KINDS), rng.uniform(1.0, 3.0), rng.randint(1, 5)
+            k, secs, n = rng.choice(ACME_KINDS), rng.uniform(0.3, 1.5) * L / 40, rng.randint(1, 3)
             proxy.slow(k, secs, times=n)
             self._episode(kind, "ca", 2 * c + secs * n, f"{n}× {secs:.1f}s on {k}")
         elif kind == "ca-outage" and self._claim("ca"):
@@ -493,6 +497,8 @@ class Soak:
     def check(self) -> None:
         rep, obs = self.report, self.observer
         rep.violations[:0] = obs.violations
+        times = [p.elapsed for p in self.procs if p.what == "run" and p.rc is not None]
+        rep.run_time = {"mean": sum(times) / len(times), "max": max(times)} if times else {}
         rep.observer = {"rounds": obs.rounds, "changes": len(obs.changes), "disk_checks": obs.disk_checks,
                         "failed_handshakes": sum(s.failures for s in obs.stats.values())}
         for (pop, sni), st in obs.stats.items():
