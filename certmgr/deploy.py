@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from certmgr import remote as remote_mod
+from certmgr import sanitize
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.log import event
@@ -420,10 +421,8 @@ def _serial_of_probe(p: Probe) -> str | None:
 
 
 def _quote_text(text: str, limit: int = 600) -> str:
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return '"' + text.replace('"', "'") + '"'
+    # A POP's output (nginx -t, stderr) is foreign text: one inert line (no ESC, no forged line).
+    return '"' + sanitize.flat(text, limit=limit).replace('"', "'") + '"'
 
 
 # ---------------------------------------------------------------------------- one (cert, host)
