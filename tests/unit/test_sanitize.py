@@ -182,6 +182,8 @@ def test_scan_json_carries_the_same_inert_text() -> None:
     info = result.endpoints[0].info
     assert info is not None
     assert (ep["subject"], ep["issuer"], ep["names"]) == (info.subject, info.issuer, list(info.names))
+    assert ep["subject"].isprintable() and "CN=x\\x1b[2J\\nmedia.hachyderm.test  ok" in ep["subject"]
+    assert all(p.isprintable() for p in ep["problems"])
     printed = json.dumps(data, indent=2)  # what cli.emit_json prints
     assert not raw_controls(printed)
     assert json.loads(printed)["endpoints"][0]["subject"] == info.subject
