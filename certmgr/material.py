@@ -58,7 +58,7 @@ class CertMaterial:
             x509.load_pem_x509_certificates(self.fullchain)
             key = serialization.load_pem_private_key(self.privkey, password=None)
         except ValueError as exc:
-            raise MaterialError(f"certificate material does not parse: {exc}") from exc
+            raise MaterialError(f"certificate material does not parse: {sanitize.line(str(exc))}") from exc
         if public_key_der(key.public_key()) != public_key_der(leaf.public_key()):
             raise MaterialError(
                 "certificate and private key do not match",

@@ -114,9 +114,10 @@ def test_ca_text_uses_the_one_rule() -> None:
 def test_log_lines_escape_every_control_character() -> None:
     """A foreign value in a log event stays on one line and cannot drive the terminal."""
     record = logging.LogRecord("certmgr.test", logging.WARNING, __file__, 1, "peer said", None, None)
-    record.kv = {"reason": CN}
+    record.kv = {"reason": CN, "name": "x\x1b[2J\u202e"}
     [line] = log.KVFormatter(timestamps=False).format(record).splitlines()
     assert not raw_controls(line)
+    assert line.endswith(' name="x\\x1b[2J\\u202e"')  # quoted although it holds no blank
     assert 'reason="x\\x1b[2J\\nmedia.hachyderm.test  ok  served by every POP\\r\\u202egnp.exe"' in line
 
 
