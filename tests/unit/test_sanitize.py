@@ -309,3 +309,48 @@ def test_certbot_import_shows_a_hostile_lineage_name_inert(tmp_path: Path) -> No
         [r] = store.import_certbot(src)
     assert r.name == "evil\\x1b[2J\\nok"
     assert r.problem is not None and not raw_controls(r.problem) and "\n" not in r.problem
+
+
+# ---------------------------------------------------------------- DNS and SSH peers
+
+
+def test_dns_server_error_text_is_inert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception text from the DNS exchange (query and UPDATE) reaches the error escaped, on one line."""
+    import asyncio
+
+    import dns.asyncquery
+    import dns.exception
+
+    from certmgr.dns import TXTRecord
+    from certmgr.dns.rfc2136 import RFC2136Provider
+    from certmgr.errors import DNSError
+    from certmgr.inventory import DNSProvider
+
+    async def hostile(*args: object, **kwargs: object) -> object:
+        raise dns.exception.DNSException("bad answer\x1b[2J\nrenewed ok")
+
+    monkeypatch.setattr(dns.asyncquery, "udp_with_fallback", hostile)
+    monkeypatch.setattr(dns.asyncquery, "tcp", hostile)
+    key = tmp_path / "tsig.key"
+    key.write_text('key "certmgr-lab" { algorithm hmac-sha256; secret "c2VjcmV0LXNlY3JldC1zZWNyZXQtMzI=" ; };\n')
+    prov = RFC2136Provider.build(DNSProvider(name="lab", type="rfc2136", zones=("hachyderm.test",),
+                                             tsig_key="certmgr-lab", server="127.0.0.1", port=53,
+                                             tsig_secret=SecretRef("file", str(key), "dns.lab.tsig_secret_file")))
+    with pytest.raises(DNSError) as query:
+        asyncio.run(prov.cname_target(f"_acme-challenge.{NAME}", "hachyderm.test"))
+    rec = TXTRecord(domain=NAME, fqdn=f"_acme-challenge.{NAME}", zone="hachyderm.test", value="v" * 43)
+    with pytest.raises(DNSError) as update:
+        asyncio.run(prov.present([rec]))
+    for exc in (query.value, update.value):
+        assert "bad answer\\x1b[2J\\nrenewed ok" in exc.message, exc.message
+        assert exc.message.isprintable()
+
+
+def test_ssh_peer_reasons_are_inert() -> None:
+    """An SSH server's disconnect or SFTP reason is shown escaped in results and errors."""
+    import asyncssh
+
+    from certmgr.remote import describe_exc
+
+    exc = asyncssh.DisconnectError(asyncssh.DISC_BY_APPLICATION, "bye\x1b[2J\nrenewed ok")
+    assert describe_exc(exc) == "DisconnectError: bye\\x1b[2J\\nrenewed ok"
