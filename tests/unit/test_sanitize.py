@@ -354,3 +354,41 @@ def test_ssh_peer_reasons_are_inert() -> None:
 
     exc = asyncssh.DisconnectError(asyncssh.DISC_BY_APPLICATION, "bye\x1b[2J\nrenewed ok")
     assert describe_exc(exc) == "DisconnectError: bye\\x1b[2J\\nrenewed ok"
+
+
+def test_status_shows_saved_scan_text_inert(tmp_path: Path) -> None:
+    """Scan text saved by an older certmgr (raw ESC, newline) is shown escaped by `status`."""
+    from certmgr import inventory, status
+    from certmgr.store import Store
+
+    inv = inventory.loads(f"""
+[ca.pebble]
+directory = "https://127.0.0.1:14000/dir"
+agree_tos = true
+
+[dns.lab]
+type = "rfc2136"
+zones = ["hachyderm.test"]
+server = "127.0.0.1"
+tsig_key = "certmgr-lab"
+tsig_secret_env = "X"
+
+[hosts.sally]
+address = "127.0.1.4"
+
+[[certificates]]
+name = "{NAME}"
+domains = ["{NAME}"]
+dns = "lab"
+hosts = ["sally"]
+""")
+    store = Store.open(tmp_path / "state")
+    store.save_json(f"state/scan/{NAME}.json", {"scanned_at": NOW.isoformat(), "endpoints": [
+        {"host": "sally", "severity": "critical", "problems": [f"chain self-signed: self-signed by CN={CN}"],
+         "error": None}]})
+    [view] = status.gather(inv, store, now=NOW)
+    [pop] = view.pops
+    assert pop.problems == (sanitize.line(f"chain self-signed: self-signed by CN={CN}"),)
+    rendered = "\n".join(status.render([view], NOW))
+    assert not raw_controls(rendered)
+    assert not [line for line in rendered.splitlines() if line.lstrip().startswith(f"{NAME}  ok")]
