@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from certmgr import popguard
+from certmgr import popguard, sanitize
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -481,10 +481,8 @@ def _served_text(seen: Mapping[str, Probe]) -> str:
 
 
 def _quote_text(text: str, limit: int = 600) -> str:
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return '"' + text.replace('"', "'") + '"'
+    # A POP's output (nginx -t, stderr) is foreign text: one inert line (no ESC, no forged line).
+    return '"' + sanitize.flat(text, limit=limit).replace('"', "'") + '"'
 
 
 # ---------------------------------------------------------------------------- one (cert, host)

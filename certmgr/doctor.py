@@ -33,6 +33,7 @@ import dns.tsig
 from cryptography import x509
 
 from certmgr import remote as remote_mod
+from certmgr import sanitize
 from certmgr.deploy import KEYOWN_SH
 from certmgr.errors import CertmgrError, InventoryError, StoreError
 from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory, normalise_tsig_algorithm
@@ -546,7 +547,7 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
     except ConnectionRefusedError:
         return result(Status.FAIL, f"{where}: connection refused", "is the DNS server running?")
     except (OSError, dns.exception.DNSException) as exc:
-        return result(Status.FAIL, f"{where}: {type(exc).__name__}: {exc}")
+        return result(Status.FAIL, f"{where}: {type(exc).__name__}: {sanitize.line(str(exc))}")
     rcode = resp.rcode()
     if rcode == dns.rcode.REFUSED:
         return result(Status.FAIL, f"{where} answered REFUSED for {zone} SOA (key {kname}): it does not serve the "
@@ -654,8 +655,7 @@ printf 'rc=%s\nout=%s\n' "$rc" "$(printf '%s' "$out" | base64 -w0)"
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return sanitize.flat(text, limit=limit)  # a POP's output is foreign text
 
 
 class _Remote(Protocol):
@@ -742,15 +742,15 @@ async def _check_write(host: Host, rem: _Remote) -> Check:
             async with sftp.open(path, "xb", attrs=asyncssh.SFTPAttrs(permissions=0o600)):
                 pass
         except asyncssh.SFTPError as exc:
-            return result(Status.FAIL, f"{host.user} cannot create files in {where}: {exc.reason}",
+            return result(Status.FAIL, f"{host.user} cannot create files in {where}: {sanitize.line(exc.reason)}",
                           f"make {where} writable by {host.user} (deploy writes new versions there)")
         try:
             await sftp.remove(path)
         except asyncssh.SFTPError as exc:
-            return result(Status.FAIL, f"created {path} but cannot remove it: {exc.reason}",
+            return result(Status.FAIL, f"created {path} but cannot remove it: {sanitize.line(exc.reason)}",
                           f"remove {path} by hand; check permissions of {where}")
     except asyncssh.SFTPError as exc:
-        return result(Status.FAIL, f"{where}: {exc.reason}")
+        return result(Status.FAIL, f"{where}: {sanitize.line(exc.reason)}")
     status = Status.WARNING if note else Status.OK
     return result(status, f"{host.user} can create and remove files in {where}{note}")
 
@@ -855,9 +855,9 @@ async def _check_served(host: Host, cert: Certificate, rem: _Remote, served: lis
         except asyncssh.SFTPNoSuchFile:
             live = None
         except asyncssh.SFTPError as exc:
-            problem = f"cannot read {live_path}: {exc.reason}"
+            problem = f"cannot read {live_path}: {sanitize.line(exc.reason)}"
         except ValueError as exc:
-            problem = f"{live_path} does not parse: {exc}"
+            problem = f"{live_path} does not parse: {sanitize.line(str(exc))}"
         probes = await probes_task
     finally:
         if not probes_task.done():

@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
+from certmgr import sanitize
 from certmgr.errors import InventoryError, SecretError
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -249,7 +250,7 @@ def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
             except UnicodeError:
                 return f"{name!r} is not a valid internationalised name"
             return f"{name!r} contains non-ASCII characters; write the A-label form {alabel!r}"
-        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)
+        shown = sanitize.line("".join(bad), limit=None)
         return f"{name!r} contains characters not allowed in a DNS name: '{shown}'"
     if name != name.lower():
         return f"{name!r} must be lower case"
@@ -823,7 +824,7 @@ def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[
 
 def _lineage_problem(name: str) -> str | None:
     if not _LINEAGE.fullmatch(name) or ".." in name:
-        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+        shown = sanitize.line(name, limit=None)
         return (f"'{shown}' is not a valid certificate name (lower-case letters, digits, '.', '-', '_'; "
                 "it becomes a directory name on every host)")
     return None

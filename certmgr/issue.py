@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import json_util
 
-from certmgr import __version__, keys
+from certmgr import __version__, keys, sanitize
 from certmgr.dns import Provider, TXTRecord, ZoneUpdate, first_error, locate, run_all
 from certmgr.dns.journal import CertJournal, Key
 from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ERR = "urn:ietf:params:acme:error:"
+CA_TEXT_LIMIT = 1000  # an RFC 7807 detail is free text; enough for subproblems, bounded all the same
 # RFC 8555 §8.1: a token "MUST NOT contain any characters outside the base64url alphabet"
 # (and carries at least 128 bits of entropy, so at least 22 characters).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{22,}")
@@ -137,14 +138,14 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> dt.datetime | None
 
 
 def shown(text: str | None) -> str | None:
-    """CA-supplied text made safe to print: control characters (newlines, ESC…) become visible escapes.
+    """CA-supplied text made safe to print (`sanitize.line`): controls (newlines, ESC…) become visible escapes.
 
     An error detail is the CA's words, shown verbatim, but it must not forge a line of our output
     or drive the operator's terminal (RFC 7807 details are free text).
     """
     if text is None:
         return None
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return sanitize.line(text, limit=CA_TEXT_LIMIT)
 
 
 def _short(typ: str | None) -> str:
@@ -671,7 +672,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
         except errors.ConflictError:
             raise
         except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class: never retried
-            raise ACMEError(f"{step}: TLS to the CA failed: {exc} ({outcome})",
+            raise ACMEError(f"{step}: TLS to the CA failed: {shown(str(exc))} ({outcome})",
                             hint="check [ca.*] trust: the bundle must contain the CA of the ACME endpoint",
                             retryable=False) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
@@ -681,7 +682,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
                 continue
             url = getattr(exc.request, "url", None) if getattr(exc, "request", None) is not None else None
             kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
-            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({url})' if url else ''} ({outcome})",
+            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({shown(url)})' if url else ''} ({outcome})",
                             hint="is the ACME server up? check [ca.*] directory and trust") from exc
         except errors.ClientError as exc:
             resp = net.last_response
@@ -690,7 +691,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
                 attempts += 1
                 await asyncio.sleep(2.0 ** (attempts - 1))
                 continue
-            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {exc} "
+            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {shown(str(exc))} "
                             f"({outcome})") from exc
         except errors.Error as exc:
-            raise ACMEError(f"{step}: {exc} ({outcome})") from exc
+            raise ACMEError(f"{step}: {shown(str(exc))} ({outcome})") from exc

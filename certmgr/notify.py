@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import html
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
-from certmgr import log
+from certmgr import log, sanitize
 from certmgr.errors import CertmgrError, SecretError
 from certmgr.inventory import Channel
 from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
@@ -48,9 +47,11 @@ class Message:
 
     @property
     def text(self) -> str:
-        parts = [f"{_ICONS.get(self.severity, '')} {self.title}".strip(), *self.lines]
+        """Plain text, one fact per line; each part inert (`sanitize.line`), so none can forge a line."""
+        parts = [f"{_ICONS.get(self.severity, '')} {sanitize.line(self.title)}".strip(),
+                 *(sanitize.line(line) for line in self.lines)]
         if self.command:
-            parts.append(f"Run: {self.command}")
+            parts.append(f"Run: {sanitize.line(self.command)}")
         return "\n".join(parts)
 
 
@@ -216,39 +217,47 @@ def save_state(store: NotifyStore, state: Mapping[str, Mapping[str, Any]], names
 
 def payload(channel: Channel, message: Message, url: str | None,
             token: str | None) -> tuple[str, str, dict[str, str], dict[str, Any]]:
-    """(method, url, headers, JSON body) in the channel's documented format."""
+    """(method, url, headers, JSON body) in the channel's documented format.
+
+    Every message carries foreign text (certificate fields, a CA's or a POP's words): it is plain
+    and inert already (`Message.text`); here each service's markup is neutralized, so a `**`,
+    `<b>` or `@everyone` in it shows as written and pings nobody (docs/security.md).
+    """
     text = message.text
+    title = sanitize.line(message.title)
     if channel.type == "discord":
-        # Discord "Execute Webhook": content ≤ 2000 chars; embeds coloured by severity; no pings.
+        # Discord "Execute Webhook": content ≤ 2000 chars; embeds coloured by severity; no pings
+        # (markdown escaped, "@" defused, and allowed_mentions parses none).
         body: dict[str, Any] = {
             "username": "certmgr",
-            "content": _clip(text, 2000),
-            "embeds": [{"title": _clip(message.title, 256), "color": _COLOURS.get(message.severity, 0)}],
+            "content": _clip(sanitize.discord(text), 2000),
+            "embeds": [{"title": _clip(sanitize.discord(title), 256), "color": _COLOURS.get(message.severity, 0)}],
             "allowed_mentions": {"parse": []},
         }
         return "POST", _need(url, channel), {}, body
     if channel.type == "slack":
         # Slack incoming webhook: `text` is the notification fallback; one mrkdwn section block.
-        mrkdwn = _slack_escape(text)
-        body = {"text": _clip(_slack_escape(message.title), 3000),
+        mrkdwn = sanitize.slack(text)
+        body = {"text": _clip(sanitize.slack(title), 3000),
                 "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _clip(mrkdwn, 3000)}}]}
         return "POST", _need(url, channel), {}, body
     if channel.type == "matrix":
         # Client-server API v3: PUT /rooms/{roomId}/send/m.room.message/{txnId}; the txnId makes
-        # retries idempotent. Bots send m.notice (spec: clients never auto-reply to notices).
+        # retries idempotent. Bots send m.notice (spec: clients never auto-reply to notices). An
+        # empty m.mentions (spec v1.7 intentional mentions) turns off the body-matching push rules.
         assert channel.homeserver is not None and channel.room is not None
         target = (f"{channel.homeserver.rstrip('/')}/_matrix/client/v3/rooms/{quote(channel.room, safe='')}"
                   f"/send/m.room.message/{quote(message.key, safe='')}")
-        body = {"msgtype": "m.notice", "body": text, "format": "org.matrix.custom.html",
-                "formatted_body": "<br>".join(html.escape(line) for line in text.split("\n"))}
+        body = {"msgtype": "m.notice", "body": sanitize.matrix_body(text), "format": "org.matrix.custom.html",
+                "formatted_body": sanitize.matrix_html(text), "m.mentions": {}}
         if token is None:
             raise SecretError(f"notify {channel.name}: no access token")
         return "PUT", target, {"Authorization": f"Bearer {token}"}, body
     body = {
         "source": "certmgr", "version": 1, "kind": message.kind, "severity": message.severity,
-        "title": message.title, "text": text, "certificate": message.certificate, "hosts": list(message.hosts),
+        "title": title, "text": text, "certificate": message.certificate, "hosts": list(message.hosts),
         "days_left": round(message.days_left, 3) if message.days_left is not None else None,
-        "command": message.command, "lines": list(message.lines), "id": message.key,
+        "command": message.command, "lines": [sanitize.line(line) for line in message.lines], "id": message.key,
     }
     return "POST", _need(url, channel), {}, body
 
@@ -261,10 +270,6 @@ def _need(url: str | None, channel: Channel) -> str:
 
 def _clip(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _slack_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _secrets(channel: Channel) -> tuple[str | None, str | None]:

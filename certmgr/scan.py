@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from certmgr import log
+from certmgr import log, sanitize
 from certmgr.errors import ScanError
 from certmgr.inventory import SEVERITIES, Certificate, Inventory, Threshold
 from certmgr.material import CertInfo
@@ -88,7 +88,9 @@ async def probe(
     start = loop.time()
 
     def result(chain: tuple[bytes, ...] = (), error: str | None = None) -> Probe:
-        return Probe(address=address, port=port, sni=sni, chain=chain, error=error, elapsed=loop.time() - start)
+        # The TLS stack's and resolver's words can quote the peer: inert from here on.
+        return Probe(address=address, port=port, sni=sni, chain=chain,
+                     error=None if error is None else sanitize.line(error), elapsed=loop.time() - start)
 
     try:
         family, sockaddr = await _resolve(loop, address, port, connect_timeout)
@@ -346,7 +348,8 @@ def classify(ep: Endpoint, p: Probe, verifier: _VerifierLike, now: dt.datetime, 
     try:
         v = verifier.verify(p.chain, ep.sni)
     except ValueError as exc:
-        return EndpointResult(endpoint=ep, severity="critical", problems=(f"unparseable certificate: {exc}",),
+        return EndpointResult(endpoint=ep, severity="critical",
+                              problems=(f"unparseable certificate: {sanitize.line(str(exc))}",),
                               chain_length=len(p.chain), elapsed=p.elapsed)
     problems = list(v.problems)
     sev = "critical" if problems else "ok"
