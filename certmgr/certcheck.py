@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -72,9 +73,11 @@ def problems(material: CertMaterial, expected: Expected, *, now: dt.datetime) ->
     found += _names(leaf, expected.names)
     if public_key_der(leaf.public_key()) != public_key_der(key.public_key()):
         found.append("key differs: the leaf certifies another key, not the one the CSR was made with")
-    found += _server(leaf)
+    server = _server(leaf)
+    found += server
     found += _window(leaf, expected, now)
-    found += _chain(leaf, chain, expected, now)
+    if not server:  # the server-certificate policy would only repeat the EKU/CA problem as a chain failure
+        found += _chain(leaf, chain, expected, now)
     return tuple(found)
 
 
@@ -157,7 +160,7 @@ def _chain(leaf: x509.Certificate, chain: Sequence[x509.Certificate], expected: 
     try:
         path = verify(expected.roots)
     except (VerificationError, ValueError) as exc:
-        return [f"chain does not verify to a trusted root: {exc}"]
+        return [f"chain does not verify to a trusted root: {_why(leaf, chain, expected.roots, exc)}"]
     want = expected.preferred_issuer
     if not want or not chain or want not in _cns(chain[-1].issuer):
         return []  # no preference, or the CA offered no chain to it (issue noted it and kept the default)
@@ -171,6 +174,30 @@ def _chain(leaf: x509.Certificate, chain: Sequence[x509.Certificate], expected: 
     except (VerificationError, ValueError):
         return [f"preferred chain {want!r}: the chain names it at its top but verifies only to {got}"]
     return []
+
+
+def _why(leaf: x509.Certificate, chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
+         exc: Exception) -> str:
+    """The verifier's words, led by the plain cause when it is the leaf's own issuer that is missing or wrong."""
+    detail = str(exc).removeprefix("validation failed: ")
+    issuer = leaf.issuer.rfc4514_string()
+    named = [c for c in (*chain, *roots) if c.subject == leaf.issuer]
+    if not named:
+        return f"the leaf's issuer {issuer} is neither in the chain nor a trusted root ({detail})"
+    if not any(_signed_by(leaf, c) for c in named):
+        return f"the chain does not sign the leaf: {issuer} in the chain has another key ({detail})"
+    top = chain[-1] if chain else leaf
+    if top.issuer != top.subject and not any(r.subject == top.issuer for r in roots):
+        return f"the chain ends at {top.issuer.rfc4514_string()}, which is not a trusted root ({detail})"
+    return detail
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _dns_names(cert: x509.Certificate) -> list[str]:

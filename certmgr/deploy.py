@@ -850,6 +850,7 @@ async def deploy(
             continue
         try:
             material = store.read(cert.name)
+            material.check()
             local_version = store.live_version(cert.name)
             if not roots:
                 roots.append(certcheck.load_roots(inventory.trust, outcome="nothing changed"))
