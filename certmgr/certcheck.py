@@ -187,6 +187,8 @@ def _why(leaf: x509.Certificate, chain: Sequence[x509.Certificate], roots: Seque
     if not any(_signed_by(leaf, c) for c in named):
         return f"the chain does not sign the leaf: {issuer} in the chain has another key ({detail})"
     top = chain[-1] if chain else leaf
+    if top.issuer == top.subject and top not in roots:
+        return f"the chain ends at {top.subject.rfc4514_string()}, a root that is not trusted ({detail})"
     if top.issuer != top.subject and not any(r.subject == top.issuer for r in roots):
         return f"the chain ends at {top.issuer.rfc4514_string()}, which is not a trusted root ({detail})"
     return detail
