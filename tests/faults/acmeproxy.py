@@ -11,7 +11,7 @@ programmable per request kind (new-order, challenge, finalize, …) and identifi
   exactly that step (`wait_held()` says when it got there);
 * `rewrite_token(token)` — replace every dns-01 challenge token in authorization responses;
 * `rewrite_certificate(fn)` — pass every certificate download (the default chain and each
-  alternate, `/certZ/<id>/<n>`) through `fn(path, pem) -> pem`: a CA that issues the wrong thing.
+  alternate, `/certZ/<id>/alternate/<n>`) through `fn(path, pem) -> pem`: a CA that issues the wrong thing.
 
 It records every request: its kind, the identifiers it concerns (learnt from new-order payloads
 and from order/authorization responses), the status the client got and whether it was
@@ -199,11 +199,12 @@ class ACMEProxy:
                     and (forwarded is None or s.forwarded == forwarded)]
 
     def idents_of(self, path: str) -> frozenset[str]:
-        """The identifiers a resource path concerns (an alternate chain `/certZ/<id>/<n>`: those of `/certZ/<id>`)."""
+        """The identifiers a resource path concerns (Pebble's alternate chain `/certZ/<id>/alternate/<n>`: those
+        of `/certZ/<id>`)."""
         with self._lock:
             found = self._idents.get(path)
-            if found is None and path.startswith("/certZ/") and path.count("/") == 3:
-                found = self._idents.get(path.rsplit("/", 1)[0])
+            if found is None and path.startswith("/certZ/"):
+                found = self._idents.get("/".join(path.split("/")[:3]))
             return found or frozenset()
 
     def created(self, kind: str, ident: str | None = None) -> int:

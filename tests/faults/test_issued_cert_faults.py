@@ -44,9 +44,11 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 FAULT_POPS = 2
 MEDIA = "media.hachyderm.test"
 APEX = "hachyderm.test"  # hachyderm.test + www.hachyderm.test
-FORGERY_ROOT = pki.make_ca("certmgr forgery root")
-FORGERY = pki.make_ca("certmgr forgery intermediate", issuer=FORGERY_ROOT)
 DAY = dt.timedelta(days=1)
+# valid long before the forged leaves' windows (an expired leaf is checked at an instant inside its own window)
+FORGERY_ROOT = pki.make_ca("certmgr forgery root", not_before=dt.datetime.now(dt.UTC) - 400 * DAY)
+FORGERY = pki.make_ca("certmgr forgery intermediate", issuer=FORGERY_ROOT,
+                      not_before=dt.datetime.now(dt.UTC) - 400 * DAY)
 
 Rewrite = Callable[[bytes], bytes]
 
@@ -111,7 +113,7 @@ def stamp(t: dt.datetime) -> str:
 NOW = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
 OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
 EXPIRED_AT = NOW - DAY
-STARTS_AT = NOW + DAY
+STARTS_AT = NOW + 3 * DAY
 # id: (lineage, rewrite of that lineage's download, the difference named)
 FAULTS: dict[str, tuple[str, Rewrite, str]] = {
     "wrong-names": (MEDIA, lambda pem: reissued(pem, names=["other.hachyderm.test"]),
@@ -120,7 +122,7 @@ FAULTS: dict[str, tuple[str, Rewrite, str]] = {
     "expired": (MEDIA, lambda pem: reissued(pem, not_before=EXPIRED_AT - 90 * DAY, not_after=EXPIRED_AT),
                 f"expired: notAfter {stamp(EXPIRED_AT)} was 1d ago"),
     "not-yet-valid": (MEDIA, lambda pem: reissued(pem, not_before=STARTS_AT, not_after=STARTS_AT + 90 * DAY),
-                      f"not yet valid: notBefore {stamp(STARTS_AT)} is 1d ahead (more than the 1h of clock skew "
+                      f"not yet valid: notBefore {stamp(STARTS_AT)} is 3d ahead (more than the 1h of clock skew "
                       "tolerated)"),
     "another-key": (MEDIA, lambda pem: reissued(pem, key=OTHER_KEY),
                     "key differs: the leaf certifies another key, not the one the CSR was made with"),
@@ -141,7 +143,7 @@ def rewrite_for(proxy: ACMEProxy, lineage: str, fn: Rewrite, *, alternate_only: 
     ident = SNI[lineage][0]
 
     def rewrite(path: str, pem: bytes) -> bytes:
-        if ident not in proxy.idents_of(path) or (alternate_only and path.count("/") != 3):
+        if ident not in proxy.idents_of(path) or (alternate_only and "/alternate/" not in path):
             return pem
         return fn(pem)
 
