@@ -320,7 +320,7 @@ async def _check_issued(run: _Run, cert: Certificate, material: CertMaterial, *,
     loop = asyncio.get_running_loop()
     if run.roots is None:
         run.roots = await loop.run_in_executor(run.executor, functools.partial(
-            certcheck.load_roots, run.inventory.trust, outcome=f"renew {cert.name}: nothing stored"))
+            certcheck.load_roots, run.inventory.trust, outcome="nothing stored"))
     expected = certcheck.Expected(names=cert.domains, roots=run.roots, preferred_issuer=cert.preferred_chain)
     try:
         await loop.run_in_executor(run.executor, functools.partial(
@@ -334,7 +334,12 @@ async def _check_issued(run: _Run, cert: Certificate, material: CertMaterial, *,
             serial, sha256 = refused.serial, refused.sha256
         except ValueError:
             pass  # unparseable: the problems say so
-        run.store.audit("certificate refused", cert.name, serial=serial, sha256=sha256, problems=list(exc.problems))
+        try:
+            run.store.audit("certificate refused", cert.name, serial=serial, sha256=sha256,
+                            problems=list(exc.problems))
+        except StoreError as store_exc:  # the refusal itself must still be what the operator reads
+            event(log, logging.ERROR, "audit line lost", action="certificate refused", cert=cert.name,
+                  error=str(store_exc))
         raise
 
 
