@@ -14,6 +14,8 @@ CertmgrError
  ├── ACMEError                   the CA said no, or could not be reached exit 1
  │    ├── RateLimited            429 rateLimited, carries retry_after     (retryable later)
  │    └── ChallengeInvalid       the CA rejected a challenge              (not retryable)
+ ├── CertificateRefused          a certificate failed the checks before  exit 1
+ │                               going live (names, key, dates, chain)    (not retryable)
  ├── DeployError                 a POP could not be updated              exit 1
  │    └── HostKeyError           unknown or changed SSH host key          (not retryable)
  └── NotifyError                 a chat channel could not be reached     exit 1
@@ -137,6 +139,14 @@ class RateLimited(ACMEError):
 
 class ChallengeInvalid(ACMEError):
     retryable = False
+
+
+class CertificateRefused(CertmgrError):
+    """An issued (or stored) certificate is not what was ordered; `problems` names each difference."""
+
+    def __init__(self, message: str, *, problems: tuple[str, ...], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = problems
 
 
 class DeployError(CertmgrError):

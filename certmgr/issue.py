@@ -411,8 +411,8 @@ class ACMEClient:
                             "written; report it to the CA", retryable=False) from exc
         finally:
             net.session.close()
+        # Checked (names, key, dates, chain) by the caller before anything is stored: certmgr.certcheck
         material = CertMaterial.from_fullchain(fullchain.encode(), keys.to_pem(key))
-        material.check()
         timings["total"] = loop.time() - t0
         return Issued(material=material, replaced=replaces if used_replaces else None, notes=tuple(notes),
                       timings=timings)

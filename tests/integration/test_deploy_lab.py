@@ -76,12 +76,21 @@ def store(tmp_path: Path, dlab: Lab) -> Store:
     return s
 
 
-_CA = pki.make_ca("certmgr deploy test CA")
+_CA = pki.make_ca("certmgr deploy test CA", not_before=NOW - dt.timedelta(days=30))
+
+
+def trusting_ca(inv: Inventory, store: Store) -> Inventory:
+    """The inventory with the test CA added to `[defaults] trust`, so deploy's certcheck lets its leaves go out."""
+    path = Path(store.root).parent / "deploy-test-ca.pem"
+    path.write_bytes(_CA.cert_pem)
+    return dataclasses.replace(inv, trust=(*inv.trust, path))
 
 
 def new_material(domains: Sequence[str], *, pad: int = 0) -> CertMaterial:
-    """A fresh leaf for `domains` signed by the test CA; `pad` bytes of PEM comment make the chain big."""
-    leaf = pki.make_leaf(_CA, list(domains))
+    """A fresh leaf for `domains` signed by the test CA, valid at NOW and today; `pad` bytes of PEM comment make the
+    chain big."""
+    leaf = pki.make_leaf(_CA, list(domains), not_before=NOW - dt.timedelta(hours=1),
+                         not_after=max(NOW, dt.datetime.now(dt.UTC)) + dt.timedelta(days=90))
     chain = (b"# padding\n" * (pad // 10)) + _CA.cert_pem
     return CertMaterial(cert=leaf.cert_pem, chain=chain, privkey=leaf.key_pem)
 
@@ -99,7 +108,8 @@ def put_new_versions(store: Store, inv: Inventory, names: Sequence[str], *, pad:
 
 def run(inv: Inventory, store: Store, names: Sequence[str], **kw: object) -> list[HostOutcome]:
     kw.setdefault("timeouts", Timeouts(connect=5, command=30, upload=30, verify=5, handshake=3))
-    return asyncio.run(deploy(inv, store, [inv.certificate(n) for n in names], now=NOW, **kw))  # type: ignore[arg-type]
+    return asyncio.run(deploy(trusting_ca(inv, store), store, [inv.certificate(n) for n in names], now=NOW,
+                              **kw))  # type: ignore[arg-type]
 
 
 def served(lab: Lab, pop: str, sni: str) -> str:
@@ -175,7 +185,10 @@ def test_cli_deploy_json_and_exit_status(fresh: Lab, store: Store) -> None:
 
 
 def _cli(lab: Lab, store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_INVENTORY": str(lab.inventory_path),
+    inventory = Path(store.root).parent / "deploy-test-inventory.toml"  # the lab's, trusting the test CA too
+    ca = trusting_ca(inventory_mod.load(lab.inventory_path), store).trust[-1]
+    inventory.write_text(lab.inventory_path.read_text().replace("trust = [", f'trust = ["{ca}", ', 1))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_INVENTORY": str(inventory),
            "CERTMGR_STATE_DIR": str(store.root)}
     return subprocess.run([sys.executable, "-m", "certmgr", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
@@ -466,7 +479,8 @@ def test_connection_cut_mid_upload_changes_no_live_link_and_rerun_finishes(fresh
     async def main() -> list[HostOutcome]:
         server = await asyncio.start_server(proxy.handle, sally.address, proxy_port)
         try:
-            return await deploy(with_hosts(inv, sally=via), store, [inv.certificate(MEDIA)], hosts=["sally"],
+            return await deploy(with_hosts(trusting_ca(inv, store), sally=via), store, [inv.certificate(MEDIA)],
+                                hosts=["sally"],
                                 now=NOW, timeouts=Timeouts(connect=5, command=30, upload=30, verify=5))
         finally:
             server.close()
