@@ -1,4 +1,4 @@
-"""The inventory: domains.toml → frozen, validated dataclasses.
+"""The inventory: domains.toml → frozen, validated dataclasses (the types live in certmgr.model).
 
 Validation is strict and reports every problem at once, each naming its key path
 (`certificates[1].hosts[2]: no host named 'salyl' (did you mean 'sally'?)`).
@@ -7,220 +7,52 @@ Nothing here does I/O beyond reading the file; secrets are only *referenced*.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from certmgr.errors import InventoryError, SecretError
+from certmgr.errors import InventoryError
+from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
+from certmgr.model import suggest as _suggest
+
+__all__ = [
+    "CA",
+    "CHANNEL_TYPES",
+    "KEY_TYPES",
+    "MAX_NAMES",
+    "SEVERITIES",
+    "TSIG_ALGORITHMS",
+    "Certificate",
+    "Channel",
+    "DNSProvider",
+    "Host",
+    "Inventory",
+    "SecretRef",
+    "Threshold",
+    "dns_name_problem",
+    "load",
+    "loads",
+    "normalise_tsig_algorithm",
+    "parse",
+    "parse_duration",
+    "parse_threshold",
+    "redacted",
+    "url_problem",
+]
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 SEVERITIES = ("ok", "warning", "critical", "error")
 CHANNEL_TYPES = ("discord", "slack", "matrix", "webhook")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 PROFILES_HINT = ("classic", "tlsserver", "shortlived")
-
-# ---------------------------------------------------------------- value types
-
-
-@dataclass(frozen=True, slots=True)
-class Threshold:
-    """A point before expiry: an absolute number of seconds or a fraction of lifetime."""
-
-    seconds: float | None = None
-    fraction: float | None = None
-    text: str = ""
-
-    def before(self, lifetime_s: float) -> float:
-        """Seconds before not_after at which the threshold is crossed."""
-        if self.fraction is not None:
-            return lifetime_s * self.fraction
-        assert self.seconds is not None
-        return self.seconds
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """Where a secret lives: a file, a systemd credential, or an environment variable.
-
-    `str()`/`repr()` never show the value; `read()` is the only way to it.
-    """
-
-    kind: str  # "file" | "credential" | "env"
-    where: str
-    key_path: str
-
-    def read(self, env: Mapping[str, str] | None = None) -> str:
-        env = os.environ if env is None else env
-        if self.kind == "file":
-            path = Path(self.where)
-        elif self.kind == "credential":
-            creds = env.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                raise SecretError(
-                    f"{self.key_path}: systemd credential {self.where!r} requested but "
-                    "$CREDENTIALS_DIRECTORY is not set",
-                    hint="run under systemd with LoadCredential=, or use a *_file reference",
-                )
-            path = Path(creds) / self.where
-        else:
-            value = env.get(self.where)
-            if not value:
-                raise SecretError(f"{self.key_path}: environment variable {self.where} is not set or empty")
-            return value.strip()
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise SecretError(f"{self.key_path}: cannot read secret file {path}: {exc.strerror}") from exc
-        if not value:
-            raise SecretError(f"{self.key_path}: secret file {path} is empty")
-        return value
-
-    def describe(self) -> str:
-        return f"{self.kind}:{self.where}"
-
-
-# ---------------------------------------------------------------- inventory types
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CA:
-    name: str
-    directory: str
-    contact: tuple[str, ...] = ()
-    agree_tos: bool = False
-    trust: Path | None = None
-    eab_kid: str | None = None
-    eab_hmac_key: SecretRef | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DNSProvider:
-    name: str
-    type: str
-    zones: tuple[str, ...]
-    tsig_key: str
-    tsig_secret: SecretRef
-    tsig_algorithm: str = "hmac-sha256"
-    server: str | None = None
-    port: int = 53
-    nameservers: tuple[str, ...] = ()
-    propagation_timeout: float = 120.0
-
-    def zone_for(self, fqdn: str) -> str | None:
-        """The longest of this provider's zones that contains `fqdn`."""
-        best = None
-        for zone in self.zones:
-            if fqdn == zone or fqdn.endswith("." + zone):
-                if best is None or len(zone) > len(best):
-                    best = zone
-        return best
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Host:
-    name: str
-    address: str
-    port: int = 22
-    https_port: int = 443
-    user: str = "certmgr"
-    ssh_key_file: Path | None = None
-    known_hosts: Path | None = None
-    tags: tuple[str, ...] = ()
-    cert_root: str = "/etc/letsencrypt"
-    test_command: tuple[str, ...] = ()
-    reload_command: tuple[str, ...] = ()
-    jump: str | None = None
-    privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)
-    privkey_group: str | None = None  # group name or gid (None: the deploy user's group)
-
-    @property
-    def privkey_chown(self) -> str:
-        """The `chown` operand for privkey.pem: "owner:group", "owner", ":group", or "" (leave as created)."""
-        if self.privkey_owner:
-            return self.privkey_owner + (f":{self.privkey_group}" if self.privkey_group else "")
-        return f":{self.privkey_group}" if self.privkey_group else ""
-
-    @property
-    def canary(self) -> bool:
-        return "canary" in self.tags
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Certificate:
-    name: str
-    domains: tuple[str, ...]
-    dns: str
-    hosts: tuple[str, ...]  # resolved host names, tags expanded, in inventory order
-    ca: str
-    key_type: str = "ecdsa-p256"
-    reuse_key: bool = False
-    profile: str | None = None
-    preferred_chain: str | None = None
-    renew_before: Threshold | None = None  # None: 1/3 of lifetime (1/2 under 10 days)
-    warn_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.25, text="1/4"))
-    critical_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.1, text="1/10"))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Channel:
-    name: str
-    type: str
-    url: SecretRef | None = None
-    token: SecretRef | None = None
-    homeserver: str | None = None
-    room: str | None = None
-    min_severity: str = "warning"
-    repeat: float = 86400.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Inventory:
-    path: Path
-    cas: Mapping[str, CA]
-    dns: Mapping[str, DNSProvider]
-    hosts: Mapping[str, Host]
-    certificates: tuple[Certificate, ...]
-    channels: Mapping[str, Channel]
-    trust: tuple[Path, ...] = ()
-
-    def certificate(self, name: str) -> Certificate:
-        for cert in self.certificates:
-            if cert.name == name:
-                return cert
-        raise InventoryError([f"no certificate named {name!r}{_suggest(name, [c.name for c in self.certificates])}"],
-                             path=str(self.path))
-
-    def select(self, names: tuple[str, ...] | list[str]) -> tuple[Certificate, ...]:
-        """The named certificates (all when none named); unknown names → one InventoryError."""
-        if not names:
-            return self.certificates
-        known = {c.name: c for c in self.certificates}
-        problems = [
-            f"no certificate named {n!r}{_suggest(n, list(known))}" for n in names if n not in known
-        ]
-        if problems:
-            raise InventoryError(problems, path=str(self.path))
-        return tuple(known[n] for n in dict.fromkeys(names))
-
-    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
-        """The provider and zone that own `fqdn` (longest zone match across providers)."""
-        best: tuple[DNSProvider, str] | None = None
-        for prov in self.dns.values():
-            zone = prov.zone_for(fqdn)
-            if zone and (best is None or len(zone) > len(best[1])):
-                best = (prov, zone)
-        return best
-
+MAX_NAMES = 100  # Let's Encrypt's limit on names per certificate; other public CAs are no higher
 
 # ---------------------------------------------------------------- name rules
 
@@ -257,9 +89,13 @@ def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
         return f"{name!r} must not end with a dot"
     if len(name) > 253:
         return f"{name!r} is longer than 253 characters"
+    if not _ip_problem(name):
+        return f"{name!r} is an IP address, not a DNS name"
     labels = name.split(".")
     if len(labels) < 2:
         return f"{name!r} is not a fully qualified name"
+    if labels[-1].isdigit():
+        return f"{name!r}: the last label must not be all digits (it would read as an IP address)"
     for i, label in enumerate(labels):
         if label == "*":
             if i != 0 or not wildcard_ok:
@@ -283,6 +119,36 @@ def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
     return None
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a chat endpoint, or None; never quotes the URL (webhook URLs are secrets).
+
+    https:// anywhere; http:// only to a loopback address, where nothing crosses a network in clear.
+    """
+    if any(not c.isprintable() or c.isspace() for c in url):
+        return "contains a space or control character"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 — raises ValueError on a bad port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an https:// URL"
+    if parts.scheme == "http" and not _loopback(host):
+        return "is http:// to a host that is not loopback: use https:// (the token or URL would cross the " \
+               "network in clear text)"
+    return None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -298,7 +164,10 @@ def load(path: str | os.PathLike[str]) -> Inventory:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise InventoryError([f"not UTF-8 at byte {exc.start}"], path=str(p)) from exc
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InventoryError([f"line {line}, column {col}: not UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                              "save the file as UTF-8"], path=str(p)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise InventoryError([f"TOML syntax: {exc}"], path=str(p)) from exc
     return parse(data, base=p.parent.resolve(), path=p)
@@ -321,10 +190,14 @@ class _Reader:
 
     def __init__(self, base: Path) -> None:
         self.problems: list[str] = []
+        self.warnings: list[str] = []
         self.base = base
 
     def err(self, keypath: str, msg: str) -> None:
         self.problems.append(f"{keypath}: {msg}")
+
+    def warn(self, keypath: str, msg: str) -> None:
+        self.warnings.append(f"{keypath}: {msg}")
 
     def table(self, data: object, keypath: str, allowed: set[str], secrets: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
         if not isinstance(data, dict):
@@ -517,7 +390,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     if r.problems:
         raise InventoryError(r.problems, path=str(path))
     return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=dd.trust)
+                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -623,6 +496,8 @@ def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
                 r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r}: HMAC-MD5 is refused; use hmac-sha256")
             else:
                 r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r} is not one of {', '.join(TSIG_ALGORITHMS)}")
+        elif algo == "hmac-sha1":
+            r.warn(f"{kp}.tsig_algorithm", "hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key")
         tsig_key = r.get(t, "tsig_key", kp, str, required=True)
         if tsig_key is not None and dns_name_problem(tsig_key.rstrip(".") + ".x", wildcard_ok=False):
             r.err(f"{kp}.tsig_key", f"{tsig_key!r} is not a valid key name")
@@ -646,7 +521,14 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
             r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
         t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
                             "cert_root", "test_command", "reload_command", "jump", "privkey_owner",
-                            "privkey_group"})
+                            "privkey_group", "ssh_user"})
+        user_key = "ssh_user"
+        if "user" in t:
+            if "ssh_user" in t:
+                r.err(f"{kp}.user", "give ssh_user only (user is its old name)")
+            else:
+                user_key = "user"
+                r.warn(f"{kp}.user", "deprecated name: rename it to ssh_user (as in [defaults])")
         address = r.get(t, "address", kp, str, required=True)
         if address is not None and (p := _ip_or_hostname_problem(address)) is not None:
             r.err(f"{kp}.address", p)
@@ -661,7 +543,7 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
         kh_s = r.get(t, "known_hosts", kp, str, default=known_hosts_s)
         hosts[name] = Host(
             name=name, address=address or "", port=r.port(t, "port", kp, 22),
-            https_port=r.port(t, "https_port", kp, https_port), user=_user(r, t, "user", kp, ssh_user),
+            https_port=r.port(t, "https_port", kp, https_port), user=_user(r, t, user_key, kp, ssh_user),
             ssh_key_file=r.path(key_s) if key_s else None, known_hosts=r.path(kh_s) if kh_s else None,
             tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
             test_command=r.argv(t, "test_command", kp, test_cmd),
@@ -692,7 +574,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
     for ci, t in enumerate(raw_certs):
         kp = f"certificates[{ci}]"
         t = r.table(t, kp, {"name", "domains", "dns", "hosts", "ca", "key_type", "reuse_key", "profile",
-                            "preferred_chain", "renew_before", "warn_before", "critical_before"})
+                            "preferred_chain", "renew_before", "warn_before", "critical_before", "verify_names"})
         if not t:
             continue
         name = r.get(t, "name", kp, str, required=True)
@@ -704,6 +586,9 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
             else:
                 seen_names[name] = ci
         domains = r.strlist(t, "domains", kp, required=True, nonempty=True) or ()
+        if len(domains) > MAX_NAMES:
+            r.err(f"{kp}.domains", f"{len(domains)} names; a certificate holds at most {MAX_NAMES} "
+                  "(split it into several certificates)")
         local_seen: set[str] = set()
         for i, dn in enumerate(domains):
             if (p := dns_name_problem(dn)) is not None:
@@ -741,6 +626,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
                 targets.append(ref)
             else:
                 r.err(f"{kp}.hosts[{i}]", f"no host named {ref!r}{_suggest(ref, list(hosts))}")
+        verify_names = _verify_names(r, t, kp, domains)
         profile = r.get(t, "profile", kp, str)
         if profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", profile):
             r.err(f"{kp}.profile", f"{profile!r} is not a valid profile name")
@@ -753,6 +639,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
             renew_before=r.threshold(t, "renew_before", kp, renew_before),
             warn_before=r.threshold(t, "warn_before", kp, warn_before) or warn_before,
             critical_before=r.threshold(t, "critical_before", kp, critical_before) or critical_before,
+            verify_names=verify_names,
         ))
     for cert in certs:
         prov = providers.get(cert.dns)
@@ -766,6 +653,26 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
     return certs
 
 
+def _verify_names(r: _Reader, t: dict[str, Any], kp: str, domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The SNI names a deploy verifies with: `verify_names`, else the certificate's non-wildcard names."""
+    given = r.strlist(t, "verify_names", kp, nonempty=True)
+    if given is None:  # absent (default ()) gives (); a wrong type was reported
+        given = ()
+    if "verify_names" not in t:
+        plain = tuple(d for d in domains if not d.startswith("*."))
+        if not plain and domains:
+            r.warn(f"{kp}.verify_names", "not set and every domain is a wildcard: the deploy verifies with "
+                   f"{domains[0].replace('*.', 'certmgr-verify.', 1)!r}, which reaches nginx's default server "
+                   "unless a server_name matches it; list names the hosts serve")
+        return plain
+    for i, name in enumerate(given):
+        if (p := dns_name_problem(name, wildcard_ok=False)) is not None:
+            r.err(f"{kp}.verify_names[{i}]", p)
+        elif not any(name == d or (d.startswith("*.") and name.partition(".")[2] == d[2:]) for d in domains):
+            r.err(f"{kp}.verify_names[{i}]", f"{name!r} is not covered by the certificate's domains")
+    return tuple(dict.fromkeys(given))
+
+
 def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     for name, t in _named_tables(r, data, "channels"):
@@ -777,8 +684,8 @@ def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
         if typ == "matrix":
             if homeserver is None:
                 r.err(f"{kp}.homeserver", "required for a matrix channel")
-            elif not re.match(r"https?://", homeserver):
-                r.err(f"{kp}.homeserver", f"{homeserver!r} must be an http(s):// URL")
+            elif (p := url_problem(homeserver)) is not None:
+                r.err(f"{kp}.homeserver", f"{homeserver!r} {p}")
             if room is None:
                 r.err(f"{kp}.room", "required for a matrix channel")
             elif not re.fullmatch(r"[!#][^:\s]+:[^\s]+", room):
@@ -875,11 +782,6 @@ def _abs_remote_path(r: _Reader, t: dict[str, Any], key: str, kp: str, default: 
     return value.rstrip("/") or "/"
 
 
-def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _tname(value: object) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
             dict: "a table"}.get(type(value), type(value).__name__)
@@ -922,7 +824,8 @@ def redacted(inv: Inventory) -> dict[str, Any]:
                           "ca": c.ca, "key_type": c.key_type, "reuse_key": c.reuse_key, "profile": c.profile,
                           "preferred_chain": c.preferred_chain,
                           "renew_before": str(c.renew_before) if c.renew_before else "1/3 (1/2 under 10 days)",
-                          "warn_before": str(c.warn_before), "critical_before": str(c.critical_before)}
+                          "warn_before": str(c.warn_before), "critical_before": str(c.critical_before),
+                          "verify_names": list(c.verify_names)}
                          for c in inv.certificates],
         "channels": {n: {"type": ch.type, "url": ref(ch.url), "token": ref(ch.token), "homeserver": ch.homeserver,
                          "room": ch.room, "min_severity": ch.min_severity, "repeat": ch.repeat}
