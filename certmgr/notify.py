@@ -20,8 +20,8 @@ from urllib.parse import quote
 import httpx
 
 from certmgr import log
-from certmgr.errors import CertmgrError, SecretError
-from certmgr.inventory import Channel
+from certmgr.errors import CertmgrError, NotifyError, SecretError
+from certmgr.inventory import Channel, url_problem
 from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
 
 _log = logging.getLogger(__name__)
@@ -293,6 +293,21 @@ def _retry_after(resp: httpx.Response, limit: float) -> float | None:
         return None
 
 
+def _check_url(channel: Channel, url: str) -> None:
+    """A URL httpx cannot send to, or http:// off loopback, is a NotifyError that never shows the URL."""
+    problem = url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+    if problem is not None:
+        where = ("homeserver" if channel.type == "matrix" else
+                 channel.url.key_path if channel.url is not None else "url")
+        raise NotifyError(f"notify {channel.name}: {where}: the URL {problem} (not sent)",
+                          hint=f"fix [channels.{channel.name}] and run `certmgr inventory check`")
+
+
 async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message, *,
                   retry: Retry = Retry()) -> Delivery:
     """Send `message` to one channel: retries transport errors, 408, 429 and 5xx with backoff; never raises."""
@@ -300,7 +315,8 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
     start = loop.time()
     try:
         method, url, headers, body = payload(channel, message, *_secrets(channel))
-    except SecretError as exc:
+        _check_url(channel, url)
+    except (SecretError, NotifyError) as exc:
         return Delivery(channel=channel.name, ok=False, attempts=0, error=log.redact(exc.message))
     status: int | None = None
     error = "not attempted"
@@ -324,6 +340,9 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
         except httpx.HTTPError as exc:
             # httpx messages can embed the URL: keep only the exception type and a redacted cause
             error = log.redact(f"{type(exc).__name__}: {exc}")
+        except httpx.InvalidURL:  # not an HTTPError; _check_url should have caught it: never retry it
+            error = f"notify {channel.name}: the URL is not valid (not sent)"
+            break
         if attempt < retry.attempts:
             if wait is None:
                 wait = retry.backoff[min(attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 0.0
