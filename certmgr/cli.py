@@ -116,15 +116,33 @@ def inventory_group() -> None:
 
 
 @inventory_group.command("check")
+@click.option("--syntax-only", is_flag=True,
+              help="Validate the file only; do not look for the files it names (CI on another machine).")
 @pass_ctx
-def inventory_check(c: Ctx) -> None:
-    """Validate the inventory; every problem is reported with its key path (exit 2)."""
+def inventory_check(c: Ctx, syntax_only: bool) -> None:
+    """Validate the inventory and the local files it names; every problem names its key path (exit 2).
+
+    Warnings (valid but risky settings) are printed and exit 0.
+    """
+    from certmgr.errors import InventoryError
+    from certmgr.invcheck import FileReport, check_files
+
     inv = c.inventory()
+    files = FileReport() if syntax_only else check_files(inv)
+    if files.problems:
+        raise InventoryError(list(files.problems), path=str(inv.path))
     names = sum(len(cert.domains) for cert in inv.certificates)
     click.echo(
         f"{inv.path}: ok — {len(inv.certificates)} certificates ({names} names), {len(inv.hosts)} hosts, "
         f"{len(inv.dns)} DNS providers, {len(inv.cas)} CAs, {len(inv.channels)} channels"
+        + (f", {len(inv.warnings)} warning{'s' if len(inv.warnings) != 1 else ''}" if inv.warnings else "")
     )
+    for w in inv.warnings:
+        click.echo(f"warning: {w}")
+    for n in files.notes:
+        click.echo(f"note: {n}")
+    if syntax_only:
+        click.echo("note: --syntax-only: the files the inventory names were not looked at")
 
 
 @inventory_group.command("show")
