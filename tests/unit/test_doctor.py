@@ -542,3 +542,15 @@ def test_ca_check_fails_cleanly_on_missing_trust_file(tmp_path: Path) -> None:
     assert (check.status, check.subject) == (Status.FAIL, "pebble")
     assert check.message == (f"acme directory pebble: [ca.pebble] trust {tmp_path / 'nope.pem'}: cannot read: "
                              "No such file or directory (nothing ordered)")
+
+
+def test_inventory_warnings_are_a_doctor_warning(tmp_path: Path) -> None:
+    """An inventory that loads with warnings (here hmac-sha1) is a WARN check carrying them, not ok."""
+    text = (Path(__file__).parents[2] / "domains.toml").read_text()
+    text = text.replace('tsig_algorithm = "hmac-sha256"', 'tsig_algorithm = "hmac-sha1"')
+    assert 'tsig_algorithm = "hmac-sha1"' in text
+    path = tmp_path / "domains.toml"
+    path.write_text(text)
+    check, inv = doctor.check_inventory(path)
+    assert inv is not None and check.status == Status.WARNING
+    assert check.message == "dns.hachyderm.tsig_algorithm: hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key"
