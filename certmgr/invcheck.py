@@ -13,7 +13,8 @@ from pathlib import Path
 from cryptography import x509
 
 from certmgr.errors import SecretError
-from certmgr.inventory import Inventory, SecretRef, url_problem
+from certmgr.inventory import Inventory, SecretRef
+from certmgr.names import url_problem
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""The inventory: domains.toml → frozen, validated dataclasses (the types live in certmgr.model).
+"""The inventory: domains.toml → frozen, validated dataclasses (types in certmgr.model, name rules in certmgr.names).
 
 Validation is strict and reports every problem at once, each naming its key path
 (`certificates[1].hosts[2]: no host named 'salyl' (did you mean 'sally'?)`).
@@ -7,7 +7,6 @@ Nothing here does I/O beyond reading the file; secrets are only *referenced*.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -16,11 +15,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from certmgr.errors import InventoryError
 from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
 from certmgr.model import suggest as _suggest
+from certmgr.names import dns_name_problem, ip_or_hostname_problem, is_ip, url_problem
+from certmgr.names import type_name as _tname
 
 __all__ = [
     "CA",
@@ -56,97 +56,10 @@ MAX_NAMES = 100  # Let's Encrypt's limit on names per certificate; other public 
 
 # ---------------------------------------------------------------- name rules
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LINEAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _CHANNEL_SECRET_KEYS = {"url", "token"}
-
-
-def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
-    """Why `name` is not an acceptable DNS name, or None.
-
-    Accepts IDNA (converted names must already be in A-label form to avoid
-    confusables: a U-label is rejected with its punycode spelled out).
-    """
-    if not isinstance(name, str):
-        return f"must be a string, not {_tname(name)}"
-    if not name:
-        return "empty DNS name"
-    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in ".-*_"))})
-    if bad:
-        if all(not c.isascii() for c in bad):
-            try:
-                alabel = name.encode("idna").decode()
-            except UnicodeError:
-                return f"{name!r} is not a valid internationalised name"
-            return f"{name!r} contains non-ASCII characters; write the A-label form {alabel!r}"
-        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)
-        return f"{name!r} contains characters not allowed in a DNS name: '{shown}'"
-    if name != name.lower():
-        return f"{name!r} must be lower case"
-    if name.endswith("."):
-        return f"{name!r} must not end with a dot"
-    if len(name) > 253:
-        return f"{name!r} is longer than 253 characters"
-    if not _ip_problem(name):
-        return f"{name!r} is an IP address, not a DNS name"
-    labels = name.split(".")
-    if len(labels) < 2:
-        return f"{name!r} is not a fully qualified name"
-    if labels[-1].isdigit():
-        return f"{name!r}: the last label must not be all digits (it would read as an IP address)"
-    for i, label in enumerate(labels):
-        if label == "*":
-            if i != 0 or not wildcard_ok:
-                return f"{name!r}: a wildcard is only allowed as the leftmost label"
-            continue
-        if "*" in label:
-            return f"{name!r}: '*' must be a whole label"
-        if not label:
-            return f"{name!r} has an empty label"
-        if "_" in label:
-            return f"{name!r}: label {label!r} contains '_'"
-        if not _LABEL.fullmatch(label):
-            if len(label) > 63:
-                return f"{name!r}: label {label[:20]!r}… is longer than 63 characters"
-            return f"{name!r}: label {label!r} must not start or end with '-'"
-        if label.startswith("xn--"):
-            try:
-                label.encode().decode("idna")
-            except UnicodeError:
-                return f"{name!r}: label {label!r} is not valid punycode"
-    return None
-
-
-def url_problem(url: str) -> str | None:
-    """Why `url` cannot be a chat endpoint, or None; never quotes the URL (webhook URLs are secrets).
-
-    https:// anywhere; http:// only to a loopback address, where nothing crosses a network in clear.
-    """
-    if any(not c.isprintable() or c.isspace() for c in url):
-        return "contains a space or control character"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        parts.port  # noqa: B018 — raises ValueError on a bad port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
-    if parts.scheme not in ("http", "https") or not host:
-        return "must be an https:// URL"
-    if parts.scheme == "http" and not _loopback(host):
-        return "is http:// to a host that is not loopback: use https:// (the token or URL would cross the " \
-               "network in clear text)"
-    return None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------- loading
@@ -363,18 +276,6 @@ def parse_threshold(text: str) -> Threshold | None:
     return Threshold(fraction=frac, text=text.strip())
 
 
-def _ip_or_hostname_problem(value: str) -> str | None:
-    try:
-        ipaddress.ip_address(value)
-        return None
-    except ValueError:
-        pass
-    problem = dns_name_problem(value, wildcard_ok=False)
-    if problem and value in ("localhost",):
-        return None
-    return problem
-
-
 def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     """Validate a parsed TOML document; every problem names its key path, in file order."""
     r = _Reader(base)
@@ -482,12 +383,12 @@ def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
             if (p := dns_name_problem(z, wildcard_ok=False)) is not None:
                 r.err(f"{kp}.zones[{i}]", p)
         server = r.get(t, "server", kp, str)
-        if server is not None and _ip_problem(server):
+        if server is not None and not is_ip(server):
             r.err(f"{kp}.server", f"{server!r} must be an IP address (certmgr never resolves the primary "
                   "through the system resolver)")
         nameservers = r.strlist(t, "nameservers", kp) or ()
         for i, ns in enumerate(nameservers):
-            if _ip_problem(ns):
+            if not is_ip(ns):
                 r.err(f"{kp}.nameservers[{i}]", f"{ns!r} must be an IP address")
         algo_raw = r.get(t, "tsig_algorithm", kp, str, default="hmac-sha256")
         algo = normalise_tsig_algorithm(algo_raw)
@@ -530,7 +431,7 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
                 user_key = "user"
                 r.warn(f"{kp}.user", "deprecated name: rename it to ssh_user (as in [defaults])")
         address = r.get(t, "address", kp, str, required=True)
-        if address is not None and (p := _ip_or_hostname_problem(address)) is not None:
+        if address is not None and (p := ip_or_hostname_problem(address)) is not None:
             r.err(f"{kp}.address", p)
         tags = r.strlist(t, "tags", kp) or ()
         for i, tag in enumerate(tags):
@@ -736,14 +637,6 @@ def _lineage_problem(name: str) -> str | None:
     return None
 
 
-def _ip_problem(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return False
-    except ValueError:
-        return True
-
-
 def _user(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str:
     value = r.get(t, key, kp, str)
     if value is None:
@@ -780,11 +673,6 @@ def _abs_remote_path(r: _Reader, t: dict[str, Any], key: str, kp: str, default: 
         r.err(f"{kp}.{key}", f"{value!r} must be an absolute path of letters, digits and ._-/@+ (no '..')")
         return default
     return value.rstrip("/") or "/"
-
-
-def _tname(value: object) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def _typname(typ: type | tuple[type, ...]) -> str:

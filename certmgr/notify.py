@@ -21,7 +21,8 @@ import httpx
 
 from certmgr import log
 from certmgr.errors import CertmgrError, NotifyError, SecretError
-from certmgr.inventory import Channel, url_problem
+from certmgr.inventory import Channel
+from certmgr.names import url_problem
 from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
 
 _log = logging.getLogger(__name__)
