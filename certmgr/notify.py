@@ -113,7 +113,15 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                        title=f"RESOLVED {summary.name}: all {summary.endpoints} endpoints ok",
                        lines=(f"Time left: {_fmt_days(summary.days_left)}",), days_left=summary.days_left)
     label = {"problem": "", "worse": "WORSE ", "repeat": "STILL "}.get(kind, "")
-    lines = [f"POPs: {', '.join(hosts) if hosts else '(none)'}", f"Time left: {_fmt_days(summary.days_left)}"]
+    # the title counts only the POPs at the certificate's severity: a POP merely warning is not "critical"
+    by_sev: dict[str, list[str]] = {}
+    for r in sorted(bad, key=lambda r: -SEVERITY_RANK[r.severity]):
+        if r.endpoint.host not in by_sev.setdefault(r.severity, []):
+            by_sev[r.severity].append(r.endpoint.host)
+    worst_hosts = by_sev.get(summary.severity, list(hosts))
+    pops = (", ".join(hosts) if len(by_sev) <= 1 else
+            "; ".join(f"{sev}: {', '.join(hs)}" for sev, hs in by_sev.items())) or "(none)"
+    lines = [f"POPs: {pops}", f"Time left: {_fmt_days(summary.days_left)}"]
     seen: set[str] = set()
     for r in bad:
         for p in r.problems:
@@ -122,7 +130,7 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                 seen.add(p)
                 lines.append(line)
     return Message(kind=kind, severity=summary.severity, certificate=summary.name, hosts=hosts,
-                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(hosts)} of "
+                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(worst_hosts)} of "
                          f"{len({r.endpoint.host for r in endpoints})} POPs",
                    lines=tuple(lines), days_left=summary.days_left, command=summary.command)
 

@@ -591,3 +591,10 @@ def test_verify_names_are_the_names_handshaken(fresh: Lab, store: Store, tmp_pat
     assert f"new serial {new} not served after 1.5s (nope.hachyderm.test: " in o.error
     assert o.error.endswith(f"(switched back to version 1 and reloaded, but serial {seed} is not served either)")
     assert served(fresh, "sally", APEX) == seed and served(fresh, "sally", "www.hachyderm.test") == seed
+
+
+def test_inventory_check_passes_on_the_lab(fresh: Lab, store: Store) -> None:
+    """The lab's inventory passes `inventory check` with every file it names in place, without warnings."""
+    res = _cli(fresh, store, "inventory", "check")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{fresh.inventory_path}: ok — ") and "warning" not in res.stdout

@@ -12,7 +12,7 @@ import pytest
 from certmgr import log
 from certmgr.inventory import Channel, SecretRef
 from certmgr.material import CertInfo
-from certmgr.notify import Alert, Message, Retry, alerts_for, apply, notify_scan, ping_message, send
+from certmgr.notify import Alert, Message, Retry, alerts_for, apply, message_for, notify_scan, ping_message, send
 from certmgr.scan import CertSummary, Endpoint, EndpointResult, ScanResult
 from tests.receiver import HANG, Receiver, Reply
 
@@ -308,3 +308,14 @@ def test_malformed_url_is_a_failed_delivery(url: str, why: str, env: dict[str, s
     assert [d.ok for d in ds] == [False, True]
     assert (ds[0].attempts, ds[0].error) == (0, f"notify bad: {why} (not sent)")
     assert "s3cr3t" not in (ds[0].error or "")
+
+
+def test_mixed_severities_are_not_all_called_critical() -> None:
+    """A critical certificate with one POP only warning counts only the critical POP in the title and lists each POP under its severity."""
+    crit, warn = result("critical", hosts=("kara",)), result("warning", hosts=("sally",))
+    eps = crit.endpoints + warn.endpoints + result("ok", hosts=("esme",)).endpoints
+    msg = message_for(crit.certificates[0], eps, "problem")
+    assert msg.title == "CRITICAL media.example.test on 1 of 3 POPs"
+    assert msg.lines[0] == "POPs: critical: kara; warning: sally"
+    same = message_for(crit.certificates[0], result("critical", hosts=("kara", "esme")).endpoints, "problem")
+    assert (same.title, same.lines[0]) == ("CRITICAL media.example.test on 2 of 2 POPs", "POPs: kara, esme")
