@@ -75,10 +75,11 @@ def load(path: str | os.PathLike[str]) -> Inventory:
     except OSError as exc:
         raise InventoryError([f"cannot read {p}: {exc.strerror}"], path=str(p)) from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # a BOM (Windows editors) is not an error
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        # columns count characters, as an editor shows them: the line's bytes before the bad one are valid UTF-8
+        col = len(raw[raw.rfind(b"\n", 0, exc.start) + 1:exc.start].decode("utf-8-sig")) + 1
         raise InventoryError([f"line {line}, column {col}: not UTF-8 (byte 0x{raw[exc.start]:02x}); "
                               "save the file as UTF-8"], path=str(p)) from exc
     except tomllib.TOMLDecodeError as exc:

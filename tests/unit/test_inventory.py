@@ -357,3 +357,14 @@ def test_non_utf8_reports_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(InventoryError) as info:
         inventory.load(path)
     assert info.value.problems == ["line 3, column 6: not UTF-8 (byte 0xe9); save the file as UTF-8"]
+    path.write_bytes('# café, naïve\n'.encode() + b'# \xc3\xa9t\xe9\n')  # columns count characters, not bytes
+    with pytest.raises(InventoryError) as info:
+        inventory.load(path)
+    assert info.value.problems == ["line 2, column 5: not UTF-8 (byte 0xe9); save the file as UTF-8"]
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark (as some Windows editors write) does not make a valid inventory invalid."""
+    path = tmp_path / "domains.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert inventory.load(path).certificate("media.hachyderm.test").hosts == ("sally", "esme")
