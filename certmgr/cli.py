@@ -92,7 +92,7 @@ class Group(click.Group):
                 return super().main(*args, **kwargs)
             finally:
                 # buffered output meets the closed pipe here at the latest, not in the interpreter's shutdown
-                if sys.stdout is not None:
+                if sys.stdout is not None and not sys.stdout.closed:
                     sys.stdout.flush()
         except BrokenPipeError:
             _stdout_gone()
