@@ -1,0 +1,235 @@
+"""Gather one host's findings over SSH (nginx -T, the certificate-reading script) and by handshakes.
+
+Every host is one task: an expected failure (unreachable, `nginx -T` failing, garbage or a huge
+dump) becomes that host's `HostScan.error`, so one bad POP never affects another. Every wait is
+bounded; every byte read from a host is bounded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import importlib.resources
+import logging
+import posixpath
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from certmgr import remote as remote_mod
+from certmgr.discover.model import FileRead, HostScan, Report, Served, analyze, b64decode, handshake_targets, read_pem
+from certmgr.discover.nginxconf import Config, DumpError, parse_dump
+from certmgr.discover.text import clean
+from certmgr.errors import DeployError
+from certmgr.inventory import Host, Inventory
+from certmgr.material import CertInfo
+
+logger = logging.getLogger(__name__)
+
+SCRIPT = importlib.resources.files("certmgr.discover").joinpath("readcerts.sh").read_text()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds on what one host may send and make us do."""
+
+    dump_bytes: int = 8 * 1024 * 1024  # nginx -T output
+    file_bytes: int = 64 * 1024  # one certificate file
+    certs: int = 2000  # distinct ssl_certificate paths per host
+    found_files: int = 500  # certificate files looked at for orphans per host
+    stderr_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    connect: float = 10.0
+    dump: float = 30.0  # nginx -T
+    read: float = 30.0  # the certificate-reading script
+    handshake: float = 5.0
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def run_bounded(remote: remote_mod.Remote, command: str, *, limit: int, stderr_limit: int,
+                      timeout: float, step: str) -> tuple[int, bytes, bytes]:
+    """Run `command` (already quoted); (exit status, stdout, stderr), stdout at most `limit` bytes.
+
+    Raises _TooLarge when stdout exceeds `limit` (the channel is closed at once: nothing more is
+    read), RemoteTimeout, or ConnectionLost.
+    """
+    where = f"{remote.host.name} ({remote.host.address}:{remote.host.port})"
+    try:
+        async with asyncio.timeout(timeout):
+            proc = await remote.conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None)
+            try:
+                async def drain(stream: asyncssh.SSHReader[bytes], cap: int, hard: bool) -> bytes:
+                    buf = bytearray()
+                    while True:
+                        chunk = await stream.read(65536)
+                        if not chunk:
+                            return bytes(buf)
+                        if len(buf) + len(chunk) > cap:
+                            if hard:
+                                raise _TooLarge
+                            buf += chunk[: cap - len(buf)]
+                            continue  # keep draining stderr so the command is not blocked
+                        buf += chunk
+
+                out, err = await asyncio.gather(drain(proc.stdout, limit, True), drain(proc.stderr, stderr_limit,
+                                                                                         False))
+                await proc.wait()
+            finally:
+                proc.close()
+    except TimeoutError as exc:
+        raise remote_mod.RemoteTimeout(f"{step} {where}: no answer within {timeout:g}s") from exc
+    except (asyncssh.Error, OSError) as exc:
+        raise remote_mod.ConnectionLost(f"{step} {where}: connection lost: {remote_mod.describe_exc(exc)}") from exc
+    status = proc.exit_status if proc.exit_status is not None else -1
+    return status, out, err
+
+
+def _first_line(data: bytes) -> str:
+    text = data.decode("utf-8", "replace").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return clean(lines[-1] if lines else "", 300)
+
+
+async def _dump(remote: remote_mod.Remote, host: Host, limits: Limits, timeouts: Timeouts) -> Config:
+    argv = host.dump_command
+    shown = clean(" ".join(argv), 200)
+    try:
+        status, out, err = await run_bounded(remote, shlex.join(argv), limit=limits.dump_bytes,
+                                             stderr_limit=limits.stderr_bytes, timeout=timeouts.dump, step="discover")
+    except _TooLarge:
+        raise DeployError(f"discover {host.name}: `{shown}` printed more than {limits.dump_bytes // 1024} KiB "
+                          "(stopped reading; nothing parsed)",
+                          hint="raise the limit only if the configuration really is that large") from None
+    if status != 0:
+        raise DeployError(f"discover {host.name}: `{shown}` exited {status}: {_first_line(err) or '(no output)'} "
+                          "(nothing parsed)",
+                          hint="run it by hand as the deploy user; sudoers must allow it without a password "
+                               "(dump_command in [hosts.*] or [defaults])")
+    try:
+        text = out.decode("utf-8")
+    except UnicodeDecodeError:
+        text = out.decode("utf-8", "replace")
+    try:
+        return parse_dump(text)
+    except DumpError as exc:
+        raise DeployError(f"discover {host.name}: `{shown}` output is not an nginx configuration dump: "
+                          f"{clean(str(exc), 300)} (nothing parsed)") from exc
+
+
+def _usable_path(p: str) -> bool:
+    return p.startswith("/") and "\0" not in p and len(p) <= 4096
+
+
+async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits: Limits,
+                      timeouts: Timeouts) -> tuple[dict[str, FileRead], dict[tuple[str, str], str],
+                                                  tuple[FileRead, ...], list[str]]:
+    problems: list[str] = []
+    pairs: dict[tuple[str, str], None] = {}
+    for sb in cfg.servers:
+        for ref in sb.certs:
+            if ref.dynamic or not _usable_path(ref.certificate):
+                continue
+            key = ref.key if ref.key is not None and _usable_path(ref.key) else ""
+            pairs[(ref.certificate, key)] = None
+    pair_list = list(pairs)
+    if len(pair_list) > limits.certs:
+        problems.append(f"{len(pair_list)} certificate/key pairs configured; only the first {limits.certs} read")
+        pair_list = pair_list[: limits.certs]
+    dirs = list(dict.fromkeys(posixpath.dirname(c) for c, _ in pair_list))
+    args = [str(limits.file_bytes), str(limits.found_files), str(len(pair_list)), host.cert_root.rstrip("/") + "/live"]
+    for c, k in pair_list:
+        args += [c, k]
+    args += dirs
+    budget = (len(pair_list) + limits.found_files) * (limits.file_bytes * 2 + 8192) + 65536
+    try:
+        status, out, err = await run_bounded(remote, remote_mod.sh_command(SCRIPT, args), limit=budget,
+                                             stderr_limit=limits.stderr_bytes, timeout=timeouts.read,
+                                             step="discover")
+    except _TooLarge:
+        raise DeployError(f"discover {host.name}: reading certificate files printed more than expected "
+                          "(stopped reading)") from None
+    text = out.decode("ascii", "replace")
+    if status != 0 or not text.rstrip().endswith("done"):
+        raise DeployError(f"discover {host.name}: reading certificate files failed (exit {status}): "
+                          f"{_first_line(err) or '(no output)'}")
+    files: dict[str, FileRead] = {}
+    keys: dict[tuple[str, str], str] = {}
+    found: dict[str, FileRead] = {}
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if parts[0] == "cert" and len(parts) == 5 and parts[1].isdigit() and int(parts[1]) < len(pair_list):
+            c = pair_list[int(parts[1])][0]
+            real = (b64decode(parts[3]) or c.encode()).decode("utf-8", "replace")
+            files[c] = read_pem(c, real, parts[2], b64decode(parts[4]))
+        elif parts[0] == "key" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(pair_list):
+            c, k = pair_list[int(parts[1])]
+            keys[(c, k)] = parts[2]
+        elif parts[0] == "file" and len(parts) == 4:
+            path = (b64decode(parts[1]) or b"").decode("utf-8", "replace")
+            real = (b64decode(parts[2]) or b"").decode("utf-8", "replace")
+            if path and path not in found:
+                found[path] = read_pem(path, real, "ok", b64decode(parts[3]))
+    return files, keys, tuple(found.values()), problems
+
+
+async def _handshakes(host: Host, cfg: Config, sem: asyncio.Semaphore, timeout: float) -> dict[tuple[int, str], Served]:
+    from certmgr.scan import probe
+
+    async def one(port: int, sni: str) -> tuple[tuple[int, str], Served]:
+        async with sem:
+            p = await probe(host.address, port, sni, connect_timeout=timeout, handshake_timeout=timeout)
+        if not p.ok:
+            return (port, sni), Served(error=p.error or "no certificate")
+        info = CertInfo.from_der(p.chain[0])
+        return (port, sni), Served(sha256=info.sha256, serial=info.serial)
+
+    results = await asyncio.gather(*(one(port, sni) for port, sni in handshake_targets(cfg)))
+    return dict(results)
+
+
+async def discover_host(host: Host, *, jump: Host | None, accept_new: bool, limits: Limits, timeouts: Timeouts,
+                        handshake_sem: asyncio.Semaphore) -> HostScan:
+    """One host's findings; every expected failure is returned as `HostScan.error`, never raised."""
+    rt = remote_mod.Timeouts(connect=timeouts.connect, command=max(timeouts.dump, timeouts.read))
+    try:
+        async with remote_mod.connect(host, jump=jump, accept_new=accept_new, timeouts=rt) as remote:
+            cfg = await _dump(remote, host, limits, timeouts)
+            reads, served = await asyncio.gather(
+                _read_files(remote, host, cfg, limits, timeouts),
+                _handshakes(host, cfg, handshake_sem, timeouts.handshake))
+    except DeployError as exc:
+        return HostScan(host=host.name, address=host.address, cert_root=host.cert_root,
+                        error=clean(exc.message, 2000))
+    files, keys, found, notes = reads
+    return HostScan(host=host.name, address=host.address, cert_root=host.cert_root, config=cfg, files=files,
+                    keys=keys, found=found, served=served, notes=tuple(notes))
+
+
+async def discover(inventory: Inventory, hosts: Sequence[Host], *, now: dt.datetime, parallel: int = 20,
+                   accept_new: bool = False, limits: Limits = Limits(), timeouts: Timeouts = Timeouts()) -> Report:
+    """Discover every host in `hosts` (at most `parallel` at once) and analyse the fleet."""
+    t0 = time.monotonic()
+    sem = asyncio.Semaphore(parallel)
+    handshake_sem = asyncio.Semaphore(200)
+    scans: list[HostScan | None] = [None] * len(hosts)
+
+    async def one(i: int, host: Host) -> None:
+        async with sem:
+            jump = inventory.hosts.get(host.jump) if host.jump else None
+            scans[i] = await discover_host(host, jump=jump, accept_new=accept_new, limits=limits,
+                                           timeouts=timeouts, handshake_sem=handshake_sem)
+
+    async with asyncio.TaskGroup() as tg:
+        for i, h in enumerate(hosts):
+            tg.create_task(one(i, h))
+    done = [s for s in scans if s is not None]
+    return analyze(done, lineages=[c.name for c in inventory.certificates], now=now, elapsed=time.monotonic() - t0)
