@@ -8,6 +8,7 @@ bounded; every byte read from a host is bounded too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import importlib.resources
 import logging
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import asyncssh
 
 from certmgr import remote as remote_mod
-from certmgr.discover.model import FileRead, HostScan, Report, Served, analyze, b64decode, handshake_targets, read_pem
+from certmgr.discover.model import FileRead, HostScan, Report, Served, analyze, handshake_targets, read_pem
 from certmgr.discover.nginxconf import Config, DumpError, parse_dump
 from certmgr.discover.text import clean
 from certmgr.errors import DeployError
@@ -30,6 +31,7 @@ from certmgr.material import CertInfo
 logger = logging.getLogger(__name__)
 
 SCRIPT = importlib.resources.files("certmgr.discover").joinpath("readcerts.sh").read_text()
+KEY_SCRIPT = importlib.resources.files("certmgr.discover").joinpath("checkkeys.sh").read_text()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,12 +146,11 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
     if len(pair_list) > limits.certs:
         problems.append(f"{len(pair_list)} certificate/key pairs configured; only the first {limits.certs} read")
         pair_list = pair_list[: limits.certs]
-    dirs = list(dict.fromkeys(posixpath.dirname(c) for c, _ in pair_list))
-    args = [str(limits.file_bytes), str(limits.found_files), str(len(pair_list)), host.cert_root.rstrip("/") + "/live"]
-    for c, k in pair_list:
-        args += [c, k]
-    args += dirs
-    budget = (len(pair_list) + limits.found_files) * (limits.file_bytes * 2 + 8192) + 65536
+    cert_list = list(dict.fromkeys(c for c, _ in pair_list))
+    dirs = list(dict.fromkeys(posixpath.dirname(c) for c in cert_list))
+    args = [str(limits.file_bytes), str(limits.found_files), str(len(cert_list)), host.cert_root.rstrip("/") + "/live",
+            *cert_list, *dirs]
+    budget = (len(cert_list) + limits.found_files) * (limits.file_bytes * 2 + 8192) + 65536
     try:
         status, out, err = await run_bounded(remote, remote_mod.sh_command(SCRIPT, args), limit=budget,
                                              stderr_limit=limits.stderr_bytes, timeout=timeouts.read,
@@ -157,28 +158,87 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
     except _TooLarge:
         raise DeployError(f"discover {host.name}: reading certificate files printed more than expected "
                           "(stopped reading)") from None
-    text = out.decode("ascii", "replace")
-    if status != 0 or not text.rstrip().endswith("done"):
+    tokens = out.split(b"\0")
+    if status != 0 or len(tokens) < 2 or tokens[-2] != b"done":
         raise DeployError(f"discover {host.name}: reading certificate files failed (exit {status}): "
                           f"{_first_line(err) or '(no output)'}")
     files: dict[str, FileRead] = {}
     keys: dict[tuple[str, str], str] = {}
     found: dict[str, FileRead] = {}
-    for line in text.splitlines():
-        parts = line.split(" ")
-        if parts[0] == "cert" and len(parts) == 5 and parts[1].isdigit() and int(parts[1]) < len(pair_list):
-            c = pair_list[int(parts[1])][0]
-            real = (b64decode(parts[3]) or c.encode()).decode("utf-8", "replace")
-            files[c] = read_pem(c, real, parts[2], b64decode(parts[4]))
-        elif parts[0] == "key" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(pair_list):
-            c, k = pair_list[int(parts[1])]
-            keys[(c, k)] = parts[2]
-        elif parts[0] == "file" and len(parts) == 4:
-            path = (b64decode(parts[1]) or b"").decode("utf-8", "replace")
-            real = (b64decode(parts[2]) or b"").decode("utf-8", "replace")
-            if path and path not in found:
-                found[path] = read_pem(path, real, "ok", b64decode(parts[3]))
+    i = 0
+    while i < len(tokens) - 2:
+        kind = tokens[i]
+        if kind == b"cert" and i + 4 < len(tokens):
+            idx, st, real, pem = tokens[i + 1:i + 5]
+            i += 5
+            if idx.isdigit() and int(idx) < len(cert_list):
+                c = cert_list[int(idx)]
+                files[c] = _file_read(c, _path(real) or c, st.decode("ascii", "replace"), pem, limits)
+        elif kind == b"file" and i + 3 < len(tokens):
+            path_b, real, pem = tokens[i + 1:i + 4]
+            i += 4
+            path = _path(path_b)
+            fr = _file_read(path, _path(real) or path, "ok", pem, limits)
+            if path and path not in found and fr.info is not None:
+                found[path] = fr
+        else:
+            raise DeployError(f"discover {host.name}: reading certificate files: unexpected output "
+                              f"{clean(kind.decode('utf-8', 'replace'), 40)!r}")
+    keys = await _check_keys(remote, host, [(c, k) for c, k in pair_list if k], files, limits, timeouts)
     return files, keys, tuple(found.values()), problems
+
+
+async def _check_keys(remote: remote_mod.Remote, host: Host, pairs: list[tuple[str, str]],
+                      files: dict[str, FileRead], limits: Limits, timeouts: Timeouts) -> dict[tuple[str, str], str]:
+    """Each key checked on the host against the public key of the certificate read with it."""
+    keys: dict[tuple[str, str], str] = {}
+    todo = []
+    for c, k in pairs:
+        fr = files.get(c)
+        if fr is None or not fr.public_key_pem:
+            keys[(c, k)] = "unchecked"
+        else:
+            todo.append((c, k, fr.public_key_pem))
+    if not todo:
+        return keys
+    args = [str(len(todo))]
+    for _, k, pem in todo:
+        args += [k, pem]
+    try:
+        status, out, err = await run_bounded(remote, remote_mod.sh_command(KEY_SCRIPT, args),
+                                             limit=64 * len(todo) + 1024, stderr_limit=limits.stderr_bytes,
+                                             timeout=timeouts.read, step="discover")
+    except _TooLarge:
+        raise DeployError(f"discover {host.name}: checking keys printed more than expected (stopped reading)") from None
+    tokens = out.split(b"\0")
+    if status != 0 or len(tokens) < 2 or tokens[-2] != b"done":
+        raise DeployError(f"discover {host.name}: checking keys failed (exit {status}): "
+                          f"{_first_line(err) or '(no output)'}")
+    for j in range(0, len(tokens) - 2, 3):
+        kind, idx, st = tokens[j:j + 3]
+        if kind == b"key" and idx.isdigit() and int(idx) < len(todo) and st in _KEY_STATUSES:
+            c, k, _ = todo[int(idx)]
+            keys[(c, k)] = st.decode()
+    return keys
+
+
+_KEY_STATUSES = {b"match", b"mismatch", b"unreadable", b"missing", b"unchecked"}
+
+
+def _path(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _file_read(path: str, real: str, status: str, b64: bytes, limits: Limits) -> FileRead:
+    if status != "ok":
+        return FileRead(path=path, real_path=real, status=status)
+    try:
+        data = base64.b64decode(b"".join(b64.split()), validate=True)
+    except ValueError:
+        return FileRead(path=path, real_path=real, status="not-a-certificate")
+    if len(data) > limits.file_bytes:
+        return FileRead(path=path, real_path=real, status="toolarge")
+    return read_pem(path, real, "ok", data)
 
 
 async def _handshakes(host: Host, cfg: Config, sem: asyncio.Semaphore, timeout: float) -> dict[tuple[int, str], Served]:

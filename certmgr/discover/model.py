@@ -8,13 +8,13 @@ orphaned files, key mismatches and names configured but not served.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from certmgr.discover.nginxconf import CertRef, Config, ServerBlock
 from certmgr.material import CertInfo, split_pem
@@ -31,6 +31,7 @@ class FileRead:
     status: str  # ok | missing | unreadable | toolarge | notfile | not-a-certificate
     info: CertInfo | None = None
     leaf_pem: str = field(default="", repr=False)
+    public_key_pem: str = field(default="", repr=False)  # what `openssl pkey -pubout` prints for its key
     is_ca: bool = False
 
 
@@ -50,7 +51,9 @@ def read_pem(path: str, real_path: str, status: str, pem: bytes | None) -> FileR
         is_ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         is_ca = False
-    return FileRead(path=path, real_path=real_path, status="ok", info=info, leaf_pem=blocks[0].decode(), is_ca=is_ca)
+    spki = cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return FileRead(path=path, real_path=real_path, status="ok", info=info, leaf_pem=blocks[0].decode(),
+                    public_key_pem=spki.decode().strip(), is_ca=is_ca)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,7 +142,7 @@ class KeyProblem:
     host: str
     certificate: str
     key: str
-    status: str  # mismatch | missing | unreadable
+    status: str  # mismatch | missing
     config: str
 
 
@@ -273,7 +276,7 @@ def analyze(scans: Sequence[HostScan], *, lineages: Iterable[str], now: dt.datet
                         problems.append((s.host, f"{cref.certificate} ({_where(cref)}): {fr.status}"))
                 if cref.key is not None:
                     ks = s.keys.get((cref.certificate, cref.key), "unchecked")
-                    if ks in ("mismatch", "missing", "unreadable"):
+                    if ks in ("mismatch", "missing"):  # unreadable: normal for root-only keys, not checked
                         key_problems.append(KeyProblem(host=s.host, certificate=cref.certificate, key=cref.key,
                                                        status=ks, config=_where(cref)))
             for port in ports:
@@ -375,12 +378,3 @@ def _unmanaged(good: Sequence[HostScan], bindings: Sequence[Binding]) -> tuple[U
            for k, v in by_leaf.items()]
     out.sort(key=lambda u: (u.info.not_after, u.names))
     return tuple(out)
-
-
-def b64decode(value: str) -> bytes | None:
-    if value == "-":
-        return None
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        return None
