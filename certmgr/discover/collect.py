@@ -14,6 +14,7 @@ import importlib.resources
 import logging
 import posixpath
 import shlex
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,7 +251,8 @@ async def _handshakes(host: Host, cfg: Config, sem: asyncio.Semaphore, timeout: 
         if not p.ok:
             return (port, sni), Served(error=p.error or "no certificate")
         info = CertInfo.from_der(p.chain[0])
-        return (port, sni), Served(sha256=info.sha256, serial=info.serial)
+        pem = ssl.DER_cert_to_PEM_cert(p.chain[0])
+        return (port, sni), Served(sha256=info.sha256, serial=info.serial, info=info, leaf_pem=pem)
 
     results = await asyncio.gather(*(one(port, sni) for port, sni in handshake_targets(cfg)))
     return dict(results)

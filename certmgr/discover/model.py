@@ -63,6 +63,8 @@ class Served:
     sha256: str | None = None
     serial: str | None = None
     error: str | None = None
+    info: CertInfo | None = None
+    leaf_pem: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,16 +332,19 @@ def _binding(s: HostScan, sb: ServerBlock, ref: CertRef | None, name: str, port:
     if ref is None:
         return Binding(name=name, host=s.host, port=port, config=_where(sb), certificate=None, real_path=None,
                        status="none", info=None, managed=False, lineage=None, served="unchecked")
-    if ref.dynamic:
+    if ref.dynamic:  # the file is chosen per handshake: what was served is all there is to know
         fr = None
         status = "dynamic"
+        info = seen.info if seen else None
     else:
         fr = s.files.get(ref.certificate)
         status = fr.status if fr else "unchecked"
-    info = fr.info if fr else None
+        info = fr.info if fr else None
     lineage = lineage_of(ref.certificate, s.cert_root, lineages) or lineage_of(fr.real_path if fr else None,
                                                                               s.cert_root, lineages)
-    if seen is None:
+    if ref.dynamic:
+        served = "dynamic" if seen is not None and seen.error is None else ("error" if seen else "unchecked")
+    elif seen is None:
         served = "unchecked"
     elif seen.error is not None:
         served = "error"
@@ -347,7 +352,7 @@ def _binding(s: HostScan, sb: ServerBlock, ref: CertRef | None, name: str, port:
         served = "unchecked"
     else:
         served = "same" if served_sha == info.sha256 else "different"
-    if served in ("error", "different") and not ref.dynamic:
+    if served in ("error", "different"):
         not_served.append(NotServed(host=s.host, name=name, port=port, certificate=ref.certificate,
                                     configured_serial=info.serial if info else None,
                                     served_serial=seen.serial if seen else None, error=seen.error if seen else None))
@@ -373,6 +378,9 @@ def _unmanaged(good: Sequence[HostScan], bindings: Sequence[Binding]) -> tuple[U
         for fr in s.files.values():
             if fr.info is not None and fr.info.sha256 in by_leaf:
                 pems[fr.info.sha256] = fr.leaf_pem
+        for seen in s.served.values():
+            if seen.info is not None and seen.info.sha256 in by_leaf and seen.info.sha256 not in pems:
+                pems[seen.info.sha256] = seen.leaf_pem
     out = [Unmanaged(info=infos[k], names=tuple(sorted(v["names"])), hosts=tuple(v["hosts"]),
                      paths=tuple(sorted(v["paths"])), leaf_pem=pems.get(k, ""))
            for k, v in by_leaf.items()]

@@ -143,38 +143,46 @@ def from_report(report: Report, inv: Inventory) -> list[StubCert]:
         if name not in g["names"]:
             g["names"].append(name)
         g["hosts"].add(b.host)
-    # names served by several certificates go with the one most hosts serve (then the soonest listed)
+    # a name served by several certificates goes with the one most hosts serve; the other hosts join it
     ranked = sorted(groups.values(), key=lambda g: (-len(g["hosts"]), g["names"][0]))
     owner: dict[str, int] = {}
+    own: list[list[str]] = [[] for _ in ranked]
+    extra_hosts: list[set[str]] = [set() for _ in ranked]
+    notes: list[list[str]] = [[] for _ in ranked]
+    for i, g in enumerate(ranked):
+        for n in g["names"]:
+            if n not in owner:
+                owner[n] = i
+                own[i].append(n)
+                continue
+            j = owner[n]
+            hosts = [h for h in g["hosts"] if h not in ranked[j]["hosts"]]
+            extra_hosts[j].update(hosts)
+            on = ",".join(sorted(g["hosts"], key=lambda h: order.get(h, 0)))
+            kept = ranked[j]
+            added = ",".join(sorted(hosts, key=lambda h: order.get(h, 0)))
+            notes[j].append(f"{n} is served with another certificate (serial {g['info'].serial}) on {on}; "
+                            f"kept with the one {len(kept['hosts'])} hosts serve (serial {kept['info'].serial})"
+                            + (f", and {added} added to its hosts" if hosts else ""))
     out: list[StubCert] = []
     taken: set[str] = set()
     for i, g in enumerate(ranked):
-        guesses = []
-        names = []
-        for n in g["names"]:
-            if n in owner:
-                other = ranked[owner[n]]
-                on = ",".join(sorted(g["hosts"], key=lambda h: order.get(h, 0)))
-                guesses.append(f"{n} is also served with serial {g['info'].serial} on {on}: kept on the "
-                               f"certificate served by {len(other['hosts'])} hosts (serial {other['info'].serial})")
-            else:
-                owner[n] = i
-                names.append(n)
+        names = own[i]
         if not names:
             continue
+        guesses = []
         if g["lineage"] and g["lineage"] not in taken:
-            name, guess = g["lineage"], None
+            name = g["lineage"]
         else:
             name, guess = _lineage_name(names, taken)
-            guess = guess or f"certificate named after its first name {names[0]!r} (serial {g['info'].serial})"
+            guesses.append(guess or f"certificate named after its first name {names[0]!r} (serial {g['info'].serial})")
         taken.add(name)
-        if guess:
-            guesses.insert(0, guess)
+        guesses += notes[i]
         kt = g["info"].key_type
         if kt not in KEY_TYPES:
             guesses.append(f"key type {kt} is not one certmgr issues: left to the default")
-        out.append(_finish(inv, StubCert(name=name, domains=tuple(names),
-                                         hosts=tuple(sorted(g["hosts"], key=lambda h: order.get(h, 0))),
+        hosts = sorted(g["hosts"] | extra_hosts[i], key=lambda h: order.get(h, 0))
+        out.append(_finish(inv, StubCert(name=name, domains=tuple(names), hosts=tuple(hosts),
                                          key_type=kt if kt in KEY_TYPES else None, guesses=tuple(guesses))))
     return out
 
