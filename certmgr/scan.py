@@ -445,11 +445,12 @@ def unmanaged_results(store: object, now: dt.datetime) -> list[EndpointResult]:
         if sev == "ok":
             continue
         why = why or f"expired {_days((now - u.info.not_after).total_seconds())} ago"
-        seen = (f"not managed by certmgr: {', '.join(u.files)} "
-                f"(certmgr discover, {discover_state.age(u.discovered_at, now)})")
+        files = {h: [f for hh, f in u.where if hh == h] or list(u.files) for h in u.hosts}
         out += [EndpointResult(endpoint=Endpoint(cert=UNMANAGED, name=u.names[0] if u.names else "-", host=h,
-                                                 address="", port=0),
-                               severity=sev, problems=(why, seen), info=u.info) for h in u.hosts]
+                                                 address="", port=0), severity=sev, info=u.info,
+                               problems=(why, f"not managed by certmgr: {', '.join(files[h])} "
+                                              f"(certmgr discover, {discover_state.age(u.discovered_at, now)})"))
+                for h in u.hosts]
     return out
 
 

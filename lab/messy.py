@@ -23,6 +23,7 @@ import os
 import pwd
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab import pki
@@ -87,11 +88,11 @@ def apply(lab: Lab) -> Messy:
         for d in ("sites", "snippets"):
             shutil.rmtree(p.prefix / d, ignore_errors=True)
 
-        def put(rel: str, issued: pki.Issued) -> None:
-            pki.write_file(p.prefix / f"{rel}.pem", issued.cert_pem + chain)
-            pki.write_file(p.prefix / f"{rel}.key", issued.key_pem, 0o600)
+        def put(rel: str, issued: pki.Issued, prefix: Path = p.prefix) -> None:
+            pki.write_file(prefix / f"{rel}.pem", issued.cert_pem + chain)
+            pki.write_file(prefix / f"{rel}.key", issued.key_pem, 0o600)
             # the deploy user may read these keys, so discover checks them against their certificates
-            os.chown(p.prefix / f"{rel}.key", pw.pw_uid, pw.pw_gid)
+            os.chown(prefix / f"{rel}.key", pw.pw_uid, pw.pw_gid)
 
         put("etc/ssl/legacy/legacy", certs["legacy"])
         put("etc/ssl/old/old", certs["old"])
@@ -132,8 +133,6 @@ def apply(lab: Lab) -> Messy:
 def _certbot_lineage(cert_root: os.PathLike[str] | str, name: str, issued: pki.Issued, chain: bytes, uid: int,
                      gid: int) -> None:
     """A certbot lineage certmgr's inventory does not list: archive/NAME/*1.pem, live/NAME/ symlinks."""
-    from pathlib import Path
-
     root = Path(cert_root)
     arch, live = root / "archive" / name, root / "live" / name
     shutil.rmtree(arch, ignore_errors=True)

@@ -97,9 +97,11 @@ async def run_bounded(remote: remote_mod.Remote, command: str, *, limit: int, st
 
 
 def _first_line(data: bytes) -> str:
+    """The line that says why: nginx's first [emerg]/[alert]/[crit] line, else the last line."""
     text = data.decode("utf-8", "replace").strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return clean(lines[-1] if lines else "", 300)
+    why = next((ln for ln in lines if any(f"[{lv}]" in ln for lv in ("emerg", "alert", "crit"))), None)
+    return clean(why or (lines[-1] if lines else ""), 300)
 
 
 async def _dump(remote: remote_mod.Remote, host: Host, limits: Limits, timeouts: Timeouts) -> Config:

@@ -12,6 +12,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -113,6 +114,7 @@ class Unmanaged:
     names: tuple[str, ...]
     hosts: tuple[str, ...]
     paths: tuple[str, ...]
+    where: tuple[tuple[str, str], ...] = ()  # (host, file) pairs, in binding order
     leaf_pem: str = field(default="", repr=False)
 
 
@@ -363,15 +365,16 @@ def _binding(s: HostScan, sb: ServerBlock, ref: CertRef | None, name: str, port:
 
 
 def _unmanaged(good: Sequence[HostScan], bindings: Sequence[Binding]) -> tuple[Unmanaged, ...]:
-    by_leaf: dict[str, dict[str, list[str]]] = {}
+    by_leaf: dict[str, dict[str, list[Any]]] = {}
     infos: dict[str, CertInfo] = {}
     pems: dict[str, str] = {}
     for b in bindings:
         if b.managed or b.info is None:
             continue
-        d = by_leaf.setdefault(b.info.sha256, {"names": [], "hosts": [], "paths": []})
+        d = by_leaf.setdefault(b.info.sha256, {"names": [], "hosts": [], "paths": [], "where": []})
         infos[b.info.sha256] = b.info
-        for key, value in (("names", b.name), ("hosts", b.host), ("paths", b.certificate or "")):
+        for key, value in (("names", b.name), ("hosts", b.host), ("paths", b.certificate or ""),
+                           ("where", (b.host, b.certificate or ""))):
             if value not in d[key]:
                 d[key].append(value)
     for s in good:
@@ -382,7 +385,7 @@ def _unmanaged(good: Sequence[HostScan], bindings: Sequence[Binding]) -> tuple[U
             if seen.info is not None and seen.info.sha256 in by_leaf and seen.info.sha256 not in pems:
                 pems[seen.info.sha256] = seen.leaf_pem
     out = [Unmanaged(info=infos[k], names=tuple(sorted(v["names"])), hosts=tuple(v["hosts"]),
-                     paths=tuple(sorted(v["paths"])), leaf_pem=pems.get(k, ""))
+                     paths=tuple(sorted(v["paths"])), where=tuple(v["where"]), leaf_pem=pems.get(k, ""))
            for k, v in by_leaf.items()]
     out.sort(key=lambda u: (u.info.not_after, u.names))
     return tuple(out)

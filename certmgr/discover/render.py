@@ -46,7 +46,8 @@ def to_json(r: Report) -> dict[str, Any]:
         "problems": [{"host": h, "problem": p} for h, p in r.problems],
         "names": [{"name": n, "served_by": bs} for n, bs in names.items()],
         "unmanaged": [{**(_cert(u.info, now) or {}), "served_names": list(u.names), "hosts": list(u.hosts),
-                       "files": list(u.paths), "leaf_pem": u.leaf_pem} for u in r.unmanaged],
+                       "files": list(u.paths), "where": [{"host": h, "file": f} for h, f in u.where],
+                       "leaf_pem": u.leaf_pem} for u in r.unmanaged],
         "drift": {
             "partial_names": [{"name": p.name, "served_on": list(p.served_on), "missing_on": list(p.missing_on)}
                               for p in r.partial],

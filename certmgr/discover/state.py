@@ -37,6 +37,7 @@ class UnmanagedSeen:
     names: tuple[str, ...]
     hosts: tuple[str, ...]
     files: tuple[str, ...]
+    where: tuple[tuple[str, str], ...]  # (host, file)
     discovered_at: str
 
 
@@ -56,6 +57,7 @@ def unmanaged(store: _Store | None) -> list[UnmanagedSeen]:
             info = CertInfo.from_cert(x509.load_pem_x509_certificate(str(u["leaf_pem"]).encode()))
             out.append(UnmanagedSeen(info=info, names=tuple(map(str, u["served_names"])),
                                      hosts=tuple(map(str, u["hosts"])), files=tuple(map(str, u["files"])),
+                                     where=tuple((str(w["host"]), str(w["file"])) for w in u.get("where", [])),
                                      discovered_at=str(data.get("discovered_at", "?"))))
         except (KeyError, TypeError, ValueError):
             continue
