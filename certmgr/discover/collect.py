@@ -165,28 +165,36 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
     if status != 0 or len(tokens) < 2 or tokens[-2] != b"done":
         raise DeployError(f"discover {host.name}: reading certificate files failed (exit {status}): "
                           f"{_first_line(err) or '(no output)'}")
-    files: dict[str, FileRead] = {}
-    keys: dict[tuple[str, str], str] = {}
-    found: dict[str, FileRead] = {}
+    certs: list[tuple[str, str, str]] = []  # (configured path, status, real path)
+    candidates: list[str] = []
+    contents: dict[str, bytes] = {}
     i = 0
     while i < len(tokens) - 2:
         kind = tokens[i]
-        if kind == b"cert" and i + 4 < len(tokens):
-            idx, st, real, pem = tokens[i + 1:i + 5]
-            i += 5
-            if idx.isdigit() and int(idx) < len(cert_list):
-                c = cert_list[int(idx)]
-                files[c] = _file_read(c, _path(real) or c, st.decode("ascii", "replace"), pem, limits)
-        elif kind == b"file" and i + 3 < len(tokens):
-            path_b, real, pem = tokens[i + 1:i + 4]
+        if kind == b"cert" and i + 3 < len(tokens):
+            idx, st_b, real_b = tokens[i + 1:i + 4]
             i += 4
-            path = _path(path_b)
-            fr = _file_read(path, _path(real) or path, "ok", pem, limits)
-            if path and path not in found and fr.info is not None:
-                found[path] = fr
+            if idx.isdigit() and int(idx) < len(cert_list):
+                certs.append((cert_list[int(idx)], st_b.decode("ascii", "replace"), _path(real_b)))
+        elif kind == b"file" and i + 1 < len(tokens):
+            candidates.append(_path(tokens[i + 1]))
+            i += 2
+        elif kind == b"pem" and i + 1 < len(tokens):
+            contents = _pem_blocks(tokens[i + 1], limits)
+            i += 2
         else:
             raise DeployError(f"discover {host.name}: reading certificate files: unexpected output "
                               f"{clean(kind.decode('utf-8', 'replace'), 40)!r}")
+    files: dict[str, FileRead] = {}
+    for c, st, real in certs:
+        if st == "ok" and c not in contents:
+            st = "not-a-certificate"
+        files[c] = read_pem(c, real or c, st, contents.get(c))
+    found: dict[str, FileRead] = {}
+    for path in candidates:
+        fr = read_pem(path, path, "ok", contents.get(path))
+        if fr.info is not None:
+            found.setdefault(path, fr)
     keys = await _check_keys(remote, host, [(c, k) for c, k in pair_list if k], files, limits, timeouts)
     return files, keys, tuple(found.values()), problems
 
@@ -232,16 +240,21 @@ def _path(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _file_read(path: str, real: str, status: str, b64: bytes, limits: Limits) -> FileRead:
-    if status != "ok":
-        return FileRead(path=path, real_path=real, status=status)
+def _pem_blocks(b64: bytes, limits: Limits) -> dict[str, bytes]:
+    """The script's `pem` field → {path: certificate lines}: "F<escaped path>" starts a file, "|" a line."""
     try:
-        data = base64.b64decode(b"".join(b64.split()), validate=True)
+        text = base64.b64decode(b"".join(b64.split()), validate=True)
     except ValueError:
-        return FileRead(path=path, real_path=real, status="not-a-certificate")
-    if len(data) > limits.file_bytes:
-        return FileRead(path=path, real_path=real, status="toolarge")
-    return read_pem(path, real, "ok", data)
+        return {}
+    out: dict[str, bytearray] = {}
+    current: bytearray | None = None
+    for line in text.split(b"\n"):
+        if line.startswith(b"F"):
+            name = _path(line[1:]).replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
+            current = out.setdefault(name, bytearray())
+        elif line.startswith(b"|") and current is not None and len(current) <= limits.file_bytes:
+            current += line[1:] + b"\n"
+    return {k: bytes(v) for k, v in out.items() if v}
 
 
 async def _handshakes(host: Host, cfg: Config, sem: asyncio.Semaphore, timeout: float) -> dict[tuple[int, str], Served]:
