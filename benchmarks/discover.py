@@ -50,6 +50,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     lab = Lab(args.dir, args.port_base, pops=max(sizes))
     t = time.monotonic()
+    messy.remove(lab, reload=False)  # a profile left by an earlier run would refer to files `up` reseeds away
     lab.up()
     print(f"lab with {lab.pops} POPs up in {time.monotonic() - t:.1f}s")
     try:
@@ -63,6 +64,7 @@ def main() -> int:
                   f"{statistics.median(r[1] for r in runs):>11.2f}s {runs[0][3]:>9} {runs[0][2]:>7}")
     finally:
         if not args.keep:
+            messy.remove(lab, reload=False)
             lab.down()
     return 0
 

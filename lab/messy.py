@@ -149,12 +149,15 @@ def _certbot_lineage(cert_root: os.PathLike[str] | str, name: str, issued: pki.I
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
-def remove(lab: Lab) -> None:
-    """Undo `apply` (files and configuration) and reload the POPs."""
+def remove(lab: Lab, *, reload: bool = True) -> None:
+    """Undo `apply` (files and configuration); reload the POPs unless told not to (e.g. they are down)."""
     for pop in POPS:
+        if pop not in lab.pop_names:
+            continue
         p = lab.pop_paths(pop)
         for d in (p.prefix / "etc" / "ssl", p.prefix / "sites", p.prefix / "snippets",
                   p.cert_root / "live" / "blog.hachyderm.test", p.cert_root / "archive" / "blog.hachyderm.test"):
             shutil.rmtree(d, ignore_errors=True)
         (p.conf_d / "messy.conf").unlink(missing_ok=True)
-        lab.nginx_reload(pop)
+        if reload:
+            lab.nginx_reload(pop)
