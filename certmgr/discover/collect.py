@@ -251,7 +251,7 @@ def _pem_blocks(b64: bytes, limits: Limits) -> dict[str, bytes]:
     for line in text.split(b"\n"):
         if line.startswith(b"F"):
             name = _path(line[1:]).replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
-            current = out.setdefault(name, bytearray())
+            current = out[name] = bytearray()  # a file read twice (configured and found) counts once
         elif line.startswith(b"|") and current is not None and len(current) <= limits.file_bytes:
             current += line[1:] + b"\n"
     return {k: bytes(v) for k, v in out.items() if v}
