@@ -150,9 +150,10 @@ def _certbot_lineage(cert_root: os.PathLike[str] | str, name: str, issued: pki.I
 
 
 def remove(lab: Lab, *, reload: bool = True) -> None:
-    """Undo `apply` (files and configuration); reload the POPs unless told not to (e.g. they are down)."""
+    """Undo `apply` (files and configuration) and reload the POPs; with `reload=False`, only on POPs whose
+    nginx is down (before `up`: a running nginx would keep serving names whose files are gone)."""
     for pop in POPS:
-        if pop not in lab.pop_names:
+        if pop not in lab.pop_names or (not reload and lab.nginx_pid(pop) is not None):
             continue
         p = lab.pop_paths(pop)
         for d in (p.prefix / "etc" / "ssl", p.prefix / "sites", p.prefix / "snippets",
