@@ -286,9 +286,12 @@ async def discover_host(host: Host, *, jump: Host | None, accept_new: bool, limi
                 _read_files(remote, host, cfg, limits, timeouts),
                 _handshakes(host, cfg, handshake_sem, timeouts.handshake))
     except DeployError as exc:
+        logger.info("discover %s: %s", host.name, clean(exc.message, 300))
         return HostScan(host=host.name, address=host.address, cert_root=host.cert_root,
                         error=clean(exc.message, 2000))
     files, keys, found, notes = reads
+    logger.info("discover %s: %d files, %d server blocks, %d certificate files, %d handshakes", host.name,
+                len(cfg.files), len(cfg.servers), len(files), len(served))
     return HostScan(host=host.name, address=host.address, cert_root=host.cert_root, config=cfg, files=files,
                     keys=keys, found=found, served=served, notes=tuple(notes))
 
