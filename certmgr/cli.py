@@ -207,8 +207,10 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
 @main.command("import")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/etc/letsencrypt")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) with a [[certificates]] entry per adopted lineage instead.")
 @pass_ctx
-def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
+def import_cmd(c: Ctx, src: Path, as_json: bool, stub: bool) -> None:
     """Adopt certbot lineages from SRC (default /etc/letsencrypt): every archived version, the current one live.
 
     SRC is never modified; re-running is safe (versions already present are skipped).
@@ -216,7 +218,11 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
     store = c.store()
     with store.lock("certmgr import"):
         results = store.import_certbot(src)
-    if as_json:
+    if stub:
+        from certmgr.discover.command import import_stub
+
+        click.echo(import_stub(c.inventory(), store, results, src))
+    elif as_json:
         emit_json([{"name": r.name, "imported": list(r.imported), "present": list(r.present),
                     "skipped": [{"version": v, "reason": why} for v, why in r.skipped],
                     "certbot_live": r.certbot_live, "activated": r.activated, "problem": r.problem}
@@ -654,4 +660,35 @@ def doctor_cmd(c: Ctx, as_json: bool, timer_interval: str | None, concurrency: i
     else:
         tty = sys.stdout.isatty()
         click.echo(doctor.render(report, tty=tty, colour=tty and "NO_COLOR" not in os.environ))
+    sys.exit(report.exit_code)
+
+
+# ---------------------------------------------------------------- discover (issue 14)
+
+
+@main.command("discover")
+@click.option("--hosts", "hosts_csv", metavar="H,...|tag:T",
+              help="Only these hosts (names and tag:T, comma-separated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/discover.md).")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) grouping certificates as the fleet does today, `# guess:` comments "
+                   "where it had to guess.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--accept-new", is_flag=True, help="Trust and record the key of a host absent from known_hosts.")
+@pass_ctx
+def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, parallel: int, accept_new: bool) -> None:
+    """What every POP's nginx really serves: names, files, certificates, managed or not, drift, orphans.
+
+    Reads `nginx -T` and certificate files over SSH (private keys never leave the host) and
+    handshakes each name. Exit 0 when every host was discovered, 1 when some could not be.
+    """
+    import datetime as dt
+
+    from certmgr.discover import command
+
+    inv = c.inventory()
+    report = run_async(command.discover(inv, command.select_hosts(inv, _csv(hosts_csv)), now=dt.datetime.now(dt.UTC),
+                                        parallel=parallel, accept_new=accept_new))
+    command.save_quietly(c.store, report)
+    click.echo(command.output(report, inv, as_json=as_json, stub_wanted=stub))
     sys.exit(report.exit_code)
