@@ -503,8 +503,12 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
               envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
               "[env: CERTMGR_WAIT_LOCK].")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="CERTMGR_PROMETHEUS", help="Also write Prometheus textfile metrics here, atomically "
+              "(docs/monitoring.md) [env: CERTMGR_PROMETHEUS].")
 @pass_ctx
-def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float,
+            prom_path: Path | None) -> None:
     """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
 
     Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
@@ -527,6 +531,12 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
+            from certmgr import metrics
+
+            problem = metrics.publish(inv, store, report, prom_path)
+            if problem:
+                click.echo(f"certmgr: error: {problem}", err=True)
     if as_json:
         emit_json(report.to_json())
     else:
