@@ -29,7 +29,7 @@ RUN_STATE = "state/run.json"
 FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("certmgr_run_last_timestamp_seconds", "gauge", "When the last certmgr run started (Unix time)."),
     ("certmgr_run_last_success_timestamp_seconds", "gauge",
-     "When the last run that completed with no failed renewal or deploy started (Unix time)."),
+     "When the last run that completed with no failed renewal or deploy started (Unix time; 0: never)."),
     ("certmgr_run_success", "gauge", "1 if the last run completed with no failed renewal or deploy, else 0."),
     ("certmgr_run_exit_code", "gauge", "Exit status of the last run (0 ok, 1 warnings, 2 failed/critical, 3 error)."),
     ("certmgr_run_duration_seconds", "gauge", "Wall time of the last run."),
@@ -179,8 +179,8 @@ def lines(*, scan: ScanResult, report: RunReport, certs: Sequence[CertState], re
 
     if record.last_run is not None:
         add("certmgr_run_last_timestamp_seconds", record.last_run.timestamp())
-    if record.last_success is not None:
-        add("certmgr_run_last_success_timestamp_seconds", record.last_success.timestamp())
+    # 0 for "never": the dead-man's switch must fire for an installation that never succeeded
+    add("certmgr_run_last_success_timestamp_seconds", record.last_success.timestamp() if record.last_success else 0)
     add("certmgr_run_success", 1 if run_succeeded(report) else 0)
     add("certmgr_run_exit_code", report.exit_code)
     add("certmgr_run_duration_seconds", round(report.elapsed, 3))

@@ -136,6 +136,12 @@ def test_never_attempted_and_nothing_live() -> None:
     assert s['certmgr_certificate_renewal_consecutive_failures{certificate="m"}'] == "0"
 
 
+def test_never_succeeded_is_zero() -> None:
+    """With no clean run ever, the last-success time is 0, so the "no successful run" alert fires at once."""
+    record = metrics.RunRecord(last_run=NOW, last_success=None, last_exit_code=2)
+    assert samples(textfile(run_report("failed"), record=record))["certmgr_run_last_success_timestamp_seconds"] == "0"
+
+
 def test_run_family() -> None:
     """The run's duration, exit code, renewals by result and success flag."""
     s = samples(textfile(run_report("renewed", "failed")))
