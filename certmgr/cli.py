@@ -482,7 +482,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
     if not inv.channels:
         raise UsageError("notify failure: the inventory has no [channels.*]")
     msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
-                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                  lines=("The daily run failed (exit 2: a renewal or deploy failed, or a critical problem remains), "
+                         "or crashed, was killed or timed out; certificates may not be renewed.",
                          f"Look at: journalctl -u {unit} -n 100"),
                   command=f"systemctl status {unit}")
     deliveries = run_async(send(list(inv.channels.values()), msg))
