@@ -434,6 +434,44 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     sys.exit(result.exit_code)
 
 
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              help="Handshakes in flight at most.")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@pass_ctx
+def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
+              handshake_timeout: float) -> None:
+    """Monitoring-plugin mode (Nagios, Icinga): scan, print one status line with perfdata, exit 0/1/2/3.
+
+    Read-only: saves no state and sends no chat message. 0 OK, 1 WARNING, 2 CRITICAL (an endpoint
+    expiring, wrong or unreachable), 3 UNKNOWN (the check could not run). See docs/monitoring.md.
+    """
+    import datetime as dt
+
+    from certmgr import nagios
+    from certmgr import scan as scan_mod
+
+    try:
+        inv = c.inventory()
+        # the monitoring user usually cannot read the store (0700): then no drift against live/
+        store = c.store_readonly() if os.access(c.state_dir, os.R_OK | os.X_OK) else None
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
+        out = nagios.check(result, inv)
+    except CertmgrError as exc:
+        out = nagios.unknown(log.redact(str(exc)))
+    except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN
+        traceback.print_exc()
+        out = nagios.unknown("internal error (a bug): see the traceback on stderr")
+    click.echo(out.text)
+    sys.exit(out.status)
+
+
 @main.group("notify")
 def notify_group() -> None:
     """Chat channels from the inventory ([channels.*])."""

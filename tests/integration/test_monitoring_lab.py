@@ -183,3 +183,31 @@ def test_failed_renewal_fails_the_unit_and_fires_renewal_alerts(seeded: Lab, tmp
                 *per("CertmgrCertificateExpiringSoon", all_pops), *per("CertmgrCertificateExpiringCritical", all_pops)]
     proc = firing(tmp_path, metrics, {"1h": expected})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_check_plugin_on_the_lab(seeded: Lab, tmp_path: Path) -> None:
+    """`certmgr check`: CRITICAL on the near-expiry seed, OK after a run, CRITICAL naming a stopped POP."""
+    state = tmp_path / "state"
+    perf = re.compile(r"'soonest_days'=[0-9.]+;22\.5:;9:;;")
+    before = certmgr(seeded.inventory_path, state, "check")
+    assert before.exit_code == 2, before.output
+    first = before.output.splitlines()[0]
+    assert first.startswith("CERTMGR CRITICAL - 16 critical of 16 endpoints: ")
+    assert perf.search(first) and "'critical'=16;;;0;16" in first, first
+
+    assert certmgr(seeded.inventory_path, state, "run", "--no-notify").exit_code == 0
+    after = certmgr(seeded.inventory_path, state, "check")
+    assert after.exit_code == 0, after.output
+    assert re.match(r"CERTMGR OK - 16 endpoints ok, soonest expiry \S+ on \S+ in (89|90)d \| 'endpoints'=16;;;0 ",
+                    after.output), after.output
+    assert after.output.count("\n") == 1 and perf.search(after.output)
+
+    seeded.stop_pop("esme")
+    try:
+        down = certmgr(seeded.inventory_path, state, "check", "static.hachyderm.test", "--connect-timeout", "2")
+    finally:
+        seeded.start_pop("esme")
+    assert down.exit_code == 2, down.output
+    lines = down.output.splitlines()
+    assert lines[0].startswith("CERTMGR CRITICAL - 1 error of 4 endpoints: static.hachyderm.test on esme: "), lines[0]
+    assert lines[1].startswith("ERROR: static.hachyderm.test on esme: ") and len(lines) == 2
