@@ -570,17 +570,18 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        problem = None
         if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
             from certmgr import metrics
 
             problem = metrics.publish(inv, store, report, prom_path)
-            if problem:
-                click.echo(f"certmgr: error: {problem}", err=True)
     if as_json:
         emit_json(report.to_json())
     else:
         for line in pipeline.render(report):
             click.echo(line)
+    if problem:
+        click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 

@@ -75,11 +75,12 @@ def firing(tmp_path: Path, textfile: str, checks: dict[str, list[dict[str, str]]
     Times become relative to the run's start (t=0), so time() in the rules is "seconds since this run".
     """
     t0 = value(textfile, "certmgr_run_last_timestamp_seconds")
+    minutes = 60 * max(int(at.removesuffix("h")) for at in checks) + 60  # one sample a minute, to past the last check
     series = []
     for name, _, raw, v in samples(textfile):
         v = v - t0 if name.endswith("_timestamp_seconds") else v
         labels = raw[:-1] + ("," if raw != "{}" else "") + 'instance="cm",job="node"}'
-        series.append({"series": name + labels, "values": f"{v:.3f}+0x1700"})
+        series.append({"series": name + labels, "values": f"{v:.3f}+0x{minutes}"})
     tests = [{"expr": 'ALERTS{alertstate="firing"}', "eval_time": at, "exp_samples": [
         {"labels": "ALERTS{" + ",".join(f'{k}="{v}"' for k, v in sorted(
             {"alertstate": "firing", "instance": "cm", "job": "node", "severity": SEVERITY[a["alertname"]],
