@@ -16,7 +16,7 @@ from typing import Any
 
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
-from certmgr.errors import CertmgrError
+from certmgr.errors import CertmgrError, StoreError
 from certmgr.fsutil import atomic_write
 from certmgr.inventory import Inventory
 from certmgr.pipeline import RunReport
@@ -114,7 +114,7 @@ def record_run(store: Any, report: RunReport) -> RunRecord:
     """Load `state/run.json`, fold in this run, save it (the caller holds the store lock)."""
     try:
         previous = RunRecord.from_json(store.load_json(RUN_STATE, default=None))
-    except CertmgrError:
+    except StoreError:
         previous = RunRecord()  # unreadable: start afresh rather than lose this run's record too
     record = next_record(previous, report)
     store.save_json(RUN_STATE, record.to_json())
@@ -248,7 +248,7 @@ def publish(inv: Inventory, store: Any, report: RunReport, path: Path) -> str | 
         record = record_run(store, report)
         certs = gather(inv, store, now=report.started)
         write(path, lines(scan=report.final_scan, report=report, certs=certs, record=record))
-    except CertmgrError as exc:
+    except StoreError as exc:
         return f"run --prometheus {path}: {exc} (metrics not written)"
     except OSError as exc:
         return f"run --prometheus {path}: cannot write: {exc.strerror or exc} (previous file kept)"
