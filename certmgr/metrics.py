@@ -16,9 +16,10 @@ from typing import Any
 
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
-from certmgr.errors import CertmgrError, StoreError
+from certmgr.errors import StoreError
 from certmgr.fsutil import atomic_write
 from certmgr.inventory import Inventory
+from certmgr.material import MaterialError
 from certmgr.pipeline import RunReport
 from certmgr.plan import RenewState
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
@@ -125,19 +126,23 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertState]:
     """One CertState per inventory certificate, read from the store (nothing on the network)."""
     out = []
     for cert in inv.certificates:
+        # A part of the store that cannot be read leaves its metrics out; the run's own report already said why.
         info = None
         try:
             if store.live_version(cert.name) is not None:
                 info = store.read(cert.name).info()
-        except CertmgrError:
+        except (StoreError, MaterialError):
             info = None
         try:
             rstate = renew_mod.load_state(store, cert.name)
-        except CertmgrError:
+        except StoreError:
             rstate = RenewState()
         try:
-            hosts = (store.load_json(f"state/deploy/{cert.name}.json", default={}) or {}).get("hosts", {})
-        except CertmgrError:
+            saved = store.load_json(f"state/deploy/{cert.name}.json", default={})
+        except StoreError:
+            saved = {}
+        hosts = saved.get("hosts") if isinstance(saved, dict) else None
+        if not isinstance(hosts, dict):
             hosts = {}
         deploys = {h: (str(d.get("status")), _parse(d.get("at"))) for h, d in sorted(hosts.items())
                    if isinstance(d, dict) and d.get("status") and h in cert.hosts}

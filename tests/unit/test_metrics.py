@@ -214,6 +214,40 @@ def test_publish_reports_an_unwritable_path_without_raising(tmp_path: Path) -> N
                                              "last_exit_code": 3}
 
 
+class FakeStore:
+    """The few store reads `gather` makes, from a dict of relpath → JSON."""
+
+    def __init__(self, saved: dict[str, object]) -> None:
+        self.saved = saved
+
+    def load_json(self, relpath: str, default: object = None) -> object:
+        return self.saved.get(relpath, default)
+
+    def live_version(self, name: str) -> None:
+        return None
+
+
+def test_gather_reads_renew_and_deploy_state_and_skips_garbage() -> None:
+    """Renewal failures and last deploys come from the store; a deploy state of the wrong shape is skipped."""
+    from certmgr import inventory
+    inv = inventory.load(Path(__file__).parents[2] / "domains.toml")
+    media = inv.certificate("media.hachyderm.io")
+    store = FakeStore({
+        "state/renew/media.hachyderm.io.json": {"failures": 3, "last_attempt": NOW.isoformat(),
+                                                "last_failure": NOW.isoformat(), "last_error": "BADSIG"},
+        "state/deploy/media.hachyderm.io.json": {"hosts": {
+            media.hosts[0]: {"status": "failed", "at": NOW.isoformat()},
+            "gone-host": {"status": "deployed"},  # no longer in the inventory
+            media.hosts[1]: ["not", "a", "dict"]}},
+        "state/deploy/hachyderm.io.json": ["garbage"],
+    })
+    by_name = {c.name: c for c in metrics.gather(inv, store, now=NOW)}
+    m = by_name["media.hachyderm.io"]
+    assert (m.renew.failures, m.overdue, m.not_after) == (3, True, None)
+    assert m.deploys == {media.hosts[0]: ("failed", NOW)}
+    assert by_name["hachyderm.io"].deploys == {}
+
+
 @pytest.mark.skipif(promtool is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_check_metrics_accepts_the_file() -> None:
     """`promtool check metrics` finds no problem in the textfile (names, units, HELP, escaping)."""
