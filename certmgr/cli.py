@@ -494,6 +494,44 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     sys.exit(result.exit_code)
 
 
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              help="Handshakes in flight at most.")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@pass_ctx
+def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
+              handshake_timeout: float) -> None:
+    """Monitoring-plugin mode (Nagios, Icinga): scan, print one status line with perfdata, exit 0/1/2/3.
+
+    Read-only: saves no state and sends no chat message. 0 OK, 1 WARNING, 2 CRITICAL (an endpoint
+    expiring, wrong or unreachable), 3 UNKNOWN (the check could not run). See docs/monitoring.md.
+    """
+    import datetime as dt
+
+    from certmgr import nagios
+    from certmgr import scan as scan_mod
+
+    try:
+        inv = c.inventory()
+        # the monitoring user usually cannot read the store (0700): then no drift against live/
+        store = c.store_readonly() if os.access(c.state_dir, os.R_OK | os.X_OK) else None
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
+        out = nagios.check(result, inv)
+    except CertmgrError as exc:
+        out = nagios.unknown(log.redact(str(exc)))
+    except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN
+        traceback.print_exc()
+        out = nagios.unknown("internal error (a bug): see the traceback on stderr")
+    click.echo(out.text)
+    sys.exit(out.status)
+
+
 @main.group("notify")
 def notify_group() -> None:
     """Chat channels from the inventory ([channels.*])."""
@@ -542,7 +580,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
     if not inv.channels:
         raise UsageError("notify failure: the inventory has no [channels.*]")
     msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
-                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                  lines=("The daily run failed (exit 2: a renewal or deploy failed, or a critical problem remains), "
+                         "or crashed, was killed or timed out; certificates may not be renewed.",
                          f"Look at: journalctl -u {unit} -n 100"),
                   command=f"systemctl status {unit}")
     deliveries = run_async(send(list(inv.channels.values()), msg))
@@ -563,8 +602,12 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
               envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
               "[env: CERTMGR_WAIT_LOCK].")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="CERTMGR_PROMETHEUS", help="Also write Prometheus textfile metrics here, atomically "
+              "(docs/monitoring.md) [env: CERTMGR_PROMETHEUS].")
 @pass_ctx
-def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float,
+            prom_path: Path | None) -> None:
     """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
 
     Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
@@ -587,11 +630,18 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        problem = None
+        if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
+            from certmgr import metrics
+
+            problem = metrics.publish(inv, store, report, prom_path)
     if as_json:
         emit_json(report.to_json())
     else:
         for line in pipeline.render(report):
             click.echo(line)
+    if problem:
+        click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 
