@@ -20,6 +20,7 @@ from certmgr.inventory import Inventory
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
 EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
 
 
 @dataclass
@@ -66,14 +67,49 @@ def fail(exc: CertmgrError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _stdout_gone() -> NoReturn:
+    """The reader of our stdout went away (`certmgr status | head -1`): stop quietly, like SIGPIPE would.
+
+    Python's recommended handling (library/signal.html, "Note on SIGPIPE"): point stdout at /dev/null so
+    the interpreter's final flush cannot raise again, and exit 141 (128 + SIGPIPE), what a shell reports
+    for any program a pipe's reader stops early; `set -o pipefail` scripts see the cut-off for what it is.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or replaced (tests): nothing left to protect
+        pass
+    sys.exit(EXIT_PIPE)
+
+
 class Group(click.Group):
     """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """The console script's entry: a closed stdout (a pipe's reader gone) ends quietly, never a traceback."""
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                # buffered output meets the closed pipe here at the latest, not in the interpreter's shutdown
+                if sys.stdout is not None and not sys.stdout.closed:
+                    sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # --help and --version print while the arguments are parsed
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _stdout_gone()
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
+        except BrokenPipeError:
+            _stdout_gone()  # before click's own EPIPE handling, which would exit 1
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception:
@@ -116,15 +152,33 @@ def inventory_group() -> None:
 
 
 @inventory_group.command("check")
+@click.option("--syntax-only", is_flag=True,
+              help="Validate the file only; do not look for the files it names (CI on another machine).")
 @pass_ctx
-def inventory_check(c: Ctx) -> None:
-    """Validate the inventory; every problem is reported with its key path (exit 2)."""
+def inventory_check(c: Ctx, syntax_only: bool) -> None:
+    """Validate the inventory and the local files it names; every problem names its key path (exit 2).
+
+    Warnings (valid but risky settings) are printed and exit 0.
+    """
+    from certmgr.errors import InventoryError
+    from certmgr.invcheck import FileReport, check_files
+
     inv = c.inventory()
+    files = FileReport() if syntax_only else check_files(inv)
+    if files.problems:
+        raise InventoryError(list(files.problems), path=str(inv.path))
     names = sum(len(cert.domains) for cert in inv.certificates)
     click.echo(
         f"{inv.path}: ok — {len(inv.certificates)} certificates ({names} names), {len(inv.hosts)} hosts, "
         f"{len(inv.dns)} DNS providers, {len(inv.cas)} CAs, {len(inv.channels)} channels"
+        + (f", {len(inv.warnings)} warning{'s' if len(inv.warnings) != 1 else ''}" if inv.warnings else "")
     )
+    for w in inv.warnings:
+        click.echo(f"warning: {w}")
+    for n in files.notes:
+        click.echo(f"note: {n}")
+    if syntax_only:
+        click.echo("note: --syntax-only: the files the inventory names were not looked at")
 
 
 @inventory_group.command("show")
@@ -153,8 +207,10 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
 @main.command("import")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/etc/letsencrypt")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) with a [[certificates]] entry per adopted lineage instead.")
 @pass_ctx
-def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
+def import_cmd(c: Ctx, src: Path, as_json: bool, stub: bool) -> None:
     """Adopt certbot lineages from SRC (default /etc/letsencrypt): every archived version, the current one live.
 
     SRC is never modified; re-running is safe (versions already present are skipped).
@@ -162,7 +218,11 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
     store = c.store()
     with store.lock("certmgr import"):
         results = store.import_certbot(src)
-    if as_json:
+    if stub:
+        from certmgr.discover.command import import_stub
+
+        click.echo(import_stub(c.inventory(), store, results, src))
+    elif as_json:
         emit_json([{"name": r.name, "imported": list(r.imported), "present": list(r.present),
                     "skipped": [{"version": v, "reason": why} for v, why in r.skipped],
                     "certbot_live": r.certbot_live, "activated": r.activated, "problem": r.problem}
@@ -437,6 +497,44 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     sys.exit(result.exit_code)
 
 
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              help="Handshakes in flight at most.")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@pass_ctx
+def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
+              handshake_timeout: float) -> None:
+    """Monitoring-plugin mode (Nagios, Icinga): scan, print one status line with perfdata, exit 0/1/2/3.
+
+    Read-only: saves no state and sends no chat message. 0 OK, 1 WARNING, 2 CRITICAL (an endpoint
+    expiring, wrong or unreachable), 3 UNKNOWN (the check could not run). See docs/monitoring.md.
+    """
+    import datetime as dt
+
+    from certmgr import nagios
+    from certmgr import scan as scan_mod
+
+    try:
+        inv = c.inventory()
+        # the monitoring user usually cannot read the store (0700): then no drift against live/
+        store = c.store_readonly() if os.access(c.state_dir, os.R_OK | os.X_OK) else None
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
+        out = nagios.check(result, inv)
+    except CertmgrError as exc:
+        out = nagios.unknown(log.redact(str(exc)))
+    except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN
+        traceback.print_exc()
+        out = nagios.unknown("internal error (a bug): see the traceback on stderr")
+    click.echo(out.text)
+    sys.exit(out.status)
+
+
 @main.group("notify")
 def notify_group() -> None:
     """Chat channels from the inventory ([channels.*])."""
@@ -485,7 +583,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
     if not inv.channels:
         raise UsageError("notify failure: the inventory has no [channels.*]")
     msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
-                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                  lines=("The daily run failed (exit 2: a renewal or deploy failed, or a critical problem remains), "
+                         "or crashed, was killed or timed out; certificates may not be renewed.",
                          f"Look at: journalctl -u {unit} -n 100"),
                   command=f"systemctl status {unit}")
     deliveries = run_async(send(list(inv.channels.values()), msg))
@@ -506,8 +605,12 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
               envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
               "[env: CERTMGR_WAIT_LOCK].")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="CERTMGR_PROMETHEUS", help="Also write Prometheus textfile metrics here, atomically "
+              "(docs/monitoring.md) [env: CERTMGR_PROMETHEUS].")
 @pass_ctx
-def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float,
+            prom_path: Path | None) -> None:
     """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
 
     Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
@@ -530,11 +633,18 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        problem = None
+        if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
+            from certmgr import metrics
+
+            problem = metrics.publish(inv, store, report, prom_path)
     if as_json:
         emit_json(report.to_json())
     else:
         for line in pipeline.render(report):
             click.echo(line)
+    if problem:
+        click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 
@@ -603,4 +713,35 @@ def doctor_cmd(c: Ctx, as_json: bool, timer_interval: str | None, concurrency: i
     else:
         tty = sys.stdout.isatty()
         click.echo(doctor.render(report, tty=tty, colour=tty and "NO_COLOR" not in os.environ))
+    sys.exit(report.exit_code)
+
+
+# ---------------------------------------------------------------- discover (issue 14)
+
+
+@main.command("discover")
+@click.option("--hosts", "hosts_csv", metavar="H,...|tag:T",
+              help="Only these hosts (names and tag:T, comma-separated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/discover.md).")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) grouping certificates as the fleet does today, `# guess:` comments "
+                   "where it had to guess.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--accept-new", is_flag=True, help="Trust and record the key of a host absent from known_hosts.")
+@pass_ctx
+def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, parallel: int, accept_new: bool) -> None:
+    """What every POP's nginx really serves: names, files, certificates, managed or not, drift, orphans.
+
+    Reads `nginx -T` and certificate files over SSH (private keys never leave the host) and
+    handshakes each name. Exit 0 when every host was discovered, 1 when some could not be.
+    """
+    import datetime as dt
+
+    from certmgr.discover import command
+
+    inv = c.inventory()
+    report = run_async(command.discover(inv, command.select_hosts(inv, _csv(hosts_csv)), now=dt.datetime.now(dt.UTC),
+                                        parallel=parallel, accept_new=accept_new))
+    command.save_quietly(c.store, report)
+    click.echo(command.output(report, inv, as_json=as_json, stub_wanted=stub))
     sys.exit(report.exit_code)

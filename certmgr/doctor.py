@@ -33,6 +33,7 @@ import dns.tsig
 from cryptography import x509
 
 from certmgr import remote as remote_mod
+from certmgr import sanitize
 from certmgr.deploy import KEYOWN_SH
 from certmgr.errors import CertmgrError, InventoryError, StoreError
 from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory, normalise_tsig_algorithm
@@ -282,6 +283,10 @@ def check_inventory(path: Path) -> tuple[Check, Inventory | None]:
                      message="; ".join(exc.problems),
                      hint="fix these, then rerun `certmgr doctor` (`certmgr inventory check` lists them too)"), None
     names = sum(len(c.domains) for c in inv.certificates)
+    if inv.warnings:  # valid but risky settings, as `inventory check` prints them
+        return Check(group="inventory", name="inventory", subject=str(path), status=Status.WARNING,
+                     message="; ".join(inv.warnings),
+                     hint="docs/inventory.md says why each matters (`certmgr inventory check` lists them too)"), inv
     return Check(group="inventory", name="inventory", subject=str(path), status=Status.OK,
                  message=f"{_n(len(inv.certificates), 'certificate')} ({_n(names, 'name')}), "
                          f"{_n(len(inv.hosts), 'host')}, {_n(len(inv.dns), 'DNS provider')}, {_n(len(inv.cas), 'CA')}, "
@@ -411,13 +416,13 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
     import josepy as jose
 
     from certmgr import issue, keys
-    from certmgr.errors import ACMEError
+    from certmgr.errors import ACMEError, LocalFileError
 
     out: list[Check] = []
     t0 = time.monotonic()
     try:
         client = await issue.ACMEClient.open(ca, executor=executor, timeouts=issue.Timeouts(http=timeouts.acme_http))
-    except ACMEError as exc:
+    except (ACMEError, LocalFileError) as exc:
         return [Check(group="ca", name="directory", subject=ca.name, status=Status.FAIL, message=exc.message,
                       hint=exc.hint, elapsed=time.monotonic() - t0)]
     out.append(Check(group="ca", name="directory", subject=ca.name, status=Status.OK,
@@ -546,7 +551,7 @@ async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Che
     except ConnectionRefusedError:
         return result(Status.FAIL, f"{where}: connection refused", "is the DNS server running?")
     except (OSError, dns.exception.DNSException) as exc:
-        return result(Status.FAIL, f"{where}: {type(exc).__name__}: {exc}")
+        return result(Status.FAIL, f"{where}: {type(exc).__name__}: {sanitize.line(str(exc))}")
     rcode = resp.rcode()
     if rcode == dns.rcode.REFUSED:
         return result(Status.FAIL, f"{where} answered REFUSED for {zone} SOA (key {kname}): it does not serve the "
@@ -654,8 +659,7 @@ printf 'rc=%s\nout=%s\n' "$rc" "$(printf '%s' "$out" | base64 -w0)"
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return sanitize.flat(text, limit=limit)  # a POP's output is foreign text
 
 
 class _Remote(Protocol):
@@ -742,15 +746,15 @@ async def _check_write(host: Host, rem: _Remote) -> Check:
             async with sftp.open(path, "xb", attrs=asyncssh.SFTPAttrs(permissions=0o600)):
                 pass
         except asyncssh.SFTPError as exc:
-            return result(Status.FAIL, f"{host.user} cannot create files in {where}: {exc.reason}",
+            return result(Status.FAIL, f"{host.user} cannot create files in {where}: {sanitize.line(exc.reason)}",
                           f"make {where} writable by {host.user} (deploy writes new versions there)")
         try:
             await sftp.remove(path)
         except asyncssh.SFTPError as exc:
-            return result(Status.FAIL, f"created {path} but cannot remove it: {exc.reason}",
+            return result(Status.FAIL, f"created {path} but cannot remove it: {sanitize.line(exc.reason)}",
                           f"remove {path} by hand; check permissions of {where}")
     except asyncssh.SFTPError as exc:
-        return result(Status.FAIL, f"{where}: {exc.reason}")
+        return result(Status.FAIL, f"{where}: {sanitize.line(exc.reason)}")
     status = Status.WARNING if note else Status.OK
     return result(status, f"{host.user} can create and remove files in {where}{note}")
 
@@ -855,9 +859,9 @@ async def _check_served(host: Host, cert: Certificate, rem: _Remote, served: lis
         except asyncssh.SFTPNoSuchFile:
             live = None
         except asyncssh.SFTPError as exc:
-            problem = f"cannot read {live_path}: {exc.reason}"
+            problem = f"cannot read {live_path}: {sanitize.line(exc.reason)}"
         except ValueError as exc:
-            problem = f"{live_path} does not parse: {exc}"
+            problem = f"{live_path} does not parse: {sanitize.line(str(exc))}"
         probes = await probes_task
     finally:
         if not probes_task.done():

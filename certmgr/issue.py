@@ -28,10 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import json_util
 
-from certmgr import __version__, keys
+from certmgr import __version__, keys, sanitize
 from certmgr.dns import Provider, TXTRecord, ZoneUpdate, first_error, locate, run_all
 from certmgr.dns.journal import CertJournal, Key
-from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, LocalFileError, RateLimited
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.log import Secret, event
 from certmgr.material import CertMaterial, split_pem
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ERR = "urn:ietf:params:acme:error:"
+CA_TEXT_LIMIT = 1000  # an RFC 7807 detail is free text; enough for subproblems, bounded all the same
 # RFC 8555 §8.1: a token "MUST NOT contain any characters outside the base64url alphabet"
 # (and carries at least 128 bits of entropy, so at least 22 characters).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{22,}")
@@ -137,14 +138,14 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> dt.datetime | None
 
 
 def shown(text: str | None) -> str | None:
-    """CA-supplied text made safe to print: control characters (newlines, ESC…) become visible escapes.
+    """CA-supplied text made safe to print (`sanitize.line`): controls (newlines, ESC…) become visible escapes.
 
     An error detail is the CA's words, shown verbatim, but it must not forge a line of our output
     or drive the operator's terminal (RFC 7807 details are free text).
     """
     if text is None:
         return None
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return sanitize.line(text, limit=CA_TEXT_LIMIT)
 
 
 def _short(typ: str | None) -> str:
@@ -167,6 +168,25 @@ def choose_chain(fullchains: Sequence[str], preferred_issuer: str | None) -> tup
                            f"({len(fullchains)} chain(s)); kept the default")
 
 
+def ca_trust(ca: CA) -> str | bool:
+    """requests' `verify` for the ACME endpoint's own TLS: `[ca.X] trust`, else the system roots; never off.
+
+    requests only says "invalid path" deep inside a call (a traceback); a bundle that cannot be read is
+    named here, before anything is sent.
+    """
+    if ca.trust is None:
+        return True
+    try:
+        with open(ca.trust, "rb"):
+            pass
+    except OSError as exc:
+        raise LocalFileError(f"acme directory {ca.name}: [ca.{ca.name}] trust {ca.trust}: cannot read: "
+                             f"{exc.strerror} (nothing ordered)",
+                             hint=f"fix trust in [ca.{ca.name}] (a PEM bundle for the CA's own TLS), "
+                                  "or remove it to use the system roots") from exc
+    return str(ca.trust)
+
+
 class ACMEClient:
     """One CA for one run: its directory and account, shared by many concurrent orders."""
 
@@ -185,8 +205,7 @@ class ACMEClient:
     # ------------------------------------------------------------ plumbing
 
     def _verify(self) -> Any:  # requests takes a CA bundle path where acme's signature says bool
-        # Trust for the ACME endpoint's own TLS: the inventory's bundle, else the system roots. Never off.
-        return str(self.ca.trust) if self.ca.trust else True
+        return ca_trust(self.ca)
 
     def _net(self, *, account: bool = True) -> _Net:
         net = _Net(self.account_key, account=self.regr if account else None, alg=jose.jwa.ES256,
@@ -196,7 +215,7 @@ class ACMEClient:
 
     @staticmethod
     async def _fetch_directory(ca: CA, executor: ThreadPoolExecutor, timeouts: Timeouts) -> messages.Directory:
-        verify: Any = str(ca.trust) if ca.trust else True
+        verify: Any = ca_trust(ca)
         net = _Net(None, verify_ssl=verify, user_agent=f"certmgr/{__version__}",
                    timeout=int(timeouts.http))
         step = f"acme directory {ca.name}"
@@ -410,8 +429,8 @@ class ACMEClient:
                             "written; report it to the CA", retryable=False) from exc
         finally:
             net.session.close()
+        # Checked (names, key, dates, chain) by the caller before anything is stored: certmgr.certcheck
         material = CertMaterial.from_fullchain(fullchain.encode(), keys.to_pem(key))
-        material.check()
         timings["total"] = loop.time() - t0
         return Issued(material=material, replaced=replaces if used_replaces else None, notes=tuple(notes),
                       timings=timings)
@@ -671,7 +690,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
         except errors.ConflictError:
             raise
         except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class: never retried
-            raise ACMEError(f"{step}: TLS to the CA failed: {exc} ({outcome})",
+            raise ACMEError(f"{step}: TLS to the CA failed: {shown(str(exc))} ({outcome})",
                             hint="check [ca.*] trust: the bundle must contain the CA of the ACME endpoint",
                             retryable=False) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
@@ -681,7 +700,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
                 continue
             url = getattr(exc.request, "url", None) if getattr(exc, "request", None) is not None else None
             kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
-            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({url})' if url else ''} ({outcome})",
+            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({shown(url)})' if url else ''} ({outcome})",
                             hint="is the ACME server up? check [ca.*] directory and trust") from exc
         except errors.ClientError as exc:
             resp = net.last_response
@@ -690,7 +709,7 @@ async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts
                 attempts += 1
                 await asyncio.sleep(2.0 ** (attempts - 1))
                 continue
-            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {exc} "
+            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {shown(str(exc))} "
                             f"({outcome})") from exc
         except errors.Error as exc:
-            raise ACMEError(f"{step}: {exc} ({outcome})") from exc
+            raise ACMEError(f"{step}: {shown(str(exc))} ({outcome})") from exc

@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import Any
 
+from certmgr import sanitize
+
 _REDACT: set[str] = set()
 _LOCK = threading.Lock()
 
@@ -58,9 +60,11 @@ def redact(text: str) -> str:
 
 
 def _fmt_value(value: Any) -> str:
+    # One event per line whatever a value holds: newlines, ESC and other controls (a peer's text,
+    # a traceback) are escaped, so a log line can neither be forged nor drive a terminal.
     s = str(value)
-    if s == "" or any(c in s for c in ' "=\n\t'):
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if s == "" or not s.isprintable() or any(c in s for c in ' "='):
+        return '"' + sanitize.line(s.replace("\\", "\\\\").replace('"', '\\"'), limit=None) + '"'
     return s
 
 

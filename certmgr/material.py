@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from certmgr import sanitize
 from certmgr.errors import CertmgrError
 
 FILES = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
@@ -57,7 +58,7 @@ class CertMaterial:
             x509.load_pem_x509_certificates(self.fullchain)
             key = serialization.load_pem_private_key(self.privkey, password=None)
         except ValueError as exc:
-            raise MaterialError(f"certificate material does not parse: {exc}") from exc
+            raise MaterialError(f"certificate material does not parse: {sanitize.line(str(exc))}") from exc
         if public_key_der(key.public_key()) != public_key_der(leaf.public_key()):
             raise MaterialError(
                 "certificate and private key do not match",
@@ -106,16 +107,22 @@ def key_type_of(key: object) -> str:
 
 
 def dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The SAN dNSNames, each as an inert line (a served certificate's names are foreign text)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
-    return tuple(san.get_values_for_type(x509.DNSName))
+    return tuple(sanitize.line(n) for n in san.get_values_for_type(x509.DNSName))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CertInfo:
-    """What an operator wants to know about a leaf certificate."""
+    """What an operator wants to know about a leaf certificate.
+
+    `subject`, `issuer` and `names` are whoever made the certificate's words (a POP can serve
+    anything): they are made inert here, where they enter (`sanitize.line`), so no later use can
+    print an ESC or a newline from them.
+    """
 
     serial: str  # hex, lower case, no separators
     sha256: str  # fingerprint of the DER, hex
@@ -139,8 +146,8 @@ class CertInfo:
         return cls(
             serial=format(cert.serial_number, "x"),
             sha256=hashlib.sha256(der).hexdigest(),
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
+            subject=sanitize.line(cert.subject.rfc4514_string()),
+            issuer=sanitize.line(cert.issuer.rfc4514_string()),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             names=dns_names(cert),

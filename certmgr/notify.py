@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import html
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,9 +18,10 @@ from urllib.parse import quote
 
 import httpx
 
-from certmgr import log
-from certmgr.errors import CertmgrError, SecretError
+from certmgr import log, sanitize
+from certmgr.errors import CertmgrError, NotifyError, SecretError
 from certmgr.inventory import Channel
+from certmgr.names import url_problem
 from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
 
 _log = logging.getLogger(__name__)
@@ -48,9 +48,11 @@ class Message:
 
     @property
     def text(self) -> str:
-        parts = [f"{_ICONS.get(self.severity, '')} {self.title}".strip(), *self.lines]
+        """Plain text, one fact per line; each part inert (`sanitize.line`), so none can forge a line."""
+        parts = [f"{_ICONS.get(self.severity, '')} {sanitize.line(self.title)}".strip(),
+                 *(sanitize.line(line) for line in self.lines)]
         if self.command:
-            parts.append(f"Run: {self.command}")
+            parts.append(f"Run: {sanitize.line(self.command)}")
         return "\n".join(parts)
 
 
@@ -117,7 +119,15 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                        title=f"RESOLVED {summary.name}: all {summary.endpoints} endpoints ok",
                        lines=(f"Time left: {_fmt_days(summary.days_left)}",), days_left=summary.days_left)
     label = {"problem": "", "worse": "WORSE ", "repeat": "STILL "}.get(kind, "")
-    lines = [f"POPs: {', '.join(hosts) if hosts else '(none)'}", f"Time left: {_fmt_days(summary.days_left)}"]
+    # the title counts only the POPs at the certificate's severity: a POP merely warning is not "critical"
+    by_sev: dict[str, list[str]] = {}
+    for r in sorted(bad, key=lambda r: -SEVERITY_RANK[r.severity]):
+        if r.endpoint.host not in by_sev.setdefault(r.severity, []):
+            by_sev[r.severity].append(r.endpoint.host)
+    worst_hosts = by_sev.get(summary.severity, list(hosts))
+    pops = (", ".join(hosts) if len(by_sev) <= 1 else
+            "; ".join(f"{sev}: {', '.join(hs)}" for sev, hs in by_sev.items())) or "(none)"
+    lines = [f"POPs: {pops}", f"Time left: {_fmt_days(summary.days_left)}"]
     seen: set[str] = set()
     for r in bad:
         for p in r.problems:
@@ -126,7 +136,7 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                 seen.add(p)
                 lines.append(line)
     return Message(kind=kind, severity=summary.severity, certificate=summary.name, hosts=hosts,
-                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(hosts)} of "
+                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(worst_hosts)} of "
                          f"{len({r.endpoint.host for r in endpoints})} POPs",
                    lines=tuple(lines), days_left=summary.days_left, command=summary.command)
 
@@ -221,39 +231,47 @@ def save_state(store: NotifyStore, state: Mapping[str, Mapping[str, Any]], names
 
 def payload(channel: Channel, message: Message, url: str | None,
             token: str | None) -> tuple[str, str, dict[str, str], dict[str, Any]]:
-    """(method, url, headers, JSON body) in the channel's documented format."""
+    """(method, url, headers, JSON body) in the channel's documented format.
+
+    Every message carries foreign text (certificate fields, a CA's or a POP's words): it is plain
+    and inert already (`Message.text`); here each service's markup is neutralized, so a `**`,
+    `<b>` or `@everyone` in it shows as written and pings nobody (docs/security.md).
+    """
     text = message.text
+    title = sanitize.line(message.title)
     if channel.type == "discord":
-        # Discord "Execute Webhook": content ≤ 2000 chars; embeds coloured by severity; no pings.
+        # Discord "Execute Webhook": content ≤ 2000 chars; embeds coloured by severity; no pings
+        # (markdown escaped, "@" defused, and allowed_mentions parses none).
         body: dict[str, Any] = {
             "username": "certmgr",
-            "content": _clip(text, 2000),
-            "embeds": [{"title": _clip(message.title, 256), "color": _COLOURS.get(message.severity, 0)}],
+            "content": _clip(sanitize.discord(text), 2000),
+            "embeds": [{"title": _clip(sanitize.discord(title), 256), "color": _COLOURS.get(message.severity, 0)}],
             "allowed_mentions": {"parse": []},
         }
         return "POST", _need(url, channel), {}, body
     if channel.type == "slack":
         # Slack incoming webhook: `text` is the notification fallback; one mrkdwn section block.
-        mrkdwn = _slack_escape(text)
-        body = {"text": _clip(_slack_escape(message.title), 3000),
+        mrkdwn = sanitize.slack(text)
+        body = {"text": _clip(sanitize.slack(title), 3000),
                 "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _clip(mrkdwn, 3000)}}]}
         return "POST", _need(url, channel), {}, body
     if channel.type == "matrix":
         # Client-server API v3: PUT /rooms/{roomId}/send/m.room.message/{txnId}; the txnId makes
-        # retries idempotent. Bots send m.notice (spec: clients never auto-reply to notices).
+        # retries idempotent. Bots send m.notice (spec: clients never auto-reply to notices). An
+        # empty m.mentions (spec v1.7 intentional mentions) turns off the body-matching push rules.
         assert channel.homeserver is not None and channel.room is not None
         target = (f"{channel.homeserver.rstrip('/')}/_matrix/client/v3/rooms/{quote(channel.room, safe='')}"
                   f"/send/m.room.message/{quote(message.key, safe='')}")
-        body = {"msgtype": "m.notice", "body": text, "format": "org.matrix.custom.html",
-                "formatted_body": "<br>".join(html.escape(line) for line in text.split("\n"))}
+        body = {"msgtype": "m.notice", "body": sanitize.matrix_body(text), "format": "org.matrix.custom.html",
+                "formatted_body": sanitize.matrix_html(text), "m.mentions": {}}
         if token is None:
             raise SecretError(f"notify {channel.name}: no access token")
         return "PUT", target, {"Authorization": f"Bearer {token}"}, body
     body = {
         "source": "certmgr", "version": 1, "kind": message.kind, "severity": message.severity,
-        "title": message.title, "text": text, "certificate": message.certificate, "hosts": list(message.hosts),
+        "title": title, "text": text, "certificate": message.certificate, "hosts": list(message.hosts),
         "days_left": round(message.days_left, 3) if message.days_left is not None else None,
-        "command": message.command, "lines": list(message.lines), "id": message.key,
+        "command": message.command, "lines": [sanitize.line(line) for line in message.lines], "id": message.key,
     }
     return "POST", _need(url, channel), {}, body
 
@@ -266,10 +284,6 @@ def _need(url: str | None, channel: Channel) -> str:
 
 def _clip(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _slack_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _secrets(channel: Channel) -> tuple[str | None, str | None]:
@@ -298,6 +312,21 @@ def _retry_after(resp: httpx.Response, limit: float) -> float | None:
         return None
 
 
+def _check_url(channel: Channel, url: str) -> None:
+    """A URL httpx cannot send to, or http:// off loopback, is a NotifyError that never shows the URL."""
+    problem = url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+    if problem is not None:
+        where = ("homeserver" if channel.type == "matrix" else
+                 channel.url.key_path if channel.url is not None else "url")
+        raise NotifyError(f"notify {channel.name}: {where}: the URL {problem} (not sent)",
+                          hint=f"fix [channels.{channel.name}] and run `certmgr inventory check`")
+
+
 async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message, *,
                   retry: Retry = Retry()) -> Delivery:
     """Send `message` to one channel: retries transport errors, 408, 429 and 5xx with backoff; never raises."""
@@ -305,7 +334,8 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
     start = loop.time()
     try:
         method, url, headers, body = payload(channel, message, *_secrets(channel))
-    except SecretError as exc:
+        _check_url(channel, url)
+    except (SecretError, NotifyError) as exc:
         return Delivery(channel=channel.name, ok=False, attempts=0, error=log.redact(exc.message))
     status: int | None = None
     error = "not attempted"
@@ -329,6 +359,9 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
         except httpx.HTTPError as exc:
             # httpx messages can embed the URL: keep only the exception type and a redacted cause
             error = log.redact(f"{type(exc).__name__}: {exc}")
+        except httpx.InvalidURL:  # not an HTTPError; _check_url should have caught it: never retry it
+            error = f"notify {channel.name}: the URL is not valid (not sent)"
+            break
         if attempt < retry.attempts:
             if wait is None:
                 wait = retry.backoff[min(attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 0.0

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncssh
 
+from certmgr import sanitize
 from certmgr.errors import DeployError, HostKeyError
 from certmgr.inventory import Host
 
@@ -331,11 +332,12 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asy
         raise Unreachable(f"connect {_where(host)}: timed out after {timeouts.connect:g}s (nothing changed)") from exc
     except asyncssh.PermissionDenied as exc:
         raise Unreachable(
-            f"connect {_where(host)}: authentication as {host.user!r} refused: {exc.reason} (nothing changed)",
+            f"connect {_where(host)}: authentication as {host.user!r} refused: {sanitize.line(exc.reason)} "
+            "(nothing changed)",
             hint="check the user and that its authorized_keys holds certmgr's public key",
         ) from exc
     except asyncssh.Error as exc:
-        raise Unreachable(f"connect {_where(host)}: ssh: {exc.reason} (nothing changed)") from exc
+        raise Unreachable(f"connect {_where(host)}: ssh: {sanitize.line(exc.reason)} (nothing changed)") from exc
     except OSError as exc:
         # asyncio's "Connect call failed (addr, port)" hides the errno's text; show the text
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -368,8 +370,8 @@ class Remote:
         self._sftp_task: asyncio.Task[asyncssh.SFTPClient] | None = None
 
     def _lost(self, step: str, exc: BaseException) -> DeployError:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        return ConnectionLost(f"{step} {_where(self.host)}: connection lost: {reason}")
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # the peer's words
+        return ConnectionLost(f"{step} {_where(self.host)}: connection lost: {sanitize.line(str(reason))}")
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str,
                          timeout: float | None = None) -> Result:
@@ -403,7 +405,7 @@ class Remote:
             except TimeoutError as exc:
                 raise UploadError(f"upload {_where(self.host)}: SFTP session did not open in time") from exc
             except asyncssh.SFTPError as exc:
-                raise UploadError(f"upload {_where(self.host)}: SFTP unavailable: {exc.reason}") from exc
+                raise UploadError(f"upload {_where(self.host)}: SFTP unavailable: {sanitize.line(exc.reason)}") from exc
             except (asyncssh.Error, OSError) as exc:
                 raise self._lost("upload", exc) from exc
         return self._sftp
@@ -447,13 +449,13 @@ class Remote:
         except TimeoutError as exc:
             raise UploadError(f"upload {_where(self.host)}: not finished within {self.timeouts.upload:g}s") from exc
         except asyncssh.SFTPError as exc:
-            raise UploadError(f"upload {_where(self.host)}: {directory}: {exc.reason}") from exc
+            raise UploadError(f"upload {_where(self.host)}: {directory}: {sanitize.line(exc.reason)}") from exc
         except (asyncssh.Error, OSError) as exc:
             raise self._lost("upload", exc) from exc
         errors = [r for r in results if isinstance(r, BaseException)]
         for err in errors:
             if isinstance(err, asyncssh.SFTPError):
-                raise UploadError(f"upload {_where(self.host)}: {directory}: {err.reason}") from err
+                raise UploadError(f"upload {_where(self.host)}: {directory}: {sanitize.line(err.reason)}") from err
         for err in errors:
             if isinstance(err, (asyncssh.Error, OSError)):
                 raise self._lost("upload", err) from err
@@ -513,4 +515,4 @@ async def connect(host: Host, *, jump: Host | None = None, accept_new: bool = Fa
 def describe_exc(exc: BaseException) -> str:
     """A one-line description of an unexpected asyncssh/OS error (for results)."""
     reason: Any = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-    return f"{type(exc).__name__}: {reason}"
+    return f"{type(exc).__name__}: {sanitize.line(str(reason))}"  # an SSH peer's reason is foreign text

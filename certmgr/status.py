@@ -11,6 +11,7 @@ from typing import Any
 
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
+from certmgr import sanitize
 from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Inventory
@@ -90,7 +91,8 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
             current = None
             if eps and info is not None:
                 current = all(e.get("sha256") == info.sha256 for e in eps)
-            problems = tuple(dict.fromkeys(p for e in eps for p in (e.get("problems") or [])
+            # Saved scan text is a peer's words (and may predate escaping): inert again, idempotently.
+            problems = tuple(dict.fromkeys(sanitize.line(str(p)) for e in eps for p in (e.get("problems") or [])
                                            + ([e["error"]] if e.get("error") else [])))
             d = deploy.get(host, {})
             pops.append(PopView(host=host, serves=", ".join(serials) if eps else None, severity=worst,
@@ -100,7 +102,8 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
             name=cert.name, domains=cert.domains, live_version=version, serial=info.serial if info else None,
             not_after=info.not_after if info else None,
             days_left=(info.not_after - now).total_seconds() / 86400 if info else None, decision=decision,
-            last_success=rstate.last_success, failures=rstate.failures, last_error=rstate.last_error,
+            last_success=rstate.last_success, failures=rstate.failures,
+            last_error=sanitize.line(rstate.last_error, limit=None) if rstate.last_error else rstate.last_error,
             scanned_at=scan.get("scanned_at"), pops=tuple(pops)))
     return views
 

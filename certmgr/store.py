@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certmgr import auditlog
+from certmgr import auditlog, sanitize
 from certmgr.errors import LockHeld, StoreError
 from certmgr.fsutil import (
     TEMP_MARK,
@@ -664,8 +664,8 @@ class Store:
     def _import_lineage(self, src: Path, name: str) -> ImportResult:
         try:
             check_name(name)
-        except StoreError as exc:
-            return ImportResult(name=name, problem=str(exc))
+        except StoreError as exc:  # a file name found on disk is foreign text: shown inert
+            return ImportResult(name=sanitize.line(name), problem=str(exc))
         archive = _certbot_archive_dir(src, name)
         if archive is None:
             return ImportResult(name=name, problem=f"import {name}: no archive directory in {src}")
@@ -676,7 +676,8 @@ class Store:
         try:
             found = _certbot_versions(archive)
         except OSError as exc:
-            return ImportResult(name=name, problem=f"import {name}: cannot list {archive}: {_strerror(exc)}")
+            return ImportResult(name=name, problem=f"import {name}: cannot list {sanitize.line(str(archive))}: "
+                                                  f"{_strerror(exc)}")
         for version, paths in sorted(found.items()):
             material, reason = _certbot_material(version, paths)
             if material is None:

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.x509 import DNSName
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from certmgr import sanitize
 from certmgr.errors import CertmgrError
 from certmgr.material import CertInfo
 
@@ -164,7 +165,7 @@ class Verifier:
             leaf = self.cert(chain[0])
             info = self.info(chain[0])
         except ValueError as exc:
-            raise ValueError(f"unparseable leaf: {exc}") from exc
+            raise ValueError(f"unparseable leaf: {sanitize.line(str(exc))}") from exc
         now = self.now
         expired = now >= info.not_after
         not_yet = now < info.not_before
@@ -211,7 +212,7 @@ class Verifier:
             verifier = PolicyBuilder().store(self._store).time(at).build_server_verifier(DNSName(probe_name))
             verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            detail = str(exc)
+            detail = sanitize.line(str(exc))  # cryptography's words may quote the certificate's
             if self_issued and leaf.subject not in self._root_subjects:
                 return CHAIN_SELF_SIGNED, f"self-signed by {info.issuer} and not trusted"
             served_subjects = {c.subject for c in intermediates}
@@ -219,5 +220,5 @@ class Verifier:
                 return CHAIN_INCOMPLETE, f"issuer {info.issuer} neither served nor trusted (missing intermediate?)"
             return CHAIN_UNTRUSTED, detail
         except ValueError as exc:  # e.g. a name the policy cannot parse
-            return CHAIN_UNTRUSTED, str(exc)
+            return CHAIN_UNTRUSTED, sanitize.line(str(exc))
         return CHAIN_OK, None

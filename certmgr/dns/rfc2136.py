@@ -27,6 +27,7 @@ import dns.resolver
 import dns.tsig
 import dns.update
 
+from certmgr import sanitize
 from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, run_all
 from certmgr.dns.propagation import wait_served
 from certmgr.errors import DNSAuthError, DNSClockSkewError, DNSError, SecretError
@@ -180,8 +181,8 @@ class RFC2136Provider:
                 mname = str(soa_answer[0].mname).rstrip(".")
                 answer = await res.resolve(mname, "A")
         except (TimeoutError, dns.exception.DNSException) as exc:
-            raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {exc} (TXT not written)",
-                           hint=hint) from exc
+            raise DNSError(f"dns primary {zone}: cannot find the SOA primary: {sanitize.line(str(exc))} "
+                           "(TXT not written)", hint=hint) from exc
         return str(answer[0])
 
     async def nameservers(self, zone: str) -> tuple[tuple[str, int], ...]:
@@ -231,7 +232,7 @@ class RFC2136Provider:
                 resp, _ = await dns.asyncquery.udp_with_fallback(q, server, timeout=QUERY_TIMEOUT, port=self.cfg.port)
         except (TimeoutError, OSError, dns.exception.DNSException) as exc:
             raise DNSError(f"dns query {qname} {dns.rdatatype.to_text(rdtype)} @{_server(server, self.cfg.port)}: "
-                           f"{type(exc).__name__} {exc}".rstrip()) from exc
+                           f"{type(exc).__name__} {sanitize.line(str(exc))}".rstrip()) from exc
         return resp
 
     async def cname_target(self, fqdn: str, zone: str) -> str | None:
@@ -323,7 +324,7 @@ class RFC2136Provider:
             return failed(False, DNSError(f"{step}: connection refused {outcome}",
                                           hint="is the DNS server running?"), exc)
         except (OSError, dns.exception.DNSException) as exc:
-            return failed(None, DNSError(f"{step}: {type(exc).__name__}: {exc} {outcome}"), exc)
+            return failed(None, DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))} {outcome}"), exc)
         rcode = resp.rcode()
         if rcode == dns.rcode.NOERROR:
             event(log, logging.DEBUG, f"challenge TXT {verb}", provider=self.name, zone=zone, server=where,
