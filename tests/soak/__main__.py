@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", choices=sorted(RATIOS), default="twice-daily",
                     help="timer period to lifetime: twice-daily (6-day certificates) or daily (90-day)")
     ap.add_argument("--no-faults", action="store_true")
+    ap.add_argument("--keep-versions", type=int, default=3, help="the inventory's retention (keep_versions)")
     ap.add_argument("--report", type=Path, help="also write the report (text) here, and JSON beside it")
     args = ap.parse_args(argv)
 
     cfg = SoakConfig(duration=args.duration, pops=args.pops, seed=args.seed, lifetime=args.lifetime,
-                     ratio=args.ratio, faults=not args.no_faults)
+                     ratio=args.ratio, faults=not args.no_faults, keep_versions=args.keep_versions)
     base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "18000")) + 500
     path = Path(tempfile.mkdtemp(prefix="certmgr-soak-"))
     lab = Lab(path, base, pops=cfg.pops, secondary=True, validity=cfg.lifetime)

@@ -49,3 +49,26 @@ def test_observer_shares_no_code_with_certmgr() -> None:
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert modules <= {"__future__", "datetime", "os", "socket", "ssl", "threading", "time", "collections",
                        "dataclasses", "pathlib", "cryptography"}, modules
+
+
+def test_observer_flags_a_mismatched_pair_and_a_dangling_live_link(tmp_path: Path) -> None:
+    """The observer's disk check reports a key that is not the certificate's and a live link to nothing; a whole pair passes."""
+    from lab import pki
+    from tests.soak.observer import Observer
+
+    ca = pki.make_ca("soak test CA")
+    a, b = pki.make_leaf(ca, ["a.test"]), pki.make_leaf(ca, ["b.test"])
+    root = tmp_path / "pop" / "etc" / "letsencrypt"
+    for lineage, cert, key in (("good", a, a), ("mixed", a, b)):
+        d = root / "archive" / lineage / "1"
+        d.mkdir(parents=True)
+        (d / "fullchain.pem").write_bytes(cert.cert_pem + ca.cert_pem)
+        (d / "privkey.pem").write_bytes(key.key_pem)
+    (root / "live").mkdir()
+    for lineage in ("good", "mixed", "gone"):
+        (root / "live" / lineage).symlink_to(f"../archive/{lineage}/1")
+    obs = Observer([], {"pop": root}, ["good", "mixed", "gone"])
+    obs.round()
+    assert sorted((v.kind, v.where.rsplit("/", 1)[-1]) for v in obs.violations) == [
+        ("dangling-live", "gone"), ("key-mismatch", "mixed")]
+    assert obs.disk_checks == 1
