@@ -176,7 +176,10 @@ class Soak:
         self.lab = lab
         self.work = work
         self.say = log
+        # one generator per thread: the fault schedule (times, kinds, durations) depends on the seed
+        # alone, not on how the threads interleave
         self.rng = random.Random(cfg.seed)
+        self.oncall_rng = random.Random(cfg.seed + 1)
         self.state = work / "state"
         self.inventory = work / "domains.toml"
         self.report = Report(config=cfg)
@@ -269,12 +272,13 @@ class Soak:
         return self.cfg.cadence
 
     def _oncall(self) -> float:
-        gap = self.rng.expovariate(self.cfg.oncall_per_lifetime / self.cfg.lifetime)
+        rng = self.oncall_rng
+        gap = rng.expovariate(self.cfg.oncall_per_lifetime / self.cfg.lifetime)
         if self._stop.wait(gap):
             return 0
-        name = self.rng.choice(LINEAGES)
-        if self.rng.random() < 0.5:
-            force = self.rng.random() < 0.5
+        name = rng.choice(LINEAGES)
+        if rng.random() < 0.5:
+            force = rng.random() < 0.5
             self.launch("oncall renew", "renew", name, *(["--force"] if force else []))
         else:
             self.launch("oncall deploy", "deploy", name)
