@@ -334,7 +334,9 @@ class Soak:
             return True
 
     def inject(self, kind: str) -> None:
-        L, c, rng, lab, proxy = self.cfg.lifetime, self.cfg.cadence, self.rng, self.lab, self.proxy
+        # the master generator gives each fault one seed, whatever the branch below draws from it
+        L, c, rng, lab, proxy = self.cfg.lifetime, self.cfg.cadence, random.Random(self.rng.random()), self.lab, \
+            self.proxy
         pop = rng.choice(lab.pop_names)
         if kind == "acme-5xx":
             k, n = rng.choice(ACME_KINDS), rng.randint(1, 4)
