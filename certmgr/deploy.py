@@ -129,8 +129,10 @@ for bak in "$root"/live/.*.certbot-old; do
   fi
 done
 # certbot's directory is read under the POP lock: another controller's commit may be converting it
-# (live/<name> renamed away, then a link put in its place), and its links must be read whole.
-if [ -d "$live" ] && [ ! -L "$live" ]; then lock; fi
+# (live/<name> renamed away, then a link put in its place), and its links must be read whole. A
+# commit creates the lock file before converting, so without one there is nothing to wait for (and
+# a POP never deployed to is left exactly as it was).
+if [ -d "$live" ] && [ ! -L "$live" ] && [ -e "$root/archive/.certmgr.lock" ]; then lock; fi
 if [ -L "$live" ]; then
   say layout=link
   say "target=$(readlink -- "$live")"
