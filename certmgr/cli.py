@@ -12,14 +12,13 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__, log
+from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
 EXIT_BUG = 70  # EX_SOFTWARE
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 @dataclass
@@ -66,15 +65,44 @@ def fail(exc: CertmgrError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM outside the event loop: no POP commit runs there (deploys run inside it), so stop now."""
+    interrupt.note(signum)
+    raise interrupt.Interrupted(signum)
+
+
+def interrupted(signum: int, finish: str | None = None) -> NoReturn:
+    """Exit 130 (SIGINT) or 143 (SIGTERM) with the one line saying what was done and what was not."""
+    click.echo(interrupt.summary(interrupt.state(), finish=finish), err=True)
+    sys.exit(interrupt.exit_code(signum))
+
+
 class Group(click.Group):
-    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback.
+
+    SIGINT and SIGTERM end a command with exit 130/143 and one summary line, never click's `Aborted!`.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
+        interrupt.reset()
+        saved: dict[signal.Signals, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                saved[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (in-process tests): keep the defaults
+            pass
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+        except interrupt.Interrupted as exc:
+            interrupted(exc.signum, ctx.meta.get("certmgr.finish"))
+        except (KeyboardInterrupt, click.Abort):
+            interrupt.note(signal.SIGINT)
+            interrupted(signal.SIGINT, ctx.meta.get("certmgr.finish"))
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception:
             # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
@@ -82,6 +110,9 @@ class Group(click.Group):
             traceback.print_exc()
             click.echo("certmgr: internal error (a bug): please report the traceback above", err=True)
             sys.exit(EXIT_BUG)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -184,39 +215,57 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
-def run_async(coro: Any) -> Any:
-    """The one asyncio.run; SIGTERM cancels the main task so `finally` cleanups still run."""
+def run_async(coro: Any, *, graceful: bool = False) -> Any:
+    """The one asyncio.run; SIGINT/SIGTERM end it and raise interrupt.Interrupted for Group to report.
+
+    `graceful` (commands that switch things on POPs): the first signal only asks the steps to start
+    nothing new (`interrupt.stopping()`); what runs may finish for `interrupt.GRACE` seconds, then the
+    main task is cancelled, as at once on a second signal. Otherwise the first signal cancels it.
+    Cancelling runs every `finally` (cleanup); a POP commit cut short is settled by the next deploy.
+    """
     import asyncio
     import signal
-
-    terminated = False
 
     async def wrapper() -> Any:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        assert task is not None
 
-        def on_term() -> None:
-            nonlocal terminated
-            terminated = True
-            if task is not None:
+        def on_signal(signum: int) -> None:
+            if interrupt.note(signum) > 1 or not graceful:
                 task.cancel()
+            else:
+                if sys.stderr.isatty():
+                    click.echo(f"certmgr: {signal.Signals(signum).name}: starting nothing new; finishing what runs "
+                               f"(at most {interrupt.GRACE:g}s; again to stop at once)", err=True)
+                loop.call_later(interrupt.GRACE, task.cancel)
 
         try:
-            loop.add_signal_handler(signal.SIGTERM, on_term)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
         return await coro
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return asyncio.run(wrapper())
-    except KeyboardInterrupt:
-        click.echo("certmgr: interrupted (cleanup done)", err=True)
-        sys.exit(130)
-    except asyncio.CancelledError:
-        if not terminated:
+        result = asyncio.run(wrapper())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        signum = interrupt.state().signum
+        if signum is None:
             raise
-        click.echo("certmgr: terminated by SIGTERM (cleanup done)", err=True)
-        sys.exit(EXIT_TERMINATED)
+        raise interrupt.Interrupted(signum) from None
+    finally:
+        # closing the loop put back the default handlers; Group's (which raise Interrupted) apply again
+        try:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        except (ValueError, TypeError):
+            pass
+    signum = interrupt.state().signum
+    if signum is not None:
+        raise interrupt.Interrupted(signum)  # the work the signal let finish is done
+    return result
 
 
 def env_flag(name: str) -> bool:
@@ -252,15 +301,18 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
     lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    tally = interrupt.tally()
+    tally.deploy_follows = not no_deploy and not dry_run
+    tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
-                                   concurrency=concurrency))
+                                   concurrency=concurrency), graceful=not dry_run)
         deployed: list[Any] = []
         renewed = [o.name for o in outcomes if o.status == "renewed"]
         if renewed and not no_deploy and not dry_run:
             from certmgr.deploy import deploy
 
-            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)))
+            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)), graceful=True)
     if as_json:
         emit_json([o.to_json() | ({"deploy": [d.to_json() for d in deployed if d.cert == o.name]}
                                   if o.status == "renewed" and not no_deploy else {}) for o in outcomes])
@@ -338,7 +390,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     with store.lock("deploy"):
         outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
                                     accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
-                                    now=dt.datetime.now(dt.UTC)))
+                                    now=dt.datetime.now(dt.UTC)), graceful=True)
     if not _report_deploy(outcomes, as_json=as_json):
         sys.exit(1)
 
@@ -516,6 +568,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     from certmgr import pipeline
 
     inv = c.inventory()
+    click.get_current_context().meta["certmgr.finish"] = "certmgr run"
+    interrupt.tally().deploy_follows = not dry_run
     if dry_run:
         store = c.store_readonly()
         lock: Any = contextlib.nullcontext()
@@ -526,7 +580,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # the clock is read once the lock is ours: after --wait-lock, certificates the previous
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
-        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify),
+                           graceful=not dry_run)
     if as_json:
         emit_json(report.to_json())
     else:

@@ -7,6 +7,7 @@ rename(2), test, reload, verify by TLS handshake — and roll back with one rena
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import hashlib
 import logging
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from certmgr import intents as intents_mod
+from certmgr import interrupt
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -37,6 +40,8 @@ DIR_MODE = 0o755
 FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
 CONFIRM_ROUNDS = 3  # handshake rounds in a row that must all show the new serial
 CONFIRM_INTERVAL = 0.1
+# the intent of the commit this task is running: audit lines written for it carry its id (intents.py)
+_INTENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("certmgr_deploy_intent", default=None)
 
 
 class Status(StrEnum):
@@ -437,6 +442,7 @@ class _Job:
     info: CertInfo
     local_version: int | None
     timings: dict[str, float] = field(default_factory=dict)
+    intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
 
 
 class _Deployer:
@@ -457,6 +463,8 @@ class _Deployer:
     async def audit(self, action: str, obj: str, **kw: Any) -> None:
         if self.store is None:
             return
+        if (intent_id := _INTENT_ID.get()) is not None:
+            kw.setdefault("intent", intent_id)
         try:
             await asyncio.to_thread(self.store.audit, action, obj, **kw)
         except CertmgrError as exc:
@@ -524,6 +532,9 @@ class _Deployer:
                 tested_ok = False
                 for job in jobs:
                     job.timings["connect"] = connected
+                    if interrupt.stopping():
+                        outcomes.append(self.not_started(job, start=self.loop.time()))
+                        continue
                     outcome = await self.one(rem, job, preflight=not tested_ok)
                     outcomes.append(outcome)
                     # Each of these ends with the test command just seen passing on this connection,
@@ -544,19 +555,56 @@ class _Deployer:
 
     def outcome(self, job: _Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
         elapsed = self.loop.time() - start
+        interrupt.tally().outcome(job.cert.name, job.host.name, status.value)
         return HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
                            timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
 
+    def not_started(self, job: _Job, *, start: float) -> HostOutcome:
+        """The outcome of a job a signal stopped before its commit: nothing on the host was switched."""
+        name = job.cert.name
+        return self.outcome(job, Status.HELD, start=start, hint=f"run `certmgr deploy {name}` to finish",
+                            error=f"deploy {name} → {job.host.name}: not started: interrupted (live unchanged)")
+
+    async def intend(self, job: _Job, *, version: int, layout: str | None, target: str | None, conv: str,
+                     old_serial: str | None) -> None:
+        """Record durably, before the commit starts, the switch it may make (settled by a later run if we die)."""
+        intent = intents_mod.Intent.new(
+            cert=job.cert.name, host=job.host.name, version=version, layout=layout or "none",
+            from_target=target or "", back_target=f"../archive/{job.cert.name}/{conv}" if conv else (target or ""),
+            from_serial=old_serial, to_serial=job.info.serial, now=dt.datetime.now(dt.UTC))
+        if self.store is not None:
+            await asyncio.to_thread(intents_mod.write, self.store, intent)
+        job.intent = intent
+        _INTENT_ID.set(intent.id)
+        interrupt.tally().committing.add((job.cert.name, job.host.name))
+
+    async def settle(self, job: _Job, state: Result) -> None:
+        """Settle what interrupted runs left for this certificate on this host, from its live link as inspected."""
+        if self.store is None:
+            return
+        left = await asyncio.to_thread(intents_mod.pending, self.store, job.cert.name, job.host.name)
+        if left:
+            versions = {int(v) for v in state.all("version") if v.isdigit()}
+            await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
+                                    target=state.get("target"), versions=versions)
+
     async def one(self, rem: RemoteSession, job: _Job, *, preflight: bool = True) -> HostOutcome:
         start = self.loop.time() - job.timings.get("connect", 0.0)
+        token = _INTENT_ID.set(None)
         try:
-            return await self._one(rem, job, start, preflight=preflight)
+            outcome = await self._one(rem, job, start, preflight=preflight)
+            if job.intent is not None and self.store is not None:
+                # its outcome is audited (or nothing was switched): the intent has done its job
+                await asyncio.to_thread(intents_mod.remove, self.store, job.intent)
+            return outcome
         except remote_mod.ConnectionLost as exc:
             return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
                                 error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
         except DeployError as exc:
             return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
                                 error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
+        finally:
+            _INTENT_ID.reset(token)
 
     async def _one(self, rem: RemoteSession, job: _Job, start: float, *, preflight: bool) -> HostOutcome:
         host, cert, name = job.host, job.cert, job.cert.name
@@ -579,6 +627,7 @@ class _Deployer:
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
+        await self.settle(job, state)
         for restored in state.all("restored"):
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
@@ -604,7 +653,6 @@ class _Deployer:
         if (live_fullchain == job.material.fullchain
                 and key_owner_matches(keyown, state.get("key_owner"))
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
-            await self._audit_unrecorded_switch(job, prev_version)
             return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
                                 previous_version=prev_version)
 
@@ -622,6 +670,8 @@ class _Deployer:
                                 error=f"{subject}: {root}/live/{name} is neither a symlink nor certbot's "
                                       "directory (nothing changed)")
         version = next_version(f)
+        if interrupt.stopping():
+            return self.not_started(job, start=start)
 
         # 3. upload into a temp dir; the commit script verifies SHA-256 before anything is renamed
         t = self.loop.time()
@@ -645,6 +695,10 @@ class _Deployer:
                                 error=f"{subject}: {exc.message} during upload (live unchanged)",
                                 hint="rerun deploy; the partial upload is a hidden temp dir swept by the next run")
         job.timings["upload"] = self.loop.time() - t
+        if interrupt.stopping():
+            await rem.remove_tree_quietly(tmpdir)
+            return self.not_started(job, start=start)
+        await self.intend(job, version=version, layout=layout, target=target, conv=conv, old_serial=old_serial)
 
         # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
         t = self.loop.time()
@@ -699,22 +753,6 @@ class _Deployer:
         return await self._rollback_after_verify(rem, job, root, test, reload, prev_target, cause,
                                                  start=start, old_serial=old_serial, version=version,
                                                  prev_version=prev_version, converted=converted)
-
-    async def _audit_unrecorded_switch(self, job: _Job, version: int | None) -> None:
-        """Audit a switch nobody recorded: a run killed after the remote commit (which runs on) never wrote it."""
-        if self.store is None:
-            return
-        name, host = job.cert.name, job.host.name
-        try:
-            state = await asyncio.to_thread(self.store.load_json, f"state/deploy/{name}.json", default={})
-        except CertmgrError:
-            state = {}
-        recorded = ((state or {}).get("hosts", {}).get(host) or {}).get("serial")
-        if recorded == job.info.serial:
-            return
-        await self.audit("deployed", name, frm=recorded, to=job.info.serial, host=host, version=version,
-                         summary=f"found {name} on {host} already serving {job.info.serial}, a switch no run "
-                                 "recorded (an interrupted deploy); recorded now")
 
     async def _after_failed_test(self, job: _Job, res: Result, *, start: float, old_serial: str | None,
                                  version: int, prev_version: int | None, converted: bool) -> HostOutcome:
@@ -857,6 +895,7 @@ async def deploy(
                                             hint=exc.hint))
             continue
         info = material.info()
+        interrupt.tally().plan(cert.name, targets)
         for h in targets:
             by_host.setdefault(h, []).append(_Job(cert=cert, host=inventory.hosts[h], material=material,
                                                   info=info, local_version=local_version))
@@ -865,18 +904,31 @@ async def deploy(
     rest = [h for h in by_host if h not in canaries]
     sem = asyncio.Semaphore(parallel)
 
+    finished: list[HostOutcome] = []  # what a cancelled deploy still saves to state/deploy/
+
     async def bounded(h: str) -> list[HostOutcome]:
         async with sem:
-            return await deployer.host_task(inventory.hosts[h], by_host[h])
+            if interrupt.stopping():  # a signal asked to start nothing new
+                return [deployer.not_started(job, start=deployer.loop.time()) for job in by_host[h]]
+            done = await deployer.host_task(inventory.hosts[h], by_host[h])
+            finished.extend(done)
+            return done
 
     async def wave(names: Sequence[str]) -> list[HostOutcome]:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(bounded(h)) for h in names]
         return [o for t in tasks for o in t.result()]
 
-    first = await wave(canaries) if canaries else []
-    outcomes.extend(first)
-    bad = [o for o in first if not o.ok]
+    try:
+        first = await wave(canaries) if canaries else []
+        outcomes.extend(first)
+        bad = [] if interrupt.stopping() else [o for o in first if not o.ok]  # stopped: rest is "not started"
+        if not bad:
+            outcomes.extend(await wave(rest))
+    except asyncio.CancelledError:
+        # cut short (second signal, or the grace ran out): keep what finished; intents cover the rest
+        _save_state(store, finished, by_host, now)
+        raise
     if bad:
         why = ", ".join(sorted({o.host for o in bad}))
         for h in rest:
@@ -885,8 +937,6 @@ async def deploy(
                     cert=job.cert.name, host=h, status=Status.HELD, new_serial=job.info.serial,
                     error=f"deploy {job.cert.name} → {h}: held: canary {why} did not verify (not touched)",
                     hint="fix the canary, then rerun deploy"))
-    else:
-        outcomes.extend(await wave(rest))
 
     await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
     return outcomes
@@ -921,6 +971,8 @@ def _save_state(store: Any, outcomes: Sequence[HostOutcome], by_host: Mapping[st
             entry = hosts_state.setdefault(o.host, {})
             entry.update({"status": o.status.value, "at": now.isoformat(), "error": o.error,
                           "wanted_serial": o.new_serial, "local_version": local_versions.get(name)})
+            if o.status == Status.DEPLOYED:
+                entry["deployed_at"] = now.isoformat()
             if o.status in (Status.DEPLOYED, Status.SKIPPED):
                 entry.update({"serial": o.new_serial, "version": o.version})
             elif o.status == Status.ROLLED_BACK:

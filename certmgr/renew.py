@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from certmgr import keys
+from certmgr import interrupt, keys
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -37,7 +37,8 @@ STATE_SECTION = "state/renew"
 class RenewOutcome:
     """What happened to one certificate in one run.
 
-    status: "renewed" | "failed" | "not-due" | "backoff" (held back after failures) | "planned" (--dry-run).
+    status: "renewed" | "failed" | "not-due" | "backoff" (held back after failures) | "planned" (--dry-run)
+    | "interrupted" (a signal came before it was looked at).
     """
 
     name: str
@@ -82,6 +83,8 @@ class RenewOutcome:
                     f"{until:%Y-%m-%d %H:%M}Z (--force to try now)" if until else f"backoff  {self.name}")
         if self.status == "planned":
             return f"would renew {self.name}{flag}: {self.decision.reason}"
+        if self.status == "interrupted":
+            return f"not done {self.name}: interrupted before its renewal started"
         return (f"not due  {self.name}: {self.decision.reason} (--force renews now; a POP serving something "
                 f"else needs `certmgr deploy {self.name}`)")
 
@@ -214,7 +217,14 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
 
     async def one(cert: Certificate) -> None:
         async with sem:
-            results[cert.name] = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+            if interrupt.stopping():  # a signal asked to start nothing new
+                interrupt.tally().not_renewed.append(cert.name)
+                results[cert.name] = RenewOutcome(name=cert.name, status="interrupted",
+                                                  decision=plan_mod.decide(cert, None, RenewState(), now))
+                return
+            results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+            if out.status == "renewed":
+                interrupt.tally().renewed[cert.name] = out.version
 
     try:
         async with asyncio.TaskGroup() as tg:
