@@ -73,6 +73,13 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 def interrupted(signum: int, finish: str | None = None) -> NoReturn:
     """Exit 130 (SIGINT) or 143 (SIGTERM) with the one line saying what was done and what was not."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # exiting now: a further signal must not cut the line
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+            break
     click.echo(interrupt.summary(interrupt.state(), finish=finish), err=True)
     sys.exit(interrupt.exit_code(signum))
 
@@ -83,7 +90,7 @@ class Group(click.Group):
     SIGINT and SIGTERM end a command with exit 130/143 and one summary line, never click's `Aborted!`.
     """
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         import signal
 
         interrupt.reset()
@@ -93,6 +100,17 @@ class Group(click.Group):
                 saved[sig] = signal.signal(sig, _on_signal)
         except ValueError:  # not the main thread (in-process tests): keep the defaults
             pass
+        try:
+            return super().main(*args, **kwargs)
+        except interrupt.Interrupted as exc:  # after the command, while click exits (which would say Aborted!)
+            interrupted(exc.signum)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
@@ -110,9 +128,6 @@ class Group(click.Group):
             traceback.print_exc()
             click.echo("certmgr: internal error (a bug): please report the traceback above", err=True)
             sys.exit(EXIT_BUG)
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
