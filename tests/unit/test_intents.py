@@ -1,0 +1,157 @@
+"""Deploy intents: what a commit cut short leaves, and how the next deploy settles it (local fake hosts, real scripts)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certmgr import intents, pipeline
+from certmgr import remote as remote_mod
+from certmgr.deploy import Status
+from certmgr.inventory import Host
+from certmgr.remote import Result, Timeouts
+from certmgr.store import Store
+from tests.unit.test_deploy import NAME, FakeFleet, LocalSession, fleet_inventory, material, run_fleet, seeded_store
+from tests.unit.test_pipeline import INV, MEDIA, outcome, scan_result
+
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+def intent(**kw: Any) -> intents.Intent:
+    base: dict[str, Any] = dict(cert=NAME, host="h0", version=3, layout="link", from_target=f"../archive/{NAME}/2",
+                                back_target=f"../archive/{NAME}/2", from_serial="aa", to_serial="bb", now=NOW)
+    return intents.Intent.new(**(base | kw))
+
+
+@pytest.mark.parametrize(("kw", "layout", "target", "versions", "want"), [
+    ({}, "link", f"../archive/{NAME}/3", {2, 3}, "deployed"),
+    ({}, "link", f"../archive/{NAME}/2", {2, 3}, "rolled back"),
+    ({}, "link", f"../archive/{NAME}/2", {2}, "not switched"),
+    ({}, "link", f"../archive/{NAME}/7", {2, 3, 7}, "unknown"),
+    ({"layout": "none", "from_target": "", "back_target": ""}, "none", None, set(), "not switched"),
+    ({"layout": "none", "from_target": "", "back_target": ""}, "none", None, {3}, "rolled back"),
+    ({"layout": "certbot", "from_target": "", "back_target": f"../archive/{NAME}/1"}, "certbot", None, {1},
+     "not switched"),
+    ({"layout": "certbot", "from_target": "", "back_target": f"../archive/{NAME}/1"}, "link",
+     f"../archive/{NAME}/1", {1, 3}, "rolled back"),
+    ({"layout": "certbot", "from_target": "", "back_target": f"../archive/{NAME}/1"}, "link",
+     f"../archive/{NAME}/3", {1, 3}, "deployed"),
+])
+def test_verdict_reads_what_happened_from_the_live_link(kw: dict[str, Any], layout: str, target: str | None,
+                                                         versions: set[int], want: str) -> None:
+    """The POP's live link (and whether the commit stored its version) tells a switch from a rollback from nothing."""
+    assert intents.verdict(intent(**kw), layout=layout, target=target, versions=versions) == want
+
+
+def test_settle_audits_a_switch_once_records_state_and_drops_the_intent(tmp_path: Path) -> None:
+    """A switch that happened gets one `deployed` line (settled, with the intent id) and deploy state dated when
+    the commit started; settling the same intent again (a kill before its removal) adds no second line."""
+    store = Store.open(tmp_path / "s")
+    it = intent()
+    with store.lock("test"):
+        intents.write(store, it)
+        assert intents.pending(store) == [it]
+        assert intents.pending(store, NAME, "other") == []
+        intents.settle(store, [it], layout="link", target=it.to_target, versions={2, 3})
+        assert intents.pending(store) == []
+        intents.write(store, it)  # as if the run died between the audit line and the removal
+        assert intents.settle(store, [it], layout="link", target=it.to_target, versions={2, 3}) == [(it, "deployed")]
+    lines = [e for e in store.read_audit() if e["action"] == "deployed"]
+    assert len(lines) == 1
+    assert lines[0]["intent"] == it.id and lines[0]["settled"] is True and lines[0]["to"] == "bb"
+    assert "settled after interrupt" in lines[0]["summary"]
+    host = store.load_json(f"state/deploy/{NAME}.json")["hosts"]["h0"]
+    assert host["deployed_at"] == NOW.isoformat() and host["serial"] == "bb" and host["version"] == 3
+    assert intents.pending(store) == []
+
+
+def test_settle_writes_nothing_for_a_commit_that_never_switched(tmp_path: Path) -> None:
+    """An intent whose commit never got to the swap is dropped without any audit line."""
+    store = Store.open(tmp_path / "s")
+    it = intent()
+    with store.lock("test"):
+        intents.write(store, it)
+        intents.settle(store, [it], layout="link", target=it.from_target, versions={2})
+    assert list(store.read_audit()) == []
+    assert intents.pending(store) == []
+
+
+class CutSession(LocalSession):
+    """Runs the commit script to its end on the 'host', then loses the connection: the controller never hears."""
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
+        res = await super().run_script(script, args, step=step, timeout=timeout)
+        if step == "commit":
+            raise remote_mod.ConnectionLost(f"commit {self.host.name}: connection lost (state unknown: rerun deploy)")
+        return res
+
+
+class CutFleet(FakeFleet):
+    @asynccontextmanager
+    async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                        on_accept: Any = None) -> AsyncIterator[LocalSession]:
+        yield CutSession(host)
+
+
+def test_a_commit_cut_after_the_switch_is_audited_by_the_next_deploy(tmp_path: Path) -> None:
+    """The switch a run never heard about is audited once by the next deploy, which then skips the host."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, serial = seeded_store(tmp_path)
+    o = run_fleet(inv, store, CutFleet())["h0"]
+    assert o.status == Status.FAILED
+    assert [e for e in store.read_audit() if e["action"] == "deployed"] == []
+    [left] = intents.pending(store)
+    again = run_fleet(inv, store, FakeFleet())["h0"]
+    assert again.status == Status.SKIPPED
+    [line] = [e for e in store.read_audit() if e["action"] == "deployed"]
+    assert line["intent"] == left.id and line["settled"] is True and line["to"] == serial
+    assert intents.pending(store) == []
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.SKIPPED
+    assert len([e for e in store.read_audit() if e["action"] == "deployed"]) == 1
+
+
+def test_a_commit_cut_after_its_rollback_is_audited_as_a_rollback(tmp_path: Path) -> None:
+    """A commit whose test failed switched and switched back; the next deploy records that as one `rolled back`."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, material()))
+    root = Path(inv.hosts["h0"].cert_root)
+
+    class BreakingSession(CutSession):
+        """The config breaks after the preflight passed, so the commit's own test fails and it switches back."""
+
+        async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                             timeout: float | None = None) -> Result:
+            if step == "commit":
+                (root / "broken").touch()
+            return await super().run_script(script, args, step=step, timeout=timeout)
+
+    class BreakingFleet(FakeFleet):
+        @asynccontextmanager
+        async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                            on_accept: Any = None) -> AsyncIterator[LocalSession]:
+            yield BreakingSession(host)
+
+    assert run_fleet(inv, store, BreakingFleet())["h0"].status == Status.FAILED
+    (root / "broken").unlink()
+    [left] = intents.pending(store)
+    run_fleet(inv, store, FakeFleet())
+    rolled = [e for e in store.read_audit() if e["action"] == "rolled back"]
+    assert len(rolled) == 1 and rolled[0]["intent"] == left.id and rolled[0]["settled"] is True
+    assert intents.pending(store) == []
+
+
+def test_run_plans_a_deploy_to_hosts_with_an_unsettled_intent() -> None:
+    """`run` deploys (and so settles) where an interrupted deploy left an intent, although the host looks current."""
+    scan = scan_result({"sally": "a", "esme": "a"}, "a")
+    assert pipeline.plan_deploys(INV, scan, [outcome(MEDIA, "not-due")], dry_run=False) == []
+    [plan] = pipeline.plan_deploys(INV, scan, [outcome(MEDIA, "not-due")], dry_run=False,
+                                   unsettled=[(MEDIA, "esme")])
+    assert plan.hosts == ("esme",) and plan.reason == "behind the local live version: an interrupted deploy to settle"
