@@ -221,6 +221,9 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
     log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
                          for r in before.endpoints if r.severity != "ok"))
 
+    if interrupt.stopping():  # a signal during the scan: start no renewal (the CLI reports what was done)
+        return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=(), deploy_plan=())
+
     # 2. renew what is due (plan.decide: ARI window, renew_before, backoff)
     renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=dry_run,
                                            concurrency=renew_concurrency))

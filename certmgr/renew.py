@@ -222,7 +222,11 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
                 results[cert.name] = RenewOutcome(name=cert.name, status="interrupted",
                                                   decision=plan_mod.decide(cert, None, RenewState(), now))
                 return
-            results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+            try:
+                results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+            except asyncio.CancelledError:  # a second signal, or the grace ran out: its `finally`s cleaned up
+                interrupt.tally().renew_cut.append(cert.name)
+                raise
             if out.status == "renewed":
                 interrupt.tally().renewed[cert.name] = out.version
 

@@ -184,8 +184,8 @@ def test_every_switch_is_audited_once_whatever_the_moment_of_interruption(
                     assert len(lines) == 1 and lines[0].startswith(f"certmgr: interrupted by {how.name}"), where
                     if moment == ("switch", 0.0):  # the first switch of 9: the signal stops the commits not begun
                         assert "not started: " in lines[0], where
-            quiet(switches)
-            # the next run settles what the interrupted one left, and brings every POP to the store's live version
+            # at once, as an operator would: the next run settles what the interrupted one left (its commit scripts
+            # ran on), and brings every POP to the store's live version
             rerun = certmgr(inv, state, "deploy", "--all")
             assert rerun.returncode == 0, where + rerun.stdout + rerun.stderr
             assert not list((state / "state" / "intents").rglob("*.json")), "every intent is settled"
@@ -222,7 +222,6 @@ def test_kill_after_the_audit_line_before_the_intent_is_removed(fresh: Lab, prox
         left = list((state / "state" / "intents").rglob("*.json"))
         assert left, "the run died with an intent whose switch is already audited"
         assert any(e.get("intent") == json.loads(left[0].read_text())["id"] for e in audit(state))
-        quiet(switches)
         rerun = certmgr(inv, state, "deploy", "--all")
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert not list((state / "state" / "intents").rglob("*.json"))

@@ -35,7 +35,16 @@ H = ["sally", "harry", "esme", "fred"]
 
 
 @pytest.mark.parametrize(("signum", "count", "kw", "finish", "line"), [
-    (signal.SIGINT, 1, {}, None, "certmgr: interrupted by SIGINT: nothing was changed"),
+    (signal.SIGINT, 1, {}, None, "certmgr: interrupted by SIGINT: nothing renewed or deployed"),
+    (signal.SIGINT, 2, {"renewed": {M: 4}, "renew_cut": [S], "deploy_follows": True}, None,
+     "certmgr: interrupted by SIGINT (again: stopped at once): renewed media.example (v4); renewal cut short: "
+     "static.example (order abandoned, challenge records removed); media.example deployed to no POP (not started)"
+     " — run `certmgr renew static.example` then `certmgr deploy media.example` to finish"),
+    (signal.SIGTERM, 1, {"planned": {f"c{i}.example": H for i in range(5)},
+                         "done": {"c0.example": {h: "deployed" for h in H}, "c1.example": {"sally": "failed"}},
+                         "committing": {("c1.example", "harry")}}, None,
+     "certmgr: interrupted by SIGTERM: deployed 4/20 (certificate, POP) pairs of 5 certificates; failed 1; cut "
+     "short 1 (the next deploy settles them); not started 14 — run `certmgr deploy --all` to finish"),
     (signal.SIGINT, 1, {"renewed": {M: 4}, "deploy_follows": True, "planned": {M: H},
                         "done": {M: {"sally": "deployed", "harry": "deployed", "esme": "held", "fred": "held"}}},
      None, "certmgr: interrupted by SIGINT: renewed media.example (v4); media.example deployed to 2/4 POPs "
@@ -133,4 +142,4 @@ def test_ctrl_c_outside_the_event_loop_exits_130_without_aborted(monkeypatch: py
     result = CliRunner().invoke(main, ["--inventory", str(ROOT / "domains.toml"), "inventory", "check"])
     assert result.exit_code == 130, result.output
     assert "Aborted!" not in result.output
-    assert result.output.strip().splitlines() == ["certmgr: interrupted by SIGINT: nothing was changed"]
+    assert result.output.strip().splitlines() == ["certmgr: interrupted by SIGINT: nothing renewed or deployed"]
