@@ -106,13 +106,13 @@ def quiet(switches: LiveSwitches, seconds: float = 0.6) -> None:
     wait_for(settled, 60, "the POPs to stop switching", interval=0.05)
 
 
-def flip_store_live(state: Path) -> None:
+def flip_store_live(state: Path, lineages: tuple[str, ...] = LINEAGES) -> None:
     """Make the other of the two newest stored versions live, so that the next deploy has something to push."""
     from certmgr.store import Store
 
     store = Store.open(state)
     with store.lock("test flip"):
-        for lineage in LINEAGES:
+        for lineage in lineages:
             newest = sorted(store.versions(lineage))[-2:]
             live = store.live_version(lineage)
             store.activate(lineage, newest[0] if live == newest[1] else newest[1])
@@ -228,5 +228,47 @@ def test_kill_after_the_audit_line_before_the_intent_is_removed(fresh: Lab, prox
         quiet(switches)
         assert audited_switches(state) == switches.poll()
         assert not [e for e in audit(state) if e.get("settled")], "nothing needed settling: the line was there"
+    finally:
+        switches.close()
+
+
+def test_run_stops_on_sigterm_and_the_next_run_settles_a_killed_deploy(fresh: Lab, proxy: ACMEProxy,
+                                                                        tmp_path: Path) -> None:
+    """`certmgr run` stopped by SIGTERM exits 143 naming `certmgr run` to finish; a deploy SIGKILLed right after a POP
+    switched (so that POP looks current to a scan) is settled by the next `certmgr run`: one audit line per switch."""
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml")
+    state = tmp_path / "state"
+    switches = LiveSwitches(fresh)
+    try:
+        first = certmgr(inv, state, "renew", "--force", *LINEAGES)
+        assert first.returncode == 0, first.stdout + first.stderr
+        first = certmgr(inv, state, "renew", "--force", "--no-deploy", *LINEAGES)
+        assert first.returncode == 0, first.stdout + first.stderr
+        proc = start_certmgr(inv, state, "run", "--no-notify")
+        interrupt_at(proc, signal.SIGTERM, ("switch", 0.0), state, switches)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, out + err
+        [line] = [x for x in err.splitlines() if x.startswith("certmgr:")]
+        assert line.startswith("certmgr: interrupted by SIGTERM: ") and "not started" in line, line
+        assert line.endswith(" — run `certmgr run` to finish"), line
+        done = certmgr(inv, state, "run", "--no-notify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        quiet(switches)
+        assert audited_switches(state) == switches.poll()
+
+        # one certificate only: the POP that switched is then in no other deploy of the next run
+        flip_store_live(state, LINEAGES[:1])
+        proc = start_certmgr(inv, state, "deploy", LINEAGES[0])
+        interrupt_at(proc, signal.SIGKILL, ("switch", 0.0), state, switches)
+        proc.communicate(timeout=120)
+        assert proc.returncode == -9
+        [left] = list((state / "state" / "intents").rglob("*.json"))
+        assert left.parent.name == LINEAGES[0], "the killed deploy left the intent of the commit it began"
+        done = certmgr(inv, state, "run", "--no-notify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not list((state / "state" / "intents").rglob("*.json")), "run settled it"
+        quiet(switches)
+        assert audited_switches(state) == switches.poll()
+        assert_every_pop_serves_live(fresh, state)
     finally:
         switches.close()
