@@ -457,6 +457,7 @@ class _Deployer:
         self.prune = prune
         self.now = now
         self.loop = asyncio.get_running_loop()
+        self.produced: list[HostOutcome] = []  # every outcome so far: what a cancelled deploy still saves
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 
@@ -556,8 +557,10 @@ class _Deployer:
     def outcome(self, job: _Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
         elapsed = self.loop.time() - start
         interrupt.tally().outcome(job.cert.name, job.host.name, status.value)
-        return HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
-                           timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+        o = HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
+                        timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+        self.produced.append(o)
+        return o
 
     def not_started(self, job: _Job, *, start: float) -> HostOutcome:
         """The outcome of a job a signal stopped before its commit: nothing on the host was switched."""
@@ -573,7 +576,11 @@ class _Deployer:
             from_target=target or "", back_target=f"../archive/{job.cert.name}/{conv}" if conv else (target or ""),
             from_serial=old_serial, to_serial=job.info.serial, now=dt.datetime.now(dt.UTC))
         if self.store is not None:
-            await asyncio.to_thread(intents_mod.write, self.store, intent)
+            try:
+                await asyncio.to_thread(intents_mod.write, self.store, intent)
+            except CertmgrError as exc:
+                raise DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)",
+                                  hint=exc.hint) from exc
         job.intent = intent
         _INTENT_ID.set(intent.id)
         interrupt.tally().committing.add((job.cert.name, job.host.name))
@@ -582,11 +589,15 @@ class _Deployer:
         """Settle what interrupted runs left for this certificate on this host, from its live link as inspected."""
         if self.store is None:
             return
-        left = await asyncio.to_thread(intents_mod.pending, self.store, job.cert.name, job.host.name)
-        if left:
-            versions = {int(v) for v in state.all("version") if v.isdigit()}
-            await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
-                                    target=state.get("target"), versions=versions)
+        try:
+            left = await asyncio.to_thread(intents_mod.pending, self.store, job.cert.name, job.host.name)
+            if left:
+                versions = {int(v) for v in state.all("version") if v.isdigit()}
+                await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
+                                        target=state.get("target"), versions=versions)
+        except CertmgrError as exc:  # switching again before the last switch is audited would lose it
+            raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
+                              hint=exc.hint) from exc
 
     async def one(self, rem: RemoteSession, job: _Job, *, preflight: bool = True) -> HostOutcome:
         start = self.loop.time() - job.timings.get("connect", 0.0)
@@ -595,7 +606,10 @@ class _Deployer:
             outcome = await self._one(rem, job, start, preflight=preflight)
             if job.intent is not None and self.store is not None:
                 # its outcome is audited (or nothing was switched): the intent has done its job
-                await asyncio.to_thread(intents_mod.remove, self.store, job.intent)
+                try:
+                    await asyncio.to_thread(intents_mod.remove, self.store, job.intent)
+                except CertmgrError as exc:  # harmless: the next deploy finds its audit line and drops it
+                    logger.error("deploy intent %s: %s", job.intent.relpath, exc)
             return outcome
         except remote_mod.ConnectionLost as exc:
             return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
@@ -698,7 +712,11 @@ class _Deployer:
         if interrupt.stopping():
             await rem.remove_tree_quietly(tmpdir)
             return self.not_started(job, start=start)
-        await self.intend(job, version=version, layout=layout, target=target, conv=conv, old_serial=old_serial)
+        try:
+            await self.intend(job, version=version, layout=layout, target=target, conv=conv, old_serial=old_serial)
+        except DeployError:
+            await rem.remove_tree_quietly(tmpdir)
+            raise
 
         # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
         t = self.loop.time()
@@ -904,15 +922,11 @@ async def deploy(
     rest = [h for h in by_host if h not in canaries]
     sem = asyncio.Semaphore(parallel)
 
-    finished: list[HostOutcome] = []  # what a cancelled deploy still saves to state/deploy/
-
     async def bounded(h: str) -> list[HostOutcome]:
         async with sem:
             if interrupt.stopping():  # a signal asked to start nothing new
                 return [deployer.not_started(job, start=deployer.loop.time()) for job in by_host[h]]
-            done = await deployer.host_task(inventory.hosts[h], by_host[h])
-            finished.extend(done)
-            return done
+            return await deployer.host_task(inventory.hosts[h], by_host[h])
 
     async def wave(names: Sequence[str]) -> list[HostOutcome]:
         async with asyncio.TaskGroup() as tg:
@@ -927,7 +941,7 @@ async def deploy(
             outcomes.extend(await wave(rest))
     except asyncio.CancelledError:
         # cut short (second signal, or the grace ran out): keep what finished; intents cover the rest
-        _save_state(store, finished, by_host, now)
+        _save_state(store, deployer.produced, by_host, now)
         raise
     if bad:
         why = ", ".join(sorted({o.host for o in bad}))

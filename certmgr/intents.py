@@ -73,7 +73,8 @@ def pending(store: Any, cert: str | None = None, host: str | None = None) -> lis
     for data in store.list_json(INTENT_DIR if cert is None else f"{INTENT_DIR}/{cert}"):
         try:
             intent = Intent.from_json(data)
-        except TypeError:
+        except (TypeError, AttributeError):  # not an intent written by this version: leave it alone
+            logger.warning("deploy intent in %s/ does not parse (skipped)", INTENT_DIR)
             continue
         if host is None or intent.host == host:
             out.append(intent)

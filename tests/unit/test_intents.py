@@ -155,3 +155,37 @@ def test_run_plans_a_deploy_to_hosts_with_an_unsettled_intent() -> None:
     [plan] = pipeline.plan_deploys(INV, scan, [outcome(MEDIA, "not-due")], dry_run=False,
                                    unsettled=[(MEDIA, "esme")])
     assert plan.hosts == ("esme",) and plan.reason == "behind the local live version: an interrupted deploy to settle"
+
+
+def test_no_commit_without_its_intent(tmp_path: Path) -> None:
+    """When the intent cannot be written the commit is not started: the host fails with live unchanged, no temp left."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    (tmp_path / "state" / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "state" / "intents").write_text("not a directory")
+    o = run_fleet(inv, store, FakeFleet())["h0"]
+    assert o.status == Status.FAILED
+    assert o.error is not None and o.error.startswith(f"deploy {NAME} → h0: cannot record the deploy intent: store ")
+    assert o.error.endswith("(live unchanged)")
+    root = Path(inv.hosts["h0"].cert_root)
+    assert not (root / "live" / NAME).exists() and not (root / "live" / NAME).is_symlink()
+    assert list((root / "archive" / NAME).iterdir()) == []
+
+
+def test_status_shows_an_unsettled_intent_and_the_last_switch(tmp_path: Path) -> None:
+    """`status` marks a POP with an intent left by an interrupted deploy, and shows when its live link last switched."""
+    from certmgr import status
+
+    inv = fleet_inventory(tmp_path, 2)
+    store, _ = seeded_store(tmp_path)
+    run_fleet(inv, store, FakeFleet())
+    run_fleet(inv, store, FakeFleet())  # skipped: "last deploy skipped", the switch time kept
+    with store.lock("test"):
+        intents.write(store, intent(host="h1"))
+    views = status.gather(inv, store, now=NOW)
+    pops = {p.host: p for p in views[0].pops}
+    assert pops["h0"].last_deploy == "skipped" and pops["h0"].deployed_at == NOW.isoformat()
+    assert (pops["h0"].unsettled, pops["h1"].unsettled) == (False, True)
+    text = "\n".join(status.render(views, NOW))
+    assert "last deploy skipped 2026-11-27 12:00Z (switched 2026-11-27 12:00Z)" in text
+    assert f"INTERRUPTED deploy not settled yet (`certmgr deploy {NAME}` settles it)" in text
