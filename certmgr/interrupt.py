@@ -133,7 +133,8 @@ def _row_text(r: _Row) -> str:
         return f"{r.cert} deployed to no POP (not started)"
     text = f"{r.cert} deployed to {len(r.ok)}/{r.total} POPs" + (f" ({_few(r.ok)})" if r.ok else "")
     text += f"; failed on {len(r.failed)} ({_few(r.failed)})" if r.failed else ""
-    text += f"; cut short on {len(r.cut)} ({_few(r.cut)}: the next deploy settles them)" if r.cut else ""
+    them = "them" if len(r.cut) > 1 else "it"
+    text += f"; cut short on {len(r.cut)} ({_few(r.cut)}: the next deploy settles {them})" if r.cut else ""
     text += f"; not started: {len(r.left)} POP{'s' if len(r.left) != 1 else ''} ({_few(r.left)})" if r.left else ""
     return text
 

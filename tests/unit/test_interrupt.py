@@ -59,7 +59,7 @@ H = ["sally", "harry", "esme", "fred"]
     (signal.SIGINT, 2, {"planned": {M: H[:3]}, "done": {M: {"sally": "deployed", "harry": "unreachable"}},
                         "committing": {(M, "esme")}}, None,
      "certmgr: interrupted by SIGINT (again: stopped at once): media.example deployed to 1/3 POPs (sally); "
-     "failed on 1 (harry); cut short on 1 (esme: the next deploy settles them) — run `certmgr deploy "
+     "failed on 1 (harry); cut short on 1 (esme: the next deploy settles it) — run `certmgr deploy "
      "media.example` to finish"),
     (signal.SIGTERM, 1, {"planned": {M: H[:1]}, "done": {M: {"sally": "skipped"}}}, "certmgr run",
      "certmgr: interrupted by SIGTERM: media.example deployed to 1/1 POPs (sally)"),
