@@ -230,13 +230,12 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
-def run_async(coro: Any, *, graceful: bool = False) -> Any:
-    """The one asyncio.run; SIGINT/SIGTERM end it and raise interrupt.Interrupted for Group to report.
+def run_async(coro: Any) -> Any:
+    """The one asyncio.run; SIGINT/SIGTERM cancel the work and raise interrupt.Interrupted for Group to report.
 
-    `graceful` (commands that switch things on POPs): the first signal only asks the steps to start
-    nothing new (`interrupt.stopping()`); what runs may finish for `interrupt.GRACE` seconds, then the
-    main task is cancelled, as at once on a second signal. Otherwise the first signal cancels it.
-    Cancelling runs every `finally` (cleanup); a POP commit cut short is settled by the next deploy.
+    Cancelling runs every `finally` (challenge records are removed) and starts nothing new; a POP
+    commit already running is waited for (deploy.py, at most interrupt.GRACE seconds) so that its
+    outcome is audited; a second signal stops that wait too (the next deploy settles it).
     """
     import asyncio
     import signal
@@ -247,13 +246,12 @@ def run_async(coro: Any, *, graceful: bool = False) -> Any:
         assert task is not None
 
         def on_signal(signum: int) -> None:
-            if interrupt.note(signum) > 1 or not graceful:
-                task.cancel()
-            else:
-                if sys.stderr.isatty():
-                    click.echo(f"certmgr: {signal.Signals(signum).name}: starting nothing new; finishing what runs "
-                               f"(at most {interrupt.GRACE:g}s; again to stop at once)", err=True)
-                loop.call_later(interrupt.GRACE, task.cancel)
+            running = len(interrupt.tally().committing)
+            if interrupt.note(signum) == 1 and running and sys.stderr.isatty():
+                click.echo(f"certmgr: {signal.Signals(signum).name}: stopping; waiting for {running} POP "
+                           f"commit{'s' if running != 1 else ''} already running (at most {interrupt.GRACE:g}s; "
+                           "again to stop at once)", err=True)
+            task.cancel()
 
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -279,7 +277,7 @@ def run_async(coro: Any, *, graceful: bool = False) -> Any:
             pass
     signum = interrupt.state().signum
     if signum is not None:
-        raise interrupt.Interrupted(signum)  # the work the signal let finish is done
+        raise interrupt.Interrupted(signum)  # came as the work ended
     return result
 
 
@@ -321,13 +319,13 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
-                                   concurrency=concurrency), graceful=not dry_run)
+                                   concurrency=concurrency))
         deployed: list[Any] = []
         renewed = [o.name for o in outcomes if o.status == "renewed"]
         if renewed and not no_deploy and not dry_run:
             from certmgr.deploy import deploy
 
-            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)), graceful=True)
+            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)))
     if as_json:
         emit_json([o.to_json() | ({"deploy": [d.to_json() for d in deployed if d.cert == o.name]}
                                   if o.status == "renewed" and not no_deploy else {}) for o in outcomes])
@@ -405,7 +403,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     with store.lock("deploy"):
         outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
                                     accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
-                                    now=dt.datetime.now(dt.UTC)), graceful=True)
+                                    now=dt.datetime.now(dt.UTC)))
     if not _report_deploy(outcomes, as_json=as_json):
         sys.exit(1)
 
@@ -595,8 +593,7 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # the clock is read once the lock is ours: after --wait-lock, certificates the previous
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
-        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify),
-                           graceful=not dry_run)
+        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
     if as_json:
         emit_json(report.to_json())
     else:

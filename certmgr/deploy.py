@@ -600,8 +600,28 @@ class _Deployer:
                               hint=exc.hint) from exc
 
     async def one(self, rem: RemoteSession, job: _Job, *, preflight: bool = True) -> HostOutcome:
+        """Deploy one job; when cancelled (SIGINT/SIGTERM) while its commit runs, let it finish and audit first.
+
+        The commit script runs on on the POP whatever happens here; waiting (at most interrupt.GRACE, cut by a
+        second cancellation) lets its outcome be audited now rather than settled from its intent next run.
+        """
+        work = asyncio.ensure_future(self._one_audited(rem, job, preflight=preflight))  # own context: _INTENT_ID
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # polled: a task group cancels its tasks only once, so the second signal arrives as a count
+            deadline = self.loop.time() + interrupt.GRACE
+            while job.intent is not None and not work.done() and interrupt.state().count < 2:
+                if self.loop.time() >= deadline:
+                    break
+                await asyncio.wait([work], timeout=0.05)
+            raise
+        finally:
+            if not work.done():
+                work.cancel()
+
+    async def _one_audited(self, rem: RemoteSession, job: _Job, *, preflight: bool) -> HostOutcome:
         start = self.loop.time() - job.timings.get("connect", 0.0)
-        token = _INTENT_ID.set(None)
         try:
             outcome = await self._one(rem, job, start, preflight=preflight)
             if job.intent is not None and self.store is not None:
@@ -617,8 +637,6 @@ class _Deployer:
         except DeployError as exc:
             return self.outcome(job, Status.FAILED, start=start, hint=exc.hint,
                                 error=f"deploy {job.cert.name} → {job.host.name}: {exc.message}")
-        finally:
-            _INTENT_ID.reset(token)
 
     async def _one(self, rem: RemoteSession, job: _Job, start: float, *, preflight: bool) -> HostOutcome:
         host, cert, name = job.host, job.cert, job.cert.name
@@ -940,7 +958,7 @@ async def deploy(
         if not bad:
             outcomes.extend(await wave(rest))
     except asyncio.CancelledError:
-        # cut short (second signal, or the grace ran out): keep what finished; intents cover the rest
+        # a signal: keep what finished (commits under way were waited for); intents cover the rest
         _save_state(store, deployer.produced, by_host, now)
         raise
     if bad:

@@ -1,7 +1,7 @@
-"""Interrupts: SIGINT/SIGTERM stop new work, and a tally of what the run did makes the one line it exits with.
+"""Interrupts: SIGINT/SIGTERM stop the work, and a tally of what the run did makes the one line it exits with.
 
-The first signal asks the steps to start nothing new (no new order, no new POP commit) while
-commits already running finish; the CLI bounds that wait (GRACE) and a second signal cuts it short.
+A signal cancels the work (cli.run_async) and sets `stopping()`, so nothing new starts; only POP
+commits already running are waited for (deploy.py), at most GRACE seconds, or until a second signal.
 Signals are process-wide, so the state here is too: the CLI resets it for each command.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
-GRACE = 30.0  # seconds commits already running may take after the first signal (then they are cut)
+GRACE = 30.0  # seconds a POP commit already running is waited for after a signal (then it is cut)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
 

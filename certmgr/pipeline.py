@@ -16,7 +16,7 @@ from typing import Any
 
 from certmgr import deploy as deploy_mod
 from certmgr import intents as intents_mod
-from certmgr import interrupt, log
+from certmgr import log
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
 from certmgr import scan as scan_mod
@@ -221,9 +221,6 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
     log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
                          for r in before.endpoints if r.severity != "ok"))
 
-    if interrupt.stopping():  # a signal during the scan: start no renewal (the CLI reports what was done)
-        return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=(), deploy_plan=())
-
     # 2. renew what is due (plan.decide: ARI window, renew_before, backoff)
     renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=dry_run,
                                            concurrency=renew_concurrency))
@@ -250,8 +247,6 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
                 if not d.ok and d.attempts > 1:
                     down[d.channel] = d
 
-    if interrupt.stopping():  # a signal: start no deploy (the CLI reports what was done)
-        return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals, deploy_plan=())
     if channels:
         await alert(failure_messages(renewals, ()))
 
@@ -266,9 +261,6 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
         deploys = tuple(await deploy_mod.deploy(inv, store, [by_name[p.cert] for p in plans], hosts=hosts,
                                                 parallel=deploy_parallel, now=now))
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
-        if interrupt.stopping():
-            return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
-                             deploy_plan=tuple(plans), deploys=deploys)
         if channels:
             await alert(failure_messages((), deploys))
 

@@ -37,8 +37,7 @@ STATE_SECTION = "state/renew"
 class RenewOutcome:
     """What happened to one certificate in one run.
 
-    status: "renewed" | "failed" | "not-due" | "backoff" (held back after failures) | "planned" (--dry-run)
-    | "interrupted" (a signal came before it was looked at).
+    status: "renewed" | "failed" | "not-due" | "backoff" (held back after failures) | "planned" (--dry-run).
     """
 
     name: str
@@ -83,8 +82,6 @@ class RenewOutcome:
                     f"{until:%Y-%m-%d %H:%M}Z (--force to try now)" if until else f"backoff  {self.name}")
         if self.status == "planned":
             return f"would renew {self.name}{flag}: {self.decision.reason}"
-        if self.status == "interrupted":
-            return f"not done {self.name}: interrupted before its renewal started"
         return (f"not due  {self.name}: {self.decision.reason} (--force renews now; a POP serving something "
                 f"else needs `certmgr deploy {self.name}`)")
 
@@ -216,19 +213,18 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
     results: dict[str, RenewOutcome] = {}
 
     async def one(cert: Certificate) -> None:
-        async with sem:
-            if interrupt.stopping():  # a signal asked to start nothing new
-                interrupt.tally().not_renewed.append(cert.name)
-                results[cert.name] = RenewOutcome(name=cert.name, status="interrupted",
-                                                  decision=plan_mod.decide(cert, None, RenewState(), now))
-                return
-            try:
+        started = False
+        try:
+            async with sem:
+                started = True
                 results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
-            except asyncio.CancelledError:  # a second signal, or the grace ran out: its `finally`s cleaned up
-                interrupt.tally().renew_cut.append(cert.name)
-                raise
-            if out.status == "renewed":
-                interrupt.tally().renewed[cert.name] = out.version
+        except asyncio.CancelledError:  # SIGINT/SIGTERM: an order under way is abandoned, its `finally`s clean up
+            if not dry_run:
+                tally = interrupt.tally()
+                (tally.renew_cut if started else tally.not_renewed).append(cert.name)
+            raise
+        if out.status == "renewed":
+            interrupt.tally().renewed[cert.name] = out.version
 
     try:
         async with asyncio.TaskGroup() as tg:

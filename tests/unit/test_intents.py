@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+import signal
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from certmgr import intents, pipeline
+from certmgr import intents, interrupt, pipeline
 from certmgr import remote as remote_mod
-from certmgr.deploy import Status
+from certmgr.deploy import Status, deploy
 from certmgr.inventory import Host
 from certmgr.remote import Result, Timeouts
 from certmgr.store import Store
@@ -189,3 +191,70 @@ def test_status_shows_an_unsettled_intent_and_the_last_switch(tmp_path: Path) ->
     text = "\n".join(status.render(views, NOW))
     assert "last deploy skipped 2026-11-27 12:00Z (switched 2026-11-27 12:00Z)" in text
     assert f"INTERRUPTED deploy not settled yet (`certmgr deploy {NAME}` settles it)" in text
+
+
+class SlowCommitSession(LocalSession):
+    """The commit script starts `delay` seconds late (a slow POP): long enough to cancel the deploy meanwhile."""
+
+    delay = 0.3
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
+        if step == "commit":
+            await asyncio.sleep(self.delay)
+        return await super().run_script(script, args, step=step, timeout=timeout)
+
+
+class SlowFleet(FakeFleet):
+    @asynccontextmanager
+    async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                        on_accept: Any = None) -> AsyncIterator[LocalSession]:
+        yield SlowCommitSession(host)
+
+
+async def cancel_mid_commit(inv: Any, store: Store, cancels: int) -> None:
+    """Start a deploy, cancel it `cancels` times once a commit is under way, and expect CancelledError."""
+    task = asyncio.ensure_future(deploy(inv, store, inv.certificates, now=NOW, connector=SlowFleet().connector,
+                                        prober=FakeFleet().prober, timeouts=Timeouts(verify=1.0)))
+    while not interrupt.tally().committing:
+        await asyncio.sleep(0.005)
+    for _ in range(cancels):  # as run_async does on each SIGINT
+        interrupt.note(signal.SIGINT)
+        task.cancel()
+        await asyncio.sleep(0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture()
+def tally() -> Iterator[interrupt.Tally]:
+    yield interrupt.reset().tally
+    interrupt.reset()
+
+
+def test_a_commit_under_way_when_cancelled_finishes_and_is_audited(tmp_path: Path, tally: interrupt.Tally) -> None:
+    """Cancelled (a signal) while its commit runs, a deploy waits for that commit: audited, saved, intent removed."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, serial = seeded_store(tmp_path)
+    asyncio.run(cancel_mid_commit(inv, store, cancels=1))
+    [line] = [e for e in store.read_audit() if e["action"] == "deployed"]
+    assert line["to"] == serial and "settled" not in line
+    assert intents.pending(store) == []
+    assert store.load_json(f"state/deploy/{NAME}.json")["hosts"]["h0"]["status"] == "deployed"
+    assert tally.done == {NAME: {"h0": "deployed"}} and not tally.committing
+
+
+@pytest.mark.parametrize("how", ["second cancellation", "grace ran out"])
+def test_the_wait_for_a_commit_is_cut_by_a_second_cancellation_or_the_grace(
+        how: str, tmp_path: Path, tally: interrupt.Tally, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second signal, or GRACE seconds, end the wait: nothing audited now, the intent left for the next deploy."""
+    monkeypatch.setattr(interrupt, "GRACE", 0.05 if how == "grace ran out" else 3600.0)
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    asyncio.run(cancel_mid_commit(inv, store, cancels=2 if how == "second cancellation" else 1))
+    assert [e for e in store.read_audit() if e["action"] == "deployed"] == []
+    assert len(intents.pending(store)) == 1
+    assert tally.committing == {(NAME, "h0")}
+    interrupt.reset()  # the next run is a new process
+    run_fleet(inv, store, FakeFleet())  # the next deploy settles it (this fake never ran the cut commit)
+    assert intents.pending(store) == []
+    assert len([e for e in store.read_audit() if e["action"] == "deployed"]) == 1

@@ -80,44 +80,23 @@ def test_exit_codes_are_128_plus_the_signal() -> None:
     assert (interrupt.exit_code(signal.SIGINT), interrupt.exit_code(signal.SIGTERM)) == (130, 143)
 
 
-def test_first_signal_lets_running_work_finish_then_interrupts() -> None:
-    """Graceful: after the first signal the work sees `stopping()` and runs to its end; then Interrupted is raised."""
-    seen: list[bool] = []
-
-    async def work() -> str:
-        os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.sleep(0.05)
-        seen.append(interrupt.stopping())
-        return "done"
-
-    with pytest.raises(interrupt.Interrupted) as exc:
-        run_async(work(), graceful=True)
-    assert exc.value.signum == signal.SIGTERM and seen == [True]
-
-
-@pytest.mark.parametrize("how", ["second signal", "grace ran out", "not graceful"])
-def test_work_is_cancelled_by_a_second_signal_or_the_grace_or_at_once(how: str,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A second signal, the end of the grace period, or any signal for a command that switches nothing, cancels the
-    work (its `finally` runs) and raises Interrupted."""
-    monkeypatch.setattr(interrupt, "GRACE", 0.05 if how == "grace ran out" else 3600.0)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_cancels_the_work_runs_its_cleanup_and_raises_interrupted(sig: signal.Signals) -> None:
+    """SIGINT/SIGTERM inside the event loop cancel the work at once (its `finally` runs), then Interrupted is raised."""
     events: list[str] = []
 
     async def work() -> None:
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            if how == "second signal":
-                await asyncio.sleep(0.01)
-                os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
             await asyncio.sleep(60)
             events.append("finished")
         finally:
             events.append("cleanup")
 
-    with pytest.raises(interrupt.Interrupted):
-        run_async(work(), graceful=how != "not graceful")
-    assert events == ["cleanup"]
-    assert interrupt.state().count == (2 if how == "second signal" else 1)
+    with pytest.raises(interrupt.Interrupted) as exc:
+        run_async(work())
+    assert exc.value.signum == sig and events == ["cleanup"]
+    assert interrupt.stopping() and interrupt.state().count == 1
 
 
 def test_run_async_puts_the_signal_handlers_back() -> None:
