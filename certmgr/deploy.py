@@ -615,10 +615,12 @@ class _Deployer:
                 if self.loop.time() >= deadline:
                     break
                 await asyncio.wait([work], timeout=0.05)
-            raise
-        finally:
             if not work.done():
-                work.cancel()
+                work.cancel()  # and let it unwind before the connection it uses is closed
+                await asyncio.wait([work], timeout=self.timeouts.connect)
+            if work.done() and not work.cancelled():
+                work.exception()  # retrieved: its outcome is in the tally and the audit log already
+            raise
 
     async def _one_audited(self, rem: RemoteSession, job: _Job, *, preflight: bool) -> HostOutcome:
         start = self.loop.time() - job.timings.get("connect", 0.0)

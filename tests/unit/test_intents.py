@@ -258,3 +258,20 @@ def test_the_wait_for_a_commit_is_cut_by_a_second_cancellation_or_the_grace(
     run_fleet(inv, store, FakeFleet())  # the next deploy settles it (this fake never ran the cut commit)
     assert intents.pending(store) == []
     assert len([e for e in store.read_audit() if e["action"] == "deployed"]) == 1
+
+
+def test_pending_skips_temporaries_and_files_that_are_not_intents(tmp_path: Path) -> None:
+    """A writer's temporary, a torn file or foreign JSON under state/intents/ is skipped, never fatal."""
+    store = Store.open(tmp_path / "s")
+    it = intent()
+    with store.lock("test"):
+        intents.write(store, it)
+    d = tmp_path / "s" / "state" / "intents" / NAME
+    (d / ".h0.x.json.tmp-123").write_text("{")
+    (d / "torn.json").write_text('{"id": ')
+    (d / "list.json").write_text("[1, 2]")
+    assert intents.pending(store) == [it]
+    with store.lock("test"):
+        store.remove_json(it.relpath)
+        store.remove_json(it.relpath)  # absent: fine
+    assert intents.pending(store) == []
