@@ -585,19 +585,29 @@ class _Deployer:
         _INTENT_ID.set(intent.id)
         interrupt.tally().committing.add((job.cert.name, job.host.name))
 
-    async def settle(self, job: _Job, state: Result) -> None:
-        """Settle what interrupted runs left for this certificate on this host, from its live link as inspected."""
+    async def settle(self, rem: RemoteSession, job: _Job, state: Result, inspect: Sequence[str]) -> Result:
+        """Settle what interrupted runs left for this certificate on this host, from its live link as inspected.
+
+        Returns the inspection to go on with: a fresh one when an intent was too young to tell "never
+        switched" from "its commit is still running there" (intents.recheck_in), else `state`.
+        """
         if self.store is None:
-            return
+            return state
         try:
             left = await asyncio.to_thread(intents_mod.pending, self.store, job.cert.name, job.host.name)
-            if left:
-                versions = {int(v) for v in state.all("version") if v.isdigit()}
-                await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
-                                        target=state.get("target"), versions=versions)
+            if not left:
+                return state
+            wait = intents_mod.recheck_in(left, layout=state.get("layout"), target=state.get("target"),
+                                          versions=_versions(state), now=dt.datetime.now(dt.UTC))
+            if wait > 0:
+                await asyncio.sleep(wait)
+                state = await rem.run_script(INSPECT_SH, inspect, step="inspect")
+            await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
+                                    target=state.get("target"), versions=_versions(state))
         except CertmgrError as exc:  # switching again before the last switch is audited would lose it
             raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
                               hint=exc.hint) from exc
+        return state
 
     async def one(self, rem: RemoteSession, job: _Job, *, preflight: bool = True) -> HostOutcome:
         """Deploy one job; when cancelled (SIGINT/SIGTERM) while its commit runs, let it finish and audit first.
@@ -653,15 +663,16 @@ class _Deployer:
         # 0. preflight + state in one script
         rem.prefetch_sftp()
         keyown = host.privkey_chown
-        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else "", keyown], step="inspect")
+        inspect = [root, name, test if preflight else "", keyown]
+        state = await rem.run_script(INSPECT_SH, inspect, step="inspect")
         job.timings["inspect"] = self.loop.time() - t
-        f = state.fields
         if state.get("test_rc") is None:
             raise remote_mod.RemoteCommandError(
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
-        await self.settle(job, state)
+        state = await self.settle(rem, job, state, inspect)
+        f = state.fields
         for restored in state.all("restored"):
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
@@ -974,6 +985,10 @@ async def deploy(
 
     await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
     return outcomes
+
+
+def _versions(state: Result) -> set[int]:
+    return {int(v) for v in state.all("version") if v.isdigit()}
 
 
 def _probe_with(timeouts: Timeouts) -> Prober:

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 INTENT_DIR = "state/intents"
 # audit actions that record a switch of a POP's live link (a rollback line covers the switch and its undoing)
 SWITCH_ACTIONS = ("deployed", "rolled back", "rollback failed")
+QUIET = 5.0  # seconds after its start by which a commit has switched or never will (its pre-swap steps are fast)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +93,18 @@ def verdict(intent: Intent, *, layout: str | None, target: str | None, versions:
     if (layout, t) == (intent.layout, intent.from_target):
         return "not switched"
     return "unknown"
+
+
+def recheck_in(intents: list[Intent], *, layout: str | None, target: str | None, versions: set[int],
+               now: dt.datetime) -> float:
+    """Seconds to wait before inspecting again, so that a commit still running on the POP is not taken as none.
+
+    The script of a run killed mid-commit runs on; one begun less than QUIET seconds ago that has not
+    switched yet may be just before its swap. Past that age "not switched" is what happened.
+    """
+    ages = [(now - dt.datetime.fromisoformat(i.at)).total_seconds() for i in intents
+            if verdict(i, layout=layout, target=target, versions=versions) == "not switched"]
+    return max(0.0, QUIET - min(ages)) if ages else 0.0
 
 
 def audited_ids(store: Any) -> set[str]:

@@ -248,6 +248,7 @@ def test_the_wait_for_a_commit_is_cut_by_a_second_cancellation_or_the_grace(
         how: str, tmp_path: Path, tally: interrupt.Tally, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second signal, or GRACE seconds, end the wait: nothing audited now, the intent left for the next deploy."""
     monkeypatch.setattr(interrupt, "GRACE", 0.05 if how == "grace ran out" else 3600.0)
+    monkeypatch.setattr(intents, "QUIET", 0.0)  # the fake POP's cut commit never runs: no second look needed
     inv = fleet_inventory(tmp_path, 1)
     store, _ = seeded_store(tmp_path)
     asyncio.run(cancel_mid_commit(inv, store, cancels=2 if how == "second cancellation" else 1))
@@ -274,4 +275,49 @@ def test_pending_skips_temporaries_and_files_that_are_not_intents(tmp_path: Path
     with store.lock("test"):
         store.remove_json(it.relpath)
         store.remove_json(it.relpath)  # absent: fine
+    assert intents.pending(store) == []
+
+
+def test_recheck_waits_only_for_a_young_intent_that_has_not_switched() -> None:
+    """Only an intent younger than QUIET whose POP shows no switch yet asks for a second look, for the rest of QUIET."""
+    it = intent()  # at NOW
+    later = NOW + dt.timedelta(seconds=2)
+    assert intents.recheck_in([it], layout="link", target=it.from_target, versions={2}, now=later) == \
+        intents.QUIET - 2
+    assert intents.recheck_in([it], layout="link", target=it.to_target, versions={2, 3}, now=later) == 0
+    assert intents.recheck_in([it], layout="link", target=it.from_target, versions={2},
+                              now=NOW + dt.timedelta(seconds=intents.QUIET + 1)) == 0
+
+
+def test_a_commit_still_running_on_the_pop_is_not_taken_for_none(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed run's commit switches the POP just after the next run's inspection: the second look sees it and
+    audits it, instead of dropping the intent as "not switched"."""
+    import os
+    import shutil
+    import threading
+
+    monkeypatch.setattr(intents, "QUIET", 1.0)
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    root = Path(inv.hosts["h0"].cert_root)
+    it = intent(version=2, from_target=f"../archive/{NAME}/1", back_target=f"../archive/{NAME}/1",
+                now=dt.datetime.now(dt.UTC))
+    with store.lock("test"):
+        intents.write(store, it)
+
+    def late_commit() -> None:  # what the dead run's script does on the POP, a moment late
+        shutil.copytree(root / "archive" / NAME / "1", root / "archive" / NAME / "2")
+        os.symlink(it.to_target, root / "live" / ".tmp-late")
+        os.replace(root / "live" / ".tmp-late", root / "live" / NAME)
+
+    timer = threading.Timer(0.3, late_commit)
+    timer.start()
+    try:
+        run_fleet(inv, store, FakeFleet())
+    finally:
+        timer.join()
+    settled = [e for e in store.read_audit() if e.get("settled")]
+    assert [(e["action"], e["intent"]) for e in settled] == [("deployed", it.id)]
     assert intents.pending(store) == []
