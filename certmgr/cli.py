@@ -382,7 +382,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
         if renewed and not no_deploy and not dry_run:
             from certmgr.deploy import deploy
 
-            deployed = run_async(deploy(inv, store, inv.select(renewed), prune=inv.keep_versions,
+            deployed = run_async(deploy(inv, store, inv.select(renewed), keep=inv.keep_versions,
                                         now=dt.datetime.now(dt.UTC)))
     if as_json:
         emit_json([o.to_json() | ({"deploy": [d.to_json() for d in deployed if d.cert == o.name]}
@@ -443,7 +443,8 @@ def _report_deploy(outcomes: list[Any], *, as_json: bool) -> bool:
                    "a changed key is still refused.")
 @click.option("--prune", type=click.IntRange(1, None), metavar="K",
               help="Afterwards remove archive versions older than the newest K on each host (never the live one nor "
-                   "the one before it) [default: the inventory's keep_versions, 3].")
+                   "the one before it). Without it, hosts that got a new version are pruned to the inventory's "
+                   "keep_versions (3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
 @pass_ctx
 def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str | None, canary_csv: str | None,
@@ -462,7 +463,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     with store.lock("deploy"):
         outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
                                     accept_new=accept_new, canary=_csv(canary_csv),
-                                    prune=inv.keep_versions if prune is None else prune,
+                                    prune=prune, keep=inv.keep_versions,
                                     now=dt.datetime.now(dt.UTC)))
     if not _report_deploy(outcomes, as_json=as_json):
         sys.exit(1)

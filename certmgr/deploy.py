@@ -522,7 +522,8 @@ class _Job:
 
 class _Deployer:
     def __init__(self, *, inventory: Inventory, store: Any, timeouts: Timeouts, accept_new: bool,
-                 connector: Connector, prober: Prober, prune: int | None, now: dt.datetime) -> None:
+                 connector: Connector, prober: Prober, prune: int | None, now: dt.datetime,
+                 keep: int | None = None) -> None:
         self.inventory = inventory
         self.store = store
         self.timeouts = timeouts
@@ -530,6 +531,7 @@ class _Deployer:
         self.connector = connector
         self.prober = prober
         self.prune = prune
+        self.keep = keep
         self.now = now
         self.loop = asyncio.get_running_loop()
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
@@ -622,9 +624,13 @@ class _Deployer:
                     # which is the next certificate's preflight: one nginx -t per host saved per cert.
                     tested_ok = outcome.status in (Status.SKIPPED, Status.DEPLOYED, Status.ROLLED_BACK)
                     connected = 0.0
-                if self.prune is not None:
-                    for job in jobs:
-                        await self.prune_one(rem, job)
+                # --prune K: every certificate on this host; retention (keep): only where a version was added
+                deployed = {o.cert for o in outcomes if o.status == Status.DEPLOYED}
+                for job in jobs:
+                    if self.prune is not None:
+                        await self.prune_one(rem, job, self.prune)
+                    elif self.keep is not None and job.cert.name in deployed:
+                        await self.prune_one(rem, job, self.keep)
         except (remote_mod.Unreachable, DeployError) as exc:
             status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
             done = {o.cert for o in outcomes}
@@ -1015,11 +1021,10 @@ class _Deployer:
                             converted=converted, error=f"{subject}: {cause} ({outcome})",
                             hint=f"log in to {host.name} and check what nginx serves")
 
-    async def prune_one(self, rem: RemoteSession, job: _Job) -> None:
-        assert self.prune is not None
+    async def prune_one(self, rem: RemoteSession, job: _Job, keep: int) -> None:
         root = remote_mod.check_remote_path(job.host.cert_root)
         try:
-            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune), self.lock_wait], step="prune")
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(keep), self.lock_wait], step="prune")
         except DeployError as exc:
             logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
             return
@@ -1030,7 +1035,7 @@ class _Deployer:
         removed = [int(v) for v in res.all("removed")]
         if removed:
             await self.audit("pruned", job.cert.name, host=job.host.name, removed=removed,
-                             kept_live=res.get("kept_live"), keep=self.prune)
+                             kept_live=res.get("kept_live"), keep=keep)
         for v in res.all("prune_failed"):
             logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
 
@@ -1054,6 +1059,7 @@ async def deploy(
     accept_new: bool = False,
     canary: Sequence[str] = (),
     prune: int | None = None,
+    keep: int | None = None,
     now: dt.datetime,
     timeouts: Timeouts | None = None,
     connector: Connector | None = None,
@@ -1066,6 +1072,8 @@ async def deploy(
     (else they are HELD). At most `parallel` hosts at once; each host gets one SSH connection
     and its certificates in order. Expected failures become outcomes; the caller holds the store
     lock. Per-certificate state is saved to `state/deploy/<name>.json`; every change is audited.
+    `prune` K prunes every deployed-to certificate on each host to its newest K versions; `keep`
+    (retention, the inventory's keep_versions) does the same only where this call deployed a version.
     """
     if parallel < 1:
         raise UsageError(f"deploy: --parallel must be at least 1, not {parallel}")
@@ -1083,7 +1091,7 @@ async def deploy(
     timeouts = timeouts or Timeouts()
     deployer = _Deployer(inventory=inventory, store=store, timeouts=timeouts, accept_new=accept_new,
                          connector=connector or _default_connector, prober=prober or _probe_with(timeouts),
-                         prune=prune, now=now)
+                         prune=prune, keep=keep, now=now)
     outcomes: list[HostOutcome] = []
     by_host: dict[str, list[_Job]] = {}
     roots: list[tuple[x509.Certificate, ...]] = []  # certcheck's trust anchors, loaded once

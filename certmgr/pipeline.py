@@ -270,7 +270,7 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
         by_name = {c.name: c for c in certs}
         hosts = sorted({h for p in plans for h in p.hosts})
         deploys = tuple(await deploy_mod.deploy(inv, store, [by_name[p.cert] for p in plans], hosts=hosts,
-                                                parallel=deploy_parallel, prune=inv.keep_versions, now=now))
+                                                parallel=deploy_parallel, keep=inv.keep_versions, now=now))
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
         if channels:
             await alert(failure_messages((), deploys))
