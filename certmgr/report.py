@@ -6,13 +6,14 @@ The `--json` schema lives next to the data in `certmgr.scan.result_json`; both a
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from certmgr.fsutil import atomic_write
+from certmgr.fsutil import fsync_dir, temp_name
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
 
 _COLOURS = {"ok": "32", "warning": "33", "critical": "31;1", "error": "35;1"}
@@ -24,7 +25,11 @@ def _days(r: EndpointResult, now: dt.datetime) -> str:
 
 
 def table(result: ScanResult, *, colour: bool = False, limit: int | None = None) -> str:
-    """One line per endpoint, most urgent first (the result is already sorted), then a summary line."""
+    """One line per endpoint, most urgent first (the result is already sorted), then a summary line.
+
+    A large scan holds only its most urgent endpoints (ScanResult): the table shows those and
+    says how many more `--json` has.
+    """
     now = result.started
     head = ("SEVERITY", "CERTIFICATE", "NAME", "HOST", "DAYS", "NOT AFTER", "SERIAL", "CHAIN", "PROBLEMS")
     rows: list[tuple[str, ...]] = []
@@ -48,13 +53,12 @@ def table(result: ScanResult, *, colour: bool = False, limit: int | None = None)
 
     lines = [fmt(head)]
     lines += [fmt(row, row[0]) for row in rows]
-    if limit is not None and len(result.endpoints) > limit:
-        lines.append(f"… {len(result.endpoints) - limit} more endpoints (use --json for all)")
-    counts = {s: 0 for s in SEVERITY_RANK}
-    for r in result.endpoints:
-        counts[r.severity] += 1
+    total = result.endpoint_count
+    if total > len(shown):
+        lines.append(f"… {total - len(shown)} more endpoints (use --json for all)")
+    counts = result.severity_counts()
     lines.append("")
-    lines.append(f"{len(result.endpoints)} endpoints in {result.elapsed:.2f}s: " +
+    lines.append(f"{total} endpoints in {result.elapsed:.2f}s: " +
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" — overall {result.severity.upper()}")
     for c in result.certificates:
         if c.command:
@@ -92,7 +96,13 @@ METRICS = (
 def prometheus_lines(result: ScanResult) -> Iterable[str]:
     """The node_exporter textfile, streamed: HELP/TYPE then samples, one family at a time."""
     now = result.started
-    eps = result.endpoints
+    counts = result.severity_counts()
+
+    class _Eps:  # every endpoint, read afresh for each family (a large scan's are on disk)
+        def __iter__(self) -> Iterator[EndpointResult]:
+            return result.iter_endpoints()
+
+    eps = _Eps()
     families: dict[str, Callable[[], Iterable[str]]] = {
         "certmgr_scan_endpoint_success": lambda: (
             f"{{{_labels(r)}}} {1 if r.info is not None else 0}" for r in eps),
@@ -105,7 +115,7 @@ def prometheus_lines(result: ScanResult) -> Iterable[str]:
         "certmgr_scan_certificate_severity": lambda: (
             f'{{certificate="{_label(c.name)}"}} {SEVERITY_RANK[c.severity]}' for c in result.certificates),
         "certmgr_scan_endpoints": lambda: (
-            f'{{severity="{s}"}} {sum(1 for r in eps if r.severity == s)}' for s in SEVERITY_RANK),
+            f'{{severity="{s}"}} {counts[s]}' for s in SEVERITY_RANK),
         "certmgr_scan_duration_seconds": lambda: (f" {result.elapsed:.3f}",),
         "certmgr_scan_last_run_timestamp_seconds": lambda: (f" {int(result.started.timestamp())}",),
     }
@@ -117,9 +127,24 @@ def prometheus_lines(result: ScanResult) -> Iterable[str]:
 
 
 def write_prometheus(result: ScanResult, path: Path) -> None:
-    """Atomically replace `path` (node_exporter reads `*.prom`; the temp file is hidden and not `.prom`)."""
-    data = ("\n".join(prometheus_lines(result)) + "\n").encode()
-    atomic_write(path, data, 0o644)
+    """Atomically replace `path` (node_exporter reads `*.prom`; the temp file is hidden and not `.prom`).
+
+    Written line by line through a buffer: a scan of 100,000 endpoints is tens of MB of text.
+    """
+    tmp = path.parent / temp_name(path.name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 16) as f:
+            os.fchmod(fd, 0o644)
+            for line in prometheus_lines(result):
+                f.write(line + "\n")
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------- progress
