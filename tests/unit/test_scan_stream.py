@@ -97,6 +97,7 @@ def served(pki: dict[str, Issued]) -> dict[tuple[str, str], tuple[bytes, ...] | 
     c_wild = make_leaf(inter, ["*.c.example.test"], not_before=NOW - DAY, not_after=NOW + 89 * DAY)
     other_root = make_ca("somebody else")
     d_bad = make_leaf(other_root, ["d.example.test"], not_before=NOW - DAY, not_after=NOW + 60 * DAY)
+    d_bad_soon = make_leaf(other_root, ["d.example.test"], not_before=NOW - 2 * DAY, not_after=NOW + 3 * DAY)
     out: dict[tuple[str, str], tuple[bytes, ...] | str] = {}
     for i, _h in enumerate(HOSTS):
         addr = f"127.0.0.{11 + i}"
@@ -104,7 +105,7 @@ def served(pki: dict[str, Issued]) -> dict[tuple[str, str], tuple[bytes, ...] | 
             out[(addr, name)] = (_der(a_old if i == 3 else a_new), _der(inter)) if i != 2 else "refused"
         out[(addr, "b.example.test")] = (_der(b_live if i == 0 else b_soon), _der(inter))
         out[(addr, "certmgr-scan.c.example.test")] = (_der(c_wild), _der(inter))
-        out[(addr, "d.example.test")] = (_der(d_bad),)
+        out[(addr, "d.example.test")] = (_der(d_bad_soon if i == 1 else d_bad),)
     out[("live", "b")] = (_der(b_live),)
     return out
 
@@ -184,7 +185,8 @@ def test_spooled_scan_gives_the_same_output_as_an_in_memory_one(
     assert by_name["a"].hosts_by_severity == {"error": ("pop3",), "critical": ("pop4",)}
     assert by_name["b"].command == "certmgr deploy b" and by_name["b"].live_version == 3
     assert (by_name["c"].severity, by_name["d"].severity) == ("ok", "critical")
-    assert sum(r.drift for r in a["all"]) == 5  # a on pop4 (two names) and b on pop2-pop4
+    assert by_name["d"].hosts_by_severity == {"critical": ("pop2", "pop1")}  # least time left first
+    assert sum(r.drift for r in a["all"]) == 6  # a on pop4 (two names), b on pop2-pop4, d on one of two
 
 
 def test_table_of_a_spooled_scan_shows_the_most_urgent_and_counts_the_rest(
