@@ -60,9 +60,11 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
                  if k in spec["address"] else h for k, h in hosts.items()}
     if not canary:
         hosts = {k: dataclasses.replace(h, tags=tuple(t for t in h.tags if t != "canary")) for k, h in hosts.items()}
-    inv = dataclasses.replace(inv, certificates=(cert,), hosts=hosts)
     store = Store.open(Path(state))
     ca = pki.make_ca("benchmark CA")
+    trust = Path(state).parent / "benchmark-ca.pem"  # deploy's certcheck verifies the chain to a trusted root
+    trust.write_bytes(ca.cert_pem)
+    inv = dataclasses.replace(inv, certificates=(cert,), hosts=hosts, trust=(*inv.trust, trust))
     leaf = pki.make_leaf(ca, list(cert.domains))
     with store.lock("benchmark"):
         store.activate(NAME, store.add_version(NAME, CertMaterial(cert=leaf.cert_pem, chain=ca.cert_pem,

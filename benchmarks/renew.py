@@ -74,6 +74,9 @@ def bench_certmgr(lab: Lab, n: int, work: Path, concurrency: int) -> dict[str, o
     inv = work / "domains.toml"
     certs = "".join(f'\n[[certificates]]\nname = "{d}"\ndomains = ["{d}"]\n' for d in names(n))
     inv.write_text(f"""
+[defaults]
+trust = ["{lab.pebble.roots}"]
+
 [ca.pebble]
 directory = "{lab.pebble.directory}"
 contact = ["mailto:ops@hachyderm.test"]

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from certmgr import popguard, sanitize
+from certmgr import certcheck, popguard, sanitize
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -434,7 +434,11 @@ def sha256sums(material: CertMaterial) -> str:
 
 
 def sni_names(cert: Certificate) -> tuple[str, ...]:
-    """The names to verify by handshake; a wildcard is checked with a label of our own."""
+    """The names to verify by handshake: the inventory's `verify_names` (by default the certificate's
+    non-wildcard names, names a POP's nginx lists in server_name); with none, a wildcard is checked with
+    a label of our own, which only a wildcard server_name (or the default server) answers."""
+    if cert.verify_names:
+        return cert.verify_names
     return tuple(dict.fromkeys(n.replace("*.", "certmgr-verify.", 1) if n.startswith("*.") else n
                                for n in cert.domains))
 
@@ -980,6 +984,7 @@ async def deploy(
                          prune=prune, now=now)
     outcomes: list[HostOutcome] = []
     by_host: dict[str, list[_Job]] = {}
+    roots: list[tuple[x509.Certificate, ...]] = []  # certcheck's trust anchors, loaded once
     for cert in certs:
         targets = [h for h in cert.hosts if wanted is None or h in wanted]
         if not targets:
@@ -988,11 +993,23 @@ async def deploy(
             material = store.read(cert.name)
             material.check()
             local_version = store.live_version(cert.name)
+            if not roots:
+                roots.append(certcheck.load_roots(inventory.trust, outcome="nothing changed"))
+            # The same checks as before the version was stored (the lifetime bound aside: it was applied then)
+            refused = certcheck.problems(material, certcheck.Expected(
+                names=cert.domains, roots=roots[0], preferred_issuer=cert.preferred_chain, max_validity=None), now=now)
         except CertmgrError as exc:
             for h in targets:
                 outcomes.append(HostOutcome(cert=cert.name, host=h, status=Status.FAILED, new_serial="-",
                                             error=f"deploy {cert.name} → {h}: {exc.message} (nothing changed)",
                                             hint=exc.hint))
+            continue
+        if refused:
+            for h in targets:
+                outcomes.append(HostOutcome(
+                    cert=cert.name, host=h, status=Status.FAILED, new_serial=_serial_of_pem(material.cert) or "-",
+                    error=f"deploy {cert.name} → {h}: version {local_version} refused: {'; '.join(refused)} "
+                          "(nothing uploaded)", hint=certcheck.DEPLOY_HINT.format(name=cert.name)))
             continue
         info = material.info()
         for h in targets:

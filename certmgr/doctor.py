@@ -283,6 +283,10 @@ def check_inventory(path: Path) -> tuple[Check, Inventory | None]:
                      message="; ".join(exc.problems),
                      hint="fix these, then rerun `certmgr doctor` (`certmgr inventory check` lists them too)"), None
     names = sum(len(c.domains) for c in inv.certificates)
+    if inv.warnings:  # valid but risky settings, as `inventory check` prints them
+        return Check(group="inventory", name="inventory", subject=str(path), status=Status.WARNING,
+                     message="; ".join(inv.warnings),
+                     hint="docs/inventory.md says why each matters (`certmgr inventory check` lists them too)"), inv
     return Check(group="inventory", name="inventory", subject=str(path), status=Status.OK,
                  message=f"{_n(len(inv.certificates), 'certificate')} ({_n(names, 'name')}), "
                          f"{_n(len(inv.hosts), 'host')}, {_n(len(inv.dns), 'DNS provider')}, {_n(len(inv.cas), 'CA')}, "
@@ -412,13 +416,13 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
     import josepy as jose
 
     from certmgr import issue, keys
-    from certmgr.errors import ACMEError
+    from certmgr.errors import ACMEError, LocalFileError
 
     out: list[Check] = []
     t0 = time.monotonic()
     try:
         client = await issue.ACMEClient.open(ca, executor=executor, timeouts=issue.Timeouts(http=timeouts.acme_http))
-    except ACMEError as exc:
+    except (ACMEError, LocalFileError) as exc:
         return [Check(group="ca", name="directory", subject=ca.name, status=Status.FAIL, message=exc.message,
                       hint=exc.hint, elapsed=time.monotonic() - t0)]
     out.append(Check(group="ca", name="directory", subject=ca.name, status=Status.OK,

@@ -4,6 +4,7 @@ CertmgrError
  ├── UsageError                  bad command-line use                    exit 2
  ├── InventoryError              domains.toml invalid (all problems)     exit 2
  ├── SecretError                 a secret reference cannot be read      exit 2
+ │    └── LocalFileError         another file the inventory names (trust) cannot be read
  ├── StoreError                  local state dir problem                 exit 1
  │    └── LockHeld               another certmgr holds the store lock    exit 75
  ├── ScanError                   a scan could not run at all             exit 3
@@ -14,6 +15,8 @@ CertmgrError
  ├── ACMEError                   the CA said no, or could not be reached exit 1
  │    ├── RateLimited            429 rateLimited, carries retry_after     (retryable later)
  │    └── ChallengeInvalid       the CA rejected a challenge              (not retryable)
+ ├── CertificateRefused          a certificate failed the checks before  exit 1
+ │                               going live (names, key, dates, chain)    (not retryable)
  ├── DeployError                 a POP could not be updated              exit 1
  │    └── HostKeyError           unknown or changed SSH host key          (not retryable)
  └── NotifyError                 a chat channel could not be reached     exit 1
@@ -62,6 +65,13 @@ class InventoryError(CertmgrError):
 
 class SecretError(CertmgrError):
     exit_code = 2
+
+
+class LocalFileError(SecretError):
+    """A file the inventory names, not a secret (a `[ca.*] trust` bundle), cannot be read on this machine.
+
+    Like a SecretError it is this machine's configuration, not the CA's answer: no renewal backoff.
+    """
 
 
 class StoreError(CertmgrError):
@@ -137,6 +147,14 @@ class RateLimited(ACMEError):
 
 class ChallengeInvalid(ACMEError):
     retryable = False
+
+
+class CertificateRefused(CertmgrError):
+    """An issued (or stored) certificate is not what was ordered; `problems` names each difference."""
+
+    def __init__(self, message: str, *, problems: tuple[str, ...], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = problems
 
 
 class DeployError(CertmgrError):

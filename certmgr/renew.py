@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -15,12 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from certmgr import keys
+from cryptography import x509
+
+from certmgr import certcheck, keys
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.dns.journal import CertJournal, Journal, retry_leftovers
-from certmgr.errors import CertmgrError, RateLimited, SecretError, StoreError
+from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
 from certmgr.log import event
@@ -137,6 +140,7 @@ class _Run:
         self._providers: dict[str, Provider] | None = None
         self._provider_errors: dict[str, CertmgrError] = {}
         self.journal: Journal | None = None  # the DNS journal (None: dry run, or unreadable)
+        self.roots: tuple[x509.Certificate, ...] | None = None  # certcheck's trust anchors, loaded once
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -306,6 +310,34 @@ async def _refresh_ari(run: _Run, ca: CA, cert: Certificate, material: CertMater
     return new
 
 
+async def _check_issued(run: _Run, cert: Certificate, material: CertMaterial, *, now: dt.datetime) -> None:
+    """Refuse a certificate that is not what was ordered (certcheck): audited, nothing stored, the caller backs off."""
+    loop = asyncio.get_running_loop()
+    if run.roots is None:
+        run.roots = await loop.run_in_executor(run.executor, functools.partial(
+            certcheck.load_roots, run.inventory.trust, outcome="nothing stored"))
+    expected = certcheck.Expected(names=cert.domains, roots=run.roots, preferred_issuer=cert.preferred_chain)
+    try:
+        await loop.run_in_executor(run.executor, functools.partial(
+            certcheck.check, material, expected, now=now, step=f"renew {cert.name}: issued certificate refused",
+            outcome="nothing stored"))
+    except CertificateRefused as exc:
+        serial: str | None = None
+        sha256: str | None = None
+        try:
+            refused = material.info()
+            serial, sha256 = refused.serial, refused.sha256
+        except ValueError:
+            pass  # unparseable: the problems say so
+        try:
+            run.store.audit("certificate refused", cert.name, serial=serial, sha256=sha256,
+                            problems=list(exc.problems))
+        except StoreError as store_exc:  # the refusal itself must still be what the operator reads
+            event(log, logging.ERROR, "audit line lost", action="certificate refused", cert=cert.name,
+                  error=str(store_exc))
+        raise
+
+
 async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertMaterial | None,
                            info: CertInfo | None, state: RenewState, *, now: dt.datetime) -> RenewOutcome:
     providers, errors = run.providers()
@@ -327,6 +359,7 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
     journal = CertJournal(run.journal, cert.name) if run.journal is not None else None
     issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
                                 journal=journal)
+    await _check_issued(run, cert, issued.material, now=now)
     new_info = issued.material.info()
     store = run.store
     version = store.add_version(cert.name, issued.material)

@@ -53,10 +53,14 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def make_ca(cn: str, *, issuer: Issued | None = None, days: int = 3650) -> Issued:
-    """A CA certificate: self-signed root when `issuer` is None, else an intermediate."""
+def make_ca(cn: str, *, issuer: Issued | None = None, days: int = 3650,
+            not_before: dt.datetime | None = None) -> Issued:
+    """A CA certificate: self-signed root when `issuer` is None, else an intermediate.
+
+    Valid from `not_before` (default: a day ago) for `days` days from now (from `not_before` + 1 day when given).
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
+    now = _now() if not_before is None else not_before + dt.timedelta(days=1)
     signer_key = issuer.key if issuer else key
     builder = (
         x509.CertificateBuilder()

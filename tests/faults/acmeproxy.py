@@ -9,7 +9,9 @@ programmable per request kind (new-order, challenge, finalize, …) and identifi
 * `hold(kind, after=False|True)` — stop the request before it reaches Pebble (or after Pebble
   answered, before the client sees the answer) until `release()`: a test kills certmgr at
   exactly that step (`wait_held()` says when it got there);
-* `rewrite_token(token)` — replace every dns-01 challenge token in authorization responses.
+* `rewrite_token(token)` — replace every dns-01 challenge token in authorization responses;
+* `rewrite_certificate(fn)` — pass every certificate download (the default chain and each
+  alternate, `/certZ/<id>/alternate/<n>`) through `fn(path, pem) -> pem`: a CA that issues the wrong thing.
 
 It records every request: its kind, the identifiers it concerns (learnt from new-order payloads
 and from order/authorization responses), the status the client got and whether it was
@@ -25,7 +27,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -113,6 +115,7 @@ class ACMEProxy:
         self.seen: list[Seen] = []
         self.rules: list[Rule] = []
         self.token_rewrite: str | None = None
+        self.cert_rewrite: Callable[[str, bytes], bytes] | None = None
         self._idents: dict[str, frozenset[str]] = {}  # resource path → identifiers it concerns
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -163,6 +166,9 @@ class ACMEProxy:
     def rewrite_token(self, token: str) -> None:
         self.token_rewrite = token
 
+    def rewrite_certificate(self, fn: Callable[[str, bytes], bytes]) -> None:
+        self.cert_rewrite = fn
+
     def clear(self) -> None:
         """Drop every rule (releasing held requests) and everything recorded."""
         self.release()
@@ -170,6 +176,7 @@ class ACMEProxy:
             self.rules.clear()
             self.seen.clear()
             self.token_rewrite = None
+            self.cert_rewrite = None
 
     def release(self) -> None:
         with self._lock:
@@ -190,6 +197,15 @@ class ACMEProxy:
             return [s for s in self.seen if s.kind == kind and (ident is None or ident in s.idents)
                     and (status is None or s.status == status)
                     and (forwarded is None or s.forwarded == forwarded)]
+
+    def idents_of(self, path: str) -> frozenset[str]:
+        """The identifiers a resource path concerns (Pebble's alternate chain `/certZ/<id>/alternate/<n>`: those
+        of `/certZ/<id>`)."""
+        with self._lock:
+            found = self._idents.get(path)
+            if found is None and path.startswith("/certZ/"):
+                found = self._idents.get("/".join(path.split("/")[:3]))
+            return found or frozenset()
 
     def created(self, kind: str, ident: str | None = None) -> int:
         """How many resources Pebble created (201 responses): orders, accounts."""
@@ -248,6 +264,9 @@ class ACMEProxy:
         self._learn(kind, headers, data, idents)
         if kind == "authz" and status == 200 and self.token_rewrite is not None:
             data = self._rewrite(data)
+        cert_rewrite = self.cert_rewrite
+        if kind == "certificate" and status == 200 and cert_rewrite is not None:
+            data = cert_rewrite(path, data)
         if rule is not None and rule.hold == "after":
             if rule.drop:  # recorded before anyone is told: the CA did answer, the client never saw it
                 self._record(h, kind, path, idents, status, True)

@@ -76,12 +76,21 @@ def store(tmp_path: Path, dlab: Lab) -> Store:
     return s
 
 
-_CA = pki.make_ca("certmgr deploy test CA")
+_CA = pki.make_ca("certmgr deploy test CA", not_before=NOW - dt.timedelta(days=30))
+
+
+def trusting_ca(inv: Inventory, store: Store) -> Inventory:
+    """The inventory with the test CA added to `[defaults] trust`, so deploy's certcheck lets its leaves go out."""
+    path = Path(store.root).parent / "deploy-test-ca.pem"
+    path.write_bytes(_CA.cert_pem)
+    return dataclasses.replace(inv, trust=(*inv.trust, path))
 
 
 def new_material(domains: Sequence[str], *, pad: int = 0) -> CertMaterial:
-    """A fresh leaf for `domains` signed by the test CA; `pad` bytes of PEM comment make the chain big."""
-    leaf = pki.make_leaf(_CA, list(domains))
+    """A fresh leaf for `domains` signed by the test CA, valid at NOW and today; `pad` bytes of PEM comment make the
+    chain big."""
+    leaf = pki.make_leaf(_CA, list(domains), not_before=NOW - dt.timedelta(hours=1),
+                         not_after=max(NOW, dt.datetime.now(dt.UTC)) + dt.timedelta(days=90))
     chain = (b"# padding\n" * (pad // 10)) + _CA.cert_pem
     return CertMaterial(cert=leaf.cert_pem, chain=chain, privkey=leaf.key_pem)
 
@@ -99,7 +108,8 @@ def put_new_versions(store: Store, inv: Inventory, names: Sequence[str], *, pad:
 
 def run(inv: Inventory, store: Store, names: Sequence[str], **kw: object) -> list[HostOutcome]:
     kw.setdefault("timeouts", Timeouts(connect=5, command=30, upload=30, verify=5, handshake=3))
-    return asyncio.run(deploy(inv, store, [inv.certificate(n) for n in names], now=NOW, **kw))  # type: ignore[arg-type]
+    return asyncio.run(deploy(trusting_ca(inv, store), store, [inv.certificate(n) for n in names], now=NOW,
+                              **kw))  # type: ignore[arg-type]
 
 
 def served(lab: Lab, pop: str, sni: str) -> str:
@@ -175,7 +185,10 @@ def test_cli_deploy_json_and_exit_status(fresh: Lab, store: Store) -> None:
 
 
 def _cli(lab: Lab, store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_INVENTORY": str(lab.inventory_path),
+    inventory = Path(store.root).parent / "deploy-test-inventory.toml"  # the lab's, trusting the test CA too
+    ca = trusting_ca(inventory_mod.load(lab.inventory_path), store).trust[-1]
+    inventory.write_text(lab.inventory_path.read_text().replace("trust = [", f'trust = ["{ca}", ', 1))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_INVENTORY": str(inventory),
            "CERTMGR_STATE_DIR": str(store.root)}
     return subprocess.run([sys.executable, "-m", "certmgr", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
@@ -466,7 +479,8 @@ def test_connection_cut_mid_upload_changes_no_live_link_and_rerun_finishes(fresh
     async def main() -> list[HostOutcome]:
         server = await asyncio.start_server(proxy.handle, sally.address, proxy_port)
         try:
-            return await deploy(with_hosts(inv, sally=via), store, [inv.certificate(MEDIA)], hosts=["sally"],
+            return await deploy(with_hosts(trusting_ca(inv, store), sally=via), store, [inv.certificate(MEDIA)],
+                                hosts=["sally"],
                                 now=NOW, timeouts=Timeouts(connect=5, command=30, upload=30, verify=5))
         finally:
             server.close()
@@ -556,3 +570,59 @@ def test_reload_that_does_nothing_is_caught_by_the_handshake_and_rolled_back(fre
     root = fresh.pop_paths("sally").cert_root
     assert os.readlink(root / "live" / MEDIA) == f"../archive/{MEDIA}/2"
     assert served(fresh, "sally", MEDIA) == first and fresh.nginx_test("sally")[0] == 0
+
+
+# ---------------------------------------------------------------------------- wildcards and verify_names
+
+APEX = "hachyderm.test"  # the lab's nginx serves this lineage under explicit names only: hachyderm.test www.hachyderm.test
+
+
+def wildcard_inventory(lab: Lab, tmp_path: Path, domains: Sequence[str], verify_names: Sequence[str] | None,
+                       lineage: str = APEX) -> Inventory:
+    """The lab inventory with `lineage` turned into a wildcard certificate, through the parser (defaults applied)."""
+    text = lab.inventory_path.read_text()
+    start = text.index(f'name = "{lineage}"\ndomains = ')
+    end = text.index("\n", text.index("domains = ", start))
+    new = f'name = "{lineage}"\ndomains = {json.dumps(list(domains))}'
+    if verify_names is not None:
+        new += f"\nverify_names = {json.dumps(list(verify_names))}"
+    path = tmp_path / "wild.toml"
+    path.write_text(text[:start] + new + text[end:])
+    return inventory_mod.load(path)
+
+
+@pytest.mark.parametrize(("lineage", "domains", "verify_names", "served_as"), [
+    (APEX, ["hachyderm.test", "*.hachyderm.test"], None, "www.hachyderm.test"),
+    ("static.hachyderm.test", ["*.hachyderm.test"], ["static.hachyderm.test"], "static.hachyderm.test"),
+], ids=["apex+wildcard, default verify_names", "wildcard only, verify_names"])
+def test_wildcard_served_under_explicit_names_verifies(fresh: Lab, store: Store, tmp_path: Path, lineage: str,
+                                                       domains: list[str], verify_names: list[str] | None,
+                                                       served_as: str) -> None:
+    """A wildcard certificate that nginx serves only under explicit server_names verifies with those names and stays deployed."""
+    inv = wildcard_inventory(fresh, tmp_path, domains, verify_names, lineage)
+    assert inv.certificate(lineage).verify_names == (lineage,)
+    serial = put_new_versions(store, inv, [lineage])[lineage]
+    o = by_host(run(inv, store, [lineage], hosts=["sally"]), lineage)["sally"]
+    assert o.status == Status.DEPLOYED, o.line()
+    assert served(fresh, "sally", served_as) == serial
+
+
+def test_verify_names_are_the_names_handshaken(fresh: Lab, store: Store, tmp_path: Path) -> None:
+    """verify_names naming a name the POP does not serve (nginx's default server answers) fails verification, before and after the switch back."""
+    inv = wildcard_inventory(fresh, tmp_path, ["hachyderm.test", "*.hachyderm.test"], ["nope.hachyderm.test"])
+    seed = served(fresh, "sally", APEX)
+    new = put_new_versions(store, inv, [APEX])[APEX]
+    o = by_host(run(inv, store, [APEX], hosts=["sally"],
+                    timeouts=Timeouts(connect=5, command=30, upload=30, verify=1.5, handshake=3)), APEX)["sally"]
+    # the same names check the restored version too: the default server's certificate is "not served either"
+    assert o.status == Status.FAILED and o.error is not None, o.line()
+    assert f"new serial {new} not served after 1.5s (nope.hachyderm.test: " in o.error
+    assert o.error.endswith(f"(switched back to version 1 and reloaded, but serial {seed} is not served either)")
+    assert served(fresh, "sally", APEX) == seed and served(fresh, "sally", "www.hachyderm.test") == seed
+
+
+def test_inventory_check_passes_on_the_lab(fresh: Lab, store: Store) -> None:
+    """The lab's inventory passes `inventory check` with every file it names in place, without warnings."""
+    res = _cli(fresh, store, "inventory", "check")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{fresh.inventory_path}: ok — ") and "warning" not in res.stdout

@@ -52,6 +52,9 @@ def inventory_text(rlab: Lab, certs: Sequence[dict[str, Any]], *, lab_key_file: 
     ns = f"nameservers = {toml_list(nameservers)}\n" if isinstance(nameservers, (list, tuple)) else ""
     pt = f'propagation_timeout = "{propagation_timeout}"\n' if propagation_timeout else ""
     lines = [f"""
+[defaults]
+trust = ["{rlab.pebble.roots}"]  # what issued certificates must chain to (certcheck)
+
 [ca.pebble]
 directory = "{directory or rlab.pebble.directory}"
 contact = ["mailto:ops@hachyderm.test"]
@@ -611,7 +614,8 @@ def test_external_account_binding(rlab: Lab, store: Store, tmp_path: Path) -> No
 
         (tmp_path / "eab.key").write_text(key + "\n")
         text = inventory_text(rlab, cert, directory=info["directory"]).replace(
-            "agree_tos = true", f'agree_tos = true\neab_kid = "kid-ops"\neab_hmac_key_file = "{tmp_path / "eab.key"}"')
+            "agree_tos = true", f'agree_tos = true\neab_kid = "kid-ops"\neab_hmac_key_file = "{tmp_path / "eab.key"}"'
+        ).replace(str(rlab.pebble.roots), info["roots"])  # the second Pebble's own root
         bound = load(tmp_path, text)
         fresh_store = Store.open(tmp_path / "bound-state")
         [out] = run_renew(bound, fresh_store)

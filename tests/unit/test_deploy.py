@@ -44,12 +44,21 @@ from lab import pki
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 NAME = "a.example"
-_CA = pki.make_ca("unit test CA")
+_CA = pki.make_ca("unit test CA", not_before=NOW - dt.timedelta(days=30))
 
 
 def material(domains: Sequence[str] = (NAME,)) -> CertMaterial:
-    leaf = pki.make_leaf(_CA, list(domains))
+    """A leaf valid at NOW from the unit test CA (which `trusted_ca` puts in the inventory's trust)."""
+    leaf = pki.make_leaf(_CA, list(domains), not_before=NOW - dt.timedelta(hours=1),
+                         not_after=NOW + dt.timedelta(days=90))
     return CertMaterial(cert=leaf.cert_pem, chain=_CA.cert_pem, privkey=leaf.key_pem)
+
+
+def trusted_ca(tmp: Path) -> tuple[Path, ...]:
+    """The unit test CA as the inventory's `[defaults] trust`, so deploy's certcheck lets its leaves go out."""
+    path = tmp / "unit-test-ca.pem"
+    path.write_bytes(_CA.cert_pem)
+    return (path,)
 
 
 def sh(script: str, *args: str) -> Result:
@@ -454,7 +463,8 @@ class FakeFleet:
 def fleet_inventory(tmp: Path, n: int, canary: int | None = None) -> Inventory:
     hosts = {f"h{i}": fake_host(tmp, f"h{i}", ("canary",) if i == canary else ()) for i in range(n)}
     cert = Certificate(name=NAME, domains=(NAME,), dns="d", hosts=tuple(hosts), ca="c")
-    return Inventory(path=tmp / "inv.toml", cas={}, dns={}, hosts=hosts, certificates=(cert,), channels={})
+    return Inventory(path=tmp / "inv.toml", cas={}, dns={}, hosts=hosts, certificates=(cert,), channels={},
+                     trust=trusted_ca(tmp))
 
 
 def seeded_store(tmp: Path) -> tuple[Store, str]:
@@ -641,7 +651,8 @@ def test_one_preflight_per_host_for_several_certificates(tmp_path: Path) -> None
     host = Host(name=host.name, address=host.address, cert_root=host.cert_root, test_command=counting,
                 reload_command=host.reload_command)
     certs = tuple(Certificate(name=n, domains=(n,), dns="d", hosts=("h0",), ca="c") for n in ("a.example", "b.example"))
-    inv = Inventory(path=tmp_path / "inv.toml", cas={}, dns={}, hosts={"h0": host}, certificates=certs, channels={})
+    inv = Inventory(path=tmp_path / "inv.toml", cas={}, dns={}, hosts={"h0": host}, certificates=certs, channels={},
+                    trust=trusted_ca(tmp_path))
     store = Store.open(tmp_path / "state")
     with store.lock("test"):
         for c in certs:
@@ -652,3 +663,31 @@ def test_one_preflight_per_host_for_several_certificates(tmp_path: Path) -> None
     assert [(o.cert, o.status) for o in outs] == [("a.example", Status.DEPLOYED), ("b.example", Status.DEPLOYED)]
     assert (Path(host.cert_root) / "tests.log").read_text().count("x") == 3
     assert fleet.contacted == ["h0"]  # one connection for both
+
+
+@pytest.mark.parametrize(("when", "trusted", "domains", "why"), [
+    (NOW + dt.timedelta(days=91), True, (NAME,), "expired: notAfter 2027-02-25 12:00Z was 1d ago"),
+    (NOW, True, ("b.example",), f"SANs differ: missing {NAME}, extra b.example"),
+    (NOW, False, (NAME,), "chain does not verify to a trusted root: the chain ends at CN=unit test CA,O=certmgr lab, "
+                          "a root that is not trusted (candidates exhausted: chain construction exceeds max depth)"),
+])
+def test_a_live_version_that_fails_certcheck_is_uploaded_nowhere(tmp_path: Path, when: dt.datetime, trusted: bool,
+                                                                 domains: tuple[str, ...], why: str) -> None:
+    """A live version that is expired, for other names, or untrusted is refused before any host is contacted."""
+    inv = fleet_inventory(tmp_path, 3)
+    if not trusted:
+        inv = Inventory(path=inv.path, cas={}, dns={}, hosts=inv.hosts, certificates=inv.certificates, channels={})
+    store = Store.open(tmp_path / "state")
+    m = material(domains)
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, m))
+    fleet = FakeFleet()
+    outs = asyncio.run(deploy(inv, store, inv.certificates, now=when, connector=fleet.connector, prober=fleet.prober))
+    assert fleet.contacted == []
+    assert [(o.host, o.status, o.new_serial) for o in outs] == [(h, Status.FAILED, m.info().serial) for h in inv.hosts]
+    for o in outs:
+        assert o.error == f"deploy {NAME} → {o.host}: version 1 refused: {why} (nothing uploaded)"
+        assert o.hint == f"the store's live version may not be served; renew it (`certmgr renew {NAME} --force`), " \
+                         "then deploy; `certmgr status` shows the live version"
+    for h in inv.hosts.values():
+        assert not os.path.lexists(Path(h.cert_root) / "live" / NAME)
