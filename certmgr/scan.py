@@ -331,6 +331,9 @@ def _record(r: EndpointResult) -> _Record:
             r.info.sha256 if r.info is not None else None, r.chain, r.chain_length, r.drift, r.elapsed)
 
 
+_SHA = 10  # where _record puts the leaf's SHA-256
+
+
 def _record_key(rec: _Record) -> tuple[Any, ...]:
     return rec[:5]
 
@@ -395,13 +398,27 @@ class _Collector:
         self.buf.append(_record(r))
         self.n += 1
         if len(self.buf) >= _RUN:
-            self.raw.add_run(self.buf)
-            self.buf = []
+            self._flush()
+
+    def add_records(self, records: Sequence[_Record], infos: Mapping[str, CertInfo]) -> None:
+        """A worker's results as records (cheap to pickle), with the leaves they name."""
+        for sha, info in infos.items():
+            self.infos.setdefault(sha, info)
+        for rec in records:
+            if (sha := rec[_SHA]) is not None:
+                self.groups.setdefault((rec[2], rec[3]), Counter())[sha] += 1
+        self.buf.extend(records)
+        self.n += len(records)
+        if len(self.buf) >= _RUN:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.buf:
+            self.raw.add_run(self.buf[:_RUN])
+            del self.buf[:_RUN]
 
     def finish(self, live: Mapping[str, tuple[int, str] | None], elapsed: float) -> ScanResult:
-        if self.buf:
-            self.raw.add_run(self.buf)
-            self.buf = []
+        self._flush()
         refs = _drift_refs(self.groups, self.infos, {k: (v[1] if v else None) for k, v in live.items()})
         final = Spool()
         aggs: dict[str, _CertAgg] = {name: _CertAgg() for name in self.cert_names}
@@ -504,11 +521,19 @@ async def _run_endpoints(job: _Job, on_result: Callable[[EndpointResult], None])
                 tg.create_task(lane(queue))
 
 
-def _run_job_in_process(job: _Job) -> list[EndpointResult]:
+def _run_job_in_process(job: _Job) -> tuple[list[_Record], dict[str, CertInfo]]:
+    """In a worker: the job's results as records, and each leaf they name once (pickled back cheaply)."""
     _raise_nofile()
-    out: list[EndpointResult] = []
-    asyncio.run(_run_endpoints(job, out.append))
-    return out
+    records: list[_Record] = []
+    infos: dict[str, CertInfo] = {}
+
+    def keep(r: EndpointResult) -> None:
+        if r.info is not None:
+            infos.setdefault(r.info.sha256, r.info)
+        records.append(_record(r))
+
+    asyncio.run(_run_endpoints(job, keep))
+    return records, infos
 
 
 def _raise_nofile() -> None:
@@ -660,7 +685,7 @@ async def _run_sharded(eps: Iterator[Endpoint], n_eps: int, n_workers: int, job:
     chunk = min(max(50, math.ceil(n_eps / (n_workers * 4))), max(2000, per_worker * 10))
     loop = asyncio.get_running_loop()
     with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        pending: set[asyncio.Future[list[EndpointResult]]] = set()
+        pending: set[asyncio.Future[tuple[list[_Record], dict[str, CertInfo]]]] = set()
         try:
             while True:
                 while len(pending) < n_workers * 2 and (batch := tuple(itertools.islice(eps, chunk))):
@@ -669,8 +694,7 @@ async def _run_sharded(eps: Iterator[Endpoint], n_eps: int, n_workers: int, job:
                     break
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
-                    for r in fut.result():
-                        collector.add(r)
+                    collector.add_records(*fut.result())
                     progress()
         finally:
             for f in pending:
