@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from certmgr import peek as peek_mod
 from certmgr import sanitize
 
 _CLIENT_CTX: ssl.SSLContext | None = None
@@ -54,13 +55,18 @@ class Probe:
 
 
 async def probe(
-    address: str, port: int, sni: str, *, connect_timeout: float = 5.0, handshake_timeout: float = 5.0
+    address: str, port: int, sni: str, *, connect_timeout: float = 5.0, handshake_timeout: float = 5.0,
+    peek: bool = False,
 ) -> Probe:
     """One TLS handshake to `address:port` with `sni`; every failure becomes `Probe.error`.
 
     Connect and handshake are bounded separately. The handshake is an `ssl.SSLObject` over
     memory BIOs driven by a bare asyncio.Protocol on a plain TCP transport: no SSL transport, no
     stream objects; that is what makes thousands of handshakes per second possible from one loop.
+
+    With `peek`, the chain is first read from a TLS 1.2 first flight without cryptography
+    (`certmgr.peek`); whenever that does not simply work, a fresh connection does the full
+    handshake, so errors are the same either way.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -74,18 +80,24 @@ async def probe(
         family, sockaddr = await _resolve(loop, address, port, connect_timeout)
     except _DNSFailure as exc:
         return result(error=f"dns: {exc}")
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
+    if peek and peek_mod.peekable(sni):
+        sock_or_error = await _connect(loop, family, sockaddr, connect_timeout)
+        if isinstance(sock_or_error, str):
+            return result(error=sock_or_error)
         try:
-            async with asyncio.timeout(connect_timeout):
-                await loop.sock_connect(sock, sockaddr)
+            async with asyncio.timeout(handshake_timeout):
+                return result(chain=await _peek(loop, sock_or_error, sni))
         except TimeoutError:
-            return result(error="connect timeout")
-        except ConnectionRefusedError:
-            return result(error="refused")
-        except OSError as exc:
-            return result(error=f"os: {exc.strerror or exc}")
+            return result(error="handshake timeout")
+        except (peek_mod.NoPeek, OSError):
+            pass  # the full handshake below, on a new connection, says what is wrong (if anything)
+        finally:
+            sock_or_error.close()
+    sock_or_error = await _connect(loop, family, sockaddr, connect_timeout)
+    if isinstance(sock_or_error, str):
+        return result(error=sock_or_error)
+    sock = sock_or_error
+    try:
         transport: asyncio.Transport | None = None
         try:
             done: asyncio.Future[tuple[bytes, ...]] = loop.create_future()
@@ -110,6 +122,41 @@ async def probe(
         return result(chain=chain)
     finally:
         sock.close()
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, family: socket.AddressFamily, sockaddr: tuple[Any, ...],
+                   timeout: float) -> socket.socket | str:
+    """A connected non-blocking socket, or the error to report."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, sockaddr)
+    except TimeoutError:
+        sock.close()
+        return "connect timeout"
+    except ConnectionRefusedError:
+        sock.close()
+        return "refused"
+    except OSError as exc:
+        sock.close()
+        return f"os: {exc.strerror or exc}"
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, sni: str) -> tuple[bytes, ...]:
+    await loop.sock_sendall(sock, peek_mod.client_hello(sni))
+    flight = peek_mod.FirstFlight()
+    while True:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise peek_mod.NoPeek("closed")
+        chain = flight.feed(data)
+        if chain is not None:
+            return chain
 
 
 class _EOF(Exception):

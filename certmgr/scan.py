@@ -478,6 +478,7 @@ class _Job:
     concurrency: int
     timeouts: Timeouts
     per_address: int = 0  # handshakes in flight per address at most (0: no bound beyond `concurrency`)
+    peek: bool = True  # read the chain from a TLS 1.2 first flight when the server allows (certmgr.peek)
 
 
 _WORKER_VERIFIER: tuple[tuple[dt.datetime, tuple[Path, ...]], Any] | None = None
@@ -511,7 +512,7 @@ async def _run_endpoints(job: _Job, on_result: Callable[[EndpointResult], None])
             ep = queue.popleft()
             async with gate:
                 p = await probe(ep.address, ep.port, ep.sni, connect_timeout=job.timeouts.connect,
-                                handshake_timeout=job.timeouts.handshake)
+                                handshake_timeout=job.timeouts.handshake, peek=job.peek)
             warn, crit = job.thresholds[ep.cert]
             on_result(classify(ep, p, verifier, job.now, warn=warn, critical=crit))
 
@@ -609,6 +610,7 @@ async def scan(
     public_port: int = 443,
     on_progress: Callable[[int, int], None] | None = None,
     keep: int = DEFAULT_KEEP,
+    peek: bool = True,
 ) -> ScanResult:
     """Scan every endpoint of the named certificates (all when none): per-endpoint results, drift, severity.
 
@@ -617,7 +619,8 @@ async def scan(
     handshakes across processes (default: `default_workers`). At most `concurrency` handshakes are
     in flight in all and `per_address` per address (a POP), across all workers. Results stream
     into aggregates as they arrive; beyond `keep` endpoints they are spooled to a temporary file
-    (see ScanResult).
+    (see ScanResult). With `peek` (the default) each chain is read from the server's TLS 1.2 first
+    flight when it offers one, a full handshake otherwise (`certmgr.peek`).
     """
     from certmgr.verify import TrustError
 
@@ -658,7 +661,7 @@ async def scan(
         progress()
 
     job = _Job(endpoints=(), thresholds=thresholds, trust=inventory.trust, now=now, concurrency=concurrency,
-               timeouts=timeouts, per_address=per_address)
+               timeouts=timeouts, per_address=per_address, peek=peek)
     if n_workers == 1:
         await _run_endpoints(replace(job, endpoints=tuple(eps)), collect)
     else:

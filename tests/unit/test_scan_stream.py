@@ -112,7 +112,7 @@ def served(pki: dict[str, Issued]) -> dict[tuple[str, str], tuple[bytes, ...] | 
 
 def _fake_probe(served: dict[tuple[str, str], tuple[bytes, ...] | str]) -> Any:
     async def fake(address: str, port: int, sni: str, *, connect_timeout: float = 5.0,
-                   handshake_timeout: float = 5.0) -> Probe:
+                   handshake_timeout: float = 5.0, peek: bool = False) -> Probe:
         await asyncio.sleep(0)
         got = served[(address, sni)]
         if isinstance(got, str):
@@ -232,7 +232,7 @@ class _Counter:
 
     def probe(self) -> Any:
         async def fake(address: str, port: int, sni: str, *, connect_timeout: float = 5.0,
-                       handshake_timeout: float = 5.0) -> Probe:
+                       handshake_timeout: float = 5.0, peek: bool = False) -> Probe:
             i = int(address.rsplit(".", 1)[1]) - 11
             with self.now.get_lock():
                 self.now[i] += 1
