@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 from certmgr.fsutil import fsync_dir, temp_name
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
@@ -93,25 +94,32 @@ METRICS = (
 )
 
 
+_ENDPOINT_FAMILIES = tuple(name for name, _, _ in METRICS[:5])
+
+
+def _endpoint_samples(result: ScanResult) -> dict[str, IO[str]]:
+    """The five per-endpoint families' samples, from one pass over the endpoints (a large scan's are
+    on disk), each in a buffer that moves to a temporary file beyond 1 MiB."""
+    now = result.started
+    out: dict[str, IO[str]] = {name: tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")
+           for name in _ENDPOINT_FAMILIES}
+    success, expiry, days, drift, severity = (out[n] for n in _ENDPOINT_FAMILIES)
+    for r in result.iter_endpoints():
+        labels = "{" + _labels(r) + "}"
+        success.write(f"{labels} {1 if r.info is not None else 0}\n")
+        if r.info is not None:
+            expiry.write(f"{labels} {int(r.info.not_after.timestamp())}\n")
+            days.write(f"{labels} {r.days_left(now):.3f}\n")
+        drift.write(f"{labels} {1 if r.drift else 0}\n")
+        severity.write(f"{labels} {SEVERITY_RANK[r.severity]}\n")
+    return out
+
+
 def prometheus_lines(result: ScanResult) -> Iterable[str]:
     """The node_exporter textfile, streamed: HELP/TYPE then samples, one family at a time."""
-    now = result.started
     counts = result.severity_counts()
-
-    class _Eps:  # every endpoint, read afresh for each family (a large scan's are on disk)
-        def __iter__(self) -> Iterator[EndpointResult]:
-            return result.iter_endpoints()
-
-    eps = _Eps()
+    samples = _endpoint_samples(result)
     families: dict[str, Callable[[], Iterable[str]]] = {
-        "certmgr_scan_endpoint_success": lambda: (
-            f"{{{_labels(r)}}} {1 if r.info is not None else 0}" for r in eps),
-        "certmgr_scan_endpoint_expiry_timestamp_seconds": lambda: (
-            f"{{{_labels(r)}}} {int(r.info.not_after.timestamp())}" for r in eps if r.info is not None),
-        "certmgr_scan_endpoint_days_left": lambda: (
-            f"{{{_labels(r)}}} {r.days_left(now):.3f}" for r in eps if r.info is not None),
-        "certmgr_scan_endpoint_drift": lambda: (f"{{{_labels(r)}}} {1 if r.drift else 0}" for r in eps),
-        "certmgr_scan_endpoint_severity": lambda: (f"{{{_labels(r)}}} {SEVERITY_RANK[r.severity]}" for r in eps),
         "certmgr_scan_certificate_severity": lambda: (
             f'{{certificate="{_label(c.name)}"}} {SEVERITY_RANK[c.severity]}' for c in result.certificates),
         "certmgr_scan_endpoints": lambda: (
@@ -119,11 +127,21 @@ def prometheus_lines(result: ScanResult) -> Iterable[str]:
         "certmgr_scan_duration_seconds": lambda: (f" {result.elapsed:.3f}",),
         "certmgr_scan_last_run_timestamp_seconds": lambda: (f" {int(result.started.timestamp())}",),
     }
-    for name, typ, help_text in METRICS:
-        yield f"# HELP {name} {help_text}"
-        yield f"# TYPE {name} {typ}"
-        for sample in families[name]():
-            yield name + sample
+    try:
+        for name, typ, help_text in METRICS:
+            yield f"# HELP {name} {help_text}"
+            yield f"# TYPE {name} {typ}"
+            if name in samples:
+                buf = samples[name]
+                buf.seek(0)
+                for line in buf:
+                    yield name + line[:-1]
+            else:
+                for sample in families[name]():
+                    yield name + sample
+    finally:
+        for buf in samples.values():
+            buf.close()
 
 
 def write_prometheus(result: ScanResult, path: Path) -> None:

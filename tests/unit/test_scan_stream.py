@@ -126,14 +126,16 @@ def _scan(inv: inv_mod.Inventory, store: Any, **kw: Any) -> scan_mod.ScanResult:
     return dataclasses.replace(result, elapsed=0.5)  # the one field that differs between two runs
 
 
-def _outputs(result: scan_mod.ScanResult, inv: inv_mod.Inventory) -> dict[str, Any]:
+def _outputs(result: scan_mod.ScanResult, inv: inv_mod.Inventory, tmp: Path) -> dict[str, Any]:
     state = _StateStore()
     scan_mod.save_state(state, result)
+    report.write_prometheus(result, tmp / "scan.prom")
     alerts = notify.alerts_for(result, {}, NOW, inv.channels.values())
     return {
         "json": "".join(scan_mod.json_text(result, {"notifications": []})),
         "state": state.files,
         "prometheus": list(report.prometheus_lines(result)),
+        "textfile": (tmp / "scan.prom").read_text(),
         "table": report.table(result, limit=2),
         "alerts": [(a.channel, a.certificate, a.kind, a.severity, dataclasses.replace(a.message, key="")) for a in alerts],
         "plans": pipeline.plan_deploys(inv, result, (), False),
@@ -174,12 +176,14 @@ def test_spooled_scan_gives_the_same_output_as_an_in_memory_one(
     monkeypatch.setattr(scan_mod, "_RUN", 3)
     spooled = _scan(inv, store, keep=2)
     assert spooled.spooled is not None and len(spooled.endpoints) == 2 and spooled.endpoint_count == 18
-    a, b = _outputs(in_memory, inv), _outputs(spooled, inv)
+    a, b = _outputs(in_memory, inv, tmp_path), _outputs(spooled, inv, tmp_path)
     for key in a:
         assert a[key] == b[key], key
     # the streamed JSON is exactly what `json.dumps(result_json(...), indent=2)` printed before
     assert a["json"] == json.dumps({**scan_mod.result_json(in_memory), "notifications": []}, indent=2)
     assert list(spooled.endpoints) == a["all"][:2]
+    assert a["textfile"] == "\n".join(a["prometheus"]) + "\n"
+    assert len([x for x in a["prometheus"] if x.startswith("certmgr_scan_endpoint_severity{")]) == 18
     # and the scenario exercises what the aggregates must reproduce
     by_name = {c.name: c for c in in_memory.certificates}
     assert by_name["a"].hosts_by_severity == {"error": ("pop3",), "critical": ("pop4",)}
