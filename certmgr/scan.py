@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import heapq
 import itertools
 import logging
 import math
 import os
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -373,6 +375,16 @@ class _SpoolView:
             yield cert, [_from_record(x, self.infos) for x in recs]
 
 
+@contextlib.contextmanager
+def _spooling() -> Iterator[None]:
+    """A full or unwritable temporary directory is the operator's to fix: a ScanError, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise ScanError(f"scan: cannot spool results to {tempfile.gettempdir()}: {exc.strerror or exc} "
+                        "(scan stopped)", hint="free space there, or set TMPDIR to a writable directory") from exc
+
+
 class _Collector:
     """Takes each endpoint's result as it arrives, keeps aggregates, spools the rest to disk.
 
@@ -384,7 +396,8 @@ class _Collector:
 
     def __init__(self, certs: Sequence[Certificate], now: dt.datetime, keep: int) -> None:
         self.now, self.keep = now, max(1, keep)
-        self.raw = Spool()
+        with _spooling():
+            self.raw = Spool()
         self.buf: list[_Record] = []
         self.n = 0
         self.infos: dict[str, CertInfo] = {}
@@ -413,14 +426,16 @@ class _Collector:
             self._flush()
 
     def _flush(self) -> None:
-        while self.buf:
-            self.raw.add_run(self.buf[:_RUN])
-            del self.buf[:_RUN]
+        with _spooling():
+            while self.buf:
+                self.raw.add_run(self.buf[:_RUN])
+                del self.buf[:_RUN]
 
     def finish(self, live: Mapping[str, tuple[int, str] | None], elapsed: float) -> ScanResult:
         self._flush()
         refs = _drift_refs(self.groups, self.infos, {k: (v[1] if v else None) for k, v in live.items()})
-        final = Spool()
+        with _spooling():
+            final = Spool()
         aggs: dict[str, _CertAgg] = {name: _CertAgg() for name in self.cert_names}
         counts: Counter[str] = Counter()
         top: list[EndpointResult] = []
@@ -431,7 +446,8 @@ class _Collector:
                 aggs.setdefault(r.endpoint.cert, _CertAgg()).add(r, self.now)
                 counts[r.severity] += 1
             top = list(itertools.islice(heapq.merge(top, run, key=urgency_key), self.keep))
-            final.add_run(_record(r) for r in run)
+            with _spooling():
+                final.add_run(_record(r) for r in run)
         self.raw.close()
         summaries = tuple(a.summary(name, live.get(name)) for name, a in aggs.items())
         severity = worst(counts)

@@ -291,3 +291,21 @@ def test_a_pop_with_many_names_does_not_hold_up_the_others(
     asyncio.run(scan_mod.scan(inv, None, now=NOW, workers=1, concurrency=10, per_address=2))
     per_pop, total = counter.peaks()
     assert per_pop == [2, 2, 2, 2] and total == 8
+
+
+def test_an_unwritable_spool_directory_is_a_scan_error(
+        tmp_path: Path, pki: dict[str, Issued], served: dict[tuple[str, str], tuple[bytes, ...] | str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results that cannot be spooled stop the scan with a ScanError naming the directory and the cause."""
+    import tempfile
+
+    from certmgr.errors import ScanError
+
+    monkeypatch.setattr(scan_mod, "probe", _fake_probe(served))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    inv = _inventory(tmp_path, pki, CERTS)
+    with pytest.raises(ScanError) as info:
+        _scan(inv, None)
+    assert str(info.value) == (f"scan: cannot spool results to {tmp_path}/missing: No such file or directory "
+                               "(scan stopped)")
+    assert info.value.hint == "free space there, or set TMPDIR to a writable directory"
