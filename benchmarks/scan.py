@@ -1,13 +1,13 @@
 """Benchmark `certmgr scan` on a running lab: names per POP x POPs; endpoints/s, CPU per process, memory.
 
 Shape: the lab's own server blocks (`python -m lab up --pops 50 --names-per-pop 200`: every name a
-server block with its own certificate), all POPs; `--names K` beyond the lab's names adds names
+server block with its own certificate), all POPs; `--names-per-pop K` beyond the lab's names adds names
 no server block has (nginx answers them from its default server), to reach 100,000 endpoints on a
 lab this machine can run. Beside it, the common way: a sequential `openssl s_client` loop, timed on
 a sample and extrapolated to the same endpoint count. Not a test: it prints figures, asserts nothing.
 
     .venv/bin/python benchmarks/scan.py --lab-dir /tmp/scan-lab              # the lab's shape
-    .venv/bin/python benchmarks/scan.py --lab-dir /tmp/scan-lab --names 2000 --workers 2 --naive-sample 0
+    .venv/bin/python benchmarks/scan.py --lab-dir /tmp/scan-lab --names-per-pop 2000 --workers 2 --naive-sample 0
     .venv/bin/python benchmarks/scan.py --lab-dir /tmp/scan-lab --profile    # where the scanner's time goes
 """
 
@@ -189,8 +189,9 @@ def profile(inventory: Path, concurrency: int, per_address: int, top: int = 22) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lab-dir", default=os.environ.get("CERTMGR_LAB_DIR", "/tmp/certmgr-lab"))
-    ap.add_argument("--names", type=int, default=None,
-                    help="certificate names (default: the lab's; more adds names served by the default server)")
+    ap.add_argument("--names-per-pop", "--names", dest="names", type=int, default=None,
+                    help="names scanned per POP (default: the lab's, `lab up --names-per-pop`); more than the "
+                         "lab has adds names each POP answers from its default server")
     ap.add_argument("--pops", type=int, default=None, help="POPs of the lab to use (default: all)")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to measure (default 1,2)")
     ap.add_argument("--concurrency", type=int, default=400, help="handshakes in flight in total (default 400)")
