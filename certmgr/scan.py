@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -276,7 +277,7 @@ class _CertAgg:
 
     def __init__(self) -> None:
         self.sev, self.n, self.left = "ok", 0, math.inf
-        self.hosts: dict[str, dict[str, tuple[float, str, str]]] = {}  # severity → host → its most urgent key
+        self.hosts: dict[str, dict[str, tuple[float, str]]] = {}  # severity → host → its most urgent (left, name)
         self.drift_any, self.drift_only, self.bad_info = False, True, False
 
     def add(self, r: EndpointResult, now: dt.datetime) -> None:
@@ -286,8 +287,8 @@ class _CertAgg:
         if r.severity != "ok":
             _, left, _, name, host = urgency_key(r)
             seen = self.hosts.setdefault(r.severity, {})
-            if host not in seen or (left, name, host) < seen[host]:
-                seen[host] = (left, name, host)
+            if host not in seen or (left, name) < seen[host]:
+                seen[host] = (left, name)
             self.drift_only = self.drift_only and r.drift
             self.bad_info = self.bad_info or r.info is not None
         self.drift_any = self.drift_any or r.drift
@@ -304,7 +305,7 @@ class _CertAgg:
             else:
                 command = f"certmgr scan {name}"  # only unreachable hosts: look at them, then re-scan
         # Hosts in the order the urgency-sorted endpoints first name them, worst severity first.
-        hosts = {s: tuple(sorted(self.hosts[s], key=self.hosts[s].__getitem__))
+        hosts = {s: tuple(h for _, h in sorted((key, h) for h, key in self.hosts[s].items()))
                  for s in sorted(self.hosts, key=SEVERITY_RANK.__getitem__, reverse=True)}
         return CertSummary(name=name, severity=self.sev, endpoints=self.n, hosts_by_severity=hosts,
                            live_version=lv[0] if lv else None, live_sha256=lv[1] if lv else None,
@@ -343,7 +344,9 @@ def _record_key(rec: _Record) -> tuple[Any, ...]:
 def _from_record(rec: _Record, infos: Mapping[str, CertInfo]) -> EndpointResult:
     (_, _, cert, name, host, address, port, severity, problems, error, sha, chain, chain_length, drift,
      elapsed) = rec
-    return EndpointResult(endpoint=Endpoint(cert=cert, name=name, host=host, address=address, port=port),
+    # Interned: a large scan's per-certificate summaries hold these names once, not once per endpoint.
+    return EndpointResult(endpoint=Endpoint(cert=sys.intern(cert), name=sys.intern(name), host=sys.intern(host),
+                                            address=sys.intern(address), port=port),
                           severity=severity, problems=problems, error=error,
                           info=infos[sha] if sha is not None else None, chain=chain, chain_length=chain_length,
                           drift=drift, elapsed=elapsed)
