@@ -12,14 +12,14 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__, log
+from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
 EXIT_BUG = 70  # EX_SOFTWARE
-EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_TERMINATED = 143  # 128 + SIGTERM (interrupt.exit_code)
 EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
 
 
@@ -82,11 +82,42 @@ def _stdout_gone() -> NoReturn:
     sys.exit(EXIT_PIPE)
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM outside the event loop: no POP commit runs there (deploys run inside it), so stop now."""
+    interrupt.note(signum)
+    raise interrupt.Interrupted(signum)
+
+
+def interrupted(signum: int, finish: str | None = None) -> NoReturn:
+    """Exit 130 (SIGINT) or 143 (SIGTERM) with the one line saying what was done and what was not."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # exiting now: a further signal must not cut the line
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+            break
+    click.echo(interrupt.summary(interrupt.state(), finish=finish), err=True)
+    sys.exit(interrupt.exit_code(signum))
+
+
 class Group(click.Group):
-    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback.
+
+    SIGINT and SIGTERM end a command with exit 130/143 and one summary line, never click's `Aborted!`.
+    """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        """The console script's entry: a closed stdout (a pipe's reader gone) ends quietly, never a traceback."""
+        """The console script's entry: signals end with one summary line; a closed stdout ends quietly."""
+        import signal
+
+        interrupt.reset()
+        saved: dict[signal.Signals, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                saved[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (in-process tests): keep the defaults
+            pass
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -96,6 +127,11 @@ class Group(click.Group):
                     sys.stdout.flush()
         except BrokenPipeError:
             _stdout_gone()
+        except interrupt.Interrupted as exc:  # after the command, while click exits (which would say Aborted!)
+            interrupted(exc.signum)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:  # --help and --version print while the arguments are parsed
@@ -104,13 +140,20 @@ class Group(click.Group):
             _stdout_gone()
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
         except BrokenPipeError:
             _stdout_gone()  # before click's own EPIPE handling, which would exit 1
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+        except interrupt.Interrupted as exc:
+            interrupted(exc.signum, ctx.meta.get("certmgr.finish"))
+        except (KeyboardInterrupt, click.Abort):
+            interrupt.note(signal.SIGINT)
+            interrupted(signal.SIGINT, ctx.meta.get("certmgr.finish"))
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception:
             # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
@@ -207,8 +250,10 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
 @main.command("import")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/etc/letsencrypt")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) with a [[certificates]] entry per adopted lineage instead.")
 @pass_ctx
-def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
+def import_cmd(c: Ctx, src: Path, as_json: bool, stub: bool) -> None:
     """Adopt certbot lineages from SRC (default /etc/letsencrypt): every archived version, the current one live.
 
     SRC is never modified; re-running is safe (versions already present are skipped).
@@ -216,7 +261,11 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
     store = c.store()
     with store.lock("certmgr import"):
         results = store.import_certbot(src)
-    if as_json:
+    if stub:
+        from certmgr.discover.command import import_stub
+
+        click.echo(import_stub(c.inventory(), store, results, src))
+    elif as_json:
         emit_json([{"name": r.name, "imported": list(r.imported), "present": list(r.present),
                     "skipped": [{"version": v, "reason": why} for v, why in r.skipped],
                     "certbot_live": r.certbot_live, "activated": r.activated, "problem": r.problem}
@@ -239,38 +288,54 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
 
 
 def run_async(coro: Any) -> Any:
-    """The one asyncio.run; SIGTERM cancels the main task so `finally` cleanups still run."""
+    """The one asyncio.run; SIGINT/SIGTERM cancel the work and raise interrupt.Interrupted for Group to report.
+
+    Cancelling runs every `finally` (challenge records are removed) and starts nothing new; a POP
+    commit already running is waited for (deploy.py, at most interrupt.GRACE seconds) so that its
+    outcome is audited; a second signal stops that wait too (the next deploy settles it).
+    """
     import asyncio
     import signal
-
-    terminated = False
 
     async def wrapper() -> Any:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        assert task is not None
 
-        def on_term() -> None:
-            nonlocal terminated
-            terminated = True
-            if task is not None:
-                task.cancel()
+        def on_signal(signum: int) -> None:
+            running = len(interrupt.tally().committing)
+            if interrupt.note(signum) == 1 and running and sys.stderr.isatty():
+                click.echo(f"certmgr: {signal.Signals(signum).name}: stopping; waiting for {running} POP "
+                           f"commit{'s' if running != 1 else ''} already running (at most {interrupt.GRACE:g}s; "
+                           "again to stop at once)", err=True)
+            task.cancel()
 
         try:
-            loop.add_signal_handler(signal.SIGTERM, on_term)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
         return await coro
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return asyncio.run(wrapper())
-    except KeyboardInterrupt:
-        click.echo("certmgr: interrupted (cleanup done)", err=True)
-        sys.exit(130)
-    except asyncio.CancelledError:
-        if not terminated:
+        result = asyncio.run(wrapper())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        signum = interrupt.state().signum
+        if signum is None:
             raise
-        click.echo("certmgr: terminated by SIGTERM (cleanup done)", err=True)
-        sys.exit(EXIT_TERMINATED)
+        raise interrupt.Interrupted(signum) from None
+    finally:
+        # closing the loop put back the default handlers; Group's (which raise Interrupted) apply again
+        try:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        except (ValueError, TypeError):
+            pass
+    signum = interrupt.state().signum
+    if signum is not None:
+        raise interrupt.Interrupted(signum)  # came as the work ended
+    return result
 
 
 def env_flag(name: str) -> bool:
@@ -306,6 +371,9 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
     lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    tally = interrupt.tally()
+    tally.deploy_follows = not no_deploy and not dry_run
+    tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
                                    concurrency=concurrency))
@@ -496,6 +564,44 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     sys.exit(result.exit_code)
 
 
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              help="Handshakes in flight at most.")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@pass_ctx
+def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
+              handshake_timeout: float) -> None:
+    """Monitoring-plugin mode (Nagios, Icinga): scan, print one status line with perfdata, exit 0/1/2/3.
+
+    Read-only: saves no state and sends no chat message. 0 OK, 1 WARNING, 2 CRITICAL (an endpoint
+    expiring, wrong or unreachable), 3 UNKNOWN (the check could not run). See docs/monitoring.md.
+    """
+    import datetime as dt
+
+    from certmgr import nagios
+    from certmgr import scan as scan_mod
+
+    try:
+        inv = c.inventory()
+        # the monitoring user usually cannot read the store (0700): then no drift against live/
+        store = c.store_readonly() if os.access(c.state_dir, os.R_OK | os.X_OK) else None
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
+        out = nagios.check(result, inv)
+    except CertmgrError as exc:
+        out = nagios.unknown(log.redact(str(exc)))
+    except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN
+        traceback.print_exc()
+        out = nagios.unknown("internal error (a bug): see the traceback on stderr")
+    click.echo(out.text)
+    sys.exit(out.status)
+
+
 @main.group("notify")
 def notify_group() -> None:
     """Chat channels from the inventory ([channels.*])."""
@@ -544,7 +650,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
     if not inv.channels:
         raise UsageError("notify failure: the inventory has no [channels.*]")
     msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
-                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                  lines=("The daily run failed (exit 2: a renewal or deploy failed, or a critical problem remains), "
+                         "or crashed, was killed or timed out; certificates may not be renewed.",
                          f"Look at: journalctl -u {unit} -n 100"),
                   command=f"systemctl status {unit}")
     deliveries = run_async(send(list(inv.channels.values()), msg))
@@ -565,8 +672,12 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
               envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
               "[env: CERTMGR_WAIT_LOCK].")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="CERTMGR_PROMETHEUS", help="Also write Prometheus textfile metrics here, atomically "
+              "(docs/monitoring.md) [env: CERTMGR_PROMETHEUS].")
 @pass_ctx
-def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float,
+            prom_path: Path | None) -> None:
     """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
 
     Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
@@ -578,6 +689,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     from certmgr import pipeline
 
     inv = c.inventory()
+    click.get_current_context().meta["certmgr.finish"] = "certmgr run"
+    interrupt.tally().deploy_follows = not dry_run
     if dry_run:
         store = c.store_readonly()
         lock: Any = contextlib.nullcontext()
@@ -589,11 +702,18 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        problem = None
+        if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
+            from certmgr import metrics
+
+            problem = metrics.publish(inv, store, report, prom_path)
     if as_json:
         emit_json(report.to_json())
     else:
         for line in pipeline.render(report):
             click.echo(line)
+    if problem:
+        click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 
@@ -662,4 +782,35 @@ def doctor_cmd(c: Ctx, as_json: bool, timer_interval: str | None, concurrency: i
     else:
         tty = sys.stdout.isatty()
         click.echo(doctor.render(report, tty=tty, colour=tty and "NO_COLOR" not in os.environ))
+    sys.exit(report.exit_code)
+
+
+# ---------------------------------------------------------------- discover (issue 14)
+
+
+@main.command("discover")
+@click.option("--hosts", "hosts_csv", metavar="H,...|tag:T",
+              help="Only these hosts (names and tag:T, comma-separated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/discover.md).")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) grouping certificates as the fleet does today, `# guess:` comments "
+                   "where it had to guess.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--accept-new", is_flag=True, help="Trust and record the key of a host absent from known_hosts.")
+@pass_ctx
+def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, parallel: int, accept_new: bool) -> None:
+    """What every POP's nginx really serves: names, files, certificates, managed or not, drift, orphans.
+
+    Reads `nginx -T` and certificate files over SSH (private keys never leave the host) and
+    handshakes each name. Exit 0 when every host was discovered, 1 when some could not be.
+    """
+    import datetime as dt
+
+    from certmgr.discover import command
+
+    inv = c.inventory()
+    report = run_async(command.discover(inv, command.select_hosts(inv, _csv(hosts_csv)), now=dt.datetime.now(dt.UTC),
+                                        parallel=parallel, accept_new=accept_new))
+    command.save_quietly(c.store, report)
+    click.echo(command.output(report, inv, as_json=as_json, stub_wanted=stub))
     sys.exit(report.exit_code)

@@ -434,7 +434,10 @@ class _Collector:
                 self.raw.add_run(self.buf[:_RUN])
                 del self.buf[:_RUN]
 
-    def finish(self, live: Mapping[str, tuple[int, str] | None], elapsed: float) -> ScanResult:
+    def finish(self, live: Mapping[str, tuple[int, str] | None], elapsed: float,
+               extra: Sequence[EndpointResult] = ()) -> ScanResult:
+        """Drift, summaries and the sorted spool; `extra` results (discover's unmanaged certificates)
+        join the endpoints and the severity but no summary and no drift."""
         self._flush()
         refs = _drift_refs(self.groups, self.infos, {k: (v[1] if v else None) for k, v in live.items()})
         with _spooling():
@@ -452,15 +455,50 @@ class _Collector:
             with _spooling():
                 final.add_run(_record(r) for r in run)
         self.raw.close()
+        per_cert = {name: a.n for name, a in aggs.items()}
+        if extra:
+            run = sorted(extra, key=urgency_key)
+            for r in run:
+                counts[r.severity] += 1
+                per_cert[r.endpoint.cert] = per_cert.get(r.endpoint.cert, 0) + 1
+                if r.info is not None:
+                    self.infos.setdefault(r.info.sha256, r.info)
+            top = list(itertools.islice(heapq.merge(top, run, key=urgency_key), self.keep))
+            with _spooling():
+                final.add_run(_record(r) for r in run)
+            self.n += len(run)
         summaries = tuple(a.summary(name, live.get(name)) for name, a in aggs.items())
         severity = worst(counts)
         if self.n <= self.keep:
             final.close()
             return ScanResult(started=self.now, elapsed=elapsed, endpoints=tuple(top), certificates=summaries,
                               severity=severity)
-        view = _SpoolView(final, self.infos, {name: a.n for name, a in aggs.items()})
+        view = _SpoolView(final, self.infos, per_cert)
         return ScanResult(started=self.now, elapsed=elapsed, endpoints=tuple(top), certificates=summaries,
                           severity=severity, total=self.n, counts=dict(counts), spooled=view)
+
+
+UNMANAGED = "(unmanaged)"  # certificate column of discover's findings: not a valid lineage name, never ours
+
+
+def unmanaged_results(store: object, now: dt.datetime) -> list[EndpointResult]:
+    """One result per host for each unmanaged certificate the last discover saw, at warning or above."""
+    from certmgr.discover import state as discover_state
+
+    out = []
+    default_warn, default_crit = Threshold(fraction=0.25, text="1/4"), Threshold(fraction=0.1, text="1/10")
+    for u in discover_state.unmanaged(store if hasattr(store, "load_json") else None):  # type: ignore[arg-type]
+        sev, why = expiry_problem(u.info, now, warn=default_warn, critical=default_crit)
+        if sev == "ok":
+            continue
+        why = why or f"expired {_days((now - u.info.not_after).total_seconds())} ago"
+        files = {h: [f for hh, f in u.where if hh == h] or list(u.files) for h in u.hosts}
+        out += [EndpointResult(endpoint=Endpoint(cert=UNMANAGED, name=u.names[0] if u.names else "-", host=h,
+                                                 address="", port=0), severity=sev, info=u.info,
+                               problems=(why, f"not managed by certmgr: {', '.join(files[h])} "
+                                              f"(certmgr discover, {discover_state.age(u.discovered_at, now)})"))
+                for h in u.hosts]
+    return out
 
 
 # ---------------------------------------------------------------- running a scan
@@ -686,7 +724,9 @@ async def scan(
     else:
         await _run_sharded(eps, n_eps, n_workers, job, collector, progress)
     live = live_fingerprints(store, [c.name for c in certs])
-    return collector.finish(live, loop.time() - t0)
+    # the whole fleet: also what the last `certmgr discover` found unmanaged and expiring (not summarised)
+    extra = unmanaged_results(store, now) if not names else []
+    return collector.finish(live, loop.time() - t0, extra=extra)
 
 
 async def _run_sharded(eps: Iterator[Endpoint], n_eps: int, n_workers: int, job: _Job, collector: _Collector,

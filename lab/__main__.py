@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--validity", type=int, default=DEFAULT_VALIDITY, help="Pebble certificate lifetime, seconds (default 90 days)"
     )
+    up.add_argument("--messy", action="store_true",
+                    help="apply the messy-fleet profile (lab/messy.py) to the 4 named POPs, for `certmgr discover`")
     for name, text in (("down", "stop everything this lab started"), ("status", "show each component up/down")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", default=os.environ.get("CERTMGR_LAB_DIR", DEFAULT_DIR), help=dir_help)
@@ -42,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             lab = Lab(args.dir, args.port_base, pops=args.pops, secondary=args.secondary, validity=args.validity,
                       names_per_pop=args.names_per_pop)
             started = time.monotonic()
+            from lab import messy
+
+            messy.remove(lab, reload=False)  # an earlier profile names files `up` may reseed away
             lab.up()
+            if args.messy:
+                messy.apply(lab)
             print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs x {args.names_per_pop} names, "
-                  f"port base {args.port_base})")
+                  f"port base {args.port_base}{', messy fleet' if args.messy else ''})")
             print(lab.inventory_path)
             return 0
         lab = Lab.load(args.dir)
