@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certmgr import inventory as inv_mod
-from certmgr import notify, pipeline, report
+from certmgr import notify, pipeline, report, scanresult
 from certmgr import scan as scan_mod
 from certmgr.probe import Probe
 from certmgr.spool import Spool
@@ -173,7 +173,7 @@ def test_spooled_scan_gives_the_same_output_as_an_in_memory_one(
     store = _live_store(served)
     in_memory = _scan(inv, store)
     assert in_memory.spooled is None and in_memory.endpoint_count == 18
-    monkeypatch.setattr(scan_mod, "_RUN", 3)
+    monkeypatch.setattr(scanresult, "_RUN", 3)
     spooled = _scan(inv, store, keep=2)
     assert spooled.spooled is not None and len(spooled.endpoints) == 2 and spooled.endpoint_count == 18
     a, b = _outputs(in_memory, inv, tmp_path), _outputs(spooled, inv, tmp_path)
