@@ -151,8 +151,8 @@ async def rollback(inv: Inventory, store: Any, cert: Certificate, *, to: int | N
     does not match, or whose names or chain certcheck rejects. The caller holds the store lock unless dry.
     """
     name = cert.name
-    target, live = choose(store, name, to)
     chosen = select_hosts(inv, cert, hosts, step="rollback")
+    target, live = choose(store, name, to)
     material, refused = refusals(store, inv, cert, target, now=now)
     if refused or material is None:
         usable = [v for v in reversed(store.versions(name)) if v != target and v != live
