@@ -19,8 +19,18 @@ from lab.pebble import https_get
 MEDIA = "media.hachyderm.test"
 
 
-def certmgr(lab: Lab, state: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--inventory", str(lab.inventory_path), "--state-dir", str(state), *args])
+def certmgr(lab: Lab, state: Path, *args: str, inventory: Path | None = None) -> Result:
+    inv = inventory or lab.inventory_path
+    return CliRunner().invoke(main, ["--inventory", str(inv), "--state-dir", str(state), *args])
+
+
+def reusing_key(lab: Lab, dest: Path) -> Path:
+    """The lab inventory with `reuse_key = true` for media.hachyderm.test."""
+    text = lab.inventory_path.read_text()
+    line = f'name = "{MEDIA}"\n'
+    assert text.count(line) == 1
+    dest.write_text(text.replace(line, line + "reuse_key = true\n"))
+    return dest
 
 
 def ok(result: Result, code: int = 0) -> str:

@@ -17,6 +17,7 @@ from tests.integration.lifecycle import (
     copy_store,
     live,
     ok,
+    reusing_key,
     serial_of,
     served,
     spki_of,
@@ -94,6 +95,18 @@ def test_revoke_keycompromise_revokes_every_version_sharing_the_key(lab: Lab, st
     assert "versions 2, 3 share the leaked key: all are revoked" in out
     assert cert_status(lab, serial_of(state, 2))["Status"] == "Revoked"
     assert spki_of(state, 4) != spki_of(state, 2)
+
+
+def test_revoke_makes_a_new_key_even_with_reuse_key(lab: Lab, state: Path, tmp_path: Path) -> None:
+    """With `reuse_key = true`, renew keeps the key (versions 2 and 3 share it), but revoke issues a new one."""
+    inv = reusing_key(lab, tmp_path / "inventory.toml")
+    ok(certmgr(lab, state, "renew", MEDIA, "--force", inventory=inv))
+    assert spki_of(state, 3) == spki_of(state, 2)
+    out = ok(certmgr(lab, state, "revoke", MEDIA, "--reason", "keyCompromise", inventory=inv))
+    assert "versions 2, 3 share the leaked key: all are revoked" in out
+    assert spki_of(state, 4) not in (spki_of(state, 2), spki_of(state, 1))
+    assert served(lab) == {pop: serial_of(state, 4) for pop in lab.pop_names}
+    assert {cert_status(lab, serial_of(state, v))["Status"] for v in (2, 3)} == {"Revoked"}
 
 
 def test_revoke_now_revokes_before_deploying(lab: Lab, state: Path) -> None:
