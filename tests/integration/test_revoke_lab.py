@@ -131,7 +131,7 @@ def test_revoke_a_version_no_longer_live(lab: Lab, state: Path) -> None:
     assert served(lab) == {pop: v2 for pop in lab.pop_names}
     assert "renewed" not in out
     again = ok(certmgr(lab, state, "revoke", MEDIA, "--version", "1", "--reason", "superseded"))
-    assert f"skipped: already revoked by certmgr on " in again
+    assert "skipped: already revoked by certmgr on " in again
 
 
 def test_revoke_with_a_pop_down_does_not_revoke(lab: Lab, state: Path, receiver: Receiver) -> None:
