@@ -773,10 +773,11 @@ def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, paral
 @click.option("--hosts", "hosts_csv", metavar="H,...|tag:T", help="Only these hosts now (the others follow the pin).")
 @click.option("--dry-run", is_flag=True, help="Check the version and show what would happen; change nothing.")
 @click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_run: bool, parallel: int,
-                 as_json: bool) -> None:
+                 no_notify: bool, as_json: bool) -> None:
     """Make an earlier version of NAME live in the store and on its POPs, and pin it; exit 1 unless all serve it.
 
     Refuses a version that is expired, revoked by certmgr, or whose key does not match its certificate.
@@ -794,7 +795,7 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
     with lock:
         result = run_async(rollback(inv, store, cert, to=to, hosts=_csv(hosts_csv), dry_run=dry_run,
                                     now=dt.datetime.now(dt.UTC), parallel=parallel,
-                                    channels=() if dry_run else list(inv.channels.values())))
+                                    channels=() if dry_run or no_notify else list(inv.channels.values())))
     if as_json:
         emit_json(result.to_json())
     else:
@@ -815,10 +816,11 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
 @click.option("--now", "now_first", is_flag=True,
               help="Revoke first, then replace and deploy (clients see errors until the replacement is served).")
 @click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str | None, now_first: bool,
-               parallel: int, as_json: bool) -> None:
+               parallel: int, no_notify: bool, as_json: bool) -> None:
     """Replace NAME with a new key on every POP, verify, then revoke the old certificate(s) at the CA.
 
     With --now the old certificate is revoked first. Exit 1 unless everything was replaced and revoked.
@@ -835,7 +837,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
     with store.lock("certmgr revoke"):
         result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,
                                   now_first=now_first, now=dt.datetime.now(dt.UTC), parallel=parallel,
-                                  channels=list(inv.channels.values())))
+                                  channels=() if no_notify else list(inv.channels.values())))
     if as_json:
         emit_json(result.to_json())
     else:
