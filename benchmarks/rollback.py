@@ -102,7 +102,7 @@ def main() -> int:
             state = work / "state-4"
             walls = []
             for _ in range(args.repeat):
-                wall, out = certmgr(inv, state, "revoke", NAME, "--reason", "keyCompromise")
+                wall, _ = certmgr(inv, state, "revoke", NAME, "--reason", "keyCompromise")
                 walls.append(wall)
             print(f"revoke    4 POPs: median {statistics.median(walls):.2f} s (runs "
                   f"{', '.join(f'{w:.2f}' for w in walls)}; new key ordered with DNS-01, deployed and verified on "

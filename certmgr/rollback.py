@@ -191,7 +191,7 @@ async def rollback(inv: Inventory, store: Any, cert: Certificate, *, to: int | N
                             hosts=chosen, others=others, pinned=pin_it, deploys=tuple(outcomes))
     ok = [o.host for o in outcomes if o.ok]
     bad = [o.host for o in outcomes if not o.ok]
-    store.audit("rolled back" if not bad else "rollback incomplete", name, frm=live, to=target, serial=info.serial,
+    store.audit("rollback done" if not bad else "rollback incomplete", name, frm=live, to=target, serial=info.serial,
                 hosts=ok, failed=bad, summary=f"{name} version {target} (serial {info.serial}) served on "
                 f"{len(ok)} of {len(outcomes)} hosts" + (f"; NOT on {', '.join(bad)}" if bad else ""))
     if channels:

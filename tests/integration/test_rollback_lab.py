@@ -66,7 +66,7 @@ def test_rollback_to_previous_everywhere_pinned_until_deploy(lab: Lab, state: Pa
     entries = audit(state)
     assert [(e["from"], e["to"]) for e in entries if e["action"] == "activate"][-1] == (2, 1)
     assert [e for e in entries if e["action"] == "rollback"][-1]["hosts"] == lab.pop_names
-    done = [e for e in entries if e["action"] == "rolled back" and e.get("host") is None][-1]
+    done = [e for e in entries if e["action"] == "rollback done"][-1]
     assert (done["from"], done["to"], done["serial"], done["failed"]) == (2, 1, v1, [])
     assert sorted(e["host"] for e in entries if e["action"] == "deployed" and e["to"] == v1) == sorted(lab.pop_names)
     chat = [r.json for r in receiver.wait_for(1)]
