@@ -91,7 +91,7 @@ def test_revoke_keycompromise_revokes_every_version_sharing_the_key(lab: Lab, st
     shutil.copytree(lineage / "2", lineage / "3")
     (state / "live" / MEDIA).unlink()
     (state / "live" / MEDIA).symlink_to(f"../archive/{MEDIA}/3")
-    out = ok(certmgr(lab, state, "revoke", MEDIA, "--reason", "keyCompromise"))
+    out = ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--reason", "keyCompromise"))
     assert "versions 2, 3 share the leaked key: all are revoked" in out
     assert cert_status(lab, serial_of(state, 2))["Status"] == "Revoked"
     assert spki_of(state, 4) != spki_of(state, 2)
@@ -102,7 +102,7 @@ def test_revoke_makes_a_new_key_even_with_reuse_key(lab: Lab, state: Path, tmp_p
     inv = reusing_key(lab, tmp_path / "inventory.toml")
     ok(certmgr(lab, state, "renew", MEDIA, "--force", inventory=inv))
     assert spki_of(state, 3) == spki_of(state, 2)
-    out = ok(certmgr(lab, state, "revoke", MEDIA, "--reason", "keyCompromise", inventory=inv))
+    out = ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--reason", "keyCompromise", inventory=inv))
     assert "versions 2, 3 share the leaked key: all are revoked" in out
     assert spki_of(state, 4) not in (spki_of(state, 2), spki_of(state, 1))
     assert served(lab) == {pop: serial_of(state, 4) for pop in lab.pop_names}
@@ -112,7 +112,7 @@ def test_revoke_makes_a_new_key_even_with_reuse_key(lab: Lab, state: Path, tmp_p
 def test_revoke_now_revokes_before_deploying(lab: Lab, state: Path) -> None:
     """--now: the old serial is revoked before the replacement is deployed anywhere."""
     old = serial_of(state, 2)
-    ok(certmgr(lab, state, "revoke", MEDIA, "--reason", "keyCompromise", "--now"))
+    ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--reason", "keyCompromise", "--now"))
     new = serial_of(state, 3)
     entries = audit(state)
     revoked_at = next(i for i, e in enumerate(entries) if e["action"] == "revoked" and e["from"] == old)
@@ -125,12 +125,12 @@ def test_revoke_now_revokes_before_deploying(lab: Lab, state: Path) -> None:
 def test_revoke_a_version_no_longer_live(lab: Lab, state: Path) -> None:
     """--version 1 (superseded, not live): revoked at the CA without a new certificate or any POP change."""
     v1, v2 = serial_of(state, 1), serial_of(state, 2)
-    out = ok(certmgr(lab, state, "revoke", MEDIA, "--version", "1", "--reason", "superseded"))
+    out = ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--version", "1", "--reason", "superseded"))
     assert (cert_status(lab, v1)["Status"], cert_status(lab, v1)["Reason"]) == ("Revoked", SUPERSEDED)
     assert live(state) == 2 and not (state / "archive" / MEDIA / "3").exists()
     assert served(lab) == {pop: v2 for pop in lab.pop_names}
     assert "renewed" not in out
-    again = ok(certmgr(lab, state, "revoke", MEDIA, "--version", "1", "--reason", "superseded"))
+    again = ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--version", "1", "--reason", "superseded"))
     assert "skipped: already revoked by certmgr on " in again
 
 

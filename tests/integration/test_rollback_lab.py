@@ -87,6 +87,20 @@ def test_rollback_to_previous_everywhere_pinned_until_deploy(lab: Lab, state: Pa
     assert "pinned" not in certmgr(lab, state, "run", "--no-notify").output
 
 
+def test_renew_name_clears_the_pin_by_renewing(lab: Lab, state: Path, receiver: Receiver) -> None:
+    """`renew NAME` on a pinned certificate renews at once (it would not be due), deploys the new version and
+    clears the pin; the next `run` no longer mentions it."""
+    ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify"))
+    out = ok(certmgr(lab, state, "renew", MEDIA))
+    assert f"renewed  {MEDIA}: serial {serial_of(state, 1)}" in out
+    assert "pin on rolled-back version 1 cleared" in out
+    assert live(state) == 3
+    assert served(lab) == {pop: serial_of(state, 3) for pop in lab.pop_names}
+    assert [e for e in audit(state) if e["action"] == "unpinned"][-1]["why"].startswith("renewed: version 3 is live")
+    assert "pinned" not in certmgr(lab, state, "run", "--no-notify").output
+    assert not [r for r in receiver.requests if r.json["kind"] == "rollback"]  # --no-notify
+
+
 def _expired_version(state: Path) -> int:
     """Version 3: a leaf for media.hachyderm.test that expired yesterday (its key matches)."""
     ca = pki.make_ca("rollback test CA", not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
@@ -115,7 +129,7 @@ def test_rollback_refuses_expired_revoked_and_mismatched_versions(lab: Lab, stat
     changes in the store or on any POP."""
     expired = _expired_version(state)
     mismatched = _mismatched_version(state)
-    ok(certmgr(lab, state, "revoke", MEDIA, "--version", "1", "--reason", "superseded"))
+    ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--version", "1", "--reason", "superseded"))
     cases = [
         (str(expired), f"rollback {MEDIA}: version {expired} refused: expired: notAfter "),
         ("1", f"rollback {MEDIA}: version 1 refused: serial {serial_of(state, 1)} was revoked by certmgr on "),
@@ -124,7 +138,7 @@ def test_rollback_refuses_expired_revoked_and_mismatched_versions(lab: Lab, stat
     ]
     before = tree_digest(state / "archive"), (state / "live" / MEDIA).readlink(), served(lab)
     for version, message in cases:
-        result = certmgr(lab, state, "rollback", MEDIA, "--to", version)
+        result = certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", version)
         assert result.exit_code == 1, result.output
         assert f"certmgr: error: {message}" in result.output, result.output
         assert result.output.rstrip().splitlines()[-2].endswith("(nothing changed)"), result.output
@@ -135,19 +149,19 @@ def test_rollback_refuses_expired_revoked_and_mismatched_versions(lab: Lab, stat
 def test_rollback_hosts_subset(lab: Lab, state: Path) -> None:
     """--hosts tag:canary,esme rolls back only those POPs now; the others keep version 2 and the output says so."""
     v1, v2 = serial_of(state, 1), serial_of(state, 2)
-    out = ok(certmgr(lab, state, "rollback", MEDIA, "--hosts", "tag:canary,esme"))
+    out = ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--hosts", "tag:canary,esme"))
     assert served(lab) == {"cdn-frankfurt-1": v1, "cdn-fremont-1": v2, "sally": v2, "esme": v1}
     assert "not touched now: cdn-fremont-1, sally; they still serve what they had" in out
-    ok(certmgr(lab, state, "rollback", MEDIA, "--to", "1"))  # the rest follow
+    ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1"))  # the rest follow
     assert served(lab) == {pop: v1 for pop in lab.pop_names}
-    bad = certmgr(lab, state, "rollback", MEDIA, "--to", "1", "--hosts", "nowhere")
+    bad = certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1", "--hosts", "nowhere")
     assert bad.exit_code == 2 and "rollback --hosts: no host or tag 'nowhere' in the inventory" in bad.output
 
 
 def test_rollback_dry_run_changes_nothing(lab: Lab, state: Path) -> None:
     """--dry-run checks the version and prints the plan; the store, the POPs and the audit log are untouched."""
     before = tree_digest(state), served(lab)
-    out = ok(certmgr(lab, state, "rollback", MEDIA, "--dry-run"))
+    out = ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--dry-run"))
     assert f"would roll back {MEDIA}: version 2 (serial {serial_of(state, 2)}) → version 1" in out
     assert "(dry run: nothing changed)" in out
     assert (tree_digest(state), served(lab)) == before
@@ -158,12 +172,12 @@ def test_rollback_with_a_pop_down_says_where_it_did_not_happen(lab: Lab, state: 
     v1, v2 = serial_of(state, 1), serial_of(state, 2)
     lab.stop_pop("sally")
     try:
-        result = certmgr(lab, state, "rollback", MEDIA)
+        result = certmgr(lab, state, "rollback", MEDIA, "--no-notify")
         assert result.exit_code == 1, result.output
         assert f"NOT rolled back on sally (each kept what it served, see above); the store's live version is 1: " \
                f"rerun `certmgr rollback {MEDIA} --to 1`" in result.output
     finally:
         lab.start_pop("sally")
     assert served(lab) == {"cdn-frankfurt-1": v1, "cdn-fremont-1": v1, "sally": v2, "esme": v1}
-    ok(certmgr(lab, state, "rollback", MEDIA, "--to", "1"))
+    ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1"))
     assert served(lab) == {pop: v1 for pop in lab.pop_names}
