@@ -118,3 +118,29 @@ def test_rollback_chooses_the_version_below_live(tmp_path: Path) -> None:
         store.activate(NAME, 1)
     with pytest.raises(UsageError, match="live version 1 is the oldest stored"):
         choose(store, NAME, None)
+
+
+def test_run_says_pinned_and_chat_says_when_a_renewal_cleared_a_pin() -> None:
+    """`run` prints each pin; its chat summary says when a renewal that could wait no longer replaced a pinned
+    version."""
+    from certmgr import pipeline
+    from certmgr.renew import RenewOutcome
+    from certmgr.scan import ScanResult
+
+    pin = pins.Pin(version=1, serial="ab", rolled_back_from=2, at=T0)
+    note = pin.note(NAME)
+    assert note == (f"pinned {NAME} to rolled-back version 1 (from version 2, 2026-01-01 00:00Z): run keeps version 1 "
+                    f"live and deployed, not the newest; `certmgr deploy {NAME}` or `certmgr renew {NAME}` clears "
+                    "the pin")
+    scan = ScanResult(started=T0, elapsed=0.1, endpoints=(), certificates=())
+    decision = decide(cert(), info(90), RenewState(), T0 + 81 * DAY, pinned=1)
+    renewed = RenewOutcome(name=NAME, status="renewed", decision=decision, new_serial="cd", version=3,
+                           new_not_after=T0 + 170 * DAY, unpinned=1)
+    report = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(renewed,), deploy_plan=(),
+                                scan_after=scan, notes=(note,))
+    assert f"  {note}" in pipeline.render(report)
+    assert "pin on rolled-back version 1 cleared" in renewed.line()
+    lines = pipeline.summary_message(report, ()).lines
+    assert (f"unpinned {NAME}: renewal could wait no longer; rolled-back version 1 replaced by version 3 "
+            f"(pinned to rolled-back version 1, but only 9d left (the last third of 1/3 of lifetime before expiry): "
+            "renewing clears the pin)") in lines
