@@ -71,6 +71,7 @@ def test_rollback_to_previous_everywhere_pinned_until_deploy(lab: Lab, state: Pa
     assert sorted(e["host"] for e in entries if e["action"] == "deployed" and e["to"] == v1) == sorted(lab.pop_names)
     chat = [r.json for r in receiver.wait_for(1)]
     assert chat[0]["kind"] == "rollback" and chat[0]["title"] == f"ROLLED BACK {MEDIA} to version 1 on 4 of 4 hosts"
+    assert "  renewal: not due — pinned to rolled-back version 1 (" in ok(certmgr(lab, state, "status"))
 
     out = certmgr(lab, state, "run", "--no-notify").output
     assert f"pinned {MEDIA} to rolled-back version 1 (from version 2, " in out
