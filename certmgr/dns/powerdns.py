@@ -1,0 +1,244 @@
+"""DNS-01 through the PowerDNS Authoritative HTTP API (PATCH of one zone's RRsets, 4.x API).
+
+Only the challenge RRset is touched, and within it only our values: PATCH `REPLACE` replaces a whole
+RRset, so the current RRset is read first (`?rrset_name=&rrset_type=`) and the union (or the rest) written,
+under a lock per (zone, name) so parallel orders in this process never drop each other's values.
+One PATCH per zone (PowerDNS applies a PATCH whole or not at all); the API key goes in `X-API-Key`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from certmgr import sanitize
+from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate
+from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
+from certmgr.dns.static import StaticNameservers, by_zone, servers
+from certmgr.errors import CertmgrError, DNSAuthError, DNSError
+from certmgr.log import Secret, event
+from certmgr.model import DNSProvider, SecretRef
+from certmgr.names import url_problem
+from certmgr.reader import Reader
+
+log = logging.getLogger(__name__)
+
+KEYS = frozenset({"api_url", "server_id", "timeout"})
+SECRET_KEYS = frozenset({"api_key"})
+NEEDS_NAMESERVERS = True
+CHALLENGE_TTL = 60
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PowerDNSConfig:
+    """`[dns.NAME]` with `type = "powerdns"`: the API's URL, the server id, the key, the time limit per request."""
+
+    api_url: str
+    api_key: SecretRef
+    server_id: str = "localhost"
+    timeout: float = 10.0
+
+    def secrets(self) -> tuple[SecretRef, ...]:
+        return (self.api_key,) if self.api_key.where else ()
+
+    def shown(self) -> dict[str, object]:
+        return {"api_url": self.api_url, "server_id": self.server_id, "timeout": self.timeout,
+                "api_key": self.api_key.shown()}
+
+
+def parse_config(r: Reader, t: dict[str, Any], kp: str) -> PowerDNSConfig:
+    """`api_url` (https://, or http:// to loopback), `server_id`, `timeout`, `api_key_file|_credential|_env`."""
+    api_url = r.get(t, "api_url", kp, str, required=True)
+    if api_url is not None and (p := url_problem(api_url)) is not None:
+        r.err(f"{kp}.api_url", f"{sanitize.quoted(api_url)} {p}")
+    server_id = r.get(t, "server_id", kp, str, default="localhost")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", server_id):
+        r.err(f"{kp}.server_id", f"{sanitize.quoted(server_id)} is not a server id (letters, digits, '.', '_', '-')")
+    key = r.secret(t, "api_key", kp, required=True)
+    return PowerDNSConfig(api_url=(api_url or "").rstrip("/"), server_id=server_id,
+                          api_key=key or SecretRef("env", "", f"{kp}.api_key"),
+                          timeout=r.duration(t, "timeout", kp, 10.0))
+
+
+def config_of(cfg: DNSProvider) -> PowerDNSConfig:
+    if not isinstance(cfg.config, PowerDNSConfig):
+        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not powerdns")
+    return cfg.config
+
+
+def build(cfg: DNSProvider) -> PowerDNSProvider:
+    """Validated now: the API key is read (a missing secret fails here, not mid-challenge)."""
+    conf = config_of(cfg)
+    return PowerDNSProvider(cfg, Secret(conf.api_key.read()))
+
+
+def txt_value(content: str) -> str:
+    """A TXT record's content as PowerDNS shows it (`"ab" "cd"`) → the joined text (`abcd`)."""
+    return "".join(m.group(1).replace('\\"', '"').replace("\\\\", "\\") for m in _QUOTED.finditer(content))
+
+
+class APIError(Exception):
+    """One API request that failed: `applied` as in ZoneUpdate (False: certainly no change)."""
+
+    def __init__(self, error: DNSError, applied: bool | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.applied = applied
+
+
+class PowerDNSProvider(StaticNameservers):
+    """DNS-01 through the PowerDNS API; safe for concurrent use by many orders in one process."""
+
+    def __init__(self, cfg: DNSProvider, key: Secret) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.conf = config_of(cfg)
+        self._key = key
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.on_change: DNSChange | None = None
+
+    def __repr__(self) -> str:
+        return f"PowerDNSProvider({self.name!r}, api_url={self.conf.api_url!r})"
+
+    def zone_url(self, zone: str) -> str:
+        return (f"{self.conf.api_url}/api/v1/servers/{quote(self.conf.server_id, safe='')}/zones/"
+                f"{quote(zone.rstrip('.') + '.', safe='')}")
+
+    def client(self) -> httpx.AsyncClient:
+        # trust_env=False: no proxy from the environment ever sees the key
+        return httpx.AsyncClient(timeout=self.conf.timeout, trust_env=False,
+                                 headers={"X-API-Key": self._key.reveal(), "Accept": "application/json"})
+
+    async def request(self, client: httpx.AsyncClient, method: str, zone: str, step: str, outcome: str, *,
+                      params: dict[str, str] | None = None, body: object = None) -> httpx.Response:
+        """One API call; every failure becomes an APIError saying whether a change may have been made."""
+        writes = method != "GET"
+        try:
+            async with asyncio.timeout(self.conf.timeout + 1):
+                resp = await client.request(method, self.zone_url(zone), params=params, json=body)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise APIError(DNSError(f"{step}: no answer from {self.conf.api_url} within {self.conf.timeout:g}s "
+                                    f"{outcome}", hint="is the PowerDNS API up? (webserver=yes, api=yes)"),
+                           None if writes else False) from exc
+        except httpx.ConnectError as exc:
+            raise APIError(DNSError(f"{step}: cannot connect to {self.conf.api_url}: "
+                                    f"{sanitize.line(str(exc) or type(exc).__name__)} {outcome}",
+                                    hint="is pdns_server running with webserver=yes and api=yes?"), False) from exc
+        except httpx.HTTPError as exc:
+            raise APIError(DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))} {outcome}"),
+                           None if writes else False) from exc
+        if resp.status_code < 400:
+            return resp
+        raise APIError(self._refusal(resp, zone, step, outcome), None if resp.status_code >= 500 and writes else False)
+
+    def _refusal(self, resp: httpx.Response, zone: str, step: str, outcome: str) -> DNSError:
+        code = resp.status_code
+        try:
+            said = str(resp.json().get("error", ""))
+        except (ValueError, AttributeError):
+            said = resp.text
+        said = sanitize.quoted(said.strip(), limit=200) if said.strip() else ""
+        where = f"dns.{self.name}"
+        if code in (401, 403):
+            return DNSAuthError(f"{step}: the API refused the key (HTTP {code}) {outcome}",
+                                hint=f"check api_key in [{where}] against api-key in pdns.conf")
+        if code == 404:
+            return DNSError(f"{step}: HTTP 404 — no zone {zone} on server {self.conf.server_id!r} {outcome}",
+                            hint=f"check zones = [...], server_id and api_url in [{where}]")
+        if code == 422:
+            return DNSError(f"{step}: HTTP 422, the API rejected the change{': ' + said if said else ''} {outcome}",
+                            hint="a name outside the zone, or a TXT the server cannot store")
+        return DNSError(f"{step}: HTTP {code}{': ' + said if said else ''} {outcome}",
+                        hint="see pdns_server's log" if code >= 500 else None)
+
+    async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        """Add every record's value (other values of the name kept), one PATCH per zone, zones concurrently."""
+        return tuple(await asyncio.gather(*(self._zone(zone, recs, add=True)
+                                            for zone, recs in by_zone(records).items())))
+
+    async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
+        """Remove exactly our values (the RRset only when nothing else is left); failures logged, never raised."""
+        done = tuple(await asyncio.gather(*(self._zone(zone, recs, add=False)
+                                            for zone, recs in by_zone(records).items())))
+        for u in done:
+            if u.error is not None:
+                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=u.zone,
+                      records=len(u.records), error=str(u.error))
+        return done
+
+    async def _zone(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:
+        records = tuple(recs)
+        names = sorted({r.fqdn.lower() for r in records})
+        outcome = "(TXT not written)" if add else "(TXT may be left behind)"
+        step = f"dns {'present' if add else 'cleanup'} {zone} via {self.conf.api_url}"
+        locks = [self._locks[(zone.lower(), n)] for n in names]  # sorted: no two batches deadlock
+        for lock in locks:
+            await lock.acquire()
+        try:
+            async with self.client() as client:
+                rrsets = []
+                for name in names:
+                    ours = {r.value for r in records if r.fqdn.lower() == name}
+                    current = await self._current(client, zone, name, step, outcome)
+                    if add:
+                        keep = current + [f'"{v}"' for v in sorted(ours) if v not in map(txt_value, current)]
+                    else:
+                        keep = [c for c in current if txt_value(c) not in ours]
+                    if keep == current:
+                        continue  # already there / already gone: nothing to change for this name
+                    rrsets.append({"name": name + ".", "type": "TXT", "ttl": CHALLENGE_TTL,
+                                   "changetype": "REPLACE" if keep else "DELETE",
+                                   "records": [{"content": c, "disabled": False} for c in keep]})
+                if rrsets:
+                    await self.request(client, "PATCH", zone, step, outcome, body={"rrsets": rrsets})
+        except APIError as exc:
+            return ZoneUpdate(zone=zone, records=records, applied=exc.applied, error=exc.error)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        event(log, logging.DEBUG, f"challenge TXT {'add' if add else 'delete'}", provider=self.name, zone=zone,
+              names=",".join(names), values=len(records))
+        if self.on_change is not None:
+            self.on_change("dns published" if add else "dns removed", zone, records)
+        return ZoneUpdate(zone=zone, records=records, applied=True)
+
+    async def _current(self, client: httpx.AsyncClient, zone: str, name: str, step: str,
+                       outcome: str) -> list[str]:
+        """The TXT contents now served at `name` (as PowerDNS stores them), read before a REPLACE."""
+        resp = await self.request(client, "GET", zone, step, outcome,
+                                  params={"rrset_name": name + ".", "rrset_type": "TXT"})
+        try:
+            rrsets = resp.json().get("rrsets", [])
+            return [str(rec["content"]) for rr in rrsets
+                    if str(rr.get("name", "")).rstrip(".").lower() == name and rr.get("type") == "TXT"
+                    for rec in rr.get("records", [])]
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise APIError(DNSError(f"{step}: the API's answer is not a zone's JSON {outcome}"), False) from exc
+
+
+async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Finding, ...]:
+    """The key is accepted and the zone exists (GET zone, no RRsets); every nameserver answers the zone."""
+    result = Timer("api")
+    try:
+        prov = build(cfg)
+    except CertmgrError as exc:
+        api = result(FAIL, exc.message, exc.hint)
+    else:
+        try:
+            async with prov.client() as client:
+                await prov.request(client, "GET", zone, f"GET zone {zone}", "", params={"rrsets": "false"})
+        except APIError as exc:
+            api = result(FAIL, exc.error.message.rstrip(), exc.error.hint)
+        else:
+            api = result(OK, f"{prov.conf.api_url} accepts the key; server {prov.conf.server_id!r} has zone {zone}")
+    return api, await check_nameservers(zone, servers(cfg), timeout=timeout,
+                                        propagation_timeout=cfg.propagation_timeout, provider=cfg.name)
