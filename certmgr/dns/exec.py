@@ -65,6 +65,8 @@ def parse_config(r: Reader, t: dict[str, Any], kp: str) -> ExecConfig:
         r.err(f"{kp}.program", 'required: the hook as argv, e.g. ["/usr/local/bin/dns-hook"]')
     elif program and not program[0].startswith("/"):
         r.err(f"{kp}.program[0]", f"{program[0]!r} must be an absolute path (no $PATH search)")
+    if isinstance(t.get("mode"), str):  # lego spells it EXEC_MODE=RAW
+        t = {**t, "mode": t["mode"].lower()}
     mode = r.choice(t, "mode", kp, MODES, "default") or "default"
     timeout = r.duration(t, "timeout", kp, 30.0)
     env: list[tuple[str, str]] = []
@@ -234,8 +236,9 @@ class ExecProvider(StaticNameservers):
         else:
             why = f"exited with status {ran.status}" if ran.status > 0 else f"killed by signal {-ran.status}"
             hint = "run the program by hand with the same arguments to see why"
+        unknown = "(TXT may have been written; it is removed again)" if add else outcome
         return ZoneUpdate(zone=r.zone, records=(r,), applied=None,
-                          error=DNSError(f"{step}: {why}{said} {outcome}", hint=hint))
+                          error=DNSError(f"{step}: {why}{said} {unknown}", hint=hint))
 
 
 async def _bounded(stream: asyncio.StreamReader) -> bytes:

@@ -86,6 +86,13 @@ def txt_value(content: str) -> str:
     return "".join(m.group(1).replace('\\"', '"').replace("\\\\", "\\") for m in _QUOTED.finditer(content))
 
 
+def outcome(add: bool, applied: bool | None) -> str:
+    """What became of the TXT, for the end of an error message."""
+    if applied is None:
+        return "(TXT may have been written; it is removed again)" if add else "(TXT may be left behind)"
+    return "(TXT not written)" if add else "(TXT may be left behind)"
+
+
 class APIError(Exception):
     """One API request that failed: `applied` as in ZoneUpdate (False: certainly no change)."""
 
@@ -118,29 +125,30 @@ class PowerDNSProvider(StaticNameservers):
         return httpx.AsyncClient(timeout=self.conf.timeout, trust_env=False,
                                  headers={"X-API-Key": self._key.reveal(), "Accept": "application/json"})
 
-    async def request(self, client: httpx.AsyncClient, method: str, zone: str, step: str, outcome: str, *,
+    async def request(self, client: httpx.AsyncClient, method: str, zone: str, step: str, *,
                       params: dict[str, str] | None = None, body: object = None) -> httpx.Response:
-        """One API call; every failure becomes an APIError saying whether a change may have been made."""
+        """One API call; every failure becomes an APIError saying whether a change may have been made
+        (its message has no outcome: the caller adds it, knowing what was asked)."""
         writes = method != "GET"
         try:
             async with asyncio.timeout(self.conf.timeout + 1):
                 resp = await client.request(method, self.zone_url(zone), params=params, json=body)
         except (TimeoutError, httpx.TimeoutException) as exc:
-            raise APIError(DNSError(f"{step}: no answer from {self.conf.api_url} within {self.conf.timeout:g}s "
-                                    f"{outcome}", hint="is the PowerDNS API up? (webserver=yes, api=yes)"),
+            raise APIError(DNSError(f"{step}: no answer from {self.conf.api_url} within {self.conf.timeout:g}s",
+                                    hint="is the PowerDNS API up? (webserver=yes, api=yes)"),
                            None if writes else False) from exc
         except httpx.ConnectError as exc:
             raise APIError(DNSError(f"{step}: cannot connect to {self.conf.api_url}: "
-                                    f"{sanitize.line(str(exc) or type(exc).__name__)} {outcome}",
+                                    f"{sanitize.line(str(exc) or type(exc).__name__)}",
                                     hint="is pdns_server running with webserver=yes and api=yes?"), False) from exc
         except httpx.HTTPError as exc:
-            raise APIError(DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))} {outcome}"),
+            raise APIError(DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))}"),
                            None if writes else False) from exc
         if resp.status_code < 400:
             return resp
-        raise APIError(self._refusal(resp, zone, step, outcome), None if resp.status_code >= 500 and writes else False)
+        raise APIError(self._refusal(resp, zone, step), None if resp.status_code >= 500 and writes else False)
 
-    def _refusal(self, resp: httpx.Response, zone: str, step: str, outcome: str) -> DNSError:
+    def _refusal(self, resp: httpx.Response, zone: str, step: str) -> DNSError:
         code = resp.status_code
         try:
             said = str(resp.json().get("error", ""))
@@ -149,15 +157,15 @@ class PowerDNSProvider(StaticNameservers):
         said = sanitize.quoted(said.strip(), limit=200) if said.strip() else ""
         where = f"dns.{self.name}"
         if code in (401, 403):
-            return DNSAuthError(f"{step}: the API refused the key (HTTP {code}) {outcome}",
+            return DNSAuthError(f"{step}: the API refused the key (HTTP {code})",
                                 hint=f"check api_key in [{where}] against api-key in pdns.conf")
         if code == 404:
-            return DNSError(f"{step}: HTTP 404 — no zone {zone} on server {self.conf.server_id!r} {outcome}",
+            return DNSError(f"{step}: HTTP 404 — no zone {zone} on server {self.conf.server_id!r}",
                             hint=f"check zones = [...], server_id and api_url in [{where}]")
         if code == 422:
-            return DNSError(f"{step}: HTTP 422, the API rejected the change{': ' + said if said else ''} {outcome}",
+            return DNSError(f"{step}: HTTP 422, the API rejected the change{': ' + said if said else ''}",
                             hint="a name outside the zone, or a TXT the server cannot store")
-        return DNSError(f"{step}: HTTP {code}{': ' + said if said else ''} {outcome}",
+        return DNSError(f"{step}: HTTP {code}{': ' + said if said else ''}",
                         hint="see pdns_server's log" if code >= 500 else None)
 
     async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
@@ -178,7 +186,6 @@ class PowerDNSProvider(StaticNameservers):
     async def _zone(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:
         records = tuple(recs)
         names = sorted({r.fqdn.lower() for r in records})
-        outcome = "(TXT not written)" if add else "(TXT may be left behind)"
         step = f"dns {'present' if add else 'cleanup'} {zone} via {self.conf.api_url}"
         locks = [self._locks[(zone.lower(), n)] for n in names]  # sorted: no two batches deadlock
         for lock in locks:
@@ -188,7 +195,7 @@ class PowerDNSProvider(StaticNameservers):
                 rrsets = []
                 for name in names:
                     ours = {r.value for r in records if r.fqdn.lower() == name}
-                    current = await self._current(client, zone, name, step, outcome)
+                    current = await self._current(client, zone, name, step)
                     if add:
                         keep = current + [f'"{v}"' for v in sorted(ours) if v not in map(txt_value, current)]
                     else:
@@ -199,9 +206,11 @@ class PowerDNSProvider(StaticNameservers):
                                    "changetype": "REPLACE" if keep else "DELETE",
                                    "records": [{"content": c, "disabled": False} for c in keep]})
                 if rrsets:
-                    await self.request(client, "PATCH", zone, step, outcome, body={"rrsets": rrsets})
+                    await self.request(client, "PATCH", zone, step, body={"rrsets": rrsets})
         except APIError as exc:
-            return ZoneUpdate(zone=zone, records=records, applied=exc.applied, error=exc.error)
+            error = type(exc.error)(f"{exc.error.message} {outcome(add, exc.applied)}", hint=exc.error.hint)
+            error.__cause__ = exc.__cause__
+            return ZoneUpdate(zone=zone, records=records, applied=exc.applied, error=error)
         finally:
             for lock in reversed(locks):
                 lock.release()
@@ -211,10 +220,9 @@ class PowerDNSProvider(StaticNameservers):
             self.on_change("dns published" if add else "dns removed", zone, records)
         return ZoneUpdate(zone=zone, records=records, applied=True)
 
-    async def _current(self, client: httpx.AsyncClient, zone: str, name: str, step: str,
-                       outcome: str) -> list[str]:
+    async def _current(self, client: httpx.AsyncClient, zone: str, name: str, step: str) -> list[str]:
         """The TXT contents now served at `name` (as PowerDNS stores them), read before a REPLACE."""
-        resp = await self.request(client, "GET", zone, step, outcome,
+        resp = await self.request(client, "GET", zone, step,
                                   params={"rrset_name": name + ".", "rrset_type": "TXT"})
         try:
             rrsets = resp.json().get("rrsets", [])
@@ -222,7 +230,7 @@ class PowerDNSProvider(StaticNameservers):
                     if str(rr.get("name", "")).rstrip(".").lower() == name and rr.get("type") == "TXT"
                     for rec in rr.get("records", [])]
         except (ValueError, AttributeError, KeyError, TypeError) as exc:
-            raise APIError(DNSError(f"{step}: the API's answer is not a zone's JSON {outcome}"), False) from exc
+            raise APIError(DNSError(f"{step}: the API's answer is not a zone's JSON"), False) from exc
 
 
 async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Finding, ...]:
@@ -235,9 +243,9 @@ async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Find
     else:
         try:
             async with prov.client() as client:
-                await prov.request(client, "GET", zone, f"GET zone {zone}", "", params={"rrsets": "false"})
+                await prov.request(client, "GET", zone, f"GET zone {zone}", params={"rrsets": "false"})
         except APIError as exc:
-            api = result(FAIL, exc.error.message.rstrip(), exc.error.hint)
+            api = result(FAIL, exc.error.message, exc.error.hint)
         else:
             api = result(OK, f"{prov.conf.api_url} accepts the key; server {prov.conf.server_id!r} has zone {zone}")
     return api, await check_nameservers(zone, servers(cfg), timeout=timeout,
