@@ -222,12 +222,16 @@ class Inventory:
             raise InventoryError(problems, path=str(self.path))
         return tuple(known[n] for n in dict.fromkeys(names))
 
-    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
-        """The provider and zone that own `fqdn` (longest zone match across providers)."""
+    def zone_provider(self, fqdn: str, prefer: str | None = None) -> tuple[DNSProvider, str] | None:
+        """The provider and zone that own `fqdn` (longest zone match across providers).
+
+        When two providers list the same zone, `prefer` (the certificate's `dns`) wins the tie; else the first.
+        """
         best: tuple[DNSProvider, str] | None = None
         for prov in self.dns.values():
             zone = prov.zone_for(fqdn)
-            if zone and (best is None or len(zone) > len(best[1])):
+            if zone and (best is None or len(zone) > len(best[1])
+                         or (len(zone) == len(best[1]) and prov.name == prefer)):
                 best = (prov, zone)
         return best
 

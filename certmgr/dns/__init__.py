@@ -99,16 +99,17 @@ def build(cfg: DNSProvider) -> Provider:
 
 
 async def locate(inventory: Inventory, providers: Mapping[str, Provider], domain: str,
-                 value: str, *, token: str | None = None,
-                 key_authorization: str | None = None) -> tuple[Provider, TXTRecord]:
+                 value: str, *, token: str | None = None, key_authorization: str | None = None,
+                 prefer: str | None = None) -> tuple[Provider, TXTRecord]:
     """Where the TXT for `domain` must be written: follows `_acme-challenge` CNAMEs (delegated challenge zones).
 
     Each hop is asked of the authoritative servers of the zone holding the name, never a public resolver.
+    `prefer` (the certificate's own provider) wins when two providers list the same zone.
     """
     fqdn = challenge_name(domain)
     seen = [fqdn]
     for _ in range(MAX_CNAME_HOPS):
-        owner = inventory.zone_provider(fqdn)
+        owner = inventory.zone_provider(fqdn, prefer)
         if owner is None:
             via = f" (via CNAME from {seen[0]})" if len(seen) > 1 else ""
             raise DNSError(
