@@ -109,6 +109,15 @@ class ProviderConfig(Protocol):
 
     def shown(self) -> dict[str, object]: ...
 
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        """The keys as an inventory writes them (secrets as `KEY_file = "…"` etc.), for generated stubs."""
+        ...
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as an inventory duration (`"30s"`, `"1.5s"`)."""
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds}s"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DNSProvider:

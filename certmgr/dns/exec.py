@@ -23,7 +23,7 @@ from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
 from certmgr.dns.static import StaticNameservers, servers
 from certmgr.errors import CertmgrError, DNSError
 from certmgr.log import Secret, event
-from certmgr.model import DNSProvider, SecretRef
+from certmgr.model import DNSProvider, SecretRef, duration_text
 from certmgr.reader import Reader
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class ExecConfig:
     def shown(self) -> dict[str, object]:
         return {"program": list(self.program), "mode": self.mode, "timeout": self.timeout,
                 "env": {**dict(self.env), **{n: ref.shown() for n, ref in self.secret_env}}}
+
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        env = {**dict(self.env), **{f"{n}_{ref.kind}": ref.where for n, ref in self.secret_env}}
+        return (("program", list(self.program)), ("mode", self.mode), ("timeout", duration_text(self.timeout)),
+                ("env", env or None))
 
 
 def parse_config(r: Reader, t: dict[str, Any], kp: str) -> ExecConfig:

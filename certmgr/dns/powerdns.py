@@ -25,7 +25,7 @@ from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
 from certmgr.dns.static import StaticNameservers, by_zone, servers
 from certmgr.errors import CertmgrError, DNSAuthError, DNSError
 from certmgr.log import Secret, event
-from certmgr.model import DNSProvider, SecretRef
+from certmgr.model import DNSProvider, SecretRef, duration_text
 from certmgr.names import url_problem
 from certmgr.reader import Reader
 
@@ -53,6 +53,10 @@ class PowerDNSConfig:
     def shown(self) -> dict[str, object]:
         return {"api_url": self.api_url, "server_id": self.server_id, "timeout": self.timeout,
                 "api_key": self.api_key.shown()}
+
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        return (("api_url", self.api_url), ("server_id", self.server_id), ("timeout", duration_text(self.timeout)),
+                (f"api_key_{self.api_key.kind}", self.api_key.where))
 
 
 def parse_config(r: Reader, t: dict[str, Any], kp: str) -> PowerDNSConfig:

@@ -72,6 +72,11 @@ class RFC2136Config:
         return {"server": self.server, "port": self.port, "tsig_key": self.tsig_key,
                 "tsig_algorithm": self.tsig_algorithm, "tsig_secret": self.tsig_secret.shown()}
 
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        return (("server", self.server), ("port", self.port), ("tsig_key", self.tsig_key),
+                ("tsig_algorithm", self.tsig_algorithm),
+                (f"tsig_secret_{self.tsig_secret.kind}", self.tsig_secret.where))
+
 
 def parse_config(r: Reader, t: dict[str, Any], kp: str) -> RFC2136Config:
     """The rfc2136 keys of `[dns.NAME]` (table already checked for unknown keys); problems go to `r`."""

@@ -348,3 +348,12 @@ def test_powerdns_sends_the_key_only_as_a_header_and_writes_the_union(tmp_path: 
                                                   "changetype": "REPLACE",
                                                   "records": [{"content": f'"{"v" * 43}"', "disabled": False}]}]}
     assert first_error([u]) is None
+
+
+def test_discover_stub_round_trips_every_provider_type(tmp_path: Path) -> None:
+    """`discover`'s inventory stub writes each type's own keys (exec env as an inline table); they read back equal."""
+    from certmgr.discover import stub
+
+    first = inv(tmp_path, EXEC + PDNS.replace("[dns.p]", "[dns.q]"))
+    text = stub.render(first, [stub.StubCert(name="x", domains=("x.hachyderm.test",), hosts=(), dns="p")])
+    assert first.dns == inventory.loads(text, base=tmp_path).dns
