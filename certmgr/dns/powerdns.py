@@ -2,8 +2,10 @@
 
 Only the challenge RRset is touched, and within it only our values: PATCH `REPLACE` replaces a whole
 RRset, so the current RRset is read first (`?rrset_name=&rrset_type=`) and the union (or the rest) written,
-under a lock per (zone, name) so parallel orders in this process never drop each other's values.
-One PATCH per zone (PowerDNS applies a PATCH whole or not at all); the API key goes in `X-API-Key`.
+one write per zone at a time so parallel orders in this process never drop each other's values (and never
+write one zone at once: PowerDNS's sqlite backend answers concurrent writes with HTTP 500 "database is
+locked"). Changes queued while a write runs go together in the next one (group commit): one PATCH, which
+PowerDNS applies whole or not at all. The API key goes in `X-API-Key` only.
 """
 
 from __future__ import annotations
@@ -97,6 +99,15 @@ def outcome(add: bool, applied: bool | None) -> str:
     return "(TXT not written)" if add else "(TXT may be left behind)"
 
 
+@dataclass(slots=True, kw_only=True)
+class _Op:
+    """One present or cleanup waiting for its zone's next write: (applied, error) arrives in `done`."""
+
+    add: bool
+    records: tuple[TXTRecord, ...]
+    done: asyncio.Future[tuple[bool | None, DNSError | None]]
+
+
 class APIError(Exception):
     """One API request that failed: `applied` as in ZoneUpdate (False: certainly no change)."""
 
@@ -114,7 +125,8 @@ class PowerDNSProvider(StaticNameservers):
         self.cfg = cfg
         self.conf = config_of(cfg)
         self._key = key
-        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per zone
+        self._pending: defaultdict[str, list[_Op]] = defaultdict(list)  # per zone: changes not yet written
         self.on_change: DNSChange | None = None
 
     def __repr__(self) -> str:
@@ -188,41 +200,60 @@ class PowerDNSProvider(StaticNameservers):
         return done
 
     async def _zone(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:
-        records = tuple(recs)
-        names = sorted({r.fqdn.lower() for r in records})
-        step = f"dns {'present' if add else 'cleanup'} {zone} via {self.conf.api_url}"
-        locks = [self._locks[(zone.lower(), n)] for n in names]  # sorted: no two batches deadlock
-        for lock in locks:
-            await lock.acquire()
+        """Queue this change for `zone` and wait for the write that carries it.
+
+        Group commit: whoever holds the zone's lock writes every change queued so far in one GET per name
+        and one PATCH; changes queued meanwhile go in the next write. PowerDNS applies a PATCH whole, so
+        every change in a batch shares its outcome.
+        """
+        op = _Op(add=add, records=tuple(recs), done=asyncio.get_running_loop().create_future())
+        key = zone.lower()
+        self._pending[key].append(op)
+        async with self._locks[key]:
+            if not op.done.done():
+                batch, self._pending[key] = self._pending[key], []
+                try:
+                    await self._write(zone, batch)
+                finally:  # cancelled mid-write: the others' changes go back in the queue for the next holder
+                    self._pending[key][:0] = [o for o in batch if o is not op and not o.done.done()]
+        applied, error = op.done.result()
+        if applied and self.on_change is not None:
+            self.on_change("dns published" if add else "dns removed", zone, op.records)
+        return ZoneUpdate(zone=zone, records=op.records, applied=applied, error=error)
+
+    async def _write(self, zone: str, batch: Sequence[_Op]) -> None:
+        """One GET per name and one PATCH for every change in `batch`, applied in the order queued."""
+        names = sorted({r.fqdn.lower() for op in batch for r in op.records})
+        verb = "present" if all(o.add for o in batch) else "cleanup" if not any(o.add for o in batch) else "update"
+        step = f"dns {verb} {zone} via {self.conf.api_url}"
         try:
             async with self.client() as client:
-                rrsets = []
-                for name in names:
-                    ours = {r.value for r in records if r.fqdn.lower() == name}
-                    current = await self._current(client, zone, name, step)
-                    if add:
-                        keep = current + [f'"{v}"' for v in sorted(ours) if v not in map(txt_value, current)]
-                    else:
-                        keep = [c for c in current if txt_value(c) not in ours]
-                    if keep == current:
-                        continue  # already there / already gone: nothing to change for this name
-                    rrsets.append({"name": name + ".", "type": "TXT", "ttl": CHALLENGE_TTL,
-                                   "changetype": "REPLACE" if keep else "DELETE",
-                                   "records": [{"content": c, "disabled": False} for c in keep]})
+                current = dict(zip(names, await asyncio.gather(*(self._current(client, zone, n, step)
+                                                                 for n in names)), strict=True))
+                content = {n: list(c) for n, c in current.items()}
+                for op in batch:
+                    for r in op.records:
+                        now = content[r.fqdn.lower()]
+                        if op.add and r.value not in map(txt_value, now):
+                            now.append(f'"{r.value}"')
+                        elif not op.add:
+                            now[:] = [c for c in now if txt_value(c) != r.value]
+                rrsets = [{"name": n + ".", "type": "TXT", "ttl": CHALLENGE_TTL,
+                           "changetype": "REPLACE" if content[n] else "DELETE",
+                           "records": [{"content": c, "disabled": False} for c in content[n]]}
+                          for n in names if content[n] != current[n]]  # unchanged: already there / already gone
                 if rrsets:
                     await self.request(client, "PATCH", zone, step, body={"rrsets": rrsets})
         except APIError as exc:
-            error = type(exc.error)(f"{exc.error.message} {outcome(add, exc.applied)}", hint=exc.error.hint)
-            error.__cause__ = exc.__cause__
-            return ZoneUpdate(zone=zone, records=records, applied=exc.applied, error=error)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
-        event(log, logging.DEBUG, f"challenge TXT {'add' if add else 'delete'}", provider=self.name, zone=zone,
-              names=",".join(names), values=len(records))
-        if self.on_change is not None:
-            self.on_change("dns published" if add else "dns removed", zone, records)
-        return ZoneUpdate(zone=zone, records=records, applied=True)
+            for op in batch:
+                error = type(exc.error)(f"{exc.error.message} {outcome(op.add, exc.applied)}", hint=exc.error.hint)
+                error.__cause__ = exc.__cause__
+                op.done.set_result((exc.applied, error))
+            return
+        event(log, logging.DEBUG, "challenge TXT write", provider=self.name, zone=zone, names=len(names),
+              changes=len(batch), rrsets=len(rrsets))
+        for op in batch:
+            op.done.set_result((True, None))
 
     async def _current(self, client: httpx.AsyncClient, zone: str, name: str, step: str) -> list[str]:
         """The TXT contents now served at `name` (as PowerDNS stores them), read before a REPLACE."""
