@@ -9,6 +9,7 @@ bounded time (the whole process group is killed); output bounded, made inert and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -165,33 +166,53 @@ class ExecProvider(StaticNameservers):
         return text
 
     async def run(self, argv: Sequence[str]) -> Ran:
-        """Run `argv` (no shell) in its own process group; at the time limit the whole group is killed."""
+        """Run `argv` (no shell) in its own process group; at the time limit the whole group is killed.
+
+        The output pipes are ours, not asyncio's: asyncio's `Process.wait()` also waits for its pipes
+        to close, so a background child holding stdout would make a finished program look hung.
+        """
         async with self._sem:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=self.environment(), start_new_session=True, cwd="/")
-            assert proc.stdout is not None and proc.stderr is not None
-            out_t = asyncio.ensure_future(_bounded(proc.stdout))
-            err_t = asyncio.ensure_future(_bounded(proc.stderr))
-            status: int | None
+            loop = asyncio.get_running_loop()
+            fds = [*os.pipe(), *os.pipe()]  # out_r, out_w, err_r, err_w
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fds[1], stderr=fds[3], env=self.environment(),
+                    start_new_session=True, cwd="/")
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            os.close(fds[1])
+            os.close(fds[3])
+            readers: list[asyncio.StreamReader] = []
+            transports: list[asyncio.BaseTransport] = []
+            for fd in (fds[0], fds[2]):
+                reader = asyncio.StreamReader()
+                read_end, _ = await loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader),
+                                                           os.fdopen(fd, "rb", 0))
+                readers.append(reader)
+                transports.append(read_end)
+            reading = [asyncio.ensure_future(_bounded(r)) for r in readers]
+            status: int | None = None
             try:
                 async with asyncio.timeout(self.conf.timeout):
                     status = await proc.wait()
             except TimeoutError:
                 status = None
             finally:
-                if proc.returncode is None or status is None:
-                    _kill_group(proc.pid)
+                _kill_group(proc.pid)  # the hung program, or whatever it left running in its group
+                if proc.returncode is None:
                     await proc.wait()
-            # grandchildren that keep the pipes open die with the group; the readers then end
             try:
-                async with asyncio.timeout(2.0):
-                    out, err = await asyncio.gather(out_t, err_t)
-            except TimeoutError:
-                _kill_group(proc.pid)
-                out_t.cancel()
-                err_t.cancel()
+                async with asyncio.timeout(2.0):  # EOF comes once the group is gone
+                    out, err = await asyncio.gather(*reading)
+            except TimeoutError:  # something that left the group (setsid) still holds the pipes
+                for t in reading:
+                    t.cancel()
                 out, err = b"", b""
+            finally:
+                for pipe in transports:
+                    pipe.close()
         return Ran(status=status, stdout=self._inert(out), stderr=self._inert(err))
 
     def _inert(self, data: bytes) -> str:

@@ -220,16 +220,29 @@ def test_exec_short_secret_printed_is_masked_too(tmp_path: Path) -> None:
 
 def test_exec_hanging_program_is_killed_with_its_children(tmp_path: Path) -> None:
     """A program still running at `timeout` is killed with its whole process group (a forked sleeper too)."""
-    prov = hook(tmp_path, 'sleep 300 & echo $! > "$OUT"; wait\n', timeout="1s")
+    prov = hook(tmp_path, 'sleep 300 >/dev/null 2>&1 & echo $! > "$OUT"; wait\n', timeout="1s")
     [u] = asyncio.run(prov.present([REC]))
     assert u.applied is None and u.error is not None
     assert u.error.message == ("dns present _acme-challenge.x.hachyderm.test via hook: still running after 1s, "
                                "killed (TXT may have been written; it is removed again)")
-    child = int((tmp_path / "out").read_text())
+    assert _gone(int((tmp_path / "out").read_text()))
+
+
+def test_exec_program_done_while_its_child_holds_stdout_is_done(tmp_path: Path) -> None:
+    """A program that exits 0 leaving a child with its stdout open succeeds (not taken for hung); the child is
+    killed with the group."""
+    prov = hook(tmp_path, 'sleep 30 & echo $! > "$OUT"; echo started\n', timeout="3s")
+    [u] = asyncio.run(prov.present([REC]))
+    assert (u.applied, u.error) == (True, None)
+    assert _gone(int((tmp_path / "out").read_text()))
+
+
+def _gone(pid: int) -> bool:
+    """True once `pid` is dead (SIGKILL is delivered asynchronously: allow it a moment)."""
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(child):
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.05)
-    assert not _alive(child)
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
