@@ -9,6 +9,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from certmgr import intents as intents_mod
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
 from certmgr import sanitize
@@ -27,6 +28,8 @@ class PopView:
     problems: tuple[str, ...]
     last_deploy: str | None  # status of the last deploy to this host
     last_deploy_at: str | None
+    deployed_at: str | None = None  # when live/<name> last switched to a new version there (settled ones too)
+    unsettled: bool = False  # an interrupted deploy left an intent the next deploy settles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,7 +62,8 @@ class CertView:
             "all_pops_current": self.all_current,
             "pops": [{"host": p.host, "serves": p.serves, "severity": p.severity, "current": p.current,
                       "problems": list(p.problems), "last_deploy": p.last_deploy,
-                      "last_deploy_at": p.last_deploy_at} for p in self.pops],
+                      "last_deploy_at": p.last_deploy_at, "deployed_at": p.deployed_at,
+                      "unsettled": p.unsettled} for p in self.pops],
         }
 
 
@@ -79,6 +83,7 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
         decision = plan_mod.decide(cert, info, rstate, now)
         scan = store.load_json(f"state/scan/{cert.name}.json", default={}) or {}
         deploy = (store.load_json(f"state/deploy/{cert.name}.json", default={}) or {}).get("hosts", {})
+        unsettled = {i.host for i in intents_mod.pending(store, cert.name)}
         per_host: dict[str, list[dict[str, Any]]] = {}
         for ep in scan.get("endpoints", []):
             per_host.setdefault(ep.get("host"), []).append(ep)
@@ -97,7 +102,8 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
             d = deploy.get(host, {})
             pops.append(PopView(host=host, serves=", ".join(serials) if eps else None, severity=worst,
                                 current=current, problems=problems, last_deploy=d.get("status"),
-                                last_deploy_at=d.get("at")))
+                                last_deploy_at=d.get("at"), deployed_at=d.get("deployed_at"),
+                                unsettled=host in unsettled))
         views.append(CertView(
             name=cert.name, domains=cert.domains, live_version=version, serial=info.serial if info else None,
             not_after=info.not_after if info else None,
@@ -131,6 +137,10 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
         for p in v.pops:
             mark = {True: "current", False: "BEHIND", None: "unknown"}[p.current]
             dep = f", last deploy {p.last_deploy} {_short(p.last_deploy_at)}" if p.last_deploy else ""
+            if p.deployed_at and (p.last_deploy != "deployed" or p.deployed_at != p.last_deploy_at):
+                dep += f" (switched {_short(p.deployed_at)})"
+            if p.unsettled:
+                dep += f", INTERRUPTED deploy not settled yet (`certmgr deploy {v.name}` settles it)"
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""
             out.append(f"    {p.host:<20} {mark:<8} {p.severity or '-':<8} serial {p.serves or '-'}{dep}{prob}")
     return out
