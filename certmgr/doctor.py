@@ -27,6 +27,7 @@ from cryptography import x509
 from certmgr import remote as remote_mod
 from certmgr import sanitize
 from certmgr.deploy import KEYOWN_SH
+from certmgr.dns import registry as dns_registry
 from certmgr.errors import CertmgrError, InventoryError, StoreError
 from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory
 from certmgr.log import event
@@ -900,7 +901,8 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
                 order += 1
             for prov in inv.dns.values():
                 for zone in prov.zones:
-                    tg.create_task(guarded(order, "dns", "tsig", f"dns.{prov.name} {zone}", zone_body(prov, zone)))
+                    tg.create_task(guarded(order, "dns", dns_registry.first_check(prov.type), f"dns.{prov.name} {zone}",
+                                           zone_body(prov, zone)))
                     order += 1
             for host in inv.hosts.values():
                 tg.create_task(guarded(order, "host", "ssh", host.name, host_body(host)))

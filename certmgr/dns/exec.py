@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 KEYS = frozenset({"program", "mode", "timeout", "env"})
 SECRET_KEYS: frozenset[str] = frozenset()
+FIRST_CHECK = "program"  # the name of diagnose()'s first finding
 NEEDS_NAMESERVERS = True
 MODES = ("default", "raw")
 OUTPUT_LIMIT = 16 * 1024  # bytes kept of each of stdout and stderr (the rest is read and dropped)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 KEYS = frozenset({"api_url", "server_id", "timeout"})
 SECRET_KEYS = frozenset({"api_key"})
+FIRST_CHECK = "api"  # the name of diagnose()'s first finding
 NEEDS_NAMESERVERS = True
 CHALLENGE_TTL = 60
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')

@@ -45,6 +45,12 @@ def provider_type(name: str) -> ProviderType:
     return cast(ProviderType, importlib.import_module(_MODULES[name]))
 
 
+def first_check(name: str) -> str:
+    """The name of the type's first diagnosis ("tsig", "api", "program"): what doctor calls a zone check that
+    hung or failed before any finding."""
+    return str(getattr(provider_type(name), "FIRST_CHECK", "nameservers"))
+
+
 def diagnoser(name: str) -> Diagnose | None:
     """The type's optional `diagnose` capability, or None when it has none."""
     return cast("Diagnose | None", getattr(provider_type(name), "diagnose", None))

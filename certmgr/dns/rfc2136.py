@@ -47,6 +47,7 @@ QUERY_TIMEOUT = 3.0
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 KEYS = frozenset({"server", "port", "tsig_key", "tsig_algorithm"})
 SECRET_KEYS = frozenset({"tsig_secret"})
+FIRST_CHECK = "tsig"  # the name of diagnose()'s first finding
 
 
 def normalise_tsig_algorithm(name: str) -> str | None:

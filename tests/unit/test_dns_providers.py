@@ -19,7 +19,7 @@ from certmgr import inventory
 from certmgr.cli import main
 from certmgr.dns import TXTRecord, build, first_error
 from certmgr.dns import exec as exec_mod
-from certmgr.dns.registry import TYPES, diagnoser
+from certmgr.dns.registry import TYPES, diagnoser, first_check
 from certmgr.errors import DNSAuthError, DNSError, InventoryError
 
 HEAD = """
@@ -71,6 +71,16 @@ def test_every_type_is_registered_with_a_diagnosis() -> None:
     """rfc2136, powerdns and exec are the known types, and each offers doctor a diagnose capability."""
     assert TYPES == ("rfc2136", "powerdns", "exec")
     assert all(diagnoser(t) is not None for t in TYPES)
+    assert [first_check(t) for t in TYPES] == ["tsig", "api", "program"]
+
+
+def test_every_secret_a_provider_reads_is_masked_in_logs(tmp_path: Path) -> None:
+    """Building a provider reads its secrets through SecretRef, which registers them with the log filter."""
+    from certmgr import log
+
+    (tmp_path / "pdns.key").write_text("pdns-api-key-never-logged\n")
+    build(inv(tmp_path, PDNS).dns["p"])
+    assert log.redact("key=pdns-api-key-never-logged") == "key=***"
 
 
 @pytest.mark.parametrize(("body", "expected"), [
