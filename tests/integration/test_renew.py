@@ -314,8 +314,8 @@ def test_wrong_txt_value_makes_the_challenge_invalid(rlab: Lab, store: Store, tm
 
     real_locate = issue_mod.locate
 
-    async def wrong_locate(inv: Inventory, providers: Any, domain: str, value: str) -> Any:
-        return await real_locate(inv, providers, domain, "wrong-" + value[6:])
+    async def wrong_locate(inv: Inventory, providers: Any, domain: str, value: str, **kw: Any) -> Any:
+        return await real_locate(inv, providers, domain, "wrong-" + value[6:], **kw)
 
     monkeypatch.setattr(issue_mod, "locate", wrong_locate)
     inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}]))
