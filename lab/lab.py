@@ -682,6 +682,8 @@ class Lab:
         out["named"] = row(self.named_pid, PRIMARY_NS, self.ports.dns)
         if self.secondary or self.named2_pid is not None:
             out["named-secondary"] = row(self.named2_pid, SECONDARY_NS, self.ports.dns)
+        if self.powerdns.pid is not None:
+            out["powerdns"] = row(self.powerdns.pid, "127.0.0.1", self.ports.pdns_api)
         for name in self._pops_in_play():
             p = self.pop_paths(name)
             out[f"sshd {name}"] = row(self.sshd_pid(name), p.address, self.ports.ssh)

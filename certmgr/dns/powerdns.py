@@ -110,7 +110,7 @@ class _Op:
     done: asyncio.Future[tuple[bool | None, DNSError | None]]
 
 
-class APIError(Exception):
+class _APIFailure(Exception):  # noqa: N818 — never leaves this module: it becomes a ZoneUpdate or a Finding
     """One API request that failed: `applied` as in ZoneUpdate (False: certainly no change)."""
 
     def __init__(self, error: DNSError, applied: bool | None) -> None:
@@ -147,26 +147,26 @@ class PowerDNSProvider(StaticNameservers):
 
     async def request(self, client: httpx.AsyncClient, method: str, zone: str, step: str, *,
                       params: dict[str, str] | None = None, body: object = None) -> httpx.Response:
-        """One API call; every failure becomes an APIError saying whether a change may have been made
+        """One API call; every failure becomes an _APIFailure saying whether a change may have been made
         (its message has no outcome: the caller adds it, knowing what was asked)."""
         writes = method != "GET"
         try:
             async with asyncio.timeout(self.conf.timeout + 1):
                 resp = await client.request(method, self.zone_url(zone), params=params, json=body)
         except (TimeoutError, httpx.TimeoutException) as exc:
-            raise APIError(DNSError(f"{step}: no answer from {self.conf.api_url} within {self.conf.timeout:g}s",
+            raise _APIFailure(DNSError(f"{step}: no answer from {self.conf.api_url} within {self.conf.timeout:g}s",
                                     hint="is the PowerDNS API up? (webserver=yes, api=yes)"),
                            None if writes else False) from exc
         except httpx.ConnectError as exc:
-            raise APIError(DNSError(f"{step}: cannot connect to {self.conf.api_url}: "
+            raise _APIFailure(DNSError(f"{step}: cannot connect to {self.conf.api_url}: "
                                     f"{sanitize.line(str(exc) or type(exc).__name__)}",
                                     hint="is pdns_server running with webserver=yes and api=yes?"), False) from exc
         except httpx.HTTPError as exc:
-            raise APIError(DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))}"),
+            raise _APIFailure(DNSError(f"{step}: {type(exc).__name__}: {sanitize.line(str(exc))}"),
                            None if writes else False) from exc
         if resp.status_code < 400:
             return resp
-        raise APIError(self._refusal(resp, zone, step), None if resp.status_code >= 500 and writes else False)
+        raise _APIFailure(self._refusal(resp, zone, step), None if resp.status_code >= 500 and writes else False)
 
     def _refusal(self, resp: httpx.Response, zone: str, step: str) -> DNSError:
         code = resp.status_code
@@ -248,7 +248,7 @@ class PowerDNSProvider(StaticNameservers):
                           for n in names if content[n] != current[n]]  # unchanged: already there / already gone
                 if rrsets:
                     await self.request(client, "PATCH", zone, step, body={"rrsets": rrsets})
-        except APIError as exc:
+        except _APIFailure as exc:
             for op in batch:
                 error = type(exc.error)(f"{exc.error.message} {outcome(op.add, exc.applied)}", hint=exc.error.hint)
                 error.__cause__ = exc.__cause__
@@ -269,7 +269,7 @@ class PowerDNSProvider(StaticNameservers):
                     if str(rr.get("name", "")).rstrip(".").lower() == name and rr.get("type") == "TXT"
                     for rec in rr.get("records", [])]
         except (ValueError, AttributeError, KeyError, TypeError) as exc:
-            raise APIError(DNSError(f"{step}: the API's answer is not a zone's JSON"), False) from exc
+            raise _APIFailure(DNSError(f"{step}: the API's answer is not a zone's JSON"), False) from exc
 
 
 async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Finding, ...]:
@@ -283,7 +283,7 @@ async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Find
         try:
             async with prov.client() as client:
                 await prov.request(client, "GET", zone, f"GET zone {zone}", params={"rrsets": "false"})
-        except APIError as exc:
+        except _APIFailure as exc:
             api = result(FAIL, exc.error.message, exc.error.hint)
         else:
             api = result(OK, f"{prov.conf.api_url} accepts the key; server {prov.conf.server_id!r} has zone {zone}")
