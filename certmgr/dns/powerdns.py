@@ -110,7 +110,7 @@ class _Op:
     done: asyncio.Future[tuple[bool | None, DNSError | None]]
 
 
-class _APIFailure(Exception):  # noqa: N818 — never leaves this module: it becomes a ZoneUpdate or a Finding
+class _APIFailure(Exception):  # never leaves this module: it becomes a ZoneUpdate or a Finding
     """One API request that failed: `applied` as in ZoneUpdate (False: certainly no change)."""
 
     def __init__(self, error: DNSError, applied: bool | None) -> None:
