@@ -17,7 +17,6 @@ from typing import Any
 
 from certmgr import sanitize
 from certmgr.dns import registry as dns_registry
-from certmgr.dns.rfc2136 import TSIG_ALGORITHMS, normalise_tsig_algorithm
 from certmgr.errors import InventoryError
 from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
 from certmgr.model import suggest as _suggest
@@ -32,7 +31,6 @@ __all__ = [
     "KEY_TYPES",
     "MAX_NAMES",
     "SEVERITIES",
-    "TSIG_ALGORITHMS",
     "Certificate",
     "Channel",
     "DNSProvider",
@@ -43,13 +41,22 @@ __all__ = [
     "dns_name_problem",
     "load",
     "loads",
-    "normalise_tsig_algorithm",
     "parse",
     "parse_duration",
     "parse_threshold",
     "redacted",
     "url_problem",
 ]
+
+def __getattr__(name: str) -> Any:
+    """`TSIG_ALGORITHMS` and `normalise_tsig_algorithm` moved to certmgr.dns.rfc2136; still reachable here
+    (imported on first use: the provider modules load only when an inventory names their type)."""
+    if name in ("TSIG_ALGORITHMS", "normalise_tsig_algorithm"):
+        from certmgr.dns import rfc2136
+
+        return getattr(rfc2136, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 SEVERITIES = ("ok", "warning", "critical", "error")

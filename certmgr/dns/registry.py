@@ -11,11 +11,11 @@ import importlib
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from certmgr.dns.diagnosis import Finding
 from certmgr.model import DNSProvider, ProviderConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported for types only: `inventory` imports this module, and dnspython is slow to import
     from certmgr.dns import Provider
+    from certmgr.dns.diagnosis import Finding
     from certmgr.reader import Reader
 
 # what every [dns.*] table may hold whatever its type (the inventory reads these)

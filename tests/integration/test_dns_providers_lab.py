@@ -241,3 +241,114 @@ def test_exec_hook_failing_after_its_update_is_cleaned_up(lab: Lab, store: Store
                          "*** | hook: failing after the update (TXT may have been written; it is removed again)")
     assert secret not in (out.error or "")
     assert bind_txt(lab, f"_acme-challenge.{name}") == frozenset()
+
+
+class FaultProxy:
+    """Loopback HTTP proxy in front of the lab's PowerDNS API that breaks the next PATCH's answer on purpose:
+    "500" forwards it (PowerDNS applies it) and answers 500; "hang" forwards it and never answers; "403"
+    answers 403 without forwarding. Later requests pass through."""
+
+    def __init__(self, lab: Lab) -> None:
+        import threading
+        import urllib.error
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.mode = ""
+        self.release = threading.Event()
+        upstream = lab.powerdns.api_url
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _relay(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0"))) or None
+                mode = proxy.mode if method == "PATCH" else ""
+                if mode:
+                    proxy.mode = ""
+                if mode == "403":
+                    return self._send(403, b'{"error": "Forbidden"}')
+                req = urllib.request.Request(upstream + self.path, data=body, method=method,
+                                             headers={"X-API-Key": self.headers.get("X-API-Key", ""),
+                                                      "Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as resp:  # loopback, the lab's own API
+                        status, data = resp.status, resp.read()
+                except urllib.error.HTTPError as exc:
+                    status, data = exc.code, exc.read()
+                if mode == "500":
+                    return self._send(500, b'{"error": "injected after the write"}')
+                if mode == "hang":
+                    proxy.release.wait(30)
+                    return None
+                return self._send(status, data)
+
+            def _send(self, status: int, data: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._relay("GET")
+
+            def do_PATCH(self) -> None:
+                self._relay("PATCH")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy(pdns_lab: Lab) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(pdns_lab)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize(("mode", "cause", "outcome"), [
+    ("500", 'HTTP 500: "injected after the write"', "(TXT may have been written; it is removed again)"),
+    ("hang", "no answer from {url} within 2s", "(TXT may have been written; it is removed again)"),
+    ("403", "the API refused the key (HTTP 403)", "(TXT not written)"),
+])
+def test_powerdns_write_answer_lost_is_cleaned_up(pdns_lab: Lab, fault_proxy: FaultProxy, store: Store,
+                                                  tmp_path: Path, mode: str, cause: str, outcome: str) -> None:
+    """A PATCH that PowerDNS applied but whose answer is a 500 or never comes (or a 403 before it): the renewal
+    fails with that cause, cleanup removes the value, the journal is empty and nothing is left (by query)."""
+    fault_proxy.mode = mode
+    name = f"lost-{mode}.{PDNS_ZONE}"
+    dns = pdns_dns(pdns_lab, timeout="2s").replace(pdns_lab.powerdns.api_url, fault_proxy.url)
+    inv = load(tmp_path, inventory_text(pdns_lab, [{"name": name, "domains": [name], "dns": "pd"}], extra_dns=dns))
+    [out] = run_renew(inv, store)
+    assert out.status == "failed"
+    assert out.error == f"dns present {PDNS_ZONE} via {fault_proxy.url}: {cause.format(url=fault_proxy.url)} {outcome}"
+    fault_proxy.release.set()
+    assert pdns_txt(pdns_lab, f"_acme-challenge.{name}") == frozenset()
+    assert journal_mod.read(store) == []
+
+
+def test_exec_partial_success_across_zones(lab: Lab, store: Store, tmp_path: Path) -> None:
+    """One hook for two zones, the second refusing its key (nsupdate fails): the renewal fails naming that
+    record, the first zone's value is removed again, and nothing is left in either zone (checked by query)."""
+    name, other = "n044.hachyderm.test", "x.challenges.test"
+    dns = exec_dns(lab).replace('zones = ["hachyderm.test"]', 'zones = ["hachyderm.test", "challenges.test"]')
+    inv = load(tmp_path, inventory_text(lab, [{"name": name, "domains": [name, other], "dns": "hook"}],
+                                        extra_dns=dns))
+    [out] = run_renew(inv, store)
+    assert out.status == "failed"
+    assert out.error is not None and out.error.startswith(
+        f"dns present _acme-challenge.{other} via nsupdate-hook: exited with status 2: ")
+    assert out.error.endswith("(TXT may have been written; it is removed again)")
+    assert bind_txt(lab, f"_acme-challenge.{name}") == frozenset()
+    assert bind_txt(lab, f"_acme-challenge.{other}") == frozenset()
+    # the refused zone's value stays journaled: a hook cannot say it never wrote it (the next run retries it)
+    assert [(e.zone, e.fqdn) for e in journal_mod.read(store)] == [("challenges.test", f"_acme-challenge.{other}")]
