@@ -18,6 +18,8 @@ from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
+# Without --inventory: ./domains.toml, else the file the systemd unit uses.
+DEFAULT_INVENTORIES = (Path("domains.toml"), Path("/etc/certmgr/domains.toml"))
 EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
@@ -26,15 +28,33 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 class Ctx:
     """What every command needs, loaded lazily so `--help` never touches the disk."""
 
-    inventory_path: Path
+    inventory_given: Path | None  # --inventory / CERTMGR_INVENTORY; None: look in DEFAULT_INVENTORIES
     state_dir: Path
     verbosity: int
     _inventory: Inventory | None = field(default=None, repr=False)
+
+    @property
+    def inventory_path(self) -> Path:
+        """The inventory file: as given, else the first of DEFAULT_INVENTORIES that exists (UsageError if none)."""
+        return resolve_inventory(self.inventory_given)
 
     def inventory(self) -> Inventory:
         if self._inventory is None:
             self._inventory = inventory_mod.load(self.inventory_path)
         return self._inventory
+
+
+def resolve_inventory(given: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
+    """`given` if set; else ./domains.toml, else /etc/certmgr/domains.toml; an error naming both when neither exists."""
+    if given is not None:
+        return given
+    candidates = candidates or DEFAULT_INVENTORIES
+    for path in candidates:
+        if path.exists():
+            return path
+    raise UsageError(f"inventory: neither {' nor '.join(str(c.absolute()) for c in candidates)} exists "
+                     "(nothing done)",
+                     hint="pass --inventory FILE or set CERTMGR_INVENTORY")
 
     def store(self) -> Any:
         from certmgr.store import Store
@@ -87,8 +107,9 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="certmgr")
 @click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False, path_type=Path),
-              default="domains.toml", show_default=True, envvar="CERTMGR_INVENTORY",
-              help="Inventory file [env: CERTMGR_INVENTORY].")
+              default=None, envvar="CERTMGR_INVENTORY",
+              help="Inventory file [env: CERTMGR_INVENTORY; default: ./domains.toml, else "
+                   "/etc/certmgr/domains.toml].")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, envvar=["CERTMGR_STATE_DIR", "STATE_DIRECTORY"],
               help="Local store: archive/, live/, accounts, state, audit log "
@@ -96,7 +117,7 @@ class Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", count=True, help="Less output: errors only.")
 @click.pass_context
-def main(ctx: click.Context, inventory_path: Path, state_dir: Path, verbose: int, quiet: int) -> None:
+def main(ctx: click.Context, inventory_path: Path | None, state_dir: Path, verbose: int, quiet: int) -> None:
     """certmgr: scan, renew (ACME DNS-01 over RFC 2136), deploy and watch TLS certificates.
 
     The pipeline: inventory → scan → plan → issue → store → deploy → verify → notify.
@@ -104,7 +125,7 @@ def main(ctx: click.Context, inventory_path: Path, state_dir: Path, verbose: int
     # systemd may pass several colon-separated StateDirectory= paths; the first is ours
     state_dir = Path(str(state_dir).split(":")[0])
     log.setup(verbose - quiet)
-    ctx.obj = Ctx(inventory_path=inventory_path, state_dir=state_dir, verbosity=verbose - quiet)
+    ctx.obj = Ctx(inventory_given=inventory_path, state_dir=state_dir, verbosity=verbose - quiet)
 
 
 # ---------------------------------------------------------------- inventory
