@@ -24,6 +24,19 @@ EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
+def resolve_inventory(given: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
+    """`given` if set; else ./domains.toml, else /etc/certmgr/domains.toml; an error naming both when neither exists."""
+    if given is not None:
+        return given
+    candidates = candidates or DEFAULT_INVENTORIES
+    for path in candidates:
+        if path.exists():
+            return path
+    raise UsageError(f"inventory: neither {' nor '.join(str(c.absolute()) for c in candidates)} exists "
+                     "(nothing done)",
+                     hint="pass --inventory FILE or set CERTMGR_INVENTORY")
+
+
 @dataclass
 class Ctx:
     """What every command needs, loaded lazily so `--help` never touches the disk."""
@@ -43,18 +56,6 @@ class Ctx:
             self._inventory = inventory_mod.load(self.inventory_path)
         return self._inventory
 
-
-def resolve_inventory(given: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
-    """`given` if set; else ./domains.toml, else /etc/certmgr/domains.toml; an error naming both when neither exists."""
-    if given is not None:
-        return given
-    candidates = candidates or DEFAULT_INVENTORIES
-    for path in candidates:
-        if path.exists():
-            return path
-    raise UsageError(f"inventory: neither {' nor '.join(str(c.absolute()) for c in candidates)} exists "
-                     "(nothing done)",
-                     hint="pass --inventory FILE or set CERTMGR_INVENTORY")
 
     def store(self) -> Any:
         from certmgr.store import Store
