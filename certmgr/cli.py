@@ -558,31 +558,41 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
 
 
 @main.command("status")
+@click.argument("names", nargs=-1)
 @click.option("--scan", "fresh", is_flag=True,
-              help="Scan every POP first (and save it) instead of showing the last scan.")
+              help="Scan the POPs first (and save it) instead of showing the last scan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
-def status_cmd(c: Ctx, fresh: bool, as_json: bool) -> None:
-    """Per certificate: live version and expiry, renewal window, last outcomes, and what each POP serves."""
+def status_cmd(c: Ctx, names: tuple[str, ...], fresh: bool, as_json: bool) -> None:
+    """Per certificate (NAME... or all): live version and expiry, renewal window, last outcomes, what each POP serves.
+
+    A POP whose last deploy verified the live serial counts as current until a later scan says otherwise.
+    Exit status: 0 nothing needs a human, 1 warning, 2 needs action now (overdue, expired, a POP behind or
+    critical).
+    """
     import datetime as dt
 
     from certmgr import scan as scan_mod
     from certmgr import status as status_mod
 
     inv = c.inventory()
+    certs = inv.select(list(names))
     store = c.store_readonly()
     now = dt.datetime.now(dt.UTC)
     if fresh:
-        result = run_async(scan_mod.scan(inv, store, now=now))
+        result = run_async(scan_mod.scan(inv, store, names, now=now))
         scan_mod.save_state(c.store(), result)
-    views = status_mod.gather(inv, store, now=now)
+    views = status_mod.gather(inv, store, now=now, certs=certs)
     leftovers = status_mod.dns_leftovers(store)
+    code = status_mod.exit_code(views)
     if as_json:
-        emit_json({"time": now.isoformat(), "certificates": [v.to_json() for v in views],
+        emit_json({"time": now.isoformat(), "exit_code": code, "certificates": [v.to_json() for v in views],
                    "dns_leftovers": status_mod.leftovers_json(leftovers, now)})
     else:
-        for line in status_mod.render(views, now) + status_mod.render_leftovers(leftovers, now):
+        for line in (status_mod.render(views, now) + status_mod.render_leftovers(leftovers, now)
+                     + [status_mod.verdict(views)]):
             click.echo(line)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- doctor (issue 6)
