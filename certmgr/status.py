@@ -128,9 +128,8 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
         key = _serial_key(deployed["serial"])
         same = key == _serial_key(info.serial)
         shown = serial_text(key) if key is not None else str(deployed["serial"])
-        problems = () if same else ("a deploy rolled back: serves the old certificate",)
-        return PopView(host=host, serves=shown, severity="ok" if same else "critical", current=same,
-                       problems=problems,
+        why: tuple[str, ...] = () if same else ("a deploy rolled back: serves the old certificate",)
+        return PopView(host=host, serves=shown, severity="ok" if same else "critical", current=same, problems=why,
                        last_deploy=last, last_deploy_at=last_at, source="deploy")
     serials = sorted({e.get("serial") or "-" for e in eps})
     sevs = [e.get("severity") for e in eps if e.get("severity")]
