@@ -22,6 +22,7 @@ DEFAULT_STATE_DIR = "/var/lib/certmgr"
 DEFAULT_INVENTORIES = (Path("domains.toml"), Path("/etc/certmgr/domains.toml"))
 EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
 
 
 def resolve_inventory(given: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
@@ -87,14 +88,49 @@ def fail(exc: CertmgrError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _stdout_gone() -> NoReturn:
+    """The reader of our stdout went away (`certmgr status | head -1`): stop quietly, like SIGPIPE would.
+
+    Python's recommended handling (library/signal.html, "Note on SIGPIPE"): point stdout at /dev/null so
+    the interpreter's final flush cannot raise again, and exit 141 (128 + SIGPIPE), what a shell reports
+    for any program a pipe's reader stops early; `set -o pipefail` scripts see the cut-off for what it is.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or replaced (tests): nothing left to protect
+        pass
+    sys.exit(EXIT_PIPE)
+
+
 class Group(click.Group):
     """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """The console script's entry: a closed stdout (a pipe's reader gone) ends quietly, never a traceback."""
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                # buffered output meets the closed pipe here at the latest, not in the interpreter's shutdown
+                if sys.stdout is not None and not sys.stdout.closed:
+                    sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # --help and --version print while the arguments are parsed
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _stdout_gone()
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
+        except BrokenPipeError:
+            _stdout_gone()  # before click's own EPIPE handling, which would exit 1
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception:
@@ -138,15 +174,33 @@ def inventory_group() -> None:
 
 
 @inventory_group.command("check")
+@click.option("--syntax-only", is_flag=True,
+              help="Validate the file only; do not look for the files it names (CI on another machine).")
 @pass_ctx
-def inventory_check(c: Ctx) -> None:
-    """Validate the inventory; every problem is reported with its key path (exit 2)."""
+def inventory_check(c: Ctx, syntax_only: bool) -> None:
+    """Validate the inventory and the local files it names; every problem names its key path (exit 2).
+
+    Warnings (valid but risky settings) are printed and exit 0.
+    """
+    from certmgr.errors import InventoryError
+    from certmgr.invcheck import FileReport, check_files
+
     inv = c.inventory()
+    files = FileReport() if syntax_only else check_files(inv)
+    if files.problems:
+        raise InventoryError(list(files.problems), path=str(inv.path))
     names = sum(len(cert.domains) for cert in inv.certificates)
     click.echo(
         f"{inv.path}: ok — {len(inv.certificates)} certificates ({names} names), {len(inv.hosts)} hosts, "
         f"{len(inv.dns)} DNS providers, {len(inv.cas)} CAs, {len(inv.channels)} channels"
+        + (f", {len(inv.warnings)} warning{'s' if len(inv.warnings) != 1 else ''}" if inv.warnings else "")
     )
+    for w in inv.warnings:
+        click.echo(f"warning: {w}")
+    for n in files.notes:
+        click.echo(f"note: {n}")
+    if syntax_only:
+        click.echo("note: --syntax-only: the files the inventory names were not looked at")
 
 
 @inventory_group.command("show")

@@ -434,7 +434,11 @@ def sha256sums(material: CertMaterial) -> str:
 
 
 def sni_names(cert: Certificate) -> tuple[str, ...]:
-    """The names to verify by handshake; a wildcard is checked with a label of our own."""
+    """The names to verify by handshake: the inventory's `verify_names` (by default the certificate's
+    non-wildcard names, names a POP's nginx lists in server_name); with none, a wildcard is checked with
+    a label of our own, which only a wildcard server_name (or the default server) answers."""
+    if cert.verify_names:
+        return cert.verify_names
     return tuple(dict.fromkeys(n.replace("*.", "certmgr-verify.", 1) if n.startswith("*.") else n
                                for n in cert.domains))
 

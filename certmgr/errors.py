@@ -4,6 +4,7 @@ CertmgrError
  ├── UsageError                  bad command-line use                    exit 2
  ├── InventoryError              domains.toml invalid (all problems)     exit 2
  ├── SecretError                 a secret reference cannot be read      exit 2
+ │    └── LocalFileError         another file the inventory names (trust) cannot be read
  ├── StoreError                  local state dir problem                 exit 1
  │    └── LockHeld               another certmgr holds the store lock    exit 75
  ├── ScanError                   a scan could not run at all             exit 3
@@ -64,6 +65,13 @@ class InventoryError(CertmgrError):
 
 class SecretError(CertmgrError):
     exit_code = 2
+
+
+class LocalFileError(SecretError):
+    """A file the inventory names, not a secret (a `[ca.*] trust` bundle), cannot be read on this machine.
+
+    Like a SecretError it is this machine's configuration, not the CA's answer: no renewal backoff.
+    """
 
 
 class StoreError(CertmgrError):

@@ -1,4 +1,4 @@
-"""The inventory: domains.toml → frozen, validated dataclasses.
+"""The inventory: domains.toml → frozen, validated dataclasses (types: certmgr.model; rules: names, reader).
 
 Validation is strict and reports every problem at once, each naming its key path
 (`certificates[1].hosts[2]: no host named 'salyl' (did you mean 'sally'?)`).
@@ -7,281 +7,61 @@ Nothing here does I/O beyond reading the file; secrets are only *referenced*.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from certmgr import sanitize
-from certmgr.errors import InventoryError, SecretError
+from certmgr.errors import InventoryError
+from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
+from certmgr.model import suggest as _suggest
+from certmgr.names import dns_name_problem, ip_or_hostname_problem, is_ip, url_problem
+from certmgr.names import type_name as _tname
+from certmgr.reader import Reader as _Reader
+from certmgr.reader import parse_duration, parse_threshold
+
+__all__ = [
+    "CA",
+    "CHANNEL_TYPES",
+    "KEY_TYPES",
+    "MAX_NAMES",
+    "SEVERITIES",
+    "TSIG_ALGORITHMS",
+    "Certificate",
+    "Channel",
+    "DNSProvider",
+    "Host",
+    "Inventory",
+    "SecretRef",
+    "Threshold",
+    "dns_name_problem",
+    "load",
+    "loads",
+    "normalise_tsig_algorithm",
+    "parse",
+    "parse_duration",
+    "parse_threshold",
+    "redacted",
+    "url_problem",
+]
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 SEVERITIES = ("ok", "warning", "critical", "error")
 CHANNEL_TYPES = ("discord", "slack", "matrix", "webhook")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 PROFILES_HINT = ("classic", "tlsserver", "shortlived")
-
-# ---------------------------------------------------------------- value types
-
-
-@dataclass(frozen=True, slots=True)
-class Threshold:
-    """A point before expiry: an absolute number of seconds or a fraction of lifetime."""
-
-    seconds: float | None = None
-    fraction: float | None = None
-    text: str = ""
-
-    def before(self, lifetime_s: float) -> float:
-        """Seconds before not_after at which the threshold is crossed."""
-        if self.fraction is not None:
-            return lifetime_s * self.fraction
-        assert self.seconds is not None
-        return self.seconds
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """Where a secret lives: a file, a systemd credential, or an environment variable.
-
-    `str()`/`repr()` never show the value; `read()` is the only way to it.
-    """
-
-    kind: str  # "file" | "credential" | "env"
-    where: str
-    key_path: str
-
-    def read(self, env: Mapping[str, str] | None = None) -> str:
-        env = os.environ if env is None else env
-        if self.kind == "file":
-            path = Path(self.where)
-        elif self.kind == "credential":
-            creds = env.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                raise SecretError(
-                    f"{self.key_path}: systemd credential {self.where!r} requested but "
-                    "$CREDENTIALS_DIRECTORY is not set",
-                    hint="run under systemd with LoadCredential=, or use a *_file reference",
-                )
-            path = Path(creds) / self.where
-        else:
-            value = env.get(self.where)
-            if not value:
-                raise SecretError(f"{self.key_path}: environment variable {self.where} is not set or empty")
-            return value.strip()
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise SecretError(f"{self.key_path}: cannot read secret file {path}: {exc.strerror}") from exc
-        if not value:
-            raise SecretError(f"{self.key_path}: secret file {path} is empty")
-        return value
-
-    def describe(self) -> str:
-        return f"{self.kind}:{self.where}"
-
-
-# ---------------------------------------------------------------- inventory types
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CA:
-    name: str
-    directory: str
-    contact: tuple[str, ...] = ()
-    agree_tos: bool = False
-    trust: Path | None = None
-    eab_kid: str | None = None
-    eab_hmac_key: SecretRef | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DNSProvider:
-    name: str
-    type: str
-    zones: tuple[str, ...]
-    tsig_key: str
-    tsig_secret: SecretRef
-    tsig_algorithm: str = "hmac-sha256"
-    server: str | None = None
-    port: int = 53
-    nameservers: tuple[str, ...] = ()
-    propagation_timeout: float = 120.0
-
-    def zone_for(self, fqdn: str) -> str | None:
-        """The longest of this provider's zones that contains `fqdn`."""
-        best = None
-        for zone in self.zones:
-            if fqdn == zone or fqdn.endswith("." + zone):
-                if best is None or len(zone) > len(best):
-                    best = zone
-        return best
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Host:
-    name: str
-    address: str
-    port: int = 22
-    https_port: int = 443
-    user: str = "certmgr"
-    ssh_key_file: Path | None = None
-    known_hosts: Path | None = None
-    tags: tuple[str, ...] = ()
-    cert_root: str = "/etc/letsencrypt"
-    test_command: tuple[str, ...] = ()
-    reload_command: tuple[str, ...] = ()
-    jump: str | None = None
-    privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)
-    privkey_group: str | None = None  # group name or gid (None: the deploy user's group)
-
-    @property
-    def privkey_chown(self) -> str:
-        """The `chown` operand for privkey.pem: "owner:group", "owner", ":group", or "" (leave as created)."""
-        if self.privkey_owner:
-            return self.privkey_owner + (f":{self.privkey_group}" if self.privkey_group else "")
-        return f":{self.privkey_group}" if self.privkey_group else ""
-
-    @property
-    def canary(self) -> bool:
-        return "canary" in self.tags
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Certificate:
-    name: str
-    domains: tuple[str, ...]
-    dns: str
-    hosts: tuple[str, ...]  # resolved host names, tags expanded, in inventory order
-    ca: str
-    key_type: str = "ecdsa-p256"
-    reuse_key: bool = False
-    profile: str | None = None
-    preferred_chain: str | None = None
-    renew_before: Threshold | None = None  # None: 1/3 of lifetime (1/2 under 10 days)
-    warn_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.25, text="1/4"))
-    critical_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.1, text="1/10"))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Channel:
-    name: str
-    type: str
-    url: SecretRef | None = None
-    token: SecretRef | None = None
-    homeserver: str | None = None
-    room: str | None = None
-    min_severity: str = "warning"
-    repeat: float = 86400.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Inventory:
-    path: Path
-    cas: Mapping[str, CA]
-    dns: Mapping[str, DNSProvider]
-    hosts: Mapping[str, Host]
-    certificates: tuple[Certificate, ...]
-    channels: Mapping[str, Channel]
-    trust: tuple[Path, ...] = ()
-
-    def certificate(self, name: str) -> Certificate:
-        for cert in self.certificates:
-            if cert.name == name:
-                return cert
-        raise InventoryError([f"no certificate named {name!r}{_suggest(name, [c.name for c in self.certificates])}"],
-                             path=str(self.path))
-
-    def select(self, names: tuple[str, ...] | list[str]) -> tuple[Certificate, ...]:
-        """The named certificates (all when none named); unknown names → one InventoryError."""
-        if not names:
-            return self.certificates
-        known = {c.name: c for c in self.certificates}
-        problems = [
-            f"no certificate named {n!r}{_suggest(n, list(known))}" for n in names if n not in known
-        ]
-        if problems:
-            raise InventoryError(problems, path=str(self.path))
-        return tuple(known[n] for n in dict.fromkeys(names))
-
-    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
-        """The provider and zone that own `fqdn` (longest zone match across providers)."""
-        best: tuple[DNSProvider, str] | None = None
-        for prov in self.dns.values():
-            zone = prov.zone_for(fqdn)
-            if zone and (best is None or len(zone) > len(best[1])):
-                best = (prov, zone)
-        return best
-
+MAX_NAMES = 100  # Let's Encrypt's limit on names per certificate; other public CAs are no higher
 
 # ---------------------------------------------------------------- name rules
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LINEAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _CHANNEL_SECRET_KEYS = {"url", "token"}
-
-
-def dns_name_problem(name: object, *, wildcard_ok: bool = True) -> str | None:
-    """Why `name` is not an acceptable DNS name, or None.
-
-    Accepts IDNA (converted names must already be in A-label form to avoid
-    confusables: a U-label is rejected with its punycode spelled out).
-    """
-    if not isinstance(name, str):
-        return f"must be a string, not {_tname(name)}"
-    if not name:
-        return "empty DNS name"
-    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in ".-*_"))})
-    if bad:
-        if all(not c.isascii() for c in bad):
-            try:
-                alabel = name.encode("idna").decode()
-            except UnicodeError:
-                return f"{name!r} is not a valid internationalised name"
-            return f"{name!r} contains non-ASCII characters; write the A-label form {alabel!r}"
-        shown = sanitize.line("".join(bad), limit=None)
-        return f"{name!r} contains characters not allowed in a DNS name: '{shown}'"
-    if name != name.lower():
-        return f"{name!r} must be lower case"
-    if name.endswith("."):
-        return f"{name!r} must not end with a dot"
-    if len(name) > 253:
-        return f"{name!r} is longer than 253 characters"
-    labels = name.split(".")
-    if len(labels) < 2:
-        return f"{name!r} is not a fully qualified name"
-    for i, label in enumerate(labels):
-        if label == "*":
-            if i != 0 or not wildcard_ok:
-                return f"{name!r}: a wildcard is only allowed as the leftmost label"
-            continue
-        if "*" in label:
-            return f"{name!r}: '*' must be a whole label"
-        if not label:
-            return f"{name!r} has an empty label"
-        if "_" in label:
-            return f"{name!r}: label {label!r} contains '_'"
-        if not _LABEL.fullmatch(label):
-            if len(label) > 63:
-                return f"{name!r}: label {label[:20]!r}… is longer than 63 characters"
-            return f"{name!r}: label {label!r} must not start or end with '-'"
-        if label.startswith("xn--"):
-            try:
-                label.encode().decode("idna")
-            except UnicodeError:
-                return f"{name!r}: label {label!r} is not valid punycode"
-    return None
 
 
 # ---------------------------------------------------------------- loading
@@ -297,9 +77,13 @@ def load(path: str | os.PathLike[str]) -> Inventory:
     except OSError as exc:
         raise InventoryError([f"cannot read {p}: {exc.strerror}"], path=str(p)) from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # a BOM (Windows editors) is not an error
     except UnicodeDecodeError as exc:
-        raise InventoryError([f"not UTF-8 at byte {exc.start}"], path=str(p)) from exc
+        line = raw.count(b"\n", 0, exc.start) + 1
+        # columns count characters, as an editor shows them: the line's bytes before the bad one are valid UTF-8
+        col = len(raw[raw.rfind(b"\n", 0, exc.start) + 1:exc.start].decode("utf-8-sig")) + 1
+        raise InventoryError([f"line {line}, column {col}: not UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                              "save the file as UTF-8"], path=str(p)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise InventoryError([f"TOML syntax: {exc}"], path=str(p)) from exc
     return parse(data, base=p.parent.resolve(), path=p)
@@ -312,195 +96,6 @@ def loads(text: str, *, base: Path | None = None) -> Inventory:
     except tomllib.TOMLDecodeError as exc:
         raise InventoryError([f"TOML syntax: {exc}"], path="<string>") from exc
     return parse(data, base=base or Path.cwd(), path=Path("<string>"))
-
-
-T = TypeVar("T")
-
-
-class _Reader:
-    """Collects problems while reading typed values out of nested tables."""
-
-    def __init__(self, base: Path) -> None:
-        self.problems: list[str] = []
-        self.base = base
-
-    def err(self, keypath: str, msg: str) -> None:
-        self.problems.append(f"{keypath}: {msg}")
-
-    def table(self, data: object, keypath: str, allowed: set[str], secrets: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-        if not isinstance(data, dict):
-            self.err(keypath, f"must be a table, not {_tname(data)}")
-            return {}
-        known = allowed | {f"{s}_{k}" for s in secrets for k in ("file", "credential", "env")}
-        for key in data:
-            if key in secrets:
-                self.err(f"{keypath}.{key}" if keypath else key,
-                         f"secrets must not be written inline; use {key}_file, {key}_credential or {key}_env")
-            elif key not in known:
-                self.err(f"{keypath}.{key}" if keypath else key, f"unknown key{_suggest(key, sorted(known))}")
-        return data
-
-    def get(self, data: dict[str, Any], key: str, keypath: str, typ: type[T] | tuple[type, ...],
-            default: Any = None, required: bool = False) -> Any:
-        kp = f"{keypath}.{key}" if keypath else key
-        if key not in data:
-            if required:
-                self.err(kp, "required key is missing")
-            return default
-        value = data[key]
-        # bool is an int subclass: never accept it where a number is wanted
-        if isinstance(value, bool) and typ is not bool and not (isinstance(typ, tuple) and bool in typ):
-            self.err(kp, f"must be {_typname(typ)}, not a boolean")
-            return default
-        if not isinstance(value, typ):
-            self.err(kp, f"must be {_typname(typ)}, not {_tname(value)}")
-            return default
-        return value
-
-    def strlist(self, data: dict[str, Any], key: str, keypath: str, default: tuple[str, ...] = (),
-                required: bool = False, nonempty: bool = False) -> tuple[str, ...] | None:
-        kp = f"{keypath}.{key}" if keypath else key
-        value = self.get(data, key, keypath, list, required=required)
-        if value is None:
-            return default if key not in data else None
-        out = []
-        ok = True
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.err(f"{kp}[{i}]", f"must be a string, not {_tname(item)}")
-                ok = False
-            else:
-                out.append(item)
-        if nonempty and not value:
-            self.err(kp, "must not be empty")
-            return None
-        return tuple(out) if ok else None
-
-    def secret(self, data: dict[str, Any], key: str, keypath: str, required: bool) -> SecretRef | None:
-        refs = [(k, data[f"{key}_{k}"]) for k in ("file", "credential", "env") if f"{key}_{k}" in data]
-        if len(refs) > 1:
-            self.err(f"{keypath}.{key}_*", f"give exactly one of {key}_file, {key}_credential, {key}_env")
-            return None
-        if not refs:
-            if required and key not in data:  # inline secrets are reported by table()
-                self.err(f"{keypath}.{key}_file", f"required: the {key} must come from {key}_file, "
-                         f"{key}_credential or {key}_env")
-            return None
-        kind, where = refs[0]
-        kp = f"{keypath}.{key}_{kind}"
-        if not isinstance(where, str) or not where:
-            self.err(kp, f"must be a non-empty string, not {_tname(where)}")
-            return None
-        if kind == "file":
-            where = str(self.path(where))
-        elif kind == "credential" and ("/" in where or where.startswith(".")):
-            self.err(kp, f"{where!r} is not a credential name (no '/' or leading '.')")
-            return None
-        elif kind == "env" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", where):
-            self.err(kp, f"{where!r} is not an environment variable name")
-            return None
-        return SecretRef(kind, where, kp)
-
-    def path(self, value: str) -> Path:
-        """A local path: `~` and `${VAR}` expanded (e.g. `${CREDENTIALS_DIRECTORY}/id_ed25519` under systemd),
-        relative paths taken from the inventory's directory. A variable that is not set leaves the path
-        as written, so the step that opens it fails naming it."""
-        if "$" in value:
-            expanded = os.path.expandvars(value)
-            if "$" in expanded:
-                return Path(value)
-            value = expanded
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else self.base / p
-
-    def duration(self, data: dict[str, Any], key: str, keypath: str, default: float) -> float:
-        value = self.get(data, key, keypath, str)
-        if value is None:
-            return default
-        secs = parse_duration(value)
-        if secs is None:
-            self.err(f"{keypath}.{key}" if keypath else key,
-                     f"{value!r} is not a duration (e.g. \"90s\", \"15m\", \"12h\", \"30d\")")
-            return default
-        return secs
-
-    def threshold(self, data: dict[str, Any], key: str, keypath: str, default: Threshold | None) -> Threshold | None:
-        value = self.get(data, key, keypath, str)
-        if value is None:
-            return default
-        th = parse_threshold(value)
-        if th is None:
-            self.err(f"{keypath}.{key}" if keypath else key,
-                     f"{value!r} is neither a duration (\"30d\") nor a fraction of the lifetime (\"1/3\", \"0.25\")")
-            return default
-        return th
-
-    def choice(self, data: dict[str, Any], key: str, keypath: str, choices: tuple[str, ...], default: str | None,
-               required: bool = False) -> str | None:
-        value = self.get(data, key, keypath, str, required=required)
-        if value is None:
-            return default
-        if value not in choices:
-            self.err(f"{keypath}.{key}" if keypath else key,
-                     f"{value!r} is not one of {', '.join(choices)}{_suggest(value, list(choices))}")
-            return default
-        return value  # type: ignore[no-any-return]
-
-    def argv(self, data: dict[str, Any], key: str, keypath: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        kp = f"{keypath}.{key}" if keypath else key
-        if key in data and isinstance(data[key], str):
-            self.err(kp, "must be a list of arguments (argv), e.g. [\"sudo\", \"-n\", \"nginx\", \"-t\"]; "
-                     "certmgr never runs a shell string")
-            return default
-        value = self.strlist(data, key, keypath, default=default)
-        if value is None:
-            return default
-        if key in data and not value:
-            self.err(kp, "must not be empty")
-            return default
-        for i, arg in enumerate(value):
-            if "\x00" in arg or "\n" in arg:
-                self.err(f"{kp}[{i}]", "contains a NUL or newline")
-        return value
-
-    def port(self, data: dict[str, Any], key: str, keypath: str, default: int) -> int:
-        value = self.get(data, key, keypath, int, default=default)
-        if not 1 <= value <= 65535:
-            self.err(f"{keypath}.{key}", f"{value} is not a port number (1-65535)")
-            return default
-        return int(value)
-
-
-def parse_duration(text: str) -> float | None:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*", text)
-    if not m:
-        return None
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def parse_threshold(text: str) -> Threshold | None:
-    secs = parse_duration(text)
-    if secs is not None:
-        return Threshold(seconds=secs, text=text)
-    try:
-        frac = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        return None
-    if not 0 < frac < 1:
-        return None
-    return Threshold(fraction=frac, text=text.strip())
-
-
-def _ip_or_hostname_problem(value: str) -> str | None:
-    try:
-        ipaddress.ip_address(value)
-        return None
-    except ValueError:
-        pass
-    problem = dns_name_problem(value, wildcard_ok=False)
-    if problem and value in ("localhost",):
-        return None
-    return problem
 
 
 def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
@@ -518,7 +113,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     if r.problems:
         raise InventoryError(r.problems, path=str(path))
     return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=dd.trust)
+                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -610,12 +205,12 @@ def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
             if (p := dns_name_problem(z, wildcard_ok=False)) is not None:
                 r.err(f"{kp}.zones[{i}]", p)
         server = r.get(t, "server", kp, str)
-        if server is not None and _ip_problem(server):
+        if server is not None and not is_ip(server):
             r.err(f"{kp}.server", f"{server!r} must be an IP address (certmgr never resolves the primary "
                   "through the system resolver)")
         nameservers = r.strlist(t, "nameservers", kp) or ()
         for i, ns in enumerate(nameservers):
-            if _ip_problem(ns):
+            if not is_ip(ns):
                 r.err(f"{kp}.nameservers[{i}]", f"{ns!r} must be an IP address")
         algo_raw = r.get(t, "tsig_algorithm", kp, str, default="hmac-sha256")
         algo = normalise_tsig_algorithm(algo_raw)
@@ -624,6 +219,8 @@ def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
                 r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r}: HMAC-MD5 is refused; use hmac-sha256")
             else:
                 r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r} is not one of {', '.join(TSIG_ALGORITHMS)}")
+        elif algo == "hmac-sha1":
+            r.warn(f"{kp}.tsig_algorithm", "hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key")
         tsig_key = r.get(t, "tsig_key", kp, str, required=True)
         if tsig_key is not None and dns_name_problem(tsig_key.rstrip(".") + ".x", wildcard_ok=False):
             r.err(f"{kp}.tsig_key", f"{tsig_key!r} is not a valid key name")
@@ -647,9 +244,16 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
             r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
         t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
                             "cert_root", "test_command", "reload_command", "jump", "privkey_owner",
-                            "privkey_group"})
+                            "privkey_group", "ssh_user"})
+        user_key = "ssh_user"
+        if "user" in t:
+            if "ssh_user" in t:
+                r.err(f"{kp}.user", "give ssh_user only (user is its old name)")
+            else:
+                user_key = "user"
+                r.warn(f"{kp}.user", "deprecated name: rename it to ssh_user (as in [defaults])")
         address = r.get(t, "address", kp, str, required=True)
-        if address is not None and (p := _ip_or_hostname_problem(address)) is not None:
+        if address is not None and (p := ip_or_hostname_problem(address)) is not None:
             r.err(f"{kp}.address", p)
         tags = r.strlist(t, "tags", kp) or ()
         for i, tag in enumerate(tags):
@@ -662,7 +266,7 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
         kh_s = r.get(t, "known_hosts", kp, str, default=known_hosts_s)
         hosts[name] = Host(
             name=name, address=address or "", port=r.port(t, "port", kp, 22),
-            https_port=r.port(t, "https_port", kp, https_port), user=_user(r, t, "user", kp, ssh_user),
+            https_port=r.port(t, "https_port", kp, https_port), user=_user(r, t, user_key, kp, ssh_user),
             ssh_key_file=r.path(key_s) if key_s else None, known_hosts=r.path(kh_s) if kh_s else None,
             tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
             test_command=r.argv(t, "test_command", kp, test_cmd),
@@ -693,7 +297,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
     for ci, t in enumerate(raw_certs):
         kp = f"certificates[{ci}]"
         t = r.table(t, kp, {"name", "domains", "dns", "hosts", "ca", "key_type", "reuse_key", "profile",
-                            "preferred_chain", "renew_before", "warn_before", "critical_before"})
+                            "preferred_chain", "renew_before", "warn_before", "critical_before", "verify_names"})
         if not t:
             continue
         name = r.get(t, "name", kp, str, required=True)
@@ -705,6 +309,9 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
             else:
                 seen_names[name] = ci
         domains = r.strlist(t, "domains", kp, required=True, nonempty=True) or ()
+        if len(domains) > MAX_NAMES:
+            r.err(f"{kp}.domains", f"{len(domains)} names; a certificate holds at most {MAX_NAMES} "
+                  "(split it into several certificates)")
         local_seen: set[str] = set()
         for i, dn in enumerate(domains):
             if (p := dns_name_problem(dn)) is not None:
@@ -742,6 +349,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
                 targets.append(ref)
             else:
                 r.err(f"{kp}.hosts[{i}]", f"no host named {ref!r}{_suggest(ref, list(hosts))}")
+        verify_names = _verify_names(r, t, kp, domains)
         profile = r.get(t, "profile", kp, str)
         if profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", profile):
             r.err(f"{kp}.profile", f"{profile!r} is not a valid profile name")
@@ -754,6 +362,7 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
             renew_before=r.threshold(t, "renew_before", kp, renew_before),
             warn_before=r.threshold(t, "warn_before", kp, warn_before) or warn_before,
             critical_before=r.threshold(t, "critical_before", kp, critical_before) or critical_before,
+            verify_names=verify_names,
         ))
     for cert in certs:
         prov = providers.get(cert.dns)
@@ -767,6 +376,26 @@ def _parse_certificates(r: _Reader, data: dict[str, Any], dd: _Defaults, *, cas:
     return certs
 
 
+def _verify_names(r: _Reader, t: dict[str, Any], kp: str, domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The SNI names a deploy verifies with: `verify_names`, else the certificate's non-wildcard names."""
+    given = r.strlist(t, "verify_names", kp, nonempty=True)
+    if given is None:  # absent (default ()) gives (); a wrong type was reported
+        given = ()
+    if "verify_names" not in t:
+        plain = tuple(d for d in domains if not d.startswith("*."))
+        if not plain and domains:
+            r.warn(f"{kp}.verify_names", "not set and every domain is a wildcard: the deploy verifies with "
+                   f"{domains[0].replace('*.', 'certmgr-verify.', 1)!r}, which reaches nginx's default server "
+                   "unless a server_name matches it; list names the hosts serve")
+        return plain
+    for i, name in enumerate(given):
+        if (p := dns_name_problem(name, wildcard_ok=False)) is not None:
+            r.err(f"{kp}.verify_names[{i}]", p)
+        elif not any(name == d or (d.startswith("*.") and name.partition(".")[2] == d[2:]) for d in domains):
+            r.err(f"{kp}.verify_names[{i}]", f"{name!r} is not covered by the certificate's domains")
+    return tuple(dict.fromkeys(given))
+
+
 def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     for name, t in _named_tables(r, data, "channels"):
@@ -778,8 +407,8 @@ def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
         if typ == "matrix":
             if homeserver is None:
                 r.err(f"{kp}.homeserver", "required for a matrix channel")
-            elif not re.match(r"https?://", homeserver):
-                r.err(f"{kp}.homeserver", f"{homeserver!r} must be an http(s):// URL")
+            elif (p := url_problem(homeserver)) is not None:
+                r.err(f"{kp}.homeserver", f"{homeserver!r} {p}")
             if room is None:
                 r.err(f"{kp}.room", "required for a matrix channel")
             elif not re.fullmatch(r"[!#][^:\s]+:[^\s]+", room):
@@ -830,14 +459,6 @@ def _lineage_problem(name: str) -> str | None:
     return None
 
 
-def _ip_problem(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return False
-    except ValueError:
-        return True
-
-
 def _user(r: _Reader, t: dict[str, Any], key: str, kp: str, default: str) -> str:
     value = r.get(t, key, kp, str)
     if value is None:
@@ -876,23 +497,6 @@ def _abs_remote_path(r: _Reader, t: dict[str, Any], key: str, kp: str, default: 
     return value.rstrip("/") or "/"
 
 
-def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _tname(value: object) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-            dict: "a table"}.get(type(value), type(value).__name__)
-
-
-def _typname(typ: type | tuple[type, ...]) -> str:
-    if isinstance(typ, tuple):
-        return " or ".join(_typname(t) for t in typ)
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-            dict: "a table"}.get(typ, typ.__name__)
-
-
 # ---------------------------------------------------------------- display
 
 
@@ -923,7 +527,8 @@ def redacted(inv: Inventory) -> dict[str, Any]:
                           "ca": c.ca, "key_type": c.key_type, "reuse_key": c.reuse_key, "profile": c.profile,
                           "preferred_chain": c.preferred_chain,
                           "renew_before": str(c.renew_before) if c.renew_before else "1/3 (1/2 under 10 days)",
-                          "warn_before": str(c.warn_before), "critical_before": str(c.critical_before)}
+                          "warn_before": str(c.warn_before), "critical_before": str(c.critical_before),
+                          "verify_names": list(c.verify_names)}
                          for c in inv.certificates],
         "channels": {n: {"type": ch.type, "url": ref(ch.url), "token": ref(ch.token), "homeserver": ch.homeserver,
                          "room": ch.room, "min_severity": ch.min_severity, "repeat": ch.repeat}

@@ -31,7 +31,7 @@ from josepy import json_util
 from certmgr import __version__, keys, sanitize
 from certmgr.dns import Provider, TXTRecord, ZoneUpdate, first_error, locate, run_all
 from certmgr.dns.journal import CertJournal, Key
-from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, RateLimited
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, LocalFileError, RateLimited
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.log import Secret, event
 from certmgr.material import CertMaterial, split_pem
@@ -168,6 +168,25 @@ def choose_chain(fullchains: Sequence[str], preferred_issuer: str | None) -> tup
                            f"({len(fullchains)} chain(s)); kept the default")
 
 
+def ca_trust(ca: CA) -> str | bool:
+    """requests' `verify` for the ACME endpoint's own TLS: `[ca.X] trust`, else the system roots; never off.
+
+    requests only says "invalid path" deep inside a call (a traceback); a bundle that cannot be read is
+    named here, before anything is sent.
+    """
+    if ca.trust is None:
+        return True
+    try:
+        with open(ca.trust, "rb"):
+            pass
+    except OSError as exc:
+        raise LocalFileError(f"acme directory {ca.name}: [ca.{ca.name}] trust {ca.trust}: cannot read: "
+                             f"{exc.strerror} (nothing ordered)",
+                             hint=f"fix trust in [ca.{ca.name}] (a PEM bundle for the CA's own TLS), "
+                                  "or remove it to use the system roots") from exc
+    return str(ca.trust)
+
+
 class ACMEClient:
     """One CA for one run: its directory and account, shared by many concurrent orders."""
 
@@ -186,8 +205,7 @@ class ACMEClient:
     # ------------------------------------------------------------ plumbing
 
     def _verify(self) -> Any:  # requests takes a CA bundle path where acme's signature says bool
-        # Trust for the ACME endpoint's own TLS: the inventory's bundle, else the system roots. Never off.
-        return str(self.ca.trust) if self.ca.trust else True
+        return ca_trust(self.ca)
 
     def _net(self, *, account: bool = True) -> _Net:
         net = _Net(self.account_key, account=self.regr if account else None, alg=jose.jwa.ES256,
@@ -197,7 +215,7 @@ class ACMEClient:
 
     @staticmethod
     async def _fetch_directory(ca: CA, executor: ThreadPoolExecutor, timeouts: Timeouts) -> messages.Directory:
-        verify: Any = str(ca.trust) if ca.trust else True
+        verify: Any = ca_trust(ca)
         net = _Net(None, verify_ssl=verify, user_agent=f"certmgr/{__version__}",
                    timeout=int(timeouts.http))
         step = f"acme directory {ca.name}"

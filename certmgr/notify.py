@@ -19,8 +19,9 @@ from urllib.parse import quote
 import httpx
 
 from certmgr import log, sanitize
-from certmgr.errors import CertmgrError, SecretError
+from certmgr.errors import CertmgrError, NotifyError, SecretError
 from certmgr.inventory import Channel
+from certmgr.names import url_problem
 from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
 
 _log = logging.getLogger(__name__)
@@ -113,7 +114,15 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                        title=f"RESOLVED {summary.name}: all {summary.endpoints} endpoints ok",
                        lines=(f"Time left: {_fmt_days(summary.days_left)}",), days_left=summary.days_left)
     label = {"problem": "", "worse": "WORSE ", "repeat": "STILL "}.get(kind, "")
-    lines = [f"POPs: {', '.join(hosts) if hosts else '(none)'}", f"Time left: {_fmt_days(summary.days_left)}"]
+    # the title counts only the POPs at the certificate's severity: a POP merely warning is not "critical"
+    by_sev: dict[str, list[str]] = {}
+    for r in sorted(bad, key=lambda r: -SEVERITY_RANK[r.severity]):
+        if r.endpoint.host not in by_sev.setdefault(r.severity, []):
+            by_sev[r.severity].append(r.endpoint.host)
+    worst_hosts = by_sev.get(summary.severity, list(hosts))
+    pops = (", ".join(hosts) if len(by_sev) <= 1 else
+            "; ".join(f"{sev}: {', '.join(hs)}" for sev, hs in by_sev.items())) or "(none)"
+    lines = [f"POPs: {pops}", f"Time left: {_fmt_days(summary.days_left)}"]
     seen: set[str] = set()
     for r in bad:
         for p in r.problems:
@@ -122,7 +131,7 @@ def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind:
                 seen.add(p)
                 lines.append(line)
     return Message(kind=kind, severity=summary.severity, certificate=summary.name, hosts=hosts,
-                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(hosts)} of "
+                   title=f"{label}{summary.severity.upper()} {summary.name} on {len(worst_hosts)} of "
                          f"{len({r.endpoint.host for r in endpoints})} POPs",
                    lines=tuple(lines), days_left=summary.days_left, command=summary.command)
 
@@ -298,6 +307,21 @@ def _retry_after(resp: httpx.Response, limit: float) -> float | None:
         return None
 
 
+def _check_url(channel: Channel, url: str) -> None:
+    """A URL httpx cannot send to, or http:// off loopback, is a NotifyError that never shows the URL."""
+    problem = url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+    if problem is not None:
+        where = ("homeserver" if channel.type == "matrix" else
+                 channel.url.key_path if channel.url is not None else "url")
+        raise NotifyError(f"notify {channel.name}: {where}: the URL {problem} (not sent)",
+                          hint=f"fix [channels.{channel.name}] and run `certmgr inventory check`")
+
+
 async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message, *,
                   retry: Retry = Retry()) -> Delivery:
     """Send `message` to one channel: retries transport errors, 408, 429 and 5xx with backoff; never raises."""
@@ -305,7 +329,8 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
     start = loop.time()
     try:
         method, url, headers, body = payload(channel, message, *_secrets(channel))
-    except SecretError as exc:
+        _check_url(channel, url)
+    except (SecretError, NotifyError) as exc:
         return Delivery(channel=channel.name, ok=False, attempts=0, error=log.redact(exc.message))
     status: int | None = None
     error = "not attempted"
@@ -329,6 +354,9 @@ async def deliver(client: httpx.AsyncClient, channel: Channel, message: Message,
         except httpx.HTTPError as exc:
             # httpx messages can embed the URL: keep only the exception type and a redacted cause
             error = log.redact(f"{type(exc).__name__}: {exc}")
+        except httpx.InvalidURL:  # not an HTTPError; _check_url should have caught it: never retry it
+            error = f"notify {channel.name}: the URL is not valid (not sent)"
+            break
         if attempt < retry.attempts:
             if wait is None:
                 wait = retry.backoff[min(attempt - 1, len(retry.backoff) - 1)] if retry.backoff else 0.0

@@ -314,9 +314,14 @@ def render(report: RunReport) -> list[str]:
         f = report.scan_after
         out.append(f"verify: {len(f.endpoints)} endpoints {f.severity}")
         for c in f.certificates:
-            if c.severity != "ok":
-                hosts = ", ".join(h for sev, hs in c.hosts_by_severity.items() if sev != "ok" for h in hs)
-                out.append(f"  {c.severity:<8} {c.name} on {hosts}" + (f" → {c.command}" if c.command else ""))
+            if c.severity == "ok":
+                continue
+            # one line per severity, worst first: a host only warning must not be listed as critical
+            by_sev = sorted(((sev, hs) for sev, hs in c.hosts_by_severity.items() if sev != "ok" and hs),
+                            key=lambda item: -SEVERITY_RANK[item[0]])
+            for i, (sev, hs) in enumerate(by_sev):
+                tail = f" → {c.command}" if c.command and i == 0 else ""
+                out.append(f"  {sev:<8} {c.name} on {', '.join(hs)}{tail}")
     sent = sum(1 for _, _, d in report.messages if d.ok)
     failed = sum(1 for _, _, d in report.messages if not d.ok)
     if report.messages:

@@ -17,13 +17,13 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
     import josepy as jose
 
     from certmgr import issue, keys
-    from certmgr.errors import ACMEError
+    from certmgr.errors import ACMEError, LocalFileError
 
     out: list[Check] = []
     t0 = time.monotonic()
     try:
         client = await issue.ACMEClient.open(ca, executor=executor, timeouts=issue.Timeouts(http=timeouts.acme_http))
-    except ACMEError as exc:
+    except (ACMEError, LocalFileError) as exc:
         return [Check(group="ca", name="directory", subject=ca.name, status=Status.FAIL, message=exc.message,
                       hint=exc.hint, elapsed=time.monotonic() - t0)]
     out.append(Check(group="ca", name="directory", subject=ca.name, status=Status.OK,

@@ -23,6 +23,10 @@ def check_inventory(path: Path) -> tuple[Check, Inventory | None]:
                      message="; ".join(exc.problems),
                      hint="fix these, then rerun `certmgr doctor` (`certmgr inventory check` lists them too)"), None
     names = sum(len(c.domains) for c in inv.certificates)
+    if inv.warnings:  # valid but risky settings, as `inventory check` prints them
+        return Check(group="inventory", name="inventory", subject=str(path), status=Status.WARNING,
+                     message="; ".join(inv.warnings),
+                     hint="docs/inventory.md says why each matters (`certmgr inventory check` lists them too)"), inv
     return Check(group="inventory", name="inventory", subject=str(path), status=Status.OK,
                  message=f"{_n(len(inv.certificates), 'certificate')} ({_n(names, 'name')}), "
                          f"{_n(len(inv.hosts), 'host')}, {_n(len(inv.dns), 'DNS provider')}, {_n(len(inv.cas), 'CA')}, "

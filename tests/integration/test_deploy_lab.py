@@ -570,3 +570,59 @@ def test_reload_that_does_nothing_is_caught_by_the_handshake_and_rolled_back(fre
     root = fresh.pop_paths("sally").cert_root
     assert os.readlink(root / "live" / MEDIA) == f"../archive/{MEDIA}/2"
     assert served(fresh, "sally", MEDIA) == first and fresh.nginx_test("sally")[0] == 0
+
+
+# ---------------------------------------------------------------------------- wildcards and verify_names
+
+APEX = "hachyderm.test"  # the lab's nginx serves this lineage under explicit names only: hachyderm.test www.hachyderm.test
+
+
+def wildcard_inventory(lab: Lab, tmp_path: Path, domains: Sequence[str], verify_names: Sequence[str] | None,
+                       lineage: str = APEX) -> Inventory:
+    """The lab inventory with `lineage` turned into a wildcard certificate, through the parser (defaults applied)."""
+    text = lab.inventory_path.read_text()
+    start = text.index(f'name = "{lineage}"\ndomains = ')
+    end = text.index("\n", text.index("domains = ", start))
+    new = f'name = "{lineage}"\ndomains = {json.dumps(list(domains))}'
+    if verify_names is not None:
+        new += f"\nverify_names = {json.dumps(list(verify_names))}"
+    path = tmp_path / "wild.toml"
+    path.write_text(text[:start] + new + text[end:])
+    return inventory_mod.load(path)
+
+
+@pytest.mark.parametrize(("lineage", "domains", "verify_names", "served_as"), [
+    (APEX, ["hachyderm.test", "*.hachyderm.test"], None, "www.hachyderm.test"),
+    ("static.hachyderm.test", ["*.hachyderm.test"], ["static.hachyderm.test"], "static.hachyderm.test"),
+], ids=["apex+wildcard, default verify_names", "wildcard only, verify_names"])
+def test_wildcard_served_under_explicit_names_verifies(fresh: Lab, store: Store, tmp_path: Path, lineage: str,
+                                                       domains: list[str], verify_names: list[str] | None,
+                                                       served_as: str) -> None:
+    """A wildcard certificate that nginx serves only under explicit server_names verifies with those names and stays deployed."""
+    inv = wildcard_inventory(fresh, tmp_path, domains, verify_names, lineage)
+    assert inv.certificate(lineage).verify_names == (lineage,)
+    serial = put_new_versions(store, inv, [lineage])[lineage]
+    o = by_host(run(inv, store, [lineage], hosts=["sally"]), lineage)["sally"]
+    assert o.status == Status.DEPLOYED, o.line()
+    assert served(fresh, "sally", served_as) == serial
+
+
+def test_verify_names_are_the_names_handshaken(fresh: Lab, store: Store, tmp_path: Path) -> None:
+    """verify_names naming a name the POP does not serve (nginx's default server answers) fails verification, before and after the switch back."""
+    inv = wildcard_inventory(fresh, tmp_path, ["hachyderm.test", "*.hachyderm.test"], ["nope.hachyderm.test"])
+    seed = served(fresh, "sally", APEX)
+    new = put_new_versions(store, inv, [APEX])[APEX]
+    o = by_host(run(inv, store, [APEX], hosts=["sally"],
+                    timeouts=Timeouts(connect=5, command=30, upload=30, verify=1.5, handshake=3)), APEX)["sally"]
+    # the same names check the restored version too: the default server's certificate is "not served either"
+    assert o.status == Status.FAILED and o.error is not None, o.line()
+    assert f"new serial {new} not served after 1.5s (nope.hachyderm.test: " in o.error
+    assert o.error.endswith(f"(switched back to version 1 and reloaded, but serial {seed} is not served either)")
+    assert served(fresh, "sally", APEX) == seed and served(fresh, "sally", "www.hachyderm.test") == seed
+
+
+def test_inventory_check_passes_on_the_lab(fresh: Lab, store: Store) -> None:
+    """The lab's inventory passes `inventory check` with every file it names in place, without warnings."""
+    res = _cli(fresh, store, "inventory", "check")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{fresh.inventory_path}: ok — ") and "warning" not in res.stdout

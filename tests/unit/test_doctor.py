@@ -527,3 +527,30 @@ def test_connection_lost_mid_host_is_reported_against_the_step(tmp_path: Path) -
     assert [(c.name, c.status.value) for c in got] == [("ssh", "ok"), ("write", "ok"), ("test-command", "fail")]
     assert got[-1].message == ("doctor test_command h (127.0.1.2:22): connection lost: reset (later checks on this "
                                "host not done)")
+
+
+def test_ca_check_fails_cleanly_on_missing_trust_file(tmp_path: Path) -> None:
+    """doctor reports an unreadable `[ca.X] trust` as a failed directory check naming key and path (no traceback)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from certmgr.inventory import CA
+
+    ca = CA(name="pebble", directory="https://127.0.0.1:1/dir", trust=tmp_path / "nope.pem")
+    with ThreadPoolExecutor(1) as executor:
+        [check] = asyncio.run(doctor.check_ca(ca, None, executor=executor, timeouts=doctor.Timeouts()))
+    assert (check.status, check.subject) == (Status.FAIL, "pebble")
+    assert check.message == (f"acme directory pebble: [ca.pebble] trust {tmp_path / 'nope.pem'}: cannot read: "
+                             "No such file or directory (nothing ordered)")
+
+
+def test_inventory_warnings_are_a_doctor_warning(tmp_path: Path) -> None:
+    """An inventory that loads with warnings (here hmac-sha1) is a WARN check carrying them, not ok."""
+    text = (Path(__file__).parents[2] / "domains.toml").read_text()
+    text = text.replace('tsig_algorithm = "hmac-sha256"', 'tsig_algorithm = "hmac-sha1"')
+    assert 'tsig_algorithm = "hmac-sha1"' in text
+    path = tmp_path / "domains.toml"
+    path.write_text(text)
+    check, inv = doctor.check_inventory(path)
+    assert inv is not None and check.status == Status.WARNING
+    assert check.message == "dns.hachyderm.tsig_algorithm: hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key"

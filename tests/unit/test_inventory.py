@@ -164,6 +164,38 @@ BAD: list[tuple[str, str, str]] = [
      "hosts.esme.privkey_owner: -1 is not a user/group name or numeric id"),
     ("hosts not a table", BASE + '\n[[hosts.extra]]\naddress = "127.0.0.9"\n',
      "hosts.extra: must be a table, not an array"),
+    ("IP literal as domain", with_cert(name='"x.hachyderm.test"', domains='["127.0.0.1"]'),
+     "certificates[1].domains[0]: '127.0.0.1' is an IP address, not a DNS name"),
+    ("all-digit last label", with_cert(name='"x.hachyderm.test"', domains='["x.hachyderm.123"]'),
+     "certificates[1].domains[0]: 'x.hachyderm.123': the last label must not be all digits (it would read as "
+     "an IP address)"),
+    ("empty label", with_cert(name='"x.hachyderm.test"', domains='["x..hachyderm.test"]'),
+     "certificates[1].domains[0]: 'x..hachyderm.test' has an empty label"),
+    ("leading empty label", with_cert(name='"x.hachyderm.test"', domains='[".x.hachyderm.test"]'),
+     "certificates[1].domains[0]: '.x.hachyderm.test' has an empty label"),
+    ("101 names on one certificate",
+     with_cert(name='"x.hachyderm.test"', domains="[" + ", ".join(f'"n{i}.hachyderm.test"' for i in range(101)) + "]"),
+     "certificates[1].domains: 101 names; a certificate holds at most 100 (split it into several certificates)"),
+    ("verify name not on the certificate",
+     with_cert(name='"x.hachyderm.test"', domains='["*.x.hachyderm.test"]', verify_names='["a.b.x.hachyderm.test"]'),
+     "certificates[1].verify_names[0]: 'a.b.x.hachyderm.test' is not covered by the certificate's domains"),
+    ("wildcard verify name", with_cert(name='"x.hachyderm.test"', domains='["*.x.hachyderm.test"]',
+                                       verify_names='["*.x.hachyderm.test"]'),
+     "certificates[1].verify_names[0]: '*.x.hachyderm.test': a wildcard is only allowed as the leftmost label"),
+    ("empty verify names", with_cert(name='"x.hachyderm.test"', domains='["x.hachyderm.test"]', verify_names="[]"),
+     "certificates[1].verify_names: must not be empty"),
+    ("http matrix homeserver", BASE.replace('type = "discord"\nurl_file = "discord-url"',
+                                           'type = "matrix"\nhomeserver = "http://matrix.example.org"\n'
+                                           'room = "!r:example.org"\ntoken_file = "t"'),
+     "channels.ops.homeserver: 'http://matrix.example.org' is http:// to a host that is not loopback: use "
+     "https:// (the token or URL would cross the network in clear text)"),
+    ("homeserver not a URL", BASE.replace('type = "discord"\nurl_file = "discord-url"',
+                                         'type = "matrix"\nhomeserver = "matrix.example.org"\n'
+                                         'room = "!r:example.org"\ntoken_file = "t"'),
+     "channels.ops.homeserver: 'matrix.example.org' must be an https:// URL"),
+    ("user and ssh_user on one host", BASE.replace('address = "127.0.1.3"',
+                                                  'address = "127.0.1.3"\nuser = "a"\nssh_user = "b"'),
+     "hosts.esme.user: give ssh_user only (user is its old name)"),
 ]
 
 
@@ -282,3 +314,57 @@ def test_credentials_directory_in_paths(monkeypatch: pytest.MonkeyPatch) -> None
     assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("/run/credentials/certmgr.service/id_ed25519")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     assert inventory.loads(text).hosts["sally"].ssh_key_file == Path("${CREDENTIALS_DIRECTORY}/id_ed25519")
+
+
+def test_warnings_are_not_errors() -> None:
+    """hmac-sha1, the old host key `user` and a wildcard-only certificate without verify_names load, with one warning each."""
+    text = with_cert(name='"w.hachyderm.test"', domains='["*.w.hachyderm.test"]')
+    text = text.replace('tsig_key = "certmgr-lab"', 'tsig_key = "certmgr-lab"\ntsig_algorithm = "hmac-sha1"')
+    text = text.replace('address = "127.0.1.3"', 'address = "127.0.1.3"\nuser = "deploy"')
+    inv = inventory.loads(text)
+    assert inv.hosts["esme"].user == "deploy" and inv.dns["lab"].tsig_algorithm == "hmac-sha1"
+    assert list(inv.warnings) == [
+        "dns.lab.tsig_algorithm: hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key",
+        "hosts.esme.user: deprecated name: rename it to ssh_user (as in [defaults])",
+        "certificates[1].verify_names: not set and every domain is a wildcard: the deploy verifies with "
+        "'certmgr-verify.w.hachyderm.test', which reaches nginx's default server unless a server_name matches it; "
+        "list names the hosts serve",
+    ]
+    assert inventory.loads(BASE).warnings == ()
+
+
+def test_ssh_user_per_host() -> None:
+    """`ssh_user` is the one key for the SSH login, in [defaults] and in [hosts.*]."""
+    inv = inventory.loads(BASE.replace('address = "127.0.1.3"', 'address = "127.0.1.3"\nssh_user = "deploy"'))
+    assert (inv.hosts["sally"].user, inv.hosts["esme"].user) == ("certmgr", "deploy") and not inv.warnings
+
+
+def test_verify_names_default_to_non_wildcard_names() -> None:
+    """Without verify_names a certificate verifies with its non-wildcard names; given ones are used as written."""
+    inv = inventory.loads(with_cert(name='"w.hachyderm.test"', domains='["*.w.hachyderm.test", "w.hachyderm.test"]'))
+    assert inv.certificate("w.hachyderm.test").verify_names == ("w.hachyderm.test",)
+    assert inv.certificate("media.hachyderm.test").verify_names == ("media.hachyderm.test",)
+    inv = inventory.loads(with_cert(name='"w.hachyderm.test"', domains='["*.w.hachyderm.test"]',
+                                    verify_names='["shop.w.hachyderm.test"]'))
+    assert inv.certificate("w.hachyderm.test").verify_names == ("shop.w.hachyderm.test",)
+    assert inventory.redacted(inv)["certificates"][1]["verify_names"] == ["shop.w.hachyderm.test"]
+
+
+def test_non_utf8_reports_line_and_column(tmp_path: Path) -> None:
+    """A byte that is not UTF-8 is reported with its line and column, not a byte offset."""
+    path = tmp_path / "domains.toml"
+    path.write_bytes(b'[defaults]\nca = "pebble"\n# caf\xe9\n')
+    with pytest.raises(InventoryError) as info:
+        inventory.load(path)
+    assert info.value.problems == ["line 3, column 6: not UTF-8 (byte 0xe9); save the file as UTF-8"]
+    path.write_bytes('# café, naïve\n'.encode() + b'# \xc3\xa9t\xe9\n')  # columns count characters, not bytes
+    with pytest.raises(InventoryError) as info:
+        inventory.load(path)
+    assert info.value.problems == ["line 2, column 5: not UTF-8 (byte 0xe9); save the file as UTF-8"]
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark (as some Windows editors write) does not make a valid inventory invalid."""
+    path = tmp_path / "domains.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert inventory.load(path).certificate("media.hachyderm.test").hosts == ("sally", "esme")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from acme import client as acme_client
@@ -122,3 +123,23 @@ def test_unknown_key_type() -> None:
     """An unknown key type is refused with the list of known ones."""
     with pytest.raises(keys.KeyMaterialError, match="unknown key type 'dsa'"):
         keys.generate("dsa")
+
+
+def test_missing_ca_trust_file_is_named_before_any_request(tmp_path: Path) -> None:
+    """A `[ca.X] trust` bundle that cannot be read is a LocalFileError naming the key and path, not a traceback."""
+    import asyncio
+
+    from certmgr.errors import LocalFileError, SecretError
+    from certmgr.issue import Timeouts, ca_trust
+
+    missing = tmp_path / "nope.pem"
+    ca = CA(name="pebble", directory="https://127.0.0.1:1/dir", trust=missing)
+    with pytest.raises(LocalFileError) as info:
+        asyncio.run(ACMEClient.open(ca, executor=ThreadPoolExecutor(1), timeouts=Timeouts()))
+    assert str(info.value) == (f"acme directory pebble: [ca.pebble] trust {missing}: cannot read: "
+                               "No such file or directory (nothing ordered)")
+    assert info.value.hint == ("fix trust in [ca.pebble] (a PEM bundle for the CA's own TLS), "
+                               "or remove it to use the system roots")
+    assert isinstance(info.value, SecretError)  # renew treats it as local configuration: no backoff
+    missing.write_text("")
+    assert ca_trust(ca) == str(missing) and ca_trust(CA(name="x", directory="https://127.0.0.1:1/")) is True

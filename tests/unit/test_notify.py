@@ -12,7 +12,7 @@ import pytest
 from certmgr import log
 from certmgr.inventory import Channel, SecretRef
 from certmgr.material import CertInfo
-from certmgr.notify import Alert, Message, Retry, alerts_for, apply, notify_scan, ping_message, send
+from certmgr.notify import Alert, Message, Retry, alerts_for, apply, message_for, notify_scan, ping_message, send
 from certmgr.scan import CertSummary, Endpoint, EndpointResult, ScanResult
 from tests.receiver import HANG, Receiver, Reply
 
@@ -286,3 +286,36 @@ url_file = "dead"
     assert res.exit_code == 1
     assert res.stdout == "good: ok (HTTP 204, 1 attempt)\ndead: FAILED: HTTP 404 (1 attempt, gave up)\n"
     assert "s3cr3t" not in res.output
+
+
+BAD_URLS = [
+    ("http://[::1/s3cr3t", "u: the URL is not a valid URL (Invalid IPv6 URL)"),
+    ("https://hooks.example.test/\ts3cr3t", "u: the URL contains a space or control character"),
+    ("hooks.example.test/s3cr3t", "u: the URL must be an https:// URL"),
+    ("ftp://hooks.example.test/s3cr3t", "u: the URL must be an https:// URL"),
+    ("http://hooks.example.test/s3cr3t", "u: the URL is http:// to a host that is not loopback: use https:// "
+                                         "(the token or URL would cross the network in clear text)"),
+    ("https://hooks.example.test:99999/s3cr3t", "u: the URL is not a valid URL (Port out of range 0-65535)"),
+]
+
+
+@pytest.mark.parametrize(("url", "why"), BAD_URLS, ids=[w.split(":")[1].strip()[:30] for _, w in BAD_URLS])
+def test_malformed_url_is_a_failed_delivery(url: str, why: str, env: dict[str, str], rx: Receiver,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webhook URL httpx cannot send to fails that channel with a NotifyError message (URL not shown); others still get the message."""
+    monkeypatch.setenv("TEST_URL_BAD", url)
+    ds = asyncio.run(send([channel("webhook", "bad"), channel("webhook")], ping_message(NOW), retry=FAST))
+    assert [d.ok for d in ds] == [False, True]
+    assert (ds[0].attempts, ds[0].error) == (0, f"notify bad: {why} (not sent)")
+    assert "s3cr3t" not in (ds[0].error or "")
+
+
+def test_mixed_severities_are_not_all_called_critical() -> None:
+    """A critical certificate with one POP only warning counts only the critical POP in the title and lists each POP under its severity."""
+    crit, warn = result("critical", hosts=("kara",)), result("warning", hosts=("sally",))
+    eps = crit.endpoints + warn.endpoints + result("ok", hosts=("esme",)).endpoints
+    msg = message_for(crit.certificates[0], eps, "problem")
+    assert msg.title == "CRITICAL media.example.test on 1 of 3 POPs"
+    assert msg.lines[0] == "POPs: critical: kara; warning: sally"
+    same = message_for(crit.certificates[0], result("critical", hosts=("kara", "esme")).endpoints, "problem")
+    assert (same.title, same.lines[0]) == ("CRITICAL media.example.test on 2 of 2 POPs", "POPs: kara, esme")

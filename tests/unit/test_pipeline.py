@@ -106,3 +106,17 @@ def test_unreadable_secret_fails_without_backoff(tmp_path: Path, monkeypatch: py
     assert out.error == ("dns.hachyderm.tsig_secret_credential: systemd credential 'tsig.key' requested but "
                          "$CREDENTIALS_DIRECTORY is not set")
     assert store.load_json(f"state/renew/{MEDIA}.json", default=None) is None
+
+
+def test_render_lists_each_host_under_its_own_severity() -> None:
+    """The run summary puts a warning-level host on a `warning` line, never under `critical`."""
+    summary = CertSummary(name=MEDIA, severity="critical", endpoints=3,
+                          hosts_by_severity={"warning": ("sally",), "critical": ("kara",)},
+                          command=f"certmgr renew {MEDIA}")
+    final = ScanResult(started=NOW, elapsed=0.1, endpoints=(), certificates=(summary,), severity="critical")
+    report = pipeline.RunReport(started=NOW, dry_run=False, scan_before=final, renewals=(), deploy_plan=(),
+                                scan_after=final)
+    lines = pipeline.render(report)
+    assert f"  critical {MEDIA} on kara → certmgr renew {MEDIA}" in lines
+    assert f"  warning  {MEDIA} on sally" in lines
+    assert not any("critical" in line and "sally" in line for line in lines)

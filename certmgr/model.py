@@ -1,0 +1,219 @@
+"""The inventory's types: what domains.toml becomes once validated (frozen, slotted dataclasses).
+
+`certmgr.inventory` parses and validates; every step imports these types from there or from here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from certmgr.errors import InventoryError, SecretError
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A point before expiry: an absolute number of seconds or a fraction of lifetime."""
+
+    seconds: float | None = None
+    fraction: float | None = None
+    text: str = ""
+
+    def before(self, lifetime_s: float) -> float:
+        """Seconds before not_after at which the threshold is crossed."""
+        if self.fraction is not None:
+            return lifetime_s * self.fraction
+        assert self.seconds is not None
+        return self.seconds
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives: a file, a systemd credential, or an environment variable.
+
+    `str()`/`repr()` never show the value; `read()` is the only way to it.
+    """
+
+    kind: str  # "file" | "credential" | "env"
+    where: str
+    key_path: str
+
+    def read(self, env: Mapping[str, str] | None = None) -> str:
+        env = os.environ if env is None else env
+        if self.kind == "file":
+            path = Path(self.where)
+        elif self.kind == "credential":
+            creds = env.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise SecretError(
+                    f"{self.key_path}: systemd credential {self.where!r} requested but "
+                    "$CREDENTIALS_DIRECTORY is not set",
+                    hint="run under systemd with LoadCredential=, or use a *_file reference",
+                )
+            path = Path(creds) / self.where
+        else:
+            value = env.get(self.where)
+            if not value:
+                raise SecretError(f"{self.key_path}: environment variable {self.where} is not set or empty")
+            return value.strip()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise SecretError(f"{self.key_path}: cannot read secret file {path}: {exc.strerror}") from exc
+        if not value:
+            raise SecretError(f"{self.key_path}: secret file {path} is empty")
+        return value
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.where}"
+
+
+# ---------------------------------------------------------------- inventory types
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CA:
+    name: str
+    directory: str
+    contact: tuple[str, ...] = ()
+    agree_tos: bool = False
+    trust: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: SecretRef | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DNSProvider:
+    name: str
+    type: str
+    zones: tuple[str, ...]
+    tsig_key: str
+    tsig_secret: SecretRef
+    tsig_algorithm: str = "hmac-sha256"
+    server: str | None = None
+    port: int = 53
+    nameservers: tuple[str, ...] = ()
+    propagation_timeout: float = 120.0
+
+    def zone_for(self, fqdn: str) -> str | None:
+        """The longest of this provider's zones that contains `fqdn`."""
+        best = None
+        for zone in self.zones:
+            if fqdn == zone or fqdn.endswith("." + zone):
+                if best is None or len(zone) > len(best):
+                    best = zone
+        return best
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Host:
+    name: str
+    address: str
+    port: int = 22
+    https_port: int = 443
+    user: str = "certmgr"
+    ssh_key_file: Path | None = None
+    known_hosts: Path | None = None
+    tags: tuple[str, ...] = ()
+    cert_root: str = "/etc/letsencrypt"
+    test_command: tuple[str, ...] = ()
+    reload_command: tuple[str, ...] = ()
+    jump: str | None = None
+    privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)
+    privkey_group: str | None = None  # group name or gid (None: the deploy user's group)
+
+    @property
+    def privkey_chown(self) -> str:
+        """The `chown` operand for privkey.pem: "owner:group", "owner", ":group", or "" (leave as created)."""
+        if self.privkey_owner:
+            return self.privkey_owner + (f":{self.privkey_group}" if self.privkey_group else "")
+        return f":{self.privkey_group}" if self.privkey_group else ""
+
+    @property
+    def canary(self) -> bool:
+        return "canary" in self.tags
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Certificate:
+    name: str
+    domains: tuple[str, ...]
+    dns: str
+    hosts: tuple[str, ...]  # resolved host names, tags expanded, in inventory order
+    ca: str
+    key_type: str = "ecdsa-p256"
+    reuse_key: bool = False
+    profile: str | None = None
+    preferred_chain: str | None = None
+    renew_before: Threshold | None = None  # None: 1/3 of lifetime (1/2 under 10 days)
+    warn_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.25, text="1/4"))
+    critical_before: Threshold = field(default_factory=lambda: Threshold(fraction=0.1, text="1/10"))
+    # SNI names the deploy/doctor handshakes use: the POP must serve the certificate under each.
+    # The parser fills in the non-wildcard domains when the key is absent; () means "derive a label".
+    verify_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Channel:
+    name: str
+    type: str
+    url: SecretRef | None = None
+    token: SecretRef | None = None
+    homeserver: str | None = None
+    room: str | None = None
+    min_severity: str = "warning"
+    repeat: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inventory:
+    path: Path
+    cas: Mapping[str, CA]
+    dns: Mapping[str, DNSProvider]
+    hosts: Mapping[str, Host]
+    certificates: tuple[Certificate, ...]
+    channels: Mapping[str, Channel]
+    trust: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()  # valid but risky settings, each naming its key path
+
+    def certificate(self, name: str) -> Certificate:
+        for cert in self.certificates:
+            if cert.name == name:
+                return cert
+        raise InventoryError([f"no certificate named {name!r}{suggest(name, [c.name for c in self.certificates])}"],
+                             path=str(self.path))
+
+    def select(self, names: tuple[str, ...] | list[str]) -> tuple[Certificate, ...]:
+        """The named certificates (all when none named); unknown names → one InventoryError."""
+        if not names:
+            return self.certificates
+        known = {c.name: c for c in self.certificates}
+        problems = [
+            f"no certificate named {n!r}{suggest(n, list(known))}" for n in names if n not in known
+        ]
+        if problems:
+            raise InventoryError(problems, path=str(self.path))
+        return tuple(known[n] for n in dict.fromkeys(names))
+
+    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
+        """The provider and zone that own `fqdn` (longest zone match across providers)."""
+        best: tuple[DNSProvider, str] | None = None
+        for prov in self.dns.values():
+            zone = prov.zone_for(fqdn)
+            if zone and (best is None or len(zone) > len(best[1])):
+                best = (prov, zone)
+        return best
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
