@@ -48,6 +48,9 @@ class CertView:
     last_error: str | None
     scanned_at: str | None
     pops: tuple[PopView, ...]
+    # past the renewal time plus its grace: the timer had its chances (a failed attempt alone makes plan's
+    # `overdue` true, but the next run retries it by itself)
+    past_grace: bool = False
 
     @property
     def all_current(self) -> bool:
@@ -55,13 +58,12 @@ class CertView:
 
     def findings(self) -> list[tuple[int, str]]:
         """What needs a human, as (level, why): 2 needs action now, 1 warning. Due renewals, a backoff not yet
-        overdue and POPs never scanned are the timer's business, not the operator's."""
+        overdue, a certificate with no local version yet and POPs never scanned are the next run's business (what
+        the POPs serve, once scanned, decides)."""
         out: list[tuple[int, str]] = []
-        if self.live_version is None and self.decision.overdue:
-            out.append((2, "no local certificate"))
-        elif self.days_left is not None and self.days_left <= 0:
+        if self.days_left is not None and self.days_left <= 0:
             out.append((2, "expired"))
-        elif self.decision.overdue:
+        elif self.past_grace:
             out.append((2, "renewal overdue"))
         for p in self.pops:
             if p.current is False:
@@ -172,7 +174,8 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime,
             days_left=(info.not_after - now).total_seconds() / 86400 if info else None, decision=decision,
             last_success=rstate.last_success, failures=rstate.failures,
             last_error=sanitize.line(rstate.last_error, limit=None) if rstate.last_error else rstate.last_error,
-            scanned_at=scan.get("scanned_at"), pops=tuple(pops)))
+            scanned_at=scan.get("scanned_at"), pops=tuple(pops),
+            past_grace=decision.overdue_at is not None and now >= decision.overdue_at))
     return views
 
 

@@ -17,12 +17,12 @@ from certmgr.doctor.hosts import check_host
 from certmgr.doctor.inventory import check_inventory, check_secrets, check_trust
 from certmgr.doctor.model import GROUPS, Check, Connector, Prober, Report, Status, Timeouts
 from certmgr.doctor.store import check_store
+from certmgr.doctor.systemd import Systemctl, installed_timer, run_systemctl
 from certmgr.doctor.timer import check_timer
 from certmgr.errors import CertmgrError
 from certmgr.inventory import CA, DNSProvider, Host
 from certmgr.log import event
 from certmgr.material import CertInfo
-from certmgr.timer import find_timer_files
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ def _default_connector(host: Host, *, jump: Host | None, accept_new: bool, timeo
 
 async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_interval_s: float | None = None,
               timer_files: Sequence[Path] | None = None, concurrency: int = 20, timeouts: Timeouts | None = None,
-              connector: Connector | None = None, prober: Prober | None = None) -> Report:
+              connector: Connector | None = None, prober: Prober | None = None,
+              systemctl: Systemctl | None = None) -> Report:
     """Every check, concurrently (at most `concurrency` tasks), each task under `timeouts.check`.
 
-    `timer_files` None: look for the installed certmgr.timer (then the repo's copy); ignored when
-    `timer_interval_s` is given.
+    `timer_files` None: ask systemd (`systemctl`, or the `systemctl` callable given) for the installed
+    certmgr.timer and read the files it loaded; ignored when `timer_interval_s` is given.
     """
     from certmgr.scan import probe
 
@@ -117,7 +118,9 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
     for _, out in sorted(results, key=lambda r: r[0]):
         checks.extend(out)
     if timer_interval_s is None and timer_files is None:
-        timer_files = find_timer_files()
+        installed, timer = await asyncio.to_thread(installed_timer, systemctl or run_systemctl)
+        checks.append(installed)
+        timer_files = timer.files if timer is not None else ()
     checks.append(check_timer(inv, store, served, interval=timer_interval_s, timer_files=timer_files or (),
                               now=now))
     ordered = sorted(checks, key=lambda c: GROUPS.index(c.group))  # stable: task order kept within a group

@@ -11,7 +11,7 @@ from certmgr.doctor.model import Check, Status, _human, _StoreLike
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.material import CertInfo
-from certmgr.timer import SYSTEMD_DIRS, TIMER_UNIT, parse_timer, timer_interval
+from certmgr.timer import TIMER_UNIT, parse_timer, timer_interval
 
 RUNS_PER_WINDOW = 4  # the timer must fire at least this often inside the shortest renewal window
 
@@ -71,15 +71,18 @@ def interval_check(interval: float | None, where: str, lifetimes: Sequence[Lifet
 
 def check_timer(inv: Inventory, store: _StoreLike | None, served: Sequence[CertInfo], *,
                 interval: float | None, timer_files: Sequence[Path], now: dt.datetime) -> Check:
-    """The timer's worst-case interval against the shortest-lived certificate (store, last scan, served)."""
+    """The timer's worst-case interval against the shortest-lived certificate (store, last scan, served).
+
+    `timer_files`: the files systemd loaded for the installed timer (see doctor.systemd); `interval`, when
+    given (--timer-interval), replaces them.
+    """
     if interval is not None:
         where = "--timer-interval"
     elif not timer_files:
         return Check(group="timer", name="interval", subject=TIMER_UNIT, status=Status.WARNING,
-                     message=f"no {TIMER_UNIT} found in {', '.join(str(d) for d in SYSTEMD_DIRS[:1])} (or the "
-                             "other unit directories): nothing runs certmgr on a schedule",
-                     hint="install systemd/certmgr.timer and enable it, or pass --timer-interval if a different "
-                          "scheduler runs certmgr")
+                     message="no installed timer to read: its interval is unknown",
+                     hint="see the `installed` check above; pass --timer-interval if a different scheduler runs "
+                          "certmgr")
     else:
         where = str(timer_files[0]) + (f" + {len(timer_files) - 1} drop-in(s)" if len(timer_files) > 1 else "")
         try:

@@ -155,3 +155,21 @@ def test_overdue_and_expired_need_action(tmp_path: Path) -> None:
     later = status_mod.gather(inv, store, now=NOW + dt.timedelta(days=1))
     assert later[0].findings()[0] == (2, "expired")
     assert status_mod.exit_code(later) == 2
+
+
+def test_a_failed_attempt_inside_the_window_is_the_timers_business(tmp_path: Path) -> None:
+    """A renewal that failed once inside the window (plan calls it overdue) needs no human until the grace passes."""
+    from certmgr import renew as renew_mod
+    from certmgr.plan import RenewState
+
+    inv = loads(INV)
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        store.activate("b.example.test", store.add_version("b.example.test", material("b.example.test", days=29.5)))
+    store.save_json(renew_mod.state_path("b.example.test"),
+                    RenewState(failures=1, last_attempt=NOW - dt.timedelta(minutes=5), last_error="boom").to_json())
+    [view] = status_mod.gather(inv, store, now=NOW, certs=inv.select(["b.example.test"]))
+    assert view.decision.overdue and view.failures == 1
+    assert view.findings() == []
+    [later] = status_mod.gather(inv, store, now=NOW + dt.timedelta(days=1, hours=1), certs=inv.select(["b.example.test"]))
+    assert later.findings() == [(2, "renewal overdue")]
