@@ -229,8 +229,10 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
 @main.command("import")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/etc/letsencrypt")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) with a [[certificates]] entry per adopted lineage instead.")
 @pass_ctx
-def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
+def import_cmd(c: Ctx, src: Path, as_json: bool, stub: bool) -> None:
     """Adopt certbot lineages from SRC (default /etc/letsencrypt): every archived version, the current one live.
 
     SRC is never modified; re-running is safe (versions already present are skipped).
@@ -238,7 +240,11 @@ def import_cmd(c: Ctx, src: Path, as_json: bool) -> None:
     store = c.store()
     with store.lock("certmgr import"):
         results = store.import_certbot(src)
-    if as_json:
+    if stub:
+        from certmgr.discover.command import import_stub
+
+        click.echo(import_stub(c.inventory(), store, results, src))
+    elif as_json:
         emit_json([{"name": r.name, "imported": list(r.imported), "present": list(r.present),
                     "skipped": [{"version": v, "reason": why} for v, why in r.skipped],
                     "certbot_live": r.certbot_live, "activated": r.activated, "problem": r.problem}
@@ -496,6 +502,44 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     sys.exit(result.exit_code)
 
 
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
+              help="Handshakes in flight at most.")
+@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for TCP connect.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+              help="Seconds to wait for the TLS handshake once connected.")
+@pass_ctx
+def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
+              handshake_timeout: float) -> None:
+    """Monitoring-plugin mode (Nagios, Icinga): scan, print one status line with perfdata, exit 0/1/2/3.
+
+    Read-only: saves no state and sends no chat message. 0 OK, 1 WARNING, 2 CRITICAL (an endpoint
+    expiring, wrong or unreachable), 3 UNKNOWN (the check could not run). See docs/monitoring.md.
+    """
+    import datetime as dt
+
+    from certmgr import nagios
+    from certmgr import scan as scan_mod
+
+    try:
+        inv = c.inventory()
+        # the monitoring user usually cannot read the store (0700): then no drift against live/
+        store = c.store_readonly() if os.access(c.state_dir, os.R_OK | os.X_OK) else None
+        result = run_async(scan_mod.scan(
+            inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
+            timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
+        out = nagios.check(result, inv)
+    except CertmgrError as exc:
+        out = nagios.unknown(log.redact(str(exc)))
+    except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN
+        traceback.print_exc()
+        out = nagios.unknown("internal error (a bug): see the traceback on stderr")
+    click.echo(out.text)
+    sys.exit(out.status)
+
+
 @main.group("notify")
 def notify_group() -> None:
     """Chat channels from the inventory ([channels.*])."""
@@ -544,7 +588,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
     if not inv.channels:
         raise UsageError("notify failure: the inventory has no [channels.*]")
     msg = Message(kind="failure", severity="critical", title=f"certmgr job {unit} failed",
-                  lines=("The daily run crashed, was killed or timed out; certificates may not be renewed.",
+                  lines=("The daily run failed (exit 2: a renewal or deploy failed, or a critical problem remains), "
+                         "or crashed, was killed or timed out; certificates may not be renewed.",
                          f"Look at: journalctl -u {unit} -n 100"),
                   command=f"systemctl status {unit}")
     deliveries = run_async(send(list(inv.channels.values()), msg))
@@ -565,8 +610,12 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
               envvar="CERTMGR_WAIT_LOCK", help="Seconds to wait for another certmgr holding the store lock "
               "[env: CERTMGR_WAIT_LOCK].")
+@click.option("--prometheus", "prom_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="CERTMGR_PROMETHEUS", help="Also write Prometheus textfile metrics here, atomically "
+              "(docs/monitoring.md) [env: CERTMGR_PROMETHEUS].")
 @pass_ctx
-def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float) -> None:
+def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: float,
+            prom_path: Path | None) -> None:
     """The daily job: scan every POP → renew what is due → deploy → verify → one chat summary.
 
     Exit status: 0 all served certificates ok, 1 warnings remain, 2 a renewal or deploy failed or a
@@ -596,6 +645,11 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         now = dt.datetime.now(dt.UTC)
         report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify,
                                         on_deploy=None if as_json else on_deploy))
+        problem = None
+        if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
+            from certmgr import metrics
+
+            problem = metrics.publish(inv, store, report, prom_path)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -603,6 +657,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
             p.close(progress.expiry_of(store, {o.cert for o in report.deploys}))
         for line in pipeline.render(report, deploys_shown=bool(shown)):
             click.echo(line)
+    if problem:
+        click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 
@@ -739,4 +795,35 @@ def doctor_cmd(c: Ctx, as_json: bool, timer_interval: str | None, concurrency: i
     else:
         tty = sys.stdout.isatty()
         click.echo(doctor.render(report, tty=tty, colour=tty and "NO_COLOR" not in os.environ))
+    sys.exit(report.exit_code)
+
+
+# ---------------------------------------------------------------- discover (issue 14)
+
+
+@main.command("discover")
+@click.option("--hosts", "hosts_csv", metavar="H,...|tag:T",
+              help="Only these hosts (names and tag:T, comma-separated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/discover.md).")
+@click.option("--inventory-stub", "stub", is_flag=True,
+              help="Print an inventory (TOML) grouping certificates as the fleet does today, `# guess:` comments "
+                   "where it had to guess.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--accept-new", is_flag=True, help="Trust and record the key of a host absent from known_hosts.")
+@pass_ctx
+def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, parallel: int, accept_new: bool) -> None:
+    """What every POP's nginx really serves: names, files, certificates, managed or not, drift, orphans.
+
+    Reads `nginx -T` and certificate files over SSH (private keys never leave the host) and
+    handshakes each name. Exit 0 when every host was discovered, 1 when some could not be.
+    """
+    import datetime as dt
+
+    from certmgr.discover import command
+
+    inv = c.inventory()
+    report = run_async(command.discover(inv, command.select_hosts(inv, _csv(hosts_csv)), now=dt.datetime.now(dt.UTC),
+                                        parallel=parallel, accept_new=accept_new))
+    command.save_quietly(c.store, report)
+    click.echo(command.output(report, inv, as_json=as_json, stub_wanted=stub))
     sys.exit(report.exit_code)

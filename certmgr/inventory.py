@@ -133,6 +133,7 @@ class _Defaults:
     trust: tuple[Path, ...]
     test_command: tuple[str, ...]
     reload_command: tuple[str, ...]
+    dump_command: tuple[str, ...]
     privkey_owner: str | None
     privkey_group: str | None
 
@@ -141,7 +142,7 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     d = r.table(data.get("defaults", {}), "defaults",
                 {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
                  "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command",
-                 "privkey_owner", "privkey_group"})
+                 "dump_command", "privkey_owner", "privkey_group"})
     key_type = r.choice(d, "key_type", "defaults", KEY_TYPES, "ecdsa-p256") or "ecdsa-p256"
     renew_before = r.threshold(d, "renew_before", "defaults", None)
     warn_before = r.threshold(d, "warn_before", "defaults", Threshold(fraction=0.25, text="1/4"))
@@ -159,6 +160,7 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
                      critical_before=critical_before or Threshold(fraction=0.1, text="1/10"), cert_root=cert_root,
                      ssh_user=ssh_user, ssh_key_file=ssh_key_s, known_hosts=known_hosts_s, https_port=https_port,
                      trust=trust, test_command=test_cmd, reload_command=reload_cmd,
+                     dump_command=r.argv(d, "dump_command", "defaults", ("sudo", "-n", "nginx", "-T")),
                      privkey_owner=_owner(r, d, "privkey_owner", "defaults", None),
                      privkey_group=_owner(r, d, "privkey_group", "defaults", None))
 
@@ -243,8 +245,8 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
         if not _LINEAGE.fullmatch(name):
             r.err(kp, f"{name!r} is not a valid host name (lower-case letters, digits, '.', '-', '_')")
         t = r.table(t, kp, {"address", "port", "https_port", "user", "ssh_key_file", "known_hosts", "tags",
-                            "cert_root", "test_command", "reload_command", "jump", "privkey_owner",
-                            "privkey_group", "ssh_user"})
+                            "cert_root", "test_command", "reload_command", "dump_command", "jump",
+                            "privkey_owner", "privkey_group", "ssh_user"})
         user_key = "ssh_user"
         if "user" in t:
             if "ssh_user" in t:
@@ -270,7 +272,8 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
             ssh_key_file=r.path(key_s) if key_s else None, known_hosts=r.path(kh_s) if kh_s else None,
             tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
             test_command=r.argv(t, "test_command", kp, test_cmd),
-            reload_command=r.argv(t, "reload_command", kp, reload_cmd), jump=jump,
+            reload_command=r.argv(t, "reload_command", kp, reload_cmd),
+            dump_command=r.argv(t, "dump_command", kp, dd.dump_command), jump=jump,
             privkey_owner=_owner(r, t, "privkey_owner", kp, dd.privkey_owner),
             privkey_group=_owner(r, t, "privkey_group", kp, dd.privkey_group))
     for name, jump in raw_jumps.items():
@@ -518,7 +521,8 @@ def redacted(inv: Inventory) -> dict[str, Any]:
                 for n, p in inv.dns.items()},
         "hosts": {n: {"address": h.address, "port": h.port, "https_port": h.https_port, "user": h.user,
                       "tags": list(h.tags), "cert_root": h.cert_root, "test_command": list(h.test_command),
-                      "reload_command": list(h.reload_command), "jump": h.jump,
+                      "reload_command": list(h.reload_command), "dump_command": list(h.dump_command),
+                      "jump": h.jump,
                       "privkey_owner": h.privkey_owner, "privkey_group": h.privkey_group,
                       "ssh_key_file": str(h.ssh_key_file) if h.ssh_key_file else None,
                       "known_hosts": str(h.known_hosts) if h.known_hosts else None}

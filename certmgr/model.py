@@ -126,6 +126,7 @@ class Host:
     cert_root: str = "/etc/letsencrypt"
     test_command: tuple[str, ...] = ()
     reload_command: tuple[str, ...] = ()
+    dump_command: tuple[str, ...] = ("sudo", "-n", "nginx", "-T")  # `certmgr discover`: the effective config
     jump: str | None = None
     privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)
     privkey_group: str | None = None  # group name or gid (None: the deploy user's group)

@@ -434,6 +434,29 @@ def summarise(results: Sequence[EndpointResult], certs: Sequence[Certificate], n
     return tuple(out)
 
 
+UNMANAGED = "(unmanaged)"  # certificate column of discover's findings: not a valid lineage name, never ours
+
+
+def unmanaged_results(store: object, now: dt.datetime) -> list[EndpointResult]:
+    """One result per host for each unmanaged certificate the last discover saw, at warning or above."""
+    from certmgr.discover import state as discover_state
+
+    out = []
+    default_warn, default_crit = Threshold(fraction=0.25, text="1/4"), Threshold(fraction=0.1, text="1/10")
+    for u in discover_state.unmanaged(store if hasattr(store, "load_json") else None):  # type: ignore[arg-type]
+        sev, why = expiry_problem(u.info, now, warn=default_warn, critical=default_crit)
+        if sev == "ok":
+            continue
+        why = why or f"expired {_days((now - u.info.not_after).total_seconds())} ago"
+        files = {h: [f for hh, f in u.where if hh == h] or list(u.files) for h in u.hosts}
+        out += [EndpointResult(endpoint=Endpoint(cert=UNMANAGED, name=u.names[0] if u.names else "-", host=h,
+                                                 address="", port=0), severity=sev, info=u.info,
+                               problems=(why, f"not managed by certmgr: {', '.join(files[h])} "
+                                              f"(certmgr discover, {discover_state.age(u.discovered_at, now)})"))
+                for h in u.hosts]
+    return out
+
+
 # ---------------------------------------------------------------- running a scan
 
 
@@ -627,6 +650,8 @@ async def scan(
     final = apply_drift(results, {k: (v[1] if v else None) for k, v in live.items()})
     final.sort(key=urgency_key)
     summaries = summarise(final, certs, now, live)
+    if not names:  # the whole fleet: also what the last `certmgr discover` found unmanaged and expiring
+        final = sorted([*final, *unmanaged_results(store, now)], key=urgency_key)
     return ScanResult(started=now, elapsed=loop.time() - t0, endpoints=tuple(final), certificates=summaries,
                       severity=worst(r.severity for r in final))
 

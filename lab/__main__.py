@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--validity", type=int, default=DEFAULT_VALIDITY, help="Pebble certificate lifetime, seconds (default 90 days)"
     )
+    up.add_argument("--messy", action="store_true",
+                    help="apply the messy-fleet profile (lab/messy.py) to the 4 named POPs, for `certmgr discover`")
     for name, text in (("down", "stop everything this lab started"), ("status", "show each component up/down")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", default=os.environ.get("CERTMGR_LAB_DIR", DEFAULT_DIR), help=dir_help)
@@ -38,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             lab = Lab(args.dir, args.port_base, pops=args.pops, secondary=args.secondary, validity=args.validity)
             started = time.monotonic()
+            from lab import messy
+
+            messy.remove(lab, reload=False)  # an earlier profile names files `up` may reseed away
             lab.up()
-            print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs, port base {args.port_base})")
+            if args.messy:
+                messy.apply(lab)
+            print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs, port base {args.port_base}"
+                  f"{', messy fleet' if args.messy else ''})")
             print(lab.inventory_path)
             return 0
         lab = Lab.load(args.dir)

@@ -72,6 +72,7 @@ def render(lab: Lab) -> str:
             ("cert_root", str(p.cert_root)),
             ("test_command", p.test_command),
             ("reload_command", p.reload_command),
+            ("dump_command", p.dump_command),
         ]))
     for name, domains in CERTIFICATES:
         parts.append(_table("[[certificates]]", [

@@ -341,13 +341,13 @@ class Lab:
                 pki.write_file(path, out.encode(), 0o600)
 
     def _write_sudoers(self) -> None:
-        """Let the deploy user run exactly each POP's `nginx -t` and `nginx -s reload` as root."""
+        """Let the deploy user run exactly each POP's `nginx -t`, `nginx -s reload` and `nginx -T` as root."""
         lines = [f"# certmgr lab {self.dir} (port base {self.ports.base}); removed by `python -m lab down`."]
         for name in self._pops_in_play():
             p = self.pop_paths(name)
             # The argv without "sudo -n"; the lab dir holds none of the chars sudoers would need escaped.
-            test, reload = (" ".join(c[2:]) for c in (p.test_command, p.reload_command))
-            lines.append(f"{DEPLOY_USER} ALL=(root) NOPASSWD: {test}, {reload}")
+            test, reload, dump = (" ".join(c[2:]) for c in (p.test_command, p.reload_command, p.dump_command))
+            lines.append(f"{DEPLOY_USER} ALL=(root) NOPASSWD: {test}, {reload}, {dump}")
         text = "\n".join(lines) + "\n"
         if self.sudoers_path.exists() and self.sudoers_path.read_text() == text:
             return

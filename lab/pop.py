@@ -94,6 +94,11 @@ class PopPaths:
     def reload_command(self) -> list[str]:
         return ["sudo", "-n", *self.nginx_argv("-s", "reload")]
 
+    @property
+    def dump_command(self) -> list[str]:
+        """`nginx -T` for this POP: what `certmgr discover` reads the effective configuration with."""
+        return ["sudo", "-n", *self.nginx_argv("-T")]
+
 
 def sshd_conf(p: PopPaths, port: int, authorized_keys: Path) -> str:
     return f"""# certmgr lab POP {p.name}

@@ -58,3 +58,47 @@ def test_timer_is_daily_randomised_and_persistent() -> None:
     text = (UNITS / "certmgr.timer").read_text()
     assert "OnCalendar=daily" in text and "RandomizedDelaySec=" in text and "Persistent=true" in text
     assert "OnCalendar=*-*-* 00,12:00:00" in (UNITS / "certmgr.timer.d" / "twice-daily.conf").read_text()
+
+
+def success_statuses() -> set[int]:
+    [line] = [x for x in (UNITS / "certmgr.service").read_text().splitlines() if x.startswith("SuccessExitStatus=")]
+    return {int(v) for v in line.split("=", 1)[1].split()}
+
+
+def test_a_failed_renewal_fails_the_unit() -> None:
+    """Exit 2 (a renewal or deploy failed) and 70 (a bug) are unit failures that OnFailure= reports; 1, 3, 75 are not."""
+    from certmgr import cli, pipeline
+    from certmgr.errors import LockHeld
+
+    text = (UNITS / "certmgr.service").read_text()
+    assert "OnFailure=certmgr-failure@%n.service" in text
+    ok = success_statuses()
+    assert pipeline.EXIT_FAILED == 2 and pipeline.EXIT_FAILED not in ok
+    assert cli.EXIT_BUG not in ok and cli.EXIT_TERMINATED not in ok
+    assert {pipeline.EXIT_WARNING, pipeline.EXIT_ERROR, LockHeld.exit_code} == ok
+
+
+def test_prometheus_dropin_writes_where_node_exporter_reads() -> None:
+    """The drop-in replaces ExecStart with `run --prometheus` into Debian's textfile dir and makes only it writable."""
+    text = (UNITS / "certmgr.service.d" / "prometheus.conf").read_text()
+    starts = [x for x in text.splitlines() if x.startswith("ExecStart=")]
+    assert starts[0] == "ExecStart="  # reset, else a oneshot unit would run both command lines
+    assert starts[1].endswith(" run --prometheus /var/lib/prometheus/node-exporter/certmgr.prom")
+    assert starts[1].split(" run ")[0] in (UNITS / "certmgr.service").read_text()
+    assert "ReadWritePaths=-/var/lib/prometheus/node-exporter\n" in text  # "-": a missing dir never blocks renewals
+
+
+@needs_analyze
+def test_dropin_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` reads the service with the Prometheus drop-in and finds nothing wrong."""
+    certmgr = Path(sys.executable).with_name("certmgr")
+    if not certmgr.exists():
+        pytest.skip("certmgr console script not installed next to this python")
+    (tmp_path / "certmgr.service.d").mkdir()
+    for name in ("certmgr.service", "certmgr-failure@.service", "certmgr.service.d/prometheus.conf"):
+        (tmp_path / name).write_text((UNITS / name).read_text().replace("/usr/local/bin/certmgr", str(certmgr)))
+    proc = subprocess.run([analyze or "", "verify", "--man=false", str(tmp_path / "certmgr.service")],
+                          capture_output=True, text=True, check=False)
+    problems = [line for line in proc.stderr.splitlines()
+                if "certmgr" in line and "Failed to put bus name" not in line]
+    assert proc.returncode == 0 and not problems, proc.stderr
