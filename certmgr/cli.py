@@ -347,8 +347,13 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
             from certmgr.deploy import deploy
 
             shown = None if as_json else progress.start(inv, inv.select(renewed), c.verbosity)
-            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC),
-                                        on_outcome=shown))
+            try:
+                deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC),
+                                            on_outcome=shown))
+            except BaseException:
+                if shown is not None:
+                    shown.abort()
+                raise
             if shown is not None:
                 shown.close(progress.expiry_of(store, renewed))
     if as_json:
@@ -395,12 +400,17 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store()
-    shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=_csv(hosts_csv) or None,
-                                                canary=_csv(canary_csv))
     with store.lock("deploy"):
-        outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
-                                    accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
-                                    now=dt.datetime.now(dt.UTC), on_outcome=shown))
+        shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=_csv(hosts_csv) or None,
+                                                    canary=_csv(canary_csv))
+        try:
+            outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
+                                        accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
+                                        now=dt.datetime.now(dt.UTC), on_outcome=shown))
+        except BaseException:
+            if shown is not None:
+                shown.abort()
+            raise
     if shown is None:
         emit_json([o.to_json() for o in outcomes])
     else:

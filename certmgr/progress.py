@@ -110,6 +110,12 @@ class DeployProgress:
         if self._bar is not None:
             self._bar.update(1)
 
+    def abort(self) -> None:
+        """Take the bar down (the command failed before the end); the lines already printed stay."""
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
     def close(self, expiry: Mapping[str, dt.datetime]) -> None:
         """Remove the bar, then the closing line(s); with -q only when some POP does not serve the new version."""
         if self._bar is not None:
