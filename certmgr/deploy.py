@@ -128,6 +128,9 @@ for bak in "$root"/live/.*.certbot-old; do
     mv -T -- "$bak" "$root/live/$n" && say "restored=$n"
   fi
 done
+# certbot's directory is read under the POP lock: another controller's commit may be converting it
+# (live/<name> renamed away, then a link put in its place), and its links must be read whole.
+if [ -d "$live" ] && [ ! -L "$live" ]; then lock; fi
 if [ -L "$live" ]; then
   say layout=link
   say "target=$(readlink -- "$live")"

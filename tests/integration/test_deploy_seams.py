@@ -19,7 +19,7 @@ from certmgr.remote import Timeouts
 from certmgr.store import Store
 from lab import Lab
 from tests.conftest import private_lab
-from tests.integration.test_deploy_lab import MEDIA, NOW, new_material, served
+from tests.integration.test_deploy_lab import MEDIA, NOW, new_material, served, trusting_ca
 
 pytestmark = pytest.mark.integration
 
@@ -74,8 +74,8 @@ def pop_consistent(lab: Lab, pop: str, name: str = MEDIA) -> tuple[int, str]:
 
 def test_two_state_dirs_deploying_to_the_same_pops_at_once_end_consistent(fresh: Lab, tmp_path: Path) -> None:
     """Two controllers (two stores with the same new certificate) deploy to all POPs at once, three rounds: no upload is swept under the other, all deploy, every POP ends consistent."""
-    inv = inventory_mod.load(fresh.inventory_path)
     a, b = seeded_store(fresh, tmp_path / "a"), seeded_store(fresh, tmp_path / "b")
+    inv = trusting_ca(inventory_mod.load(fresh.inventory_path), a)
     cert = inv.certificate(MEDIA)
 
     async def both() -> tuple[list[HostOutcome], list[HostOutcome]]:
@@ -97,8 +97,8 @@ def test_two_state_dirs_deploying_to_the_same_pops_at_once_end_consistent(fresh:
 
 def test_store_version_lands_under_its_number_on_every_pop(fresh: Lab, tmp_path: Path) -> None:
     """The store's v3 is v3 on every POP — one that missed v2, one that has v2, one with a hand-made 3/ (set aside, audited)."""
-    inv = inventory_mod.load(fresh.inventory_path)
     store = seeded_store(fresh, tmp_path / "state")
+    inv = trusting_ca(inventory_mod.load(fresh.inventory_path), store)
     cert = inv.certificate(MEDIA)
     add(store, new_material(cert.domains))
     first = asyncio.run(deploy(inv, store, [cert], hosts=["sally"], now=NOW, timeouts=TIMEOUTS))
@@ -124,8 +124,8 @@ def test_store_version_lands_under_its_number_on_every_pop(fresh: Lab, tmp_path:
 
 def test_failed_reload_is_rolled_back_and_the_old_serial_proven(fresh: Lab, tmp_path: Path) -> None:
     """A reload that loads the new certificate and still fails: switched back, tested, reloaded again; a handshake shows the old serial and the outcome says so."""
-    inv = inventory_mod.load(fresh.inventory_path)
     store = seeded_store(fresh, tmp_path / "state")
+    inv = trusting_ca(inventory_mod.load(fresh.inventory_path), store)
     cert = inv.certificate(MEDIA)
     p = fresh.pop_paths("sally")
     marker = p.cert_root / "reload-failed-once"
@@ -154,8 +154,8 @@ def test_timed_out_commit_leaves_the_host_alone_and_its_lock_keeps_the_next_run_
     import fcntl
     import shlex
 
-    inv = inventory_mod.load(fresh.inventory_path)
     store = seeded_store(fresh, tmp_path / "state")
+    inv = trusting_ca(inventory_mod.load(fresh.inventory_path), store)
     certs = [c for c in inv.certificates if "sally" in c.hosts]
     assert len(certs) >= 2
     for c in certs:
