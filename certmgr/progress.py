@@ -1,9 +1,9 @@
 """Deploy progress for a human: one line per POP as it finishes, a bar on a terminal, one closing line per certificate.
 
-On a TTY the lines stream above a click progress bar and the status word is coloured (unless NO_COLOR is
-set); piped, the same lines are plain text and there is no bar. Timings only with -v; with -q only the
-POPs that did not end deployed/skipped are printed. The closing line says what is true at the end:
-`N/N POPs serve SERIAL (expires …)`.
+On a TTY the lines stream above a click progress bar and the status word is coloured; piped, or with
+NO_COLOR set (or TERM=dumb), the same lines are plain text: no bar, no escape sequence at all. Timings
+only with -v; with -q only the POPs that did not end deployed/skipped are printed. The closing line
+says what is true at the end: `N/N POPs serve SERIAL (expires …)`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ _COLOURS = {Status.DEPLOYED: "green", Status.SKIPPED: "green", Status.ROLLED_BAC
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Style:
-    """How to print: a terminal (bar, colour unless NO_COLOR), and how much (-v timings, -q problems only)."""
+    """How to print: a terminal (bar and colour, unless NO_COLOR or TERM=dumb: then no escape sequence at all),
+    and how much (-v timings, -q problems only)."""
 
     tty: bool
     colour: bool
@@ -36,7 +37,8 @@ class Style:
     def detect(cls, stream: TextIO, verbosity: int, env: Mapping[str, str] | None = None) -> Style:
         env = os.environ if env is None else env
         tty = stream.isatty()
-        return cls(tty=tty, colour=tty and "NO_COLOR" not in env, verbose=verbosity > 0, quiet=verbosity < 0)
+        plain = "NO_COLOR" in env or env.get("TERM") == "dumb"
+        return cls(tty=tty, colour=tty and not plain, verbose=verbosity > 0, quiet=verbosity < 0)
 
 
 def targets(inv: Inventory, certs: Iterable[Certificate], hosts: Iterable[str] | None = None) -> int:
@@ -97,7 +99,7 @@ class DeployProgress:
         self.canaries = canaries
         self.outcomes: list[HostOutcome] = []
         self._bar: Any = None
-        if style.tty and total > 0 and not style.quiet:
+        if style.tty and style.colour and total > 0 and not style.quiet:  # a bar is escape sequences too
             self._bar = click.progressbar(length=total, label=label, show_pos=True, show_eta=False, width=24)
             self._bar.__enter__()
 

@@ -201,7 +201,8 @@ def _cli_pty(lab: Lab, store: Store, *args: str, **env: str) -> tuple[int, str]:
     _cli(lab, store, "--version")  # writes the test inventory next to the store
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "certmgr", *args], stdout=slave, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "CERTMGR_STATE_DIR": str(store.root),
+                            env={**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "PYTHONPATH": str(REPO),
+                                 "CERTMGR_STATE_DIR": str(store.root),
                                  "CERTMGR_INVENTORY": str(Path(store.root).parent / "deploy-test-inventory.toml"),
                                  **env})
     os.close(slave)
@@ -240,13 +241,13 @@ def test_cli_deploy_streams_per_pop_lines_and_status_trusts_it(fresh: Lab, store
     assert status.stdout.count(f"current  ok       serial {serial}, last deploy deployed") == 4
     assert "BEHIND" not in status.stdout
 
-    code, out = _cli_pty(fresh, store, "-v", "deploy", MEDIA)
+    code, out = _cli_pty(fresh, store, "-v", "deploy", MEDIA, TERM="xterm")
     assert code == 0, out
     assert "deploy  [" in out and "4/4" in out  # click's bar, counting POPs
     assert "\x1b[32m" in out and f"{MEDIA} → sally v2 serial {serial} (already live) " in out  # -v: timings
     assert f"{MEDIA}: 4/4 POPs serve {serial}" in out
     code, out = _cli_pty(fresh, store, "deploy", MEDIA, NO_COLOR="1")
-    assert code == 0 and "4/4" in out and "\x1b[32m" not in out
+    assert code == 0 and f"{MEDIA}: 4/4 POPs serve {serial}" in out and "\x1b" not in out  # no colour, no bar
 
 
 # ---------------------------------------------------------------------------- nginx -t fails on one POP

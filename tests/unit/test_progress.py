@@ -111,7 +111,7 @@ def run_in_pty(env: dict[str, str]) -> str:
 
 def test_tty_streams_lines_above_a_bar_in_colour() -> None:
     """On a TTY: a click progress bar counting POPs, the status words coloured, every line and the closing line."""
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "TERM": "xterm"}
     out = run_in_pty(env)
     assert "deploy" in out and "3/3" in out  # the bar, with its position
     assert "\x1b[32m\x1b[1m" in out or "\x1b[32m" in out  # deployed/skipped in green
@@ -120,11 +120,13 @@ def test_tty_streams_lines_above_a_bar_in_colour() -> None:
     assert "media.test: 2/3 POPs serve 0B (expires 2027-03-01 09:30Z)" in out
 
 
-def test_no_color_is_honoured_on_a_tty() -> None:
-    """NO_COLOR set: the bar still shows on a TTY, but no colour escape is written."""
-    out = run_in_pty({**os.environ, "NO_COLOR": "1"})
-    assert "3/3" in out
-    assert "\x1b[32m" not in out and "\x1b[33m" not in out and "\x1b[1m" not in out
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_no_color_is_honoured_on_a_tty(env: dict[str, str]) -> None:
+    """NO_COLOR set (or TERM=dumb): on a TTY too, plain lines only, no escape sequence (no colour, no bar)."""
+    out = run_in_pty({**{k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}, **env})
+    assert "\x1b" not in out and "\r\n" in out and out.replace("\r\n", "\n").count("\r") == 0
+    assert "deployed    media.test → sally (canary) v7 serial 0A → 0B\r\n" in out
+    assert out.endswith("media.test: 2/3 POPs serve 0B (expires 2027-03-01 09:30Z)\r\n")
 
 
 def test_renew_lines_quiet_keeps_failures_only() -> None:
