@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__, log
+from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
@@ -21,7 +21,7 @@ DEFAULT_STATE_DIR = "/var/lib/certmgr"
 # Without --inventory: ./domains.toml, else the file the systemd unit uses.
 DEFAULT_INVENTORIES = (Path("domains.toml"), Path("/etc/certmgr/domains.toml"))
 EXIT_BUG = 70  # EX_SOFTWARE
-EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_TERMINATED = 143  # 128 + SIGTERM (interrupt.exit_code)
 EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
 
 
@@ -103,11 +103,42 @@ def _stdout_gone() -> NoReturn:
     sys.exit(EXIT_PIPE)
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM outside the event loop: no POP commit runs there (deploys run inside it), so stop now."""
+    interrupt.note(signum)
+    raise interrupt.Interrupted(signum)
+
+
+def interrupted(signum: int, finish: str | None = None) -> NoReturn:
+    """Exit 130 (SIGINT) or 143 (SIGTERM) with the one line saying what was done and what was not."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # exiting now: a further signal must not cut the line
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+            break
+    click.echo(interrupt.summary(interrupt.state(), finish=finish), err=True)
+    sys.exit(interrupt.exit_code(signum))
+
+
 class Group(click.Group):
-    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback."""
+    """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback.
+
+    SIGINT and SIGTERM end a command with exit 130/143 and one summary line, never click's `Aborted!`.
+    """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        """The console script's entry: a closed stdout (a pipe's reader gone) ends quietly, never a traceback."""
+        """The console script's entry: signals end with one summary line; a closed stdout ends quietly."""
+        import signal
+
+        interrupt.reset()
+        saved: dict[signal.Signals, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                saved[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (in-process tests): keep the defaults
+            pass
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -117,6 +148,11 @@ class Group(click.Group):
                     sys.stdout.flush()
         except BrokenPipeError:
             _stdout_gone()
+        except interrupt.Interrupted as exc:  # after the command, while click exits (which would say Aborted!)
+            interrupted(exc.signum)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:  # --help and --version print while the arguments are parsed
@@ -125,13 +161,20 @@ class Group(click.Group):
             _stdout_gone()
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
         try:
             return super().invoke(ctx)
         except CertmgrError as exc:
             fail(exc)
         except BrokenPipeError:
             _stdout_gone()  # before click's own EPIPE handling, which would exit 1
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+        except interrupt.Interrupted as exc:
+            interrupted(exc.signum, ctx.meta.get("certmgr.finish"))
+        except (KeyboardInterrupt, click.Abort):
+            interrupt.note(signal.SIGINT)
+            interrupted(signal.SIGINT, ctx.meta.get("certmgr.finish"))
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception:
             # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
@@ -267,38 +310,54 @@ def import_cmd(c: Ctx, src: Path, as_json: bool, stub: bool) -> None:
 
 
 def run_async(coro: Any) -> Any:
-    """The one asyncio.run; SIGTERM cancels the main task so `finally` cleanups still run."""
+    """The one asyncio.run; SIGINT/SIGTERM cancel the work and raise interrupt.Interrupted for Group to report.
+
+    Cancelling runs every `finally` (challenge records are removed) and starts nothing new; a POP
+    commit already running is waited for (deploy.py, at most interrupt.GRACE seconds) so that its
+    outcome is audited; a second signal stops that wait too (the next deploy settles it).
+    """
     import asyncio
     import signal
-
-    terminated = False
 
     async def wrapper() -> Any:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        assert task is not None
 
-        def on_term() -> None:
-            nonlocal terminated
-            terminated = True
-            if task is not None:
-                task.cancel()
+        def on_signal(signum: int) -> None:
+            running = len(interrupt.tally().committing)
+            if interrupt.note(signum) == 1 and running and sys.stderr.isatty():
+                click.echo(f"certmgr: {signal.Signals(signum).name}: stopping; waiting for {running} POP "
+                           f"commit{'s' if running != 1 else ''} already running (at most {interrupt.GRACE:g}s; "
+                           "again to stop at once)", err=True)
+            task.cancel()
 
         try:
-            loop.add_signal_handler(signal.SIGTERM, on_term)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
         return await coro
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return asyncio.run(wrapper())
-    except KeyboardInterrupt:
-        click.echo("certmgr: interrupted (cleanup done)", err=True)
-        sys.exit(130)
-    except asyncio.CancelledError:
-        if not terminated:
+        result = asyncio.run(wrapper())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        signum = interrupt.state().signum
+        if signum is None:
             raise
-        click.echo("certmgr: terminated by SIGTERM (cleanup done)", err=True)
-        sys.exit(EXIT_TERMINATED)
+        raise interrupt.Interrupted(signum) from None
+    finally:
+        # closing the loop put back the default handlers; Group's (which raise Interrupted) apply again
+        try:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        except (ValueError, TypeError):
+            pass
+    signum = interrupt.state().signum
+    if signum is not None:
+        raise interrupt.Interrupted(signum)  # came as the work ended
+    return result
 
 
 def env_flag(name: str) -> bool:
@@ -335,6 +394,9 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
     lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    tally = interrupt.tally()
+    tally.deploy_follows = not no_deploy and not dry_run
+    tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
                                    concurrency=concurrency))
@@ -637,6 +699,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     from certmgr import pipeline, progress
 
     inv = c.inventory()
+    click.get_current_context().meta["certmgr.finish"] = "certmgr run"
+    interrupt.tally().deploy_follows = not dry_run
     shown: list[progress.DeployProgress] = []
 
     def on_deploy(certs: Any, hosts: Any) -> Any:

@@ -7,6 +7,7 @@ rename(2), test, reload, verify by TLS handshake — and roll back with one rena
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import hashlib
 import logging
@@ -21,7 +22,8 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from certmgr import certcheck, popguard, sanitize
+from certmgr import certcheck, interrupt, popguard, sanitize
+from certmgr import intents as intents_mod
 from certmgr import remote as remote_mod
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -39,6 +41,8 @@ DIR_MODE = 0o755
 FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
 CONFIRM_ROUNDS = 3  # handshake rounds in a row that must all show the new serial
 CONFIRM_INTERVAL = 0.1
+# the intent of the commit this task is running: audit lines written for it carry its id (intents.py)
+_INTENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("certmgr_deploy_intent", default=None)
 
 
 class Status(StrEnum):
@@ -114,8 +118,10 @@ live=$root/live/$name
 arch=$root/archive/$name
 """
 
-INSPECT_SH = r"""root=$1 name=$2 test=$3 keyown=$4 lockwait=${5:-30}
+INSPECT_SH = r"""root=$1 name=$2 test=$3 keyown=$4 lockwait=${5:-30} waitlock=${6:-}
 """ + _COMMON_SH + LOCK_SH + r"""
+# Settling an interrupted deploy: wait for a commit that may still run here (it holds the lock to its end).
+if [ -n "$waitlock" ]; then lock; fi
 # The host died between the two renames of a certbot conversion (COMMIT_SH): put certbot's
 # directory back before nginx -t looks at the config. Every lineage, not just $name: the test
 # covers the whole host. Under the POP lock: a commit of another controller may be mid-way.
@@ -129,8 +135,10 @@ for bak in "$root"/live/.*.certbot-old; do
   fi
 done
 # certbot's directory is read under the POP lock: another controller's commit may be converting it
-# (live/<name> renamed away, then a link put in its place), and its links must be read whole.
-if [ -d "$live" ] && [ ! -L "$live" ]; then lock; fi
+# (live/<name> renamed away, then a link put in its place), and its links must be read whole. A
+# commit creates the lock file before converting, so without one there is nothing to wait for (and
+# a POP never deployed to is left exactly as it was).
+if [ -d "$live" ] && [ ! -L "$live" ] && [ -e "$root/archive/.certmgr.lock" ]; then lock; fi
 if [ -L "$live" ]; then
   say layout=link
   say "target=$(readlink -- "$live")"
@@ -503,6 +511,7 @@ class _Job:
     info: CertInfo
     local_version: int | None
     timings: dict[str, float] = field(default_factory=dict)
+    intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
 
 
 class _Deployer:
@@ -519,12 +528,15 @@ class _Deployer:
         self.loop = asyncio.get_running_loop()
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
         self.lock_wait = str(popguard.lock_wait(timeouts.command))
+        self.produced: list[HostOutcome] = []  # every outcome so far: what a cancelled deploy still saves
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 
     async def audit(self, action: str, obj: str, **kw: Any) -> None:
         if self.store is None:
             return
+        if (intent_id := _INTENT_ID.get()) is not None:
+            kw.setdefault("intent", intent_id)
         try:
             await asyncio.to_thread(self.store.audit, action, obj, **kw)
         except CertmgrError as exc:
@@ -592,6 +604,9 @@ class _Deployer:
                 tested_ok = False
                 for job in jobs:
                     job.timings["connect"] = connected
+                    if interrupt.stopping():
+                        outcomes.append(self.not_started(job, start=self.loop.time()))
+                        continue
                     outcome = await self.one(rem, job, preflight=not tested_ok)
                     outcomes.append(outcome)
                     if outcome.status == Status.UNKNOWN:
@@ -624,13 +639,97 @@ class _Deployer:
 
     def outcome(self, job: _Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
         elapsed = self.loop.time() - start
-        return HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
-                           timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+        interrupt.tally().outcome(job.cert.name, job.host.name, status.value)
+        o = HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
+                        timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+        self.produced.append(o)
+        return o
+
+    def not_started(self, job: _Job, *, start: float) -> HostOutcome:
+        """The outcome of a job a signal stopped before its commit: nothing on the host was switched."""
+        name = job.cert.name
+        return self.outcome(job, Status.HELD, start=start, hint=f"run `certmgr deploy {name}` to finish",
+                            error=f"deploy {name} → {job.host.name}: not started: interrupted (live unchanged)")
+
+    async def intend(self, job: _Job, *, version: int, layout: str | None, target: str | None, conv: str,
+                     old_serial: str | None) -> None:
+        """Record durably, before the commit starts, the switch it may make (settled by a later run if we die)."""
+        intent = intents_mod.Intent.new(
+            cert=job.cert.name, host=job.host.name, version=version, layout=layout or "none",
+            from_target=target or "", back_target=f"../archive/{job.cert.name}/{conv}" if conv else (target or ""),
+            from_serial=old_serial, to_serial=job.info.serial, now=dt.datetime.now(dt.UTC))
+        if self.store is not None:
+            try:
+                await asyncio.to_thread(intents_mod.write, self.store, intent)
+            except CertmgrError as exc:
+                raise DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)",
+                                  hint=exc.hint) from exc
+        job.intent = intent
+        _INTENT_ID.set(intent.id)
+        interrupt.tally().committing.add((job.cert.name, job.host.name))
+
+    async def settle(self, rem: RemoteSession, job: _Job, state: Result, inspect: Sequence[str]) -> Result:
+        """Settle what interrupted runs left for this certificate on this host, from its live link as inspected.
+
+        Returns the inspection to go on with: a fresh one when an intent was too young to tell "never
+        switched" from "its commit is still running there" (intents.recheck_in), else `state`.
+        """
+        if self.store is None:
+            return state
+        try:
+            left = await asyncio.to_thread(intents_mod.pending, self.store, job.cert.name, job.host.name)
+            if not left:
+                return state
+            wait = intents_mod.recheck_in(left, layout=state.get("layout"), target=state.get("target"),
+                                          versions=_versions(state), now=dt.datetime.now(dt.UTC))
+            if wait > 0:
+                # young: its commit may still be starting or running on the POP. Look again once the POP
+                # lock is free — a running commit holds it until it ends, so what we read then is final.
+                await asyncio.sleep(wait)
+                state = await rem.run_script(INSPECT_SH, [*inspect, "1"], step="inspect")
+                if (locked_out := popguard.lock_error(state, job.host, inspect[0])) is not None:
+                    raise DeployError(locked_out, hint=popguard.LOCK_HINT)  # wrapped just below
+            await asyncio.to_thread(intents_mod.settle, self.store, left, layout=state.get("layout"),
+                                    target=state.get("target"), versions=_versions(state))
+        except CertmgrError as exc:  # switching again before the last switch is audited would lose it
+            raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
+                              hint=exc.hint) from exc
+        return state
 
     async def one(self, rem: RemoteSession, job: _Job, *, preflight: bool = True) -> HostOutcome:
+        """Deploy one job; when cancelled (SIGINT/SIGTERM) while its commit runs, let it finish and audit first.
+
+        The commit script runs on on the POP whatever happens here; waiting (at most interrupt.GRACE, cut by a
+        second cancellation) lets its outcome be audited now rather than settled from its intent next run.
+        """
+        work = asyncio.ensure_future(self._one_audited(rem, job, preflight=preflight))  # own context: _INTENT_ID
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # polled: a task group cancels its tasks only once, so the second signal arrives as a count
+            deadline = self.loop.time() + interrupt.GRACE
+            while job.intent is not None and not work.done() and interrupt.state().count < 2:
+                if self.loop.time() >= deadline:
+                    break
+                await asyncio.wait([work], timeout=0.05)
+            if not work.done():
+                work.cancel()  # and let it unwind before the connection it uses is closed
+                await asyncio.wait([work], timeout=self.timeouts.connect)
+            if work.done() and not work.cancelled():
+                work.exception()  # retrieved: its outcome is in the tally and the audit log already
+            raise
+
+    async def _one_audited(self, rem: RemoteSession, job: _Job, *, preflight: bool) -> HostOutcome:
         start = self.loop.time() - job.timings.get("connect", 0.0)
         try:
-            return await self._one(rem, job, start, preflight=preflight)
+            outcome = await self._one(rem, job, start, preflight=preflight)
+            if job.intent is not None and self.store is not None:
+                # its outcome is audited (or nothing was switched): the intent has done its job
+                try:
+                    await asyncio.to_thread(intents_mod.remove, self.store, job.intent)
+                except CertmgrError as exc:  # harmless: the next deploy finds its audit line and drops it
+                    logger.error("deploy intent %s: %s", job.intent.relpath, exc)
+            return outcome
         except remote_mod.RemoteTimeout as exc:
             event(logger, logging.ERROR, "remote script timed out; host left alone", cert=job.cert.name,
                   host=job.host.name)
@@ -659,10 +758,9 @@ class _Deployer:
         # 0. preflight + state in one script
         rem.prefetch_sftp()
         keyown = host.privkey_chown
-        state = await rem.run_script(INSPECT_SH, [root, name, test if preflight else "", keyown, self.lock_wait],
-                                     step="inspect")
+        inspect = [root, name, test if preflight else "", keyown, self.lock_wait]
+        state = await rem.run_script(INSPECT_SH, inspect, step="inspect")
         job.timings["inspect"] = self.loop.time() - t
-        f = state.fields
         locked_out = popguard.lock_error(state, host, root)
         if locked_out:
             return self.outcome(job, Status.FAILED, start=start, error=f"{subject}: {locked_out} (nothing changed)",
@@ -672,6 +770,8 @@ class _Deployer:
                 f"inspect {host.name}: unexpected output (exit {state.exit_status}): "
                 f"{_quote_text(state.stderr or state.stdout, 300)} (nothing changed)",
                 hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
+        state = await self.settle(rem, job, state, inspect)
+        f = state.fields
         for restored in state.all("restored"):
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
@@ -700,7 +800,6 @@ class _Deployer:
         if (live_fullchain == job.material.fullchain and (layout != "link" or prev_version == version)
                 and key_owner_matches(keyown, state.get("key_owner"))
                 and all(_serial_of_probe(p) == job.info.serial for p in (await self.served(host, names)).values())):
-            await self._audit_unrecorded_switch(job, prev_version)
             return self.outcome(job, Status.SKIPPED, start=start, old_serial=old_serial, version=prev_version,
                                 previous_version=prev_version)
 
@@ -717,6 +816,8 @@ class _Deployer:
             return self.outcome(job, Status.FAILED, start=start, old_serial=old_serial,
                                 error=f"{subject}: {root}/live/{name} is neither a symlink nor certbot's "
                                       "directory (nothing changed)")
+        if interrupt.stopping():
+            return self.not_started(job, start=start)
 
         # 3. upload into a temp dir; the commit script verifies SHA-256 before anything is renamed
         t = self.loop.time()
@@ -741,6 +842,14 @@ class _Deployer:
                                 error=f"{subject}: {exc.message} during upload (live unchanged)",
                                 hint="rerun deploy; the partial upload is a hidden temp dir swept by the next run")
         job.timings["upload"] = self.loop.time() - t
+        if interrupt.stopping():
+            await rem.remove_tree_quietly(tmpdir)
+            return self.not_started(job, start=start)
+        try:
+            await self.intend(job, version=version, layout=layout, target=target, conv=conv, old_serial=old_serial)
+        except DeployError:
+            await rem.remove_tree_quietly(tmpdir)
+            raise
 
         # 4-6. verify sums, store, swap, test, reload — or swap back — in one script
         t = self.loop.time()
@@ -819,22 +928,6 @@ class _Deployer:
             logger.info("free space on %s: %s", host.name, exc)
             return None
         return popguard.upload_failure(host, path, free, files)
-
-    async def _audit_unrecorded_switch(self, job: _Job, version: int | None) -> None:
-        """Audit a switch nobody recorded: a run killed after the remote commit (which runs on) never wrote it."""
-        if self.store is None:
-            return
-        name, host = job.cert.name, job.host.name
-        try:
-            state = await asyncio.to_thread(self.store.load_json, f"state/deploy/{name}.json", default={})
-        except CertmgrError:
-            state = {}
-        recorded = ((state or {}).get("hosts", {}).get(host) or {}).get("serial")
-        if recorded == job.info.serial:
-            return
-        await self.audit("deployed", name, frm=recorded, to=job.info.serial, host=host, version=version,
-                         summary=f"found {name} on {host} already serving {job.info.serial}, a switch no run "
-                                 "recorded (an interrupted deploy); recorded now")
 
     async def _after_failed_test(self, job: _Job, res: Result, *, start: float, old_serial: str | None,
                                  version: int, prev_version: int | None, converted: bool) -> HostOutcome:
@@ -1019,6 +1112,7 @@ async def deploy(
                           "(nothing uploaded)", hint=certcheck.DEPLOY_HINT.format(name=cert.name)))
             continue
         info = material.info()
+        interrupt.tally().plan(cert.name, targets)
         for h in targets:
             by_host.setdefault(h, []).append(_Job(cert=cert, host=inventory.hosts[h], material=material,
                                                   info=info, local_version=local_version))
@@ -1036,6 +1130,8 @@ async def deploy(
 
     async def bounded(h: str) -> list[HostOutcome]:
         async with sem:
+            if interrupt.stopping():  # a signal asked to start nothing new
+                return told([deployer.not_started(job, start=deployer.loop.time()) for job in by_host[h]])
             return told(await deployer.host_task(inventory.hosts[h], by_host[h]))
 
     async def wave(names: Sequence[str]) -> list[HostOutcome]:
@@ -1043,9 +1139,16 @@ async def deploy(
             tasks = [tg.create_task(bounded(h)) for h in names]
         return [o for t in tasks for o in t.result()]
 
-    first = await wave(canaries) if canaries else []
-    outcomes.extend(first)
-    bad = [o for o in first if not o.ok]
+    try:
+        first = await wave(canaries) if canaries else []
+        outcomes.extend(first)
+        bad = [] if interrupt.stopping() else [o for o in first if not o.ok]  # stopped: rest is "not started"
+        if not bad:
+            outcomes.extend(await wave(rest))
+    except asyncio.CancelledError:
+        # a signal: keep what finished (commits under way were waited for); intents cover the rest
+        _save_state(store, deployer.produced, by_host, now)
+        raise
     if bad:
         why = ", ".join(sorted({o.host for o in bad}))
         for h in rest:
@@ -1054,11 +1157,13 @@ async def deploy(
                     cert=job.cert.name, host=h, status=Status.HELD, new_serial=job.info.serial,
                     error=f"deploy {job.cert.name} → {h}: held: canary {why} did not verify (not touched)",
                     hint="fix the canary, then rerun deploy")]))
-    else:
-        outcomes.extend(await wave(rest))
 
     await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
     return outcomes
+
+
+def _versions(state: Result) -> set[int]:
+    return {int(v) for v in state.all("version") if v.isdigit()}
 
 
 def _probe_with(timeouts: Timeouts) -> Prober:
@@ -1090,6 +1195,8 @@ def _save_state(store: Any, outcomes: Sequence[HostOutcome], by_host: Mapping[st
             entry = hosts_state.setdefault(o.host, {})
             entry.update({"status": o.status.value, "at": now.isoformat(), "error": o.error,
                           "wanted_serial": o.new_serial, "local_version": local_versions.get(name)})
+            if o.status == Status.DEPLOYED:
+                entry["deployed_at"] = now.isoformat()
             if o.status in (Status.DEPLOYED, Status.SKIPPED):
                 entry.update({"serial": o.new_serial, "version": o.version})
             elif o.status == Status.ROLLED_BACK:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from certmgr import deploy as deploy_mod
+from certmgr import intents as intents_mod
 from certmgr import log
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
@@ -100,8 +101,12 @@ class RunReport:
 
 
 def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.RenewOutcome],
-                 dry_run: bool) -> list[DeployPlan]:
-    """Renewed certificates go to all their hosts; others only to hosts not serving the local live version."""
+                 dry_run: bool, unsettled: Iterable[tuple[str, str]] = ()) -> list[DeployPlan]:
+    """Renewed certificates go to all their hosts; others only to hosts not serving the local live version.
+
+    `unsettled` (cert, host) pairs have an interrupted deploy to settle (intents.py): they are deployed
+    to as well, which settles them (and skips the host when it already serves the live version).
+    """
     renewed = {o.name for o in renewals if o.status in (("renewed", "planned") if dry_run else ("renewed",))}
     failed = {o.name for o in renewals if o.status == "failed"}
     live = {c.name: c.live_sha256 for c in scan.certificates}
@@ -112,6 +117,9 @@ def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.
         if want is not None and sha != want:
             why = r.error or ("serves an older certificate" if r.info else "serves nothing")
             behind.setdefault(r.endpoint.cert, {}).setdefault(r.endpoint.host, why)
+    for cert_name, host in unsettled:
+        if cert_name in live:
+            behind.setdefault(cert_name, {}).setdefault(host, "an interrupted deploy to settle")
     plans = []
     for cert in inv.certificates:
         if not cert.hosts:
@@ -248,8 +256,10 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
     if channels:
         await alert(failure_messages(renewals, ()))
 
-    # 3. deploy where behind: every host for renewed certificates, lagging hosts for the rest
-    plans = plan_deploys(inv, before, renewals, dry_run)
+    # 3. deploy where behind: every host for renewed certificates, lagging hosts for the rest, and
+    #    where an interrupted run may have switched live/ without recording it
+    unsettled = [] if dry_run else [(i.cert, i.host) for i in intents_mod.pending(store)]
+    plans = plan_deploys(inv, before, renewals, dry_run, unsettled)
     deploys: tuple[deploy_mod.HostOutcome, ...] = ()
     if plans and not dry_run:
         by_name = {c.name: c for c in certs}

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, keys
+from certmgr import certcheck, interrupt, keys
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -197,8 +197,18 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
     results: dict[str, RenewOutcome] = {}
 
     async def one(cert: Certificate) -> None:
-        async with sem:
-            results[cert.name] = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+        started = False
+        try:
+            async with sem:
+                started = True
+                results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+        except asyncio.CancelledError:  # SIGINT/SIGTERM: an order under way is abandoned, its `finally`s clean up
+            if not dry_run:
+                tally = interrupt.tally()
+                (tally.renew_cut if started else tally.not_renewed).append(cert.name)
+            raise
+        if out.status == "renewed":
+            interrupt.tally().renewed[cert.name] = out.version
 
     try:
         if not dry_run:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from certmgr import intents as intents_mod
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
 from certmgr import sanitize
@@ -32,6 +33,8 @@ class PopView:
     last_deploy: str | None  # status of the last deploy to this host
     last_deploy_at: str | None
     source: str = "scan"  # where `serves`/`current` come from: "scan", "deploy" (verified, newer than the scan)
+    deployed_at: str | None = None  # when live/<name> last switched to a new version there (settled ones too)
+    unsettled: bool = False  # an interrupted deploy left an intent the next deploy settles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +69,9 @@ class CertView:
         elif self.past_grace:
             out.append((2, "renewal overdue"))
         for p in self.pops:
-            if p.current is False:
+            if p.unsettled:
+                out.append((2, f"{p.host} deploy interrupted"))
+            elif p.current is False:
                 out.append((2, f"{p.host} behind"))
             elif p.severity in ("critical", "error"):
                 out.append((2, f"{p.host} {p.severity}"))
@@ -90,7 +95,8 @@ class CertView:
             "level": self.level, "needs": [why for _, why in self.findings()],
             "pops": [{"host": p.host, "serves": p.serves, "severity": p.severity, "current": p.current,
                       "source": p.source, "problems": list(p.problems), "last_deploy": p.last_deploy,
-                      "last_deploy_at": p.last_deploy_at} for p in self.pops],
+                      "last_deploy_at": p.last_deploy_at, "deployed_at": p.deployed_at,
+                      "unsettled": p.unsettled} for p in self.pops],
         }
 
 
@@ -121,9 +127,10 @@ def _newer(at: str | None, than: str | None) -> bool:
 
 
 def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],
-             scanned_at: str | None) -> PopView:
+             scanned_at: str | None, *, unsettled: bool = False) -> PopView:
     """One POP: the last scan's view, unless a later deploy verified what this POP serves."""
     last, last_at = deployed.get("status"), deployed.get("at")
+    switched = deployed.get("deployed_at")
     if (info is not None and last in ("deployed", "skipped", "rolled back") and deployed.get("serial")
             and _newer(last_at, scanned_at)):
         # deploy confirmed the served serial by handshake (a rollback confirmed the old one is served)
@@ -132,7 +139,8 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
         shown = serial_text(key) if key is not None else str(deployed["serial"])
         why: tuple[str, ...] = () if same else ("a deploy rolled back: serves the old certificate",)
         return PopView(host=host, serves=shown, severity="ok" if same else "critical", current=same, problems=why,
-                       last_deploy=last, last_deploy_at=last_at, source="deploy")
+                       last_deploy=last, last_deploy_at=last_at, source="deploy", deployed_at=switched,
+                       unsettled=unsettled)
     serials = sorted({e.get("serial") or "-" for e in eps})
     sevs = [e.get("severity") for e in eps if e.get("severity")]
     worst = max(sevs, key=lambda s: ("ok", "warning", "critical", "error").index(s)) if sevs else None
@@ -143,7 +151,8 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
     problems = tuple(dict.fromkeys(sanitize.line(str(p)) for e in eps for p in (e.get("problems") or [])
                                    + ([e["error"]] if e.get("error") else [])))
     return PopView(host=host, serves=", ".join(serials) if eps else None, severity=worst, current=current,
-                   problems=problems, last_deploy=last, last_deploy_at=last_at)
+                   problems=problems, last_deploy=last, last_deploy_at=last_at, deployed_at=switched,
+                   unsettled=unsettled)
 
 
 def gather(inv: Inventory, store: Any, *, now: dt.datetime,
@@ -163,11 +172,12 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime,
         decision = plan_mod.decide(cert, info, rstate, now)
         scan = store.load_json(f"state/scan/{cert.name}.json", default={}) or {}
         deploy = (store.load_json(f"state/deploy/{cert.name}.json", default={}) or {}).get("hosts", {})
+        unsettled = {i.host for i in intents_mod.pending(store, cert.name)}
         per_host: dict[str, list[dict[str, Any]]] = {}
         for ep in scan.get("endpoints", []):
             per_host.setdefault(ep.get("host"), []).append(ep)
-        pops = [pop_view(host, per_host.get(host, []), info, deploy.get(host, {}), scan.get("scanned_at"))
-                for host in cert.hosts]
+        pops = [pop_view(host, per_host.get(host, []), info, deploy.get(host, {}), scan.get("scanned_at"),
+                         unsettled=host in unsettled) for host in cert.hosts]
         views.append(CertView(
             name=cert.name, domains=cert.domains, live_version=version, serial=info.serial if info else None,
             not_after=info.not_after if info else None,
@@ -202,8 +212,12 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
         for p in v.pops:
             mark = {True: "current", False: "BEHIND", None: "unknown"}[p.current]
             dep = f", last deploy {p.last_deploy} {_short(p.last_deploy_at)}" if p.last_deploy else ""
+            if p.deployed_at and (p.last_deploy != "deployed" or p.deployed_at != p.last_deploy_at):
+                dep += f" (switched {_short(p.deployed_at)})"
             if p.source == "deploy":
-                dep += " (verified by that deploy, after the scan)"
+                dep += " (verified by that deploy" + (", after the last scan)" if v.scanned_at else ")")
+            if p.unsettled:
+                dep += f", INTERRUPTED deploy not settled yet (`certmgr deploy {v.name}` settles it)"
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""
             out.append(f"    {p.host:<20} {mark:<8} {p.severity or '-':<8} serial {p.serves or '-'}{dep}{prob}")
     return out

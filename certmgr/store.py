@@ -495,6 +495,36 @@ class Store:
         except OSError as exc:
             raise StoreError(f"store {relpath}: cannot write: {_strerror(exc)} (previous content kept)") from exc
 
+    def remove_json(self, relpath: str) -> None:
+        """Remove `<root>/<relpath>` (under state/ or accounts/) durably; absent is fine.
+
+        Concurrency: hold `lock()`.
+        """
+        path = self._json_path(relpath)
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"store {relpath}: cannot remove: {_strerror(exc)}") from exc
+
+    def list_json(self, reldir: str) -> list[Any]:
+        """The parsed `*.json` files anywhere under `<root>/<reldir>`, by path; unreadable ones are skipped.
+
+        Concurrency: lock-free; sees whole files only (writers replace atomically).
+        """
+        base = self._json_path(reldir)
+        out = []
+        for path in sorted(base.rglob("*.json")) if base.is_dir() else []:
+            if path.name.startswith("."):
+                continue  # a writer's temporary
+            try:
+                out.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError) as exc:
+                logger.warning("store: %s: %s (skipped)", path, exc)
+        return out
+
     def _json_path(self, relpath: str) -> Path:
         parts = relpath.split("/")
         if (

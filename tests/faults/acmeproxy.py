@@ -6,8 +6,8 @@ programmable per request kind (new-order, challenge, finalize, …) and identifi
 
 * `fail(kind, status, typ, detail, times=N, retry_after=S)` — answer N requests with an ACME
   problem instead of forwarding them (503 + Retry-After, 429 rateLimited, a hostile detail…);
-* `hold(kind, after=False|True)` — stop the request before it reaches Pebble (or after Pebble
-  answered, before the client sees the answer) until `release()`: a test kills certmgr at
+* `hold(kind, after=False|True)` — stop the request before it reaches Pebble (or after Pebble carried it out
+  and answered, before the client sees the answer; an error answer is passed on) until `release()`: a test kills certmgr at
   exactly that step (`wait_held()` says when it got there);
 * `rewrite_token(token)` — replace every dns-01 challenge token in authorization responses;
 * `rewrite_certificate(fn)` — pass every certificate download (the default chain and each
@@ -153,7 +153,8 @@ class ACMEProxy:
         return rule
 
     def hold(self, kind: str, *, ident: str | None = None, after: bool = False, drop: bool = True) -> Rule:
-        """Hold the next matching request before Pebble sees it (or, `after`, once Pebble answered).
+        """Hold the next matching request before Pebble sees it (or, `after`, once Pebble carried it out:
+        an error answer such as a random badNonce is passed on and the next request waited for).
 
         Once released, a held request is dropped (connection closed: the client was killed meanwhile)
         or, with `drop=False`, carried on as if nothing had happened.
@@ -267,6 +268,12 @@ class ACMEProxy:
         cert_rewrite = self.cert_rewrite
         if kind == "certificate" and status == 200 and cert_rewrite is not None:
             data = cert_rewrite(path, data)
+        if rule is not None and rule.hold == "after" and status >= 400:
+            # The CA refused this one (Pebble's random badNonce, 5 %): the step did not happen, so it
+            # is not the moment to hold. Pass it on and wait for the request that the CA carries out.
+            with self._lock:
+                rule.hits -= 1
+            rule = None
         if rule is not None and rule.hold == "after":
             if rule.drop:  # recorded before anyone is told: the CA did answer, the client never saw it
                 self._record(h, kind, path, idents, status, True)

@@ -12,7 +12,9 @@ unchanged, and the process dies exactly as a power cut or the OOM killer would l
 * `live-swap`      — a version is renamed into `archive/` but the rename of `live/<name>` onto it has
   not happened yet (between the two renames that make a new version live);
 * `audit-renewed`  — `live/<name>` already switched, half-way through appending the `renewed` line to
-  audit.log (a torn last line; the renewal state is not saved either).
+  audit.log (a torn last line; the renewal state is not saved either);
+* `intent-remove`  — a POP's switch is in the audit log, but the deploy intent written before its commit
+  is not removed yet (the next run must not audit that switch a second time).
 """
 
 from __future__ import annotations
@@ -57,8 +59,17 @@ def arm(step: str) -> None:
             real_replace(src, dst, *args, **kwargs)
 
         os.replace = replace
+    elif step == "intent-remove":
+        real_unlink = os.unlink
+
+        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            if "/state/intents/" in os.fspath(path):
+                _die()
+            real_unlink(path, *args, **kwargs)
+
+        os.unlink = unlink
     else:
-        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap, audit-renewed)")
+        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap, audit-renewed, intent-remove)")
 
 
 def main(argv: list[str]) -> None:

@@ -96,7 +96,7 @@ def test_verified_deploy_after_the_scan_shows_current(env: tuple[Path, Store, di
     code, out = status(inv, store)
     assert code == 0, out
     assert out.count("current  ok       serial " + a.serial) == 2
-    assert "BEHIND" not in out and "(verified by that deploy, after the scan)" in out
+    assert "BEHIND" not in out and "(verified by that deploy, after the last scan)" in out
     assert out.splitlines()[-1] == "status: 2 certificate(s), nothing needs action (exit 0)"
 
 
@@ -173,3 +173,16 @@ def test_a_failed_attempt_inside_the_window_is_the_timers_business(tmp_path: Pat
     assert view.findings() == []
     [later] = status_mod.gather(inv, store, now=NOW + dt.timedelta(days=1, hours=1), certs=inv.select(["b.example.test"]))
     assert later.findings() == [(2, "renewal overdue")]
+
+
+def test_an_interrupted_deploy_needs_action(env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """A POP with an unsettled deploy intent (an interrupted deploy) needs action: `certmgr deploy NAME` settles it."""
+    import dataclasses
+
+    _, store, infos = env
+    b = infos["b.example.test"]
+    scan_state(store, "b.example.test", at(-1), {"pop1": (b.serial, b.sha256, "ok")})
+    [view] = status_mod.gather(loads(INV), store, now=NOW, certs=loads(INV).select(["b.example.test"]))
+    assert view.findings() == []
+    pop = dataclasses.replace(view.pops[0], unsettled=True)
+    assert dataclasses.replace(view, pops=(pop,)).findings() == [(2, "pop1 deploy interrupted")]
