@@ -47,3 +47,12 @@ def test_certinfo_serial_equals_openssl_output(serial: int) -> None:
     out = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=cert.public_bytes(serialization.Encoding.PEM),
                          capture_output=True, check=True).stdout.decode().strip()
     assert out == f"serial={CertInfo.from_cert(cert).serial}"
+
+
+@pytest.mark.parametrize("text", ["0A3F", "0a3f", "a3f", "0x0A3F", "0A:3F", " 0A3F "])
+def test_revoke_serial_argument_matches_by_value(text: str) -> None:
+    """`revoke --serial` accepts what openssl, certmgr or a CA page show: compared by value, not by spelling."""
+    from certmgr.revoke import _serial_value
+
+    assert _serial_value(text) == 0x0A3F
+    assert _serial_value("not-hex") is None
