@@ -112,7 +112,7 @@ def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.
     failed = {o.name for o in renewals if o.status == "failed"}
     live = {c.name: c.live_sha256 for c in scan.certificates}
     behind: dict[str, dict[str, str]] = {}
-    for r in scan.endpoints:
+    for r in scan.iter_endpoints():
         sha = r.info.sha256 if r.info else None
         want = live.get(r.endpoint.cert)
         if want is not None and sha != want:
@@ -228,9 +228,9 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
 
     # 1. scan: what every POP really serves, against the local live versions
     before = await scan_mod.scan(inv, store, now=now, concurrency=scan_concurrency)
-    log.event(_log, logging.INFO, "run: scanned", endpoints=len(before.endpoints), severity=before.severity)
+    log.event(_log, logging.INFO, "run: scanned", endpoints=before.endpoint_count, severity=before.severity)
     log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
-                         for r in before.endpoints if r.severity != "ok"))
+                         for r in before.iter_endpoints() if r.severity != "ok"))
 
     # A rolled-back certificate stays on its pinned version (plan.pin_hold); say so, every run
     notes = tuple(pin.note(c.name) for c in certs if (pin := _pin(store, c.name)) is not None)
@@ -330,7 +330,7 @@ def render(report: RunReport, *, deploys_shown: bool = False) -> list[str]:
     `deploys_shown`: the deploy outcomes were already printed as they happened (progress), so not again."""
     out = []
     head = "plan only (--dry-run: nothing ordered, nothing deployed, nothing sent)" if report.dry_run else "run"
-    out.append(f"{head}: scanned {len(report.scan_before.endpoints)} endpoints "
+    out.append(f"{head}: scanned {report.scan_before.endpoint_count} endpoints "
                f"({report.scan_before.severity})")
     out += [f"  {note}" for note in report.notes]
     for o in report.renewals:
@@ -350,7 +350,7 @@ def render(report: RunReport, *, deploys_shown: bool = False) -> list[str]:
             out.append(f"              hint: {d.hint}")
     if report.scan_after is not None:
         f = report.scan_after
-        out.append(f"verify: {len(f.endpoints)} endpoints {f.severity}")
+        out.append(f"verify: {f.endpoint_count} endpoints {f.severity}")
         for c in f.certificates:
             if c.severity == "ok":
                 continue
