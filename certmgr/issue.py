@@ -377,6 +377,25 @@ class ACMEClient:
         return RenewalInfo(start=start.astimezone(dt.UTC), end=end.astimezone(dt.UTC), retry_after=retry,
                            explanation_url=resp.json().get("explanationURL"))
 
+    # ------------------------------------------------------------ revocation
+
+    async def revoke(self, leaf: x509.Certificate, reason: int, *, step: str) -> bool:
+        """RFC 8555 §7.6: revoke `leaf`, signed with the account key of the account that ordered it.
+
+        `reason` is an RFC 5280 §5.3.1 CRLReason code. True when revoked now, False when the CA says it
+        already was (`alreadyRevoked`). Call `ensure_account` first.
+        """
+        net = self._net()
+        try:
+            await self.call(net, step, ClientV2(self.directory, net).revoke, leaf, reason, outcome="not revoked")
+        except ACMEError as exc:
+            if exc.typ == ERR + "alreadyRevoked":
+                return False
+            raise
+        finally:
+            net.session.close()
+        return True
+
     # ------------------------------------------------------------ the order
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
@@ -491,7 +510,9 @@ class ACMEClient:
                 ident = authz.identifier.value
                 domain = f"*.{ident}" if authz.wildcard else ident
                 value = chall.chall.validation(self.account_key)
-                prov, rec = await locate(inventory, providers, domain, value)
+                prov, rec = await locate(inventory, providers, domain, value, token=chall.chall.encode("token"),
+                                         key_authorization=chall.chall.key_authorization(self.account_key),
+                                         prefer=cert.dns)
                 placed.setdefault(prov.name, (prov, []))[1].append(rec)
             if journal is not None:  # before any UPDATE: a kill from here on leaves the records listed
                 for name, (_, recs) in placed.items():

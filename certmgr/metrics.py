@@ -146,7 +146,7 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertState]:
             hosts = {}
         deploys = {h: (str(d.get("status")), _parse(d.get("at"))) for h, d in sorted(hosts.items())
                    if isinstance(d, dict) and d.get("status") and h in cert.hosts}
-        decision = plan_mod.decide(cert, info, rstate, now)
+        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
                              not_after=info.not_after if info else None, overdue=decision.overdue,
                              renew=rstate, deploys=deploys))
@@ -214,7 +214,8 @@ def lines(*, scan: ScanResult, report: RunReport, certs: Sequence[CertState], re
                 add("certmgr_deploy_last_timestamp_seconds", at.timestamp(), certificate=c.name, host=host)
 
     live = {c.name: c.live_sha256 for c in scan.certificates}
-    for (cert, host), group in _by_cert_host(scan.endpoints):
+    # every endpoint (ScanResult.endpoints holds only the most urgent 1,000 of a large scan)
+    for (cert, host), group in _by_cert_host(scan.iter_endpoints()):
         read = [r for r in group if r.info is not None]
         if read:
             soonest = min(read, key=lambda r: r.info.not_after if r.info else dt.datetime.max)
