@@ -551,24 +551,24 @@ class Soak:
         swaps = [e for e in audit if e.get("action") in ("deployed", "rolled back")]
         explained: set[tuple[str, str, str]] = set()
         for e in swaps:
-            explained.add((str(e.get("host")), str(e.get("object")), str(e.get("to"))))
+            explained.add((str(e.get("host")), str(e.get("object")), _serial(e.get("to"))))
             if e.get("action") == "rolled back":  # the failed version may have been served for a moment
-                explained.add((str(e.get("host")), str(e.get("object")), str(e.get("from"))))
+                explained.add((str(e.get("host")), str(e.get("object")), _serial(e.get("from"))))
         first: set[tuple[str, str]] = set()
         seen: set[tuple[str, str, str]] = set()
         for ch in self.observer.changes:
-            seen.add((ch.pop, ch.lineage, ch.serial))
+            seen.add((ch.pop, ch.lineage, _serial(ch.serial)))
             if (ch.pop, ch.sni) not in first:
                 first.add((ch.pop, ch.sni))
                 continue  # what was served when the soak began
-            if (ch.pop, ch.lineage, ch.serial) not in explained:
+            if (ch.pop, ch.lineage, _serial(ch.serial)) not in explained:
                 self.report.violations.append(Violation(
                     ch.time, "unaudited-change", f"{ch.pop}/{ch.sni}",
                     f"now serves {ch.serial}; no deployed/rolled back line for {ch.pop} {ch.lineage} names it"))
         brief = 0
         deployed = [e for e in swaps if e.get("action") == "deployed"]
         for i, e in enumerate(deployed):
-            key = (str(e.get("host")), str(e.get("object")), str(e.get("to")))
+            key = (str(e.get("host")), str(e.get("object")), _serial(e.get("to")))
             if key in seen:
                 continue
             t = _epoch(e.get("time"))
@@ -632,6 +632,14 @@ class Soak:
             if last[k] > 1.5 * plateau + 65536:
                 self.report.violations.append(Violation(
                     time.time(), "unbounded-growth", k, f"{plateau:,.0f} → {last[k]:,.0f} bytes"))
+
+
+def _serial(value: object) -> str:
+    """A serial in one form whatever the writer's (certmgr writes openssl's `0A1B`, the observer `a1b`)."""
+    try:
+        return format(int(str(value).replace(":", ""), 16), "x")
+    except ValueError:
+        return str(value)
 
 
 def _epoch(value: object) -> float:
