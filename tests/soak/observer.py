@@ -40,7 +40,7 @@ class Change:
     pop: str
     sni: str
     lineage: str
-    serial: str  # lower-case hex, as certmgr's audit log writes it
+    serial: str  # lower-case hex without padding; the end checks compare serials by value
     not_before: float
     not_after: float
 
