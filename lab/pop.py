@@ -150,7 +150,8 @@ worker_processes 1;
 # The lab runs nginx as its child (reaped the moment it stops); `-s reload` works the same.
 daemon off;
 pid {p.nginx_pid};
-error_log {p.nginx_error_log};
+# notice: reloads are logged ("signal process started", "…, reconfiguring"): tests and benchmarks count them
+error_log {p.nginx_error_log} notice;
 events {{ worker_connections 256; }}
 http {{
     default_type text/plain;
