@@ -376,7 +376,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
-                                   concurrency=concurrency))
+                                   concurrency=concurrency, release_pins=bool(names)))
         deployed: list[Any] = []
         renewed = [o.name for o in outcomes if o.status == "renewed"]
         if renewed and not no_deploy and not dry_run:
@@ -428,6 +428,24 @@ def _report_deploy(outcomes: list[Any], *, as_json: bool) -> bool:
     return all(o.ok for o in outcomes)
 
 
+def _unpin(c: Ctx, store: Any, certs: Any, *, named: bool) -> None:
+    """`deploy NAME` clears a rollback pin (the newest usable version goes live again); `--all` keeps pins."""
+    import datetime as dt
+
+    from certmgr import pins
+    from certmgr.rollback import roll_forward
+
+    for cert in certs:
+        if named:
+            line = roll_forward(store, c.inventory(), cert, now=dt.datetime.now(dt.UTC))
+            if line:
+                click.echo(line)
+        else:
+            pin = pins.load_pin(store, cert.name)
+            if pin is not None:
+                click.echo(f"note: {pin.note(cert.name)}")
+
+
 @main.command("deploy")
 @click.argument("names", nargs=-1)
 @click.option("--all", "all_certs", is_flag=True, help="Deploy every certificate in the inventory.")
@@ -458,6 +476,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store()
     with store.lock("deploy"):
+        _unpin(c, store, certs, named=bool(names))
         outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
                                     accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
                                     now=dt.datetime.now(dt.UTC)))
@@ -806,3 +825,87 @@ def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, paral
     command.save_quietly(c.store, report)
     click.echo(command.output(report, inv, as_json=as_json, stub_wanted=stub))
     sys.exit(report.exit_code)
+
+
+# ---------------------------------------------------------------- rollback and revoke (issue 13)
+
+
+@main.command("rollback")
+@click.argument("name")
+@click.option("--to", "to", type=click.IntRange(1, None), metavar="VERSION",
+              help="The stored version to go back to [default: the one below the live version].")
+@click.option("--hosts", "hosts_csv", metavar="H,...|tag:T", help="Only these hosts now (the others follow the pin).")
+@click.option("--dry-run", is_flag=True, help="Check the version and show what would happen; change nothing.")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_ctx
+def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_run: bool, parallel: int,
+                 no_notify: bool, as_json: bool) -> None:
+    """Make an earlier version of NAME live in the store and on its POPs, and pin it; exit 1 unless all serve it.
+
+    Refuses a version that is expired, revoked by certmgr, or whose key does not match its certificate.
+    `run` keeps the pinned version (and says so) until `certmgr deploy NAME` or `certmgr renew NAME`.
+    """
+    import contextlib
+    import datetime as dt
+
+    from certmgr.rollback import rollback
+
+    inv = c.inventory()
+    [cert] = inv.select([name])
+    store = c.store_readonly() if dry_run else c.store()
+    lock: Any = contextlib.nullcontext() if dry_run else store.lock("certmgr rollback")
+    with lock:
+        result = run_async(rollback(inv, store, cert, to=to, hosts=_csv(hosts_csv), dry_run=dry_run,
+                                    now=dt.datetime.now(dt.UTC), parallel=parallel,
+                                    channels=() if dry_run or no_notify else list(inv.channels.values())))
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        for line in result.lines():
+            click.echo(line)
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.command("revoke")
+@click.argument("name")
+@click.option("--reason", required=True, type=click.Choice(["keyCompromise", "superseded", "cessationOfOperation",
+                                                            "affiliationChanged"]),
+              help="RFC 5280 revocation reason; keyCompromise revokes every stored version sharing the key.")
+@click.option("--version", "version", type=click.IntRange(1, None), metavar="N",
+              help="Revoke this stored version [default: the live one].")
+@click.option("--serial", metavar="HEX", help="Revoke the stored version with this serial.")
+@click.option("--now", "now_first", is_flag=True,
+              help="Revoke first, then replace and deploy (clients see errors until the replacement is served).")
+@click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_ctx
+def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str | None, now_first: bool,
+               parallel: int, no_notify: bool, as_json: bool) -> None:
+    """Replace NAME with a new key on every POP, verify, then revoke the old certificate(s) at the CA.
+
+    With --now the old certificate is revoked first. Exit 1 unless everything was replaced and revoked.
+    """
+    import datetime as dt
+
+    from certmgr.revoke import revoke
+
+    if version is not None and serial is not None:
+        raise UsageError("revoke: give --version or --serial (not both)")
+    inv = c.inventory()
+    [cert] = inv.select([name])
+    store = c.store()
+    with store.lock("certmgr revoke"):
+        result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,
+                                  now_first=now_first, now=dt.datetime.now(dt.UTC), parallel=parallel,
+                                  channels=() if no_notify else list(inv.channels.values())))
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        for line in result.lines():
+            click.echo(line)
+    if not result.ok:
+        sys.exit(1)

@@ -377,6 +377,25 @@ class ACMEClient:
         return RenewalInfo(start=start.astimezone(dt.UTC), end=end.astimezone(dt.UTC), retry_after=retry,
                            explanation_url=resp.json().get("explanationURL"))
 
+    # ------------------------------------------------------------ revocation
+
+    async def revoke(self, leaf: x509.Certificate, reason: int, *, step: str) -> bool:
+        """RFC 8555 §7.6: revoke `leaf`, signed with the account key of the account that ordered it.
+
+        `reason` is an RFC 5280 §5.3.1 CRLReason code. True when revoked now, False when the CA says it
+        already was (`alreadyRevoked`). Call `ensure_account` first.
+        """
+        net = self._net()
+        try:
+            await self.call(net, step, ClientV2(self.directory, net).revoke, leaf, reason, outcome="not revoked")
+        except ACMEError as exc:
+            if exc.typ == ERR + "alreadyRevoked":
+                return False
+            raise
+        finally:
+            net.session.close()
+        return True
+
     # ------------------------------------------------------------ the order
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,

@@ -146,7 +146,7 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertState]:
             hosts = {}
         deploys = {h: (str(d.get("status")), _parse(d.get("at"))) for h, d in sorted(hosts.items())
                    if isinstance(d, dict) and d.get("status") and h in cert.hosts}
-        decision = plan_mod.decide(cert, info, rstate, now)
+        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
                              not_after=info.not_after if info else None, overdue=decision.overdue,
                              renew=rstate, deploys=deploys))

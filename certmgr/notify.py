@@ -26,7 +26,8 @@ from certmgr.scan import SEVERITY_RANK, CertSummary, EndpointResult, ScanResult
 
 _log = logging.getLogger(__name__)
 
-KINDS = ("problem", "worse", "repeat", "resolved", "test", "digest", "summary", "failure")
+KINDS = ("problem", "worse", "repeat", "resolved", "test", "digest", "summary", "failure", "rollback",
+         "revoke")
 DIGEST_AFTER = 5  # more alerts than this for one channel in one run become one digest message
 _COLOURS = {"ok": 0x2ECC71, "warning": 0xF1C40F, "critical": 0xE74C3C, "error": 0x8E44AD}
 _ICONS = {"ok": "✅", "warning": "⚠️", "critical": "🔴", "error": "❌"}

@@ -16,10 +16,11 @@ from typing import Any
 
 from certmgr import deploy as deploy_mod
 from certmgr import intents as intents_mod
-from certmgr import log
+from certmgr import log, pins
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
 from certmgr import scan as scan_mod
+from certmgr.errors import CertmgrError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.scan import SEVERITY_RANK, ScanResult
 
@@ -187,6 +188,10 @@ def summary_message(report: RunReport, alerts: Sequence[notify_mod.Alert]) -> no
     for o in renewed:
         exp = o.new_not_after.date().isoformat() if o.new_not_after else "?"
         lines.append(f"renewed {o.name}: serial {o.new_serial} (expires {exp})")
+        if o.unpinned is not None:
+            lines.append(f"unpinned {o.name}: renewal could wait no longer; rolled-back version {o.unpinned} "
+                         f"replaced by version {o.version} ({o.decision.reason})")
+    lines += list(report.notes)
     per_cert = Counter(o.cert for o in deployed)
     for cert, n in per_cert.items():
         lines.append(f"deployed {cert} to {n} host{'s' if n != 1 else ''}")
@@ -221,7 +226,12 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
     log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
                          for r in before.endpoints if r.severity != "ok"))
 
-    # 2. renew what is due (plan.decide: ARI window, renew_before, backoff)
+    # A rolled-back certificate stays on its pinned version (plan.pin_hold); say so, every run
+    notes = tuple(pin.note(c.name) for c in certs if (pin := _pin(store, c.name)) is not None)
+    for note in notes:
+        log.event(_log, logging.WARNING, "run: " + note, cert=note.split()[1])
+
+    # 2. renew what is due (plan.decide: ARI window, renew_before, backoff, pins)
     renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=dry_run,
                                            concurrency=renew_concurrency))
     for o in renewals:
@@ -274,7 +284,7 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
         scan_mod.save_state(store, after)
 
     report = RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
-                       deploy_plan=tuple(plans), deploys=deploys, scan_after=after)
+                       deploy_plan=tuple(plans), deploys=deploys, scan_after=after, notes=notes)
 
     # 5. notify: one summary when anything happened, else only deduplicated expiry alerts
     if channels and after is not None:
@@ -296,7 +306,15 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
 
     return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
                      deploy_plan=tuple(plans), deploys=deploys, scan_after=after, messages=tuple(messages),
-                     elapsed=time.monotonic() - t0)
+                     elapsed=time.monotonic() - t0, notes=notes)
+
+
+def _pin(store: Any, name: str) -> pins.Pin | None:
+    try:
+        return pins.load_pin(store, name) if store is not None else None
+    except CertmgrError as exc:
+        log.event(_log, logging.WARNING, "run: pin unreadable, ignored", cert=name, error=str(exc))
+        return None
 
 
 def render(report: RunReport) -> list[str]:
@@ -305,6 +323,7 @@ def render(report: RunReport) -> list[str]:
     head = "plan (dry run: nothing changed)" if report.dry_run else "run"
     out.append(f"{head}: scanned {len(report.scan_before.endpoints)} endpoints "
                f"({report.scan_before.severity})")
+    out += [f"  {note}" for note in report.notes]
     for o in report.renewals:
         if report.dry_run:
             verb = "would renew" if o.status == "planned" else o.status

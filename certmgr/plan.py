@@ -88,7 +88,7 @@ class Decision:
     overdue_at: dt.datetime | None = None
     not_after: dt.datetime | None = None
     blocked_until: dt.datetime | None = None  # backoff or the CA's Retry-After after failures
-    source: str = "lifetime"  # "ari" | "renew_before" | "lifetime" | "missing" | "changed"
+    source: str = "lifetime"  # "ari" | "renew_before" | "lifetime" | "missing" | "changed" | "pin"
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -125,8 +125,13 @@ def backoff_until(state: RenewState) -> dt.datetime | None:
     return until
 
 
-def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now: dt.datetime) -> Decision:
-    """Renew now / later / overdue, and why. Pure: everything, including `now`, is passed in."""
+def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now: dt.datetime, *,
+           pinned: int | None = None, release_pin: bool = False) -> Decision:
+    """Renew now / later / overdue, and why. Pure: everything, including `now`, is passed in.
+
+    `pinned`: the live version is rolled-back version N, pinned by `certmgr rollback` (see pin_hold).
+    `release_pin`: an operator named the certificate (`renew NAME`): a pinned certificate renews now.
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     blocked = backoff_until(state)
@@ -153,6 +158,9 @@ def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now
         return Decision(due=True, overdue=now >= not_after,
                         reason=f"key type changed ({live_info.key_type} → {cert.key_type})", not_after=not_after,
                         blocked_until=blocked, source="changed", notes=notes)
+
+    if pinned is not None:
+        return pin_hold(cert, live_info, pinned, now, release=release_pin, blocked=blocked, notes=notes)
 
     ari_valid = (state.ari_serial == live_info.serial and state.ari_start is not None and state.ari_end is not None)
     if ari_valid:
@@ -181,6 +189,36 @@ def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now
     return Decision(due=False, overdue=False, reason=f"{left} left, renews from {renew_at:%Y-%m-%d %H:%M}Z ({label})",
                     renew_at=renew_at, overdue_at=overdue_at, not_after=not_after, blocked_until=None, source=source,
                     notes=notes)
+
+
+def pin_hold(cert: Certificate, live_info: CertInfo, pinned: int, now: dt.datetime, *, release: bool = False,
+             blocked: dt.datetime | None = None, notes: tuple[str, ...] = ()) -> Decision:
+    """A rolled-back, pinned version: renewal waits (a renewal would undo the rollback), but never past the
+    last third of the renewal period (renew_before, else 1/3 of lifetime), so a pin cannot let it expire.
+
+    When renewal can wait no longer, or an operator names the certificate, renewal is due; its success clears
+    the pin. The CA's ARI window belongs to the newer certificate and is not consulted here.
+    """
+    not_after = live_info.not_after
+    before, label = renew_before_seconds(cert, live_info.lifetime)
+    hold_until = not_after - dt.timedelta(seconds=before / 3)
+    overdue_at = hold_until + min(OVERDUE_GRACE, (not_after - hold_until) / 4)
+    left = _human(not_after - now)
+    common: dict[str, Any] = {"renew_at": hold_until, "overdue_at": overdue_at, "not_after": not_after,
+                              "source": "pin", "notes": notes}
+    if now >= not_after:
+        return Decision(due=True, overdue=True, reason=f"pinned version {pinned} expired {_human(now - not_after)} "
+                        "ago: renewing clears the pin", blocked_until=blocked, **common)
+    if release:
+        return Decision(due=True, overdue=now >= overdue_at, blocked_until=blocked, reason=f"pinned to rolled-back "
+                        f"version {pinned} ({left} left): renewing as asked clears the pin", **common)
+    if now >= hold_until:
+        return Decision(due=True, overdue=now >= overdue_at, blocked_until=blocked,
+                        reason=f"pinned to rolled-back version {pinned}, but only {left} left (the last third of "
+                               f"{label} before expiry): renewing clears the pin", **common)
+    return Decision(due=False, overdue=False, reason=f"pinned to rolled-back version {pinned} ({left} left): renewal "
+                    f"held until {hold_until:%Y-%m-%d %H:%M}Z; `certmgr renew {cert.name}` or "
+                    f"`certmgr deploy {cert.name}` clears the pin", **common)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, interrupt, keys
+from certmgr import certcheck, interrupt, keys, pins
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -58,6 +58,7 @@ class RenewOutcome:
     version: int | None = None  # the archive version made live (renewed)
     previous_version: int | None = None
     replaced: bool = False  # the order carried ARI `replaces` and the CA took it
+    unpinned: int | None = None  # this renewal cleared a pin on rolled-back version N
     notes: tuple[str, ...] = ()
     elapsed: float = 0.0
 
@@ -77,6 +78,8 @@ class RenewOutcome:
                    and self.old_not_after else "nothing")
             assert self.new_not_after is not None
             extra = " (replaces)" if self.replaced else ""
+            if self.unpinned is not None:
+                extra += f"; pin on rolled-back version {self.unpinned} cleared"
             return (f"renewed  {self.name}: {old} → serial {self.new_serial} (expires {self.new_not_after:%Y-%m-%d})"
                     f" as version {self.version} in {self.elapsed:.1f}s{extra}")
         if self.status == "failed":
@@ -98,7 +101,8 @@ class RenewOutcome:
             "name": self.name, "status": self.status, "overdue": self.overdue, "error": self.error, "hint": self.hint,
             "retryable": self.retryable, "old_serial": self.old_serial, "old_not_after": iso(self.old_not_after),
             "new_serial": self.new_serial, "new_not_after": iso(self.new_not_after), "version": self.version,
-            "previous_version": self.previous_version, "replaced": self.replaced, "notes": list(self.notes),
+            "previous_version": self.previous_version, "replaced": self.replaced, "unpinned": self.unpinned,
+            "notes": list(self.notes),
             "elapsed": round(self.elapsed, 3), "decision": self.decision.to_json(),
         }
 
@@ -119,10 +123,20 @@ def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | 
     return material, material.info()
 
 
+def pinned_version(store: Store, name: str) -> int | None:
+    """The rolled-back version `name` is pinned to (certmgr.pins), None when not pinned or unreadable."""
+    try:
+        pin = pins.load_pin(store, name)
+    except StoreError as exc:
+        event(log, logging.WARNING, "pin unreadable, ignored", cert=name, error=str(exc))
+        return None
+    return pin.version if pin is not None else None
+
+
 def status(store: Store, cert: Certificate, now: dt.datetime) -> Decision:
     """The plan for one certificate from the store alone (no network): for scan/status to show overdue."""
     _, info = live_info(store, cert.name)
-    return plan_mod.decide(cert, info, load_state(store, cert.name), now)
+    return plan_mod.decide(cert, info, load_state(store, cert.name), now, pinned=pinned_version(store, cert.name))
 
 
 class _Run:
@@ -183,8 +197,13 @@ class _Run:
 async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate], *, now: dt.datetime,
                 force: bool = False, dry_run: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
                 timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None,
-                rng: random.Random | None = None) -> list[RenewOutcome]:
+                rng: random.Random | None = None, new_key: bool = False,
+                release_pins: bool = False) -> list[RenewOutcome]:
     """Plan every certificate in `certs`, renew the due ones (all with `force`), at most `concurrency` at once.
+
+    `new_key`: always a fresh private key, whatever `reuse_key` says (revoke after a key leak).
+    `release_pins`: the operator named these certificates: a pinned one (certmgr rollback) renews now,
+    and its success clears the pin. Unnamed (`run`, `--due`), a pin holds renewal back (plan.pin_hold).
 
     Returns one outcome per certificate, in the order given. The caller holds `store.lock()` unless
     `dry_run` (which writes nothing). ACME runs in a private thread pool; DNS is native asyncio.
@@ -201,7 +220,8 @@ async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate]
         try:
             async with sem:
                 started = True
-                results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng)
+                results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng,
+                                                      new_key=new_key, release_pin=release_pins)
         except asyncio.CancelledError:  # SIGINT/SIGTERM: an order under way is abandoned, its `finally`s clean up
             if not dry_run:
                 tally = interrupt.tally()
@@ -235,7 +255,7 @@ async def _retry_dns_leftovers(run: _Run) -> None:
 
 
 async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, dry_run: bool,
-               rng: random.Random) -> RenewOutcome:
+               rng: random.Random, new_key: bool = False, release_pin: bool = False) -> RenewOutcome:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     store = run.store
@@ -243,15 +263,16 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
     material: CertMaterial | None = None
     info: CertInfo | None = None
     state = RenewState()
+    pinned = pinned_version(store, cert.name)
     try:
         material, info = live_info(store, cert.name)
         state = load_state(store, cert.name)
         state = await _refresh_ari(run, ca, cert, material, info, state, now=now, dry_run=dry_run, rng=rng)
     except CertmgrError as exc:
-        decision = plan_mod.decide(cert, info, state, now)
+        decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin)
         return RenewOutcome(name=cert.name, status="failed", decision=decision, error=str(exc), hint=exc.hint,
                             retryable=exc.retryable, elapsed=loop.time() - t0)
-    decision = plan_mod.decide(cert, info, state, now)
+    decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin)
     base = RenewOutcome(name=cert.name, status="not-due", decision=decision, old_serial=info.serial if info else None,
                         old_not_after=info.not_after if info else None)
     if not decision.due and not force:
@@ -263,7 +284,7 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
 
     event(log, logging.INFO, "renewing", cert=cert.name, reason=decision.reason, forced=force and not decision.due)
     try:
-        result = await _issue_and_store(run, ca, cert, material, info, state, now=now)
+        result = await _issue_and_store(run, ca, cert, material, info, state, now=now, new_key=new_key)
     except SecretError as exc:
         # A secret this process cannot read (a *_credential outside systemd, a missing key file) is
         # this machine's configuration, not the CA's or the DNS server's answer: no backoff, so the
@@ -282,8 +303,13 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
         except StoreError as store_exc:
             event(log, logging.ERROR, "cannot record renewal failure", cert=cert.name, error=str(store_exc))
         event(log, logging.ERROR, "renewal failed", cert=cert.name, error=str(exc), failures=failed.failures)
-        return replace(base, status="failed", decision=plan_mod.decide(cert, info, failed, now), error=str(exc),
+        return replace(base, status="failed", decision=plan_mod.decide(cert, info, failed, now, pinned=pinned,
+                                                                       release_pin=release_pin), error=str(exc),
                        hint=exc.hint, retryable=exc.retryable, elapsed=loop.time() - t0)
+    if pinned is not None:
+        # the new version is live: the rollback it replaces is over (said in the run's chat summary)
+        cleared = pins.clear_pin(store, cert.name, why=f"renewed: version {result.version} is live ({decision.reason})")
+        result = replace(result, unpinned=cleared.version if cleared else pinned)
     return replace(result, decision=decision, elapsed=loop.time() - t0)
 
 
@@ -349,14 +375,15 @@ async def _check_issued(run: _Run, cert: Certificate, material: CertMaterial, *,
 
 
 async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertMaterial | None,
-                           info: CertInfo | None, state: RenewState, *, now: dt.datetime) -> RenewOutcome:
+                           info: CertInfo | None, state: RenewState, *, now: dt.datetime,
+                           new_key: bool = False) -> RenewOutcome:
     providers, errors = run.providers()
     if cert.dns in errors:
         raise errors[cert.dns]
     client = await run.client(ca)
     await client.ensure_account(run.store, env=run.env)
     loop = asyncio.get_running_loop()
-    if cert.reuse_key and material is not None and info is not None and info.key_type == cert.key_type:
+    if cert.reuse_key and not new_key and material is not None and info is not None and info.key_type == cert.key_type:
         key = keys.from_pem(material.privkey)
     else:
         key = await loop.run_in_executor(run.executor, keys.generate, cert.key_type)

@@ -80,7 +80,7 @@ def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
         except CertmgrError:
             info = None
         rstate = renew_mod.load_state(store, cert.name)
-        decision = plan_mod.decide(cert, info, rstate, now)
+        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
         scan = store.load_json(f"state/scan/{cert.name}.json", default={}) or {}
         deploy = (store.load_json(f"state/deploy/{cert.name}.json", default={}) or {}).get("hosts", {})
         unsettled = {i.host for i in intents_mod.pending(store, cert.name)}

@@ -100,9 +100,10 @@ def make_leaf(
     ips: Sequence[str] = (),
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
+    key: PrivateKey | None = None,
 ) -> Issued:
-    """A TLS server leaf (SAN, SKI/AKI, EKU serverAuth) signed by `issuer`."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """A TLS server leaf (SAN, SKI/AKI, EKU serverAuth) signed by `issuer`; for `key` (default: a new P-256 key)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]

@@ -1,0 +1,267 @@
+"""`certmgr revoke NAME`: after a key leak, replace the certificate with a new key everywhere, then revoke the old.
+
+Order (the default): issue a replacement with a fresh key (never reused, whatever `reuse_key` says), deploy it
+to every host through deploy() (test, reload, handshake verify per host), and only when every host serves it
+revoke the old certificate(s) at the CA (RFC 8555 §7.6, signed with the account key). `now_first` revokes
+first (the key is being abused right now and a short outage is the lesser harm). With reason keyCompromise,
+every stored version sharing the leaked key is revoked (reuse_key makes several). Revoked serials are
+recorded (certmgr.pins) so that no rollback makes one live again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from certmgr import deploy as deploy_mod
+from certmgr import notify as notify_mod
+from certmgr import pins
+from certmgr import renew as renew_mod
+from certmgr.errors import ACMEError, CertmgrError, UsageError
+from certmgr.inventory import Certificate, Inventory
+from certmgr.issue import ACMEClient
+from certmgr.log import event
+from certmgr.material import public_key_der
+
+log = logging.getLogger(__name__)
+
+# RFC 5280 §5.3.1 CRLReason codes an ACME client may ask for (RFC 8555 §7.6; Let's Encrypt takes these four)
+REASONS = {"keyCompromise": 1, "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """One stored version to revoke."""
+
+    version: int
+    serial: str
+    not_after: dt.datetime
+    status: str = "pending"  # pending | revoked | already revoked | skipped: … | failed: …
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RevokeResult:
+    """What `revoke` did for one certificate, in order."""
+
+    name: str
+    reason: str
+    now_first: bool
+    targets: tuple[Target, ...]
+    renewal: renew_mod.RenewOutcome | None = None
+    deploys: tuple[deploy_mod.HostOutcome, ...] = ()
+    held: str | None = None  # why the old certificate(s) were NOT revoked
+    notes: tuple[str, ...] = field(default=())
+    elapsed: float = 0.0
+
+    @property
+    def revoked(self) -> tuple[Target, ...]:
+        return tuple(t for t in self.targets if t.status in ("revoked", "already revoked"))
+
+    @property
+    def ok(self) -> bool:
+        return (self.held is None and all(o.ok for o in self.deploys)
+                and (self.renewal is None or self.renewal.status == "renewed")
+                and all(t.status in ("revoked", "already revoked") or t.status.startswith("skipped")
+                        for t in self.targets))
+
+    def lines(self) -> list[str]:
+        out = list(self.notes)
+        if self.renewal is not None:
+            out.append(self.renewal.line())
+        out += ["  " + o.line() for o in self.deploys]
+        out += [f"              hint: {o.hint}" for o in self.deploys if o.hint and not o.ok]
+        for t in self.targets:
+            out.append(f"{t.status:<16} {self.name} version {t.version} serial {t.serial} ({self.reason})")
+        if self.held:
+            out.append(f"NOT revoked: {self.held}")
+        out.append(f"revoke {self.name}: {'done' if self.ok else 'INCOMPLETE'} in {self.elapsed:.1f}s")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "reason": self.reason, "now_first": self.now_first, "ok": self.ok,
+                "targets": [{"version": t.version, "serial": t.serial, "status": t.status} for t in self.targets],
+                "renewal": self.renewal.to_json() if self.renewal else None,
+                "deploys": [o.to_json() for o in self.deploys], "held": self.held, "notes": list(self.notes),
+                "elapsed": round(self.elapsed, 3)}
+
+
+def targets(store: Any, name: str, *, reason: str, version: int | None, serial: str | None,
+            now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
+    """The versions to revoke, notes on what was left out, and the leaked public key (SPKI DER)."""
+    versions = store.versions(name)
+    if not versions:
+        raise UsageError(f"revoke {name}: no stored version (nothing revoked)")
+    infos = {}
+    for v in versions:
+        m = store.read(name, v)
+        infos[v] = (m.info(), public_key_der(m.leaf.public_key()))
+    if serial is not None:
+        want = serial.lower().replace(":", "").removeprefix("0x").lstrip("0") or "0"
+        found = [v for v, (i, _) in infos.items() if i.serial == want]
+        if not found:
+            raise UsageError(f"revoke {name} --serial {serial}: no stored version has that serial (nothing revoked)")
+        base = found[0]
+    elif version is not None:
+        if version not in infos:
+            raise UsageError(f"revoke {name} --version {version}: no version {version} in the store (versions: "
+                             f"{', '.join(map(str, versions))}; nothing revoked)")
+        base = version
+    else:
+        live = store.live_version(name)
+        if live is None:
+            raise UsageError(f"revoke {name}: nothing live; name one with --version N (nothing revoked)")
+        base = live
+    spki = infos[base][1]
+    chosen = [v for v in versions if infos[v][1] == spki] if reason == "keyCompromise" else [base]
+    notes = []
+    if len(chosen) > 1:
+        notes.append(f"versions {', '.join(map(str, chosen))} share the leaked key: all are revoked")
+    done = pins.load_revoked(store, name)
+    out = []
+    for v in chosen:
+        info = infos[v][0]
+        status = "pending"
+        if info.serial in done:
+            status = f"skipped: already revoked by certmgr on {str(done[info.serial].get('at', '?'))[:16]}"
+        elif info.not_after <= now:
+            status = "skipped: expired (a CA no longer revokes it; no client accepts it)"
+        out.append(Target(version=v, serial=info.serial, not_after=info.not_after, status=status))
+    return out, notes, spki
+
+
+async def revoke(inv: Inventory, store: Any, cert: Certificate, *, reason: str, version: int | None = None,
+                 serial: str | None = None, now_first: bool = False, now: dt.datetime, parallel: int = 20,
+                 timeouts: Any = None, channels: Sequence[Any] = ()) -> RevokeResult:
+    """Replace with a new key, deploy and verify everywhere, then revoke (or revoke first with `now_first`).
+
+    The caller holds the store lock. A replacement that fails, or a host that does not end up serving the
+    live version, leaves the old certificate(s) unrevoked (unless `now_first`), and the result says so.
+    """
+    if reason not in REASONS:
+        raise UsageError(f"revoke {cert.name}: --reason {reason!r} is not one of {', '.join(REASONS)}")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    name = cert.name
+    todo, notes, spki = targets(store, name, reason=reason, version=version, serial=serial, now=now)
+    live = store.live_version(name)
+    replace = any(t.version == live for t in todo)  # keyCompromise: the live version too if it shares the key
+    store.audit("revoke requested", name, reason=reason, versions=[t.version for t in todo],
+                serials=[t.serial for t in todo], now_first=now_first, replace=replace)
+    event(log, logging.WARNING, "revoke requested", cert=name, reason=reason,
+          serials=",".join(t.serial for t in todo), now_first=now_first)
+    result = RevokeResult(name=name, reason=reason, now_first=now_first, targets=tuple(todo), notes=tuple(notes))
+
+    if now_first:
+        result = _with(result, targets=tuple(await _revoke_at_ca(inv, store, cert, todo, reason, now=now)))
+    renewal: renew_mod.RenewOutcome | None = None
+    if replace:
+        [renewal] = await renew_mod.renew(inv, store, [cert], now=now, force=True, new_key=True, release_pins=True)
+        result = _with(result, renewal=renewal)
+        if renewal.status != "renewed":
+            result = _with(result, held=None if now_first else
+                           f"the replacement could not be issued ({renewal.error}); the old certificate stays valid "
+                           f"and served. Fix the cause, then rerun `certmgr revoke {name} --reason {reason}`")
+            return await _finish(result, store, channels, t0, loop)
+        new_key = public_key_der(store.read(name).leaf.public_key())
+        if new_key == spki:  # renew(new_key=True) makes a fresh key: this is a bug, never revoke into it
+            raise CertmgrError(f"revoke {name}: the replacement has the leaked key (nothing revoked)")
+    later = max(now, dt.datetime.now(dt.UTC))  # the replacement is valid from about now, not from `now`
+    kw: dict[str, Any] = {"timeouts": timeouts} if timeouts is not None else {}
+    outcomes = await deploy_mod.deploy(inv, store, [cert], parallel=parallel, now=later, **kw)
+    result = _with(result, deploys=tuple(outcomes))
+    bad = [o.host for o in outcomes if not o.ok]
+    if bad and not now_first:
+        held = (f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not serve the replacement (see above), so "
+                f"revoking now would break them; the old certificate stays valid. Fix them, then rerun "
+                f"`certmgr revoke {name} --reason {reason}" + (f" --version {todo[0].version}`" if replace else "`")
+                + " (or add --now to revoke regardless)")
+        return await _finish(_with(result, held=held), store, channels, t0, loop)
+    if not now_first:
+        result = _with(result, targets=tuple(await _revoke_at_ca(inv, store, cert, todo, reason, now=now)))
+    elif bad:
+        result = _with(result, notes=(*result.notes, f"--now: revoked although {', '.join(bad)} may still serve the "
+                                      "revoked certificate: fix them now (`certmgr deploy " + name + "`)"))
+    return await _finish(result, store, channels, t0, loop)
+
+
+def _with(result: RevokeResult, **kw: Any) -> RevokeResult:
+    from dataclasses import replace
+
+    return replace(result, **kw)
+
+
+async def _revoke_at_ca(inv: Inventory, store: Any, cert: Certificate, todo: Sequence[Target], reason: str, *,
+                        now: dt.datetime) -> list[Target]:
+    """RFC 8555 §7.6 revokeCert for each pending target with the account that ordered it; recorded and audited."""
+    pending = [t for t in todo if t.status == "pending"]
+    if not pending:
+        return list(todo)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="certmgr-revoke")
+    done: dict[int, Target] = {}
+    try:
+        client = await ACMEClient.open(inv.cas[cert.ca], executor=executor)
+        await client.ensure_account(store)
+        for t in pending:
+            leaf = store.read(cert.name, t.version).leaf
+            step = f"acme revoke {cert.name} version {t.version} (serial {t.serial})"
+            try:
+                fresh = await client.revoke(leaf, REASONS[reason], step=step)
+            except ACMEError as exc:
+                done[t.version] = Target(version=t.version, serial=t.serial, not_after=t.not_after,
+                                         status=f"failed: {exc.message}")
+                store.audit("revoke failed", cert.name, frm=t.serial, version=t.version, reason=reason,
+                            error=exc.message)
+                continue
+            status = "revoked" if fresh else "already revoked"
+            pins.record_revoked(store, cert.name, t.serial, version=t.version, reason=reason, at=now)
+            store.audit("revoked", cert.name, frm=t.serial, version=t.version, reason=reason, already=not fresh,
+                        summary=f"revoked {cert.name} version {t.version} (serial {t.serial}) at the CA: {reason}")
+            event(log, logging.WARNING, status, cert=cert.name, serial=t.serial, reason=reason)
+            done[t.version] = Target(version=t.version, serial=t.serial, not_after=t.not_after, status=status)
+    except CertmgrError as exc:  # no account, CA unreachable: every target still pending is failed
+        for t in pending:
+            done.setdefault(t.version, Target(version=t.version, serial=t.serial, not_after=t.not_after,
+                                              status=f"failed: {exc.message}"))
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return [done.get(t.version, t) for t in todo]
+
+
+async def _finish(result: RevokeResult, store: Any, channels: Sequence[Any], t0: float,
+                  loop: asyncio.AbstractEventLoop) -> RevokeResult:
+    result = _with(result, elapsed=loop.time() - t0)
+    store.audit("revoke done" if result.ok else "revoke incomplete", result.name, reason=result.reason,
+                revoked=[t.serial for t in result.revoked], held=result.held,
+                failed_hosts=[o.host for o in result.deploys if not o.ok], seconds=round(result.elapsed, 3))
+    if channels:
+        try:
+            await notify_mod.send(list(channels), message(result), store=store)
+        except CertmgrError as exc:
+            event(log, logging.ERROR, "chat message lost", cert=result.name, error=str(exc))
+    return result
+
+
+def message(result: RevokeResult) -> notify_mod.Message:
+    """The chat message: which serials are revoked, what replaced them where, or why nothing was revoked."""
+    rev = result.revoked
+    if result.ok:
+        title = f"REVOKED {result.name} ({result.reason}): {len(rev)} certificate{'s' if len(rev) != 1 else ''}"
+    else:
+        title = f"REVOKE {result.name} INCOMPLETE ({result.reason})"
+    lines = [f"{t.status}: version {t.version} serial {t.serial}" for t in result.targets]
+    if result.renewal is not None and result.renewal.status == "renewed":
+        served = sum(1 for o in result.deploys if o.ok)
+        lines.append(f"replacement with a new key: serial {result.renewal.new_serial}, served on {served} of "
+                     f"{len(result.deploys)} hosts")
+    lines += [o.error or f"{o.host}: {o.status.value}" for o in result.deploys if not o.ok][:5]
+    if result.held:
+        lines.append(f"NOT revoked: {result.held}")
+    lines += list(result.notes)
+    return notify_mod.Message(kind="revoke", severity="warning" if result.ok else "critical", title=title,
+                              lines=tuple(lines), certificate=result.name,
+                              command=None if result.ok else f"certmgr revoke {result.name} --reason {result.reason}")

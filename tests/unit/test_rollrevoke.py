@@ -1,0 +1,146 @@
+"""Rollback pins (plan.pin_hold, certmgr.pins), rollback's version choice, revoke's targets — no lab."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from certmgr import pins
+from certmgr.errors import UsageError
+from certmgr.inventory import Certificate
+from certmgr.material import CertInfo, CertMaterial
+from certmgr.plan import RenewState, decide
+from certmgr.revoke import targets
+from certmgr.rollback import choose
+from certmgr.store import Store
+from lab import pki
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+DAY = dt.timedelta(days=1)
+NAME = "media.hachyderm.test"
+
+
+def cert() -> Certificate:
+    return Certificate(name=NAME, domains=(NAME,), dns="lab", hosts=(), ca="pebble")
+
+
+def info(days: float) -> CertInfo:
+    return CertInfo(serial="aa", sha256="00", subject="", issuer="", not_before=T0, not_after=T0 + days * DAY,
+                    names=(NAME,), key_type="ecdsa-p256")
+
+
+@pytest.mark.parametrize(("day", "due", "reason"), [
+    # 90-day certificate: the renewal window opens at day 60 (1/3 left); a pin holds renewal until 10 days remain
+    (30, False, "pinned to rolled-back version 1 (60d left): renewal held until 2026-03-22 00:00Z; "
+                "`certmgr renew media.hachyderm.test` or `certmgr deploy media.hachyderm.test` clears the pin"),
+    (65, False, "pinned to rolled-back version 1 (25d left): renewal held until 2026-03-22 00:00Z; "
+                "`certmgr renew media.hachyderm.test` or `certmgr deploy media.hachyderm.test` clears the pin"),
+    (80, True, "pinned to rolled-back version 1, but only 10d left (the last third of 1/3 of lifetime before "
+               "expiry): renewing clears the pin"),
+    (92, True, "pinned version 1 expired 2d ago: renewing clears the pin"),
+])
+def test_a_pin_holds_renewal_until_the_last_third_of_the_renewal_period(day: int, due: bool, reason: str) -> None:
+    """Pinned, a certificate inside its renewal window is not renewed (that would undo the rollback) until a third of
+    its renewal period is left; then it is due, so a pin never lets it expire."""
+    d = decide(cert(), info(90), RenewState(), T0 + day * DAY, pinned=1)
+    assert (d.due, d.reason, d.source) == (due, reason, "pin")
+    assert decide(cert(), info(90), RenewState(), T0 + day * DAY).due == (day >= 60)  # the same, unpinned
+
+
+def test_naming_a_pinned_certificate_renews_it() -> None:
+    """`renew NAME` (release_pin) makes a pinned certificate due at once."""
+    d = decide(cert(), info(90), RenewState(), T0 + 30 * DAY, pinned=1, release_pin=True)
+    assert d.due and d.attempt
+    assert d.reason == "pinned to rolled-back version 1 (60d left): renewing as asked clears the pin"
+
+
+def test_pin_round_trip_and_clear_is_audited(tmp_path: Path) -> None:
+    """A pin saved is read back whole; clearing it audits "unpinned" and leaves no pin."""
+    store = Store.open(tmp_path / "state")
+    pin = pins.Pin(version=3, serial="ab", rolled_back_from=4, at=T0)
+    pins.save_pin(store, NAME, pin)
+    assert pins.load_pin(store, NAME) == pin
+    assert pins.clear_pin(store, NAME, why="test") == pin
+    assert pins.load_pin(store, NAME) is None
+    assert pins.clear_pin(store, NAME, why="again") is None
+    [line] = [e for e in store.read_audit() if e["action"] == "unpinned"]
+    assert (line["from"], line["why"]) == (3, "test")
+
+
+def _material() -> CertMaterial:
+    leaf = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY)
+    return CertMaterial(cert=leaf.cert_pem, chain=_CA.cert_pem, privkey=leaf.key_pem)
+
+
+_CA = pki.make_ca("unit test CA", not_before=T0 - DAY)
+
+
+def test_revoke_targets_follow_the_key_for_key_compromise(tmp_path: Path) -> None:
+    """keyCompromise takes every version with the leaked key; another reason takes only the version named."""
+    store = Store.open(tmp_path / "state")
+    first = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY)
+    with store.lock("test"):
+        store.add_version(NAME, _material())  # 1: its own key
+        store.add_version(NAME, CertMaterial(cert=first.cert_pem, chain=_CA.cert_pem, privkey=first.key_pem))  # 2
+        again = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY, key=first.key)
+        store.activate(NAME, store.add_version(NAME, CertMaterial(cert=again.cert_pem, chain=_CA.cert_pem,
+                                                                  privkey=again.key_pem)))  # 3, live, key of 2
+    now = T0 + DAY
+    todo, notes, _ = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now)
+    assert [t.version for t in todo] == [2, 3] and notes == ["versions 2, 3 share the leaked key: all are revoked"]
+    todo, notes, _ = targets(store, NAME, reason="superseded", version=None, serial=None, now=now)
+    assert [t.version for t in todo] == [3] and notes == []
+    todo, _, _ = targets(store, NAME, reason="keyCompromise", version=1, serial=None, now=now)
+    assert [(t.version, t.status) for t in todo] == [(1, "pending")]
+    todo, _, _ = targets(store, NAME, reason="superseded", version=None, serial="0x" + todo[0].serial, now=now)
+    assert [t.version for t in todo] == [1]
+    todo, _, _ = targets(store, NAME, reason="superseded", version=1, serial=None, now=T0 + 100 * DAY)
+    assert todo[0].status == "skipped: expired (a CA no longer revokes it; no client accepts it)"
+    with pytest.raises(UsageError, match=r"^revoke media.hachyderm.test --version 9: no version 9 in the store "
+                                         r"\(versions: 1, 2, 3; nothing revoked\)$"):
+        targets(store, NAME, reason="superseded", version=9, serial=None, now=now)
+
+
+def test_rollback_chooses_the_version_below_live(tmp_path: Path) -> None:
+    """Without --to the version below the live one; --to must name a stored version; the oldest has no previous."""
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        for _ in range(3):
+            store.add_version(NAME, _material())
+        store.activate(NAME, 3)
+    assert choose(store, NAME, None) == (2, 3)
+    assert choose(store, NAME, 1) == (1, 3)
+    with pytest.raises(UsageError, match=r"--to 7: no version 7 in the store \(versions: 1, 2, 3; nothing changed\)"):
+        choose(store, NAME, 7)
+    with store.lock("test"):
+        store.activate(NAME, 1)
+    with pytest.raises(UsageError, match="live version 1 is the oldest stored"):
+        choose(store, NAME, None)
+
+
+def test_run_says_pinned_and_chat_says_when_a_renewal_cleared_a_pin() -> None:
+    """`run` prints each pin; its chat summary says when a renewal that could wait no longer replaced a pinned
+    version."""
+    from certmgr import pipeline
+    from certmgr.renew import RenewOutcome
+    from certmgr.scan import ScanResult
+
+    pin = pins.Pin(version=1, serial="ab", rolled_back_from=2, at=T0)
+    note = pin.note(NAME)
+    assert note == (f"pinned {NAME} to rolled-back version 1 (from version 2, 2026-01-01 00:00Z): run keeps version 1 "
+                    f"live and deployed, not the newest; `certmgr deploy {NAME}` or `certmgr renew {NAME}` clears "
+                    "the pin")
+    scan = ScanResult(started=T0, elapsed=0.1, endpoints=(), certificates=())
+    decision = decide(cert(), info(90), RenewState(), T0 + 81 * DAY, pinned=1)
+    renewed = RenewOutcome(name=NAME, status="renewed", decision=decision, new_serial="cd", version=3,
+                           new_not_after=T0 + 170 * DAY, unpinned=1)
+    report = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(renewed,), deploy_plan=(),
+                                scan_after=scan, notes=(note,))
+    assert f"  {note}" in pipeline.render(report)
+    assert "pin on rolled-back version 1 cleared" in renewed.line()
+    lines = pipeline.summary_message(report, ()).lines
+    assert (f"unpinned {NAME}: renewal could wait no longer; rolled-back version 1 replaced by version 3 "
+            f"(pinned to rolled-back version 1, but only 9d left (the last third of 1/3 of lifetime before expiry): "
+            "renewing clears the pin)") in lines
