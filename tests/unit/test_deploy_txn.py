@@ -37,13 +37,11 @@ SCRIPTS_DIR = Path(shell_mod.__file__).parent / "scripts"
 
 def multi_root(tmp: Path, names: tuple[str, ...] = NAMES) -> Path:
     """A cert root in certmgr's layout with version 1 of each name live."""
-    root = tmp / "le"
-    for n in names:
-        linked_root(tmp, 1, n) if not root.exists() else None
-        if not (root / "live" / n).is_symlink():
-            (root / "archive" / n).mkdir(parents=True)
-            upload(root, "1", material(), n)
-            os.symlink(f"../archive/{n}/1", root / "live" / n)
+    root = linked_root(tmp, 1, names[0])
+    for n in names[1:]:
+        (root / "archive" / n).mkdir(parents=True)
+        upload(root, "1", material(), n)
+        os.symlink(f"../archive/{n}/1", root / "live" / n)
     return root
 
 
