@@ -30,12 +30,13 @@ from lab import inventory, named, pki
 from lab.named import CHALLENGE_KEY, CHALLENGE_ZONE, LAB_KEY, PRIMARY_NS, REFUSE_ZONE, RNDC_KEY, SECONDARY_NS, ZONE
 from lab.pebble import PEBBLE, Pebble
 from lab.pop import (
-    CERTIFICATES,
+    DEFAULT_NAMES_PER_POP,
     DEPLOY_USER,
     KEY_GROUP,
     MAX_POPS,
     NGINX,
     PopPaths,
+    certificates,
     clear_dir,
     nginx_conf,
     pop_index,
@@ -44,6 +45,7 @@ from lab.pop import (
     served_certificate,
     sshd_conf,
 )
+from lab.powerdns import PowerDNS
 from lab.proc import (
     LabError,
     check_ports_free,
@@ -107,6 +109,14 @@ class Ports:
         return self.base + 6
 
     @property
+    def pdns(self) -> int:
+        return self.base + 7  # the optional PowerDNS: DNS
+
+    @property
+    def pdns_api(self) -> int:
+        return self.base + 8  # the optional PowerDNS: HTTP API
+
+    @property
     def ssh(self) -> int:
         return self.base + 10  # on every POP address
 
@@ -115,7 +125,8 @@ class Ports:
         return self.base + 11
 
     def as_dict(self) -> dict[str, int]:
-        names = ("acme", "management", "dns", "webhook", "rndc", "acme2", "management2", "ssh", "https")
+        names = ("acme", "management", "dns", "webhook", "rndc", "acme2", "management2", "pdns", "pdns_api", "ssh",
+                 "https")
         return {n: getattr(self, n) for n in names}
 
 
@@ -133,6 +144,7 @@ class Lab:
         pops: int = 4,
         secondary: bool = False,
         validity: int = DEFAULT_VALIDITY,
+        names_per_pop: int = DEFAULT_NAMES_PER_POP,
     ) -> None:
         self.dir = Path(os.path.abspath(dir or os.environ.get("CERTMGR_LAB_DIR", DEFAULT_DIR)))
         if port_base is None:
@@ -146,6 +158,9 @@ class Lab:
             raise LabError(f"lab dir {self.dir} may not contain whitespace or any of \\ , : = \"")
         self.ports = Ports(port_base)
         self.pops = pops
+        self.names_per_pop = names_per_pop
+        # (lineage, names) of every server block each POP serves; the default lab's three first.
+        self.certificates = certificates(names_per_pop)
         self.secondary = secondary
         self.validity = validity
         self.labid = f"{port_base}-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:8]}"
@@ -170,6 +185,7 @@ class Lab:
                              dns_port=self.ports.dns, **tls)
         self.pebble2 = Pebble(self.dir / "pebble2", acme_port=self.ports.acme2, management_port=self.ports.management2,
                               dns_port=self.ports.dns, **tls)
+        self.powerdns = PowerDNS(self.dir / "pdns", dns_port=self.ports.pdns, api_port=self.ports.pdns_api)
         self._outputs_lock = threading.Lock()
 
     @classmethod
@@ -181,13 +197,17 @@ class Lab:
         except (OSError, ValueError):
             return cls(path)
         return cls(path, info["port_base"], pops=info["pop_count"], secondary=info["dns"]["secondary"]["enabled"],
-                   validity=info["validity"])
+                   validity=info["validity"], names_per_pop=info.get("names_per_pop", DEFAULT_NAMES_PER_POP))
 
     # ----- names and paths -----------------------------------------------------------------
 
     @property
     def pop_names(self) -> list[str]:
         return [pop_name(i) for i in range(self.pops)]
+
+    def _sites(self) -> list[str]:
+        """Names of the server blocks beyond the default three (DNS-01 updates allowed for them too)."""
+        return [n for lineage, names in self.certificates[DEFAULT_NAMES_PER_POP:] for n in names]
 
     def pop_paths(self, name: str) -> PopPaths:
         """Paths of POP `name`: prefix, cert root, conf.d, configs, logs, pid files."""
@@ -307,7 +327,7 @@ class Lab:
             (self.seed_dir / "pop-default.pem").unlink(missing_ok=True)
         inter = pki.load_issued(inter_pem, inter_key)
         now = dt.datetime.now(dt.UTC)
-        for name, domains in CERTIFICATES:
+        for name, domains in self.certificates:
             d = self.seed_dir / "certs" / name
             if (d / "cert.pem").exists():
                 old = x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
@@ -387,7 +407,8 @@ class Lab:
         for stem, text in named.zone_texts(int(time.time()), secondary=self.secondary).items():
             (d / f"{stem}.zone.jnl").unlink(missing_ok=True)
             pki.write_file(d / f"{stem}.zone", text.encode())
-        pki.write_file(d / "named.conf", named.primary_conf(d, port, self.ports.rndc).encode())
+        conf = named.primary_conf(d, port, self.ports.rndc, self.ports.pdns, self._sites())
+        pki.write_file(d / "named.conf", conf.encode())
         pki.write_file(d / "rndc.conf", named.rndc_conf(d, self.ports.rndc).encode(), 0o600)
         # As root, without -u bind: the ports are unprivileged and every file is in the lab
         # dir, so dropping privileges would only force chowning the lab's key files to bind.
@@ -488,6 +509,16 @@ class Lab:
         self._write_outputs()
         return self.pebble2.info()
 
+    def start_powerdns(self) -> None:
+        """Start the optional PowerDNS (zone pdns.test, API on P+8); bind forwards pdns.test to it."""
+        check_ports_free("pdns_server", [] if self.powerdns.pid else
+                         [("127.0.0.1", self.ports.pdns, "udp"), ("127.0.0.1", self.ports.pdns, "tcp"),
+                          ("127.0.0.1", self.ports.pdns_api, "tcp")])
+        self.powerdns.start()
+
+    def stop_powerdns(self) -> None:
+        wait_vanished(self.powerdns.stop())
+
     def stop_second_pebble(self) -> None:
         self.pebble2.stop()
         self._write_outputs()
@@ -527,7 +558,7 @@ class Lab:
         if not p.host_key.exists():
             pki.make_ssh_keypair(p.host_key, f"root@{name}")
         if (seed and not nginx_up) or not (p.cert_root / "live").exists():
-            seed_cert_root(p, self.seed_dir / "certs")
+            seed_cert_root(p, self.seed_dir / "certs", self.certificates)
         if not sshd_up:
             self._start_sshd(p)
         if not nginx_up:
@@ -546,7 +577,8 @@ class Lab:
 
     def _start_nginx(self, p: PopPaths) -> None:
         check_ports_free(f"nginx {p.name}", [(p.address, self.ports.https, "tcp")])
-        conf = nginx_conf(p, self.ports.https, self.seed_dir / "pop-default.pem", self.seed_dir / "pop-default.key")
+        conf = nginx_conf(p, self.ports.https, self.seed_dir / "pop-default.pem", self.seed_dir / "pop-default.key",
+                          self.certificates)
         pki.write_file(p.nginx_conf, conf.encode())
         p.nginx_pid.unlink(missing_ok=True)
         # `daemon off` keeps nginx our child, reaped the moment it stops; bind and config
@@ -626,13 +658,13 @@ class Lab:
         """
         def one(n: str) -> None:
             p = self.pop_paths(n)
-            seed_cert_root(p, self.seed_dir / "certs")
+            seed_cert_root(p, self.seed_dir / "certs", self.certificates)
             clear_dir(p.conf_d)
             running = self.nginx_pid(n) is not None
             self._start_pop(n, seed=False)
             if running:
                 self.nginx_reload(n)
-            for lineage, domains in CERTIFICATES:
+            for lineage, domains in self.certificates:
                 check = functools.partial(self._serves, n, domains[0], self.seed_serial(lineage))
                 if not wait_until(check, timeout, 0.05):
                     raise LabError(f"reseed {n}: {domains[0]} not served with its seed certificate in {timeout:.0f}s")
@@ -652,6 +684,7 @@ class Lab:
         """Stop every process this lab started (by recorded pid), then remove its sudoers file."""
         stops: dict[str, Callable[[], list[int]]] = {
             "pebble": self.pebble.stop, "pebble2": self.pebble2.stop, "dns": self._stop_dns,
+            "powerdns": self.powerdns.stop,
         }
         stops.update({f"pop {n}": functools.partial(self._stop_pop, n) for n in self._all_pop_dirs()})
         try:
@@ -672,6 +705,8 @@ class Lab:
         out["named"] = row(self.named_pid, PRIMARY_NS, self.ports.dns)
         if self.secondary or self.named2_pid is not None:
             out["named-secondary"] = row(self.named2_pid, SECONDARY_NS, self.ports.dns)
+        if self.powerdns.pid is not None:
+            out["powerdns"] = row(self.powerdns.pid, "127.0.0.1", self.ports.pdns_api)
         for name in self._pops_in_play():
             p = self.pop_paths(name)
             out[f"sshd {name}"] = row(self.sshd_pid(name), p.address, self.ports.ssh)
@@ -689,7 +724,7 @@ class Lab:
     def _info(self) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
         seed = {}
-        for name, domains in CERTIFICATES:
+        for name, domains in self.certificates:
             cert = x509.load_pem_x509_certificate((self.seed_dir / "certs" / name / "cert.pem").read_bytes())
             seed[name] = {
                 "domains": list(domains),
@@ -717,6 +752,7 @@ class Lab:
             "labid": self.labid,
             "port_base": self.ports.base,
             "pop_count": self.pops,
+            "names_per_pop": self.names_per_pop,
             "validity": self.validity,
             "ports": self.ports.as_dict(),
             "inventory": str(self.inventory_path),
@@ -734,7 +770,7 @@ class Lab:
                           CHALLENGE_ZONE: "certmgr-challenges may update any TXT",
                           REFUSE_ZONE: "no updates"},
                 "keys": {k: str(self.dns_dir / f"{k}.key") for k in (LAB_KEY, CHALLENGE_KEY)},
-                "update_names": named.acme_update_names(),
+                "update_names": named.acme_update_names(self._sites()),
                 "delegated": {"name": f"_acme-challenge.delegated.{ZONE}", "target": f"delegated.{CHALLENGE_ZONE}"},
                 "secondary": {"enabled": self.secondary, "address": SECONDARY_NS, "port": self.ports.dns,
                               "pid": self.named2_pid, "log": str(self.dns2_dir / "named.log")},
@@ -742,7 +778,7 @@ class Lab:
             "seed": {"ca": str(self.seed_ca), "certificates": seed},
             "ssh": {"user": DEPLOY_USER, "key": str(self.ssh_key), "known_hosts": str(self.known_hosts),
                     "authorized_keys": str(self.authorized_keys)},
-            "certificates": [{"name": n, "domains": list(d)} for n, d in CERTIFICATES],
+            "certificates": [{"name": n, "domains": list(d)} for n, d in self.certificates],
             "pops": pops,
             "webhook": {"url_file": str(self.webhook_url_file), "url": f"http://127.0.0.1:{self.ports.webhook}/hook",
                         "port": self.ports.webhook},

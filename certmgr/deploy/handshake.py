@@ -8,8 +8,8 @@ from typing import Any
 
 from certmgr.deploy.plan import serial_of_probe
 from certmgr.inventory import Host
+from certmgr.probe import Probe, probe
 from certmgr.remote import Timeouts
-from certmgr.scan import Probe, probe
 
 CONFIRM_ROUNDS = 3  # handshake rounds in a row that must all show the new serial
 CONFIRM_INTERVAL = 0.1

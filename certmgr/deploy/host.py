@@ -24,8 +24,8 @@ from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
 from certmgr.errors import CertmgrError, DeployError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.material import CertInfo, CertMaterial
+from certmgr.probe import Probe
 from certmgr.remote import Result, Timeouts
-from certmgr.scan import Probe
 
 logger = logging.getLogger(__name__)
 

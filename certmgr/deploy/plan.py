@@ -15,7 +15,7 @@ from certmgr import sanitize
 from certmgr.deploy.model import CertState
 from certmgr.inventory import Certificate
 from certmgr.material import CertInfo, CertMaterial
-from certmgr.scan import Probe
+from certmgr.probe import Probe
 
 FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -67,8 +67,12 @@ async def deploy(
     timeouts: Timeouts | None = None,
     connector: Connector | None = None,
     prober: handshake.Prober | None = None,
+    on_outcome: Callable[[HostOutcome], None] | None = None,
 ) -> list[HostOutcome]:
     """Push the store's live version of each of `certs` to its hosts; one outcome per (cert, host).
+
+    `on_outcome` is called with each outcome as soon as it is known (a host's outcomes when its task ends),
+    for progress display; it must not raise.
 
     `hosts` limits the targets (names; unknown ones are a UsageError). Hosts tagged `canary` or
     named in `canary` go first; the rest only when every canary outcome is skipped/deployed
@@ -129,6 +133,13 @@ async def deploy(
             by_host.setdefault(h, []).append(Job(cert=cert, host=inventory.hosts[h], material=material,
                                                   info=info, local_version=local_version))
 
+    def told(outs: list[HostOutcome]) -> list[HostOutcome]:
+        if on_outcome is not None:
+            for o in outs:
+                on_outcome(o)
+        return outs
+
+    told(list(outcomes))  # refused or unreadable before any host was touched
     canaries = [h for h in by_host if inventory.hosts[h].canary or h in canary]
     rest = [h for h in by_host if h not in canaries]
     sem = asyncio.Semaphore(parallel)
@@ -136,8 +147,8 @@ async def deploy(
     async def bounded(h: str) -> list[HostOutcome]:
         async with sem:
             if interrupt.stopping():  # a signal asked to start nothing new
-                return [deployer.not_started(job, start=deployer.loop.time()) for job in by_host[h]]
-            return await host_task(deployer, inventory.hosts[h], by_host[h])
+                return told([deployer.not_started(job, start=deployer.loop.time()) for job in by_host[h]])
+            return told(await host_task(deployer, inventory.hosts[h], by_host[h]))
 
     async def wave(names: Sequence[str]) -> list[HostOutcome]:
         async with asyncio.TaskGroup() as tg:
@@ -158,10 +169,10 @@ async def deploy(
         why = ", ".join(sorted({o.host for o in bad}))
         for h in rest:
             for job in by_host[h]:
-                outcomes.append(HostOutcome(
+                outcomes.extend(told([HostOutcome(
                     cert=job.cert.name, host=h, status=Status.HELD, new_serial=job.info.serial,
                     error=f"deploy {job.cert.name} → {h}: held: canary {why} did not verify (not touched)",
-                    hint="fix the canary, then rerun deploy"))
+                    hint="fix the canary, then rerun deploy")]))
 
     await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
     return outcomes

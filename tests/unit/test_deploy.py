@@ -36,7 +36,7 @@ from certmgr.deploy import (
 )
 from certmgr.errors import UsageError
 from certmgr.inventory import Certificate, Host, Inventory
-from certmgr.material import CertMaterial
+from certmgr.material import CertMaterial, serial_text
 from certmgr.remote import Result, Timeouts, parse_kv, sh_command
 from certmgr.scan import Probe
 from certmgr.store import Store
@@ -546,7 +546,7 @@ def test_new_serial_not_served_rolls_back_and_reloads(tmp_path: Path) -> None:
         store.activate(NAME, store.add_version(NAME, material()))
     o = run_fleet(inv, store, FakeFleet(stale=frozenset({"h0"})))["h0"]
     assert o.status == Status.ROLLED_BACK, o.line()
-    assert o.old_serial == format(first.serial_number, "x") and o.version == 1
+    assert o.old_serial == serial_text(first.serial_number) and o.version == 1
     assert o.error is not None and "not served after 1s" in o.error and o.error.endswith("(rolled back to version 1, reloaded)")
     assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
     assert any(e["action"] == "rolled back" for e in store.read_audit())
