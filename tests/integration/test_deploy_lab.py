@@ -173,6 +173,23 @@ def test_deploy_four_pops_then_rerun_skips(fresh: Lab, store: Store) -> None:
     assert len([e for e in audit(store) if e["action"] == "deployed"]) == 12
 
 
+def test_every_certificate_due_on_a_pop_takes_one_reload(fresh: Lab, store: Store) -> None:
+    """Three certificates due on each POP are one transaction: each POP's nginx logs exactly one reload."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    names = [c.name for c in inv.certificates]
+    assert len(names) == 3
+    serials = put_new_versions(store, inv, names)
+    before = {pop: fresh.reload_count(pop) for pop in fresh.pop_names}
+    outcomes = run(inv, store, names)
+    assert {o.status for o in outcomes} == {Status.DEPLOYED} and len(outcomes) == 3 * len(fresh.pop_names)
+    assert {pop: fresh.reload_count(pop) - before[pop] for pop in fresh.pop_names} == {
+        pop: 1 for pop in fresh.pop_names}
+    assert all(served(fresh, pop, MEDIA) == serials[MEDIA] for pop in fresh.pop_names)
+    again = {pop: fresh.reload_count(pop) for pop in fresh.pop_names}
+    assert {o.status for o in run(inv, store, names)} == {Status.SKIPPED}
+    assert {pop: fresh.reload_count(pop) for pop in fresh.pop_names} == again  # nothing due: no reload
+
+
 def test_cli_deploy_json_and_exit_status(fresh: Lab, store: Store) -> None:
     """`certmgr deploy NAME --json` prints one object per host and exits 0 when every host serves the new serial."""
     inv = inventory_mod.load(fresh.inventory_path)
