@@ -411,7 +411,8 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
 
             shown = None if as_json else progress.start(inv, inv.select(renewed), c.verbosity)
             try:
-                deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC),
+                deployed = run_async(deploy(inv, store, inv.select(renewed), keep=inv.keep_versions,
+                                            now=dt.datetime.now(dt.UTC),
                                             on_outcome=shown))
             except BaseException:
                 if shown is not None:
@@ -464,7 +465,9 @@ def _unpin(c: Ctx, store: Any, certs: Any, *, named: bool) -> None:
               help="Trust and record the key of a host absent from known_hosts (OpenSSH accept-new); "
                    "a changed key is still refused.")
 @click.option("--prune", type=click.IntRange(1, None), metavar="K",
-              help="Afterwards remove archive versions older than the newest K on each host (never the live one).")
+              help="Afterwards remove archive versions older than the newest K on each host (never the live one nor "
+                   "the one before it). Without it, hosts that got a new version are pruned to the inventory's "
+                   "keep_versions (3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
 @pass_ctx
 def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str | None, canary_csv: str | None,
@@ -488,6 +491,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
         try:
             outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
                                         accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
+                                        keep=inv.keep_versions,
                                         now=dt.datetime.now(dt.UTC), on_outcome=shown))
         except BaseException:
             if shown is not None:

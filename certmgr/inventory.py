@@ -18,7 +18,7 @@ from typing import Any
 from certmgr import sanitize
 from certmgr.dns import registry as dns_registry
 from certmgr.errors import InventoryError
-from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
+from certmgr.model import CA, KEEP_VERSIONS, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
 from certmgr.model import suggest as _suggest
 from certmgr.names import dns_name_problem, ip_or_hostname_problem, split_server, url_problem
 from certmgr.names import type_name as _tname
@@ -121,7 +121,7 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     if r.problems:
         raise InventoryError(r.problems, path=str(path))
     return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings))
+                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings), keep_versions=dd.keep_versions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,13 +144,19 @@ class _Defaults:
     dump_command: tuple[str, ...]
     privkey_owner: str | None
     privkey_group: str | None
+    keep_versions: int = KEEP_VERSIONS
 
 
 def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     d = r.table(data.get("defaults", {}), "defaults",
                 {"ca", "key_type", "renew_before", "warn_before", "critical_before", "cert_root", "ssh_user",
                  "ssh_key_file", "known_hosts", "https_port", "trust", "test_command", "reload_command",
-                 "dump_command", "privkey_owner", "privkey_group"})
+                 "dump_command", "privkey_owner", "privkey_group", "keep_versions"})
+    keep_versions = r.get(d, "keep_versions", "defaults", int, default=KEEP_VERSIONS)
+    if not isinstance(keep_versions, int) or keep_versions < 2:
+        r.err("defaults.keep_versions", f"{keep_versions} keeps too few versions: the live one and the previous "
+                                        "one (the rollback target) are always kept, so at least 2")
+        keep_versions = KEEP_VERSIONS
     key_type = r.choice(d, "key_type", "defaults", KEY_TYPES, "ecdsa-p256") or "ecdsa-p256"
     renew_before = r.threshold(d, "renew_before", "defaults", None)
     warn_before = r.threshold(d, "warn_before", "defaults", Threshold(fraction=0.25, text="1/4"))
@@ -170,7 +176,7 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
                      trust=trust, test_command=test_cmd, reload_command=reload_cmd,
                      dump_command=r.argv(d, "dump_command", "defaults", ("sudo", "-n", "nginx", "-T")),
                      privkey_owner=_owner(r, d, "privkey_owner", "defaults", None),
-                     privkey_group=_owner(r, d, "privkey_group", "defaults", None))
+                     privkey_group=_owner(r, d, "privkey_group", "defaults", None), keep_versions=keep_versions)
 
 
 def _parse_cas(r: _Reader, data: dict[str, Any], dd: _Defaults) -> tuple[dict[str, CA], str | None]:

@@ -18,6 +18,8 @@ from certmgr.log import register_secret
 # ---------------------------------------------------------------- value types
 
 
+KEEP_VERSIONS = 3  # the live one, the previous one (the rollback target) and one more
+
 @dataclass(frozen=True, slots=True)
 class Threshold:
     """A point before expiry: an absolute number of seconds or a fraction of lifetime."""
@@ -212,6 +214,7 @@ class Inventory:
     channels: Mapping[str, Channel]
     trust: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()  # valid but risky settings, each naming its key path
+    keep_versions: int = KEEP_VERSIONS  # retention: versions kept per certificate, in the store and on each POP
 
     def certificate(self, name: str) -> Certificate:
         for cert in self.certificates:

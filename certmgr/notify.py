@@ -103,7 +103,12 @@ def _fmt_days(days: float | None) -> str:
         return "unknown"
     if days < 0:
         return f"expired {-days:.1f} days ago"
-    return f"{days:.1f} days left" if days >= 1 else f"{days * 24:.1f} hours left"
+    if days >= 1:
+        return f"{days:.1f} days left"
+    seconds = days * 86400
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours left"
+    return f"{seconds / 60:.1f} minutes left" if seconds >= 60 else f"{seconds:.0f} seconds left"
 
 
 def message_for(summary: CertSummary, endpoints: Sequence[EndpointResult], kind: str) -> Message:

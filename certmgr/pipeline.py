@@ -20,7 +20,7 @@ from certmgr import log, pins
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
 from certmgr import scan as scan_mod
-from certmgr.errors import CertmgrError
+from certmgr.errors import CertmgrError, StoreError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.scan import SEVERITY_RANK, ScanResult
 
@@ -134,6 +134,16 @@ def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.
             plans.append(DeployPlan(cert=cert.name, hosts=hosts, reason="behind the local live version: "
                                     + "; ".join(reasons)))
     return plans
+
+
+def prune_store(store: Any, certs: Iterable[Certificate], keep: int) -> None:
+    """Remove local versions beyond the retention; a failure is logged (the next run tries again), never raised."""
+    for cert in certs:
+        try:
+            if len(store.versions(cert.name)) > keep:
+                store.prune(cert.name, keep)
+        except StoreError as exc:
+            log.event(_log, logging.WARNING, "prune: store", cert=cert.name, error=str(exc))
 
 
 def log_grouped(step: str, items: Iterable[tuple[str, str]]) -> None:
@@ -276,10 +286,16 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
         hosts = sorted({h for p in plans for h in p.hosts})
         targets = [by_name[p.cert] for p in plans]
         deploys = tuple(await deploy_mod.deploy(inv, store, targets, hosts=hosts, parallel=deploy_parallel, now=now,
+                                                keep=inv.keep_versions,
                                                 on_outcome=on_deploy(targets, hosts) if on_deploy else None))
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
         if channels:
             await alert(failure_messages((), deploys))
+
+    # retention: the store keeps the newest `keep_versions` per certificate (never the live one nor the one
+    # before it); POPs are pruned by the deploy above, on the connection it already has
+    if not dry_run:
+        prune_store(store, certs, inv.keep_versions)
 
     # 4. verify: a fresh scan of what changed is the state we report and remember
     after = None

@@ -7,6 +7,7 @@ No I/O, no clock: `now` is passed in. `RenewState` is what `renew` persists per 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +17,15 @@ from certmgr.material import CertInfo
 # Retries after consecutive failures (certmagic's explicit table, coarser): ~1 min, 10 min, 100 min,
 # then daily, so that a broken certificate never hammers the CA from a timer.
 BACKOFF = (dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100), dt.timedelta(days=1))
+
+# A failed renewal is retried well inside what is left: the table's delay is capped at this fraction
+# of the time that remained at the failure (2 days left → retried within ~5 h, not after a day; a
+# 40-second lab certificate with 20 s left → within 2 s). An expired certificate uses its lifetime.
+BACKOFF_CAP = 0.1
+# Renewal times are spread so that certificates issued together do not renew together forever: each
+# certificate renews up to this fraction of its renewal window early, by `RenewState.spread` (drawn
+# once per issued certificate, kept in its state). The ARI window, when the CA offers one, wins.
+SPREAD = 0.2
 
 SHORT_LIVED = dt.timedelta(days=10)
 # How long past its renewal time a certificate may go unrenewed before it is "overdue": one daily
@@ -40,6 +50,7 @@ class RenewState:
     ari_renew_at: dt.datetime | None = None  # random point in the window, chosen once and kept
     ari_next_fetch: dt.datetime | None = None  # Retry-After of the renewalInfo response
     ari_explanation: str | None = None
+    spread: float | None = None  # 0..1: how far into the early margin (SPREAD) this certificate renews
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -59,6 +70,8 @@ class RenewState:
             value = data[name]
             if name in ("failures",):
                 kwargs[name] = int(value)
+            elif name == "spread":
+                kwargs[name] = min(max(float(value), 0.0), 1.0)
             elif name in ("last_error", "ari_serial", "ari_explanation"):
                 kwargs[name] = str(value)
             else:
@@ -70,11 +83,11 @@ class RenewState:
         return replace(self, failures=self.failures + 1, last_attempt=now, last_failure=now, last_error=error,
                        retry_after=retry_after)
 
-    def succeeded(self, now: dt.datetime) -> RenewState:
-        # the ARI window belonged to the replaced certificate: forget it
+    def succeeded(self, now: dt.datetime, *, spread: float | None = None) -> RenewState:
+        """After a renewal: failures and the replaced certificate's ARI window forgotten, `spread` for the new one."""
         return replace(self, failures=0, last_attempt=now, last_error=None, retry_after=None, last_success=now,
                        ari_serial=None, ari_start=None, ari_end=None, ari_renew_at=None, ari_next_fetch=None,
-                       ari_explanation=None)
+                       ari_explanation=None, spread=spread)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,11 +127,26 @@ def renew_before_seconds(cert: Certificate, lifetime: dt.timedelta) -> tuple[flo
     return life / 3, "1/3 of lifetime"
 
 
-def backoff_until(state: RenewState) -> dt.datetime | None:
-    """When the next attempt is allowed after `state.failures` consecutive failures (None: now)."""
+def spread_of(serial: str) -> float:
+    """A stable 0..1 value for a certificate serial (its renewal-time spread): pure, same on every run."""
+    digest = hashlib.sha256(serial.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 0xFFFFFFFF
+
+
+def backoff_until(state: RenewState, live: CertInfo | None = None) -> dt.datetime | None:
+    """When the next attempt is allowed after `state.failures` consecutive failures (None: now).
+
+    The table's delay is capped at BACKOFF_CAP of what remained of `live` at the failure (of its
+    lifetime once expired), so that nothing in the schedule assumes certificates live for days.
+    The CA's own Retry-After is honoured uncapped.
+    """
     if state.failures <= 0 or state.last_failure is None:
         return None
     delay = BACKOFF[min(state.failures, len(BACKOFF)) - 1]
+    if live is not None:
+        left = live.not_after - state.last_failure
+        cap = (left if left > dt.timedelta(0) else live.lifetime) * BACKOFF_CAP
+        delay = min(delay, max(cap, dt.timedelta(seconds=1)))
     until = state.last_failure + delay
     if state.retry_after is not None and state.retry_after > until:
         until = state.retry_after
@@ -134,7 +162,7 @@ def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    blocked = backoff_until(state)
+    blocked = backoff_until(state, live_info)
     if blocked is not None and blocked <= now:
         blocked = None
     fail_note = (f"{state.failures} failed attempt{'s' if state.failures != 1 else ''}, last: {state.last_error}"
@@ -171,6 +199,9 @@ def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now
         label = f"CA's renewal window {state.ari_start:%Y-%m-%d %H:%M} – {state.ari_end:%Y-%m-%d %H:%M}Z"
     else:
         before, label = renew_before_seconds(cert, live_info.lifetime)
+        if state.spread is not None:  # up to SPREAD of the window earlier, stable for this certificate
+            before += before * SPREAD * state.spread
+            label += f", spread {state.spread * SPREAD:.0%} early"
         renew_at = not_after - dt.timedelta(seconds=before)
         overdue_at = renew_at + min(OVERDUE_GRACE, (not_after - renew_at) / 4)
         source = "renew_before" if cert.renew_before is not None else "lifetime"

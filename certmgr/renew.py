@@ -407,7 +407,7 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
     store.audit("renewed", cert.name, frm=old, to=new, message=f"renewed {cert.name}: {old} → {new}",
                 version=version, previous_version=previous, replaced=bool(issued.replaced),
                 timings={k: round(v, 3) for k, v in issued.timings.items()})
-    store.save_json(state_path(cert.name), state.succeeded(now).to_json())
+    store.save_json(state_path(cert.name), state.succeeded(now, spread=plan_mod.spread_of(new_info.serial)).to_json())
     event(log, logging.INFO, "renewed", cert=cert.name, serial=new_info.serial, version=version,
           not_after=new_info.not_after.isoformat(), seconds=f"{issued.timings.get('total', 0):.2f}")
     return RenewOutcome(name=cert.name, status="renewed", decision=plan_mod.decide(cert, new_info, RenewState(), now),

@@ -80,7 +80,12 @@ def expiry_problem(info: CertInfo, now: dt.datetime, *, warn: Threshold, critica
 
 
 def _days(seconds: float) -> str:
-    return f"{seconds / 86400:.1f}d" if seconds >= 86400 else f"{seconds / 3600:.1f}h"
+    # nothing here assumes days: a lab certificate lives minutes, Let's Encrypt's shortest 6 days
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f}d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 class _VerifierLike(Protocol):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certmgr import sanitize
+from certmgr import auditlog, sanitize
 from certmgr.errors import LockHeld, StoreError
 from certmgr.fsutil import (
     TEMP_MARK,
@@ -133,6 +133,7 @@ class Store:
         self._live = self.root / "live"
         self._lock_fd: int | None = None
         self._actor: str | None = None
+        self.audit_max_bytes = auditlog.AUDIT_MAX_BYTES  # audit.log rotates to audit.log.1 past this
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -407,7 +408,7 @@ class Store:
         return previous
 
     def prune(self, name: str, keep: int) -> list[int]:
-        """Delete all but the `keep` newest versions, never the live one; return the versions removed.
+        """Delete all but the `keep` newest versions, never the live one nor the one before it; return those removed.
 
         Each doomed version is first renamed to a temporary name, so a crash mid-delete never
         leaves a partial directory under a version number.
@@ -422,6 +423,9 @@ class Store:
         live = self.live_version(name)
         if live is not None:
             kept.add(live)
+            below = [v for v in versions if v < live]
+            if below:
+                kept.add(below[-1])  # the previous version: what a rollback goes back to
         doomed = [v for v in versions if v not in kept]
         if not doomed:
             return []
@@ -618,6 +622,7 @@ class Store:
         if _PEM_PRIVATE_KEY.search(line):
             raise ValueError("audit(): refusing to log private key material")
         data = line.encode() + b"\n"
+        auditlog.rotate_if_large(self.root / "audit.log", self.audit_max_bytes)
         try:
             fd = os.open(self.root / "audit.log", os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, KEY_MODE)
             try:
@@ -637,12 +642,16 @@ class Store:
 
         Concurrency: lock-free; a line being appended concurrently may or may not be included.
         """
+        for path in auditlog.generations(self.root / "audit.log"):
+            yield from self._read_audit_file(path)
+
+    def _read_audit_file(self, path: Path) -> Iterator[dict[str, Any]]:
         try:
-            fh = open(self.root / "audit.log", "rb")  # closed by the `with` below
+            fh = open(path, "rb")  # closed by the `with` below
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot read audit.log: {_strerror(exc)}") from exc
+            raise StoreError(f"store {self.root}: cannot read {path.name}: {_strerror(exc)}") from exc
         with fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.endswith(b"\n"):
@@ -650,7 +659,7 @@ class Store:
                 try:
                     entry = json.loads(raw)
                 except ValueError:
-                    logger.warning("store: audit.log line %d is not JSON (torn by a crash?); skipped", lineno)
+                    logger.warning("store: %s line %d is not JSON (torn by a crash?); skipped", path.name, lineno)
                     continue
                 if isinstance(entry, dict):
                     yield entry

@@ -90,7 +90,8 @@ class Deployer:
     """Shared by every host task of one deploy run: settings, the store, the outcomes produced so far."""
 
     def __init__(self, *, inventory: Inventory, store: Any, timeouts: Timeouts, accept_new: bool,
-                 connector: Connector, prober: handshake.Prober, prune: int | None, now: dt.datetime) -> None:
+                 connector: Connector, prober: handshake.Prober, prune: int | None, now: dt.datetime,
+                 keep: int | None = None) -> None:
         self.inventory = inventory
         self.store = store
         self.timeouts = timeouts
@@ -98,6 +99,7 @@ class Deployer:
         self.connector = connector
         self.prober = prober
         self.prune = prune
+        self.keep = keep  # retention (keep_versions): prune where this run added a version
         self.now = now
         self.loop = asyncio.get_running_loop()
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
@@ -197,11 +199,10 @@ class Deployer:
                               hint=exc.hint) from exc
         return state
 
-    async def prune_one(self, rem: RemoteSession, job: Job) -> None:
-        assert self.prune is not None
+    async def prune_one(self, rem: RemoteSession, job: Job, keep: int) -> None:
         root = remote_mod.check_remote_path(job.host.cert_root)
         try:
-            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune), self.lock_wait], step="prune")
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(keep), self.lock_wait], step="prune")
         except DeployError as exc:
             logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
             return
@@ -212,7 +213,7 @@ class Deployer:
         removed = [int(v) for v in res.all("removed")]
         if removed:
             await self.audit("pruned", job.cert.name, host=job.host.name, removed=removed,
-                             kept_live=res.get("kept_live"), keep=self.prune)
+                             kept_live=res.get("kept_live"), keep=keep)
         for v in res.all("prune_failed"):
             logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
 

@@ -40,9 +40,14 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
             if interrupt.stopping():
                 return [d.not_started(job, start=d.loop.time()) for job in jobs]
             await Transaction(d, rem, host, jobs, done, start=start).run_shielded()
-            if d.prune is not None and all(o.status != Status.UNKNOWN for o in done.values()):
+            if all(o.status != Status.UNKNOWN for o in done.values()):
+                # --prune K: every certificate on this host; retention (keep): only where a version was added
+                deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
                 for job in jobs:
-                    await d.prune_one(rem, job)
+                    if d.prune is not None:
+                        await d.prune_one(rem, job, d.prune)
+                    elif d.keep is not None and job.name in deployed:
+                        await d.prune_one(rem, job, d.keep)
     except (remote_mod.Unreachable, DeployError) as exc:
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:
@@ -63,6 +68,7 @@ async def deploy(
     accept_new: bool = False,
     canary: Sequence[str] = (),
     prune: int | None = None,
+    keep: int | None = None,
     now: dt.datetime,
     timeouts: Timeouts | None = None,
     connector: Connector | None = None,
@@ -80,6 +86,8 @@ async def deploy(
     and one transaction for all its certificates (txn.py): one commit, one test, one reload.
     Expected failures become outcomes; the caller holds the store
     lock. Per-certificate state is saved to `state/deploy/<name>.json`; every change is audited.
+    `prune` K prunes every deployed-to certificate on each host to its newest K versions; `keep`
+    (retention, the inventory's keep_versions) does the same only where this call deployed a version.
     """
     if parallel < 1:
         raise UsageError(f"deploy: --parallel must be at least 1, not {parallel}")
@@ -97,7 +105,7 @@ async def deploy(
     timeouts = timeouts or Timeouts()
     deployer = Deployer(inventory=inventory, store=store, timeouts=timeouts, accept_new=accept_new,
                         connector=connector or default_connector, prober=prober or handshake.probe_with(timeouts),
-                        prune=prune, now=now)
+                        prune=prune, keep=keep, now=now)
     outcomes: list[HostOutcome] = []
     by_host: dict[str, list[Job]] = {}
     roots: list[tuple[x509.Certificate, ...]] = []  # certcheck's trust anchors, loaded once

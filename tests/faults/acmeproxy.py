@@ -12,6 +12,8 @@ programmable per request kind (new-order, challenge, finalize, …) and identifi
 * `rewrite_token(token)` — replace every dns-01 challenge token in authorization responses;
 * `rewrite_certificate(fn)` — pass every certificate download (the default chain and each
   alternate, `/certZ/<id>/alternate/<n>`) through `fn(path, pem) -> pem`: a CA that issues the wrong thing.
+* `slow(kind, seconds, times=N)` — forward N requests only after `seconds` (a CA answering slowly);
+  `remove(rule)` takes one rule back (a fault that ends).
 
 It records every request: its kind, the identifiers it concerns (learnt from new-order payloads
 and from order/authorization responses), the status the client got and whether it was
@@ -85,6 +87,7 @@ class Rule:
     hold: str | None = None  # "before" | "after"
     lost: bool = False  # forward to Pebble first, then answer with the problem (the CA's answer is lost)
     drop: bool = True  # a held request is answered with a closed connection once released
+    delay: float = 0.0  # forward (unchanged) only after this many seconds
     reached: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
@@ -164,6 +167,19 @@ class ACMEProxy:
             self.rules.append(rule)
         return rule
 
+    def slow(self, kind: str, seconds: float, *, ident: str | None = None, times: int | None = 1) -> Rule:
+        """Forward the next `times` matching requests unchanged, each only after `seconds`."""
+        rule = Rule(kind=kind, ident=ident, times=times, delay=seconds)
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def remove(self, rule: Rule) -> None:
+        """Take one rule back (a fault that ends); a request it holds is released."""
+        rule.released.set()
+        with self._lock:
+            self.rules[:] = [r for r in self.rules if r is not rule]
+
     def rewrite_token(self, token: str) -> None:
         self.token_rewrite = token
 
@@ -231,6 +247,9 @@ class ACMEProxy:
                     r.hits += 1
                     rule = r
                     break
+        if rule is not None and rule.delay > 0:
+            rule.released.wait(rule.delay)
+            rule = None
         if rule is not None and rule.hold == "before":
             rule.reached.set()
             rule.released.wait(120)

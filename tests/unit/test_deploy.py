@@ -303,13 +303,18 @@ def test_rollback_script_points_back_tests_and_reloads(tmp_path: Path) -> None:
 
 
 def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
-    """PRUNE removes version dirs older than the newest K, never the live one, and nothing else."""
+    """PRUNE removes version dirs older than the newest K, never the live one nor the one before it, nothing else."""
     root = linked_root(tmp_path, 5)
     os.unlink(root / "live" / NAME)
-    os.symlink(f"../archive/{NAME}/2", root / "live" / NAME)
+    os.symlink(f"../archive/{NAME}/3", root / "live" / NAME)
     (root / "archive" / NAME / "fullchain1.pem").write_text("certbot's")
     res = sh(PRUNE_SH, str(root), NAME, "2")
-    assert sorted(res.all("removed")) == ["1", "3"] and res.get("kept_live") == "2"
+    assert sorted(res.all("removed")) == ["1"] and res.get("kept_live") == "3"
+    assert sorted(os.listdir(root / "archive" / NAME)) == ["2", "3", "4", "5", "fullchain1.pem"]
+    os.unlink(root / "live" / NAME)
+    os.symlink(f"../archive/{NAME}/2", root / "live" / NAME)  # the one before live (1) is gone already
+    res = sh(PRUNE_SH, str(root), NAME, "2")
+    assert sorted(res.all("removed")) == ["3"] and res.get("kept_live") == "2"
     assert sorted(os.listdir(root / "archive" / NAME)) == ["2", "4", "5", "fullchain1.pem"]
 
 

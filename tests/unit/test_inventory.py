@@ -368,3 +368,15 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "domains.toml"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
     assert inventory.load(path).certificate("media.hachyderm.test").hosts == ("sally", "esme")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", "defaults.keep_versions: 1 keeps too few versions: the live one and the previous one (the rollback target) "
+          "are always kept, so at least 2"),
+    ('"3"', "defaults.keep_versions: must be an integer, not a string"),
+])
+def test_keep_versions_is_at_least_two(value: str, expected: str) -> None:
+    """[defaults] keep_versions (retention, default 3) must keep the live and the previous version."""
+    assert inventory.loads(BASE).keep_versions == 3
+    assert inventory.loads(BASE.replace("[defaults]", "[defaults]\nkeep_versions = 5", 1)).keep_versions == 5
+    assert problems(BASE.replace("[defaults]", f"[defaults]\nkeep_versions = {value}", 1)) == [expected]

@@ -319,3 +319,31 @@ def test_mixed_severities_are_not_all_called_critical() -> None:
     assert msg.lines[0] == "POPs: critical: kara; warning: sally"
     same = message_for(crit.certificates[0], result("critical", hosts=("kara", "esme")).endpoints, "problem")
     assert (same.title, same.lines[0]) == ("CRITICAL media.example.test on 2 of 2 POPs", "POPs: kara, esme")
+
+
+def test_alerts_escalate_with_the_remaining_fraction_and_resolve_once_at_minute_scale() -> None:
+    """A 48-second certificate: warning at 1/4 left, critical at 1/10, one resolved after renewal — nothing assumes days."""
+    from certmgr.inventory import Threshold
+    from certmgr.notify import _fmt_days
+    from certmgr.scan import expiry_problem
+
+    life, warn, crit = 48.0, Threshold(fraction=0.25, text="1/4"), Threshold(fraction=0.1, text="1/10")
+    ch = channel("discord", repeat=60)
+    state: dict[str, dict[str, Any]] = {}
+    said: list[tuple[str, str, float]] = []
+    timeline = [30 - i * 0.5 for i in range(56)] + [48 - i for i in range(10)]  # down to 2.5 s left, then renewed
+    for step, left in enumerate(timeline):
+        now = NOW + dt.timedelta(seconds=step * 0.5)
+        info = CertInfo(serial="1", sha256="ab", subject="", issuer="", not_before=now - dt.timedelta(seconds=life - left),
+                        not_after=now + dt.timedelta(seconds=left), names=("media.example.test",), key_type="ecdsa-p256")
+        severity, _ = expiry_problem(info, now, warn=warn, critical=crit)
+        for a in alerts_for(result(severity, days=left / 86400), state, now, [ch]):
+            apply(state, a, now)
+            said.append((a.kind, a.severity, left))
+    assert [(k, s) for k, s, _ in said] == [("problem", "warning"), ("worse", "critical"), ("resolved", "ok")]
+    assert said[0][2] < 12 <= said[0][2] + 0.5 and said[1][2] < 4.8 <= said[1][2] + 0.5
+    assert expiry_problem(CertInfo(serial="1", sha256="ab", subject="", issuer="", not_before=NOW,
+                                   not_after=NOW + dt.timedelta(seconds=48), names=(), key_type="ecdsa-p256"),
+                          NOW + dt.timedelta(seconds=40), warn=warn, critical=crit)[1] == \
+        "expires in 8s (warning below 12s, 1/4)"
+    assert _fmt_days(8 / 86400) == "8 seconds left" and _fmt_days(600 / 86400) == "10.0 minutes left"

@@ -8,7 +8,7 @@ import pytest
 
 from certmgr.inventory import Certificate, Threshold
 from certmgr.material import CertInfo
-from certmgr.plan import BACKOFF, Decision, RenewState, backoff_until, decide
+from certmgr.plan import BACKOFF, Decision, RenewState, backoff_until, decide, spread_of
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -145,3 +145,51 @@ def test_decision_json_shape() -> None:
     d: Decision = decide(cert(), info(90), RenewState(), T0)
     assert set(d.to_json()) == {"due", "overdue", "attempt", "reason", "renew_at", "overdue_at", "not_after",
                                 "blocked_until", "source"}
+
+
+SEC = dt.timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(("days_left", "failures", "delay"), [
+    (2, 4, dt.timedelta(hours=4.8)),       # 2 days left: retried within hours, not after the table's day
+    (60, 4, DAY),                          # plenty left: the table's daily step
+    (60, 1, BACKOFF[0]),                   # the first step is already shorter than the cap
+    (20 / 86400, 1, 2 * SEC),              # a lab certificate with 20 s left: within 2 s, not after a minute
+    (-1, 4, 9 * DAY),                      # expired: capped by a tenth of the lifetime (90 d) → the table's day
+])
+def test_backoff_is_capped_by_a_fraction_of_what_remains(days_left: float, failures: int,
+                                                         delay: dt.timedelta) -> None:
+    """The backoff after failures never exceeds a tenth of the time left at the failure (of the lifetime once expired)."""
+    live = CertInfo(serial="aa", sha256="00", subject="", issuer="", not_before=T0 - 90 * DAY + days_left * DAY,
+                    not_after=T0 + days_left * DAY, names=("media.hachyderm.test",), key_type="ecdsa-p256")
+    state = RenewState(failures=failures, last_failure=T0, last_error="x")
+    assert backoff_until(state, live) == T0 + min(delay, BACKOFF[min(failures, len(BACKOFF)) - 1])
+    d = decide(cert(), live, state, T0 + SEC / 2)
+    assert d.blocked_until == (backoff_until(state, live) if d.due else None)
+
+
+def test_ca_retry_after_is_not_capped() -> None:
+    """The CA's Retry-After is honoured even when it is later than the capped backoff."""
+    live = info(90)
+    state = RenewState(failures=1, last_failure=T0 + 89 * DAY, retry_after=T0 + 89.5 * DAY)
+    assert backoff_until(state, live) == T0 + 89.5 * DAY
+
+
+def test_spread_moves_renewal_up_to_a_fifth_of_the_window_earlier() -> None:
+    """A renewed certificate's spread makes it renew up to 20 % of its renewal window early, stably."""
+    assert decide(cert(), info(90), RenewState(spread=0.0), T0).renew_at == T0 + 60 * DAY
+    assert decide(cert(), info(90), RenewState(spread=1.0), T0).renew_at == T0 + 54 * DAY
+    d = decide(cert(), info(90), RenewState(spread=0.5), T0)
+    assert d.renew_at == T0 + 57 * DAY and "spread 10% early" in d.reason
+    assert RenewState.from_json(RenewState(spread=0.25).to_json()).spread == 0.25
+    assert RenewState().succeeded(T0, spread=0.75).spread == 0.75
+
+
+def test_fifty_certificates_issued_together_do_not_renew_together() -> None:
+    """50 certificates issued in the same minute get renewal times spread over hours, from their serials."""
+    times = {decide(cert(), info(90, serial=f"{i:032x}"), RenewState(spread=spread_of(f"{i:032x}")), T0).renew_at
+             for i in range(50)}
+    assert len({t.replace(second=0, microsecond=0) for t in times if t}) >= 45
+    span = max(t for t in times if t) - min(t for t in times if t)
+    assert span > 4 * DAY
+    assert spread_of("ab") == spread_of("ab") and 0 <= spread_of("ab") <= 1

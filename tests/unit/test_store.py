@@ -279,6 +279,16 @@ def test_prune_keeps_newest_and_live(store: Store, materials: list[CertMaterial]
     assert temps_under(store.root) == []
 
 
+def test_prune_never_removes_the_version_before_live(store: Store, materials: list[CertMaterial]) -> None:
+    """The version just below the live one (what a rollback goes back to) survives even keep=0."""
+    with store.lock("test"):
+        for m in materials:
+            store.add_version("example.com", m)
+        store.activate("example.com", 3)
+        assert store.prune("example.com", keep=0) == [1, 4]
+    assert store.versions("example.com") == [2, 3]
+
+
 def test_writers_must_hold_the_lock(store: Store, materials: list[CertMaterial]) -> None:
     """Writing archive/ or live/ outside `with store.lock()` is a programming error."""
     with pytest.raises(RuntimeError, match=re.escape("inside `with store.lock")):
@@ -743,3 +753,16 @@ def test_import_without_certbot_live_makes_the_newest_version_live(
         [result] = store.import_certbot(root)
     assert (result.imported, result.certbot_live, result.activated, result.problem) == ((1, 2), None, 2, None)
     assert store.live_version("example.com") == 2
+
+
+def test_audit_log_rotates_and_stays_bounded(store: Store) -> None:
+    """Past audit_max_bytes, audit.log becomes audit.log.1 (one generation kept); read_audit reads both, oldest first."""
+    store.audit_max_bytes = 2000
+    for i in range(200):
+        store.audit("test", f"entry-{i:03d}")
+    files = sorted(p.name for p in store.root.glob("audit.log*"))
+    assert files == ["audit.log", "audit.log.1"]
+    sizes = [p.stat().st_size for p in store.root.glob("audit.log*")]
+    assert all(s <= 2000 + 200 for s in sizes), sizes
+    objects = [e["object"] for e in store.read_audit()]
+    assert objects == sorted(objects) and objects[-1] == "entry-199" and len(objects) < 200

@@ -1,0 +1,69 @@
+"""`python -m tests.soak --duration 60m --pops 20 --seed S`: the long soak on a lab of its own (see scripts/soak).
+
+Prints the report; exits 1 when any invariant was violated. The lab lives in a fresh /tmp dir on
+ports from $CERTMGR_TEST_PORT_BASE (default 18500) and is stopped and removed at the end
+(CERTMGR_LAB_KEEP=1 keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from lab import Lab
+from tests.soak.harness import RATIOS, Soak, SoakConfig
+
+
+def seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 20m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=seconds, default=seconds("60m"), help="how long faults and runs go on")
+    ap.add_argument("--pops", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=20261203)
+    ap.add_argument("--lifetime", type=int, default=60, help="certificate lifetime in seconds (Pebble validity)")
+    ap.add_argument("--ratio", choices=sorted(RATIOS), default="twice-daily",
+                    help="timer period to lifetime: twice-daily (6-day certificates) or daily (90-day)")
+    ap.add_argument("--no-faults", action="store_true")
+    ap.add_argument("--keep-versions", type=int, default=3, help="the inventory's retention (keep_versions)")
+    ap.add_argument("--report", type=Path, help="also write the report (text) here, and JSON beside it")
+    args = ap.parse_args(argv)
+
+    cfg = SoakConfig(duration=args.duration, pops=args.pops, seed=args.seed, lifetime=args.lifetime,
+                     ratio=args.ratio, faults=not args.no_faults, keep_versions=args.keep_versions)
+    base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "18000")) + 500
+    path = Path(tempfile.mkdtemp(prefix="certmgr-soak-"))
+    lab = Lab(path, base, pops=cfg.pops, secondary=True, validity=cfg.lifetime)
+
+    def say(text: str) -> None:
+        print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {text}", file=sys.stderr, flush=True)
+
+    try:
+        lab.up()
+        report = Soak(cfg, lab, path / "soak", log=say).run()
+    finally:
+        lab.down()
+        if not os.environ.get("CERTMGR_LAB_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
+    text = report.text()
+    print(text)
+    if args.report:
+        args.report.write_text(text + "\n")
+        args.report.with_suffix(".json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
+    return 1 if report.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
