@@ -39,6 +39,7 @@ from certmgr.errors import CertmgrError, InventoryError, StoreError
 from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory, normalise_tsig_algorithm
 from certmgr.log import event
 from certmgr.material import CertInfo, split_pem
+from certmgr.store_api import StateStore
 from certmgr.timer import SYSTEMD_DIRS, TIMER_UNIT, find_timer_files, parse_timer, timer_interval
 
 logger = logging.getLogger(__name__)
@@ -382,7 +383,7 @@ def check_store(root: Path) -> tuple[Check, Any]:
                  message=f"writable; {live} certificate(s) live"), store
 
 
-def check_dns_leftovers(store: Any, *, now: dt.datetime) -> Check:
+def check_dns_leftovers(store: StateStore, *, now: dt.datetime) -> Check:
     """The DNS journal is empty: no challenge TXT record certmgr wrote is waiting to be removed (warning if any)."""
     from certmgr.dns import journal as journal_mod
 

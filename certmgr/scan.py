@@ -24,6 +24,7 @@ from certmgr import log, sanitize
 from certmgr.errors import ScanError
 from certmgr.inventory import SEVERITIES, Certificate, Inventory, Threshold
 from certmgr.material import CertInfo
+from certmgr.store_api import StateStore
 
 _log = logging.getLogger(__name__)
 
@@ -748,11 +749,7 @@ def result_json(result: ScanResult) -> dict[str, Any]:
     }
 
 
-class _StateStore(Protocol):
-    def save_json(self, relpath: str, obj: Any, **kw: Any) -> Any: ...
-
-
-def save_state(store: _StateStore, result: ScanResult) -> None:
+def save_state(store: StateStore, result: ScanResult) -> None:
     """One file per certificate, `state/scan/<name>.json`, for `certmgr status` (atomic, via the store).
 
     Every file is attempted; the first error (a StoreError) is raised afterwards.
