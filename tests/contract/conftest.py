@@ -98,14 +98,16 @@ def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def make_material(serial: int = 2, ca_key: ec.EllipticCurvePrivateKey | None = None) -> CertMaterial:
+    """One whole version (leaf + issuing CA + matching key) for example.com."""
+    ca_key = ca_key or ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    return CertMaterial(cert=_cert("example.com", key, "Test CA", ca_key, serial),
+                        chain=_cert("Test CA", ca_key, "Test CA", ca_key, 1), privkey=pem_key(key))
+
+
 @pytest.fixture(scope="session")
 def materials() -> list[CertMaterial]:
     """Three whole versions (leaf + issuing CA + matching key) for example.com."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    chain = _cert("Test CA", ca_key, "Test CA", ca_key, 1)
-    out = []
-    for serial in range(2, 5):
-        key = ec.generate_private_key(ec.SECP256R1())
-        out.append(CertMaterial(cert=_cert("example.com", key, "Test CA", ca_key, serial), chain=chain,
-                                privkey=pem_key(key)))
-    return out
+    return [make_material(serial, ca_key) for serial in range(2, 5)]
