@@ -38,19 +38,16 @@ class Ctx:
         return self._inventory
 
     def store(self) -> Any:
-        from certmgr.store import Store
+        """The state directory, or the PostgreSQL store when the inventory has [store] (docs/ha.md)."""
+        from certmgr.storeopen import open_store
 
-        return Store.open(self.state_dir)
+        return open_store(self.state_dir, self.inventory_path, readonly=False)
 
     def store_readonly(self) -> Any:
         """The store for reading only (dry runs, status): never creates or chmods anything."""
-        from certmgr.errors import StoreError
-        from certmgr.store import Store
+        from certmgr.storeopen import open_store
 
-        try:
-            return Store.open(self.state_dir, create=False)
-        except StoreError:
-            return Store(self.state_dir)  # nothing stored yet: reads find nothing
+        return open_store(self.state_dir, self.inventory_path, readonly=True)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -909,3 +906,12 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
             click.echo(line)
     if not result.ok:
         sys.exit(1)
+
+
+def _add_store_group() -> None:
+    from certmgr.storecli import store_group
+
+    main.add_command(store_group)
+
+
+_add_store_group()

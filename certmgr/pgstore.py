@@ -305,6 +305,33 @@ class PgStore:
                 self._audit(cur, "prune", name, removed=doomed, kept=sorted(kept))
         return doomed
 
+    def put_version(self, name: str, version: int, material: CertMaterial) -> None:
+        """Insert `material` as exactly `version` (migration keeps numbers), with its audit row; fenced."""
+        check_name(name)
+        _check_version(version)
+        material.check()
+        with self._tx(f"copy {name} v{version}", fence=name) as cur:
+            self._insert_version(cur, name, version, material)
+            self._audit(cur, "copy_version", name, to=version, sha256=material.info().sha256)
+
+    def json_paths(self) -> list[str]:
+        """Every JSON document's path (migration)."""
+        with self._tx("list documents") as cur:
+            return [r[0] for r in cur.execute("SELECT path COLLATE \"C\" FROM certmgr_json ORDER BY 1")]
+
+    def account_ids(self) -> list[str]:
+        with self._tx("list accounts") as cur:
+            return [r[0] for r in cur.execute("SELECT ca_id COLLATE \"C\" FROM certmgr_accounts ORDER BY 1")]
+
+    def append_audit_entries(self, entries: list[dict[str, Any]]) -> None:
+        """Append whole audit entries as they are (migration from another store), in one transaction."""
+        with self._tx("copy audit rows") as cur:
+            for entry in entries:
+                line = json.dumps(entry, ensure_ascii=False)
+                if _PEM_PRIVATE_KEY.search(line):
+                    raise ValueError("audit: refusing to copy private key material")
+                cur.execute("INSERT INTO certmgr_audit (entry) VALUES (%s)", (Jsonb(entry),))
+
     # ------------------------------------------------------------------ JSON state
 
     def load_state(self, name: str) -> dict[str, Any]:
