@@ -383,6 +383,17 @@ def check_store(root: Path) -> tuple[Check, Any]:
                  message=f"writable; {live} certificate(s) live"), store
 
 
+def check_ha_store(inv: Inventory) -> list[Check]:
+    """[store]: PostgreSQL reachable, version ≥ 14, a real session (no transaction pooling); certmgr.pgdoctor."""
+    from certmgr import pgdoctor
+
+    assert inv.store is not None
+    subject = inv.store.url.split("@")[-1]
+    return [Check(group="store", name=f"postgres-{f.name}", subject=subject,
+                  status=Status.FAIL if not f.ok else Status.WARNING if f.warning else Status.OK,
+                  message=f.message, hint=f.hint) for f in pgdoctor.check(inv.store)]
+
+
 def check_dns_leftovers(store: StateStore, *, now: dt.datetime) -> Check:
     """The DNS journal is empty: no challenge TXT record certmgr wrote is waiting to be removed (warning if any)."""
     from certmgr.dns import journal as journal_mod
@@ -969,6 +980,8 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
         return Report(checks=tuple(checks), elapsed=loop.time() - start)
     checks += check_trust(inv)
     checks += check_secrets(inv)
+    if inv.store is not None:
+        checks += check_ha_store(inv)
     store_check, store = check_store(state_dir)
     checks.append(store_check)
     checks.append(check_dns_leftovers(store, now=now))
