@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,7 @@ class PgStore:
         self._sealer = sealer
         self._clock = clock
         self.where = where
+        self._mutex = threading.RLock()  # one connection, several threads (scan, deploy): one transaction at a time
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r})"
@@ -181,7 +183,7 @@ class PgStore:
     def _tx(self, what: str, fence: str | bool | None = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction; `fence` (a name, None for the run lock only) first proves the lock is still ours."""
         try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
+            with self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
                 if fence is not False:
                     self._locks.fence(cur, None if fence is True else fence, what)
                 yield cur
