@@ -491,8 +491,14 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
               help="Also write a node_exporter textfile here (atomic replace).")
 @click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
               envvar="CERTMGR_SCAN_CONCURRENCY", help="Handshakes in flight at most [env: CERTMGR_SCAN_CONCURRENCY].")
+@click.option("--per-address", type=click.IntRange(1, 1000), default=16, show_default=True,
+              envvar="CERTMGR_SCAN_PER_ADDRESS",
+              help="Handshakes in flight per POP address at most, all workers together "
+                   "[env: CERTMGR_SCAN_PER_ADDRESS].")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="Processes to shard handshakes across [default: 1 below 400 endpoints, else one per CPU].")
+@click.option("--full-handshake", is_flag=True,
+              help="Always complete the TLS handshake; do not read the chain from a TLS 1.2 first flight.")
 @click.option("--public", is_flag=True, help="Also resolve each name in DNS and scan the addresses it points to.")
 @click.option("--resolver", metavar="IP[:PORT]", help="DNS server for --public [default: the system resolver].")
 @click.option("--public-port", type=click.IntRange(1, 65535), default=443, show_default=True,
@@ -504,8 +510,8 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
 @click.option("--no-notify", is_flag=True, help="Do not send chat warnings for this scan.")
 @pass_ctx
 def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | None, concurrency: int,
-             workers: int | None, public: bool, resolver: str | None, public_port: int, connect_timeout: float,
-             handshake_timeout: float, no_notify: bool) -> None:
+             per_address: int, workers: int | None, full_handshake: bool, public: bool, resolver: str | None,
+             public_port: int, connect_timeout: float, handshake_timeout: float, no_notify: bool) -> None:
     """Handshake with every POP for every name and report what is really served.
 
     Exit status follows the monitoring convention: 0 ok, 1 warning, 2 critical, 3 error (unreachable).
@@ -533,7 +539,8 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
     now = dt.datetime.now(dt.UTC)
     try:
         result = run_async(scan_mod.scan(
-            inv, store, names, now=now, concurrency=concurrency, workers=workers, public=public,
+            inv, store, names, now=now, concurrency=concurrency, per_address=per_address, workers=workers,
+            peek=not full_handshake, public=public,
             public_resolver=resolver_addr, public_port=public_port,
             timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout),
             on_progress=progress))
@@ -560,9 +567,10 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
             if not d.ok:
                 click.echo(f"certmgr: warning: notify {ch}: {d.error} (will retry next run)", err=True)
     if as_json:
-        data = scan_mod.result_json(result)
-        data["notifications"] = deliveries
-        emit_json(data)
+        # The same text as emit_json(result_json(...)), streamed: 100,000 endpoints are ~100 MB as dicts.
+        for piece in scan_mod.json_text(result, {"notifications": deliveries}):
+            click.echo(piece, nl=False)
+        click.echo()
     else:
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         click.echo(report.table(result, colour=colour))

@@ -215,7 +215,8 @@ def lines(*, scan: ScanResult, report: RunReport, certs: Sequence[CertState], re
                 add("certmgr_deploy_last_timestamp_seconds", at.timestamp(), certificate=c.name, host=host)
 
     live = {c.name: c.live_sha256 for c in scan.certificates}
-    for (cert, host), group in _by_cert_host(scan.endpoints):
+    # every endpoint (ScanResult.endpoints holds only the most urgent 1,000 of a large scan)
+    for (cert, host), group in _by_cert_host(scan.iter_endpoints()):
         read = [r for r in group if r.info is not None]
         if read:
             soonest = min(read, key=lambda r: r.info.not_after if r.info else dt.datetime.max)

@@ -65,7 +65,7 @@ def unknown(message: str) -> PluginResult:
 
 def check(result: ScanResult, inv: Inventory) -> PluginResult:
     """The plugin result for one scan: the worst endpoint decides; the soonest expiry is always named."""
-    eps = result.endpoints
+    eps = list(result.iter_endpoints())  # all of them: `endpoints` holds only the most urgent 1,000 of a large scan
     if not eps:
         return unknown("no endpoints to scan (no certificate has hosts)")
     now = result.started

@@ -169,13 +169,9 @@ def alerts_for(result: ScanResult, state: Mapping[str, Mapping[str, Any]], now: 
     rises, when `repeat` has passed since the last message, and once ("resolved") when it falls
     below `min_severity` again. A lower but still notifiable severity says nothing.
     """
-    by_cert: dict[str, list[EndpointResult]] = {}
-    for r in result.endpoints:
-        by_cert.setdefault(r.endpoint.cert, []).append(r)
-    out: list[Alert] = []
+    out: list[tuple[int, str, str, str]] = []  # (certificate index, channel, kind, severity)
     chans = list(channels)
-    for summary in result.certificates:
-        eps = by_cert.get(summary.name, [])
+    for i, summary in enumerate(result.certificates):
         rank = SEVERITY_RANK[summary.severity]
         for ch in chans:
             prev = state.get(summary.name, {}).get(ch.name)
@@ -192,10 +188,15 @@ def alerts_for(result: ScanResult, state: Mapping[str, Mapping[str, Any]], now: 
             elif prev:
                 kind = "resolved"
             if kind is not None:
-                out.append(Alert(channel=ch.name, certificate=summary.name, kind=kind,
-                                 severity="ok" if kind == "resolved" else summary.severity,
-                                 message=message_for(summary, eps, kind)))
-    return out
+                out.append((i, ch.name, kind, "ok" if kind == "resolved" else summary.severity))
+    # Messages need each alerting certificate's endpoints: one pass over them (a large scan's are on disk).
+    wanted = {result.certificates[i].name for i, _, _, _ in out}
+    by_cert: dict[str, list[EndpointResult]] = {}
+    if wanted:
+        by_cert = {name: eps for name, eps in result.by_certificate() if name in wanted}
+    return [Alert(channel=ch, certificate=result.certificates[i].name, kind=kind, severity=sev,
+                  message=message_for(result.certificates[i], by_cert.get(result.certificates[i].name, []), kind))
+            for i, ch, kind, sev in out]
 
 
 def apply(state: dict[str, dict[str, Any]], alert: Alert, now: dt.datetime) -> None:

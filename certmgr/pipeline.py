@@ -112,7 +112,7 @@ def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.
     failed = {o.name for o in renewals if o.status == "failed"}
     live = {c.name: c.live_sha256 for c in scan.certificates}
     behind: dict[str, dict[str, str]] = {}
-    for r in scan.endpoints:
+    for r in scan.iter_endpoints():
         sha = r.info.sha256 if r.info else None
         want = live.get(r.endpoint.cert)
         if want is not None and sha != want:
@@ -223,9 +223,9 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
 
     # 1. scan: what every POP really serves, against the local live versions
     before = await scan_mod.scan(inv, store, now=now, concurrency=scan_concurrency)
-    log.event(_log, logging.INFO, "run: scanned", endpoints=len(before.endpoints), severity=before.severity)
+    log.event(_log, logging.INFO, "run: scanned", endpoints=before.endpoint_count, severity=before.severity)
     log_grouped("scan", ((f"{r.endpoint.host}/{r.endpoint.name}", r.error or "; ".join(r.problems))
-                         for r in before.endpoints if r.severity != "ok"))
+                         for r in before.iter_endpoints() if r.severity != "ok"))
 
     # A rolled-back certificate stays on its pinned version (plan.pin_hold); say so, every run
     notes = tuple(pin.note(c.name) for c in certs if (pin := _pin(store, c.name)) is not None)
@@ -322,7 +322,7 @@ def render(report: RunReport) -> list[str]:
     """Lines for the terminal (and the journal): plan or outcome per step, then one verdict."""
     out = []
     head = "plan (dry run: nothing changed)" if report.dry_run else "run"
-    out.append(f"{head}: scanned {len(report.scan_before.endpoints)} endpoints "
+    out.append(f"{head}: scanned {report.scan_before.endpoint_count} endpoints "
                f"({report.scan_before.severity})")
     out += [f"  {note}" for note in report.notes]
     for o in report.renewals:
@@ -342,7 +342,7 @@ def render(report: RunReport) -> list[str]:
             out.append(f"              hint: {d.hint}")
     if report.scan_after is not None:
         f = report.scan_after
-        out.append(f"verify: {len(f.endpoints)} endpoints {f.severity}")
+        out.append(f"verify: {f.endpoint_count} endpoints {f.severity}")
         for c in f.certificates:
             if c.severity == "ok":
                 continue

@@ -6,13 +6,15 @@ The `--json` schema lives next to the data in `certmgr.scan.result_json`; both a
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
-from certmgr.fsutil import atomic_write
+from certmgr.fsutil import fsync_dir, temp_name
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
 
 _COLOURS = {"ok": "32", "warning": "33", "critical": "31;1", "error": "35;1"}
@@ -24,7 +26,11 @@ def _days(r: EndpointResult, now: dt.datetime) -> str:
 
 
 def table(result: ScanResult, *, colour: bool = False, limit: int | None = None) -> str:
-    """One line per endpoint, most urgent first (the result is already sorted), then a summary line."""
+    """One line per endpoint, most urgent first (the result is already sorted), then a summary line.
+
+    A large scan holds only its most urgent endpoints (ScanResult): the table shows those and
+    says how many more `--json` has.
+    """
     now = result.started
     head = ("SEVERITY", "CERTIFICATE", "NAME", "HOST", "DAYS", "NOT AFTER", "SERIAL", "CHAIN", "PROBLEMS")
     rows: list[tuple[str, ...]] = []
@@ -48,13 +54,12 @@ def table(result: ScanResult, *, colour: bool = False, limit: int | None = None)
 
     lines = [fmt(head)]
     lines += [fmt(row, row[0]) for row in rows]
-    if limit is not None and len(result.endpoints) > limit:
-        lines.append(f"… {len(result.endpoints) - limit} more endpoints (use --json for all)")
-    counts = {s: 0 for s in SEVERITY_RANK}
-    for r in result.endpoints:
-        counts[r.severity] += 1
+    total = result.endpoint_count
+    if total > len(shown):
+        lines.append(f"… {total - len(shown)} more endpoints (use --json for all)")
+    counts = result.severity_counts()
     lines.append("")
-    lines.append(f"{len(result.endpoints)} endpoints in {result.elapsed:.2f}s: " +
+    lines.append(f"{total} endpoints in {result.elapsed:.2f}s: " +
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" — overall {result.severity.upper()}")
     for c in result.certificates:
         if c.command:
@@ -89,37 +94,75 @@ METRICS = (
 )
 
 
+_ENDPOINT_FAMILIES = tuple(name for name, _, _ in METRICS[:5])
+
+
+def _endpoint_samples(result: ScanResult) -> dict[str, IO[str]]:
+    """The five per-endpoint families' samples, from one pass over the endpoints (a large scan's are
+    on disk), each in a buffer that moves to a temporary file beyond 1 MiB."""
+    now = result.started
+    out: dict[str, IO[str]] = {name: tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")
+           for name in _ENDPOINT_FAMILIES}
+    success, expiry, days, drift, severity = (out[n] for n in _ENDPOINT_FAMILIES)
+    for r in result.iter_endpoints():
+        labels = "{" + _labels(r) + "}"
+        success.write(f"{labels} {1 if r.info is not None else 0}\n")
+        if r.info is not None:
+            expiry.write(f"{labels} {int(r.info.not_after.timestamp())}\n")
+            days.write(f"{labels} {r.days_left(now):.3f}\n")
+        drift.write(f"{labels} {1 if r.drift else 0}\n")
+        severity.write(f"{labels} {SEVERITY_RANK[r.severity]}\n")
+    return out
+
+
 def prometheus_lines(result: ScanResult) -> Iterable[str]:
     """The node_exporter textfile, streamed: HELP/TYPE then samples, one family at a time."""
-    now = result.started
-    eps = result.endpoints
+    counts = result.severity_counts()
+    samples = _endpoint_samples(result)
     families: dict[str, Callable[[], Iterable[str]]] = {
-        "certmgr_scan_endpoint_success": lambda: (
-            f"{{{_labels(r)}}} {1 if r.info is not None else 0}" for r in eps),
-        "certmgr_scan_endpoint_expiry_timestamp_seconds": lambda: (
-            f"{{{_labels(r)}}} {int(r.info.not_after.timestamp())}" for r in eps if r.info is not None),
-        "certmgr_scan_endpoint_days_left": lambda: (
-            f"{{{_labels(r)}}} {r.days_left(now):.3f}" for r in eps if r.info is not None),
-        "certmgr_scan_endpoint_drift": lambda: (f"{{{_labels(r)}}} {1 if r.drift else 0}" for r in eps),
-        "certmgr_scan_endpoint_severity": lambda: (f"{{{_labels(r)}}} {SEVERITY_RANK[r.severity]}" for r in eps),
         "certmgr_scan_certificate_severity": lambda: (
             f'{{certificate="{_label(c.name)}"}} {SEVERITY_RANK[c.severity]}' for c in result.certificates),
         "certmgr_scan_endpoints": lambda: (
-            f'{{severity="{s}"}} {sum(1 for r in eps if r.severity == s)}' for s in SEVERITY_RANK),
+            f'{{severity="{s}"}} {counts[s]}' for s in SEVERITY_RANK),
         "certmgr_scan_duration_seconds": lambda: (f" {result.elapsed:.3f}",),
         "certmgr_scan_last_run_timestamp_seconds": lambda: (f" {int(result.started.timestamp())}",),
     }
-    for name, typ, help_text in METRICS:
-        yield f"# HELP {name} {help_text}"
-        yield f"# TYPE {name} {typ}"
-        for sample in families[name]():
-            yield name + sample
+    try:
+        for name, typ, help_text in METRICS:
+            yield f"# HELP {name} {help_text}"
+            yield f"# TYPE {name} {typ}"
+            if name in samples:
+                buf = samples[name]
+                buf.seek(0)
+                for line in buf:
+                    yield name + line[:-1]
+            else:
+                for sample in families[name]():
+                    yield name + sample
+    finally:
+        for buf in samples.values():
+            buf.close()
 
 
 def write_prometheus(result: ScanResult, path: Path) -> None:
-    """Atomically replace `path` (node_exporter reads `*.prom`; the temp file is hidden and not `.prom`)."""
-    data = ("\n".join(prometheus_lines(result)) + "\n").encode()
-    atomic_write(path, data, 0o644)
+    """Atomically replace `path` (node_exporter reads `*.prom`; the temp file is hidden and not `.prom`).
+
+    Written line by line through a buffer: a scan of 100,000 endpoints is tens of MB of text.
+    """
+    tmp = path.parent / temp_name(path.name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 16) as f:
+            os.fchmod(fd, 0o644)
+            for line in prometheus_lines(result):
+                f.write(line + "\n")
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------- progress

@@ -8,7 +8,7 @@ import sys
 import time
 
 from lab.lab import DEFAULT_DIR, DEFAULT_PORT_BASE, DEFAULT_VALIDITY, Lab
-from lab.pop import MAX_POPS
+from lab.pop import DEFAULT_NAMES_PER_POP, MAX_NAMES_PER_POP, MAX_POPS
 from lab.proc import LabError
 
 
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"first of the lab's ports (env CERTMGR_LAB_PORT_BASE, default {DEFAULT_PORT_BASE})",
     )
     up.add_argument("--pops", type=int, default=4, help=f"number of CDN POPs, 1-{MAX_POPS} (default 4)")
+    up.add_argument("--names-per-pop", type=int, default=DEFAULT_NAMES_PER_POP,
+                    help=f"server blocks per POP, each with its own certificate, 1-{MAX_NAMES_PER_POP} (default "
+                         f"{DEFAULT_NAMES_PER_POP}: the lab's three lineages; more add s0003.hachyderm.test, …)")
     up.add_argument("--secondary", action="store_true", help="also run a lagging secondary nameserver (127.0.0.2)")
     up.add_argument(
         "--validity", type=int, default=DEFAULT_VALIDITY, help="Pebble certificate lifetime, seconds (default 90 days)"
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            lab = Lab(args.dir, args.port_base, pops=args.pops, secondary=args.secondary, validity=args.validity)
+            lab = Lab(args.dir, args.port_base, pops=args.pops, secondary=args.secondary, validity=args.validity,
+                      names_per_pop=args.names_per_pop)
             started = time.monotonic()
             from lab import messy
 
@@ -46,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             lab.up()
             if args.messy:
                 messy.apply(lab)
-            print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs, port base {args.port_base}"
-                  f"{', messy fleet' if args.messy else ''})")
+            print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs x {args.names_per_pop} names, "
+                  f"port base {args.port_base}{', messy fleet' if args.messy else ''})")
             print(lab.inventory_path)
             return 0
         lab = Lab.load(args.dir)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lab.named import CHALLENGE_KEY, CHALLENGE_ZONE, LAB_KEY, PRIMARY_NS, ZONE
-from lab.pop import CERTIFICATES, DEPLOY_USER
+from lab.pop import DEPLOY_USER
 
 if TYPE_CHECKING:
     from lab.lab import Lab
@@ -74,7 +74,7 @@ def render(lab: Lab) -> str:
             ("reload_command", p.reload_command),
             ("dump_command", p.dump_command),
         ]))
-    for name, domains in CERTIFICATES:
+    for name, domains in lab.certificates:
         parts.append(_table("[[certificates]]", [
             ("name", name), ("domains", list(domains)), ("dns", "lab"), ("hosts", ["tag:cdn"]),
         ]))

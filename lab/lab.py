@@ -30,12 +30,13 @@ from lab import inventory, named, pki
 from lab.named import CHALLENGE_KEY, CHALLENGE_ZONE, LAB_KEY, PRIMARY_NS, REFUSE_ZONE, RNDC_KEY, SECONDARY_NS, ZONE
 from lab.pebble import PEBBLE, Pebble
 from lab.pop import (
-    CERTIFICATES,
+    DEFAULT_NAMES_PER_POP,
     DEPLOY_USER,
     KEY_GROUP,
     MAX_POPS,
     NGINX,
     PopPaths,
+    certificates,
     clear_dir,
     nginx_conf,
     pop_index,
@@ -133,6 +134,7 @@ class Lab:
         pops: int = 4,
         secondary: bool = False,
         validity: int = DEFAULT_VALIDITY,
+        names_per_pop: int = DEFAULT_NAMES_PER_POP,
     ) -> None:
         self.dir = Path(os.path.abspath(dir or os.environ.get("CERTMGR_LAB_DIR", DEFAULT_DIR)))
         if port_base is None:
@@ -146,6 +148,9 @@ class Lab:
             raise LabError(f"lab dir {self.dir} may not contain whitespace or any of \\ , : = \"")
         self.ports = Ports(port_base)
         self.pops = pops
+        self.names_per_pop = names_per_pop
+        # (lineage, names) of every server block each POP serves; the default lab's three first.
+        self.certificates = certificates(names_per_pop)
         self.secondary = secondary
         self.validity = validity
         self.labid = f"{port_base}-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:8]}"
@@ -181,13 +186,17 @@ class Lab:
         except (OSError, ValueError):
             return cls(path)
         return cls(path, info["port_base"], pops=info["pop_count"], secondary=info["dns"]["secondary"]["enabled"],
-                   validity=info["validity"])
+                   validity=info["validity"], names_per_pop=info.get("names_per_pop", DEFAULT_NAMES_PER_POP))
 
     # ----- names and paths -----------------------------------------------------------------
 
     @property
     def pop_names(self) -> list[str]:
         return [pop_name(i) for i in range(self.pops)]
+
+    def _sites(self) -> list[str]:
+        """Names of the server blocks beyond the default three (DNS-01 updates allowed for them too)."""
+        return [n for lineage, names in self.certificates[DEFAULT_NAMES_PER_POP:] for n in names]
 
     def pop_paths(self, name: str) -> PopPaths:
         """Paths of POP `name`: prefix, cert root, conf.d, configs, logs, pid files."""
@@ -307,7 +316,7 @@ class Lab:
             (self.seed_dir / "pop-default.pem").unlink(missing_ok=True)
         inter = pki.load_issued(inter_pem, inter_key)
         now = dt.datetime.now(dt.UTC)
-        for name, domains in CERTIFICATES:
+        for name, domains in self.certificates:
             d = self.seed_dir / "certs" / name
             if (d / "cert.pem").exists():
                 old = x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
@@ -387,7 +396,7 @@ class Lab:
         for stem, text in named.zone_texts(int(time.time()), secondary=self.secondary).items():
             (d / f"{stem}.zone.jnl").unlink(missing_ok=True)
             pki.write_file(d / f"{stem}.zone", text.encode())
-        pki.write_file(d / "named.conf", named.primary_conf(d, port, self.ports.rndc).encode())
+        pki.write_file(d / "named.conf", named.primary_conf(d, port, self.ports.rndc, self._sites()).encode())
         pki.write_file(d / "rndc.conf", named.rndc_conf(d, self.ports.rndc).encode(), 0o600)
         # As root, without -u bind: the ports are unprivileged and every file is in the lab
         # dir, so dropping privileges would only force chowning the lab's key files to bind.
@@ -527,7 +536,7 @@ class Lab:
         if not p.host_key.exists():
             pki.make_ssh_keypair(p.host_key, f"root@{name}")
         if (seed and not nginx_up) or not (p.cert_root / "live").exists():
-            seed_cert_root(p, self.seed_dir / "certs")
+            seed_cert_root(p, self.seed_dir / "certs", self.certificates)
         if not sshd_up:
             self._start_sshd(p)
         if not nginx_up:
@@ -546,7 +555,8 @@ class Lab:
 
     def _start_nginx(self, p: PopPaths) -> None:
         check_ports_free(f"nginx {p.name}", [(p.address, self.ports.https, "tcp")])
-        conf = nginx_conf(p, self.ports.https, self.seed_dir / "pop-default.pem", self.seed_dir / "pop-default.key")
+        conf = nginx_conf(p, self.ports.https, self.seed_dir / "pop-default.pem", self.seed_dir / "pop-default.key",
+                          self.certificates)
         pki.write_file(p.nginx_conf, conf.encode())
         p.nginx_pid.unlink(missing_ok=True)
         # `daemon off` keeps nginx our child, reaped the moment it stops; bind and config
@@ -614,13 +624,13 @@ class Lab:
         """
         def one(n: str) -> None:
             p = self.pop_paths(n)
-            seed_cert_root(p, self.seed_dir / "certs")
+            seed_cert_root(p, self.seed_dir / "certs", self.certificates)
             clear_dir(p.conf_d)
             running = self.nginx_pid(n) is not None
             self._start_pop(n, seed=False)
             if running:
                 self.nginx_reload(n)
-            for lineage, domains in CERTIFICATES:
+            for lineage, domains in self.certificates:
                 check = functools.partial(self._serves, n, domains[0], self.seed_serial(lineage))
                 if not wait_until(check, timeout, 0.05):
                     raise LabError(f"reseed {n}: {domains[0]} not served with its seed certificate in {timeout:.0f}s")
@@ -677,7 +687,7 @@ class Lab:
     def _info(self) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
         seed = {}
-        for name, domains in CERTIFICATES:
+        for name, domains in self.certificates:
             cert = x509.load_pem_x509_certificate((self.seed_dir / "certs" / name / "cert.pem").read_bytes())
             seed[name] = {
                 "domains": list(domains),
@@ -705,6 +715,7 @@ class Lab:
             "labid": self.labid,
             "port_base": self.ports.base,
             "pop_count": self.pops,
+            "names_per_pop": self.names_per_pop,
             "validity": self.validity,
             "ports": self.ports.as_dict(),
             "inventory": str(self.inventory_path),
@@ -722,7 +733,7 @@ class Lab:
                           CHALLENGE_ZONE: "certmgr-challenges may update any TXT",
                           REFUSE_ZONE: "no updates"},
                 "keys": {k: str(self.dns_dir / f"{k}.key") for k in (LAB_KEY, CHALLENGE_KEY)},
-                "update_names": named.acme_update_names(),
+                "update_names": named.acme_update_names(self._sites()),
                 "delegated": {"name": f"_acme-challenge.delegated.{ZONE}", "target": f"delegated.{CHALLENGE_ZONE}"},
                 "secondary": {"enabled": self.secondary, "address": SECONDARY_NS, "port": self.ports.dns,
                               "pid": self.named2_pid, "log": str(self.dns2_dir / "named.log")},
@@ -730,7 +741,7 @@ class Lab:
             "seed": {"ca": str(self.seed_ca), "certificates": seed},
             "ssh": {"user": DEPLOY_USER, "key": str(self.ssh_key), "known_hosts": str(self.known_hosts),
                     "authorized_keys": str(self.authorized_keys)},
-            "certificates": [{"name": n, "domains": list(d)} for n, d in CERTIFICATES],
+            "certificates": [{"name": n, "domains": list(d)} for n, d in self.certificates],
             "pops": pops,
             "webhook": {"url_file": str(self.webhook_url_file), "url": f"http://127.0.0.1:{self.ports.webhook}/hook",
                         "port": self.ports.webhook},

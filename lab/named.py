@@ -6,6 +6,7 @@ Pure text and probes only; starting and stopping `named` is `Lab`'s job.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import dns.exception
@@ -28,7 +29,7 @@ WEB_ADDRESS = "127.0.1.2"  # A records of the test zone; where they point is not
 PRIMARY_ZONES = (ZONE, CHALLENGE_ZONE, REFUSE_ZONE)
 
 
-def acme_update_names() -> list[str]:
+def acme_update_names(sites: Sequence[str] = ()) -> list[str]:
     """Every name X whose `_acme-challenge.X TXT` the `certmgr-lab` key may update.
 
     bind 9.18 has no rule for "_acme-challenge under any name", so the grant lists
@@ -38,6 +39,7 @@ def acme_update_names() -> list[str]:
     names = [ZONE] + [f"{h}.{ZONE}" for h in ("www", "media", "static", "cdn")]
     names += [f"c{i:03d}.{ZONE}" for i in range(100)]
     names += [f"n{i:03d}.{ZONE}" for i in range(100)]
+    names += [n for n in sites if n not in names]  # a lab with many names per POP: s0003.hachyderm.test, …
     return names
 
 
@@ -64,8 +66,8 @@ def zone_texts(serial: int, *, secondary: bool) -> dict[str, str]:
     return {stem: "\n".join(lines) + "\n" for stem, lines in files.items()}
 
 
-def primary_conf(d: Path, port: int, rndc_port: int) -> str:
-    grants = "\n".join(f"        grant {LAB_KEY}. name _acme-challenge.{n}. TXT;" for n in acme_update_names())
+def primary_conf(d: Path, port: int, rndc_port: int, sites: Sequence[str] = ()) -> str:
+    grants = "\n".join(f"        grant {LAB_KEY}. name _acme-challenge.{n}. TXT;" for n in acme_update_names(sites))
     return f"""// certmgr lab primary: authoritative for the lab zones, loopback only.
 options {{
     directory "{d}";

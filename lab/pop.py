@@ -18,7 +18,8 @@ from cryptography import x509
 from lab import pki
 from lab.proc import LabError
 
-MAX_POPS = 50
+MAX_POPS = 200  # addresses 127.0.1.2 … 127.0.1.201
+MAX_NAMES_PER_POP = 2000
 DEPLOY_USER = "certmgr-deploy"
 # A supplementary group of the deploy user: the group a POP's privkey_group can hand keys to.
 KEY_GROUP = "certmgr-lab-keys"
@@ -30,7 +31,25 @@ CERTIFICATES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("media.hachyderm.test", ("media.hachyderm.test",)),
     ("static.hachyderm.test", ("static.hachyderm.test",)),
 )
+DEFAULT_NAMES_PER_POP = len(CERTIFICATES)
 SEED_FILES = ("cert", "chain", "fullchain", "privkey")
+
+
+def site_name(i: int) -> str:
+    """The lineage (and only name) of server block `i` beyond the default three: s0003.hachyderm.test, …"""
+    return f"s{i:04d}.hachyderm.test"
+
+
+def certificates(names_per_pop: int = DEFAULT_NAMES_PER_POP) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The lineages every POP serves, one server block each with its certificate under live/<lineage>/.
+
+    The default three (`CERTIFICATES`, 4 names) first, then single-name sites up to `names_per_pop`
+    server blocks: the fleet's real shape is dozens to hundreds of names per POP.
+    """
+    if not 1 <= names_per_pop <= MAX_NAMES_PER_POP:
+        raise LabError(f"names per POP must be between 1 and {MAX_NAMES_PER_POP}, not {names_per_pop}")
+    extra = tuple((site_name(i), (site_name(i),)) for i in range(len(CERTIFICATES), names_per_pop))
+    return CERTIFICATES[:names_per_pop] + extra
 
 _FIRST_POPS = ("cdn-frankfurt-1", "cdn-fremont-1", "sally", "esme")
 
@@ -129,10 +148,11 @@ LogLevel VERBOSE
 """
 
 
-def nginx_conf(p: PopPaths, port: int, default_cert: Path, default_key: Path) -> str:
+def nginx_conf(p: PopPaths, port: int, default_cert: Path, default_key: Path,
+               lineages: tuple[tuple[str, tuple[str, ...]], ...] = CERTIFICATES) -> str:
     listen = f"{p.address}:{port}"
     servers = []
-    for name, domains in CERTIFICATES:
+    for name, domains in lineages:
         live = p.cert_root / "live" / name
         servers.append(
             f"""    server {{
@@ -145,6 +165,8 @@ def nginx_conf(p: PopPaths, port: int, default_cert: Path, default_key: Path) ->
 """
         )
     tmp = p.prefix / "tmp"
+    # Hundreds of server names outgrow the default hash (nginx refuses to start without this).
+    names_hash = "    server_names_hash_max_size 8192;\n" if len(lineages) > len(CERTIFICATES) else ""
     return f"""# certmgr lab POP {p.name}
 worker_processes 1;
 # The lab runs nginx as its child (reaped the moment it stops); `-s reload` works the same.
@@ -162,7 +184,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     ssl_protocols TLSv1.2 TLSv1.3;
-    # An unknown SNI (or none) still completes a handshake, with a certificate no lineage uses.
+{names_hash}    # An unknown SNI (or none) still completes a handshake, with a certificate no lineage uses.
     server {{
         listen {listen} ssl default_server;
         server_name _;
@@ -176,7 +198,8 @@ http {{
 """
 
 
-def seed_cert_root(p: PopPaths, seed_certs: Path) -> None:
+def seed_cert_root(p: PopPaths, seed_certs: Path,
+                   lineages: tuple[tuple[str, tuple[str, ...]], ...] = CERTIFICATES) -> None:
     """Lay the seed certificates out as certbot does, owned by the deploy user.
 
     `archive/<name>/{cert,chain,fullchain,privkey}1.pem` and a real `live/<name>/`
@@ -188,7 +211,7 @@ def seed_cert_root(p: PopPaths, seed_certs: Path) -> None:
     created: list[Path] = [p.cert_root, p.cert_root / "archive", p.cert_root / "live"]
     for d in created:
         d.mkdir(parents=True)
-    for name, _ in CERTIFICATES:
+    for name, _ in lineages:
         arch, live = p.cert_root / "archive" / name, p.cert_root / "live" / name
         arch.mkdir()
         live.mkdir()

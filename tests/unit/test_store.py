@@ -431,7 +431,11 @@ def test_sigkilled_writer_never_leaves_a_partial_version(
     name = "crash.example.com"
     rng = random.Random(20261127)  # fixed seed: reproducible kill moments, still spread over the loop
     progressed = mid_write = 0
-    for _ in range(30):
+    # At least 30 kills; more (up to 150) while too few landed after the writer got going: on a
+    # loaded machine a 0–40 ms wait can end before the child was given the CPU at all.
+    for round_ in range(150):
+        if round_ >= 30 and progressed >= 10 and mid_write >= 1:
+            break
         before = store.versions(name)
         pid = writers.write(store.root, name)
         time.sleep(rng.uniform(0, 0.04))
