@@ -16,6 +16,7 @@ from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
+from certmgr.store_api import StateStore
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
 EXIT_BUG = 70  # EX_SOFTWARE
@@ -425,7 +426,7 @@ def _report_deploy(outcomes: list[Any], *, as_json: bool) -> bool:
     return all(o.ok for o in outcomes)
 
 
-def _unpin(c: Ctx, store: Any, certs: Any, *, named: bool) -> None:
+def _unpin(c: Ctx, store: StateStore, certs: Any, *, named: bool) -> None:
     """`deploy NAME` clears a rollback pin (the newest usable version goes live again); `--all` keeps pins."""
     import datetime as dt
 

@@ -17,6 +17,7 @@ from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Inventory
 from certmgr.material import CertInfo
+from certmgr.store_api import StateStore
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +68,7 @@ class CertView:
         }
 
 
-def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertView]:
+def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertView]:
     """One view per inventory certificate, from what the store holds."""
     views = []
     for cert in inv.certificates:
@@ -146,7 +147,7 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
     return out
 
 
-def dns_leftovers(store: Any) -> list[journal_mod.Entry]:
+def dns_leftovers(store: StateStore) -> list[journal_mod.Entry]:
     """Challenge TXT values written and not yet confirmed removed (the DNS journal), oldest first."""
     return journal_mod.read(store)
 
