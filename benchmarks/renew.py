@@ -70,7 +70,8 @@ def tsig_secret(lab: Lab) -> str:
 # ---------------------------------------------------------------- certmgr
 
 
-def bench_certmgr(lab: Lab, n: int, work: Path, concurrency: int) -> dict[str, object]:
+def bench_certmgr(lab: Lab, n: int, work: Path, concurrency: int, extra: str = "") -> dict[str, object]:
+    """`renew --due` of n new certificates; `extra` is appended to the inventory (e.g. a [store] table)."""
     inv = work / "domains.toml"
     certs = "".join(f'\n[[certificates]]\nname = "{d}"\ndomains = ["{d}"]\n' for d in names(n))
     inv.write_text(f"""
@@ -91,7 +92,7 @@ port = {lab.ports.dns}
 nameservers = ["127.0.0.1"]
 tsig_key = "certmgr-lab"
 tsig_secret_file = "{lab.dns_dir / 'certmgr-lab.key'}"
-{certs}""")
+{certs}{extra}""")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "certmgr", "--inventory", str(inv), "--state-dir", str(work / "state"),
             "renew", "--due", "--json", "--concurrency", str(concurrency)]

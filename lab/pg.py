@@ -20,7 +20,8 @@ OWNER, RUNTIME, DATABASE = "certmgr_owner", "certmgr_rt", "certmgr"
 
 
 class PgServer:
-    def __init__(self, path: Path, port: int) -> None:
+    def __init__(self, path: Path, port: int, *, fsync: bool = False) -> None:
+        self.fsync = fsync  # tests: off (speed); benchmarks: on, so the comparison with the directory store is fair
         self.path = Path(path)
         self.port = port
         self.data = self.path / "data"
@@ -49,11 +50,13 @@ class PgServer:
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, pg.pw_uid, pg.pw_gid)
         self.path.chmod(0o755)
+        nosync = [] if self.fsync else ["--no-sync"]
         self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
-                          "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync")
+                          "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", *nosync)
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
-                       f"unix_socket_directories = '{self.sock}'\nfsync = off\nlog_min_messages = warning\n")
+                       f"unix_socket_directories = '{self.sock}'\nfsync = {'on' if self.fsync else 'off'}\n"
+                       "log_min_messages = warning\n")
         self.start()
         self.psql(f"CREATE ROLE {OWNER} LOGIN PASSWORD '{self.passwords[OWNER]}'")
         self.psql(f"CREATE ROLE {RUNTIME} LOGIN PASSWORD '{self.passwords[RUNTIME]}'")
