@@ -159,6 +159,17 @@ class LockSession:
                         f"({holder.get('actor')}, started {holder.get('started')}){waited}",
                         pid=pid, started=str(holder.get("started")))
 
+    def fence_held(self, cur: psycopg.Cursor[Any], what: str) -> None:
+        """Inside a write transaction: if this controller holds any lock, refuse unless all are still ours.
+
+        State documents, account keys and audit rows are written with or without a lock (notify state,
+        `audit` from read-only commands); once a lock was taken and lost, nothing more is written.
+        """
+        if self._lost and self._held:
+            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
+        for key in sorted(self._held):
+            self._check(cur, key, what)
+
     def fence(self, cur: psycopg.Cursor[Any], name: str | None, what: str) -> None:
         """Inside a write transaction: refuse unless the run lock or `name`'s lock is still this controller's.
 
@@ -172,14 +183,17 @@ class LockSession:
         if self._lost:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
         for key in keys:
-            row = cur.execute(
-                "SELECT e.epoch, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
-                "AND granted AND classid::bigint = %s AND objid::bigint = (hashtext(%s)::bigint & 4294967295)) "
-                "FROM certmgr_epochs e WHERE e.lock_key = %s FOR SHARE OF e",
-                (self.backend_pid, KINDS[key.split(":")[0]], key, key)).fetchone()
-            if row is None or not row[1]:
-                raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
-                               hint="its database session ended (paused or cut off); the next run takes over")
-            if int(row[0]) != self._held[key]:
-                raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {row[0]} after ours, "
-                               f"{self._held[key]}) (not written)")
+            self._check(cur, key, what)
+
+    def _check(self, cur: psycopg.Cursor[Any], key: str, what: str) -> None:
+        row = cur.execute(
+            "SELECT e.epoch, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
+            "AND granted AND classid::bigint = %s AND objid::bigint = (hashtext(%s)::bigint & 4294967295)) "
+            "FROM certmgr_epochs e WHERE e.lock_key = %s FOR SHARE OF e",
+            (self.backend_pid, KINDS[key.split(":")[0]], key, key)).fetchone()
+        if row is None or not row[1]:
+            raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
+                           hint="its database session ended (paused or cut off); the next run takes over")
+        if int(row[0]) != self._held[key]:
+            raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {row[0]} after ours, "
+                           f"{self._held[key]}) (not written)")

@@ -180,12 +180,15 @@ class PgStore:
         self.close()
 
     @contextmanager
-    def _tx(self, what: str, fence: str | bool | None = False) -> Iterator[psycopg.Cursor[Any]]:
-        """One transaction; `fence` (a name, None for the run lock only) first proves the lock is still ours."""
+    def _tx(self, what: str, fence: str | bool = False) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
+        (whatever locks this controller holds must still be ours), False (reads: no check)."""
         try:
             with self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
-                if fence is not False:
-                    self._locks.fence(cur, None if fence is True else fence, what)
+                if fence is True:
+                    self._locks.fence_held(cur, what)
+                elif isinstance(fence, str):
+                    self._locks.fence(cur, fence, what)
                 yield cur
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
@@ -353,12 +356,12 @@ class PgStore:
     def save_json(self, relpath: str, obj: Any, mode: int = 0o600) -> None:
         """Replace the document at `relpath` (`mode` is a directory-store notion and is ignored)."""
         body = Jsonb(_jsonable(obj))
-        with self._tx(f"write {relpath}") as cur:
+        with self._tx(f"write {relpath}", fence=True) as cur:
             cur.execute("INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) "
                         "DO UPDATE SET body = EXCLUDED.body, updated = now()", (_check_rel(relpath), body))
 
     def remove_json(self, relpath: str) -> None:
-        with self._tx(f"remove {relpath}") as cur:
+        with self._tx(f"remove {relpath}", fence=True) as cur:
             cur.execute("DELETE FROM certmgr_json WHERE path = %s", (_check_rel(relpath),))
 
     def list_json(self, reldir: str) -> list[Any]:
@@ -382,7 +385,7 @@ class PgStore:
     def save_account_key(self, ca_id: str, pem: bytes, *, replace: bool = False) -> None:
         """Save the account key sealed; refuses to replace one unless `replace` (shared by every controller)."""
         _check_ca_id(ca_id)
-        with self._tx(f"write account {ca_id}") as cur:
+        with self._tx(f"write account {ca_id}", fence=True) as cur:
             row = cur.execute("SELECT generation FROM certmgr_accounts WHERE ca_id = %s FOR UPDATE",
                               (ca_id,)).fetchone()
             if row is not None and not replace:
@@ -399,7 +402,7 @@ class PgStore:
     def audit(self, action: str, obj: str, *, frm: Any = None, to: Any = None, actor: str | None = None,
               **extra: Any) -> None:
         """Insert one audit row (its own transaction; version writes insert theirs in their own)."""
-        with self._tx(f"audit {action} {obj}") as cur:
+        with self._tx(f"audit {action} {obj}", fence=True) as cur:
             self._audit(cur, action, obj, frm=frm, to=to, actor=actor, **extra)
 
     def _audit(self, cur: psycopg.Cursor[Any], action: str, obj: str, *, frm: Any = None, to: Any = None,

@@ -178,3 +178,57 @@ def test_a_password_in_the_url_is_refused(url: str) -> None:
     """A store URL carrying a password is refused; the password must be a secret reference."""
     with pytest.raises(StoreError, match=r"^store url: contains a password$"):
         check_url(url)
+
+
+def test_state_audit_and_account_writes_are_fenced_once_a_lock_is_lost(fresh_schema: PgServer, pgs: PgStore,
+                                                                       materials: list[CertMaterial]) -> None:
+    """With the run lock lost, save_json, audit and save_account_key raise LockLost and write nothing."""
+    pgs.save_json("state/x.json", {"before": True})  # no lock held: unfenced, as for the directory store
+    with pgs.lock("A"):
+        fresh_schema.psql(f"SELECT pg_terminate_backend({pgs._locks.backend_pid})")
+        for call in (lambda: pgs.save_json("state/x.json", {"after": True}),
+                     lambda: pgs.audit("x", "y"),
+                     lambda: pgs.save_account_key("pebble", materials[0].privkey)):
+            with pytest.raises(LockLost, match=r"\(not written\)$"):
+                call()
+    assert pgs.load_json("state/x.json") == {"before": True}
+    assert list(pgs.read_audit()) == []
+    assert pgs.load_account_key("pebble") is None
+
+
+def test_a_killed_holder_frees_the_lock_at_once(fresh_schema: PgServer, pgs: PgStore) -> None:
+    """SIGKILL of the process holding the run lock: the server ends its session and the next opener gets epoch 2."""
+    child = subprocess.Popen([sys.executable, str(REPO / "tests/contract/pg_holder.py"), fresh_schema.url(),
+                              fresh_schema.passwords[RUNTIME], "30"], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["held", "1"]
+        with pytest.raises(LockHeld, match=r"run is held by pid \d+ on .* \(paused holder, started "):
+            with pgs.lock("B"):
+                pass
+        child.kill()
+        child.wait()
+        with pgs.lock("B", wait=30):
+            assert pgs.held == {"run": 2}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_postgres_restart_fences_the_holder_and_keeps_epochs(fresh_schema: PgServer, pgs: PgStore,
+                                                               materials: list[CertMaterial]) -> None:
+    """Across a PostgreSQL restart the holder's write fails (nothing written) and the next holder's epoch is 2."""
+    with pgs.lock("A"):
+        fresh_schema.restart()
+        with pytest.raises(StoreError) as err:  # the data connection died too: StoreUnavailable or LockLost
+            pgs.add_version("example.com", materials[0])
+        assert err.value.exit_code == 69
+    pgs.close()
+    b = open_pg(fresh_schema)
+    try:
+        with b.lock("B"):
+            assert b.held == {"run": 2}
+        assert b.versions("example.com") == []
+    finally:
+        b.close()
