@@ -54,7 +54,7 @@ def main() -> int:
                         install_schema(conn, runtime_role=RUNTIME)
                 work = base / f"{kind}-{i}"
                 work.mkdir()
-                r = bench_certmgr(lab, args.n, work, args.concurrency, extra if kind == "pg" else "")
+                r = bench_certmgr(lab, args.n, work, args.concurrency, extra=extra if kind == "pg" else "")
                 if r["ok"] != args.n:
                     print(f"round {i} {kind}: only {r['ok']}/{args.n} renewed: {r['err']}")
                     return 1

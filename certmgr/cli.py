@@ -239,8 +239,9 @@ def inventory_show(c: Ctx, as_json: bool) -> None:
         tags = f" [{', '.join(h['tags'])}]" if h["tags"] else ""
         click.echo(f"host {name}: {h['user']}@{h['address']}:{h['port']} https:{h['https_port']}{tags}")
     for name, p in data["dns"].items():
-        click.echo(f"dns {name}: {p['type']} zones={','.join(p['zones'])} key={p['tsig_key']} "
-                   f"({p['tsig_algorithm']}, {p['tsig_secret']})")
+        extra = " ".join(f"{k}={v}" for k, v in p.items()
+                         if k not in ("type", "zones", "nameservers", "propagation_timeout") and v is not None)
+        click.echo(f"dns {name}: {p['type']} zones={','.join(p['zones'])} {extra}".rstrip())
     for name, ch in data["channels"].items():
         click.echo(f"channel {name}: {ch['type']} min={ch['min_severity']} {ch['url'] or ch['token']}")
 

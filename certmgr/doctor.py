@@ -22,21 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
-import dns.asyncquery
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdatatype
-import dns.tsig
 from cryptography import x509
 
 from certmgr import remote as remote_mod
 from certmgr import sanitize
 from certmgr.deploy import KEYOWN_SH
+from certmgr.dns import registry as dns_registry
 from certmgr.errors import CertmgrError, InventoryError, StoreError
-from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory, normalise_tsig_algorithm
+from certmgr.inventory import CA, Certificate, DNSProvider, Host, Inventory
 from certmgr.log import event
 from certmgr.material import CertInfo, split_pem
 from certmgr.store_api import StateStore
@@ -508,142 +501,26 @@ async def check_ca(ca: CA, store: _StoreLike | None, *, executor: ThreadPoolExec
 # ============================================================================ DNS
 
 
-async def check_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Check:
-    """A TSIG-signed SOA query for `zone` to its primary: the key is accepted and the zone served with AA."""
-    from certmgr.dns.rfc2136 import RFC2136Provider, badkey_cause, badkey_hint, parse_tsig_secret
-    from certmgr.errors import DNSError
+async def check_provider_zone(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> list[Check]:
+    """The provider's own diagnosis of `zone` (its optional `diagnose` capability), as doctor's checks.
 
-    subject = f"dns.{prov.name} {zone}"
-    t0 = time.monotonic()
+    A type without the capability still gets the provider-independent one: every listed nameserver
+    answers the zone's SOA authoritatively.
+    """
+    from certmgr.dns import diagnosis, registry
+    from certmgr.names import split_server
 
-    def result(status: Status, message: str, hint: str | None = None) -> Check:
-        return Check(group="dns", name="tsig", subject=subject, status=status, message=message, hint=hint,
-                     elapsed=time.monotonic() - t0)
-
-    algorithm = normalise_tsig_algorithm(prov.tsig_algorithm)
-    if algorithm is None:
-        return result(Status.FAIL, f"TSIG algorithm {prov.tsig_algorithm!r} is refused")
-    try:
-        key = parse_tsig_secret(prov.tsig_secret.read(), key_name=prov.tsig_key, algorithm=algorithm,
-                                where=prov.tsig_secret.key_path)
-    except CertmgrError as exc:
-        return result(Status.FAIL, f"TSIG key {prov.tsig_key}: {exc.message}", exc.hint)
-    try:
-        server = await RFC2136Provider(prov, key).primary(zone)
-    except DNSError as exc:
-        return result(Status.FAIL, exc.message, exc.hint)
-    where = f"[{server}]:{prov.port}" if ":" in server else f"{server}:{prov.port}"
-    q = dns.message.make_query(dns.name.from_text(zone), dns.rdatatype.SOA)
-    q.flags &= ~dns.flags.RD
-    q.use_tsig(key.dns_key())
-    kname = prov.tsig_key
-    try:
-        async with asyncio.timeout(timeouts.dns):
-            resp = await dns.asyncquery.tcp(q, server, port=prov.port, timeout=timeouts.dns)
-    except dns.tsig.PeerBadKey:
-        # one diagnosis with the provider's: Knot answers BADKEY for a known key its ACL denies, too
-        return result(Status.FAIL, f"TSIG key {kname}: {where} answered {badkey_cause(kname)}",
-                      badkey_hint(kname, f"the _acme-challenge names in {zone}"))
-    except dns.tsig.PeerBadSignature:
-        return result(Status.FAIL, f"TSIG key {kname}: {where} rejected the signature (BADSIG): the secret or "
-                                   f"algorithm ({algorithm}) differs from the server's",
-                      f"compare {prov.tsig_secret.describe()} with the server's key {kname}")
-    except dns.tsig.PeerBadTime:
-        return result(Status.FAIL, f"TSIG key {kname}: {where} rejected the time (BADTIME): this machine's clock and "
-                                   "the server's differ by more than the allowed fudge",
-                      "fix NTP on this machine (or on the DNS server)")
-    except dns.tsig.PeerError as exc:
-        return result(Status.FAIL, f"TSIG key {kname}: {where} rejected it ({type(exc).__name__})")
-    except dns.tsig.BadSignature:
-        return result(Status.FAIL, f"TSIG key {kname}: the answer from {where} is not signed with this key",
-                      "another server answers on that address?")
-    except (TimeoutError, dns.exception.Timeout):
-        return result(Status.FAIL, f"{where}: no answer within {timeouts.dns:g}s",
-                      f"is the DNS server up and reachable on TCP port {prov.port}?")
-    except ConnectionRefusedError:
-        return result(Status.FAIL, f"{where}: connection refused", "is the DNS server running?")
-    except (OSError, dns.exception.DNSException) as exc:
-        return result(Status.FAIL, f"{where}: {type(exc).__name__}: {sanitize.line(str(exc))}")
-    rcode = resp.rcode()
-    if rcode == dns.rcode.REFUSED:
-        return result(Status.FAIL, f"{where} answered REFUSED for {zone} SOA (key {kname}): it does not serve the "
-                                   "zone to this client",
-                      "check the server is the zone's primary and allows queries from this address")
-    if rcode == dns.rcode.NOTAUTH:
-        return result(Status.FAIL, f"{where} answered NOTAUTH for {zone}: not authoritative, or key {kname} not "
-                                   "accepted", "check server and zones in the inventory")
-    if rcode == dns.rcode.NXDOMAIN:
-        return result(Status.FAIL, f"key {kname} accepted, but zone {zone} does not exist at {where} (NXDOMAIN)",
-                      "check zones = [...] and server: the zone must be served by that primary")
-    if rcode != dns.rcode.NOERROR:
-        return result(Status.FAIL, f"{where} answered {dns.rcode.to_text(rcode)} for {zone} SOA (key {kname})",
-                      "check zones = [...]: is this the zone apex?")
-    soa = next((rr for rr in resp.answer if rr.rdtype == dns.rdatatype.SOA
-                and rr.name == dns.name.from_text(zone)), None)
-    if soa is None:
-        return result(Status.FAIL, f"key {kname} accepted, but {where} has no SOA for {zone}: it is not a zone apex",
-                      "zones = [...] must list zone apexes")
-    if not resp.flags & dns.flags.AA:
-        return result(Status.FAIL, f"key {kname} accepted, but {where} is not authoritative for {zone} (no AA)",
-                      "set server to the zone's primary")
-    return result(Status.OK, f"key {kname} ({algorithm}) accepted by {where}; zone {zone} served authoritatively "
-                             f"(SOA serial {soa[0].serial})")
-
-
-async def check_nameservers(prov: DNSProvider, zone: str, *, timeouts: Timeouts) -> Check:
-    """Every server the propagation check waits for answers the zone's SOA authoritatively (unsigned, no RD)."""
-    from certmgr.dns.rfc2136 import RFC2136Provider, TSIGKey
-    from certmgr.errors import DNSError
-    from certmgr.log import Secret
-
-    subject = f"dns.{prov.name} {zone}"
-    t0 = time.monotonic()
-
-    def result(status: Status, message: str, hint: str | None = None) -> Check:
-        return Check(group="dns", name="nameservers", subject=subject, status=status, message=message, hint=hint,
-                     elapsed=time.monotonic() - t0)
-
-    # Finding the nameservers needs no key: a placeholder never signs anything here.
-    finder = RFC2136Provider(prov, TSIGKey(name=prov.tsig_key, algorithm="hmac-sha256", secret=Secret("")))
-    try:
-        servers = await finder.nameservers(zone)
-    except DNSError as exc:
-        return result(Status.FAIL, f"cannot list the nameservers of {zone}: {exc.message}",
-                      f"set nameservers = [...] in [dns.{prov.name}]")
-
-    async def soa(addr: str, port: int) -> tuple[str, int | None, str | None]:
-        show = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-        q = dns.message.make_query(dns.name.from_text(zone), dns.rdatatype.SOA)
-        q.flags &= ~dns.flags.RD
-        try:
-            async with asyncio.timeout(timeouts.dns):
-                resp, _ = await dns.asyncquery.udp_with_fallback(q, addr, port=port, timeout=timeouts.dns)
-        except (TimeoutError, dns.exception.Timeout):
-            return show, None, "no answer"
-        except (OSError, dns.exception.DNSException) as exc:
-            return show, None, type(exc).__name__
-        rr = next((r for r in resp.answer if r.rdtype == dns.rdatatype.SOA), None)
-        if resp.rcode() != dns.rcode.NOERROR or rr is None:
-            return show, None, dns.rcode.to_text(resp.rcode()) if resp.rcode() != dns.rcode.NOERROR else "no SOA"
-        if not resp.flags & dns.flags.AA:
-            return show, None, "not authoritative"
-        return show, int(rr[0].serial), None
-
-    answers = await asyncio.gather(*(soa(a, p) for a, p in servers))
-    bad = [f"{show}: {err}" for show, _, err in answers if err is not None]
-    names = ", ".join(show for show, _, _ in answers)
-    if bad:
-        return result(Status.FAIL, f"propagation waits for {names}, but {'; '.join(bad)}: every challenge would "
-                                   f"time out after {_human(prov.propagation_timeout)}",
-                      f"fix those servers, or list the ones that serve {zone} in nameservers = [...]")
-    serials = {serial for _, serial, _ in answers}
-    if len(serials) > 1:
-        shown = ", ".join(f"{show} {serial}" for show, serial, _ in answers)
-        return result(Status.WARNING, f"nameservers disagree on the SOA serial ({shown}): a secondary lags, so "
-                                      "challenges wait for it",
-                      "check zone transfers (NOTIFY, allow-transfer) if this persists")
-    return result(Status.OK, f"{len(answers)} nameserver(s) answer authoritatively ({names}), serial "
-                             f"{next(iter(serials))}")
+    diagnose = registry.diagnoser(prov.type)
+    if diagnose is not None:
+        findings = await diagnose(prov, zone, timeout=timeouts.dns)
+    else:
+        servers = [s for s in (split_server(ns, 53) for ns in prov.nameservers) if s is not None]
+        findings = (await diagnosis.check_nameservers(zone, servers, timeout=timeouts.dns,
+                                                      propagation_timeout=prov.propagation_timeout,
+                                                      provider=prov.name),)
+    status = {diagnosis.OK: Status.OK, diagnosis.WARNING: Status.WARNING, diagnosis.FAIL: Status.FAIL}
+    return [Check(group="dns", name=f.name, subject=f"dns.{prov.name} {zone}", status=status[f.status],
+                  message=f.message, hint=f.hint, elapsed=f.elapsed) for f in findings]
 
 
 # ============================================================================ hosts
@@ -1022,8 +899,7 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
 
     def zone_body(prov: DNSProvider, zone: str) -> Callable[[list[Check]], Awaitable[None]]:
         async def body(out: list[Check]) -> None:
-            out.append(await check_zone(prov, zone, timeouts=timeouts))
-            out.append(await check_nameservers(prov, zone, timeouts=timeouts))
+            out.extend(await check_provider_zone(prov, zone, timeouts=timeouts))
         return body
 
     def host_body(host: Host) -> Callable[[list[Check]], Awaitable[None]]:
@@ -1039,7 +915,8 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
                 order += 1
             for prov in inv.dns.values():
                 for zone in prov.zones:
-                    tg.create_task(guarded(order, "dns", "tsig", f"dns.{prov.name} {zone}", zone_body(prov, zone)))
+                    tg.create_task(guarded(order, "dns", dns_registry.first_check(prov.type), f"dns.{prov.name} {zone}",
+                                           zone_body(prov, zone)))
                     order += 1
             for host in inv.hosts.values():
                 tg.create_task(guarded(order, "host", "ssh", host.name, host_body(host)))
@@ -1102,11 +979,10 @@ __all__ = [
     "Status",
     "Timeouts",
     "check_inventory",
-    "check_nameservers",
+    "check_provider_zone",
     "check_store",
     "check_timer",
     "check_trust",
-    "check_zone",
     "interval_check",
     "known_lifetimes",
     "render",

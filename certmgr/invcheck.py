@@ -31,8 +31,8 @@ def _secrets(inv: Inventory) -> Iterator[tuple[SecretRef, bool]]:
         if ca.eab_hmac_key is not None:
             yield ca.eab_hmac_key, False
     for prov in inv.dns.values():
-        if prov.tsig_secret.where:
-            yield prov.tsig_secret, False
+        for ref in prov.config.secrets():  # each provider type declares its own
+            yield ref, False
     for ch in inv.channels.values():
         if ch.url is not None:
             yield ch.url, True

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from certmgr import sanitize, storecfg
+from certmgr.dns import registry as dns_registry
 from certmgr.errors import InventoryError
 from certmgr.model import CA, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
 from certmgr.model import suggest as _suggest
-from certmgr.names import dns_name_problem, ip_or_hostname_problem, is_ip, url_problem
+from certmgr.names import dns_name_problem, ip_or_hostname_problem, split_server, url_problem
 from certmgr.names import type_name as _tname
 from certmgr.reader import Reader as _Reader
 from certmgr.reader import parse_duration, parse_threshold
@@ -30,7 +31,6 @@ __all__ = [
     "KEY_TYPES",
     "MAX_NAMES",
     "SEVERITIES",
-    "TSIG_ALGORITHMS",
     "Certificate",
     "Channel",
     "DNSProvider",
@@ -41,7 +41,6 @@ __all__ = [
     "dns_name_problem",
     "load",
     "loads",
-    "normalise_tsig_algorithm",
     "parse",
     "parse_duration",
     "parse_threshold",
@@ -49,10 +48,19 @@ __all__ = [
     "url_problem",
 ]
 
+def __getattr__(name: str) -> Any:
+    """`TSIG_ALGORITHMS` and `normalise_tsig_algorithm` moved to certmgr.dns.rfc2136; still reachable here
+    (imported on first use: the provider modules load only when an inventory names their type)."""
+    if name in ("TSIG_ALGORITHMS", "normalise_tsig_algorithm"):
+        from certmgr.dns import rfc2136
+
+        return getattr(rfc2136, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 SEVERITIES = ("ok", "warning", "critical", "error")
 CHANNEL_TYPES = ("discord", "slack", "matrix", "webhook")
-TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 PROFILES_HINT = ("classic", "tlsserver", "shortlived")
 MAX_NAMES = 100  # Let's Encrypt's limit on names per certificate; other public CAs are no higher
 
@@ -197,42 +205,35 @@ def _parse_cas(r: _Reader, data: dict[str, Any], dd: _Defaults) -> tuple[dict[st
 
 
 def _parse_dns(r: _Reader, data: dict[str, Any]) -> dict[str, DNSProvider]:
+    """`[dns.*]`: the keys every type shares here; the type's own keys by its module (certmgr/dns/<type>.py)."""
     providers: dict[str, DNSProvider] = {}
     for name, t in _named_tables(r, data, "dns"):
         kp = f"dns.{name}"
-        t = r.table(t, kp, {"type", "zones", "server", "port", "tsig_key", "tsig_algorithm", "nameservers",
-                            "propagation_timeout"}, secrets={"tsig_secret"})
-        r.choice(t, "type", kp, ("rfc2136",), None, required=True)
+        raw_type = t.get("type")
+        mod = dns_registry.provider_type(raw_type) if raw_type in dns_registry.TYPES else None
+        # a missing or unknown type: its keys cannot be judged, only the type is reported
+        t = r.table(t, kp, set(dns_registry.COMMON_KEYS | mod.KEYS) if mod else set(t),
+                    secrets=set(mod.SECRET_KEYS) if mod else set())
+        typ = r.choice(t, "type", kp, dns_registry.TYPES, None, required=True)
+        if mod is None:
+            continue
         zones = r.strlist(t, "zones", kp, required=True, nonempty=True) or ()
         for i, z in enumerate(zones):
             if (p := dns_name_problem(z, wildcard_ok=False)) is not None:
                 r.err(f"{kp}.zones[{i}]", p)
-        server = r.get(t, "server", kp, str)
-        if server is not None and not is_ip(server):
-            r.err(f"{kp}.server", f"{server!r} must be an IP address (certmgr never resolves the primary "
-                  "through the system resolver)")
         nameservers = r.strlist(t, "nameservers", kp) or ()
         for i, ns in enumerate(nameservers):
-            if not is_ip(ns):
-                r.err(f"{kp}.nameservers[{i}]", f"{ns!r} must be an IP address")
-        algo_raw = r.get(t, "tsig_algorithm", kp, str, default="hmac-sha256")
-        algo = normalise_tsig_algorithm(algo_raw)
-        if algo is None:
-            if "md5" in algo_raw.lower():
-                r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r}: HMAC-MD5 is refused; use hmac-sha256")
-            else:
-                r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r} is not one of {', '.join(TSIG_ALGORITHMS)}")
-        elif algo == "hmac-sha1":
-            r.warn(f"{kp}.tsig_algorithm", "hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key")
-        tsig_key = r.get(t, "tsig_key", kp, str, required=True)
-        if tsig_key is not None and dns_name_problem(tsig_key.rstrip(".") + ".x", wildcard_ok=False):
-            r.err(f"{kp}.tsig_key", f"{tsig_key!r} is not a valid key name")
-        secret = r.secret(t, "tsig_secret", kp, required=True)
+            if split_server(ns, 53) is None:
+                r.err(f"{kp}.nameservers[{i}]", f"{ns!r} must be an IP address (or ADDRESS:PORT)")
+        if not nameservers and getattr(mod, "NEEDS_NAMESERVERS", False) and "nameservers" not in t:
+            r.err(f"{kp}.nameservers", f"required for type {typ!r}: the addresses of every authoritative server "
+                                       "of the zones (the propagation check asks each)")
+        config = mod.parse_config(r, t, kp)
+        if config is None:
+            continue
         providers[name] = DNSProvider(
-            name=name, type="rfc2136", zones=zones, tsig_key=tsig_key or "",
-            tsig_secret=secret or SecretRef("env", "", f"{kp}.tsig_secret"),
-            tsig_algorithm=algo or "hmac-sha256", server=server, port=r.port(t, "port", kp, 53),
-            nameservers=nameservers, propagation_timeout=r.duration(t, "propagation_timeout", kp, 120.0))
+            name=name, type=typ or "", zones=zones, config=config, nameservers=nameservers,
+            propagation_timeout=r.duration(t, "propagation_timeout", kp, 120.0))
     return providers
 
 
@@ -432,12 +433,6 @@ def _parse_channels(r: _Reader, data: dict[str, Any]) -> dict[str, Channel]:
     return channels
 
 
-def normalise_tsig_algorithm(name: str) -> str | None:
-    """`HMAC-SHA256`, `hmac-sha256.`, `hmac-sha256.sig-alg.reg.int` → `hmac-sha256`; MD5 → None."""
-    n = name.strip().lower().rstrip(".").removesuffix(".sig-alg.reg.int")
-    return n if n in TSIG_ALGORITHMS else None
-
-
 def _named_tables(r: _Reader, data: dict[str, Any], section: str) -> list[tuple[str, Any]]:
     value = data.get(section, {})
     if not isinstance(value, dict):
@@ -516,8 +511,7 @@ def redacted(inv: Inventory) -> dict[str, Any]:
         "ca": {n: {"directory": c.directory, "contact": list(c.contact), "agree_tos": c.agree_tos,
                    "trust": str(c.trust) if c.trust else None, "eab_kid": c.eab_kid,
                    "eab_hmac_key": ref(c.eab_hmac_key)} for n, c in inv.cas.items()},
-        "dns": {n: {"type": p.type, "zones": list(p.zones), "server": p.server, "port": p.port,
-                    "tsig_key": p.tsig_key, "tsig_algorithm": p.tsig_algorithm, "tsig_secret": ref(p.tsig_secret),
+        "dns": {n: {"type": p.type, "zones": list(p.zones), **p.config.shown(),
                     "nameservers": list(p.nameservers), "propagation_timeout": p.propagation_timeout}
                 for n, p in inv.dns.items()},
         "hosts": {n: {"address": h.address, "port": h.port, "https_port": h.https_port, "user": h.user,

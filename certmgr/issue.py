@@ -510,7 +510,9 @@ class ACMEClient:
                 ident = authz.identifier.value
                 domain = f"*.{ident}" if authz.wildcard else ident
                 value = chall.chall.validation(self.account_key)
-                prov, rec = await locate(inventory, providers, domain, value)
+                prov, rec = await locate(inventory, providers, domain, value, token=chall.chall.encode("token"),
+                                         key_authorization=chall.chall.key_authorization(self.account_key),
+                                         prefer=cert.dns)
                 placed.setdefault(prov.name, (prov, []))[1].append(rec)
             if journal is not None:  # before any UPDATE: a kill from here on leaves the records listed
                 for name, (_, recs) in placed.items():

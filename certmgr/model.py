@@ -10,8 +10,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from certmgr.errors import InventoryError, SecretError
+from certmgr.log import register_secret
 
 # ---------------------------------------------------------------- value types
 
@@ -63,6 +65,7 @@ class SecretRef:
             value = env.get(self.where)
             if not value:
                 raise SecretError(f"{self.key_path}: environment variable {self.where} is not set or empty")
+            register_secret(value.strip())  # every secret read is masked in logs, whoever reads it
             return value.strip()
         try:
             value = path.read_text().strip()
@@ -70,10 +73,15 @@ class SecretRef:
             raise SecretError(f"{self.key_path}: cannot read secret file {path}: {exc.strerror}") from exc
         if not value:
             raise SecretError(f"{self.key_path}: secret file {path} is empty")
+        register_secret(value)
         return value
 
     def describe(self) -> str:
         return f"{self.kind}:{self.where}"
+
+    def shown(self) -> str:
+        """How `inventory show` prints it: the reference, never the value."""
+        return f"<secret {self.describe()}>"
 
 
 # ---------------------------------------------------------------- inventory types
@@ -90,16 +98,36 @@ class CA:
     eab_hmac_key: SecretRef | None = None
 
 
+class ProviderConfig(Protocol):
+    """A provider type's own validated settings (built by `certmgr.dns.<type>.parse_config`).
+
+    It declares its secret references (so `inventory check` and redaction need no per-type code) and
+    its redacted view (`inventory show`): secrets appear only as their references.
+    """
+
+    def secrets(self) -> tuple[SecretRef, ...]: ...
+
+    def shown(self) -> dict[str, object]: ...
+
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        """The keys as an inventory writes them (secrets as `KEY_file = "…"` etc.), for generated stubs."""
+        ...
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as an inventory duration (`"30s"`, `"1.5s"`)."""
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds}s"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DNSProvider:
+    """An inventory `[dns.NAME]`: what every provider type shares, and the type's own `config`."""
+
     name: str
     type: str
     zones: tuple[str, ...]
-    tsig_key: str
-    tsig_secret: SecretRef
-    tsig_algorithm: str = "hmac-sha256"
-    server: str | None = None
-    port: int = 53
+    config: ProviderConfig
+    # authoritative servers the propagation check asks: "ADDRESS" or "ADDRESS:PORT" ("[v6]:PORT")
     nameservers: tuple[str, ...] = ()
     propagation_timeout: float = 120.0
 
@@ -216,12 +244,16 @@ class Inventory:
             raise InventoryError(problems, path=str(self.path))
         return tuple(known[n] for n in dict.fromkeys(names))
 
-    def zone_provider(self, fqdn: str) -> tuple[DNSProvider, str] | None:
-        """The provider and zone that own `fqdn` (longest zone match across providers)."""
+    def zone_provider(self, fqdn: str, prefer: str | None = None) -> tuple[DNSProvider, str] | None:
+        """The provider and zone that own `fqdn` (longest zone match across providers).
+
+        When two providers list the same zone, `prefer` (the certificate's `dns`) wins the tie; else the first.
+        """
         best: tuple[DNSProvider, str] | None = None
         for prov in self.dns.values():
             zone = prov.zone_for(fqdn)
-            if zone and (best is None or len(zone) > len(best[1])):
+            if zone and (best is None or len(zone) > len(best[1])
+                         or (len(zone) == len(best[1]) and prov.name == prefer)):
                 best = (prov, zone)
         return best
 

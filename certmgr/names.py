@@ -121,3 +121,16 @@ def type_name(value: object) -> str:
     """How an error names a TOML value's type: "a string", "an integer", "an array", "a table"…"""
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
             dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def split_server(value: str, default_port: int) -> tuple[str, int] | None:
+    """`ADDRESS`, `ADDRESS:PORT` or `[IPv6]:PORT` → (address, port); None when it is none of those."""
+    if is_ip(value):
+        return value, default_port
+    m = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>\d{1,5})|(?P<v4>[0-9.]+):(?P<p4>\d{1,5})", value)
+    if m is None:
+        return None
+    addr, port = (m.group("v6"), m.group("p6")) if m.group("v6") else (m.group("v4"), m.group("p4"))
+    if not is_ip(addr) or not 1 <= int(port) <= 65535:
+        return None
+    return addr, int(port)

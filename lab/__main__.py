@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"server blocks per POP, each with its own certificate, 1-{MAX_NAMES_PER_POP} (default "
                          f"{DEFAULT_NAMES_PER_POP}: the lab's three lineages; more add s0003.hachyderm.test, …)")
     up.add_argument("--secondary", action="store_true", help="also run a lagging secondary nameserver (127.0.0.2)")
+    up.add_argument("--powerdns", action="store_true",
+                    help="also run PowerDNS 4.7 for pdns.test (DNS on P+7, HTTP API on P+8; bind forwards pdns.test)")
     up.add_argument(
         "--validity", type=int, default=DEFAULT_VALIDITY, help="Pebble certificate lifetime, seconds (default 90 days)"
     )
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
             messy.remove(lab, reload=False)  # an earlier profile names files `up` may reseed away
             lab.up()
+            if args.powerdns:
+                lab.start_powerdns()
             if args.messy:
                 messy.apply(lab)
             print(f"lab up in {time.monotonic() - started:.1f}s ({args.pops} POPs x {args.names_per_pop} names, "

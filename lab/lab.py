@@ -45,6 +45,7 @@ from lab.pop import (
     served_certificate,
     sshd_conf,
 )
+from lab.powerdns import PowerDNS
 from lab.proc import (
     LabError,
     check_ports_free,
@@ -108,6 +109,14 @@ class Ports:
         return self.base + 6
 
     @property
+    def pdns(self) -> int:
+        return self.base + 7  # the optional PowerDNS: DNS
+
+    @property
+    def pdns_api(self) -> int:
+        return self.base + 8  # the optional PowerDNS: HTTP API
+
+    @property
     def ssh(self) -> int:
         return self.base + 10  # on every POP address
 
@@ -116,7 +125,8 @@ class Ports:
         return self.base + 11
 
     def as_dict(self) -> dict[str, int]:
-        names = ("acme", "management", "dns", "webhook", "rndc", "acme2", "management2", "ssh", "https")
+        names = ("acme", "management", "dns", "webhook", "rndc", "acme2", "management2", "pdns", "pdns_api", "ssh",
+                 "https")
         return {n: getattr(self, n) for n in names}
 
 
@@ -175,6 +185,7 @@ class Lab:
                              dns_port=self.ports.dns, **tls)
         self.pebble2 = Pebble(self.dir / "pebble2", acme_port=self.ports.acme2, management_port=self.ports.management2,
                               dns_port=self.ports.dns, **tls)
+        self.powerdns = PowerDNS(self.dir / "pdns", dns_port=self.ports.pdns, api_port=self.ports.pdns_api)
         self._outputs_lock = threading.Lock()
 
     @classmethod
@@ -396,7 +407,8 @@ class Lab:
         for stem, text in named.zone_texts(int(time.time()), secondary=self.secondary).items():
             (d / f"{stem}.zone.jnl").unlink(missing_ok=True)
             pki.write_file(d / f"{stem}.zone", text.encode())
-        pki.write_file(d / "named.conf", named.primary_conf(d, port, self.ports.rndc, self._sites()).encode())
+        conf = named.primary_conf(d, port, self.ports.rndc, self.ports.pdns, self._sites())
+        pki.write_file(d / "named.conf", conf.encode())
         pki.write_file(d / "rndc.conf", named.rndc_conf(d, self.ports.rndc).encode(), 0o600)
         # As root, without -u bind: the ports are unprivileged and every file is in the lab
         # dir, so dropping privileges would only force chowning the lab's key files to bind.
@@ -496,6 +508,16 @@ class Lab:
         self.pebble2.start(env, validity or self.validity, eab_keys)
         self._write_outputs()
         return self.pebble2.info()
+
+    def start_powerdns(self) -> None:
+        """Start the optional PowerDNS (zone pdns.test, API on P+8); bind forwards pdns.test to it."""
+        check_ports_free("pdns_server", [] if self.powerdns.pid else
+                         [("127.0.0.1", self.ports.pdns, "udp"), ("127.0.0.1", self.ports.pdns, "tcp"),
+                          ("127.0.0.1", self.ports.pdns_api, "tcp")])
+        self.powerdns.start()
+
+    def stop_powerdns(self) -> None:
+        wait_vanished(self.powerdns.stop())
 
     def stop_second_pebble(self) -> None:
         self.pebble2.stop()
@@ -650,6 +672,7 @@ class Lab:
         """Stop every process this lab started (by recorded pid), then remove its sudoers file."""
         stops: dict[str, Callable[[], list[int]]] = {
             "pebble": self.pebble.stop, "pebble2": self.pebble2.stop, "dns": self._stop_dns,
+            "powerdns": self.powerdns.stop,
         }
         stops.update({f"pop {n}": functools.partial(self._stop_pop, n) for n in self._all_pop_dirs()})
         try:
@@ -670,6 +693,8 @@ class Lab:
         out["named"] = row(self.named_pid, PRIMARY_NS, self.ports.dns)
         if self.secondary or self.named2_pid is not None:
             out["named-secondary"] = row(self.named2_pid, SECONDARY_NS, self.ports.dns)
+        if self.powerdns.pid is not None:
+            out["powerdns"] = row(self.powerdns.pid, "127.0.0.1", self.ports.pdns_api)
         for name in self._pops_in_play():
             p = self.pop_paths(name)
             out[f"sshd {name}"] = row(self.sshd_pid(name), p.address, self.ports.ssh)

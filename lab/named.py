@@ -27,6 +27,7 @@ PRIMARY_NS = "127.0.0.1"
 SECONDARY_NS = "127.0.0.2"
 WEB_ADDRESS = "127.0.1.2"  # A records of the test zone; where they point is not important
 PRIMARY_ZONES = (ZONE, CHALLENGE_ZONE, REFUSE_ZONE)
+PDNS_ZONE = "pdns.test"  # served by the optional PowerDNS (lab/powerdns.py); bind forwards it there
 
 
 def acme_update_names(sites: Sequence[str] = ()) -> list[str]:
@@ -61,12 +62,15 @@ def zone_texts(serial: int, *, secondary: bool) -> dict[str, str]:
     ]
     challenges = ["$TTL 60", soa(), f"@ NS ns1.{ZONE}."]
     refuse = ["$TTL 60", soa(), f"@ NS ns1.{ZONE}.", f"@ A {WEB_ADDRESS}", f"www A {WEB_ADDRESS}"]
-    root = ["$TTL 60", soa("."), f". NS ns1.{ZONE}.", f"ns1.{ZONE}. A {PRIMARY_NS}"]
+    # pdns.test is delegated from the local root, so that named's resolver (recursion, loopback clients
+    # only) uses the forward zone in named.conf: Pebble asks named, named asks PowerDNS.
+    root = ["$TTL 60", soa("."), f". NS ns1.{ZONE}.", f"ns1.{ZONE}. A {PRIMARY_NS}",
+            f"{PDNS_ZONE}. NS ns1.{PDNS_ZONE}.", f"ns1.{PDNS_ZONE}. A {PRIMARY_NS}"]
     files = {ZONE: main, CHALLENGE_ZONE: challenges, REFUSE_ZONE: refuse, "root": root}
     return {stem: "\n".join(lines) + "\n" for stem, lines in files.items()}
 
 
-def primary_conf(d: Path, port: int, rndc_port: int, sites: Sequence[str] = ()) -> str:
+def primary_conf(d: Path, port: int, rndc_port: int, pdns_port: int, sites: Sequence[str] = ()) -> str:
     grants = "\n".join(f"        grant {LAB_KEY}. name _acme-challenge.{n}. TXT;" for n in acme_update_names(sites))
     return f"""// certmgr lab primary: authoritative for the lab zones, loopback only.
 options {{
@@ -90,6 +94,9 @@ options {{
     notify no;                  // the secondary must lag until its refresh (or `sync_secondary`)
     dnssec-validation no;
     allow-transfer {{ 127.0.0.0/8; }};
+    // nothing cached: a forwarded challenge TXT (pdns.test) is read fresh by every validation
+    max-cache-ttl 0;
+    max-ncache-ttl 0;
 }};
 include "{d}/{LAB_KEY}.key";
 include "{d}/{CHALLENGE_KEY}.key";
@@ -111,6 +118,11 @@ zone "{REFUSE_ZONE}" {{
     type primary;
     file "{REFUSE_ZONE}.zone";
     allow-update {{ none; }};
+}};
+zone "{PDNS_ZONE}" {{
+    type forward;               // the optional PowerDNS (lab/powerdns.py); SERVFAIL when it is not running
+    forward only;
+    forwarders {{ {PRIMARY_NS} port {pdns_port}; }};
 }};
 zone "." {{
     type primary;

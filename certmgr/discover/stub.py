@@ -42,6 +42,8 @@ def _v(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, dict):  # an inline table (an exec provider's env)
+        return "{ " + ", ".join(f"{k} = {_v(v)}" for k, v in value.items()) + " }"
     return "[" + ", ".join(_v(v) for v in value) + "]"
 
 
@@ -69,8 +71,7 @@ def render(inv: Inventory, certs: Sequence[StubCert], *, header: Sequence[str] =
             *_secret("eab_hmac_key", ca.eab_hmac_key)]))
     for n, p in inv.dns.items():
         parts.append(_table(f"[dns.{n}]", [
-            ("type", p.type), ("zones", list(p.zones)), ("server", p.server), ("port", p.port),
-            ("tsig_key", p.tsig_key), ("tsig_algorithm", p.tsig_algorithm), *_secret("tsig_secret", p.tsig_secret),
+            ("type", p.type), ("zones", list(p.zones)), *p.config.toml(),  # each provider type writes its own keys
             ("nameservers", list(p.nameservers) or None), ("propagation_timeout", _duration(p.propagation_timeout))]))
     for n, h in inv.hosts.items():
         parts.append(_table(f"[hosts.{n}]", [

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from certmgr.errors import CertmgrError, DNSError
-from certmgr.inventory import DNSProvider, Inventory
+from certmgr.model import DNSProvider, Inventory
 
 MAX_CNAME_HOPS = 8
 
@@ -25,6 +25,10 @@ class TXTRecord:
     zone: str
     value: str
     domain: str
+    # RFC 8555 §8.1/§8.4: the challenge token and key authorization the value is the digest of; only
+    # providers that want them (exec in lego's raw mode) read these. Not part of `key`.
+    token: str | None = None
+    key_authorization: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -86,24 +90,26 @@ def challenge_name(domain: str) -> str:
 
 
 def build(cfg: DNSProvider) -> Provider:
-    """The provider for an inventory `[dns.*]` entry, validated now (reads its TSIG secret)."""
-    if cfg.type == "rfc2136":
-        from certmgr.dns.rfc2136 import RFC2136Provider
+    """The provider for an inventory `[dns.*]` entry, validated now (reads its secrets)."""
+    from certmgr.dns.registry import TYPES, provider_type
 
-        return RFC2136Provider.build(cfg)
-    raise DNSError(f"dns provider {cfg.name}: unknown type {cfg.type!r} (only rfc2136 is supported)")
+    if cfg.type not in TYPES:
+        raise DNSError(f"dns provider {cfg.name}: unknown type {cfg.type!r} (one of {', '.join(TYPES)})")
+    return provider_type(cfg.type).build(cfg)
 
 
 async def locate(inventory: Inventory, providers: Mapping[str, Provider], domain: str,
-                 value: str) -> tuple[Provider, TXTRecord]:
+                 value: str, *, token: str | None = None, key_authorization: str | None = None,
+                 prefer: str | None = None) -> tuple[Provider, TXTRecord]:
     """Where the TXT for `domain` must be written: follows `_acme-challenge` CNAMEs (delegated challenge zones).
 
     Each hop is asked of the authoritative servers of the zone holding the name, never a public resolver.
+    `prefer` (the certificate's own provider) wins when two providers list the same zone.
     """
     fqdn = challenge_name(domain)
     seen = [fqdn]
     for _ in range(MAX_CNAME_HOPS):
-        owner = inventory.zone_provider(fqdn)
+        owner = inventory.zone_provider(fqdn, prefer)
         if owner is None:
             via = f" (via CNAME from {seen[0]})" if len(seen) > 1 else ""
             raise DNSError(
@@ -115,7 +121,8 @@ async def locate(inventory: Inventory, providers: Mapping[str, Provider], domain
             raise DNSError(f"dns locate {domain}: provider {cfg.name} was not built (challenge not attempted)")
         target = await prov.cname_target(fqdn, zone)
         if target is None:
-            return prov, TXTRecord(fqdn=fqdn, zone=zone, value=value, domain=domain)
+            return prov, TXTRecord(fqdn=fqdn, zone=zone, value=value, domain=domain, token=token,
+                                   key_authorization=key_authorization)
         if target in seen:
             raise DNSError(f"dns locate {domain}: CNAME loop {' → '.join([*seen, target])} (challenge not attempted)")
         seen.append(target)

@@ -44,17 +44,24 @@ class Entry:
     cert: str  # the certificate whose order wrote it
     domain: str  # the identifier it validates
     first_written: dt.datetime  # when it was first journaled (before the first UPDATE that adds it)
+    # the challenge token and key authorization, kept only for providers that need them to clean up (exec, raw)
+    token: str | None = None
+    key_authorization: str | None = None
 
     @property
     def key(self) -> Key:
         return self.record().key
 
     def record(self) -> TXTRecord:
-        return TXTRecord(fqdn=self.fqdn, zone=self.zone, value=self.value, domain=self.domain)
+        return TXTRecord(fqdn=self.fqdn, zone=self.zone, value=self.value, domain=self.domain, token=self.token,
+                         key_authorization=self.key_authorization)
 
     def to_json(self) -> dict[str, str]:
-        return {"zone": self.zone, "fqdn": self.fqdn, "value": self.value, "provider": self.provider,
-                "cert": self.cert, "domain": self.domain, "first_written": self.first_written.isoformat()}
+        out = {"zone": self.zone, "fqdn": self.fqdn, "value": self.value, "provider": self.provider,
+               "cert": self.cert, "domain": self.domain, "first_written": self.first_written.isoformat()}
+        if self.token is not None and self.key_authorization is not None:
+            out |= {"token": self.token, "key_authorization": self.key_authorization}
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, *, where: str) -> Entry:
@@ -62,7 +69,8 @@ class Entry:
             when = dt.datetime.fromisoformat(obj["first_written"])
             return cls(zone=str(obj["zone"]), fqdn=str(obj["fqdn"]), value=str(obj["value"]),
                        provider=str(obj["provider"]), cert=str(obj["cert"]), domain=str(obj.get("domain", "")),
-                       first_written=when if when.tzinfo else when.replace(tzinfo=dt.UTC))
+                       first_written=when if when.tzinfo else when.replace(tzinfo=dt.UTC),
+                       token=_opt(obj.get("token")), key_authorization=_opt(obj.get("key_authorization")))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"store {where}: an entry is malformed ({type(exc).__name__}: {exc})",
                              hint="the file lists challenge TXT records to remove; fix the entry by hand "
@@ -73,6 +81,10 @@ class Entry:
         short = self.value if len(self.value) <= 12 else self.value[:10] + "…"
         return (f'{self.fqdn} TXT "{short}" (zone {self.zone}, provider {self.provider}, cert {self.cert}) '
                 f"left {age_text(now - self.first_written)} ago, since {self.first_written:%Y-%m-%d %H:%M}Z")
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def age_text(age: dt.timedelta) -> str:
@@ -168,7 +180,8 @@ class Journal:
         for r in records:
             if r.key not in self._entries:
                 self._entries[r.key] = Entry(zone=r.zone, fqdn=r.fqdn, value=r.value, provider=provider, cert=cert,
-                                             domain=r.domain, first_written=now)
+                                             domain=r.domain, first_written=now, token=r.token,
+                                             key_authorization=r.key_authorization)
                 added.add(r.key)
         if added:
             self._save()

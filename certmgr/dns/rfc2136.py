@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -29,16 +30,87 @@ import dns.update
 
 from certmgr import sanitize
 from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, run_all
+from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
 from certmgr.dns.propagation import wait_served
-from certmgr.errors import DNSAuthError, DNSClockSkewError, DNSError, SecretError
-from certmgr.inventory import DNSProvider, normalise_tsig_algorithm
+from certmgr.errors import CertmgrError, DNSAuthError, DNSClockSkewError, DNSError, SecretError
 from certmgr.log import Secret, event
+from certmgr.model import DNSProvider, SecretRef
+from certmgr.names import dns_name_problem, is_ip, split_server
+from certmgr.reader import Reader
 
 log = logging.getLogger(__name__)
 
 CHALLENGE_TTL = 60
 UPDATE_TIMEOUT = 10.0
 QUERY_TIMEOUT = 3.0
+
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
+KEYS = frozenset({"server", "port", "tsig_key", "tsig_algorithm"})
+SECRET_KEYS = frozenset({"tsig_secret"})
+FIRST_CHECK = "tsig"  # the name of diagnose()'s first finding
+
+
+def normalise_tsig_algorithm(name: str) -> str | None:
+    """`HMAC-SHA256`, `hmac-sha256.`, `hmac-sha256.sig-alg.reg.int` → `hmac-sha256`; MD5 → None."""
+    n = name.strip().lower().rstrip(".").removesuffix(".sig-alg.reg.int")
+    return n if n in TSIG_ALGORITHMS else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RFC2136Config:
+    """`[dns.NAME]` with `type = "rfc2136"`: where UPDATEs go and the TSIG key that signs them."""
+
+    tsig_key: str
+    tsig_secret: SecretRef
+    tsig_algorithm: str = "hmac-sha256"
+    server: str | None = None  # None: the SOA MNAME's address
+    port: int = 53
+
+    def secrets(self) -> tuple[SecretRef, ...]:
+        return (self.tsig_secret,) if self.tsig_secret.where else ()
+
+    def shown(self) -> dict[str, object]:
+        return {"server": self.server, "port": self.port, "tsig_key": self.tsig_key,
+                "tsig_algorithm": self.tsig_algorithm, "tsig_secret": self.tsig_secret.shown()}
+
+    def toml(self) -> tuple[tuple[str, object], ...]:
+        return (("server", self.server), ("port", self.port), ("tsig_key", self.tsig_key),
+                ("tsig_algorithm", self.tsig_algorithm),
+                (f"tsig_secret_{self.tsig_secret.kind}", self.tsig_secret.where))
+
+
+def parse_config(r: Reader, t: dict[str, Any], kp: str) -> RFC2136Config:
+    """The rfc2136 keys of `[dns.NAME]` (table already checked for unknown keys); problems go to `r`."""
+    server = r.get(t, "server", kp, str)
+    if server is not None and not is_ip(server):
+        r.err(f"{kp}.server", f"{server!r} must be an IP address (certmgr never resolves the primary "
+              "through the system resolver)")
+    algo_raw = r.get(t, "tsig_algorithm", kp, str, default="hmac-sha256")
+    algo = normalise_tsig_algorithm(algo_raw)
+    if algo is None:
+        if "md5" in algo_raw.lower():
+            r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r}: HMAC-MD5 is refused; use hmac-sha256")
+        else:
+            r.err(f"{kp}.tsig_algorithm", f"{algo_raw!r} is not one of {', '.join(TSIG_ALGORITHMS)}")
+    elif algo == "hmac-sha1":
+        r.warn(f"{kp}.tsig_algorithm", "hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key")
+    tsig_key = r.get(t, "tsig_key", kp, str, required=True)
+    if tsig_key is not None and dns_name_problem(tsig_key.rstrip(".") + ".x", wildcard_ok=False):
+        r.err(f"{kp}.tsig_key", f"{tsig_key!r} is not a valid key name")
+    secret = r.secret(t, "tsig_secret", kp, required=True)
+    return RFC2136Config(tsig_key=tsig_key or "", tsig_secret=secret or SecretRef("env", "", f"{kp}.tsig_secret"),
+                         tsig_algorithm=algo or "hmac-sha256", server=server, port=r.port(t, "port", kp, 53))
+
+
+def config_of(cfg: DNSProvider) -> RFC2136Config:
+    if not isinstance(cfg.config, RFC2136Config):
+        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not rfc2136")
+    return cfg.config
+
+
+def build(cfg: DNSProvider) -> RFC2136Provider:
+    return RFC2136Provider.build(cfg)
+
 
 _ALGORITHMS = {
     "hmac-sha1": dns.tsig.HMAC_SHA1,
@@ -112,6 +184,7 @@ class RFC2136Provider:
     def __init__(self, cfg: DNSProvider, key: TSIGKey, *, resolver: dns.asyncresolver.Resolver | None = None) -> None:
         self.name = cfg.name
         self.cfg = cfg
+        self.conf = config_of(cfg)
         self._key = key
         self._resolver = resolver
         self._primary: dict[str, str] = {}
@@ -124,12 +197,7 @@ class RFC2136Provider:
 
     @classmethod
     def build(cls, cfg: DNSProvider) -> RFC2136Provider:
-        algorithm = normalise_tsig_algorithm(cfg.tsig_algorithm)
-        if algorithm is None:  # the inventory refuses these already; never fall back to MD5 silently
-            raise DNSError(f"dns provider {cfg.name}: TSIG algorithm {cfg.tsig_algorithm!r} is refused")
-        text = cfg.tsig_secret.read()
-        key = parse_tsig_secret(text, key_name=cfg.tsig_key, algorithm=algorithm, where=cfg.tsig_secret.key_path)
-        return cls(cfg, key)
+        return cls(cfg, read_key(config_of(cfg)))
 
     # -- where to send things
 
@@ -140,8 +208,8 @@ class RFC2136Provider:
 
     async def primary(self, zone: str) -> str:
         """Address of the server that takes updates for `zone`: the inventory's `server`, else the SOA MNAME."""
-        if self.cfg.server:
-            return self.cfg.server
+        if self.conf.server:
+            return self.conf.server
         async with self._locks[f"primary:{zone}"]:
             if zone not in self._primary:
                 self._primary[zone] = await self._soa_primary(zone)
@@ -156,19 +224,19 @@ class RFC2136Provider:
         hint = f'set server = "ADDRESS" in [dns.{self.name}]'
         if self.cfg.nameservers:
             problems: list[str] = []
-            for ns in self.cfg.nameservers:
+            for ns, port in self.listed_nameservers():
                 try:
-                    resp = await self._query(ns, zone, dns.rdatatype.SOA)
+                    resp = await self._query(ns, zone, dns.rdatatype.SOA, port=port)
                 except DNSError as exc:
                     problems.append(str(exc))
                     continue
                 soa = [rd for rr in resp.answer if rr.rdtype == dns.rdatatype.SOA for rd in rr]
                 if not soa:
-                    problems.append(f"{_server(ns, self.cfg.port)} has no SOA for {zone} "
+                    problems.append(f"{_server(ns, port)} has no SOA for {zone} "
                                     f"({dns.rcode.to_text(resp.rcode())})")
                     continue
                 mname = str(soa[0].mname).rstrip(".")
-                addrs = await self._addresses(ns, mname)
+                addrs = await self._addresses(ns, mname, port=port)
                 if addrs:
                     return min(addrs, key=lambda a: (":" in a, a))  # IPv4 first: what `server` usually is
                 problems.append(f"the SOA primary {mname} has no address")
@@ -187,9 +255,9 @@ class RFC2136Provider:
 
     async def nameservers(self, zone: str) -> tuple[tuple[str, int], ...]:
         """Every authoritative server of `zone` (inventory `nameservers`, else its NS records), with the port."""
-        port = self.cfg.port
+        port = self.conf.port
         if self.cfg.nameservers:
-            return tuple((ns, port) for ns in self.cfg.nameservers)
+            return self.listed_nameservers()
         async with self._locks[f"ns:{zone}"]:
             if zone not in self._nameservers:
                 primary = await self.primary(zone)
@@ -204,12 +272,21 @@ class RFC2136Provider:
                 self._nameservers[zone] = tuple((a, port) for a in sorted(addrs))
         return self._nameservers[zone]
 
-    async def _addresses(self, primary: str, host: str) -> set[str]:
+    def listed_nameservers(self) -> tuple[tuple[str, int], ...]:
+        """The inventory's `nameservers`, each with its port (this provider's `port` when not written)."""
+        out = []
+        for ns in self.cfg.nameservers:
+            split = split_server(ns, self.conf.port)
+            if split is not None:  # the inventory refused anything else
+                out.append(split)
+        return tuple(out)
+
+    async def _addresses(self, primary: str, host: str, *, port: int | None = None) -> set[str]:
         """A/AAAA of a nameserver host: first from our authoritative primary (in-zone glue), else resolved."""
         out: set[str] = set()
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             try:
-                resp = await self._query(primary, host, rdtype)
+                resp = await self._query(primary, host, rdtype, port=port)
             except DNSError:
                 continue
             out.update(str(rd) for rr in resp.answer if rr.rdtype == rdtype for rd in rr)
@@ -224,14 +301,16 @@ class RFC2136Provider:
             event(log, logging.WARNING, "nameserver address not found", provider=self.name, host=host)
             return set()
 
-    async def _query(self, server: str, qname: str, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
+    async def _query(self, server: str, qname: str, rdtype: dns.rdatatype.RdataType, *,
+                     port: int | None = None) -> dns.message.Message:
         q = dns.message.make_query(dns.name.from_text(qname), rdtype)
         q.flags &= ~dns.flags.RD
+        port = self.conf.port if port is None else port
         try:
             async with asyncio.timeout(QUERY_TIMEOUT):
-                resp, _ = await dns.asyncquery.udp_with_fallback(q, server, timeout=QUERY_TIMEOUT, port=self.cfg.port)
+                resp, _ = await dns.asyncquery.udp_with_fallback(q, server, timeout=QUERY_TIMEOUT, port=port)
         except (TimeoutError, OSError, dns.exception.DNSException) as exc:
-            raise DNSError(f"dns query {qname} {dns.rdatatype.to_text(rdtype)} @{_server(server, self.cfg.port)}: "
+            raise DNSError(f"dns query {qname} {dns.rdatatype.to_text(rdtype)} @{_server(server, port)}: "
                            f"{type(exc).__name__} {sanitize.line(str(exc))}".rstrip()) from exc
         return resp
 
@@ -286,7 +365,7 @@ class RFC2136Provider:
             primary = await self.primary(zone)
         except DNSError as exc:  # nothing was sent
             return failed(False, exc)
-        where = _server(primary, self.cfg.port)
+        where = _server(primary, self.conf.port)
         upd = dns.update.UpdateMessage(dns.name.from_text(zone))
         upd.use_tsig(self._key.dns_key())
         for r in records:
@@ -304,7 +383,7 @@ class RFC2136Provider:
         # A TSIG error or an rcode is the server's verdict: RFC 2136 §3.7, nothing of the UPDATE was applied.
         try:
             async with asyncio.timeout(UPDATE_TIMEOUT):
-                resp = await dns.asyncquery.tcp(upd, primary, timeout=UPDATE_TIMEOUT, port=self.cfg.port)
+                resp = await dns.asyncquery.tcp(upd, primary, timeout=UPDATE_TIMEOUT, port=self.conf.port)
         except dns.tsig.PeerBadKey as exc:
             return failed(False, DNSAuthError(f"{step}: {badkey_cause(self._key.name)} {outcome}",
                                               hint=badkey_hint(self._key.name, names)), exc)
@@ -365,3 +444,103 @@ def _by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:
     for r in records:
         out.setdefault(r.zone, []).append(r)
     return out
+
+
+def read_key(conf: RFC2136Config) -> TSIGKey:
+    """The TSIG key, read and checked against the inventory (key name, algorithm)."""
+    algorithm = normalise_tsig_algorithm(conf.tsig_algorithm)
+    if algorithm is None:  # the inventory refuses these already; never fall back to MD5 silently
+        raise DNSError(f"{conf.tsig_secret.key_path}: TSIG algorithm {conf.tsig_algorithm!r} is refused")
+    return parse_tsig_secret(conf.tsig_secret.read(), key_name=conf.tsig_key, algorithm=algorithm,
+                             where=conf.tsig_secret.key_path)
+
+
+# ---------------------------------------------------------------- doctor's capability
+
+
+async def diagnose(cfg: DNSProvider, zone: str, *, timeout: float) -> tuple[Finding, ...]:
+    """The key and the zone (a TSIG-signed SOA query to the primary), then every nameserver propagation waits for."""
+    tsig = await _diagnose_tsig(cfg, zone, timeout=timeout)
+    started = Timer("nameservers")
+    # Finding the nameservers needs no key: a placeholder never signs anything here.
+    finder = RFC2136Provider(cfg, TSIGKey(name=config_of(cfg).tsig_key, algorithm="hmac-sha256", secret=Secret("")))
+    try:
+        servers = await finder.nameservers(zone)
+    except DNSError as exc:
+        return tsig, started(FAIL, f"cannot list the nameservers of {zone}: {exc.message}",
+                             f"set nameservers = [...] in [dns.{cfg.name}]")
+    return tsig, await check_nameservers(zone, servers, timeout=timeout, propagation_timeout=cfg.propagation_timeout,
+                                         provider=cfg.name, started=started)
+
+
+async def _diagnose_tsig(cfg: DNSProvider, zone: str, *, timeout: float) -> Finding:
+    """A TSIG-signed SOA query for `zone` to its primary: the key is accepted and the zone served with AA."""
+    conf = config_of(cfg)
+    result = Timer("tsig")
+    algorithm = normalise_tsig_algorithm(conf.tsig_algorithm)
+    if algorithm is None:
+        return result(FAIL, f"TSIG algorithm {conf.tsig_algorithm!r} is refused")
+    try:
+        key = read_key(conf)
+    except CertmgrError as exc:
+        return result(FAIL, f"TSIG key {conf.tsig_key}: {exc.message}", exc.hint)
+    try:
+        server = await RFC2136Provider(cfg, key).primary(zone)
+    except DNSError as exc:
+        return result(FAIL, exc.message, exc.hint)
+    where = _server(server, conf.port)
+    q = dns.message.make_query(dns.name.from_text(zone), dns.rdatatype.SOA)
+    q.flags &= ~dns.flags.RD
+    q.use_tsig(key.dns_key())
+    kname = conf.tsig_key
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await dns.asyncquery.tcp(q, server, port=conf.port, timeout=timeout)
+    except dns.tsig.PeerBadKey:
+        # one diagnosis with the UPDATE's: Knot answers BADKEY for a known key its ACL denies, too
+        return result(FAIL, f"TSIG key {kname}: {where} answered {badkey_cause(kname)}",
+                      badkey_hint(kname, f"the _acme-challenge names in {zone}"))
+    except dns.tsig.PeerBadSignature:
+        return result(FAIL, f"TSIG key {kname}: {where} rejected the signature (BADSIG): the secret or "
+                            f"algorithm ({algorithm}) differs from the server's",
+                      f"compare {conf.tsig_secret.describe()} with the server's key {kname}")
+    except dns.tsig.PeerBadTime:
+        return result(FAIL, f"TSIG key {kname}: {where} rejected the time (BADTIME): this machine's clock and "
+                            "the server's differ by more than the allowed fudge",
+                      "fix NTP on this machine (or on the DNS server)")
+    except dns.tsig.PeerError as exc:
+        return result(FAIL, f"TSIG key {kname}: {where} rejected it ({type(exc).__name__})")
+    except dns.tsig.BadSignature:
+        return result(FAIL, f"TSIG key {kname}: the answer from {where} is not signed with this key",
+                      "another server answers on that address?")
+    except (TimeoutError, dns.exception.Timeout):
+        return result(FAIL, f"{where}: no answer within {timeout:g}s",
+                      f"is the DNS server up and reachable on TCP port {conf.port}?")
+    except ConnectionRefusedError:
+        return result(FAIL, f"{where}: connection refused", "is the DNS server running?")
+    except (OSError, dns.exception.DNSException) as exc:
+        return result(FAIL, f"{where}: {type(exc).__name__}: {sanitize.line(str(exc))}")
+    rcode = resp.rcode()
+    if rcode == dns.rcode.REFUSED:
+        return result(FAIL, f"{where} answered REFUSED for {zone} SOA (key {kname}): it does not serve the "
+                            "zone to this client",
+                      "check the server is the zone's primary and allows queries from this address")
+    if rcode == dns.rcode.NOTAUTH:
+        return result(FAIL, f"{where} answered NOTAUTH for {zone}: not authoritative, or key {kname} not "
+                            "accepted", "check server and zones in the inventory")
+    if rcode == dns.rcode.NXDOMAIN:
+        return result(FAIL, f"key {kname} accepted, but zone {zone} does not exist at {where} (NXDOMAIN)",
+                      "check zones = [...] and server: the zone must be served by that primary")
+    if rcode != dns.rcode.NOERROR:
+        return result(FAIL, f"{where} answered {dns.rcode.to_text(rcode)} for {zone} SOA (key {kname})",
+                      "check zones = [...]: is this the zone apex?")
+    soa = next((rr for rr in resp.answer if rr.rdtype == dns.rdatatype.SOA
+                and rr.name == dns.name.from_text(zone)), None)
+    if soa is None:
+        return result(FAIL, f"key {kname} accepted, but {where} has no SOA for {zone}: it is not a zone apex",
+                      "zones = [...] must list zone apexes")
+    if not resp.flags & dns.flags.AA:
+        return result(FAIL, f"key {kname} accepted, but {where} is not authoritative for {zone} (no AA)",
+                      "set server to the zone's primary")
+    return result(OK, f"key {kname} ({algorithm}) accepted by {where}; zone {zone} served authoritatively "
+                      f"(SOA serial {soa[0].serial})")

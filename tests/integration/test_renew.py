@@ -314,8 +314,8 @@ def test_wrong_txt_value_makes_the_challenge_invalid(rlab: Lab, store: Store, tm
 
     real_locate = issue_mod.locate
 
-    async def wrong_locate(inv: Inventory, providers: Any, domain: str, value: str) -> Any:
-        return await real_locate(inv, providers, domain, "wrong-" + value[6:])
+    async def wrong_locate(inv: Inventory, providers: Any, domain: str, value: str, **kw: Any) -> Any:
+        return await real_locate(inv, providers, domain, "wrong-" + value[6:], **kw)
 
     monkeypatch.setattr(issue_mod, "locate", wrong_locate)
     inv = load(tmp_path, inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}]))
@@ -637,7 +637,7 @@ def test_update_primary_found_from_the_soa_without_server(rlab: Lab, store: Stor
     text = inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}],
                           nameservers=["127.0.0.1"]).replace('server = "127.0.0.1"\n', "")
     inv = load(tmp_path, text)
-    assert inv.dns["lab"].server is None
+    assert inv.dns["lab"].config.server is None
     via_secondary = RFC2136Provider.build(dataclasses.replace(inv.dns["lab"], nameservers=("127.0.0.2",)))
     assert asyncio.run(via_secondary.primary("hachyderm.test")) == "127.0.0.1"
 
@@ -675,7 +675,7 @@ def test_dns_changes_reported_only_when_the_server_accepted_them(rlab: Lab, tmp_
         changes.append((action, zone, [r.value for r in records]))
 
     good = RFC2136Provider.build(cfg)
-    wrong = parse_tsig_secret(base64.b64encode(os.urandom(32)).decode(), key_name=cfg.tsig_key,
+    wrong = parse_tsig_secret(base64.b64encode(os.urandom(32)).decode(), key_name=cfg.config.tsig_key,
                               algorithm="hmac-sha256", where="test")
     bad = RFC2136Provider(cfg, wrong)
     good.on_change = bad.on_change = heard

@@ -12,7 +12,7 @@ import pytest
 from certmgr import inventory
 from certmgr.dns import Provider, TXTRecord, ZoneUpdate, challenge_name, locate, run_all
 from certmgr.dns.propagation import wait_served
-from certmgr.dns.rfc2136 import RFC2136Provider, parse_tsig_secret
+from certmgr.dns.rfc2136 import RFC2136Config, RFC2136Provider, parse_tsig_secret
 from certmgr.errors import DNSAuthError, DNSError, PropagationTimeout, SecretError
 
 SECRET = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -53,9 +53,9 @@ def provider_cfg(tmp_path: Path, secret_text: str | None = None) -> inventory.DN
     path = tmp_path / "tsig.key"
     if secret_text is not None:
         path.write_text(secret_text)
-    return inventory.DNSProvider(name="lab", type="rfc2136", zones=("hachyderm.test",), tsig_key="certmgr-lab",
-                                 tsig_secret=inventory.SecretRef("file", str(path), "dns.lab.tsig_secret_file"),
-                                 server="127.0.0.1", port=53)
+    return inventory.DNSProvider(name="lab", type="rfc2136", zones=("hachyderm.test",), config=RFC2136Config(
+        tsig_key="certmgr-lab", tsig_secret=inventory.SecretRef("file", str(path), "dns.lab.tsig_secret_file"),
+        server="127.0.0.1", port=53))
 
 
 def test_provider_is_validated_when_built(tmp_path: Path) -> None:

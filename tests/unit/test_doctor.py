@@ -481,8 +481,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "doctor.md"
 def test_docs_name_every_check() -> None:
     """docs/doctor.md documents every check name doctor emits."""
     text = DOC.read_text()
-    for name in ("inventory", "trust", "secret", "store", "directory", "account", "tsig", "nameservers", "ssh",
-                 "write", "test-command", "reload-command", "serves-live", "interval"):
+    for name in ("inventory", "trust", "secret", "store", "directory", "account", "tsig", "api", "program",
+                 "nameservers", "ssh", "write", "test-command", "reload-command", "serves-live", "interval"):
         assert f"| `{name}` |" in text, name
 
 

@@ -254,8 +254,8 @@ def test_valid_inventory_resolves_tags_and_defaults() -> None:
     assert cert.hosts == ("sally", "esme")
     assert cert.ca == "pebble" and cert.dns == "lab" and cert.key_type == "ecdsa-p256"
     assert inv.hosts["sally"].canary and not inv.hosts["esme"].canary
-    assert inv.dns["lab"].tsig_secret.where == "/etc/certmgr/tsig.key"
-    assert inv.dns["lab"].tsig_algorithm == "hmac-sha256"
+    assert inv.dns["lab"].config.tsig_secret.where == "/etc/certmgr/tsig.key"
+    assert inv.dns["lab"].config.tsig_algorithm == "hmac-sha256"
     assert inv.zone_provider("_acme-challenge.media.hachyderm.test") == (inv.dns["lab"], "hachyderm.test")
 
 
@@ -322,7 +322,7 @@ def test_warnings_are_not_errors() -> None:
     text = text.replace('tsig_key = "certmgr-lab"', 'tsig_key = "certmgr-lab"\ntsig_algorithm = "hmac-sha1"')
     text = text.replace('address = "127.0.1.3"', 'address = "127.0.1.3"\nuser = "deploy"')
     inv = inventory.loads(text)
-    assert inv.hosts["esme"].user == "deploy" and inv.dns["lab"].tsig_algorithm == "hmac-sha1"
+    assert inv.hosts["esme"].user == "deploy" and inv.dns["lab"].config.tsig_algorithm == "hmac-sha1"
     assert list(inv.warnings) == [
         "dns.lab.tsig_algorithm: hmac-sha1 is deprecated (RFC 8945 §6); generate a hmac-sha256 key",
         "hosts.esme.user: deprecated name: rename it to ssh_user (as in [defaults])",

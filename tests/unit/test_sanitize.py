@@ -322,7 +322,7 @@ def test_dns_server_error_text_is_inert(tmp_path: Path, monkeypatch: pytest.Monk
     import dns.exception
 
     from certmgr.dns import TXTRecord, first_error
-    from certmgr.dns.rfc2136 import RFC2136Provider
+    from certmgr.dns.rfc2136 import RFC2136Config, RFC2136Provider
     from certmgr.errors import DNSError
     from certmgr.inventory import DNSProvider
 
@@ -333,9 +333,9 @@ def test_dns_server_error_text_is_inert(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(dns.asyncquery, "tcp", hostile)
     key = tmp_path / "tsig.key"
     key.write_text('key "certmgr-lab" { algorithm hmac-sha256; secret "c2VjcmV0LXNlY3JldC1zZWNyZXQtMzI=" ; };\n')
-    prov = RFC2136Provider.build(DNSProvider(name="lab", type="rfc2136", zones=("hachyderm.test",),
-                                             tsig_key="certmgr-lab", server="127.0.0.1", port=53,
-                                             tsig_secret=SecretRef("file", str(key), "dns.lab.tsig_secret_file")))
+    prov = RFC2136Provider.build(DNSProvider(name="lab", type="rfc2136", zones=("hachyderm.test",), config=RFC2136Config(
+        tsig_key="certmgr-lab", server="127.0.0.1", port=53,
+        tsig_secret=SecretRef("file", str(key), "dns.lab.tsig_secret_file"))))
     with pytest.raises(DNSError) as query:
         asyncio.run(prov.cname_target(f"_acme-challenge.{NAME}", "hachyderm.test"))
     rec = TXTRecord(domain=NAME, fqdn=f"_acme-challenge.{NAME}", zone="hachyderm.test", value="v" * 43)
