@@ -376,15 +376,28 @@ def check_store(root: Path) -> tuple[Check, Any]:
                  message=f"writable; {live} certificate(s) live"), store
 
 
-def check_ha_store(inv: Inventory) -> list[Check]:
-    """[store]: PostgreSQL reachable, version ≥ 14, a real session (no transaction pooling); certmgr.pgdoctor."""
-    from certmgr import pgdoctor
+def check_ha_store(inv: Inventory) -> tuple[list[Check], Any]:
+    """[store]: PostgreSQL reachable, version ≥ 14, a real session (no transaction pooling), then the store opens.
+
+    Returns the checks and the opened store (None if any check failed) for the checks that read it.
+    """
+    from certmgr import pgdoctor, storeopen
 
     assert inv.store is not None
     subject = inv.store.url.split("@")[-1]
-    return [Check(group="store", name=f"postgres-{f.name}", subject=subject,
-                  status=Status.FAIL if not f.ok else Status.WARNING if f.warning else Status.OK,
-                  message=f.message, hint=f.hint) for f in pgdoctor.check(inv.store)]
+    checks = [Check(group="store", name=f"postgres-{f.name}", subject=subject,
+                    status=Status.FAIL if not f.ok else Status.WARNING if f.warning else Status.OK,
+                    message=f.message, hint=f.hint) for f in pgdoctor.check(inv.store)]
+    if any(c.status == Status.FAIL for c in checks):
+        return checks, None
+    try:
+        store = storeopen.open_pg(inv.store)
+        live = sum(1 for n in store.names() if store.live_version(n) is not None)
+    except CertmgrError as exc:
+        return [*checks, Check(group="store", name="store", subject=subject, status=Status.FAIL,
+                               message=exc.message, hint=exc.hint)], None
+    return [*checks, Check(group="store", name="store", subject=subject, status=Status.OK,
+                           message=f"schema and store key ok; {live} certificate(s) live")], store
 
 
 def check_dns_leftovers(store: StateStore, *, now: dt.datetime) -> Check:
@@ -857,10 +870,12 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
         return Report(checks=tuple(checks), elapsed=loop.time() - start)
     checks += check_trust(inv)
     checks += check_secrets(inv)
-    if inv.store is not None:
-        checks += check_ha_store(inv)
-    store_check, store = check_store(state_dir)
-    checks.append(store_check)
+    if inv.store is not None:  # HA: the database is the store; the state directory is not used
+        ha_checks, store = check_ha_store(inv)
+        checks += ha_checks
+    else:
+        store_check, store = check_store(state_dir)
+        checks.append(store_check)
     checks.append(check_dns_leftovers(store, now=now))
 
     async def default_prober(address: str, port: int, sni: str) -> Any:

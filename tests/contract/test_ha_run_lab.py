@@ -67,3 +67,18 @@ def test_an_unreachable_database_fails_the_run_with_exit_69(lab: Lab, pg: PgServ
     assert res.exit_code == 69, res.output
     assert "never falls back to local state" in res.output
     assert not state.exists()
+
+
+def test_doctor_with_the_postgres_store_checks_the_database_not_the_directory(lab: Lab, fresh_schema: PgServer,
+                                                                              tmp_path: Path) -> None:
+    """doctor with [store]: postgres-connect/version/session and the store itself are ok; the state directory is not checked."""
+    inv = _inventory(lab, fresh_schema, tmp_path)
+    state = tmp_path / "absent-state"
+    res = _certmgr(inv, state, "doctor", "--json", "--timer-interval", "12h")
+    report = json.loads(res.output)
+    store_checks = [(c["name"], c["status"]) for c in report["checks"] if c["group"] == "store"]
+    assert store_checks == [("postgres-connect", "ok"), ("postgres-version", "ok"), ("postgres-session", "ok"),
+                            ("store", "ok")]
+    assert next(c for c in report["checks"] if c["group"] == "store" and c["name"] == "store")["subject"] == \
+        fresh_schema.url().split("@")[-1]
+    assert not state.exists()
