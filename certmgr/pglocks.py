@@ -45,6 +45,8 @@ class LockSession:
         self._held: dict[str, int] = {}  # lock key -> epoch
         self._actor: str | None = None
         self._lost: str | None = None
+        self._idle = idle_timeout
+        self._beat_since: float | None = None  # monotonic time the heartbeat in flight was sent
         self.backend_pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, args=(idle_timeout / 3,), daemon=True,
@@ -66,6 +68,17 @@ class LockSession:
             conn.close()
             raise
 
+    def _check_alive(self) -> None:
+        """A heartbeat unanswered for the idle timeout (a blackholed connection sends no error): treat it as lost.
+
+        The server ends our session after the same time without traffic, so the lock may already be
+        another controller's; only this process's own monotonic clock is used.
+        """
+        since = self._beat_since
+        if since is not None and not self._lost and time.monotonic() - since > self._idle:
+            self._lost = f"lock session silent: heartbeat unanswered for more than {self._idle:g}s"
+            logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
+
     @property
     def actor(self) -> str | None:
         return self._actor
@@ -81,7 +94,9 @@ class LockSession:
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
+                self._beat_since = time.monotonic()
                 self._conn.execute("SELECT 1")
+                self._beat_since = None
             except psycopg.Error as exc:
                 if not self._stop.is_set():
                     self._lost = f"lock session ended: {str(exc).strip().splitlines()[0]}"
@@ -95,6 +110,7 @@ class LockSession:
         key = lock_key(kind, name)
         if key in self._held:
             raise RuntimeError(f"store {self._where}: {key} is already held by this controller (not re-entrant)")
+        self._check_alive()
         if self._lost:
             raise LockLost(f"store {self._where}: {self._lost} (nothing more written)",
                            hint="the run stops; the next run (here or on the other controller) takes over")
@@ -159,12 +175,23 @@ class LockSession:
                         f"({holder.get('actor')}, started {holder.get('started')}){waited}",
                         pid=pid, started=str(holder.get("started")))
 
+    def precheck(self, what: str) -> None:
+        """Before a write transaction even begins: refuse if a held lock is known (or presumed) lost.
+
+        A blackholed connection would hang on BEGIN; this refuses without sending anything.
+        """
+        self._check_alive()
+        if self._lost and self._held:
+            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)",
+                           hint="the run stops; the next run (here or on the other controller) takes over")
+
     def fence_held(self, cur: psycopg.Cursor[Any], what: str) -> None:
         """Inside a write transaction: if this controller holds any lock, refuse unless all are still ours.
 
         State documents, account keys and audit rows are written with or without a lock (notify state,
         `audit` from read-only commands); once a lock was taken and lost, nothing more is written.
         """
+        self._check_alive()
         if self._lost and self._held:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
         for key in sorted(self._held):
@@ -180,6 +207,7 @@ class LockSession:
         if not keys:
             raise RuntimeError(f"store {self._where}: {what} writes versions or live: hold lock() "
                                f"or lock_cert({name!r})")
+        self._check_alive()
         if self._lost:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
         for key in keys:

@@ -183,6 +183,8 @@ class PgStore:
     def _tx(self, what: str, fence: str | bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
         (whatever locks this controller holds must still be ours), False (reads: no check)."""
+        if fence is not False:
+            self._locks.precheck(what)
         try:
             with self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
                 if fence is True:

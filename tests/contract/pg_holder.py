@@ -6,6 +6,7 @@ prints `wrote N` or `refused <exception class>: <message>` and exits 0.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from certmgr.errors import StoreError
@@ -20,6 +21,7 @@ def main() -> None:
     with store.lock("paused holder"):
         print("held", store.held["run"], flush=True)
         sys.stdin.readline()
+        signal.alarm(60)  # a write that hangs (a blackholed connection) ends this process: the test fails, not hangs
         try:
             print("wrote", store.add_version("example.com", material), flush=True)
         except StoreError as exc:

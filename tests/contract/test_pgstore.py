@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,33 @@ def test_a_postgres_restart_fences_the_holder_and_keeps_epochs(fresh_schema: PgS
         assert b.versions("example.com") == []
     finally:
         b.close()
+
+
+def test_a_blackholed_holder_loses_its_lock_and_writes_nothing(fresh_schema: PgServer, pgs: PgStore) -> None:
+    """The holder's connections go silent (a proxy swallows every byte): the server frees the lock, B takes it; the holder refuses to write."""
+    from tests.contract.blackhole import Blackhole
+
+    hole = Blackhole(fresh_schema.port, fresh_schema.port + 50)
+    url = fresh_schema.url().replace(f":{fresh_schema.port}/", f":{hole.port}/")
+    child = subprocess.Popen([sys.executable, str(REPO / "tests/contract/pg_holder.py"), url,
+                              fresh_schema.passwords[RUNTIME], "1.5"], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().split() == ["held", "1"]
+        hole.cut()
+        with pgs.lock("B", wait=60):  # the server ended the silent session after idle_session_timeout
+            assert pgs.held == {"run": 2}
+            assert fresh_schema.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'certmgr-locks' "
+                                     f"AND pid <> {pgs._locks.backend_pid}", db="certmgr").strip() == "0"
+            time.sleep(2.0)  # past the holder's own idle timeout (1.5 s): its heartbeat has gone unanswered that long
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            line = child.stdout.readline()
+        assert line.startswith("refused LockLost: "), line
+        assert "heartbeat unanswered for more than 1.5s" in line
+        assert pgs.versions("example.com") == []
+    finally:
+        child.kill()
+        child.wait()
+        hole.close()
