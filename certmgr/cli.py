@@ -19,24 +19,45 @@ from certmgr.inventory import Inventory
 from certmgr.store_api import StateStore
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
+# Without --inventory: ./domains.toml, else the file the systemd unit uses.
+DEFAULT_INVENTORIES = (Path("domains.toml"), Path("/etc/certmgr/domains.toml"))
 EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_TERMINATED = 143  # 128 + SIGTERM (interrupt.exit_code)
 EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
+
+
+def resolve_inventory(given: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
+    """`given` if set; else ./domains.toml, else /etc/certmgr/domains.toml; an error naming both when neither exists."""
+    if given is not None:
+        return given
+    candidates = candidates or DEFAULT_INVENTORIES
+    for path in candidates:
+        if path.exists():
+            return path
+    raise UsageError(f"inventory: neither {' nor '.join(str(c.absolute()) for c in candidates)} exists "
+                     "(nothing done)",
+                     hint="pass --inventory FILE or set CERTMGR_INVENTORY")
 
 
 @dataclass
 class Ctx:
     """What every command needs, loaded lazily so `--help` never touches the disk."""
 
-    inventory_path: Path
+    inventory_given: Path | None  # --inventory / CERTMGR_INVENTORY; None: look in DEFAULT_INVENTORIES
     state_dir: Path
     verbosity: int
     _inventory: Inventory | None = field(default=None, repr=False)
+
+    @property
+    def inventory_path(self) -> Path:
+        """The inventory file: as given, else the first of DEFAULT_INVENTORIES that exists (UsageError if none)."""
+        return resolve_inventory(self.inventory_given)
 
     def inventory(self) -> Inventory:
         if self._inventory is None:
             self._inventory = inventory_mod.load(self.inventory_path)
         return self._inventory
+
 
     def store(self) -> Any:
         """The state directory, or the PostgreSQL store when the inventory has [store] (docs/ha.md)."""
@@ -164,8 +185,9 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="certmgr")
 @click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False, path_type=Path),
-              default="domains.toml", show_default=True, envvar="CERTMGR_INVENTORY",
-              help="Inventory file [env: CERTMGR_INVENTORY].")
+              default=None, envvar="CERTMGR_INVENTORY",
+              help="Inventory file [env: CERTMGR_INVENTORY; default: ./domains.toml, else "
+                   "/etc/certmgr/domains.toml].")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, envvar=["CERTMGR_STATE_DIR", "STATE_DIRECTORY"],
               help="Local store: archive/, live/, accounts, state, audit log "
@@ -173,7 +195,7 @@ class Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", count=True, help="Less output: errors only.")
 @click.pass_context
-def main(ctx: click.Context, inventory_path: Path, state_dir: Path, verbose: int, quiet: int) -> None:
+def main(ctx: click.Context, inventory_path: Path | None, state_dir: Path, verbose: int, quiet: int) -> None:
     """certmgr: scan, renew (ACME DNS-01 over RFC 2136), deploy and watch TLS certificates.
 
     The pipeline: inventory → scan → plan → issue → store → deploy → verify → notify.
@@ -181,7 +203,7 @@ def main(ctx: click.Context, inventory_path: Path, state_dir: Path, verbose: int
     # systemd may pass several colon-separated StateDirectory= paths; the first is ours
     state_dir = Path(str(state_dir).split(":")[0])
     log.setup(verbose - quiet)
-    ctx.obj = Ctx(inventory_path=inventory_path, state_dir=state_dir, verbosity=verbose - quiet)
+    ctx.obj = Ctx(inventory_given=inventory_path, state_dir=state_dir, verbosity=verbose - quiet)
 
 
 # ---------------------------------------------------------------- inventory
@@ -360,6 +382,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     import contextlib
     import datetime as dt
 
+    from certmgr import progress
     from certmgr.errors import UsageError
     from certmgr.renew import renew
 
@@ -376,30 +399,27 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
                                    concurrency=concurrency, release_pins=bool(names)))
+        if not as_json:
+            for line in progress.renew_lines(outcomes, quiet=c.verbosity < 0):
+                click.echo(line)
         deployed: list[Any] = []
         renewed = [o.name for o in outcomes if o.status == "renewed"]
         if renewed and not no_deploy and not dry_run:
             from certmgr.deploy import deploy
 
-            deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC)))
+            shown = None if as_json else progress.start(inv, inv.select(renewed), c.verbosity)
+            try:
+                deployed = run_async(deploy(inv, store, inv.select(renewed), now=dt.datetime.now(dt.UTC),
+                                            on_outcome=shown))
+            except BaseException:
+                if shown is not None:
+                    shown.abort()
+                raise
+            if shown is not None:
+                shown.close(progress.expiry_of(store, renewed))
     if as_json:
         emit_json([o.to_json() | ({"deploy": [d.to_json() for d in deployed if d.cert == o.name]}
                                   if o.status == "renewed" and not no_deploy else {}) for o in outcomes])
-    else:
-        for o in outcomes:
-            click.echo(o.line())
-            if o.status == "failed" and o.hint:
-                click.echo(f"         hint: {o.hint}")
-            for note in o.notes:
-                click.echo(f"         note: {note}")
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.status] = counts.get(o.status, 0) + 1
-        overdue = sum(1 for o in outcomes if o.overdue and o.status != "renewed")
-        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-        click.echo(f"renew: {summary}" + (f"; {overdue} overdue" if overdue else ""))
-        if deployed:
-            _report_deploy(deployed, as_json=False)
     if any(o.status == "failed" for o in outcomes) or not all(d.ok for d in deployed):
         sys.exit(1)
 
@@ -409,22 +429,6 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
 
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
-
-
-def _report_deploy(outcomes: list[Any], *, as_json: bool) -> bool:
-    """Print deploy outcomes (one line per cert and host, or JSON); True when every host serves the new version."""
-    if as_json:
-        emit_json([o.to_json() for o in outcomes])
-    else:
-        for o in outcomes:
-            click.echo(o.line())
-            if o.hint and not o.ok:
-                click.echo(f"            hint: {o.hint}")
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.status.value] = counts.get(o.status.value, 0) + 1
-        click.echo("deploy: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"))
-    return all(o.ok for o in outcomes)
 
 
 def _unpin(c: Ctx, store: StateStore, certs: Any, *, named: bool) -> None:
@@ -466,6 +470,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     """Push the live version of NAME... (or --all) to its hosts over SSH; exit 1 unless every host serves it."""
     import datetime as dt
 
+    from certmgr import progress
     from certmgr.deploy import deploy
     from certmgr.errors import UsageError
 
@@ -476,10 +481,23 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     store = c.store()
     with store.lock("deploy"):
         _unpin(c, store, certs, named=bool(names))
-        outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
-                                    accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
-                                    now=dt.datetime.now(dt.UTC)))
-    if not _report_deploy(outcomes, as_json=as_json):
+        shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=_csv(hosts_csv) or None,
+                                                    canary=_csv(canary_csv))
+        try:
+            outcomes = run_async(deploy(inv, store, certs, hosts=_csv(hosts_csv) or None, parallel=parallel,
+                                        accept_new=accept_new, canary=_csv(canary_csv), prune=prune,
+                                        now=dt.datetime.now(dt.UTC), on_outcome=shown))
+        except BaseException:
+            if shown is not None:
+                shown.abort()
+            raise
+    if shown is None:
+        emit_json([o.to_json() for o in outcomes])
+    else:
+        shown.close(progress.expiry_of(store, [cert.name for cert in certs]))
+        if not outcomes and c.verbosity >= 0:
+            click.echo("deploy: nothing to do (no certificate has a host here)")
+    if not all(o.ok for o in outcomes):
         sys.exit(1)
 
 
@@ -683,8 +701,8 @@ def notify_failure_cmd(c: Ctx, unit: str) -> None:
 
 
 @main.command("run")
-@click.option("--dry-run", is_flag=True, help="Print the plan (what would renew, where it would deploy, why); "
-              "change nothing locally, on any POP, in DNS or in chat.")
+@click.option("--dry-run", is_flag=True, help="Plan only: print what would renew and where it would deploy, and why; "
+              "nothing is ordered, deployed, written or sent (`certmgr test-order NAME` tests a real order).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
 @click.option("--wait-lock", type=click.FloatRange(0, 3600), default=0, show_default=True,
@@ -704,11 +722,17 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     import contextlib
     import datetime as dt
 
-    from certmgr import pipeline
+    from certmgr import pipeline, progress
 
     inv = c.inventory()
     click.get_current_context().meta["certmgr.finish"] = "certmgr run"
     interrupt.tally().deploy_follows = not dry_run
+    shown: list[progress.DeployProgress] = []
+
+    def on_deploy(certs: Any, hosts: Any) -> Any:
+        shown.append(progress.start(inv, certs, c.verbosity, hosts=hosts))
+        return shown[-1]
+
     if dry_run:
         store = c.store_readonly()
         lock: Any = contextlib.nullcontext()
@@ -719,7 +743,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
         # the clock is read once the lock is ours: after --wait-lock, certificates the previous
         # holder issued meanwhile must not look "not yet valid" to a run that started earlier
         now = dt.datetime.now(dt.UTC)
-        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify))
+        report = run_async(pipeline.run(inv, store, now=now, dry_run=dry_run, notify=not no_notify,
+                                        on_deploy=None if as_json else on_deploy))
         problem = None
         if prom_path is not None and not dry_run:  # a dry run writes nothing, metrics included
             from certmgr import metrics
@@ -728,39 +753,109 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     if as_json:
         emit_json(report.to_json())
     else:
-        for line in pipeline.render(report):
+        for p in shown:
+            p.close(progress.expiry_of(store, {o.cert for o in report.deploys}))
+        for line in pipeline.render(report, deploys_shown=bool(shown)):
             click.echo(line)
     if problem:
         click.echo(f"certmgr: error: {problem}", err=True)
     sys.exit(report.exit_code)
 
 
+@main.command("test-order")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--directory", metavar="URL",
+              help="ACME directory to order from [default: the CA's staging twin; required for other CAs].")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@pass_ctx
+def test_order_cmd(c: Ctx, names: tuple[str, ...], directory: str | None, as_json: bool) -> None:
+    """A real order for NAME... against the CA's staging directory: DNS-01 validated, issued, then discarded.
+
+    What certbot calls --dry-run: nothing is stored or deployed, renewal state is untouched. Exit 1 if any failed.
+    """
+    from certmgr.testorder import test_orders
+
+    inv = c.inventory()
+    store = c.store()
+    with store.lock("test-order"):
+        results = run_async(test_orders(inv, store, inv.select(list(names)), directory=directory))
+    if as_json:
+        emit_json([r.to_json() for r in results])
+    else:
+        for r in results:
+            click.echo(r.line())
+            if r.hint and not r.ok:
+                click.echo(f"        hint: {r.hint}")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command("as-service", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--print", "show", is_flag=True, help="Print the systemd-run command instead of running it.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
+@pass_ctx
+def as_service_cmd(c: Ctx, show: bool, args: tuple[str, ...]) -> None:
+    """Run `certmgr ARGS` as the installed certmgr.service runs (its user, state, credentials): for on-call.
+
+    E.g. `sudo certmgr as-service renew NAME`: the inventory's *_credential secrets work as in the daily
+    run. Built from `systemctl cat certmgr.service`; runs `systemd-run --wait --collect`. Exit status: the
+    command's.
+    """
+    import shlex
+    import subprocess
+
+    from certmgr import oncall
+    from certmgr.doctor.systemd import run_systemctl
+
+    settings = oncall.service_settings(run_systemctl)
+    forwarded = [*(["--inventory", str(c.inventory_given.absolute())] if c.inventory_given else []),
+                 *(["-v"] * c.verbosity if c.verbosity > 0 else ["-q"] * -c.verbosity)]
+    argv = oncall.systemd_run_argv(settings, [*forwarded, *args], tty=sys.stdin.isatty() and sys.stdout.isatty())
+    if show:
+        click.echo(shlex.join(argv))
+        return
+    try:
+        sys.exit(subprocess.run(argv, check=False).returncode)
+    except FileNotFoundError:
+        raise UsageError("as-service: systemd-run not found (nothing run)") from None
+
+
 @main.command("status")
+@click.argument("names", nargs=-1)
 @click.option("--scan", "fresh", is_flag=True,
-              help="Scan every POP first (and save it) instead of showing the last scan.")
+              help="Scan the POPs first (and save it) instead of showing the last scan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
-def status_cmd(c: Ctx, fresh: bool, as_json: bool) -> None:
-    """Per certificate: live version and expiry, renewal window, last outcomes, and what each POP serves."""
+def status_cmd(c: Ctx, names: tuple[str, ...], fresh: bool, as_json: bool) -> None:
+    """Per certificate (NAME... or all): live version and expiry, renewal window, last outcomes, what each POP serves.
+
+    A POP whose last deploy verified the live serial counts as current until a later scan says otherwise.
+    Exit status: 0 nothing needs a human, 1 warning, 2 needs action now (overdue, expired, a POP behind or
+    critical).
+    """
     import datetime as dt
 
     from certmgr import scan as scan_mod
     from certmgr import status as status_mod
 
     inv = c.inventory()
+    certs = inv.select(list(names))
     store = c.store_readonly()
     now = dt.datetime.now(dt.UTC)
     if fresh:
-        result = run_async(scan_mod.scan(inv, store, now=now))
+        result = run_async(scan_mod.scan(inv, store, names, now=now))
         scan_mod.save_state(c.store(), result)
-    views = status_mod.gather(inv, store, now=now)
+    views = status_mod.gather(inv, store, now=now, certs=certs)
     leftovers = status_mod.dns_leftovers(store)
+    code = status_mod.exit_code(views)
     if as_json:
-        emit_json({"time": now.isoformat(), "certificates": [v.to_json() for v in views],
+        emit_json({"time": now.isoformat(), "exit_code": code, "certificates": [v.to_json() for v in views],
                    "dns_leftovers": status_mod.leftovers_json(leftovers, now)})
     else:
-        for line in status_mod.render(views, now) + status_mod.render_leftovers(leftovers, now):
+        for line in (status_mod.render(views, now) + status_mod.render_leftovers(leftovers, now)
+                     + [status_mod.verdict(views)]):
             click.echo(line)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- doctor (issue 6)

@@ -115,6 +115,13 @@ def dns_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(sanitize.line(n) for n in san.get_values_for_type(x509.DNSName))
 
 
+def serial_text(serial: int) -> str:
+    """A serial number as `openssl x509 -noout -serial` prints it (after `serial=`), so one can be grepped
+    against the other: upper-case hex, two digits per byte (`0A`, `0123`), no colons, `-` when negative."""
+    digits = format(abs(serial), "X")
+    return ("-" if serial < 0 else "") + ("0" * (len(digits) % 2)) + digits
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CertInfo:
     """What an operator wants to know about a leaf certificate.
@@ -124,7 +131,7 @@ class CertInfo:
     print an ESC or a newline from them.
     """
 
-    serial: str  # hex, lower case, no separators
+    serial: str  # as `openssl x509 -serial` prints it (serial_text): upper-case hex, whole bytes, no colons
     sha256: str  # fingerprint of the DER, hex
     subject: str
     issuer: str
@@ -144,7 +151,7 @@ class CertInfo:
     def from_cert(cls, cert: x509.Certificate) -> CertInfo:
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
-            serial=format(cert.serial_number, "x"),
+            serial=serial_text(cert.serial_number),
             sha256=hashlib.sha256(der).hexdigest(),
             subject=sanitize.line(cert.subject.rfc4514_string()),
             issuer=sanitize.line(cert.issuer.rfc4514_string()),

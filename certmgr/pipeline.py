@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from certmgr.scan import SEVERITY_RANK, ScanResult
 from certmgr.store_api import StateStore
 
 _log = logging.getLogger(__name__)
+OnOutcome = Callable[[deploy_mod.HostOutcome], None]
 
 # Exit status of `certmgr run`: the worst outcome wins.
 EXIT_OK, EXIT_WARNING, EXIT_FAILED, EXIT_ERROR = 0, 1, 2, 3
@@ -215,8 +216,13 @@ def summary_message(report: RunReport, alerts: Sequence[notify_mod.Alert]) -> no
 async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: bool = False,
               renew_concurrency: int = renew_mod.DEFAULT_CONCURRENCY, deploy_parallel: int = 20,
               scan_concurrency: int = 100, notify: bool = True,
-              retry: notify_mod.Retry | None = None) -> RunReport:
-    """One daily run. With `dry_run`, nothing is written locally, on a POP, in DNS or to chat."""
+              retry: notify_mod.Retry | None = None,
+              on_deploy: Callable[[Sequence[Certificate], Sequence[str]], OnOutcome | None] | None = None,
+              ) -> RunReport:
+    """One daily run. With `dry_run`, nothing is written locally, on a POP, in DNS or to chat.
+
+    `on_deploy(certs, hosts)`, called when the deploy step starts, may return a listener for each
+    (cert, host) outcome as it is known (progress display)."""
     t0 = time.monotonic()
     certs: tuple[Certificate, ...] = inv.certificates
     channels = list(inv.channels.values()) if notify and not dry_run else []
@@ -269,8 +275,9 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
     if plans and not dry_run:
         by_name = {c.name: c for c in certs}
         hosts = sorted({h for p in plans for h in p.hosts})
-        deploys = tuple(await deploy_mod.deploy(inv, store, [by_name[p.cert] for p in plans], hosts=hosts,
-                                                parallel=deploy_parallel, now=now))
+        targets = [by_name[p.cert] for p in plans]
+        deploys = tuple(await deploy_mod.deploy(inv, store, targets, hosts=hosts, parallel=deploy_parallel, now=now,
+                                                on_outcome=on_deploy(targets, hosts) if on_deploy else None))
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
         if channels:
             await alert(failure_messages((), deploys))
@@ -318,10 +325,12 @@ def _pin(store: StateStore, name: str) -> pins.Pin | None:
         return None
 
 
-def render(report: RunReport) -> list[str]:
-    """Lines for the terminal (and the journal): plan or outcome per step, then one verdict."""
+def render(report: RunReport, *, deploys_shown: bool = False) -> list[str]:
+    """Lines for the terminal (and the journal): plan or outcome per step, then one verdict.
+
+    `deploys_shown`: the deploy outcomes were already printed as they happened (progress), so not again."""
     out = []
-    head = "plan (dry run: nothing changed)" if report.dry_run else "run"
+    head = "plan only (--dry-run: nothing ordered, nothing deployed, nothing sent)" if report.dry_run else "run"
     out.append(f"{head}: scanned {report.scan_before.endpoint_count} endpoints "
                f"({report.scan_before.severity})")
     out += [f"  {note}" for note in report.notes]
@@ -336,7 +345,7 @@ def render(report: RunReport) -> list[str]:
     for p in report.deploy_plan:
         if report.dry_run:
             out.append(f"  would deploy {p.cert} → {', '.join(p.hosts)} ({p.reason})")
-    for d in report.deploys:
+    for d in () if deploys_shown else report.deploys:
         out.append("  " + d.line())
         if d.hint and not d.ok:
             out.append(f"              hint: {d.hint}")
@@ -356,5 +365,8 @@ def render(report: RunReport) -> list[str]:
     failed = sum(1 for _, _, d in report.messages if not d.ok)
     if report.messages:
         out.append(f"notify: {sent} sent" + (f", {failed} failed" if failed else ""))
+    if report.dry_run:
+        out.append("plan only: no order was placed; `certmgr test-order NAME` places a real one against the CA's "
+                   "staging directory (issued, then discarded)")
     out.append(f"run: exit {report.exit_code} in {report.elapsed:.1f}s")
     return out

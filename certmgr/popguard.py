@@ -5,6 +5,7 @@ tag on its uploads, and what a failed upload means (SFTP reports a full disk as 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import secrets
 import socket
@@ -15,31 +16,16 @@ from certmgr.remote import Result, b64text
 
 LOCK_FILE = "archive/.certmgr.lock"  # under cert_root; the deploy user owns archive/ (docs/deploy.md)
 
-# One certmgr script at a time per POP, whichever controller (state dir) runs it: flock(1) from
-# util-linux (Essential in Debian) on archive/.certmgr.lock, which the deploy user can always create
-# (it uploads there). Held until the script exits — a timed-out script the client gave up
-# on keeps it until it ends. Commands run under it get `9>&-`, so a daemon they start cannot keep it.
-# Needs say/b64 (deploy's _COMMON_SH), $root and $lockwait.
-LOCK_SH = r"""
-locked=
-lock() {
-  [ -z "$locked" ] || return 0
-  command -v flock >/dev/null 2>&1 || { say "lock_failed=$(b64 'flock(1) not found (package util-linux)')"; exit 5; }
-  lk=$root/""" + LOCK_FILE + r"""
-  o=$(true 2>&1 >>"$lk") || { say "lock_failed=$(b64 "$o")"; exit 5; }
-  exec 9>>"$lk"
-  flock -w "$lockwait" 9 || { say "lock_busy=$lockwait"; exit 5; }
-  locked=1
-}
-"""
+def _script(name: str) -> str:
+    # read directly (not through certmgr.deploy, which imports this module)
+    return importlib.resources.files("certmgr").joinpath("deploy", "scripts", name).read_text(encoding="utf-8")
 
+
+# One certmgr script at a time per POP, whichever controller (state dir) runs it: flock(1) on
+# archive/.certmgr.lock (LOCK_FILE), held until the script exits. See deploy/scripts/lock.sh.
+LOCK_SH = _script("lock.sh")
 # Free space at the nearest existing directory of $1.
-FREE_SH = r"""d=$1
-while [ ! -d "$d" ] && [ "$d" != / ]; do d=${d%/*}; [ -n "$d" ] || d=/; done
-printf 'dir=%s\n' "$d"
-df -Pk -- "$d" 2>/dev/null | awk 'NR==2 { print "free_kb=" $4 }'
-df -Pi -- "$d" 2>/dev/null | awk 'NR==2 { print "free_inodes=" $4 }'
-"""
+FREE_SH = _script("free.sh")
 
 
 def controller_tag(store: object) -> str:

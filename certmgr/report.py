@@ -35,11 +35,11 @@ def table(result: ScanResult, *, colour: bool = False, limit: int | None = None)
     head = ("SEVERITY", "CERTIFICATE", "NAME", "HOST", "DAYS", "NOT AFTER", "SERIAL", "CHAIN", "PROBLEMS")
     rows: list[tuple[str, ...]] = []
     shown = result.endpoints if limit is None else result.endpoints[:limit]
-    for r in shown:
+    for r in shown:  # serials whole, as openssl prints them: grep one against the other
         i = r.info
         problems = "; ".join(r.problems) if r.problems else ""
         rows.append((r.severity, r.endpoint.cert, r.endpoint.name, r.endpoint.host, _days(r, now),
-                     f"{i.not_after:%Y-%m-%d %H:%M}" if i else "-", (i.serial[:16] if i else "-"),
+                     f"{i.not_after:%Y-%m-%d %H:%M}" if i else "-", (i.serial if i else "-"),
                      r.chain or "-", problems))
     widths = [max(len(h), *(len(row[k]) for row in rows)) if rows else len(h) for k, h in enumerate(head)]
     widths[-1] = 0  # the last column is free text

@@ -91,6 +91,14 @@ class RevokeResult:
                 "elapsed": round(self.elapsed, 3)}
 
 
+def _serial_value(text: str) -> int | None:
+    """A serial's number from its text as openssl, certmgr or a CA's page prints it; None if not hex."""
+    try:
+        return int(text.strip().replace(":", "").lower().removeprefix("0x") or "0", 16)
+    except ValueError:
+        return None
+
+
 def targets(store: StateStore, name: str, *, reason: str, version: int | None, serial: str | None,
             now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
     """The versions to revoke, notes on what was left out, and the leaked public key (SPKI DER)."""
@@ -102,8 +110,8 @@ def targets(store: StateStore, name: str, *, reason: str, version: int | None, s
         m = store.read(name, v)
         infos[v] = (m.info(), public_key_der(m.leaf.public_key()))
     if serial is not None:
-        want = serial.lower().replace(":", "").removeprefix("0x").lstrip("0") or "0"
-        found = [v for v, (i, _) in infos.items() if i.serial == want]
+        want = _serial_value(serial)  # by value: `0x…`, with colons, any case, leading zeros or not
+        found = [v for v, (i, _) in infos.items() if want is not None and _serial_value(i.serial) == want]
         if not found:
             raise UsageError(f"revoke {name} --serial {serial}: no stored version has that serial (nothing revoked)")
         base = found[0]

@@ -1,11 +1,15 @@
 """Status: the at-a-glance view for on-call, read from the store (live versions and saved state).
 
-Nothing here touches the network; `certmgr status --scan` runs a scan first and saves it.
+Nothing here touches the network; `certmgr status --scan` runs a scan first and saves it. What a POP
+serves comes from the newer of two records: the last scan, or the last deploy that verified the served
+serial by handshake (so a POP shows current right after a verified deploy, without waiting for a scan).
+Exit status (`exit_code`): 0 nothing needs a human, 1 warning, 2 needs action now.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +19,8 @@ from certmgr import renew as renew_mod
 from certmgr import sanitize
 from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
-from certmgr.inventory import Inventory
-from certmgr.material import CertInfo
+from certmgr.inventory import Certificate, Inventory
+from certmgr.material import CertInfo, serial_text
 from certmgr.store_api import StateStore
 
 
@@ -29,6 +33,7 @@ class PopView:
     problems: tuple[str, ...]
     last_deploy: str | None  # status of the last deploy to this host
     last_deploy_at: str | None
+    source: str = "scan"  # where `serves`/`current` come from: "scan", "deploy" (verified, newer than the scan)
     deployed_at: str | None = None  # when live/<name> last switched to a new version there (settled ones too)
     unsettled: bool = False  # an interrupted deploy left an intent the next deploy settles
 
@@ -47,10 +52,37 @@ class CertView:
     last_error: str | None
     scanned_at: str | None
     pops: tuple[PopView, ...]
+    # past the renewal time plus its grace: the timer had its chances (a failed attempt alone makes plan's
+    # `overdue` true, but the next run retries it by itself)
+    past_grace: bool = False
 
     @property
     def all_current(self) -> bool:
         return bool(self.pops) and all(p.current for p in self.pops)
+
+    def findings(self) -> list[tuple[int, str]]:
+        """What needs a human, as (level, why): 2 needs action now, 1 warning. Due renewals, a backoff not yet
+        overdue, a certificate with no local version yet and POPs never scanned are the next run's business (what
+        the POPs serve, once scanned, decides)."""
+        out: list[tuple[int, str]] = []
+        if self.days_left is not None and self.days_left <= 0:
+            out.append((2, "expired"))
+        elif self.past_grace:
+            out.append((2, "renewal overdue"))
+        for p in self.pops:
+            if p.unsettled:
+                out.append((2, f"{p.host} deploy interrupted"))
+            elif p.current is False:
+                out.append((2, f"{p.host} behind"))
+            elif p.severity in ("critical", "error"):
+                out.append((2, f"{p.host} {p.severity}"))
+            elif p.severity == "warning":
+                out.append((1, f"{p.host} warning"))
+        return out
+
+    @property
+    def level(self) -> int:
+        return max((lvl for lvl, _ in self.findings()), default=0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,17 +93,74 @@ class CertView:
             "last_renewal": self.last_success.isoformat() if self.last_success else None,
             "failures": self.failures, "last_error": self.last_error, "scanned_at": self.scanned_at,
             "all_pops_current": self.all_current,
+            "level": self.level, "needs": [why for _, why in self.findings()],
             "pops": [{"host": p.host, "serves": p.serves, "severity": p.severity, "current": p.current,
-                      "problems": list(p.problems), "last_deploy": p.last_deploy,
+                      "source": p.source, "problems": list(p.problems), "last_deploy": p.last_deploy,
                       "last_deploy_at": p.last_deploy_at, "deployed_at": p.deployed_at,
                       "unsettled": p.unsettled} for p in self.pops],
         }
 
 
-def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertView]:
-    """One view per inventory certificate, from what the store holds."""
+def exit_code(views: Sequence[CertView]) -> int:
+    """0 nothing needs a human, 1 a warning, 2 something needs action now (overdue, expired, a POP behind or
+    critical): the worst certificate wins."""
+    return max((v.level for v in views), default=0)
+
+
+def _serial_key(serial: object) -> int | None:
+    """A serial as a number, whatever its text form (older state holds lower-case hex without leading zero)."""
+    try:
+        return int(str(serial), 16)
+    except ValueError:
+        return None
+
+
+def _newer(at: str | None, than: str | None) -> bool:
+    """`at` is strictly later than `than` (ISO times; no `than` means nothing to be newer than)."""
+    if not at:
+        return False
+    if not than:
+        return True
+    try:
+        return dt.datetime.fromisoformat(at) > dt.datetime.fromisoformat(than)
+    except ValueError:
+        return False
+
+
+def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],
+             scanned_at: str | None, *, unsettled: bool = False) -> PopView:
+    """One POP: the last scan's view, unless a later deploy verified what this POP serves."""
+    last, last_at = deployed.get("status"), deployed.get("at")
+    switched = deployed.get("deployed_at")
+    if (info is not None and last in ("deployed", "skipped", "rolled back") and deployed.get("serial")
+            and _newer(last_at, scanned_at)):
+        # deploy confirmed the served serial by handshake (a rollback confirmed the old one is served)
+        key = _serial_key(deployed["serial"])
+        same = key == _serial_key(info.serial)
+        shown = serial_text(key) if key is not None else str(deployed["serial"])
+        why: tuple[str, ...] = () if same else ("a deploy rolled back: serves the old certificate",)
+        return PopView(host=host, serves=shown, severity="ok" if same else "critical", current=same, problems=why,
+                       last_deploy=last, last_deploy_at=last_at, source="deploy", deployed_at=switched,
+                       unsettled=unsettled)
+    serials = sorted({e.get("serial") or "-" for e in eps})
+    sevs = [e.get("severity") for e in eps if e.get("severity")]
+    worst = max(sevs, key=lambda s: ("ok", "warning", "critical", "error").index(s)) if sevs else None
+    current = None
+    if eps and info is not None:
+        current = all(e.get("sha256") == info.sha256 for e in eps)
+    # Saved scan text is a peer's words (and may predate escaping): inert again, idempotently.
+    problems = tuple(dict.fromkeys(sanitize.line(str(p)) for e in eps for p in (e.get("problems") or [])
+                                   + ([e["error"]] if e.get("error") else [])))
+    return PopView(host=host, serves=", ".join(serials) if eps else None, severity=worst, current=current,
+                   problems=problems, last_deploy=last, last_deploy_at=last_at, deployed_at=switched,
+                   unsettled=unsettled)
+
+
+def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
+           certs: Sequence[Certificate] | None = None) -> list[CertView]:
+    """One view per certificate (`certs`, default every one in the inventory), from what the store holds."""
     views = []
-    for cert in inv.certificates:
+    for cert in inv.certificates if certs is None else certs:
         info: CertInfo | None = None
         version = None
         try:
@@ -88,30 +177,16 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertV
         per_host: dict[str, list[dict[str, Any]]] = {}
         for ep in scan.get("endpoints", []):
             per_host.setdefault(ep.get("host"), []).append(ep)
-        pops = []
-        for host in cert.hosts:
-            eps = per_host.get(host, [])
-            serials = sorted({e.get("serial") or "-" for e in eps})
-            sevs = [e.get("severity") for e in eps if e.get("severity")]
-            worst = max(sevs, key=lambda s: ("ok", "warning", "critical", "error").index(s)) if sevs else None
-            current = None
-            if eps and info is not None:
-                current = all(e.get("sha256") == info.sha256 for e in eps)
-            # Saved scan text is a peer's words (and may predate escaping): inert again, idempotently.
-            problems = tuple(dict.fromkeys(sanitize.line(str(p)) for e in eps for p in (e.get("problems") or [])
-                                           + ([e["error"]] if e.get("error") else [])))
-            d = deploy.get(host, {})
-            pops.append(PopView(host=host, serves=", ".join(serials) if eps else None, severity=worst,
-                                current=current, problems=problems, last_deploy=d.get("status"),
-                                last_deploy_at=d.get("at"), deployed_at=d.get("deployed_at"),
-                                unsettled=host in unsettled))
+        pops = [pop_view(host, per_host.get(host, []), info, deploy.get(host, {}), scan.get("scanned_at"),
+                         unsettled=host in unsettled) for host in cert.hosts]
         views.append(CertView(
             name=cert.name, domains=cert.domains, live_version=version, serial=info.serial if info else None,
             not_after=info.not_after if info else None,
             days_left=(info.not_after - now).total_seconds() / 86400 if info else None, decision=decision,
             last_success=rstate.last_success, failures=rstate.failures,
             last_error=sanitize.line(rstate.last_error, limit=None) if rstate.last_error else rstate.last_error,
-            scanned_at=scan.get("scanned_at"), pops=tuple(pops)))
+            scanned_at=scan.get("scanned_at"), pops=tuple(pops),
+            past_grace=decision.overdue_at is not None and now >= decision.overdue_at))
     return views
 
 
@@ -140,11 +215,23 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
             dep = f", last deploy {p.last_deploy} {_short(p.last_deploy_at)}" if p.last_deploy else ""
             if p.deployed_at and (p.last_deploy != "deployed" or p.deployed_at != p.last_deploy_at):
                 dep += f" (switched {_short(p.deployed_at)})"
+            if p.source == "deploy":
+                dep += " (verified by that deploy" + (", after the last scan)" if v.scanned_at else ")")
             if p.unsettled:
                 dep += f", INTERRUPTED deploy not settled yet (`certmgr deploy {v.name}` settles it)"
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""
             out.append(f"    {p.host:<20} {mark:<8} {p.severity or '-':<8} serial {p.serves or '-'}{dep}{prob}")
     return out
+
+
+def verdict(views: Sequence[CertView]) -> str:
+    """The closing line: what needs a human, and the exit status it gives."""
+    code = exit_code(views)
+    if code == 0:
+        return f"status: {len(views)} certificate(s), nothing needs action (exit 0)"
+    needs = [f"{v.name}: {why}" for v in views for lvl, why in v.findings() if lvl == code]
+    word = "needs action" if code == 2 else "warning"
+    return f"status: {word}: {'; '.join(needs)} (exit {code})"
 
 
 def dns_leftovers(store: StateStore) -> list[journal_mod.Entry]:

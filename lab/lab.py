@@ -620,9 +620,21 @@ class Lab:
         run(self.pop_paths(name).nginx_argv("-s", "reload"))
         if not wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in before), timeout, 0.01):
             log = self.pop_paths(name).nginx_error_log
-            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            last = ([ln for ln in lines if "[notice]" not in ln] or lines)[-1:]  # the log records reloads too
             raise LabError(f"reload {name}: the old nginx workers {sorted(before)} still run after {timeout:.0f}s"
                            f" (the master kept its old config?){': ' + last[0] if last else ''}")
+
+    def reload_count(self, name: str) -> int:
+        """How many reloads POP `name`'s nginx master took, from its error log (notice level).
+
+        A reload logs `signal 1 (SIGHUP) received from N, reconfiguring`, then `reconfiguring`: the
+        first of the two is counted.
+        """
+        log = self.pop_paths(name).nginx_error_log
+        if not log.exists():
+            return 0
+        return sum(1 for ln in log.read_text(errors="replace").splitlines() if "(SIGHUP) received" in ln)
 
     def _nginx_workers(self, name: str) -> set[int]:
         """PIDs of the processes under POP `name`'s nginx master (its workers)."""

@@ -46,7 +46,9 @@ class Messy:
     certs: dict[str, pki.Issued]
 
     def serial(self, which: str) -> str:
-        return format(self.certs[which].cert.serial_number, "x")
+        """As `openssl x509 -serial` (and certmgr) print it: upper-case hex, whole bytes."""
+        digits = format(self.certs[which].cert.serial_number, "X")
+        return "0" * (len(digits) % 2) + digits
 
 
 def _leaf(inter: pki.Issued, names: list[str], days_left: int) -> pki.Issued:

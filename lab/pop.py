@@ -172,7 +172,7 @@ worker_processes 1;
 # The lab runs nginx as its child (reaped the moment it stops); `-s reload` works the same.
 daemon off;
 pid {p.nginx_pid};
-error_log {p.nginx_error_log};
+error_log {p.nginx_error_log} notice;  # notice: reloads are logged (SIGHUP lines), tests and benchmarks count them
 events {{ worker_connections 256; }}
 http {{
     default_type text/plain;

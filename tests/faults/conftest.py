@@ -23,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from certmgr.material import serial_text
 from lab import Lab
 from lab.pop import CERTIFICATES
 from tests.conftest import private_lab
@@ -192,7 +193,7 @@ def check_version_dir(d: Path) -> str:
     assert files["fullchain.pem"] == files["cert.pem"] + files["chain.pem"], f"{d}: fullchain is not cert + chain"
     x509.load_pem_x509_certificates(files["fullchain.pem"])
     assert _key_matches(files["cert.pem"], files["privkey.pem"]), f"{d}: private key does not match the certificate"
-    return f"{x509.load_pem_x509_certificate(files['cert.pem']).serial_number:x}"
+    return serial_text(x509.load_pem_x509_certificate(files['cert.pem']).serial_number)  # as certmgr prints it
 
 
 def check_store_whole(state: Path) -> dict[str, str]:
@@ -250,7 +251,7 @@ def assert_every_pop_serves_live(flab: Lab, state: Path, lineages: Sequence[str]
             p = flab.pop_paths(pop)
             for sni in SNI[lineage]:
                 leaf = handshake(p.address, flab.ports.https, sni, flab.pebble.roots)
-                assert f"{leaf.serial_number:x}" == live[lineage], (pop, sni)
+                assert serial_text(leaf.serial_number) == live[lineage], (pop, sni)
 
 
 def assert_every_pop_serves_a_valid_certificate(flab: Lab, bundle: Path) -> None:

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certmgr.cli import main
+from certmgr.material import serial_text
 from lab import Lab
 from lab.pebble import https_get
 
@@ -39,13 +40,13 @@ def ok(result: Result, code: int = 0) -> str:
 
 
 def served(lab: Lab, sni: str = MEDIA) -> dict[str, str]:
-    """{pop: serial (hex)} that each POP presents for `sni` right now, by handshake."""
-    return {pop: format(lab.served_serial(pop, sni), "x") for pop in lab.pop_names}
+    """{pop: serial} that each POP presents for `sni` right now, by handshake (as certmgr and openssl print it)."""
+    return {pop: serial_text(lab.served_serial(pop, sni)) for pop in lab.pop_names}
 
 
 def serial_of(state: Path, version: int, name: str = MEDIA) -> str:
     cert = x509.load_pem_x509_certificate((state / "archive" / name / str(version) / "cert.pem").read_bytes())
-    return format(cert.serial_number, "x")
+    return serial_text(cert.serial_number)
 
 
 def spki_of(state: Path, version: int, name: str = MEDIA) -> bytes:
@@ -71,7 +72,8 @@ def copy_store(src: Path, dst: Path) -> Path:
 def cert_status(lab: Lab, serial: str) -> dict[str, Any]:
     """Pebble's management view of `serial`: {"Status": "Valid"|"Revoked", "Reason": n, ...}."""
     ctx = ssl.create_default_context(cafile=str(lab.https_ca))
-    body = https_get(lab.pebble._mgmt(f"/cert-status-by-serial/{serial}"), ctx)
+    pebble_form = format(int(serial, 16), "x")  # Pebble's management API: lower case, no leading zero
+    body = https_get(lab.pebble._mgmt(f"/cert-status-by-serial/{pebble_form}"), ctx)
     assert body is not None, f"Pebble does not know serial {serial}"
     data: dict[str, Any] = json.loads(body)
     return data

@@ -23,7 +23,7 @@ import pytest
 from certmgr import inventory as inventory_mod
 from certmgr.deploy import HostOutcome, Status, deploy
 from certmgr.inventory import Host, Inventory
-from certmgr.material import CertInfo, CertMaterial
+from certmgr.material import CertInfo, CertMaterial, serial_text
 from certmgr.remote import Timeouts
 from certmgr.store import Store
 from lab import Lab, pki
@@ -113,7 +113,7 @@ def run(inv: Inventory, store: Store, names: Sequence[str], **kw: object) -> lis
 
 
 def served(lab: Lab, pop: str, sni: str) -> str:
-    return format(lab.served_serial(pop, sni), "x")
+    return serial_text(lab.served_serial(pop, sni))  # as certmgr (and openssl) print it
 
 
 def by_host(outcomes: Sequence[HostOutcome], name: str = MEDIA) -> dict[str, HostOutcome]:
@@ -173,6 +173,23 @@ def test_deploy_four_pops_then_rerun_skips(fresh: Lab, store: Store) -> None:
     assert len([e for e in audit(store) if e["action"] == "deployed"]) == 12
 
 
+def test_every_certificate_due_on_a_pop_takes_one_reload(fresh: Lab, store: Store) -> None:
+    """Three certificates due on each POP are one transaction: each POP's nginx logs exactly one reload."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    names = [c.name for c in inv.certificates]
+    assert len(names) == 3
+    serials = put_new_versions(store, inv, names)
+    before = {pop: fresh.reload_count(pop) for pop in fresh.pop_names}
+    outcomes = run(inv, store, names)
+    assert {o.status for o in outcomes} == {Status.DEPLOYED} and len(outcomes) == 3 * len(fresh.pop_names)
+    assert {pop: fresh.reload_count(pop) - before[pop] for pop in fresh.pop_names} == {
+        pop: 1 for pop in fresh.pop_names}
+    assert all(served(fresh, pop, MEDIA) == serials[MEDIA] for pop in fresh.pop_names)
+    again = {pop: fresh.reload_count(pop) for pop in fresh.pop_names}
+    assert {o.status for o in run(inv, store, names)} == {Status.SKIPPED}
+    assert {pop: fresh.reload_count(pop) for pop in fresh.pop_names} == again  # nothing due: no reload
+
+
 def test_cli_deploy_json_and_exit_status(fresh: Lab, store: Store) -> None:
     """`certmgr deploy NAME --json` prints one object per host and exits 0 when every host serves the new serial."""
     inv = inventory_mod.load(fresh.inventory_path)
@@ -192,6 +209,62 @@ def _cli(lab: Lab, store: Store, *args: str) -> subprocess.CompletedProcess[str]
            "CERTMGR_STATE_DIR": str(store.root)}
     return subprocess.run([sys.executable, "-m", "certmgr", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
+
+
+def _cli_pty(lab: Lab, store: Store, *args: str, **env: str) -> tuple[int, str]:
+    """`certmgr ARGS` with stdout on a pseudo-terminal (what on-call sees in a shell): exit status and output."""
+    import pty
+
+    _cli(lab, store, "--version")  # writes the test inventory next to the store
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "certmgr", *args], stdout=slave, stderr=subprocess.DEVNULL,
+                            env={**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "PYTHONPATH": str(REPO),
+                                 "CERTMGR_STATE_DIR": str(store.root),
+                                 "CERTMGR_INVENTORY": str(Path(store.root).parent / "deploy-test-inventory.toml"),
+                                 **env})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=120), b"".join(chunks).decode()
+
+
+def test_cli_deploy_streams_per_pop_lines_and_status_trusts_it(fresh: Lab, store: Store) -> None:
+    """Piped: one plain line per POP (canary labelled), the closing line; then `status` shows every POP current
+    without a scan; on a TTY the same deploy draws a bar and colours, and NO_COLOR turns the colours off."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    serial = put_new_versions(store, inv, [MEDIA])[MEDIA]
+    expires = store.read(MEDIA).info().not_after
+    res = _cli(fresh, store, "deploy", MEDIA)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert "\x1b" not in res.stdout and "\r" not in res.stdout
+    assert sorted(line.split()[3] for line in lines[:4]) == sorted(fresh.pop_names)
+    assert f"deployed    {MEDIA} → cdn-frankfurt-1 (canary) v2 serial " in res.stdout
+    assert not any(" (canary)" in line for line in lines if "cdn-frankfurt-1" not in line)
+    assert not any(line.rstrip().endswith("s") and "[" in line for line in lines[:4])  # no timings without -v
+    assert lines[-1] == f"{MEDIA}: 4/4 POPs serve {serial} (expires {expires:%Y-%m-%d %H:%M}Z)"
+    assert serial == served(fresh, "sally", MEDIA)  # the serial openssl prints for what sally serves
+
+    status = _cli(fresh, store, "status", MEDIA)
+    assert status.returncode == 0, status.stdout
+    assert status.stdout.count(f"current  ok       serial {serial}, last deploy deployed") == 4
+    assert "BEHIND" not in status.stdout
+
+    code, out = _cli_pty(fresh, store, "-v", "deploy", MEDIA, TERM="xterm")
+    assert code == 0, out
+    assert "deploy  [" in out and "4/4" in out  # click's bar, counting POPs
+    assert "\x1b[32m" in out and f"{MEDIA} → sally v2 serial {serial} (already live) " in out  # -v: timings
+    assert f"{MEDIA}: 4/4 POPs serve {serial}" in out
+    code, out = _cli_pty(fresh, store, "deploy", MEDIA, NO_COLOR="1")
+    assert code == 0 and f"{MEDIA}: 4/4 POPs serve {serial}" in out and "\x1b" not in out  # no colour, no bar
 
 
 # ---------------------------------------------------------------------------- nginx -t fails on one POP
@@ -543,7 +616,7 @@ def test_renew_deploys_unless_no_deploy(fresh: Lab, store: Store) -> None:
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
     assert row["status"] == "renewed" and "deploy" not in row
-    assert {served(fresh, p, MEDIA) for p in fresh.pop_names} == {format(fresh.seed_serial(MEDIA), "x")}
+    assert {served(fresh, p, MEDIA) for p in fresh.pop_names} == {serial_text(fresh.seed_serial(MEDIA))}
 
     res = _cli(fresh, store, "renew", MEDIA, "--force", "--json")
     assert res.returncode == 0, res.stderr

@@ -16,6 +16,7 @@ from cryptography import x509
 
 from certmgr import inventory as inventory_mod
 from certmgr.cli import main
+from certmgr.material import serial_text
 from lab import Lab, messy, pki
 from lab.messy import ESME, FRANKFURT, FREMONT, POPS, SALLY
 from lab.pop import CERTIFICATES, DEPLOY_USER
@@ -43,7 +44,7 @@ def discover_json(lab: Lab, state: Path, *args: str, inventory: Path | None = No
 
 
 def _serial(path: Path) -> str:
-    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+    return serial_text(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
 
 
 def expected_names(lab: Lab, m: messy.Messy) -> dict[str, list[tuple[Any, ...]]]:
@@ -59,7 +60,7 @@ def expected_names(lab: Lab, m: messy.Messy) -> dict[str, list[tuple[Any, ...]]]
     for k, (lineage, names) in enumerate(CERTIFICATES):
         for name in names:
             rows[name] = [(h, f"{root[h]}/live/{lineage}/fullchain.pem", f"{main_conf[h]}:{29 + 7 * k}",
-                           f"{root[h]}/archive/{lineage}/fullchain1.pem", format(lab.seed_serial(lineage), "x"), True,
+                           f"{root[h]}/archive/{lineage}/fullchain1.pem", serial_text(lab.seed_serial(lineage)), True,
                            lineage, "same") for h in POPS]
     rows["legacy.hachyderm.test"] = [
         (h, f"{pre[h]}/etc/ssl/legacy/legacy.pem", f"{pre[h]}/snippets/legacy-tls.conf:1",
@@ -218,7 +219,7 @@ def test_configured_but_not_served(fleet: tuple[Lab, messy.Messy], tmp_path: Pat
     assert data["hosts"] == [SALLY] and data["errors"] == [] and data["key_mismatches"] == []
     assert data["not_served"] == [
         {"host": SALLY, "name": "legacy.hachyderm.test", "port": lab.ports.https,
-         "file": f"{pre}/etc/ssl/legacy/legacy.pem", "configured_serial": format(other.cert.serial_number, "x"),
+         "file": f"{pre}/etc/ssl/legacy/legacy.pem", "configured_serial": serial_text(other.cert.serial_number),
          "served_serial": m.serial("legacy"), "error": None}]
 
 

@@ -21,8 +21,10 @@ from cryptography.x509.oid import NameOID
 from certmgr.cli import main
 from certmgr.material import CertInfo, CertMaterial, split_pem
 from certmgr.store import Store
+from certmgr.timer import REPO_SYSTEMD_DIR
 from lab import Lab
 from lab.proc import descendants
+from tests import fake_systemctl
 
 pytestmark = pytest.mark.integration
 
@@ -84,8 +86,13 @@ def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) -> None:
+def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """On a fresh lab with its own inventory every check is ok (exit 0); no POP file, nginx worker or account changes."""
+    # systemd is not PID 1 here: a fake `systemctl` on PATH reports the repository's timer installed and enabled
+    for key, value in fake_systemctl.install(tmp_path / "bin", {
+            "certmgr.timer": fake_systemctl.repo_timer(REPO_SYSTEMD_DIR)}).items():
+        monkeypatch.setenv(key, value)
     pops = doctor_lab.pop_names
     before = {p: tree(doctor_lab.pop_paths(p).cert_root) for p in pops}
     workers = {p: sorted(descendants(doctor_lab.nginx_pid(p) or 0)) for p in pops}
@@ -96,7 +103,7 @@ def test_fresh_lab_passes_and_changes_nothing(doctor_lab: Lab, state_dir: Path) 
     assert names == {"inventory", "trust", "secret", "store", "leftovers", "directory", "account", "tsig", "nameservers",
                      "ssh", "write",
                      "test-command",
-                     "reload-command", "serves-live", "interval"}
+                     "reload-command", "serves-live", "installed", "interval"}
     assert len([c for c in report["checks"] if c["name"] == "serves-live"]) == 3 * len(pops)
     assert find(report, "account", "pebble")["message"].startswith("no account yet: the first renewal registers one")
     assert {p: tree(doctor_lab.pop_paths(p).cert_root) for p in pops} == before

@@ -241,6 +241,34 @@ def test_cli_renew_due_dry_run_and_json(rlab: Lab, tmp_path: Path) -> None:
     assert entry["status"] == "renewed" and entry["version"] == 1
 
 
+def test_cli_test_order_issues_against_the_ca_and_keeps_nothing(rlab: Lab, tmp_path: Path) -> None:
+    """`certmgr test-order NAME --directory URL` orders, validates over DNS-01 and gets a certificate from Pebble,
+    then discards it: nothing live, no archive, no renewal state, no TXT record left; without a known staging
+    directory it refuses before ordering."""
+    path = tmp_path / "domains.toml"
+    path.write_text(inventory_text(rlab, [{"name": "media.hachyderm.test", "domains": ["media.hachyderm.test"]}]))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "certmgr", "--inventory", str(path), "--state-dir", str(tmp_path / "s")]
+    refused = subprocess.run([*base, "test-order", "media.hachyderm.test"], capture_output=True, text=True, env=env,
+                             timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"certmgr: error: test-order: no staging directory known for CA pebble "
+                                     f"({rlab.pebble.directory}) (nothing ordered)\nhint: pass --directory URL")
+    res = subprocess.run([*base, "test-order", "media.hachyderm.test", "--directory", rlab.pebble.directory],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith(f"ok      media.hachyderm.test: ordered, validated (DNS-01) and issued by "
+                                 f"{rlab.pebble.directory}: serial ")
+    assert res.stdout.rstrip().endswith("(discarded: nothing stored, nothing deployed)")
+    state = Store.open(tmp_path / "s")
+    assert state.live_version("media.hachyderm.test") is None
+    assert not (tmp_path / "s" / "archive" / "media.hachyderm.test").exists()
+    assert not list((tmp_path / "s" / "state").rglob("renew*/media.hachyderm.test.json"))
+    assert challenge_txt_left(rlab, ["media.hachyderm.test"]) == {}
+    audit = [json.loads(line) for line in (tmp_path / "s" / "audit.log").read_text().splitlines()]
+    assert [e["ok"] for e in audit if e["action"] == "test order"] == [True]
+
+
 # ---------------------------------------------------------------- failures
 
 

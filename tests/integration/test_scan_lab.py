@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,13 @@ def test_seeded_lab_is_critical_near_expiry(scan_lab: Lab, inventory: Path, tmp_
     assert all(e["problems"][0].startswith("expires in 5.0d (critical below 9.0d, 1/10)") for e in data["endpoints"])
 
 
+def openssl_serial(cert: x509.Certificate) -> str:
+    """The serial as `openssl x509 -noout -serial` prints it (the operator's grep target)."""
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    out = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=pem, capture_output=True, check=True).stdout
+    return out.decode().strip().removeprefix("serial=")
+
+
 def test_valid_everywhere_is_ok(scan_lab: Lab, pki: PKI, inventory: Path, tmp_path: Path, clean: None) -> None:
     """A valid, trusted, well-named certificate with a full chain on every POP scans ok, exit 0."""
     leaf = pki.leaf()
@@ -197,7 +205,7 @@ def test_valid_everywhere_is_ok(scan_lab: Lab, pki: PKI, inventory: Path, tmp_pa
     assert code == 0, [(x["host"], x["serial"], x["problems"]) for x in data["endpoints"]]
     e = by_host(data)[VICTIM]
     assert (e["severity"], e["chain"], e["serial"], e["key_type"], e["problems"]) == (
-        "ok", "ok", format(leaf.cert.serial_number, "x"), "ecdsa-p256", [])
+        "ok", "ok", openssl_serial(leaf.cert), "ecdsa-p256", [])
     assert e["issuer"] == "CN=scan-test intermediate"
     assert 88.9 < e["days_left"] < 89.1
 

@@ -72,3 +72,45 @@ def test_secret_values_are_redacted_from_logs(caplog: pytest.LogCaptureFixture) 
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "posting to %s", (secret.reveal(),), None)
     line = log.KVFormatter(timestamps=False).format(record)
     assert "abcdef" not in line and "***" in line
+
+
+def test_inventory_defaults_to_cwd_then_etc(tmp_path: Path) -> None:
+    """Without --inventory, ./domains.toml is used, else /etc/certmgr/domains.toml (what the unit uses)."""
+    from certmgr.cli import resolve_inventory
+
+    here, etc = tmp_path / "domains.toml", tmp_path / "etc" / "domains.toml"
+    etc.parent.mkdir()
+    etc.write_text("")
+    assert resolve_inventory(None, (here, etc)) == etc
+    here.write_text("")
+    assert resolve_inventory(None, (here, etc)) == here
+    assert resolve_inventory(tmp_path / "given.toml", (here, etc)) == tmp_path / "given.toml"
+
+
+def test_missing_inventory_error_names_both_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no inventory in either place, the error names ./domains.toml and /etc/certmgr/domains.toml (exit 2)."""
+    from certmgr import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CERTMGR_INVENTORY", raising=False)
+    monkeypatch.setattr(cli, "DEFAULT_INVENTORIES", (Path("domains.toml"), tmp_path / "etc" / "domains.toml"))
+    result = CliRunner().invoke(main, ["inventory", "check"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"certmgr: error: inventory: neither {tmp_path}/domains.toml nor {tmp_path}/etc/domains.toml exists "
+        "(nothing done)\nhint: pass --inventory FILE or set CERTMGR_INVENTORY\n")
+
+
+def test_inventory_envvar_still_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CERTMGR_INVENTORY is used as given, even when ./domains.toml exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "domains.toml").write_text("this is not toml [")
+    given = tmp_path / "given.toml"
+    given.write_text('[ca.x]\ndirectory = "https://127.0.0.1/dir"\n[dns.x]\ntype = "rfc2136"\n'
+                     'zones = ["example.test"]\ntsig_key = "k"\ntsig_secret_env = "X"\n'
+                     '[[certificates]]\nname = "a"\ndomains = ["a.example.test"]\n')
+    monkeypatch.setenv("CERTMGR_INVENTORY", str(given))
+    monkeypatch.setenv("X", "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=")
+    result = CliRunner().invoke(main, ["inventory", "check"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{given}: ok")

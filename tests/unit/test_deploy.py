@@ -36,7 +36,7 @@ from certmgr.deploy import (
 )
 from certmgr.errors import UsageError
 from certmgr.inventory import Certificate, Host, Inventory
-from certmgr.material import CertMaterial
+from certmgr.material import CertMaterial, serial_text
 from certmgr.remote import Result, Timeouts, parse_kv, sh_command
 from certmgr.scan import Probe
 from certmgr.store import Store
@@ -546,7 +546,7 @@ def test_new_serial_not_served_rolls_back_and_reloads(tmp_path: Path) -> None:
         store.activate(NAME, store.add_version(NAME, material()))
     o = run_fleet(inv, store, FakeFleet(stale=frozenset({"h0"})))["h0"]
     assert o.status == Status.ROLLED_BACK, o.line()
-    assert o.old_serial == format(first.serial_number, "x") and o.version == 1
+    assert o.old_serial == serial_text(first.serial_number) and o.version == 1
     assert o.error is not None and "not served after 1s" in o.error and o.error.endswith("(rolled back to version 1, reloaded)")
     assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
     assert any(e["action"] == "rolled back" for e in store.read_audit())
@@ -645,11 +645,12 @@ def test_commit_finishes_when_nobody_reads_its_output(tmp_path: Path) -> None:
 
 
 def test_one_preflight_per_host_for_several_certificates(tmp_path: Path) -> None:
-    """The second certificate on a host reuses the passing test that ended the first: 3 test runs, not 4."""
+    """Two certificates due on a host are one transaction: one preflight, one test after both swaps, one reload."""
     host = fake_host(tmp_path, "h0")
     counting = ("sh", "-c", 'echo x >> "$1/tests.log"; ' + _TEST, "_", host.cert_root)
+    reloading = ("sh", "-c", 'echo x >> "$1/reloads.log"; ' + _RELOAD, "_", host.cert_root)
     host = Host(name=host.name, address=host.address, cert_root=host.cert_root, test_command=counting,
-                reload_command=host.reload_command)
+                reload_command=reloading)
     certs = tuple(Certificate(name=n, domains=(n,), dns="d", hosts=("h0",), ca="c") for n in ("a.example", "b.example"))
     inv = Inventory(path=tmp_path / "inv.toml", cas={}, dns={}, hosts={"h0": host}, certificates=certs, channels={},
                     trust=trusted_ca(tmp_path))
@@ -661,7 +662,9 @@ def test_one_preflight_per_host_for_several_certificates(tmp_path: Path) -> None
     outs = asyncio.run(deploy(inv, store, certs, now=NOW, connector=fleet.connector, prober=fleet.prober,
                               timeouts=Timeouts(verify=1.0)))
     assert [(o.cert, o.status) for o in outs] == [("a.example", Status.DEPLOYED), ("b.example", Status.DEPLOYED)]
-    assert (Path(host.cert_root) / "tests.log").read_text().count("x") == 3
+    # issue 13: was 3 test runs (a commit per certificate, each with its own test and reload)
+    assert (Path(host.cert_root) / "tests.log").read_text().count("x") == 2
+    assert (Path(host.cert_root) / "reloads.log").read_text().count("x") == 1
     assert fleet.contacted == ["h0"]  # one connection for both
 
 

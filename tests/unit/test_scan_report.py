@@ -86,3 +86,15 @@ def test_progress_bar_only_on_a_tty() -> None:
     p(10, 10)
     p.close()
     assert "scanning [##############################] 10/10" in buf.getvalue()
+
+
+def test_table_shows_the_whole_serial() -> None:
+    """The table's serial is whole (a Let's Encrypt serial is 36 digits), so it greps against `openssl x509 -serial`."""
+    import dataclasses
+
+    r = _result()
+    long_serial = "0A3ADF5C0B7D1B3A0F05E2A1D9C4F1E2B3C4"
+    info = dataclasses.replace(r.endpoints[1].info, serial=long_serial)  # type: ignore[type-var]
+    ep = dataclasses.replace(r.endpoints[1], info=info)
+    table = report.table(dataclasses.replace(r, endpoints=(r.endpoints[0], ep)))
+    assert f" {long_serial} " in table

@@ -1,0 +1,223 @@
+"""The per-host transaction: every certificate due on a POP in one inspect run, every new version
+uploaded, ONE commit under the POP lock (swap each, one test, one reload — or all back), then every
+name verified by handshake; certificates that do not verify are rolled back together (one more reload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from certmgr import intents as intents_mod
+from certmgr import interrupt, popguard
+from certmgr import remote as remote_mod
+from certmgr.deploy import handshake
+from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection
+from certmgr.deploy.plan import Decision, serial_of_probe
+from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
+from certmgr.errors import CertmgrError, DeployError
+from certmgr.inventory import Certificate, Host, Inventory
+from certmgr.material import CertInfo, CertMaterial
+from certmgr.probe import Probe
+from certmgr.remote import Result, Timeouts
+from certmgr.store_api import StateStore
+
+logger = logging.getLogger(__name__)
+
+PEM_MODE = 0o644
+KEY_MODE = 0o600
+DIR_MODE = 0o755
+
+
+class RemoteSession(Protocol):
+    """What deploy needs from a connection (remote.Remote; fakes in unit tests)."""
+
+    def prefetch_sftp(self) -> None: ...
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                         timeout: float | None = None) -> Result: ...
+
+    async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
+                         dir_mode: int = ..., ensure: Sequence[str] = ..., fsync: bool = ...) -> None: ...
+
+    async def remove_tree_quietly(self, directory: str) -> None: ...
+
+
+Connector = Callable[..., AbstractAsyncContextManager[RemoteSession]]
+
+
+def default_connector(host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                      on_accept: remote_mod.OnAccept | None = None) -> AbstractAsyncContextManager[RemoteSession]:
+    return remote_mod.connect(host, jump=jump, accept_new=accept_new, timeouts=timeouts, on_accept=on_accept)
+
+
+@dataclass(kw_only=True)
+class Job:
+    """One certificate due on one host, and what the transaction learned about it so far."""
+
+    cert: Certificate
+    host: Host
+    material: CertMaterial
+    info: CertInfo
+    local_version: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+    intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
+    state: CertState | None = None
+    decision: Decision | None = None
+    tmp: str = ""  # the upload temp dir's name under archive/<name>/
+
+    @property
+    def name(self) -> str:
+        return self.cert.name
+
+    @property
+    def subject(self) -> str:
+        return f"deploy {self.cert.name} → {self.host.name}"
+
+
+def argv_text(argv: Sequence[str], key: str, host: Host) -> str:
+    if not argv:
+        raise DeployError(f"deploy {host.name}: {key} is empty", hint=f"set {key} in [defaults] or [hosts.{host.name}]")
+    return shlex.join(argv)
+
+
+class Deployer:
+    """Shared by every host task of one deploy run: settings, the store, the outcomes produced so far."""
+
+    def __init__(self, *, inventory: Inventory, store: StateStore, timeouts: Timeouts, accept_new: bool,
+                 connector: Connector, prober: handshake.Prober, prune: int | None, now: dt.datetime) -> None:
+        self.inventory = inventory
+        self.store = store
+        self.timeouts = timeouts
+        self.accept_new = accept_new
+        self.connector = connector
+        self.prober = prober
+        self.prune = prune
+        self.now = now
+        self.loop = asyncio.get_running_loop()
+        self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
+        self.lock_wait = str(popguard.lock_wait(timeouts.command))
+        self.produced: list[HostOutcome] = []  # every outcome so far: what a cancelled deploy still saves
+
+    # -- audit: one JSON line per change, written in a thread (it fsyncs)
+
+    async def audit(self, action: str, obj: str, *, job: Job | None = None, **kw: Any) -> None:
+        if self.store is None:
+            return
+        if job is not None and job.intent is not None:
+            kw.setdefault("intent", job.intent.id)  # a later settle sees this switch is audited
+        try:
+            await asyncio.to_thread(self.store.audit, action, obj, **kw)
+        except CertmgrError as exc:
+            logger.error("audit: %s", exc)
+
+    async def audit_accepted(self, k: remote_mod.AcceptedKey) -> None:
+        await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
+                         summary=f"trusted {k.host}'s host key {k.fingerprint} on first use (--accept-new), "
+                                 f"added to {k.known_hosts}")
+
+    async def served(self, host: Host, names: Sequence[str]) -> dict[str, Probe]:
+        return await handshake.served(self.prober, host, names)
+
+    async def wait_served(self, host: Host, names: Sequence[str], serial: str) -> tuple[bool, dict[str, Probe]]:
+        return await handshake.wait_served(self.prober, host, names, serial, limit=self.timeouts.verify)
+
+    # -- outcomes
+
+    def outcome(self, job: Job, status: Status, *, start: float, **kw: Any) -> HostOutcome:
+        elapsed = self.loop.time() - start
+        interrupt.tally().outcome(job.cert.name, job.host.name, status.value)
+        o = HostOutcome(cert=job.cert.name, host=job.host.name, status=status, new_serial=job.info.serial,
+                        timings=tuple((k, round(v, 4)) for k, v in job.timings.items()), elapsed=elapsed, **kw)
+        self.produced.append(o)
+        return o
+
+    def not_started(self, job: Job, *, start: float) -> HostOutcome:
+        """The outcome of a job a signal stopped before its commit: nothing on the host was switched."""
+        name = job.cert.name
+        return self.outcome(job, Status.HELD, start=start, hint=f"run `certmgr deploy {name}` to finish",
+                            error=f"deploy {name} → {job.host.name}: not started: interrupted (live unchanged)")
+
+    async def intend(self, job: Job, *, version: int, layout: str | None, target: str | None, conv: str,
+                     old_serial: str | None) -> None:
+        """Record durably, before the commit starts, the switch it may make (settled by a later run if we die)."""
+        intent = intents_mod.Intent.new(
+            cert=job.cert.name, host=job.host.name, version=version, layout=layout or "none",
+            from_target=target or "", back_target=f"../archive/{job.cert.name}/{conv}" if conv else (target or ""),
+            from_serial=old_serial, to_serial=job.info.serial, now=dt.datetime.now(dt.UTC))
+        if self.store is not None:
+            try:
+                await asyncio.to_thread(intents_mod.write, self.store, intent)
+            except CertmgrError as exc:
+                raise DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)",
+                                  hint=exc.hint) from exc
+        job.intent = intent
+        interrupt.tally().committing.add((job.cert.name, job.host.name))
+
+    async def settle(self, rem: RemoteSession, host: Host, jobs: Sequence[Job], state: Inspection,
+                     inspect: Sequence[str]) -> Inspection:
+        """Settle what interrupted runs left for these certificates on this host, from their live links as inspected.
+
+        Returns the inspection to go on with: a fresh one when an intent was too young to tell "never
+        switched" from "its commit is still running there" (intents.recheck_in), else `state`.
+        """
+        if self.store is None:
+            return state
+        try:
+            left = {}
+            for job in jobs:
+                pending = await asyncio.to_thread(intents_mod.pending, self.store, job.name, host.name)
+                if pending:
+                    left[job.name] = pending
+            if not left:
+                return state
+            wait = max(intents_mod.recheck_in(its, layout=state.certs[n].layout, target=state.certs[n].target,
+                                              versions=set(state.certs[n].versions), now=dt.datetime.now(dt.UTC))
+                       for n, its in left.items())
+            if wait > 0:
+                # young: its commit may still be starting or running on the POP. Look again once the POP
+                # lock is free — a running commit holds it until it ends, so what we read then is final.
+                await asyncio.sleep(wait)
+                again = list(inspect)
+                again[5] = "1"
+                state = parse_inspection(await rem.run_script(INSPECT_SH, again, step="inspect"))
+                if (locked_out := popguard.lock_error(state.raw, host, inspect[0])) is not None:
+                    raise DeployError(locked_out, hint=popguard.LOCK_HINT)  # wrapped just below
+            for n, its in left.items():
+                cs = state.certs[n]
+                await asyncio.to_thread(intents_mod.settle, self.store, its, layout=cs.layout, target=cs.target,
+                                        versions=set(cs.versions))
+        except CertmgrError as exc:  # switching again before the last switch is audited would lose it
+            raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
+                              hint=exc.hint) from exc
+        return state
+
+    async def prune_one(self, rem: RemoteSession, job: Job) -> None:
+        assert self.prune is not None
+        root = remote_mod.check_remote_path(job.host.cert_root)
+        try:
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(self.prune), self.lock_wait], step="prune")
+        except DeployError as exc:
+            logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
+            return
+        locked_out = popguard.lock_error(res, job.host, root)
+        if locked_out:
+            logger.warning("prune %s on %s: %s (nothing removed)", job.cert.name, job.host.name, locked_out)
+            return
+        removed = [int(v) for v in res.all("removed")]
+        if removed:
+            await self.audit("pruned", job.cert.name, host=job.host.name, removed=removed,
+                             kept_live=res.get("kept_live"), keep=self.prune)
+        for v in res.all("prune_failed"):
+            logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
+
+
+def all_serve(seen: Mapping[str, Probe], serial: str) -> bool:
+    return all(serial_of_probe(p) == serial for p in seen.values())
+

@@ -1,0 +1,159 @@
+# shellcheck shell=sh
+# COMMIT: one transaction for every certificate due on this POP, under the POP lock. For each:
+# verify the upload's SHA-256, store it as archive/<name>/<ver>/, swap live/<name> (one rename).
+# Then ONE test and ONE reload for all; a failed test (or reload) switches every one of them back.
+# $1-$6 the first certificate: name, upload temp dir, store version, sha256sum lines, certbot
+# version to convert ("": no conversion); $7 test command, $8 reload command, $9 privkey owner,
+# $10 this controller's tag (its own upload temp dirs are `.tmp-up-<tag>-…`), $11 a UTC stamp for
+# names set aside, $12 seconds to wait for the POP lock; then five per further certificate, as $2-$6.
+# Exit 3: no certificate could be swapped (nothing changed); 4: the test or reload failed (all back).
+root=$1 test=$7 reload=$8 keyown=$9
+ctl=${10:-} stamp=${11:-0} lockwait=${12:-30}
+# certmgr-include: detach.sh common.sh lock.sh point.sh keyown.sh
+umask 077
+fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; }
+sumsok() { (cd -- "$1" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
+$sums
+SUMS
+) }
+
+n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to switch each back
+# stage NAME TMP VER SUMS CONV: store the version and swap live/<name>; non-zero when it failed (unchanged)
+stage() {
+  lineage "$1"; tmp=$2 ver=$3 sums=$4 conv=$5
+  say "cert=$name"
+  o=$(sumsok "$arch/$tmp") || { fail verify "$o"; return 1; }
+  if [ -n "$keyown" ]; then o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }; fi
+  o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || { fail sync "$o"; return 1; }
+  # The store's number names this version on every POP. archive/<name>/N/ may exist already: this
+  # very certificate (a rolled-back attempt, another controller's upload) is used as it is; other
+  # content (a certbot-era or hand-made N/) is set aside as N.certmgr-aside-<stamp>/, never lost.
+  if [ -d "$arch/$ver" ] && [ ! -L "$arch/$ver" ] && sumsok "$arch/$ver" >/dev/null; then
+    if [ -n "$keyown" ]; then o=$(keyown "$arch/$ver/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }; fi
+    rm -rf -- "${arch:?}/$tmp"
+    say "reused=$ver"
+  else
+    if [ -e "$arch/$ver" ] || [ -L "$arch/$ver" ]; then
+      aside=$ver.certmgr-aside-$stamp
+      cur=
+      if [ -L "$live" ]; then cur=$(readlink -- "$live"); fi
+      if [ "$cur" = "../archive/$name/$ver" ]; then
+        # live reads N/: copy it aside, point live at the copy, then remove N/ — live never dangles
+        o=$(cp -a -- "$arch/$ver" "$arch/$aside" 2>&1) || { fail aside "$o"; return 1; }
+        point "../archive/$name/$aside" aside || { fail aside "cannot point live at $aside"; return 1; }
+        o=$(rm -rf -- "${arch:?}/$ver" 2>&1) || { fail aside "$o"; return 1; }
+      else
+        o=$(mv -T -- "$arch/$ver" "$arch/$aside" 2>&1) || { fail aside "$o"; return 1; }
+      fi
+      say "aside=$aside"
+    fi
+    o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || { fail rename "$o"; return 1; }
+  fi
+  sync -- "$arch" 2>/dev/null || :
+  say "stored=$ver"
+  prev=
+  if [ -n "$conv" ]; then
+    # certbot layout: copy its live version K into archive/<name>/K/ once; rollback goes there.
+    # K/ holding other content (or K being the store's number) puts certbot's copy aside instead.
+    cdir=$conv
+    if [ "$conv" = "$ver" ]; then
+      cdir=$conv.certmgr-aside-$stamp
+    elif [ -e "$arch/$conv" ] && ! cmp -s -- "$arch/$conv/fullchain.pem" "$arch/fullchain$conv.pem"; then
+      cdir=$conv.certmgr-aside-$stamp
+    fi
+    if [ ! -d "$arch/$cdir" ]; then
+      ct=$arch/.tmp-$conv-conv$$
+      o=$(mkdir -m 755 -- "$ct" 2>&1) || { fail convert "$o"; return 1; }
+      for k in cert chain fullchain privkey; do
+        o=$(cp -- "$arch/$k$conv.pem" "$ct/$k.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }
+      done
+      chmod 644 -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
+      chmod 600 -- "$ct/privkey.pem"
+      if [ -n "$keyown" ]; then o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }; fi
+      sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
+      o=$(mv -T -- "$ct" "$arch/$cdir" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }
+    fi
+    prev=../archive/$name/$cdir
+    tl=$root/live/.$name.tmp-$$-new
+    bak=$root/live/.$name.certbot-old
+    rm -f -- "$tl"
+    o=$(ln -s -- "../archive/$name/$ver" "$tl" 2>&1) || { fail swap "$o"; return 1; }
+    # rename(2) cannot replace a directory by a symlink: two renames, microseconds apart
+    o=$(mv -T -- "$live" "$bak" 2>&1) || { rm -f -- "$tl"; fail swap "$o"; return 1; }
+    if ! o=$(mv -T -- "$tl" "$live" 2>&1); then mv -T -- "$bak" "$live"; rm -f -- "$tl"; fail swap "$o"; return 1; fi
+    sync -- "$root/live" 2>/dev/null || :
+    rm -rf -- "$bak"
+    say "converted=$conv"
+    say "convdir=$cdir"
+  else
+    if [ -L "$live" ]; then prev=$(readlink -- "$live"); fi
+    point "../archive/$name/$ver" new || { fail swap ""; return 1; }
+  fi
+  say "prev=$prev"
+  say swapped=1
+  n=$((n + 1))
+  eval "name_$n=\$name prev_$n=\$prev"
+}
+
+# Switch every swapped certificate back to what it pointed at; non-zero when one could not be.
+back_all() {
+  i=0 bad=0 bn='' bp=''
+  while [ "$i" -lt "$n" ]; do
+    i=$((i + 1))
+    eval "bn=\$name_$i bp=\$prev_$i"
+    lineage "$bn"
+    say "cert=$name"
+    if point "$bp" back; then say rolled_back=1; else say rolled_back=0; bad=1; fi
+  done
+  say cert=
+  return "$bad"
+}
+
+lock
+stage "$2" "$3" "$4" "$5" "$6"
+if [ $# -gt 12 ]; then shift 12; else set --; fi
+while [ $# -ge 5 ]; do
+  stage "$1" "$2" "$3" "$4" "$5"
+  shift 5
+done
+say cert=
+[ "$n" -gt 0 ] || exit 3
+out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
+say "test_rc=$rc"
+if [ "$rc" -ne 0 ]; then
+  say "test_out=$(b64 "$out")"
+  back_all || :
+  retest
+  exit 4
+fi
+out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+say "reload_rc=$rc"
+if [ "$rc" -ne 0 ]; then
+  say "reload_out=$(b64 "$out")"
+  # The failed reload may have loaded the new files anyway: switch back, test, reload again.
+  back_all || exit 4
+  retest
+  [ "$rc" -eq 0 ] || exit 4
+  out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+  say "rereload_rc=$rc"
+  say "rereload_out=$(b64 "$out")"
+  exit 4
+fi
+# Leftovers, swept under the lock. Scripts make their temporaries under the lock, so any such
+# is a dead script's. Uploads are made without it: only this controller's own (its earlier run
+# is over — the store lock) or one untouched for an hour (its controller is gone) is removed.
+i=0 bn=''
+while [ "$i" -lt "$n" ]; do
+  i=$((i + 1))
+  eval "bn=\$name_$i"
+  lineage "$bn"
+  for d in "$arch"/.tmp-* "$root/live/.$name.tmp-"*; do
+    [ -e "$d" ] || [ -L "$d" ] || continue
+    case ${d##*/} in
+      .tmp-up-"$ctl"-*) [ -n "$ctl" ] || continue ;;
+      .tmp-up-*) [ -n "$(find "$d" -maxdepth 0 -mmin +60 2>/dev/null)" ] || continue ;;
+    esac
+    rm -rf -- "$d"
+  done
+done
+say done=1

@@ -1,0 +1,82 @@
+# shellcheck shell=sh
+# INSPECT: the state of every certificate due on this POP, and the preflight test, in one run.
+# $1 cert root, $2 the first certificate's name, $3 the test command ("": no test), $4 privkey
+# owner to report ("": none), $5 seconds to wait for the POP lock, $6 "1": wait for the lock first
+# (settling an interrupted deploy); $7… the names of further certificates.
+root=$1 first=$2 test=$3 keyown=$4 lockwait=${5:-30} waitlock=${6:-}
+# certmgr-include: common.sh lock.sh
+# Settling an interrupted deploy: wait for a commit that may still run here (it holds the lock to its end).
+if [ -n "$waitlock" ]; then lock; fi
+# The host died between the two renames of a certbot conversion (commit.sh): put certbot's
+# directory back before nginx -t looks at the config. Every lineage: the test covers the whole
+# host. Under the POP lock: a commit of another controller may be mid-way.
+for bak in "$root"/live/.*.certbot-old; do
+  [ -d "$bak" ] || continue
+  lock
+  [ -d "$bak" ] || continue
+  n=${bak##*/}; n=${n#.}; n=${n%.certbot-old}
+  if [ ! -e "$root/live/$n" ] && [ ! -L "$root/live/$n" ]; then
+    mv -T -- "$bak" "$root/live/$n" && say "restored=$n"
+  fi
+done
+
+inspect_one() {
+  lineage "$1"
+  say "cert=$name"
+  # certbot's directory is read under the POP lock: another controller's commit may be converting it
+  # (live/<name> renamed away, then a link put in its place), and its links must be read whole. A
+  # commit creates the lock file before converting, so without one there is nothing to wait for (and
+  # a POP never deployed to is left exactly as it was).
+  if [ -d "$live" ] && [ ! -L "$live" ] && [ -e "$root/archive/.certmgr.lock" ]; then lock; fi
+  if [ -L "$live" ]; then
+    say layout=link
+    say "target=$(readlink -- "$live")"
+  elif [ -d "$live" ]; then
+    say layout=certbot
+    for k in cert chain fullchain privkey; do
+      t=$(readlink -- "$live/$k.pem" 2>/dev/null) || t=
+      say "certbot_$k=${t##*/}"
+    done
+  elif [ -e "$live" ]; then
+    say layout=other
+  else
+    say layout=none
+  fi
+  [ -d "$root/live" ] || say missing=live
+  [ -d "$root/archive" ] || say missing=archive
+  if [ ! -d "$arch" ]; then
+    say missing=lineage
+  else
+    for e in "$arch"/*; do
+      b=${e##*/}
+      case $b in
+        ''|*[!0-9]*) ;;
+        *) if [ -d "$e" ] && [ ! -L "$e" ]; then say "version=$b"; fi ;;
+      esac
+      case $b in
+        fullchain[0-9]*.pem) n=${b#fullchain}; n=${n%.pem}
+          case $n in *[!0-9]*) ;; *) say "certbot_version=$n" ;; esac ;;
+      esac
+    done
+  fi
+  # the live fullchain itself (a few KB): certmgr hashes it and reads the serial of its leaf
+  if [ -r "$live/fullchain.pem" ]; then
+    say "fullchain_b64=$(base64 -w0 < "$live/fullchain.pem")"
+  fi
+  if [ -n "$keyown" ] && [ -e "$live/privkey.pem" ]; then
+    say "key_owner=$(stat -L -c '%U:%G:%u:%g' -- "$live/privkey.pem" 2>/dev/null)"
+  fi
+}
+
+inspect_one "$first"
+if [ $# -gt 6 ]; then shift 6; else set --; fi
+for n in "$@"; do inspect_one "$n"; done
+say cert=
+if [ -n "$test" ]; then
+  out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
+  say "test_rc=$rc"
+  [ "$rc" -eq 0 ] || say "test_out=$(b64 "$out")"
+else
+  say test_rc=0
+  say test_skipped=1
+fi

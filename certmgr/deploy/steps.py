@@ -1,0 +1,187 @@
+"""The commit and rollback halves of a host's transaction: script arguments, and reading their
+answers into per-certificate outcomes (audited)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from certmgr import popguard
+from certmgr import remote as remote_mod
+from certmgr.deploy.model import Commit, Status, parse_rollback
+from certmgr.deploy.plan import command_label, quote_text, served_text, sha256sums, sni_names, version_of_target
+from certmgr.deploy.shell import ROLLBACK_SH
+from certmgr.log import event
+
+if TYPE_CHECKING:
+    from certmgr.deploy.host import Job
+    from certmgr.deploy.txn import Transaction
+
+logger = logging.getLogger(__name__)
+
+_WHAT = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
+         "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
+         "swap": "cannot switch the live link"}
+
+
+def commit_args(t: Transaction, todo: Sequence[Job]) -> list[str]:
+    """commit.sh's positional arguments: the first certificate, the common ones, five per further certificate."""
+    def five(job: Job) -> list[str]:
+        d = job.decision
+        assert d is not None
+        return [job.name, job.tmp, str(d.version), sha256sums(job.material), d.conv]
+
+    stamp = t.d.now.strftime("%Y%m%dT%H%M%SZ")
+    args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait]
+    for job in todo[1:]:
+        args += five(job)
+    return args
+
+
+async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commit | None:
+    """Audit what the commit did per certificate; finish those it could not swap. None: nothing more to do."""
+    host, keyown = t.host, t.host.privkey_chown
+    locked_out = popguard.lock_error(res.raw, host, t.root)
+    if locked_out:
+        for job in todo:
+            d = job.decision
+            assert d is not None
+            await t.rem.remove_tree_quietly(t.tmpdir(job))
+            t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                     error=f"{job.subject}: {locked_out} (live unchanged)", hint=popguard.LOCK_HINT)
+        return None
+    for job in todo:
+        d, cc = job.decision, res.certs.get(job.name)
+        assert d is not None
+        if cc is None:
+            continue
+        if cc.aside is not None:
+            event(logger, logging.WARNING, "set aside a version directory of other content", cert=job.name,
+                  host=host.name, version=d.version, to=cc.aside)
+            await t.d.audit("set aside", job.name, job=job, host=host.name, version=d.version,
+                            to=f"archive/{job.name}/{cc.aside}",
+                            summary=f"archive/{job.name}/{d.version}/ on {host.name} held other content: moved to "
+                                    f"archive/{job.name}/{cc.aside}/ so that {d.version} names the store's version")
+        if cc.converted is not None:
+            await t.d.audit("converted", job.name, job=job, frm="certbot live/ directory",
+                            to=f"live/{job.name} symlink", host=host.name, version=int(d.conv),
+                            summary=f"converted {job.name} on {host.name} from certbot's layout "
+                                    f"(its version {d.conv} kept as archive/{job.name}/{cc.convdir or d.conv}/)")
+        step = cc.failed_step
+        if step is not None:
+            text = cc.failed_out or res.raw.stderr.strip()
+            if step in ("verify", "chown", "sync", "aside", "rename"):
+                await t.rem.remove_tree_quietly(t.tmpdir(job))
+            what = _WHAT.get(step, f"step {step} failed")
+            if step == "chown":
+                what = f"cannot give privkey.pem to {keyown}"
+            elif step == "aside":
+                what = f"cannot set aside archive/{job.name}/{d.version}/ (other content)"
+            hint = None
+            if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
+                hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
+                        f"privkey_owner/privkey_group of {host.name}")
+            t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                     error=f"{job.subject}: {what}: {quote_text(text)} (live unchanged)", hint=hint)
+    odd = [j for j in t.undone(todo) if j.name not in res.certs or not res.certs[j.name].swapped]
+    if odd:
+        raise remote_mod.RemoteCommandError(
+            f"commit {host.name}: unexpected output (exit {res.raw.exit_status}): "
+            f"{quote_text(res.raw.stderr or res.raw.stdout, 300)} (state unknown: rerun deploy)")
+    return res if t.undone(todo) else None
+
+
+async def after_failed_test(t: Transaction, job: Job, res: Commit) -> None:
+    """The shared test (or reload) failed after the swaps: commit.sh switched every certificate back."""
+    host, d, cc = t.host, job.decision, res.certs[job.name]
+    assert d is not None
+    old_serial, version = d.old_serial, d.version
+    prev_version = version_of_target(cc.prev, job.name)
+    converted = cc.converted is not None
+    reload_failed = res.reload_rc is not None
+    if reload_failed:
+        step, text = f"{command_label(host.reload_command)} failed", res.reload_out
+    else:
+        step, text = f"{command_label(host.test_command)} failed", res.test_out
+    retest_ok = res.retest_rc == 0 and cc.rolled_back is True
+    back = f"version {prev_version}" if prev_version is not None else "the previous version"
+    status = Status.FAILED
+    if not retest_ok:
+        outcome = (f"rollback to {back} done but the test still fails: {quote_text(res.retest_out, 300)}"
+                   if cc.rolled_back else f"could NOT switch back to {back}")
+    elif not reload_failed:
+        outcome = f"rolled back to {back}, not reloaded"  # nginx never loaded the new files
+        status = Status.ROLLED_BACK
+    else:
+        # The failed reload may have loaded the new files all the same: commit.sh switched back,
+        # tested and reloaded again; only a handshake shows which certificate is served now.
+        again = ("reloaded again" if res.rereload_rc == 0 else
+                 f"reload failed again: {quote_text(res.rereload_out, 300)}")
+        restored, seen = ((await t.d.wait_served(host, sni_names(job.cert), old_serial))
+                          if old_serial is not None else (res.rereload_rc == 0, {}))
+        if restored:
+            outcome = f"rolled back to {back}, {again}" + (f": old serial {old_serial} served" if old_serial else "")
+            status = Status.ROLLED_BACK
+        else:
+            outcome = f"switched back to {back}, {again}, but {host.name} serves {served_text(seen)}"
+    if status == Status.ROLLED_BACK:
+        await t.d.audit("rolled back", job.name, job=job, frm=job.info.serial, to=old_serial, host=host.name,
+                        version=prev_version, failed_version=version,
+                        summary=f"rolled back {job.name} on {host.name} to {back}: {step}")
+    else:
+        await t.d.audit("rollback failed", job.name, job=job, frm=job.info.serial, to=old_serial, host=host.name,
+                        summary=f"{job.subject}: {step}; {outcome}")
+    ok = status == Status.ROLLED_BACK
+    t.finish(job, status, old_serial=old_serial, previous_version=prev_version,
+             version=prev_version if ok else None, converted=converted,
+             error=f"{job.subject}: {step}: {quote_text(text)} ({outcome})",
+             hint=None if ok else f"log in to {host.name} and repair the web server config now")
+
+
+async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], commit: Commit) -> None:
+    """Switch back just the certificates that did not verify: one script, one test, one reload; then
+    each old serial is verified by handshake."""
+    host = t.host
+    first, *more = [j for j, _ in bad]
+    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait]
+    for job in more:
+        args += [job.name, commit.certs[job.name].prev]
+    res = parse_rollback(await t.rem.run_script(ROLLBACK_SH, args, step="rollback"))
+    locked_out = popguard.lock_error(res.raw, host, t.root)
+
+    async def settle_one(job: Job, cause: str) -> None:
+        d, cc = job.decision, commit.certs[job.name]
+        assert d is not None
+        old_serial = d.old_serial
+        prev_version = version_of_target(cc.prev, job.name)
+        converted = cc.converted is not None
+        back = f"version {prev_version}" if prev_version is not None else "the previous version"
+        if locked_out:
+            outcome = f"could NOT switch back to {back}: {locked_out}"
+        elif not res.rolled_back.get(job.name):
+            outcome = f"could NOT switch back to {back}"
+        elif res.retest_rc != 0:
+            outcome = f"switched back to {back} but the test fails: {quote_text(res.retest_out)}"
+        elif res.reload_rc != 0:
+            outcome = f"switched back to {back} but reload fails: {quote_text(res.reload_out)}"
+        else:
+            restored = True
+            if old_serial is not None:
+                restored, _ = await t.d.wait_served(host, sni_names(job.cert), old_serial)
+            if restored:
+                await t.d.audit("rolled back", job.name, job=job, frm=job.info.serial, to=old_serial, host=host.name,
+                                version=prev_version, failed_version=d.version,
+                                summary=f"rolled back {job.name} on {host.name} to {back}: {cause}")
+                t.finish(job, Status.ROLLED_BACK, old_serial=old_serial, version=prev_version,
+                         previous_version=prev_version, converted=converted,
+                         error=f"{job.subject}: {cause} (rolled back to {back}, reloaded)")
+                return
+            outcome = f"switched back to {back} and reloaded, but serial {old_serial} is not served either"
+        await t.d.audit("rollback failed", job.name, job=job, frm=job.info.serial, to=old_serial, host=host.name,
+                        summary=f"{job.subject}: {cause}; {outcome}")
+        t.finish(job, Status.FAILED, old_serial=old_serial, previous_version=prev_version, converted=converted,
+                 error=f"{job.subject}: {cause} ({outcome})", hint=f"log in to {host.name} and check what nginx serves")
+
+    await asyncio.gather(*(settle_one(job, cause) for job, cause in bad))

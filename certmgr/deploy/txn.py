@@ -1,0 +1,285 @@
+"""One host's transaction, step by step: inspect, decide, upload, commit, verify (and roll back).
+
+Every certificate due on the host goes through each step together: one inspect script, one commit
+script (swap each `live/<name>` with one rename, ONE test, ONE reload, or all switched back), one
+round of handshakes, and one rollback script for just the certificates that did not verify.
+Outcomes stay per certificate; `done` collects them as they are decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from certmgr import intents as intents_mod
+from certmgr import interrupt, popguard
+from certmgr import remote as remote_mod
+from certmgr.deploy.host import DIR_MODE, KEY_MODE, PEM_MODE, Deployer, Job, RemoteSession, all_serve, argv_text
+from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
+from certmgr.deploy.plan import command_label, decide, quote_text, served_text, sni_names, version_of_target
+from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH
+from certmgr.deploy.steps import after_failed_test, commit_args, read_commit, rollback_after_verify
+from certmgr.errors import CertmgrError, DeployError
+from certmgr.inventory import Host
+from certmgr.log import event
+
+logger = logging.getLogger(__name__)
+
+
+class Transaction:
+    def __init__(self, d: Deployer, rem: RemoteSession, host: Host, jobs: Sequence[Job],
+                 done: dict[str, HostOutcome], *, start: float) -> None:
+        self.d, self.rem, self.host, self.jobs, self.done, self.start = d, rem, host, jobs, done, start
+        self.loop = d.loop
+        self.root = ""
+        self.test = self.reload = ""
+
+    def finish(self, job: Job, status: Status, **kw: Any) -> None:
+        self.done[job.name] = self.d.outcome(job, status, start=self.start, **kw)
+
+    def undone(self, jobs: Sequence[Job] | None = None) -> list[Job]:
+        return [j for j in (self.jobs if jobs is None else jobs) if j.name not in self.done]
+
+    async def run_shielded(self) -> None:
+        """Run; when cancelled (SIGINT/SIGTERM) while the commit runs, let it finish and audit first.
+
+        The commit script runs on the POP whatever happens here; waiting (at most interrupt.GRACE, cut by a
+        second cancellation) lets its outcome be audited now rather than settled from its intents next run.
+        """
+        work = asyncio.ensure_future(self.run_audited())
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # polled: a task group cancels its tasks only once, so the second signal arrives as a count
+            deadline = self.loop.time() + interrupt.GRACE
+            while (any(j.intent is not None for j in self.jobs) and not work.done()
+                   and interrupt.state().count < 2):
+                if self.loop.time() >= deadline:
+                    break
+                await asyncio.wait([work], timeout=0.05)
+            if not work.done():
+                work.cancel()  # and let it unwind before the connection it uses is closed
+                await asyncio.wait([work], timeout=self.d.timeouts.connect)
+            if work.done() and not work.cancelled():
+                work.exception()  # retrieved: its outcome is in the tally and the audit log already
+            raise
+
+    async def run_audited(self) -> None:
+        self.start = self.loop.time() - max((j.timings.get("connect", 0.0) for j in self.jobs), default=0.0)
+        try:
+            await self.run()
+        except remote_mod.RemoteTimeout as exc:
+            # every certificate still open was part of the script that timed out; their intents stay
+            for job in self.undone():
+                event(logger, logging.ERROR, "remote script timed out; host left alone", cert=job.name,
+                      host=self.host.name)
+                self.finish(job, Status.UNKNOWN,
+                            hint=f"the script may still be running on {self.host.name} (it holds the POP lock "
+                                 "until it ends); the next run inspects the host afresh",
+                            error=f"{job.subject}: {exc.message} (state unknown; host left alone for the rest "
+                                  "of this run)")
+            return
+        except (remote_mod.ConnectionLost, DeployError) as exc:
+            for job in self.undone():  # a switch may have happened unheard: their intents stay for the next run
+                self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
+            return
+        if self.d.store is not None:
+            for job in self.jobs:
+                if job.intent is not None:
+                    # its outcome is audited (or nothing was switched): the intent has done its job
+                    try:
+                        await asyncio.to_thread(intents_mod.remove, self.d.store, job.intent)
+                    except CertmgrError as exc:  # harmless: the next deploy finds its audit line and drops it
+                        logger.error("deploy intent %s: %s", job.intent.relpath, exc)
+
+    # -- the steps
+
+    async def run(self) -> None:
+        host = self.host
+        self.root = remote_mod.check_remote_path(host.cert_root)
+        for job in self.jobs:
+            remote_mod.check_name(job.name)
+        self.test = argv_text(host.test_command, "test_command", host)
+        self.reload = argv_text(host.reload_command, "reload_command", host)
+        state = await self.inspect()
+        if state is None:
+            return
+        todo = await self.decide(state)
+        if not todo:
+            return
+        if interrupt.stopping():
+            for job in todo:
+                self.done[job.name] = self.d.not_started(job, start=self.start)
+            return
+        todo = await self.upload(todo)
+        if not todo:
+            return
+        commit = await self.commit(todo)
+        if commit is None:
+            return
+        swapped = [j for j in todo if j.name not in self.done]
+        if not commit.done:
+            await asyncio.gather(*(after_failed_test(self, job, commit) for job in swapped))
+            return
+        await self.verify(swapped, commit)
+
+    async def inspect(self) -> Inspection | None:
+        """One script for every certificate: layouts, versions, live fullchains, and the preflight test."""
+        host, names = self.host, [j.name for j in self.jobs]
+        self.rem.prefetch_sftp()
+        t = self.loop.time()
+        args = [self.root, names[0], self.test, host.privkey_chown, self.d.lock_wait, "", *names[1:]]
+        state = parse_inspection(await self.rem.run_script(INSPECT_SH, args, step="inspect"))
+        for job in self.jobs:
+            job.timings["inspect"] = self.loop.time() - t
+        locked_out = popguard.lock_error(state.raw, host, self.root)
+        if locked_out:
+            for job in self.jobs:
+                self.finish(job, Status.FAILED, error=f"{job.subject}: {locked_out} (nothing changed)",
+                            hint=popguard.LOCK_HINT)
+            return None
+        if state.test_rc is None or any(n not in state.certs for n in names):
+            raw = state.raw
+            raise remote_mod.RemoteCommandError(
+                f"inspect {host.name}: unexpected output (exit {raw.exit_status}): "
+                f"{quote_text(raw.stderr or raw.stdout, 300)} (nothing changed)",
+                hint="the login shell of the deploy user must be POSIX sh compatible, with coreutils")
+        state = await self.d.settle(self.rem, host, self.jobs, state, args)
+        for restored in state.restored:
+            event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
+                  cert=restored, host=host.name)
+        if state.test_rc != 0:
+            text = state.test_out or f"exit status {state.test_rc}, no output"
+            cannot_run = text.startswith("sudo:") or state.test_rc in (126, 127)
+            for job in self.jobs:
+                d = decide(state.certs[job.name], name=job.name, root=self.root, fullchain=job.material.fullchain,
+                           local_version=job.local_version, keyown=host.privkey_chown)
+                if cannot_run:
+                    self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                                error=f"{job.subject}: {command_label(host.test_command)} cannot run: "
+                                      f"{quote_text(text)} (nothing changed)",
+                                hint="check test_command and the deploy user's sudoers lines (docs/deploy.md)")
+                else:
+                    self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                                error=f"{job.subject}: config was already broken before deploy: {quote_text(text)} "
+                                      "(nothing changed)",
+                                hint=f"fix the web server config on {host.name} first; its test command fails "
+                                     "without certmgr")
+            return None
+        return state
+
+    async def decide(self, state: Inspection) -> list[Job]:
+        """Per certificate: skip (this version live and served), refuse, or go on to upload."""
+        for job in self.jobs:
+            job.state = state.certs[job.name]
+            job.decision = decide(job.state, name=job.name, root=self.root, fullchain=job.material.fullchain,
+                                  local_version=job.local_version, keyown=self.host.privkey_chown)
+        maybe = [j for j in self.jobs if j.decision and j.decision.maybe_skip]
+        seen = await asyncio.gather(*(self.d.served(self.host, sni_names(j.cert)) for j in maybe))
+        for job, s in zip(maybe, seen, strict=True):
+            if job.decision is not None and all_serve(s, job.info.serial):
+                dec = job.decision
+                self.finish(job, Status.SKIPPED, old_serial=dec.old_serial, version=dec.prev_version,
+                            previous_version=dec.prev_version)
+        for job in self.undone():
+            d = job.decision
+            assert d is not None
+            if d.refused:
+                self.finish(job, Status.FAILED, old_serial=d.old_serial, error=f"{job.subject}: {d.refused}",
+                            hint=d.hint)
+        return self.undone()
+
+    async def upload(self, todo: list[Job]) -> list[Job]:
+        """Every new version into a hidden temp dir (concurrently, one SFTP session), then the intents."""
+        t = self.loop.time()
+        await asyncio.gather(*(self.upload_one(job) for job in todo))
+        todo = self.undone(todo)
+        for job in todo:
+            job.timings["upload"] = self.loop.time() - t
+        if interrupt.stopping():
+            for job in todo:
+                await self.rem.remove_tree_quietly(self.tmpdir(job))
+                self.done[job.name] = self.d.not_started(job, start=self.start)
+            return []
+        for job in todo:
+            d, st = job.decision, job.state
+            assert d is not None and st is not None
+            try:
+                await self.d.intend(job, version=d.version, layout=st.layout, target=st.target, conv=d.conv,
+                                    old_serial=d.old_serial)
+            except DeployError as exc:
+                await self.rem.remove_tree_quietly(self.tmpdir(job))
+                self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
+        return self.undone(todo)
+
+    def tmpdir(self, job: Job) -> str:
+        return f"{self.root}/archive/{job.name}/{job.tmp}"
+
+    async def upload_one(self, job: Job) -> None:
+        d, st = job.decision, job.state
+        assert d is not None and st is not None
+        root, name = self.root, job.name
+        job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{secrets.token_hex(6)}"
+        files = {fname: (data, KEY_MODE if fname == "privkey.pem" else PEM_MODE)
+                 for fname, data in job.material.files().items()}
+        try:
+            ensure = [p for p, key in ((f"{root}/archive", "archive"), (f"{root}/live", "live"),
+                                       (f"{root}/archive/{name}", "lineage")) if key in st.missing]
+            await self.rem.upload_dir(self.tmpdir(job), files, dir_mode=DIR_MODE, ensure=ensure, fsync=False)
+        except remote_mod.UploadError as exc:
+            full = await self.no_space(f"{root}/archive/{name}", files)
+            await self.rem.remove_tree_quietly(self.tmpdir(job))
+            self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                        error=f"{job.subject}: {full or exc.message} (live unchanged)",
+                        hint=f"check free space and that the deploy user owns {root}/archive/{name}/ and {root}/live/")
+        except remote_mod.ConnectionLost as exc:
+            self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                        error=f"{job.subject}: {exc.message} during upload (live unchanged)",
+                        hint="rerun deploy; the partial upload is a hidden temp dir swept by the next run")
+
+    async def no_space(self, path: str, files: dict[str, tuple[bytes, int]]) -> str | None:
+        """After a failed upload: "no space left on POP:<path> (N KB free)" when that is the cause, else None."""
+        try:
+            free = await self.rem.run_script(popguard.FREE_SH, [path], step="free space")
+        except DeployError as exc:
+            logger.info("free space on %s: %s", self.host.name, exc)
+            return None
+        return popguard.upload_failure(self.host, path, free, files)
+
+    async def commit(self, todo: list[Job]) -> Commit | None:
+        """ONE commit script for all: store and swap each, one test, one reload (or all switched back)."""
+        t = self.loop.time()
+        res = parse_commit(await self.rem.run_script(COMMIT_SH, commit_args(self, todo), step="commit"))
+        for job in todo:
+            job.timings["commit"] = self.loop.time() - t
+        return await read_commit(self, todo, res)
+
+    async def verify(self, swapped: list[Job], commit: Commit) -> None:
+        """Every name of every swapped certificate by handshake; those that fail are rolled back together."""
+        t = self.loop.time()
+        checks = await asyncio.gather(*(self.d.wait_served(self.host, sni_names(j.cert), j.info.serial)
+                                        for j in swapped))
+        bad: list[tuple[Job, str]] = []
+        for job, (ok, seen) in zip(swapped, checks, strict=True):
+            job.timings["verify"] = self.loop.time() - t
+            d = job.decision
+            assert d is not None
+            cc = commit.certs[job.name]
+            prev_version = version_of_target(cc.prev, job.name)
+            if ok:
+                event(logger, logging.INFO, "deployed", cert=job.name, host=self.host.name, version=d.version,
+                      serial=job.info.serial, old_serial=d.old_serial)
+                await self.d.audit("deployed", job.name, job=job, frm=d.old_serial, to=job.info.serial,
+                                   host=self.host.name, version=d.version, previous_version=prev_version,
+                                   summary=f"deployed {job.name} to {self.host.name}: serial "
+                                           f"{d.old_serial or '-'} → {job.info.serial}")
+                self.finish(job, Status.DEPLOYED, old_serial=d.old_serial, version=d.version,
+                            previous_version=prev_version, converted=cc.converted is not None)
+            else:
+                bad.append((job, f"new serial {job.info.serial} not served after {self.d.timeouts.verify:g}s "
+                                 f"({served_text(seen)})"))
+        if bad:
+            await rollback_after_verify(self, bad, commit)
