@@ -96,7 +96,9 @@ def tsig_secret(lab: Lab) -> str:
 # ---------------------------------------------------------------- certmgr
 
 
-def bench_certmgr(lab: Lab, n: int, work: Path, concurrency: int, dns: str = "rfc2136") -> dict[str, object]:
+def bench_certmgr(lab: Lab, n: int, work: Path, concurrency: int, dns: str = "rfc2136",
+                  extra: str = "") -> dict[str, object]:
+    """`renew --due` of n new certificates; `extra` is appended to the inventory (e.g. a [store] table)."""
     inv = work / "domains.toml"
     certs = "".join(f'\n[[certificates]]\nname = "{d}"\ndomains = ["{d}"]\n' for d in names(n, dns))
     inv.write_text(f"""
@@ -109,7 +111,7 @@ contact = ["mailto:ops@hachyderm.test"]
 agree_tos = true
 trust = "{lab.https_ca}"
 {dns_section(lab, dns)}
-{certs}""")
+{certs}{extra}""")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "certmgr", "--inventory", str(inv), "--state-dir", str(work / "state"),
             "renew", "--due", "--json", "--concurrency", str(concurrency)]

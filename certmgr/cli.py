@@ -16,6 +16,7 @@ from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
+from certmgr.store_api import StateStore
 
 DEFAULT_STATE_DIR = "/var/lib/certmgr"
 # Without --inventory: ./domains.toml, else the file the systemd unit uses.
@@ -59,19 +60,16 @@ class Ctx:
 
 
     def store(self) -> Any:
-        from certmgr.store import Store
+        """The state directory, or the PostgreSQL store when the inventory has [store] (docs/ha.md)."""
+        from certmgr.storeopen import open_store
 
-        return Store.open(self.state_dir)
+        return open_store(self.state_dir, self.inventory_path, readonly=False)
 
     def store_readonly(self) -> Any:
         """The store for reading only (dry runs, status): never creates or chmods anything."""
-        from certmgr.errors import StoreError
-        from certmgr.store import Store
+        from certmgr.storeopen import open_store
 
-        try:
-            return Store.open(self.state_dir, create=False)
-        except StoreError:
-            return Store(self.state_dir)  # nothing stored yet: reads find nothing
+        return open_store(self.state_dir, self.inventory_path, readonly=True)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -434,7 +432,7 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _unpin(c: Ctx, store: Any, certs: Any, *, named: bool) -> None:
+def _unpin(c: Ctx, store: StateStore, certs: Any, *, named: bool) -> None:
     """`deploy NAME` clears a rollback pin (the newest usable version goes live again); `--all` keeps pins."""
     import datetime as dt
 
@@ -1017,3 +1015,12 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
             click.echo(line)
     if not result.ok:
         sys.exit(1)
+
+
+def _add_store_group() -> None:
+    from certmgr.storecli import store_group
+
+    main.add_command(store_group)
+
+
+_add_store_group()

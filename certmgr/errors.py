@@ -91,6 +91,18 @@ class LockHeld(StoreError):
         self.started = started
 
 
+class StoreUnavailable(StoreError):
+    """The shared (PostgreSQL) store cannot be reached: certmgr stops; it never falls back to local state."""
+
+    exit_code = 69  # EX_UNAVAILABLE: not in the unit's SuccessExitStatus=, so the unit fails and OnFailure= fires
+
+
+class LockLost(StoreError):
+    """The database session holding a lock ended (idle timeout, terminated, restart): no more writes."""
+
+    exit_code = 69
+
+
 class ScanError(CertmgrError):
     exit_code = 3
 

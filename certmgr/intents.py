@@ -17,6 +17,7 @@ from typing import Any
 
 from certmgr.errors import CertmgrError
 from certmgr.log import event
+from certmgr.store_api import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +60,16 @@ class Intent:
         return cls(**{k: data.get(k) for k in cls.__slots__})  # type: ignore[arg-type]
 
 
-def write(store: Any, intent: Intent) -> None:
+def write(store: StateStore, intent: Intent) -> None:
     """Durably record `intent` (atomic write, fsynced) before its commit starts."""
     store.save_json(intent.relpath, asdict(intent))
 
 
-def remove(store: Any, intent: Intent) -> None:
+def remove(store: StateStore, intent: Intent) -> None:
     store.remove_json(intent.relpath)
 
 
-def pending(store: Any, cert: str | None = None, host: str | None = None) -> list[Intent]:
+def pending(store: StateStore, cert: str | None = None, host: str | None = None) -> list[Intent]:
     """Intents left by runs that did not finish their commit, oldest first (unreadable ones are skipped)."""
     out = []
     for data in store.list_json(INTENT_DIR if cert is None else f"{INTENT_DIR}/{cert}"):
@@ -107,12 +108,12 @@ def recheck_in(intents: list[Intent], *, layout: str | None, target: str | None,
     return max(0.0, QUIET - min(ages)) if ages else 0.0
 
 
-def audited_ids(store: Any) -> set[str]:
+def audited_ids(store: StateStore) -> set[str]:
     """Intent ids that already have a switch line in the audit log."""
     return {str(e["intent"]) for e in store.read_audit() if e.get("intent") and e.get("action") in SWITCH_ACTIONS}
 
 
-def settle(store: Any, intents: list[Intent], *, layout: str | None, target: str | None,
+def settle(store: StateStore, intents: list[Intent], *, layout: str | None, target: str | None,
            versions: set[int]) -> list[tuple[Intent, str]]:
     """Write the audit line (once) for each intent whose switch happened, record the state, drop the intents.
 
@@ -150,7 +151,7 @@ def settle(store: Any, intents: list[Intent], *, layout: str | None, target: str
     return out
 
 
-def _record_state(store: Any, intent: Intent) -> None:
+def _record_state(store: StateStore, intent: Intent) -> None:
     """The deploy state the interrupted run never saved: this host serves the new version since `intent.at`."""
     path = f"state/deploy/{intent.cert}.json"
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certmgr import sanitize
+from certmgr import sanitize, storecfg
 from certmgr.dns import registry as dns_registry
 from certmgr.errors import InventoryError
 from certmgr.model import CA, KEEP_VERSIONS, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
@@ -109,19 +109,21 @@ def loads(text: str, *, base: Path | None = None) -> Inventory:
 def parse(data: dict[str, Any], *, base: Path, path: Path) -> Inventory:
     """Validate a parsed TOML document; every problem names its key path, in file order."""
     r = _Reader(base)
-    r.table(data, "", {"defaults", "ca", "dns", "hosts", "certificates", "channels"})
+    r.table(data, "", {"defaults", "ca", "dns", "hosts", "certificates", "channels", "store"})
     dd = _parse_defaults(r, data)
     cas, default_ca = _parse_cas(r, data, dd)
     providers = _parse_dns(r, data)
     hosts = _parse_hosts(r, data, dd)
     certs = _parse_certificates(r, data, dd, cas=cas, default_ca=default_ca, providers=providers, hosts=hosts)
     channels = _parse_channels(r, data)
+    store = storecfg.parse(r, data)
     if "certificates" not in data:
         r.err("certificates", "no certificates defined")
     if r.problems:
         raise InventoryError(r.problems, path=str(path))
     return Inventory(path=path, cas=cas, dns=providers, hosts=hosts, certificates=tuple(certs),
-                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings), keep_versions=dd.keep_versions)
+                     channels=channels, trust=dd.trust, warnings=tuple(r.warnings), keep_versions=dd.keep_versions,
+                     store=store)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

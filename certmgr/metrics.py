@@ -23,6 +23,7 @@ from certmgr.material import MaterialError
 from certmgr.pipeline import RunReport
 from certmgr.plan import RenewState
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
+from certmgr.store_api import StateStore
 
 RUN_STATE = "state/run.json"
 
@@ -111,7 +112,7 @@ def next_record(previous: RunRecord, report: RunReport) -> RunRecord:
                      last_success=report.started if run_succeeded(report) else previous.last_success)
 
 
-def record_run(store: Any, report: RunReport) -> RunRecord:
+def record_run(store: StateStore, report: RunReport) -> RunRecord:
     """Load `state/run.json`, fold in this run, save it (the caller holds the store lock)."""
     try:
         previous = RunRecord.from_json(store.load_json(RUN_STATE, default=None))
@@ -122,7 +123,7 @@ def record_run(store: Any, report: RunReport) -> RunRecord:
     return record
 
 
-def gather(inv: Inventory, store: Any, *, now: dt.datetime) -> list[CertState]:
+def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertState]:
     """One CertState per inventory certificate, read from the store (nothing on the network)."""
     out = []
     for cert in inv.certificates:
@@ -244,7 +245,7 @@ def _by_cert_host(eps: Iterable[EndpointResult]) -> list[tuple[tuple[str, str], 
     return sorted(groups.items())
 
 
-def publish(inv: Inventory, store: Any, report: RunReport, path: Path) -> str | None:
+def publish(inv: Inventory, store: StateStore, report: RunReport, path: Path) -> str | None:
     """Record the run and write the textfile at `path`; the error line when that failed, else None.
 
     A failure here never changes the run's outcome: the file keeps its previous content, and the

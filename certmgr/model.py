@@ -205,6 +205,17 @@ class Channel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    """`[store]`: the PostgreSQL store shared by two controllers (certmgr.storecfg parses it; docs/ha.md)."""
+
+    url: str  # never with a password in it
+    password: SecretRef | None
+    key: SecretRef  # the sealing key file (certmgr.sealing)
+    idle_timeout: float = 30.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Inventory:
     path: Path
     cas: Mapping[str, CA]
@@ -215,6 +226,7 @@ class Inventory:
     trust: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()  # valid but risky settings, each naming its key path
     keep_versions: int = KEEP_VERSIONS  # retention: versions kept per certificate, in the store and on each POP
+    store: StoreConfig | None = None  # [store]: None is the state directory (the default)
 
     def certificate(self, name: str) -> Certificate:
         for cert in self.certificates:

@@ -15,6 +15,7 @@ from typing import Any
 
 from certmgr.errors import CertmgrError, StoreError
 from certmgr.log import event
+from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _revoked_path(name: str) -> str:
     return f"state/revoked/{name}.json"
 
 
-def load_pin(store: Any, name: str) -> Pin | None:
+def load_pin(store: StateStore, name: str) -> Pin | None:
     """The pin of `name`, None when it is not pinned. A pin file that cannot be understood is a StoreError."""
     data = store.load_json(_pin_path(name), default=None)
     if not data:
@@ -64,11 +65,11 @@ def load_pin(store: Any, name: str) -> Pin | None:
                          hint=f"`certmgr deploy {name}` clears it, or move the file aside") from exc
 
 
-def save_pin(store: Any, name: str, pin: Pin) -> None:
+def save_pin(store: StateStore, name: str, pin: Pin) -> None:
     store.save_json(_pin_path(name), pin.to_json())
 
 
-def clear_pin(store: Any, name: str, *, why: str) -> Pin | None:
+def clear_pin(store: StateStore, name: str, *, why: str) -> Pin | None:
     """Remove the pin of `name` (audited "unpinned", logged); the pin that was cleared, or None."""
     try:
         pin = load_pin(store, name)
@@ -86,14 +87,15 @@ def clear_pin(store: Any, name: str, *, why: str) -> Pin | None:
     return pin
 
 
-def load_revoked(store: Any, name: str) -> dict[str, dict[str, Any]]:
+def load_revoked(store: StateStore, name: str) -> dict[str, dict[str, Any]]:
     """{serial: {"version", "reason", "at"}} for every certificate of `name` that certmgr revoked."""
     data = store.load_json(_revoked_path(name), default=None) or {}
     serials = data.get("serials") if isinstance(data, dict) else None
     return {str(k): dict(v) for k, v in serials.items() if isinstance(v, dict)} if isinstance(serials, dict) else {}
 
 
-def record_revoked(store: Any, name: str, serial: str, *, version: int | None, reason: str, at: dt.datetime) -> None:
+def record_revoked(store: StateStore, name: str, serial: str, *, version: int | None, reason: str,
+                   at: dt.datetime) -> None:
     """Remember that certmgr revoked `serial` (read-modify-write: hold the store lock)."""
     serials = load_revoked(store, name)
     serials[serial] = {"version": version, "reason": reason, "at": at.isoformat()}

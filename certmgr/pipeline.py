@@ -23,6 +23,7 @@ from certmgr import scan as scan_mod
 from certmgr.errors import CertmgrError, StoreError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.scan import SEVERITY_RANK, ScanResult
+from certmgr.store_api import StateStore
 
 _log = logging.getLogger(__name__)
 OnOutcome = Callable[[deploy_mod.HostOutcome], None]
@@ -222,7 +223,7 @@ def summary_message(report: RunReport, alerts: Sequence[notify_mod.Alert]) -> no
     return notify_mod.Message(kind="summary", severity=worst, title=title, lines=tuple(lines[:40]))
 
 
-async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = False,
+async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: bool = False,
               renew_concurrency: int = renew_mod.DEFAULT_CONCURRENCY, deploy_parallel: int = 20,
               scan_concurrency: int = 100, notify: bool = True,
               retry: notify_mod.Retry | None = None,
@@ -332,7 +333,7 @@ async def run(inv: Inventory, store: Any, *, now: dt.datetime, dry_run: bool = F
                      elapsed=time.monotonic() - t0, notes=notes)
 
 
-def _pin(store: Any, name: str) -> pins.Pin | None:
+def _pin(store: StateStore, name: str) -> pins.Pin | None:
     try:
         return pins.load_pin(store, name) if store is not None else None
     except CertmgrError as exc:

@@ -18,6 +18,7 @@ import click
 
 from certmgr.deploy import HostOutcome, Status
 from certmgr.inventory import Certificate, Inventory
+from certmgr.store_api import StateStore
 
 _COLOURS = {Status.DEPLOYED: "green", Status.SKIPPED: "green", Status.ROLLED_BACK: "yellow", Status.HELD: "yellow",
             Status.FAILED: "red", Status.UNREACHABLE: "red", Status.UNKNOWN: "magenta"}
@@ -130,7 +131,7 @@ class DeployProgress:
             click.echo(line)
 
 
-def expiry_of(store: Any, names: Iterable[str]) -> dict[str, dt.datetime]:
+def expiry_of(store: StateStore, names: Iterable[str]) -> dict[str, dt.datetime]:
     """The live version's not_after per certificate (what the closing line says), where one can be read."""
     from certmgr.errors import CertmgrError
 

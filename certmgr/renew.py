@@ -29,7 +29,7 @@ from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
 from certmgr.plan import Decision, RenewState
-from certmgr.store import Store
+from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,19 @@ def state_path(name: str) -> str:
     return f"{STATE_SECTION}/{name}.json"
 
 
-def load_state(store: Store, name: str) -> RenewState:
+def load_state(store: StateStore, name: str) -> RenewState:
     """The renewal state of `name` (what scan/status need to show backoff and ARI windows)."""
     return RenewState.from_json(store.load_json(state_path(name), default=None))
 
 
-def live_info(store: Store, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
+def live_info(store: StateStore, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
     if store.live_version(name) is None:
         return None, None
     material = store.read(name)
     return material, material.info()
 
 
-def pinned_version(store: Store, name: str) -> int | None:
+def pinned_version(store: StateStore, name: str) -> int | None:
     """The rolled-back version `name` is pinned to (certmgr.pins), None when not pinned or unreadable."""
     try:
         pin = pins.load_pin(store, name)
@@ -133,7 +133,7 @@ def pinned_version(store: Store, name: str) -> int | None:
     return pin.version if pin is not None else None
 
 
-def status(store: Store, cert: Certificate, now: dt.datetime) -> Decision:
+def status(store: StateStore, cert: Certificate, now: dt.datetime) -> Decision:
     """The plan for one certificate from the store alone (no network): for scan/status to show overdue."""
     _, info = live_info(store, cert.name)
     return plan_mod.decide(cert, info, load_state(store, cert.name), now, pinned=pinned_version(store, cert.name))
@@ -142,7 +142,7 @@ def status(store: Store, cert: Certificate, now: dt.datetime) -> Decision:
 class _Run:
     """Per-run shared resources: one ACME client per CA, one provider per [dns.*], one thread pool."""
 
-    def __init__(self, inventory: Inventory, store: Store, *, concurrency: int, timeouts: Timeouts,
+    def __init__(self, inventory: Inventory, store: StateStore, *, concurrency: int, timeouts: Timeouts,
                  env: Mapping[str, str] | None) -> None:
         self.inventory = inventory
         self.store = store
@@ -194,7 +194,7 @@ class _Run:
         return on_change
 
 
-async def renew(inventory: Inventory, store: Store, certs: Sequence[Certificate], *, now: dt.datetime,
+async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certificate], *, now: dt.datetime,
                 force: bool = False, dry_run: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
                 timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None,
                 rng: random.Random | None = None, new_key: bool = False,

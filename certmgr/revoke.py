@@ -27,6 +27,7 @@ from certmgr.inventory import Certificate, Inventory
 from certmgr.issue import ACMEClient
 from certmgr.log import event
 from certmgr.material import public_key_der
+from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _serial_value(text: str) -> int | None:
         return None
 
 
-def targets(store: Any, name: str, *, reason: str, version: int | None, serial: str | None,
+def targets(store: StateStore, name: str, *, reason: str, version: int | None, serial: str | None,
             now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
     """The versions to revoke, notes on what was left out, and the leaked public key (SPKI DER)."""
     versions = store.versions(name)
@@ -142,7 +143,7 @@ def targets(store: Any, name: str, *, reason: str, version: int | None, serial: 
     return out, notes, spki
 
 
-async def revoke(inv: Inventory, store: Any, cert: Certificate, *, reason: str, version: int | None = None,
+async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason: str, version: int | None = None,
                  serial: str | None = None, now_first: bool = False, now: dt.datetime, parallel: int = 20,
                  timeouts: Any = None, channels: Sequence[Any] = ()) -> RevokeResult:
     """Replace with a new key, deploy and verify everywhere, then revoke (or revoke first with `now_first`).
@@ -203,7 +204,7 @@ def _with(result: RevokeResult, **kw: Any) -> RevokeResult:
     return replace(result, **kw)
 
 
-async def _revoke_at_ca(inv: Inventory, store: Any, cert: Certificate, todo: Sequence[Target], reason: str, *,
+async def _revoke_at_ca(inv: Inventory, store: StateStore, cert: Certificate, todo: Sequence[Target], reason: str, *,
                         now: dt.datetime) -> list[Target]:
     """RFC 8555 §7.6 revokeCert for each pending target with the account that ordered it; recorded and audited."""
     pending = [t for t in todo if t.status == "pending"]
@@ -240,7 +241,7 @@ async def _revoke_at_ca(inv: Inventory, store: Any, cert: Certificate, todo: Seq
     return [done.get(t.version, t) for t in todo]
 
 
-async def _finish(result: RevokeResult, store: Any, channels: Sequence[Any], t0: float,
+async def _finish(result: RevokeResult, store: StateStore, channels: Sequence[Any], t0: float,
                   loop: asyncio.AbstractEventLoop) -> RevokeResult:
     result = _with(result, elapsed=loop.time() - t0)
     store.audit("revoke done" if result.ok else "revoke incomplete", result.name, reason=result.reason,

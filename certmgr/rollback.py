@@ -21,6 +21,7 @@ from certmgr.errors import CertificateRefused, CertmgrError, StoreError, UsageEr
 from certmgr.inventory import Certificate, Inventory
 from certmgr.log import event
 from certmgr.material import CertMaterial, MaterialError
+from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def select_hosts(inv: Inventory, cert: Certificate, refs: Sequence[str], *, step
     return hosts
 
 
-def refusals(store: Any, inv: Inventory, cert: Certificate, version: int, *, now: dt.datetime,
+def refusals(store: StateStore, inv: Inventory, cert: Certificate, version: int, *, now: dt.datetime,
              roots: Any = None) -> tuple[CertMaterial | None, tuple[str, ...]]:
     """Why `version` of `cert` may not go live again: revoked by certmgr, key mismatch, expired, names, chain."""
     try:
@@ -122,7 +123,7 @@ def refusals(store: Any, inv: Inventory, cert: Certificate, version: int, *, now
     return material, tuple(found)
 
 
-def choose(store: Any, name: str, to: int | None) -> tuple[int, int | None]:
+def choose(store: StateStore, name: str, to: int | None) -> tuple[int, int | None]:
     """(target version, live version): `to`, else the newest stored version below the live one."""
     versions = store.versions(name)
     live = store.live_version(name)
@@ -141,7 +142,7 @@ def choose(store: Any, name: str, to: int | None) -> tuple[int, int | None]:
     return older[-1], live
 
 
-async def rollback(inv: Inventory, store: Any, cert: Certificate, *, to: int | None = None,
+async def rollback(inv: Inventory, store: StateStore, cert: Certificate, *, to: int | None = None,
                    hosts: Sequence[str] = (), dry_run: bool = False, now: dt.datetime, parallel: int = 20,
                    timeouts: Any = None, connector: Any = None, prober: Any = None,
                    channels: Sequence[Any] = ()) -> RollbackResult:
@@ -214,7 +215,7 @@ def message(result: RollbackResult) -> notify_mod.Message:
                               command=f"certmgr rollback {result.name} --to {result.target}" if bad else None)
 
 
-def roll_forward(store: Any, inv: Inventory, cert: Certificate, *, now: dt.datetime) -> str | None:
+def roll_forward(store: StateStore, inv: Inventory, cert: Certificate, *, now: dt.datetime) -> str | None:
     """`deploy NAME` on a pinned certificate: clear the pin and make the newest usable version live again.
 
     Returns the line to print (None when not pinned). The caller holds the store lock and deploys next.

@@ -40,6 +40,7 @@ from certmgr.scanresult import (  # re-exported: the types and helpers scan's ca
     urgency_key,
     worst,
 )
+from certmgr.store_api import StateStore
 
 _log = logging.getLogger(__name__)
 
@@ -481,11 +482,7 @@ def json_text(result: ScanResult, extra: Mapping[str, Any] | None = None) -> Ite
     yield "\n}"
 
 
-class _StateStore(Protocol):
-    def save_json(self, relpath: str, obj: Any, **kw: Any) -> Any: ...
-
-
-def save_state(store: _StateStore, result: ScanResult) -> None:
+def save_state(store: StateStore, result: ScanResult) -> None:
     """One file per certificate, `state/scan/<name>.json`, for `certmgr status` (atomic, via the store).
 
     Every file is attempted; the first error (a StoreError) is raised afterwards. Certificates are

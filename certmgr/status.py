@@ -21,6 +21,7 @@ from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.material import CertInfo, serial_text
+from certmgr.store_api import StateStore
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,7 +156,7 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
                    unsettled=unsettled)
 
 
-def gather(inv: Inventory, store: Any, *, now: dt.datetime,
+def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
            certs: Sequence[Certificate] | None = None) -> list[CertView]:
     """One view per certificate (`certs`, default every one in the inventory), from what the store holds."""
     views = []
@@ -233,7 +234,7 @@ def verdict(views: Sequence[CertView]) -> str:
     return f"status: {word}: {'; '.join(needs)} (exit {code})"
 
 
-def dns_leftovers(store: Any) -> list[journal_mod.Entry]:
+def dns_leftovers(store: StateStore) -> list[journal_mod.Entry]:
     """Challenge TXT values written and not yet confirmed removed (the DNS journal), oldest first."""
     return journal_mod.read(store)
 

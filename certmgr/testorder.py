@@ -22,6 +22,7 @@ from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import Timeouts
 from certmgr.log import event
+from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class TestOrder:
                 "error": self.error, "hint": self.hint, "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
-async def test_orders(inv: Inventory, store: Any, certs: Sequence[Certificate], *, directory: str | None = None,
+async def test_orders(inv: Inventory, store: StateStore, certs: Sequence[Certificate], *, directory: str | None = None,
                       timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None) -> list[TestOrder]:
     """One test order per certificate (one at a time: they are checks, not a fleet renewal), in the order given.
 
@@ -122,7 +123,7 @@ async def _one(run: Any, cert: Certificate, ca: CA) -> TestOrder:
                      issuer=info.issuer, timings=dict(issued.timings))
 
 
-def _audit(store: Any, name: str, directory: str, **kw: Any) -> None:
+def _audit(store: StateStore, name: str, directory: str, **kw: Any) -> None:
     try:
         store.audit("test order", name, directory=directory, **kw)
     except CertmgrError as exc:

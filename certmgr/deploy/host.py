@@ -26,6 +26,7 @@ from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.material import CertInfo, CertMaterial
 from certmgr.probe import Probe
 from certmgr.remote import Result, Timeouts
+from certmgr.store_api import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def argv_text(argv: Sequence[str], key: str, host: Host) -> str:
 class Deployer:
     """Shared by every host task of one deploy run: settings, the store, the outcomes produced so far."""
 
-    def __init__(self, *, inventory: Inventory, store: Any, timeouts: Timeouts, accept_new: bool,
+    def __init__(self, *, inventory: Inventory, store: StateStore, timeouts: Timeouts, accept_new: bool,
                  connector: Connector, prober: handshake.Prober, prune: int | None, now: dt.datetime,
                  keep: int | None = None) -> None:
         self.inventory = inventory

@@ -8,7 +8,6 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from cryptography import x509
 
@@ -22,6 +21,7 @@ from certmgr.deploy.txn import Transaction
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.remote import Timeouts
+from certmgr.store_api import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
 
 async def deploy(
     inventory: Inventory,
-    store: Any,
+    store: StateStore,
     certs: Sequence[Certificate],
     *,
     hosts: Sequence[str] | None = None,
@@ -186,7 +186,7 @@ async def deploy(
     return outcomes
 
 
-def _save_state(store: Any, outcomes: Sequence[HostOutcome], by_host: Mapping[str, list[Job]],
+def _save_state(store: StateStore, outcomes: Sequence[HostOutcome], by_host: Mapping[str, list[Job]],
                 now: dt.datetime) -> None:
     """Merge this run's outcomes into `state/deploy/<name>.json` ({"hosts": {host: {...}}})."""
     if store is None:

@@ -28,8 +28,6 @@ Key = tuple[str, str, str]  # (zone, owner name, value), names case-folded: TXTR
 
 
 class JournalStore(Protocol):
-    root: Path
-
     def load_json(self, relpath: str, default: Any = None) -> Any: ...
 
     def save_json(self, relpath: str, obj: Any, mode: int = ...) -> None: ...
@@ -119,7 +117,9 @@ def read(store: JournalStore) -> list[Entry]:
 def _legacy(store: JournalStore, *, known: set[Key]) -> list[Entry]:
     """Entries from the pre-journal per-certificate lists (state/renew/pending/NAME.json), file mtime as age."""
     out: list[Entry] = []
-    directory = store.root.joinpath(*LEGACY_DIR)
+    directory = _legacy_dir(store)
+    if directory is None:
+        return out
     try:
         files = sorted(p for p in directory.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
     except FileNotFoundError:
@@ -136,6 +136,12 @@ def _legacy(store: JournalStore, *, known: set[Key]) -> list[Entry]:
                 known.add(entry.key)
                 out.append(entry)
     return out
+
+
+def _legacy_dir(store: JournalStore) -> Path | None:
+    """Where pre-journal lists live: only a directory store (one with a `root`) can have them."""
+    root = getattr(store, "root", None)
+    return root.joinpath(*LEGACY_DIR) if isinstance(root, Path) else None
 
 
 class Journal:
@@ -155,8 +161,8 @@ class Journal:
         journal = cls(store, clock=clock or (lambda: dt.datetime.now(dt.UTC)))
         for entry in read(store):
             journal._entries.setdefault(entry.key, entry)
-        directory = store.root.joinpath(*LEGACY_DIR)
-        if directory.is_dir():
+        directory = _legacy_dir(store)
+        if directory is not None and directory.is_dir():
             journal._legacy_files = ["/".join((*LEGACY_DIR, p.name)) for p in sorted(directory.iterdir())
                                      if p.suffix == ".json" and not p.name.startswith(".")]
         return journal

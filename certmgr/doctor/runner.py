@@ -17,7 +17,7 @@ from certmgr.doctor.dns import check_dns_leftovers, check_provider_zone
 from certmgr.doctor.hosts import check_host
 from certmgr.doctor.inventory import check_inventory, check_secrets, check_trust
 from certmgr.doctor.model import GROUPS, Check, Connector, Prober, Report, Status, Timeouts
-from certmgr.doctor.store import check_store
+from certmgr.doctor.store import check_ha_store, check_store
 from certmgr.doctor.systemd import Systemctl, installed_timer, run_systemctl
 from certmgr.doctor.timer import check_timer
 from certmgr.errors import CertmgrError
@@ -52,8 +52,12 @@ async def run(inventory_path: Path, state_dir: Path, *, now: dt.datetime, timer_
         return Report(checks=tuple(checks), elapsed=loop.time() - start)
     checks += check_trust(inv)
     checks += check_secrets(inv)
-    store_check, store = check_store(state_dir)
-    checks.append(store_check)
+    if inv.store is not None:  # HA: the database is the store; the state directory is not used
+        ha_checks, store = check_ha_store(inv)
+        checks += ha_checks
+    else:
+        store_check, store = check_store(state_dir)
+        checks.append(store_check)
     checks.append(check_dns_leftovers(store, now=now))
 
     async def default_prober(address: str, port: int, sni: str) -> Any:

@@ -102,3 +102,11 @@ def test_dropin_verifies(tmp_path: Path) -> None:
     problems = [line for line in proc.stderr.splitlines()
                 if "certmgr" in line and "Failed to put bus name" not in line]
     assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_an_unreachable_shared_store_fails_the_unit() -> None:
+    """Exit 69 (the PostgreSQL store cannot be reached, or a lock was lost) is a unit failure, never a success."""
+    from certmgr.errors import LockLost, StoreUnavailable
+
+    assert StoreUnavailable.exit_code == LockLost.exit_code == 69
+    assert 69 not in success_statuses()

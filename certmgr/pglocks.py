@@ -1,0 +1,227 @@
+"""Locks across controllers: PostgreSQL session advisory locks on one dedicated connection, with epochs.
+
+The server frees a lock when its session ends — a killed controller, or a paused one whose session
+`idle_session_timeout` closed because its heartbeat stopped; no client clocks are compared. Each
+acquisition bumps the lock's epoch (row in certmgr_epochs, same transaction), the fencing token; a
+write transaction re-reads the epoch FOR SHARE and checks pg_locks, so a holder that lost its lock
+writes nothing, and a newer holder's bump waits until such a write is committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from certmgr.errors import LockHeld, LockLost, StoreError
+
+logger = logging.getLogger(__name__)
+
+# pg_advisory_lock(int4, int4): first key says which kind of lock (certmgr's range), second the object
+KINDS = {"run": 0x43D0001, "cert": 0x43D0002, "pop": 0x43D0003}
+
+
+def lock_key(kind: str, name: str | None) -> str:
+    return kind if name is None else f"{kind}:{name}"
+
+
+class LockSession:
+    """The dedicated lock connection of one controller, its heartbeat, and the locks it holds."""
+
+    def __init__(self, conn: psycopg.Connection[Any], *, where: str, idle_timeout: float,
+                 clock: Callable[[], dt.datetime]) -> None:
+        self._conn = conn
+        self._where = where
+        self._clock = clock
+        self._held: dict[str, int] = {}  # lock key -> epoch
+        self._actor: str | None = None
+        self._lost: str | None = None
+        self._idle = idle_timeout
+        self._beat_since: float | None = None  # monotonic time the heartbeat in flight was sent
+        self.backend_pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(idle_timeout / 3,), daemon=True,
+                                      name="certmgr-pg-heartbeat")
+        self._beat.start()
+
+    @classmethod
+    def open(cls, url: str, *, password: str | None, timeout: float, idle_timeout: float,
+             clock: Callable[[], dt.datetime], where: str) -> LockSession:
+        from certmgr.pgstore import connect  # one place that turns a refused connection into exit 69
+
+        conn = connect(url, password=password, timeout=timeout, role="locks")
+        try:
+            # PostgreSQL ≥ 14: the server ends this session when it is idle this long (no heartbeat:
+            # the process is stopped or wedged), and with it every advisory lock it holds.
+            conn.execute(f"SET idle_session_timeout = '{int(idle_timeout * 1000)}ms'")
+            return cls(conn, where=where, idle_timeout=idle_timeout, clock=clock)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _check_alive(self) -> None:
+        """A heartbeat unanswered for the idle timeout (a blackholed connection sends no error): treat it as lost.
+
+        The server ends our session after the same time without traffic, so the lock may already be
+        another controller's; only this process's own monotonic clock is used.
+        """
+        since = self._beat_since
+        if since is not None and not self._lost and time.monotonic() - since > self._idle:
+            self._lost = f"lock session silent: heartbeat unanswered for more than {self._idle:g}s"
+            logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
+
+    @property
+    def actor(self) -> str | None:
+        return self._actor
+
+    def held(self) -> dict[str, int]:
+        return dict(self._held)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(timeout=5)
+        self._conn.close()  # the server releases whatever is still held
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self._beat_since = time.monotonic()
+                self._conn.execute("SELECT 1")
+                self._beat_since = None
+            except psycopg.Error as exc:
+                if not self._stop.is_set():
+                    self._lost = f"lock session ended: {str(exc).strip().splitlines()[0]}"
+                    logger.error("store %s: %s; held locks %s are gone", self._where, self._lost,
+                                 sorted(self._held))
+                return
+
+    @contextmanager
+    def hold(self, kind: str, name: str | None, actor: str, *, wait: float | None = None) -> Iterator[int]:
+        """Hold lock (kind, name) for the `with` block, yielding its new epoch; LockHeld if another holds it."""
+        key = lock_key(kind, name)
+        if key in self._held:
+            raise RuntimeError(f"store {self._where}: {key} is already held by this controller (not re-entrant)")
+        self._check_alive()
+        if self._lost:
+            raise LockLost(f"store {self._where}: {self._lost} (nothing more written)",
+                           hint="the run stops; the next run (here or on the other controller) takes over")
+        deadline = time.monotonic() + wait if wait else None
+        args = (KINDS[kind], key)
+        while True:
+            epoch = self._try(key, args, actor)
+            if epoch is not None:
+                break
+            remaining = deadline - time.monotonic() if deadline is not None else 0.0
+            if remaining <= 0:
+                raise self._held_by(key, wait)
+            time.sleep(min(0.1, remaining))  # advisory locks have no timed wait; bounded by `wait`
+        self._held[key] = epoch
+        outer_actor, self._actor = self._actor, self._actor or actor
+        try:
+            yield epoch
+        finally:
+            del self._held[key]
+            self._actor = outer_actor
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
+            except psycopg.Error as exc:
+                logger.warning("store %s: could not release %s (%s); its session's end releases it", self._where,
+                               key, str(exc).strip().splitlines()[0])
+
+    def _try(self, key: str, args: tuple[int, str], actor: str) -> int | None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "actor": actor,
+                  "started": self._clock().isoformat(timespec="seconds"), "backend": self.backend_pid}
+        try:
+            with self._conn.transaction():
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", args).fetchone()
+                if not row or not row[0]:
+                    return None
+                try:
+                    bumped = self._conn.execute(
+                        "INSERT INTO certmgr_epochs (lock_key, epoch, holder) VALUES (%s, 1, %s) "
+                        "ON CONFLICT (lock_key) DO UPDATE SET epoch = certmgr_epochs.epoch + 1, "
+                        "holder = EXCLUDED.holder RETURNING epoch", (key, Jsonb(holder))).fetchone()
+                except BaseException:
+                    self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)  # session-level
+                    raise
+        except psycopg.OperationalError as exc:
+            raise LockLost(f"store {self._where}: taking {key}: database connection lost: "
+                           f"{str(exc).strip().splitlines()[0]} (nothing done)") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"store {self._where}: taking {key}: {str(exc).strip().splitlines()[0]}") from exc
+        assert bumped is not None
+        return int(bumped[0])
+
+    def _held_by(self, key: str, wait: float | None) -> LockHeld:
+        try:
+            row = self._conn.execute("SELECT holder FROM certmgr_epochs WHERE lock_key = %s", (key,)).fetchone()
+            holder = row[0] if row else None
+        except psycopg.Error:
+            holder = None
+        waited = f" (gave up after {wait:g}s)" if wait else ""
+        if not isinstance(holder, dict):
+            return LockHeld(f"store {self._where}: {key} is held by another controller (holder not recorded){waited}")
+        pid = int(holder.get("pid", 0)) or None
+        return LockHeld(f"store {self._where}: {key} is held by pid {pid} on {holder.get('host')} "
+                        f"({holder.get('actor')}, started {holder.get('started')}){waited}",
+                        pid=pid, started=str(holder.get("started")))
+
+    def precheck(self, what: str) -> None:
+        """Before a write transaction even begins: refuse if a held lock is known (or presumed) lost.
+
+        A blackholed connection would hang on BEGIN; this refuses without sending anything.
+        """
+        self._check_alive()
+        if self._lost and self._held:
+            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)",
+                           hint="the run stops; the next run (here or on the other controller) takes over")
+
+    def fence_held(self, cur: psycopg.Cursor[Any], what: str) -> None:
+        """Inside a write transaction: if this controller holds any lock, refuse unless all are still ours.
+
+        State documents, account keys and audit rows are written with or without a lock (notify state,
+        `audit` from read-only commands); once a lock was taken and lost, nothing more is written.
+        """
+        self._check_alive()
+        if self._lost and self._held:
+            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
+        for key in sorted(self._held):
+            self._check(cur, key, what)
+
+    def fence(self, cur: psycopg.Cursor[Any], name: str | None, what: str) -> None:
+        """Inside a write transaction: refuse unless the run lock or `name`'s lock is still this controller's.
+
+        Still ours = the advisory lock is granted to our lock session (pg_locks) and its epoch is
+        the one we got (read FOR SHARE: a newer holder's bump waits for this transaction).
+        """
+        keys = [k for k in ("run", lock_key("cert", name) if name else None) if k and k in self._held]
+        if not keys:
+            raise RuntimeError(f"store {self._where}: {what} writes versions or live: hold lock() "
+                               f"or lock_cert({name!r})")
+        self._check_alive()
+        if self._lost:
+            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
+        for key in keys:
+            self._check(cur, key, what)
+
+    def _check(self, cur: psycopg.Cursor[Any], key: str, what: str) -> None:
+        row = cur.execute(
+            "SELECT e.epoch, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
+            "AND granted AND classid::bigint = %s AND objid::bigint = (hashtext(%s)::bigint & 4294967295)) "
+            "FROM certmgr_epochs e WHERE e.lock_key = %s FOR SHARE OF e",
+            (self.backend_pid, KINDS[key.split(":")[0]], key, key)).fetchone()
+        if row is None or not row[1]:
+            raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
+                           hint="its database session ended (paused or cut off); the next run takes over")
+        if int(row[0]) != self._held[key]:
+            raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {row[0]} after ours, "
+                           f"{self._held[key]}) (not written)")
