@@ -53,8 +53,9 @@ def setup(tmp_path: Path, fresh_schema: PgServer, materials: list[CertMaterial])
     with d.lock("setup"):
         for m in materials:
             d.add_version("media.hachyderm.test", m)
-        d.activate("media.hachyderm.test", 2)
-        d.prune("media.hachyderm.test", 2)
+        d.activate("media.hachyderm.test", 3)
+        d.prune("media.hachyderm.test", 2)  # v1 goes (prune keeps live and the version before it)
+        d.activate("media.hachyderm.test", 2)  # then a rollback: live 2 of the versions 2 and 3
         d.add_version("other.hachyderm.test", materials[0])
         d.activate("other.hachyderm.test", 1)
     d.save_json("state/renew/media.hachyderm.test.json", {"failures": 1})
