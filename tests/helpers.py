@@ -83,3 +83,18 @@ def https_server(handle: Callable[[BaseHTTPRequestHandler], None], cert: Path, k
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
     return server, thread
+
+
+def read_pty(master: int) -> bytes:
+    """Everything a child wrote to the pseudo-terminal `master` until it closed its side; closes `master`."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return b"".join(chunks)
