@@ -11,6 +11,17 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+# The least an inventory needs besides hosts and certificates: one CA and one DNS provider, never contacted.
+MINIMAL_CA_DNS = """\
+[ca.x]
+directory = "https://127.0.0.1/dir"
+[dns.x]
+type = "rfc2136"
+zones = ["example.test"]
+tsig_key = "k"
+tsig_secret_env = "X"
+"""
+
 
 def tree_digest(root: Path) -> str:
     """Names, modes, link targets and contents of everything under root: what "changed nothing" means."""
