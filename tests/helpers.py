@@ -23,6 +23,21 @@ tsig_secret_env = "X"
 """
 
 
+# The lab's CA and DNS provider as an inventory head (the TSIG secret from $X, read only when used).
+PEBBLE_LAB_HEAD = """\
+[ca.pebble]
+directory = "https://127.0.0.1:14000/dir"
+agree_tos = true
+
+[dns.lab]
+type = "rfc2136"
+zones = ["hachyderm.test"]
+server = "127.0.0.1"
+tsig_key = "certmgr-lab"
+tsig_secret_env = "X"
+"""
+
+
 def tree_digest(root: Path) -> str:
     """Names, modes, link targets and contents of everything under root: what "changed nothing" means."""
     h = hashlib.sha256()
