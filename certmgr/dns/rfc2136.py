@@ -31,7 +31,7 @@ import dns.update
 from certmgr import sanitize
 from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, by_zone, log_failed_cleanups, run_all, typed_config
 from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
-from certmgr.dns.propagation import wait_served
+from certmgr.dns.propagation import expected_values, wait_served
 from certmgr.errors import CertmgrError, DNSAuthError, DNSClockSkewError, DNSError, SecretError
 from certmgr.log import Secret, event
 from certmgr.model import DNSProvider, SecretRef
@@ -342,10 +342,7 @@ class RFC2136Provider:
         limit = self.cfg.propagation_timeout if timeout is None else timeout
         waits = []
         for zone, recs in by_zone(records).items():
-            expected: dict[str, frozenset[str]] = {}
-            for r in recs:
-                expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
-            waits.append(wait_served(zone, await self.nameservers(zone), expected, timeout=limit))
+            waits.append(wait_served(zone, await self.nameservers(zone), expected_values(recs), timeout=limit))
         await run_all(waits)
 
     async def _update(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:

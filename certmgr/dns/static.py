@@ -18,7 +18,7 @@ import dns.rdatatype
 from certmgr import sanitize
 from certmgr.dns import TXTRecord, by_zone, run_all
 from certmgr.dns.diagnosis import show
-from certmgr.dns.propagation import wait_served
+from certmgr.dns.propagation import expected_values, wait_served
 from certmgr.errors import DNSError
 from certmgr.model import DNSProvider
 from certmgr.names import split_server
@@ -58,8 +58,5 @@ class StaticNameservers:
         limit = self.cfg.propagation_timeout if timeout is None else timeout
         waits = []
         for zone, recs in by_zone(records).items():
-            expected: dict[str, frozenset[str]] = {}
-            for r in recs:
-                expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
-            waits.append(wait_served(zone, servers(self.cfg), expected, timeout=limit))
+            waits.append(wait_served(zone, servers(self.cfg), expected_values(recs), timeout=limit))
         await run_all(waits)
