@@ -79,6 +79,17 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
+def emit_result(result: Any, as_json: bool) -> None:
+    """A rollback's or revoke's result as JSON or its lines; exit 1 unless it is ok."""
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        for line in result.lines():
+            click.echo(line)
+    if not result.ok:
+        sys.exit(1)
+
+
 def fail(exc: CertmgrError) -> NoReturn:
     click.echo(f"certmgr: error: {log.redact(str(exc))}", err=True)
     if exc.hint:
@@ -966,13 +977,7 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
         result = run_async(rollback(inv, store, cert, to=to, hosts=_csv(hosts_csv), dry_run=dry_run,
                                     now=dt.datetime.now(dt.UTC), parallel=parallel,
                                     channels=() if dry_run or no_notify else list(inv.channels.values())))
-    if as_json:
-        emit_json(result.to_json())
-    else:
-        for line in result.lines():
-            click.echo(line)
-    if not result.ok:
-        sys.exit(1)
+    emit_result(result, as_json)
 
 
 @main.command("revoke")
@@ -1008,13 +1013,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
         result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,
                                   now_first=now_first, now=dt.datetime.now(dt.UTC), parallel=parallel,
                                   channels=() if no_notify else list(inv.channels.values())))
-    if as_json:
-        emit_json(result.to_json())
-    else:
-        for line in result.lines():
-            click.echo(line)
-    if not result.ok:
-        sys.exit(1)
+    emit_result(result, as_json)
 
 
 def _add_store_group() -> None:

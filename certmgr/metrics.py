@@ -20,6 +20,7 @@ from certmgr.errors import StoreError
 from certmgr.fsutil import atomic_write
 from certmgr.inventory import Inventory
 from certmgr.material import MaterialError
+from certmgr.notify import parse_time
 from certmgr.pipeline import RunReport
 from certmgr.plan import RenewState
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult
@@ -85,7 +86,7 @@ class RunRecord:
         if not isinstance(data, dict):
             return cls()
         code = data.get("last_exit_code")
-        return cls(last_run=_parse(data.get("last_run")), last_success=_parse(data.get("last_success")),
+        return cls(last_run=parse_time(data.get("last_run")), last_success=parse_time(data.get("last_success")),
                    last_exit_code=code if isinstance(code, int) else None)
 
 
@@ -145,7 +146,7 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertS
         hosts = saved.get("hosts") if isinstance(saved, dict) else None
         if not isinstance(hosts, dict):
             hosts = {}
-        deploys = {h: (str(d.get("status")), _parse(d.get("at"))) for h, d in sorted(hosts.items())
+        deploys = {h: (str(d.get("status")), parse_time(d.get("at"))) for h, d in sorted(hosts.items())
                    if isinstance(d, dict) and d.get("status") and h in cert.hosts}
         decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
@@ -269,13 +270,3 @@ def write(path: Path, text_lines: Iterable[str]) -> None:
 
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
-
-
-def _parse(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)

@@ -155,7 +155,8 @@ def digest(alerts: Sequence[Alert]) -> Message:
                    lines=tuple(lines))
 
 
-def _parse_time(value: object) -> dt.datetime | None:
+def parse_time(value: object) -> dt.datetime | None:
+    """A stored ISO timestamp as an aware datetime (naive ones are UTC); None when absent or malformed."""
     if not isinstance(value, str):
         return None
     try:
@@ -187,7 +188,7 @@ def alerts_for(result: ScanResult, state: Mapping[str, Mapping[str, Any]], now: 
                 elif rank > SEVERITY_RANK.get(str(prev.get("severity")), 0):
                     kind = "worse"
                 else:
-                    sent = _parse_time(prev.get("sent_at"))
+                    sent = parse_time(prev.get("sent_at"))
                     if sent is None or (now - sent).total_seconds() >= ch.repeat:
                         kind = "repeat"
             elif prev:

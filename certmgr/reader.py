@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,26 +120,24 @@ class Reader:
         return p if p.is_absolute() else self.base / p
 
     def duration(self, data: dict[str, Any], key: str, keypath: str, default: float) -> float:
-        value = self.get(data, key, keypath, str)
-        if value is None:
-            return default
-        secs = parse_duration(value)
-        if secs is None:
-            self.err(f"{keypath}.{key}" if keypath else key,
-                     f"{value!r} is not a duration (e.g. \"90s\", \"15m\", \"12h\", \"30d\")")
-            return default
-        return secs
+        return self._parsed(data, key, keypath, default, parse_duration,
+                            "is not a duration (e.g. \"90s\", \"15m\", \"12h\", \"30d\")")
 
     def threshold(self, data: dict[str, Any], key: str, keypath: str, default: Threshold | None) -> Threshold | None:
+        return self._parsed(data, key, keypath, default, parse_threshold,
+                            "is neither a duration (\"30d\") nor a fraction of the lifetime (\"1/3\", \"0.25\")")
+
+    def _parsed(self, data: dict[str, Any], key: str, keypath: str, default: T,
+                parse: Callable[[str], T | None], wanted: str) -> T:
+        """A string value through `parse`; `default` when absent, an error (`VALUE wanted`) when it does not parse."""
         value = self.get(data, key, keypath, str)
         if value is None:
             return default
-        th = parse_threshold(value)
-        if th is None:
-            self.err(f"{keypath}.{key}" if keypath else key,
-                     f"{value!r} is neither a duration (\"30d\") nor a fraction of the lifetime (\"1/3\", \"0.25\")")
+        parsed = parse(value)
+        if parsed is None:
+            self.err(f"{keypath}.{key}" if keypath else key, f"{value!r} {wanted}")
             return default
-        return th
+        return parsed
 
     def choice(self, data: dict[str, Any], key: str, keypath: str, choices: tuple[str, ...], default: str | None,
                required: bool = False) -> str | None:

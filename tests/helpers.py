@@ -11,6 +11,32 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+# The least an inventory needs besides hosts and certificates: one CA and one DNS provider, never contacted.
+MINIMAL_CA_DNS = """\
+[ca.x]
+directory = "https://127.0.0.1/dir"
+[dns.x]
+type = "rfc2136"
+zones = ["example.test"]
+tsig_key = "k"
+tsig_secret_env = "X"
+"""
+
+
+# The lab's CA and DNS provider as an inventory head (the TSIG secret from $X, read only when used).
+PEBBLE_LAB_HEAD = """\
+[ca.pebble]
+directory = "https://127.0.0.1:14000/dir"
+agree_tos = true
+
+[dns.lab]
+type = "rfc2136"
+zones = ["hachyderm.test"]
+server = "127.0.0.1"
+tsig_key = "certmgr-lab"
+tsig_secret_env = "X"
+"""
+
 
 def tree_digest(root: Path) -> str:
     """Names, modes, link targets and contents of everything under root: what "changed nothing" means."""
@@ -83,3 +109,18 @@ def https_server(handle: Callable[[BaseHTTPRequestHandler], None], cert: Path, k
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
     return server, thread
+
+
+def read_pty(master: int) -> bytes:
+    """Everything a child wrote to the pseudo-terminal `master` until it closed its side; closes `master`."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return b"".join(chunks)

@@ -7,11 +7,13 @@ A provider is validated when built (secret read, algorithm known) so it never ha
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from certmgr.errors import CertmgrError, DNSError
+from certmgr.log import event
 from certmgr.model import DNSProvider, Inventory
 
 MAX_CNAME_HOPS = 8
@@ -55,6 +57,32 @@ def first_error(updates: Sequence[ZoneUpdate]) -> DNSError | None:
     """The error to report for a batch: a server's verdict before a missing answer, else the first."""
     failed = sorted((u for u in updates if u.error is not None), key=lambda u: u.applied is not False)
     return failed[0].error if failed else None
+
+
+def log_failed_cleanups(log: logging.Logger, provider: str, updates: Sequence[ZoneUpdate]) -> None:
+    """A provider's cleanup logs each failed update (a leftover TXT is harmless) and raises nothing."""
+    for u in updates:
+        if u.error is not None:
+            event(log, logging.WARNING, "challenge cleanup failed", provider=provider, zone=u.zone,
+                  records=len(u.records), error=str(u.error))
+
+
+def by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:
+    """The records grouped by zone, in first-seen order (one update per zone)."""
+    out: dict[str, list[TXTRecord]] = {}
+    for r in records:
+        out.setdefault(r.zone, []).append(r)
+    return out
+
+
+C = TypeVar("C")
+
+
+def typed_config(cfg: DNSProvider, cls: type[C], type_name: str) -> C:
+    """`cfg`'s own config as its type's class; DNSError when `cfg` is of another type."""
+    if not isinstance(cfg.config, cls):
+        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not {type_name}")
+    return cfg.config
 
 
 # (action, zone, records) once a server accepted an UPDATE: "dns published" or "dns removed".

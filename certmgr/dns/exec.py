@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from certmgr import sanitize
-from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate
+from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, log_failed_cleanups, typed_config
 from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
 from certmgr.dns.static import StaticNameservers, servers
 from certmgr.errors import CertmgrError, DNSError
@@ -103,9 +103,7 @@ def parse_config(r: Reader, t: dict[str, Any], kp: str) -> ExecConfig:
 
 
 def config_of(cfg: DNSProvider) -> ExecConfig:
-    if not isinstance(cfg.config, ExecConfig):
-        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not exec")
-    return cfg.config
+    return typed_config(cfg, ExecConfig, "exec")
 
 
 def build(cfg: DNSProvider) -> ExecProvider:
@@ -227,10 +225,7 @@ class ExecProvider(StaticNameservers):
     async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
         """`PROGRAM cleanup …` once per record; failures are logged, never raised."""
         done = tuple(await asyncio.gather(*(self._one("cleanup", r) for r in records)))
-        for u in done:
-            if u.error is not None:
-                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=u.zone,
-                      records=len(u.records), error=str(u.error))
+        log_failed_cleanups(log, self.name, done)
         return done
 
     async def _one(self, action: str, r: TXTRecord) -> ZoneUpdate:

@@ -23,9 +23,9 @@ from urllib.parse import quote
 import httpx
 
 from certmgr import sanitize
-from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate
+from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, by_zone, log_failed_cleanups, typed_config
 from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
-from certmgr.dns.static import StaticNameservers, by_zone, servers
+from certmgr.dns.static import StaticNameservers, servers
 from certmgr.errors import CertmgrError, DNSAuthError, DNSError
 from certmgr.log import Secret, event
 from certmgr.model import DNSProvider, SecretRef, duration_text
@@ -78,9 +78,7 @@ def parse_config(r: Reader, t: dict[str, Any], kp: str) -> PowerDNSConfig:
 
 
 def config_of(cfg: DNSProvider) -> PowerDNSConfig:
-    if not isinstance(cfg.config, PowerDNSConfig):
-        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not powerdns")
-    return cfg.config
+    return typed_config(cfg, PowerDNSConfig, "powerdns")
 
 
 def build(cfg: DNSProvider) -> PowerDNSProvider:
@@ -197,10 +195,7 @@ class PowerDNSProvider(StaticNameservers):
         """Remove exactly our values (the RRset only when nothing else is left); failures logged, never raised."""
         done = tuple(await asyncio.gather(*(self._zone(zone, recs, add=False)
                                             for zone, recs in by_zone(records).items())))
-        for u in done:
-            if u.error is not None:
-                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=u.zone,
-                      records=len(u.records), error=str(u.error))
+        log_failed_cleanups(log, self.name, done)
         return done
 
     async def _zone(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:

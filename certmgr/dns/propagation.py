@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import dns.asyncquery
 import dns.exception
@@ -20,6 +21,9 @@ import dns.rdatatype
 
 from certmgr.errors import PropagationTimeout
 from certmgr.log import event
+
+if TYPE_CHECKING:
+    from certmgr.dns import TXTRecord
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,14 @@ async def query_txt(address: str, port: int, fqdn: str, *, timeout: float = 2.0)
 def _show(server: tuple[str, int]) -> str:
     addr, port = server
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def expected_values(records: Sequence[TXTRecord]) -> dict[str, frozenset[str]]:
+    """Every value each challenge name must serve (one name may carry several: a wildcard and its base)."""
+    expected: dict[str, frozenset[str]] = {}
+    for r in records:
+        expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
+    return expected
 
 
 async def wait_served(zone: str, servers: Sequence[tuple[str, int]], expected: Mapping[str, frozenset[str]], *,

@@ -29,9 +29,9 @@ import dns.tsig
 import dns.update
 
 from certmgr import sanitize
-from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, run_all
+from certmgr.dns import DNSChange, TXTRecord, ZoneUpdate, by_zone, log_failed_cleanups, run_all, typed_config
 from certmgr.dns.diagnosis import FAIL, OK, Finding, Timer, check_nameservers
-from certmgr.dns.propagation import wait_served
+from certmgr.dns.propagation import expected_values, wait_served
 from certmgr.errors import CertmgrError, DNSAuthError, DNSClockSkewError, DNSError, SecretError
 from certmgr.log import Secret, event
 from certmgr.model import DNSProvider, SecretRef
@@ -103,9 +103,7 @@ def parse_config(r: Reader, t: dict[str, Any], kp: str) -> RFC2136Config:
 
 
 def config_of(cfg: DNSProvider) -> RFC2136Config:
-    if not isinstance(cfg.config, RFC2136Config):
-        raise DNSError(f"dns provider {cfg.name}: type {cfg.type!r} is not rfc2136")
-    return cfg.config
+    return typed_config(cfg, RFC2136Config, "rfc2136")
 
 
 def build(cfg: DNSProvider) -> RFC2136Provider:
@@ -331,26 +329,20 @@ class RFC2136Provider:
     async def present(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
         """Add every record's value, one UPDATE per zone (the zones concurrently, each to its end)."""
         return tuple(await asyncio.gather(*(self._update(zone, recs, add=True)
-                                            for zone, recs in _by_zone(records).items())))
+                                            for zone, recs in by_zone(records).items())))
 
     async def cleanup(self, records: Sequence[TXTRecord]) -> tuple[ZoneUpdate, ...]:
         """Delete exactly our values (never the RRset), zones concurrently; failures are logged, never raised."""
         done = tuple(await asyncio.gather(*(self._update(zone, recs, add=False)
-                                            for zone, recs in _by_zone(records).items())))
-        for u in done:
-            if u.error is not None:
-                event(log, logging.WARNING, "challenge cleanup failed", provider=self.name, zone=u.zone,
-                      records=len(u.records), error=str(u.error))
+                                            for zone, recs in by_zone(records).items())))
+        log_failed_cleanups(log, self.name, done)
         return done
 
     async def wait_propagated(self, records: Sequence[TXTRecord], *, timeout: float | None = None) -> None:
         limit = self.cfg.propagation_timeout if timeout is None else timeout
         waits = []
-        for zone, recs in _by_zone(records).items():
-            expected: dict[str, frozenset[str]] = {}
-            for r in recs:
-                expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
-            waits.append(wait_served(zone, await self.nameservers(zone), expected, timeout=limit))
+        for zone, recs in by_zone(records).items():
+            waits.append(wait_served(zone, await self.nameservers(zone), expected_values(recs), timeout=limit))
         await run_all(waits)
 
     async def _update(self, zone: str, recs: Sequence[TXTRecord], *, add: bool) -> ZoneUpdate:
@@ -437,13 +429,6 @@ def badkey_hint(key: str, names: str) -> str:
     """The next step after BADKEY: both causes, since Knot answers an update its ACL denies with NOTAUTH + BADKEY."""
     return (f"check tsig_key {key!r} against the key names in the server's config; if it is there, the server's "
             f"update policy/ACL (bind update-policy, Knot acl) must allow this key to update TXT on {names}")
-
-
-def _by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:
-    out: dict[str, list[TXTRecord]] = {}
-    for r in records:
-        out.setdefault(r.zone, []).append(r)
-    return out
 
 
 def read_key(conf: RFC2136Config) -> TSIGKey:

@@ -16,9 +16,9 @@ import dns.name
 import dns.rdatatype
 
 from certmgr import sanitize
-from certmgr.dns import TXTRecord, run_all
+from certmgr.dns import TXTRecord, by_zone, run_all
 from certmgr.dns.diagnosis import show
-from certmgr.dns.propagation import wait_served
+from certmgr.dns.propagation import expected_values, wait_served
 from certmgr.errors import DNSError
 from certmgr.model import DNSProvider
 from certmgr.names import split_server
@@ -29,13 +29,6 @@ QUERY_TIMEOUT = 3.0
 def servers(cfg: DNSProvider) -> tuple[tuple[str, int], ...]:
     """The inventory's nameservers with their ports (53 unless written)."""
     return tuple(s for s in (split_server(ns, 53) for ns in cfg.nameservers) if s is not None)
-
-
-def by_zone(records: Sequence[TXTRecord]) -> dict[str, list[TXTRecord]]:
-    out: dict[str, list[TXTRecord]] = {}
-    for r in records:
-        out.setdefault(r.zone, []).append(r)
-    return out
 
 
 class StaticNameservers:
@@ -65,8 +58,5 @@ class StaticNameservers:
         limit = self.cfg.propagation_timeout if timeout is None else timeout
         waits = []
         for zone, recs in by_zone(records).items():
-            expected: dict[str, frozenset[str]] = {}
-            for r in recs:
-                expected[r.fqdn] = expected.get(r.fqdn, frozenset()) | {r.value}
-            waits.append(wait_served(zone, servers(self.cfg), expected, timeout=limit))
+            waits.append(wait_served(zone, servers(self.cfg), expected_values(recs), timeout=limit))
         await run_all(waits)

@@ -80,19 +80,6 @@ class Timeouts:
     handshake: float = 5.0
 
 
-def _human(seconds: float) -> str:
-    """`86400` → `24h`, `129600` → `1.5d`, `5400` → `1.5h`, `90` → `90s`."""
-    if seconds >= 2 * 86400:
-        v, u = seconds / 86400, "d"
-    elif seconds >= 3600:
-        v, u = seconds / 3600, "h"
-    elif seconds >= 60:
-        v, u = seconds / 60, "m"
-    else:
-        v, u = seconds, "s"
-    return f"{v:.1f}".rstrip("0").rstrip(".") + u
-
-
 def _n(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 

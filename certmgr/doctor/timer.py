@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from certmgr.doctor.model import Check, Status, _human, _StoreLike
+from certmgr.dns.diagnosis import human as _human  # one duration wording for dns findings and doctor checks
+from certmgr.doctor.model import Check, Status, _StoreLike
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.material import CertInfo

@@ -29,6 +29,7 @@ from certmgr.store import Store
 from lab import Lab, pki
 from lab.pop import KEY_GROUP
 from tests.conftest import private_lab
+from tests.helpers import read_pty
 
 pytestmark = pytest.mark.integration
 
@@ -223,17 +224,8 @@ def _cli_pty(lab: Lab, store: Store, *args: str, **env: str) -> tuple[int, str]:
                                  "CERTMGR_INVENTORY": str(Path(store.root).parent / "deploy-test-inventory.toml"),
                                  **env})
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    return proc.wait(timeout=120), b"".join(chunks).decode()
+    out = read_pty(master)
+    return proc.wait(timeout=120), out.decode()
 
 
 def test_cli_deploy_streams_per_pop_lines_and_status_trusts_it(fresh: Lab, store: Store) -> None:

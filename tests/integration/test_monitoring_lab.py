@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,16 +34,6 @@ SEVERITY = {"CertmgrNoSuccessfulRun": "critical", "CertmgrCertificateExpired": "
             "CertmgrDeployFailed": "warning", "CertmgrMetricsMissing": "warning"}
 SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{.*\})? (?P<value>\S+)$')
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-@pytest.fixture()
-def seeded(lab: Lab) -> Iterator[Lab]:
-    """Every POP back on its near-expiry certbot-layout seed (5 of 90 days left), conf.d empty."""
-    lab.reseed()
-    yield lab
-    for pop in lab.pop_names:
-        for f in lab.pop_paths(pop).conf_d.glob("*.conf"):
-            f.unlink()
 
 
 def certmgr(inventory: Path, state: Path, *args: str) -> Result:

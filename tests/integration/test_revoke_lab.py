@@ -3,7 +3,6 @@ revoked — checked through Pebble's management interface (/cert-status-by-seria
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,12 +43,6 @@ def state(lab: Lab, issued: Path, tmp_path: Path) -> Path:
     ok(certmgr(lab, s, "renew", MEDIA, "--force"))  # version 2, deployed: never revoked by an earlier test
     assert set(served(lab).values()) == {serial_of(s, 2)}
     return s
-
-
-@pytest.fixture()
-def receiver(lab: Lab) -> Iterator[Receiver]:
-    with Receiver(port=lab.info["webhook"]["port"]) as rx:
-        yield rx
 
 
 def test_revoke_replaces_with_new_key_everywhere_then_revokes(lab: Lab, state: Path, receiver: Receiver) -> None:

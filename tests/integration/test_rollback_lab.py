@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,6 @@ def state(lab: Lab, issued: Path, tmp_path: Path) -> Path:
     ok(certmgr(lab, s, "deploy", MEDIA))
     assert set(served(lab).values()) == {serial_of(s, 2)}
     return s
-
-
-@pytest.fixture()
-def receiver(lab: Lab) -> Iterator[Receiver]:
-    with Receiver(port=lab.info["webhook"]["port"]) as rx:
-        yield rx
 
 
 def test_rollback_to_previous_everywhere_pinned_until_deploy(lab: Lab, state: Path, receiver: Receiver) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,6 @@ pytestmark = pytest.mark.integration
 LINEAGES = ("hachyderm.test", "media.hachyderm.test", "static.hachyderm.test")
 SNI = {"hachyderm.test": ("hachyderm.test", "www.hachyderm.test"), "media.hachyderm.test": ("media.hachyderm.test",),
        "static.hachyderm.test": ("static.hachyderm.test",)}
-
-
-@pytest.fixture()
-def seeded(lab: Lab) -> Iterator[Lab]:
-    """Every POP back on its near-expiry certbot-layout seed, conf.d empty."""
-    lab.reseed()
-    yield lab
-    for pop in lab.pop_names:
-        for f in lab.pop_paths(pop).conf_d.glob("*.conf"):
-            f.unlink()
-
-
-@pytest.fixture()
-def receiver(lab: Lab) -> Iterator[Receiver]:
-    with Receiver(port=lab.info["webhook"]["port"]) as rx:
-        yield rx
 
 
 def certmgr(lab: Lab, state: Path, *args: str) -> Result:

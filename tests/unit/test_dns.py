@@ -14,6 +14,7 @@ from certmgr.dns import Provider, TXTRecord, ZoneUpdate, challenge_name, locate,
 from certmgr.dns.propagation import wait_served
 from certmgr.dns.rfc2136 import RFC2136Config, RFC2136Provider, parse_tsig_secret
 from certmgr.errors import DNSAuthError, DNSError, PropagationTimeout, SecretError
+from tests.helpers import PEBBLE_LAB_HEAD
 
 SECRET = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -134,17 +135,7 @@ def test_propagation_without_servers_is_an_error() -> None:
 # ---------------------------------------------------------------- locate
 
 
-INV = """
-[ca.pebble]
-directory = "https://127.0.0.1:14000/dir"
-agree_tos = true
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-tsig_key = "certmgr-lab"
-tsig_secret_env = "X"
+INV = "\n" + PEBBLE_LAB_HEAD + """\
 
 [dns.challenges]
 type = "rfc2136"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from certmgr import inventory
 from certmgr.cli import main
-from certmgr.dns import TXTRecord, build, first_error
+from certmgr.dns import TXTRecord, ZoneUpdate, build, by_zone, first_error, log_failed_cleanups, typed_config
 from certmgr.dns import exec as exec_mod
 from certmgr.dns.registry import TYPES, diagnoser, first_check
 from certmgr.errors import DNSAuthError, DNSError, InventoryError
@@ -386,3 +387,27 @@ def test_discover_stub_round_trips_every_provider_type(tmp_path: Path) -> None:
     first = inv(tmp_path, EXEC + PDNS.replace("[dns.p]", "[dns.q]"))
     text = stub.render(first, [stub.StubCert(name="x", domains=("x.hachyderm.test",), hosts=(), dns="p")])
     assert first.dns == inventory.loads(text, base=tmp_path).dns
+
+
+def test_typed_config_refuses_another_providers_config(tmp_path: Path) -> None:
+    """A provider module handed another type's `[dns.NAME]` refuses it with one wording for every type."""
+    (tmp_path / "pdns.key").write_text("k\n")
+    cfg = inv(tmp_path, PDNS).dns["p"]
+    assert typed_config(cfg, type(cfg.config), "powerdns") is cfg.config
+    with pytest.raises(DNSError) as info:
+        typed_config(cfg, exec_mod.ExecConfig, "exec")
+    assert str(info.value) == "dns provider p: type 'powerdns' is not exec"
+
+
+def test_failed_cleanups_are_logged_one_line_each_and_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """Cleanup logs one warning per failed update (zone, record count, error) and none for applied ones."""
+    a = TXTRecord(fqdn="_acme-challenge.a.hachyderm.test", zone="hachyderm.test", value="v1", domain="a.hachyderm.test")
+    b = TXTRecord(fqdn="_acme-challenge.b.example.test", zone="example.test", value="v2", domain="b.example.test")
+    assert by_zone([a, b, a]) == {"hachyderm.test": [a, a], "example.test": [b]}
+    updates = [ZoneUpdate(zone="hachyderm.test", records=(a,), applied=True),
+               ZoneUpdate(zone="example.test", records=(b,), applied=None, error=DNSError("dns cleanup: timed out"))]
+    with caplog.at_level("WARNING", logger="certmgr.dns.test"):
+        log_failed_cleanups(logging.getLogger("certmgr.dns.test"), "p", updates)
+    assert [(r.getMessage(), r.kv) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("challenge cleanup failed", {"provider": "p", "zone": "example.test", "records": 1,
+                                      "error": "dns cleanup: timed out"})]

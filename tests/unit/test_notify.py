@@ -14,6 +14,7 @@ from certmgr.inventory import Channel, SecretRef
 from certmgr.material import CertInfo
 from certmgr.notify import Alert, Message, Retry, alerts_for, apply, message_for, notify_scan, ping_message, send
 from certmgr.scan import CertSummary, Endpoint, EndpointResult, ScanResult
+from tests.helpers import MINIMAL_CA_DNS
 from tests.receiver import HANG, Receiver, Reply
 
 NOW = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
@@ -257,14 +258,7 @@ def test_notify_test_command(rx: Receiver, tmp_path: Any) -> None:
     gone = Receiver(default=404).start()  # a deleted webhook: 404, final at once
     (tmp_path / "dead").write_text(gone.url("/s3cr3t-dead") + "\n")
     inv = tmp_path / "inv.toml"
-    inv.write_text("""
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
+    inv.write_text("\n" + MINIMAL_CA_DNS + """\
 [[certificates]]
 name = "a"
 domains = ["a.example.test"]

@@ -13,6 +13,7 @@ import pytest
 
 from certmgr.deploy import HostOutcome, Status
 from certmgr.progress import DeployProgress, Style, closing_lines, outcome_line, renew_lines
+from tests.helpers import read_pty
 
 EXPIRES = {"media.test": dt.datetime(2027, 3, 1, 9, 30, tzinfo=dt.UTC)}
 OUTCOMES = [
@@ -95,18 +96,9 @@ def run_in_pty(env: dict[str, str]) -> str:
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=root)], stdout=slave, stderr=subprocess.PIPE,
                             env=env)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
+    out = read_pty(master)
     assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
-    return b"".join(chunks).decode()
+    return out.decode()
 
 
 def test_tty_streams_lines_above_a_bar_in_colour() -> None:

@@ -24,6 +24,7 @@ from certmgr.notify import Message, message_for, payload
 from certmgr.scan import CertSummary, Endpoint, Probe, ScanResult, classify, result_json
 from certmgr.verify import Verifier
 from lab.pki import make_ca
+from tests.helpers import PEBBLE_LAB_HEAD
 
 NOW = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
 NAME = "media.hachyderm.test"
@@ -363,17 +364,7 @@ def test_status_shows_saved_scan_text_inert(tmp_path: Path) -> None:
     from certmgr.store import Store
 
     inv = inventory.loads(f"""
-[ca.pebble]
-directory = "https://127.0.0.1:14000/dir"
-agree_tos = true
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-tsig_key = "certmgr-lab"
-tsig_secret_env = "X"
-
+{PEBBLE_LAB_HEAD}
 [hosts.sally]
 address = "127.0.1.4"
 

@@ -23,6 +23,7 @@ from certmgr.material import CertInfo
 from certmgr.scan import Endpoint, EndpointResult, Probe, apply_drift, classify, expiry_problem, probe
 from certmgr.verify import Verifier, matches_name
 from lab.pki import Issued, make_ca, make_leaf
+from tests.helpers import MINIMAL_CA_DNS
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
@@ -343,14 +344,7 @@ def test_scan_end_to_end_in_process(tmp_path: Path, pki: dict[str, Issued], work
             inv = inv_mod.loads(f"""
 [defaults]
 trust = ["{tmp_path}/trust.pem"]
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
-[hosts.pop1]
+{MINIMAL_CA_DNS}[hosts.pop1]
 address = "127.0.0.1"
 https_port = {p1}
 [hosts.pop2]
@@ -404,14 +398,7 @@ def test_drift_against_the_stores_live_version(tmp_path: Path, pki: dict[str, Is
             inv = inv_mod.loads(f"""
 [defaults]
 trust = ["{tmp_path}/trust.pem"]
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
-[hosts.fresh]
+{MINIMAL_CA_DNS}[hosts.fresh]
 address = "127.0.0.1"
 https_port = {p1}
 [hosts.stale]

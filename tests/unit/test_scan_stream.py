@@ -19,6 +19,7 @@ from certmgr import scan as scan_mod
 from certmgr.probe import Probe
 from certmgr.spool import Spool
 from lab.pki import Issued, make_ca, make_leaf
+from tests.helpers import MINIMAL_CA_DNS
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
@@ -42,14 +43,7 @@ def _inventory(tmp_path: Path, pki: dict[str, Issued], certs: str) -> inv_mod.In
     return inv_mod.loads(f"""
 [defaults]
 trust = ["{tmp_path}/trust.pem"]
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
-[channels.ops]
+{MINIMAL_CA_DNS}[channels.ops]
 type = "webhook"
 url_env = "CERTMGR_TEST_UNUSED_HOOK"
 {hosts}

@@ -16,17 +16,11 @@ from certmgr.inventory import loads
 from certmgr.material import CertMaterial
 from certmgr.store import Store
 from lab import pki
+from tests.helpers import MINIMAL_CA_DNS
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 _CA = pki.make_ca("status test CA", not_before=NOW - dt.timedelta(days=30))
-INV = """
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
+INV = "\n" + MINIMAL_CA_DNS + """\
 [hosts.pop1]
 address = "127.0.1.1"
 [hosts.pop2]
