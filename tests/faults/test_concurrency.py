@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -77,9 +76,10 @@ def test_oncall_renew_fails_fast_naming_the_timer_run(fresh: Lab, proxy: ACMEPro
         ACMEProxy.wait_held(held)
         holder = lock_record(state)
         assert holder is not None and holder["pid"] == timer.pid and holder["actor"] == "certmgr run"
-        t0 = time.monotonic()
+        # Fails fast, does not wait: the timer's run cannot finish while the proxy holds its order, so an on-call
+        # renew that waited for the lock would never return here (no wall-clock bound needed).
         oncall = certmgr(inv, state, "renew", "--due")
-        assert time.monotonic() - t0 < 10, "fails fast, does not wait"
+        assert timer.poll() is None, "the timer's run still holds the lock"
     finally:
         proxy.release()
     assert oncall.returncode == 75, oncall.stdout + oncall.stderr
@@ -156,11 +156,12 @@ def test_kill9_of_the_holder_frees_the_lock_at_once(fresh: Lab, proxy: ACMEProxy
         proxy.release()
     stale = lock_record(state)
     assert stale is not None and stale["pid"] == timer.pid, "the dead holder's record is still in the file"
-    t0 = time.monotonic()
     nxt = start_certmgr(inv, state, "run", "--no-notify")
     taken = wait_for(lambda: ((r := lock_record(state)) is not None and r["pid"] == nxt.pid) or nxt.poll() is not None,
                      10, "the next run to take the lock")
-    assert taken and time.monotonic() - t0 < 5, "the lock was taken at once"
+    # `run` waits for no lock by default (--wait-lock 0): had the dead holder's flock survived, it would have
+    # exited 75 with "locked" at once instead of taking the lock. No wall-clock bound: the machine may be slow.
+    assert taken, "the lock was taken"
     code, out, err = finish(nxt)
     assert code == 0, out + err
     assert "locked" not in err
