@@ -206,14 +206,11 @@ def test_ten_certificates_concurrently(rlab: Lab, store: Store, tmp_path: Path) 
     """Ten orders in flight at once all succeed, each with its own version, and leave no TXT behind."""
     names = [f"c{i:03d}.hachyderm.test" for i in range(10)]
     inv = load(tmp_path, inventory_text(rlab, [{"name": n, "domains": [n]} for n in names]))
-    started = time.monotonic()
     outs = run_renew(inv, store, concurrency=10)
-    elapsed = time.monotonic() - started
     assert [o.status for o in outs] == ["renewed"] * 10, [o.error for o in outs]
     for n in names:
         verify_issued(store, n, [n], "ecdsa-p256")
-    assert challenge_txt_left(rlab, names) == {}
-    assert elapsed < 30, f"10 certificates took {elapsed:.1f}s"
+    assert challenge_txt_left(rlab, names) == {}  # speed is benchmarks/renew.py's business, not a timed assertion
 
 
 def test_cname_delegated_challenge(rlab: Lab, store: Store, tmp_path: Path) -> None:
