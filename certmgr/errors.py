@@ -21,7 +21,7 @@ CertmgrError
  │    └── HostKeyError           unknown or changed SSH host key          (not retryable)
  └── NotifyError                 a chat channel could not be reached     exit 1
 
-Only cli.py catches CertmgrError broadly; anything else is a bug and shows its
+Only certmgr/cli/ catches CertmgrError broadly; anything else is a bug and shows its
 traceback. Messages follow "step subject: cause (outcome)"; `hint` is the next
 step for the operator.
 """

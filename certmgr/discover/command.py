@@ -1,4 +1,4 @@
-"""The glue behind `certmgr discover` and `certmgr import --inventory-stub` (cli.py stays thin)."""
+"""The glue behind `certmgr discover` and `certmgr import --inventory-stub` (the cli stays thin)."""
 
 from __future__ import annotations
 

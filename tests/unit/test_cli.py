@@ -89,11 +89,11 @@ def test_inventory_defaults_to_cwd_then_etc(tmp_path: Path) -> None:
 
 def test_missing_inventory_error_names_both_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no inventory in either place, the error names ./domains.toml and /etc/certmgr/domains.toml (exit 2)."""
-    from certmgr import cli
+    from certmgr.cli import base
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CERTMGR_INVENTORY", raising=False)
-    monkeypatch.setattr(cli, "DEFAULT_INVENTORIES", (Path("domains.toml"), tmp_path / "etc" / "domains.toml"))
+    monkeypatch.setattr(base, "DEFAULT_INVENTORIES", (Path("domains.toml"), tmp_path / "etc" / "domains.toml"))
     result = CliRunner().invoke(main, ["inventory", "check"])
     assert result.exit_code == 2
     assert result.output == (
