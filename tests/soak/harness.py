@@ -110,6 +110,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     observer: dict[str, int] = field(default_factory=dict)
     run_time: dict[str, float] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)  # faults the outage bound did not inject
 
     def text(self) -> str:
         c = self.config
@@ -120,6 +121,8 @@ class Report:
             f"lifetimes covered: {self.elapsed / c.lifetime:.1f}; simulated days: {sim_days:.0f}",
             "faults injected: " + (", ".join(f"{k} {n}" for k, n in sorted(Counter(e.kind for e in self.episodes)
                                                                             .items())) or "none"),
+            "faults not injected (they would have left no time to keep up): "
+            + (", ".join(f"{k} {n}" for k, n in sorted(self.refused.items())) or "none"),
             "processes: " + ", ".join(f"{k} {n}" for k, n in sorted(self.runs.items())),
             f"timer runs took {self.run_time.get('mean', 0):.1f}s on average, {self.run_time.get('max', 0):.1f}s at "
             "most (exit 75: the store lock was held by another command)",
@@ -148,7 +151,39 @@ class Report:
                 "episodes": [e.__dict__ for e in self.episodes], "runs": dict(self.runs),
                 "audit": dict(self.audit), "cpu": self.cpu, "min_fraction": self.min_fraction,
                 "violations": [v.__dict__ for v in self.violations], "sizes": self.sizes,
-                "growth_per_year": self.growth_per_year, "alerts": dict(self.alerts), "notes": self.notes}
+                "growth_per_year": self.growth_per_year, "alerts": dict(self.alerts), "notes": self.notes,
+                "refused": dict(self.refused)}
+
+
+# ---------------------------------------------------------------- bounding the outages
+
+
+def outage_bounds(lifetime: float, cadence: float) -> tuple[float, float]:
+    """(longest blocked stretch, shortest clear stretch) per POP that leave a correct controller time to keep up.
+
+    A certificate enters its renewal window at least `lifetime / 2` before it expires. To renew it
+    and deploy it to a POP, a controller on a timer needs one clear stretch — CA, DNS, certmgr and
+    that POP all working — of two timer periods: one for the next run to start, one for the run
+    (and its capped backoff) to finish, a run taking well under a period when not load-bound. If
+    every blocked stretch is at most W - 2·need long and every clear one at least need, any
+    interval of W holds a whole clear stretch of need — whatever the faults' timing.
+    """
+    need = 2 * cadence
+    return lifetime / 2 - 2 * need, need
+
+
+def fits(spans: list[tuple[float, float]], start: float, end: float, *, max_block: float,
+         min_clear: float) -> bool:
+    """Whether blocking [start, end) keeps every blocked stretch (spans closer than `min_clear` join) at most
+    `max_block` long."""
+    lo, hi = start, end
+    changed = True
+    while changed:
+        changed = False
+        for a, b in spans:
+            if a < hi + min_clear and b > lo - min_clear and (a < lo or b > hi):
+                lo, hi, changed = min(lo, a), max(hi, b), True
+    return hi - lo <= max_block
 
 
 # ---------------------------------------------------------------- inventory
@@ -189,6 +224,7 @@ class Soak:
         self._stop = threading.Event()
         self._sync_paused_until = 0.0
         self._active: set[str] = set()  # fault targets in use ("dns", "ca", "sshd:sally", …)
+        self._blocked: list[tuple[float, float, str]] = []  # (start, end, "all" | POP): what each fault blocks
         self._threads: list[threading.Thread] = []
         self._mounts: list[Path] = []
         self.t0 = 0.0
@@ -333,27 +369,44 @@ class Soak:
             self._active.add(target)
             return True
 
+    def _bounded(self, kind: str, pops: list[str], cost: float) -> bool:
+        """Whether a fault that keeps `pops` from being renewed or deployed to for `cost` seconds, from now, may start.
+
+        The schedule leaves a correct controller able to keep up (see `fits`); a fault that would not is not
+        injected, and counted.
+        """
+        now, c = time.time(), self.cfg.cadence
+        max_block, min_clear = outage_bounds(self.cfg.lifetime, c)
+        with self._lock:
+            for pop in pops:
+                spans = [(a, b) for a, b, who in self._blocked if who in ("all", pop)]
+                if not fits(spans, now, now + cost, max_block=max_block, min_clear=min_clear):
+                    self.report.refused[kind] += 1
+                    return False
+            self._blocked.append((now, now + cost, "all" if len(pops) > 1 else pops[0]))
+        return True
+
     def inject(self, kind: str) -> None:
         # the master generator gives each fault one seed, whatever the branch below draws from it
         L, c, rng, lab, proxy = self.cfg.lifetime, self.cfg.cadence, random.Random(self.rng.random()), self.lab, \
             self.proxy
         pop = rng.choice(lab.pop_names)
-        if kind == "acme-5xx":
+        if kind == "acme-5xx" and self._bounded(kind, lab.pop_names, c):
             k, n = rng.choice(ACME_KINDS), rng.randint(1, 4)
             proxy.fail(k, 503, "serverInternal", "soak: the CA's load balancer answers 503", times=n,
                        retry_after=1)
             self._episode(kind, "ca", 2 * c, f"{n}× on {k}")
-        elif kind == "bad-nonce":
+        elif kind == "bad-nonce" and self._bounded(kind, lab.pop_names, c):
             n = rng.randint(3, 12)
             for k in rng.sample(ACME_KINDS[:4], 2):
                 proxy.fail(k, 400, "badNonce", "soak: JWS has an invalid anti-replay nonce", times=n)
             self._episode(kind, "ca", 2 * c, f"{n}× on two kinds")
-        elif kind == "slow-ca":
+        elif kind == "slow-ca" and self._bounded(kind, lab.pop_names, c + 1.5 * L / 40 * 3):
             k, secs, n = rng.choice(ACME_KINDS), rng.uniform(0.3, 1.5) * L / 40, rng.randint(1, 3)
             proxy.slow(k, secs, times=n)
             self._episode(kind, "ca", 2 * c + secs * n, f"{n}× {secs:.1f}s on {k}")
-        elif kind == "ca-outage" and self._claim("ca"):
-            d = rng.uniform(1.5 * c, L / 4)
+        elif kind == "ca-outage" and self._bounded(kind, lab.pop_names, d := rng.uniform(1.5 * c, 2 * c)) \
+                and self._claim("ca"):
             rules: list[Rule] = [proxy.fail(k, 503, "serverInternal", "soak: CA outage", times=None)
                                  for k in ("directory", "nonce", "new-account", "account", *ACME_KINDS)]
             self._episode(kind, "ca", d, "every request 503")
@@ -362,32 +415,32 @@ class Soak:
                 for r in rules:
                     proxy.remove(r)
             self._later("ca", d, back)
-        elif kind == "dns-down" and self._claim("dns"):
-            d = rng.uniform(c, L / 5)
+        elif kind == "dns-down" and self._bounded(kind, lab.pop_names, d := rng.uniform(c, 2 * c)) \
+                and self._claim("dns"):
             lab.kill_named()
             self._episode(kind, "dns", d, "primary named SIGKILLed")
             self._later("dns", d, lab.restart_named)
-        elif kind == "secondary-lag" and self._claim("secondary"):
-            d = rng.uniform(c, L / 5)
+        elif kind == "secondary-lag" and self._bounded(kind, lab.pop_names, d := rng.uniform(c, 2 * c)) \
+                and self._claim("secondary"):
             self._sync_paused_until = time.time() + d
             self._episode(kind, "dns", d, "secondary does not transfer")
             self._later("secondary", d, lambda: None)
-        elif kind == "sshd-down" and self._claim(f"sshd:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "sshd-down" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"sshd:{pop}"):
             pid = lab.sshd_pid(pop)
             if pid is not None:
                 stop_tree(pid, str(lab.pop_paths(pop).sshd_config), children_first=True)
             lab.pop_paths(pop).sshd_pid.unlink(missing_ok=True)
             self._episode(kind, pop, d, pop)
             self._later(f"sshd:{pop}", d, lambda: lab.start_pop(pop))
-        elif kind == "nginx-broken" and self._claim(f"nginx:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "nginx-broken" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"nginx:{pop}"):
             bad = lab.pop_paths(pop).conf_d / "soak-broken.conf"
             bad.write_text("this is not nginx;\n")
             self._episode(kind, pop, d, pop)
             self._later(f"nginx:{pop}", d, lambda: bad.unlink(missing_ok=True))
-        elif kind == "disk-full" and self._claim(f"disk:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "disk-full" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"disk:{pop}"):
             lineage = rng.choice(LINEAGES)
             where = lab.pop_paths(pop).cert_root / "archive" / lineage
             ctx = full_disk(where)
@@ -397,7 +450,7 @@ class Soak:
         elif kind == "sigkill":
             with self._lock:
                 victims = list(self.running)
-            if victims:
+            if victims and self._bounded(kind, lab.pop_names, c):
                 victim = rng.choice(victims)
                 delay = rng.uniform(0, 1.5)
                 self._episode(kind, "certmgr", 2 * c + delay, f"{victim.what} after {delay:.1f}s")
