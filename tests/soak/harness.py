@@ -61,6 +61,7 @@ class SoakConfig:
     oncall: bool = True
     keep_versions: int = 3
     faults_per_lifetime: float = 2.5
+    kinds: tuple[str, ...] = FAULT_KINDS  # the fault kinds drawn from (a break check may want only some)
     oncall_per_lifetime: float = 1.5
 
     @property
@@ -337,7 +338,7 @@ class Soak:
         gap = self.rng.expovariate(self.cfg.faults_per_lifetime / self.cfg.lifetime)
         if self._stop.wait(gap):
             return 0
-        kind = self.rng.choice(FAULT_KINDS)
+        kind = self.rng.choice(self.cfg.kinds)
         try:
             self.inject(kind)
         except Exception as exc:
