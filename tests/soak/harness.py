@@ -452,9 +452,11 @@ class Soak:
         elif kind == "sigkill":
             with self._lock:
                 victims = list(self.running)
-            if victims and self._bounded(kind, lab.pop_names, c):
-                victim = rng.choice(victims)
-                delay = rng.uniform(0, 1.5)
+            victim = rng.choice(victims) if victims else None
+            # any moment of a run (a run takes up to about a period), not only its start: uploads and
+            # store writes come late in a run
+            delay = rng.uniform(0, c)
+            if victim is not None and self._bounded(kind, lab.pop_names, c + delay):
                 self._episode(kind, "certmgr", 2 * c + delay, f"{victim.what} after {delay:.1f}s")
 
                 def kill() -> None:
