@@ -44,7 +44,7 @@ LINEAGES = tuple(name for name, _ in CERTIFICATES)
 # (modelled certificate lifetime in days, timer period in days): the ratio the soak keeps
 RATIOS = {"twice-daily": (6.0, 0.5), "daily": (90.0, 1.0)}
 FAULT_KINDS = ("acme-5xx", "bad-nonce", "slow-ca", "ca-outage", "dns-down", "secondary-lag", "sshd-down",
-               "nginx-broken", "disk-full", "sigkill", "two-runs")
+               "nginx-broken", "disk-full", "sigkill", "sigkill-write", "two-runs")
 ACME_KINDS = ("new-order", "authz", "challenge", "finalize", "order", "certificate")
 CRITICAL = 0.1  # certmgr's default critical_before (1/10 of the lifetime)
 RENEW_WINDOW = 0.5 * 1.2  # renewal starts at 1/2 of the lifetime left (under 10 days), up to 1/5 earlier
@@ -232,13 +232,15 @@ class Soak:
 
     # ------------------------------------------------------------ processes
 
-    def launch(self, what: str, *args: str) -> Proc:
+    def launch(self, what: str, *args: str, crash: str | None = None) -> Proc:
+        """Start a certmgr command; `crash`: under tests.faults.crashpoints, SIGKILLed at that step."""
         n = len(self.procs)
         out = self.work / "runs" / f"{n:05d}-{what.replace(' ', '-')}.out"
         out.parent.mkdir(parents=True, exist_ok=True)
+        module = ["tests.faults.crashpoints", crash, "--"] if crash else ["certmgr"]
         with open(out, "wb") as fh:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "certmgr", "--inventory", str(self.inventory), "--state-dir",
+                [sys.executable, "-m", *module, "--inventory", str(self.inventory), "--state-dir",
                  str(self.state), *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         proc = Proc(what, popen, out, time.time())
@@ -465,9 +467,42 @@ class Soak:
                         if victim.rc is None:
                             os.kill(victim.popen.pid, signal.SIGKILL)
                 threading.Thread(target=kill, daemon=True).start()
+        elif kind == "sigkill-write" and self._bounded(kind, lab.pop_names, c):
+            # killed while a temporary exists: half-way through writing a new version into the store, or
+            # while a deploy's upload sits in a POP's `archive/<name>/.tmp-up-…` (watched for one period)
+            lineage = rng.choice(LINEAGES)
+            if rng.random() < 0.5:
+                self._episode(kind, "certmgr", 2 * c, f"oncall renew {lineage} killed writing privkey.pem")
+                self.launch("oncall renew (killed)", "renew", lineage, "--force", crash="privkey-write")
+            else:
+                self._episode(kind, "certmgr", 2 * c, "a command killed while its upload is on a POP")
+                threading.Thread(target=self._kill_in_upload, args=(c,), daemon=True).start()
         elif kind == "two-runs":
             self.launch("run (second)", "run")
             self._episode(kind, "certmgr", c, "a second `certmgr run`")
+
+    def _kill_in_upload(self, within: float) -> None:
+        """SIGKILL every running certmgr command the moment an upload temp dir appears on any POP."""
+        archives = [self.lab.pop_paths(p).cert_root / "archive" / n for p in self.lab.pop_names for n in LINEAGES]
+
+        def uploads(d: Path) -> set[str]:
+            try:
+                return {e.name for e in os.scandir(d) if e.name.startswith(".tmp-up-")}
+            except OSError:
+                return set()
+        before = {d: uploads(d) for d in archives}  # one a killed command left is not a new upload
+        deadline = time.time() + within
+        while time.time() < deadline and not self._stop.is_set():
+            for d in archives:
+                if uploads(d) - before[d]:
+                    with self._lock:
+                        victims = [p for p in self.running if p.rc is None]
+                    for v in victims:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(v.popen.pid, signal.SIGKILL)
+                    self.say(f"sigkill-write: {len(victims)} command(s) killed with an upload in {d}")
+                    return
+            time.sleep(0.02)
 
     # ------------------------------------------------------------ measuring
 
