@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=seconds, default=seconds("60m"), help="how long faults and runs go on")
     ap.add_argument("--pops", type=int, default=20)
     ap.add_argument("--seed", type=int, default=20261203)
-    ap.add_argument("--lifetime", type=int, default=60, help="certificate lifetime in seconds (Pebble validity)")
+    ap.add_argument("--lifetime", type=int, default=120,
+                    help="certificate lifetime in seconds (Pebble validity); the timer period is lifetime/12 "
+                    "(twice-daily): keep a run well under half of it")
     ap.add_argument("--ratio", choices=sorted(RATIOS), default="twice-daily",
                     help="timer period to lifetime: twice-daily (6-day certificates) or daily (90-day)")
     ap.add_argument("--no-faults", action="store_true")

@@ -112,6 +112,7 @@ class Report:
     observer: dict[str, int] = field(default_factory=dict)
     run_time: dict[str, float] = field(default_factory=dict)
     refused: Counter[str] = field(default_factory=Counter)  # faults the outage bound did not inject
+    load: list[float] = field(default_factory=list)  # the machine's 1-minute load average, sampled
 
     def text(self) -> str:
         c = self.config
@@ -127,6 +128,9 @@ class Report:
             "processes: " + ", ".join(f"{k} {n}" for k, n in sorted(self.runs.items())),
             f"timer runs took {self.run_time.get('mean', 0):.1f}s on average, {self.run_time.get('max', 0):.1f}s at "
             "most (exit 75: the store lock was held by another command)",
+            f"machine load (1-min average, {os.cpu_count()} CPUs): "
+            + (f"{sum(self.load) / len(self.load):.1f} on average, {max(self.load):.1f} at most"
+               if self.load else "not sampled"),
             f"renewals: {self.audit['renewed']}, deploys: {self.audit['deployed']}, "
             f"rollbacks: {self.audit['rolled back']}, renew failures: {self.audit['renew failed']}, "
             f"pruned (POP/store): {self.audit['pruned']}/{self.audit['prune']}",
@@ -332,6 +336,7 @@ class Soak:
 
     def _sampler(self) -> float:
         self.report.sizes.append({"t": time.time() - self.t0, **self.sizes()})
+        self.report.load.append(os.getloadavg()[0])
         return max(self.cfg.lifetime / 2, 5.0)
 
     # ------------------------------------------------------------ faults
@@ -597,6 +602,10 @@ class Soak:
         rep.violations[:0] = obs.violations
         times = [p.elapsed for p in self.procs if p.what == "run" and p.rc is not None]
         rep.run_time = {"mean": sum(times) / len(times), "max": max(times)} if times else {}
+        if times and rep.run_time["mean"] > self.cfg.cadence / 2:
+            rep.notes.append(f"load-bound: timer runs took {rep.run_time['mean']:.1f}s on average, more than half "
+                             f"the {self.cfg.cadence:.1f}s period; the outage bound assumes less (a longer --lifetime "
+                             "gives runs more room)")
         rep.observer = {"rounds": obs.rounds, "changes": len(obs.changes), "disk_checks": obs.disk_checks,
                         "failed_handshakes": sum(s.failures for s in obs.stats.values())}
         for (pop, sni), st in obs.stats.items():
