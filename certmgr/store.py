@@ -246,7 +246,9 @@ class Store:
 
     def _sweep_temps(self) -> None:
         removed: list[str] = []
-        for directory in (self._archive, *self._subdirs(self._archive), self._live):
+        # deploy intents (state/intents/<name>/) are written only by deploys, which hold this lock
+        intents = self.root / "state" / "intents"
+        for directory in (self._archive, *self._subdirs(self._archive), self._live, *self._subdirs(intents)):
             removed += [str(directory / n) for n in remove_temps(directory)]
         accounts = self.root / "accounts"
         for directory in (self.root / "state", accounts, *self._subdirs(accounts)):

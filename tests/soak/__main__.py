@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lab import Lab
-from tests.soak.harness import RATIOS, Soak, SoakConfig
+from tests.soak.harness import FAULT_KINDS, RATIOS, Soak, SoakConfig
 
 
 def seconds(text: str) -> float:
@@ -28,21 +28,36 @@ def seconds(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+def kinds(text: str) -> tuple[str, ...]:
+    chosen = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(chosen) - set(FAULT_KINDS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown fault kind(s) {', '.join(unknown) or '(none)'}; "
+                                         f"known: {', '.join(FAULT_KINDS)}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=seconds, default=seconds("60m"), help="how long faults and runs go on")
     ap.add_argument("--pops", type=int, default=20)
     ap.add_argument("--seed", type=int, default=20261203)
-    ap.add_argument("--lifetime", type=int, default=60, help="certificate lifetime in seconds (Pebble validity)")
+    ap.add_argument("--lifetime", type=int, default=120,
+                    help="certificate lifetime in seconds (Pebble validity); the timer period is lifetime/12 "
+                    "(twice-daily): keep a run well under half of it")
     ap.add_argument("--ratio", choices=sorted(RATIOS), default="twice-daily",
                     help="timer period to lifetime: twice-daily (6-day certificates) or daily (90-day)")
     ap.add_argument("--no-faults", action="store_true")
+    ap.add_argument("--faults", type=kinds, default=FAULT_KINDS, metavar="KIND,…",
+                    help=f"only these fault kinds (default all: {','.join(FAULT_KINDS)})")
+    ap.add_argument("--faults-per-lifetime", type=float, default=2.5, help="how often a fault is drawn")
     ap.add_argument("--keep-versions", type=int, default=3, help="the inventory's retention (keep_versions)")
     ap.add_argument("--report", type=Path, help="also write the report (text) here, and JSON beside it")
     args = ap.parse_args(argv)
 
     cfg = SoakConfig(duration=args.duration, pops=args.pops, seed=args.seed, lifetime=args.lifetime,
-                     ratio=args.ratio, faults=not args.no_faults, keep_versions=args.keep_versions)
+                     ratio=args.ratio, faults=not args.no_faults, keep_versions=args.keep_versions,
+                     kinds=args.faults, faults_per_lifetime=args.faults_per_lifetime)
     base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "18000")) + 500
     path = Path(tempfile.mkdtemp(prefix="certmgr-soak-"))
     lab = Lab(path, base, pops=cfg.pops, secondary=True, validity=cfg.lifetime)

@@ -44,7 +44,7 @@ LINEAGES = tuple(name for name, _ in CERTIFICATES)
 # (modelled certificate lifetime in days, timer period in days): the ratio the soak keeps
 RATIOS = {"twice-daily": (6.0, 0.5), "daily": (90.0, 1.0)}
 FAULT_KINDS = ("acme-5xx", "bad-nonce", "slow-ca", "ca-outage", "dns-down", "secondary-lag", "sshd-down",
-               "nginx-broken", "disk-full", "sigkill", "two-runs")
+               "nginx-broken", "disk-full", "sigkill", "sigkill-write", "two-runs")
 ACME_KINDS = ("new-order", "authz", "challenge", "finalize", "order", "certificate")
 CRITICAL = 0.1  # certmgr's default critical_before (1/10 of the lifetime)
 RENEW_WINDOW = 0.5 * 1.2  # renewal starts at 1/2 of the lifetime left (under 10 days), up to 1/5 earlier
@@ -61,6 +61,7 @@ class SoakConfig:
     oncall: bool = True
     keep_versions: int = 3
     faults_per_lifetime: float = 2.5
+    kinds: tuple[str, ...] = FAULT_KINDS  # the fault kinds drawn from (a break check may want only some)
     oncall_per_lifetime: float = 1.5
 
     @property
@@ -110,6 +111,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     observer: dict[str, int] = field(default_factory=dict)
     run_time: dict[str, float] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)  # faults the outage bound did not inject
+    load: list[float] = field(default_factory=list)  # the machine's 1-minute load average, sampled
 
     def text(self) -> str:
         c = self.config
@@ -120,9 +123,14 @@ class Report:
             f"lifetimes covered: {self.elapsed / c.lifetime:.1f}; simulated days: {sim_days:.0f}",
             "faults injected: " + (", ".join(f"{k} {n}" for k, n in sorted(Counter(e.kind for e in self.episodes)
                                                                             .items())) or "none"),
+            "faults not injected (they would have left no time to keep up): "
+            + (", ".join(f"{k} {n}" for k, n in sorted(self.refused.items())) or "none"),
             "processes: " + ", ".join(f"{k} {n}" for k, n in sorted(self.runs.items())),
             f"timer runs took {self.run_time.get('mean', 0):.1f}s on average, {self.run_time.get('max', 0):.1f}s at "
             "most (exit 75: the store lock was held by another command)",
+            f"machine load (1-min average, {os.cpu_count()} CPUs): "
+            + (f"{sum(self.load) / len(self.load):.1f} on average, {max(self.load):.1f} at most"
+               if self.load else "not sampled"),
             f"renewals: {self.audit['renewed']}, deploys: {self.audit['deployed']}, "
             f"rollbacks: {self.audit['rolled back']}, renew failures: {self.audit['renew failed']}, "
             f"pruned (POP/store): {self.audit['pruned']}/{self.audit['prune']}",
@@ -148,7 +156,39 @@ class Report:
                 "episodes": [e.__dict__ for e in self.episodes], "runs": dict(self.runs),
                 "audit": dict(self.audit), "cpu": self.cpu, "min_fraction": self.min_fraction,
                 "violations": [v.__dict__ for v in self.violations], "sizes": self.sizes,
-                "growth_per_year": self.growth_per_year, "alerts": dict(self.alerts), "notes": self.notes}
+                "growth_per_year": self.growth_per_year, "alerts": dict(self.alerts), "notes": self.notes,
+                "refused": dict(self.refused)}
+
+
+# ---------------------------------------------------------------- bounding the outages
+
+
+def outage_bounds(lifetime: float, cadence: float) -> tuple[float, float]:
+    """(longest blocked stretch, shortest clear stretch) per POP that leave a correct controller time to keep up.
+
+    A certificate enters its renewal window at least `lifetime / 2` before it expires. To renew it
+    and deploy it to a POP, a controller on a timer needs one clear stretch — CA, DNS, certmgr and
+    that POP all working — of two timer periods: one for the next run to start, one for the run
+    (and its capped backoff) to finish, a run taking well under a period when not load-bound. If
+    every blocked stretch is at most W - 2·need long and every clear one at least need, any
+    interval of W holds a whole clear stretch of need — whatever the faults' timing.
+    """
+    need = 2 * cadence
+    return lifetime / 2 - 2 * need, need
+
+
+def fits(spans: list[tuple[float, float]], start: float, end: float, *, max_block: float,
+         min_clear: float) -> bool:
+    """Whether blocking [start, end) keeps every blocked stretch (spans closer than `min_clear` join) at most
+    `max_block` long."""
+    lo, hi = start, end
+    changed = True
+    while changed:
+        changed = False
+        for a, b in spans:
+            if a < hi + min_clear and b > lo - min_clear and (a < lo or b > hi):
+                lo, hi, changed = min(lo, a), max(hi, b), True
+    return hi - lo <= max_block
 
 
 # ---------------------------------------------------------------- inventory
@@ -189,19 +229,22 @@ class Soak:
         self._stop = threading.Event()
         self._sync_paused_until = 0.0
         self._active: set[str] = set()  # fault targets in use ("dns", "ca", "sshd:sally", …)
+        self._blocked: list[tuple[float, float, str]] = []  # (start, end, "all" | POP): what each fault blocks
         self._threads: list[threading.Thread] = []
         self._mounts: list[Path] = []
         self.t0 = 0.0
 
     # ------------------------------------------------------------ processes
 
-    def launch(self, what: str, *args: str) -> Proc:
+    def launch(self, what: str, *args: str, crash: str | None = None) -> Proc:
+        """Start a certmgr command; `crash`: under tests.faults.crashpoints, SIGKILLed at that step."""
         n = len(self.procs)
         out = self.work / "runs" / f"{n:05d}-{what.replace(' ', '-')}.out"
         out.parent.mkdir(parents=True, exist_ok=True)
+        module = ["tests.faults.crashpoints", crash, "--"] if crash else ["certmgr"]
         with open(out, "wb") as fh:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "certmgr", "--inventory", str(self.inventory), "--state-dir",
+                [sys.executable, "-m", *module, "--inventory", str(self.inventory), "--state-dir",
                  str(self.state), *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         proc = Proc(what, popen, out, time.time())
@@ -293,6 +336,7 @@ class Soak:
 
     def _sampler(self) -> float:
         self.report.sizes.append({"t": time.time() - self.t0, **self.sizes()})
+        self.report.load.append(os.getloadavg()[0])
         return max(self.cfg.lifetime / 2, 5.0)
 
     # ------------------------------------------------------------ faults
@@ -301,7 +345,7 @@ class Soak:
         gap = self.rng.expovariate(self.cfg.faults_per_lifetime / self.cfg.lifetime)
         if self._stop.wait(gap):
             return 0
-        kind = self.rng.choice(FAULT_KINDS)
+        kind = self.rng.choice(self.cfg.kinds)
         try:
             self.inject(kind)
         except Exception as exc:
@@ -333,27 +377,45 @@ class Soak:
             self._active.add(target)
             return True
 
+    def _bounded(self, kind: str, pops: list[str], cost: float) -> bool:
+        """Whether a fault that keeps `pops` from being renewed or deployed to for `cost` seconds, from now, may start.
+
+        The schedule leaves a correct controller able to keep up (see `fits`); a fault that would not is not
+        injected, and counted.
+        """
+        now, c = time.time(), self.cfg.cadence
+        max_block, min_clear = outage_bounds(self.cfg.lifetime, c)
+        with self._lock:
+            for pop in pops:
+                spans = [(a, b) for a, b, who in self._blocked if who in ("all", pop)]
+                if not fits(spans, now, now + cost, max_block=max_block, min_clear=min_clear):
+                    self.report.refused[kind] += 1
+                    return False
+            self._blocked.append((now, now + cost, "all" if len(pops) > 1 else pops[0]))
+        return True
+
     def inject(self, kind: str) -> None:
         # the master generator gives each fault one seed, whatever the branch below draws from it
         L, c, rng, lab, proxy = self.cfg.lifetime, self.cfg.cadence, random.Random(self.rng.random()), self.lab, \
             self.proxy
         pop = rng.choice(lab.pop_names)
-        if kind == "acme-5xx":
+        if kind == "acme-5xx" and self._bounded(kind, lab.pop_names, c):
             k, n = rng.choice(ACME_KINDS), rng.randint(1, 4)
             proxy.fail(k, 503, "serverInternal", "soak: the CA's load balancer answers 503", times=n,
                        retry_after=1)
             self._episode(kind, "ca", 2 * c, f"{n}× on {k}")
-        elif kind == "bad-nonce":
+        elif kind == "bad-nonce" and self._bounded(kind, lab.pop_names, c):
             n = rng.randint(3, 12)
             for k in rng.sample(ACME_KINDS[:4], 2):
                 proxy.fail(k, 400, "badNonce", "soak: JWS has an invalid anti-replay nonce", times=n)
             self._episode(kind, "ca", 2 * c, f"{n}× on two kinds")
         elif kind == "slow-ca":
             k, secs, n = rng.choice(ACME_KINDS), rng.uniform(0.3, 1.5) * L / 40, rng.randint(1, 3)
-            proxy.slow(k, secs, times=n)
-            self._episode(kind, "ca", 2 * c + secs * n, f"{n}× {secs:.1f}s on {k}")
-        elif kind == "ca-outage" and self._claim("ca"):
-            d = rng.uniform(1.5 * c, L / 4)
+            if self._bounded(kind, lab.pop_names, c + secs * n):  # the run it slows, and the slowness
+                proxy.slow(k, secs, times=n)
+                self._episode(kind, "ca", 2 * c + secs * n, f"{n}× {secs:.1f}s on {k}")
+        elif kind == "ca-outage" and self._bounded(kind, lab.pop_names, d := rng.uniform(1.5 * c, 2 * c)) \
+                and self._claim("ca"):
             rules: list[Rule] = [proxy.fail(k, 503, "serverInternal", "soak: CA outage", times=None)
                                  for k in ("directory", "nonce", "new-account", "account", *ACME_KINDS)]
             self._episode(kind, "ca", d, "every request 503")
@@ -362,32 +424,32 @@ class Soak:
                 for r in rules:
                     proxy.remove(r)
             self._later("ca", d, back)
-        elif kind == "dns-down" and self._claim("dns"):
-            d = rng.uniform(c, L / 5)
+        elif kind == "dns-down" and self._bounded(kind, lab.pop_names, d := rng.uniform(c, 2 * c)) \
+                and self._claim("dns"):
             lab.kill_named()
             self._episode(kind, "dns", d, "primary named SIGKILLed")
             self._later("dns", d, lab.restart_named)
-        elif kind == "secondary-lag" and self._claim("secondary"):
-            d = rng.uniform(c, L / 5)
+        elif kind == "secondary-lag" and self._bounded(kind, lab.pop_names, d := rng.uniform(c, 2 * c)) \
+                and self._claim("secondary"):
             self._sync_paused_until = time.time() + d
             self._episode(kind, "dns", d, "secondary does not transfer")
             self._later("secondary", d, lambda: None)
-        elif kind == "sshd-down" and self._claim(f"sshd:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "sshd-down" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"sshd:{pop}"):
             pid = lab.sshd_pid(pop)
             if pid is not None:
                 stop_tree(pid, str(lab.pop_paths(pop).sshd_config), children_first=True)
             lab.pop_paths(pop).sshd_pid.unlink(missing_ok=True)
             self._episode(kind, pop, d, pop)
             self._later(f"sshd:{pop}", d, lambda: lab.start_pop(pop))
-        elif kind == "nginx-broken" and self._claim(f"nginx:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "nginx-broken" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"nginx:{pop}"):
             bad = lab.pop_paths(pop).conf_d / "soak-broken.conf"
             bad.write_text("this is not nginx;\n")
             self._episode(kind, pop, d, pop)
             self._later(f"nginx:{pop}", d, lambda: bad.unlink(missing_ok=True))
-        elif kind == "disk-full" and self._claim(f"disk:{pop}"):
-            d = rng.uniform(c, L / 4)
+        elif kind == "disk-full" and self._bounded(kind, [pop], d := rng.uniform(c, 2 * c)) \
+                and self._claim(f"disk:{pop}"):
             lineage = rng.choice(LINEAGES)
             where = lab.pop_paths(pop).cert_root / "archive" / lineage
             ctx = full_disk(where)
@@ -397,9 +459,11 @@ class Soak:
         elif kind == "sigkill":
             with self._lock:
                 victims = list(self.running)
-            if victims:
-                victim = rng.choice(victims)
-                delay = rng.uniform(0, 1.5)
+            victim = rng.choice(victims) if victims else None
+            # any moment of a run (a run takes up to about a period), not only its start: uploads and
+            # store writes come late in a run
+            delay = rng.uniform(0, c)
+            if victim is not None and self._bounded(kind, lab.pop_names, c + delay):
                 self._episode(kind, "certmgr", 2 * c + delay, f"{victim.what} after {delay:.1f}s")
 
                 def kill() -> None:
@@ -408,9 +472,42 @@ class Soak:
                         if victim.rc is None:
                             os.kill(victim.popen.pid, signal.SIGKILL)
                 threading.Thread(target=kill, daemon=True).start()
+        elif kind == "sigkill-write" and self._bounded(kind, lab.pop_names, c):
+            # killed while a temporary exists: half-way through writing a new version into the store, or
+            # while a deploy's upload sits in a POP's `archive/<name>/.tmp-up-…` (watched for one period)
+            lineage = rng.choice(LINEAGES)
+            if rng.random() < 0.5:
+                self._episode(kind, "certmgr", 2 * c, f"oncall renew {lineage} killed writing privkey.pem")
+                self.launch("oncall renew (killed)", "renew", lineage, "--force", crash="privkey-write")
+            else:
+                self._episode(kind, "certmgr", 2 * c, "a command killed while its upload is on a POP")
+                threading.Thread(target=self._kill_in_upload, args=(c,), daemon=True).start()
         elif kind == "two-runs":
             self.launch("run (second)", "run")
             self._episode(kind, "certmgr", c, "a second `certmgr run`")
+
+    def _kill_in_upload(self, within: float) -> None:
+        """SIGKILL every running certmgr command the moment an upload temp dir appears on any POP."""
+        archives = [self.lab.pop_paths(p).cert_root / "archive" / n for p in self.lab.pop_names for n in LINEAGES]
+
+        def uploads(d: Path) -> set[str]:
+            try:
+                return {e.name for e in os.scandir(d) if e.name.startswith(".tmp-up-")}
+            except OSError:
+                return set()
+        before = {d: uploads(d) for d in archives}  # one a killed command left is not a new upload
+        deadline = time.time() + within
+        while time.time() < deadline and not self._stop.is_set():
+            for d in archives:
+                if uploads(d) - before[d]:
+                    with self._lock:
+                        victims = [p for p in self.running if p.rc is None]
+                    for v in victims:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(v.popen.pid, signal.SIGKILL)
+                    self.say(f"sigkill-write: {len(victims)} command(s) killed with an upload in {d}")
+                    return
+            time.sleep(0.02)
 
     # ------------------------------------------------------------ measuring
 
@@ -505,6 +602,10 @@ class Soak:
         rep.violations[:0] = obs.violations
         times = [p.elapsed for p in self.procs if p.what == "run" and p.rc is not None]
         rep.run_time = {"mean": sum(times) / len(times), "max": max(times)} if times else {}
+        if times and rep.run_time["mean"] > 0.75 * self.cfg.cadence:
+            rep.notes.append(f"load-bound: timer runs took {rep.run_time['mean']:.1f}s on average, more than 3/4 of "
+                             f"the {self.cfg.cadence:.1f}s period; the outage bound gives a run one period (a longer "
+                             "--lifetime gives runs more room)")
         rep.observer = {"rounds": obs.rounds, "changes": len(obs.changes), "disk_checks": obs.disk_checks,
                         "failed_handshakes": sum(s.failures for s in obs.stats.values())}
         for (pop, sni), st in obs.stats.items():

@@ -430,6 +430,16 @@ def test_lock_sweeps_temporaries_of_a_killed_writer(store: Store, materials: lis
     assert store.versions("example.com") == [1]
 
 
+def test_lock_sweeps_a_deploy_intent_half_written_by_a_killed_deploy(store: Store) -> None:
+    """A deploy intent's temp file (state/intents/<name>/) a killed deploy left is removed at the next lock, however fresh."""
+    store.save_json("state/intents/example.com/pop-1.abc.json", {"id": "abc"})
+    d = store.root / "state" / "intents" / "example.com"
+    (d / ".pop-1.def.json.tmp-0123456789ab").write_bytes(b'{"id": "d')
+    with store.lock("test"):
+        assert temps_under(store.root) == []
+    assert sorted(p.name for p in d.iterdir()) == ["pop-1.abc.json"]
+
+
 # ---------------------------------------------------------------- crash safety
 
 
