@@ -201,3 +201,26 @@ def test_only_the_certificates_that_do_not_verify_are_rolled_back(tmp_path: Path
     assert (root / "reloads.log").read_text().count("x") == 2
     actions = [(e["action"], e["object"]) for e in store.read_audit() if e["action"] in ("deployed", "rolled back")][-3:]
     assert sorted(actions) == [("deployed", "a.example"), ("deployed", "c.example"), ("rolled back", "b.example")]
+
+
+def test_commit_checks_and_syncs_k_uploads_with_one_process_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K certificates cost the POP one sha256sum and two syncs in all (uploads, then the swapped links), not K each."""
+    names = tuple(f"n{i}.example" for i in range(8))
+    root = multi_root(tmp_path, names)
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("sha256sum", "sync"):
+        real = shutil.which(tool)
+        assert real is not None
+        (bindir / tool).write_text(f'#!/bin/sh\necho {tool} >> {calls}\nexec {real} "$@"\n')
+        (bindir / tool).chmod(0o755)
+    args = commit_args(root, names, "true", "true")
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    res = sh(COMMIT_SH, *args)
+    c = parse_commit(res)
+    assert c.done and res.exit_status == 0, res.stdout + res.stderr
+    assert calls.read_text().splitlines().count("sha256sum") == 1
+    assert calls.read_text().splitlines().count("sync") == 2
+    for n in names:
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
