@@ -132,6 +132,10 @@ class Deployer:
         return await handshake.wait_served(self.prober, host, names, serial, limit=self.timeouts.verify,
                                            sem=self.bound(host))
 
+    async def wait_all(self, host: Host, wants: Sequence[tuple[Sequence[str], str]]
+                       ) -> list[tuple[bool, dict[str, Probe]]]:
+        return await handshake.wait_all(self.prober, host, wants, limit=self.timeouts.verify, sem=self.bound(host))
+
     def bound(self, host: Host) -> asyncio.Semaphore:
         return self.handshakes.setdefault(host.name, asyncio.Semaphore(handshake.PER_HOST))
 

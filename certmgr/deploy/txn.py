@@ -268,8 +268,7 @@ class Transaction:
     async def verify(self, swapped: list[Job], commit: Commit) -> None:
         """Every name of every swapped certificate by handshake; those that fail are rolled back together."""
         t = self.loop.time()
-        checks = await asyncio.gather(*(self.d.wait_served(self.host, sni_names(j.cert), j.info.serial)
-                                        for j in swapped))
+        checks = await self.d.wait_all(self.host, [(sni_names(j.cert), j.info.serial) for j in swapped])
         bad: list[tuple[Job, str]] = []
         for job, (ok, seen) in zip(swapped, checks, strict=True):
             job.timings["verify"] = self.loop.time() - t

@@ -1,4 +1,4 @@
-"""Verify by handshake: one handshake per name once it serves the serial, stale names polled, bounded per POP."""
+"""Verify by handshake: one good handshake per name, then a few confirming ones for the whole POP; bounded per POP."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ NEW_SERIAL = serial_of_probe(Probe(address="x", port=1, sni="x", chain=(der(NEW)
 
 
 class FakePop:
-    """Serves OLD for a name until it has been asked `stale[name]` times, then NEW; counts handshakes and peak load."""
+    """Serves per name OLD or NEW by the answers in `script[name]` (then NEW for ever); counts handshakes, peak load."""
 
-    def __init__(self, stale: dict[str, int] | None = None) -> None:
-        self.stale = stale or {}
+    def __init__(self, script: dict[str, str] | None = None) -> None:
+        self.script = script or {}
         self.asked: Counter[str] = Counter()
         self.active = self.peak = 0
 
@@ -41,38 +41,52 @@ class FakePop:
         self.peak = max(self.peak, self.active)
         try:
             await asyncio.sleep(0.001)
+            k = self.asked[sni]
             self.asked[sni] += 1
-            leaf = OLD if self.asked[sni] <= self.stale.get(sni, 0) else NEW
+            answers = self.script.get(sni, "")
+            leaf = OLD if k < len(answers) and answers[k] == "o" else NEW
             return Probe(address=address, port=port, sni=sni, chain=(der(leaf),))
         finally:
             self.active -= 1
 
 
-def test_one_handshake_per_name_when_the_new_serial_is_served() -> None:
-    """Every name already serving the new serial is confirmed by exactly one handshake."""
+def test_one_handshake_per_name_then_a_few_for_the_pop() -> None:
+    """40 names already served: each is asked once, then two confirming rounds of CONFIRM_SAMPLE for the POP (not 3 × 40)."""
     pop = FakePop()
     names = [f"n{i}.test" for i in range(40)]
     assert NEW_SERIAL is not None
     ok, seen = asyncio.run(handshake.wait_served(pop.prober, HOST, names, NEW_SERIAL, limit=5))
     assert ok and list(seen) == names
-    assert set(pop.asked.values()) == {1}
+    assert sum(pop.asked.values()) == 40 + (handshake.CONFIRM_ROUNDS - 1) * handshake.CONFIRM_SAMPLE
+    assert min(pop.asked.values()) == 1
 
 
-def test_only_stale_names_are_asked_again() -> None:
-    """A name still served by the old workers is polled until it serves the new serial; the others are not asked again."""
-    pop = FakePop(stale={"b.test": 2})
+def test_only_stale_names_are_asked_again_before_the_confirmation() -> None:
+    """A name still served by the old workers is polled alone until it serves the new serial; then the POP is confirmed."""
+    pop = FakePop({"b.test": "oo"})
     assert NEW_SERIAL is not None
     ok, seen = asyncio.run(handshake.wait_served(pop.prober, HOST, ["a.test", "b.test"], NEW_SERIAL, limit=5))
     assert ok and serial_of_probe(seen["b.test"]) == NEW_SERIAL
-    assert pop.asked == Counter({"a.test": 1, "b.test": 3})
+    assert pop.asked == Counter({"a.test": 1 + 2, "b.test": 3 + 2})  # polled, then 2 rounds of both
 
 
-def test_a_name_never_served_fails_with_what_it_served() -> None:
-    """A name that keeps serving the old serial fails the verify once the limit passes, and shows the old serial."""
-    pop = FakePop(stale={"b.test": 10**6})
+def test_a_stale_answer_after_a_good_one_sends_the_certificate_back_to_polling() -> None:
+    """A lucky new answer followed by an old worker's stale one is not taken as served: polling and confirmation start again."""
+    pop = FakePop({"a.test": "nooo"})
     assert NEW_SERIAL is not None
-    ok, seen = asyncio.run(handshake.wait_served(pop.prober, HOST, ["a.test", "b.test"], NEW_SERIAL, limit=0.2))
-    assert not ok and serial_of_probe(seen["b.test"]) != NEW_SERIAL and serial_of_probe(seen["a.test"]) == NEW_SERIAL
+    ok, seen = asyncio.run(handshake.wait_served(pop.prober, HOST, ["a.test"], NEW_SERIAL, limit=5))
+    assert ok and serial_of_probe(seen["a.test"]) == NEW_SERIAL
+    assert pop.asked["a.test"] == 1 + 2 + 1 + 1 + 2  # good, 2 confirming (stale), polled (stale), good, 2 confirming
+
+
+def test_a_certificate_never_served_fails_alone() -> None:
+    """On one POP a certificate whose name keeps serving the old serial fails; the other certificate verifies."""
+    pop = FakePop({"b.test": "o" * 10**4})
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [(["a.test"], NEW_SERIAL), (["b.test"], NEW_SERIAL)],
+                                         limit=0.5))
+    assert [ok for ok, _ in res] == [True, False]
+    assert serial_of_probe(res[1][1]["b.test"]) != NEW_SERIAL
 
 
 def test_handshakes_to_one_pop_are_bounded() -> None:
