@@ -95,3 +95,16 @@ def test_handshakes_to_one_pop_are_bounded() -> None:
     names = [f"n{i}.test" for i in range(200)]
     asyncio.run(handshake.served(pop.prober, HOST, names))
     assert pop.peak == handshake.PER_HOST
+
+
+def test_the_serial_read_from_a_handshake_or_a_pem_is_certinfos() -> None:
+    """The serial verify compares (read alone, cached) is the one CertInfo reports, from a handshake's DER or a PEM."""
+    from certmgr.deploy.plan import serial_of_pem
+    from certmgr.material import CertInfo
+
+    for leaf in (OLD, NEW, *(pki.make_leaf(CA, ["b.test"]) for _ in range(8))):
+        want = CertInfo.from_der(der(leaf)).serial
+        assert serial_of_probe(Probe(address="x", port=1, sni="b.test", chain=(der(leaf),))) == want
+        assert serial_of_pem(leaf.cert_pem) == want
+    assert serial_of_probe(Probe(address="x", port=1, sni="b.test", error="refused")) is None
+    assert serial_of_pem(b"not a certificate") is None
