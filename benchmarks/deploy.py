@@ -1,14 +1,26 @@
 """Benchmark: push K certificates to 1, 4, 20 and 50 lab POPs with certmgr, beside hand-written loops.
 
     .venv/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--certs 1,10] [--port-base 44200] [--rtt MS]
+        [--names-per-pop 50] [--peers auto|batched,by-hand] [--no-canary] [--profile]
+
+Issue 17's shape, side by side with the batched loop, with a profile of certmgr:
+
+    .venv/bin/python benchmarks/deploy.py --names-per-pop 50 --sizes 1,50 --certs 1,10 --peers batched \
+        --no-canary --profile
 
 Each certmgr run is a child process (so its peak RSS is its own) that deploys a fresh version of
 K lineages to the first N POPs, all at once, after a warm-up run (which converts certbot's layout);
 the largest size is also run canary-first, as `certmgr deploy` does with the lab's canary tag.
-With K > 3 the benchmark adds lineages `benchI.hachyderm.test` to every POP (files, a conf.d
-server block, one reload) beside the lab's three. Per run it reports the reloads each POP's nginx
+The lineages are the lab's own (`--names-per-pop` N: N server blocks per POP, each its own
+certificate, in certbot's layout until the first deploy converts them); with K > N the benchmark
+adds lineages `benchI.hachyderm.test` to every POP (files, a conf.d server block, one reload).
+The first deploy (the warm-up: certbot's layout converted) is reported against a normal one
+(issue 17: ≤ 1.5×). Per run it reports the reloads each POP's nginx
 logged (its error log's SIGHUP lines — not certmgr's own report) and the CPU the whole machine
-spent per POP (/proc/stat around the run: certmgr, sshd, sh, sudo, nginx -t, nginx's workers).
+spent per POP: the POPs' sshd trees (sessions, sh, sudo, nginx -t, coreutils: the CPU of what
+they reaped, from /proc/PID/stat), their nginx trees (master, workers, old generations), certmgr's
+own, the whole machine's busy time (/proc/stat, other jobs included) and the processes started
+per POP (/proc/stat `processes`, machine-wide).
 
 Two hand-written peers, sequential over POPs: the by-hand loop for one certificate (`ssh mkdir`,
 `scp` the four files, `ssh 'ln -sfn … && sudo nginx -t && sudo nginx -s reload'`) and the batched
@@ -26,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
 import datetime as dt
 import json
 import os
+import pstats
 import pwd
 import re
 import resource
@@ -49,14 +63,15 @@ from certmgr.deploy import Status, deploy  # noqa: E402
 from certmgr.material import CertMaterial  # noqa: E402
 from certmgr.store import Store  # noqa: E402
 from lab import Lab, pki  # noqa: E402
-from lab.pop import CERTIFICATES, DEPLOY_USER  # noqa: E402
+from lab.pop import DEPLOY_USER  # noqa: E402
 
 NAME = "media.hachyderm.test"
 
 
 def lineages(lab: Lab, k: int) -> list[tuple[str, tuple[str, ...]]]:
-    """The K lineages a run deploys: the lab's own first (media first), then benchI.hachyderm.test."""
-    own = sorted(CERTIFICATES, key=lambda c: c[0] != NAME)
+    """The K lineages a run deploys: the lab's own first (media first, then its `--names-per-pop` sites),
+    then benchI.hachyderm.test."""
+    own = sorted(lab.certificates, key=lambda c: c[0] != NAME)
     extra = [(f"bench{i}.hachyderm.test", (f"bench{i}.hachyderm.test",)) for i in range(max(0, k - len(own)))]
     return (own + extra)[:k]
 
@@ -93,7 +108,7 @@ def add_bench_lineages(lab: Lab, k: int) -> None:
         lab.nginx_reload(pop)
 
 
-def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: str, k: int) -> None:
+def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: str, k: int, profile: str = "-") -> None:
     """One certmgr deploy of a fresh version of K lineages to the first `n` POPs; prints JSON with time and peak RSS.
 
     Without `canary` the lab's canary tag is dropped, so all POPs go at once (a pure fan-out
@@ -122,9 +137,15 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
             leaf = pki.make_leaf(ca, list(cert.domains))
             store.activate(cert.name, store.add_version(cert.name, CertMaterial(
                 cert=leaf.cert_pem, chain=ca.cert_pem, privkey=leaf.key_pem)))
+        prof = cProfile.Profile() if profile != "-" else None
         start = time.monotonic()
+        if prof is not None:
+            prof.enable()
         outcomes = asyncio.run(deploy(inv, store, certs, parallel=parallel, now=dt.datetime.now(dt.UTC)))
         wall = time.monotonic() - start
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"n": n, "k": k, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
@@ -147,17 +168,28 @@ def _busy() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu(lab: Lab, n: int) -> float:
-    return sum(_proc_cpu(lab.sshd_pid(p)) + _proc_cpu(lab.nginx_pid(p)) for p in lab.pop_names[:n])
+def _forks() -> int:
+    """Processes created on the whole machine so far (/proc/stat `processes`): forks on the POPs dominate."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    return 0
+
+
+def server_cpu(lab: Lab, n: int) -> tuple[float, float]:
+    """CPU seconds so far of the first `n` POPs' (sshd trees: sshd sessions, sh, sudo, nginx -t, coreutils;
+    nginx trees: master and workers, old generations included)."""
+    pops = lab.pop_names[:n]
+    return (sum(_proc_cpu(lab.sshd_pid(p)) for p in pops), sum(_proc_cpu(lab.nginx_pid(p)) for p in pops))
 
 
 def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False, far: str = "-",
-              k: int = 1) -> dict[str, Any]:
-    cpu0, busy0 = server_cpu(lab, n), _busy()
+              k: int = 1, profile: str = "-") -> dict[str, Any]:
+    (ssh0, ngx0), busy0, forks0 = server_cpu(lab, n), _busy(), _forks()
     reloads0 = {p: lab.reload_count(p) for p in lab.pop_names[:n]}
     t = time.monotonic()
     res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state),
-                          "canary" if canary else "all", far, str(k)],
+                          "canary" if canary else "all", far, str(k), profile],
                          capture_output=True, text=True, check=False, timeout=900)
     total = time.monotonic() - t
     time.sleep(0.3)  # let the POPs' sshd reap their sessions so the children's CPU is counted
@@ -165,8 +197,11 @@ def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False
         raise SystemExit(f"child failed:\n{res.stderr}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     out["process_wall"] = total
-    out["server_cpu"] = server_cpu(lab, n) - cpu0
+    ssh1, ngx1 = server_cpu(lab, n)
+    out["sshd_cpu"], out["nginx_cpu"] = ssh1 - ssh0, ngx1 - ngx0
+    out["server_cpu"] = out["sshd_cpu"] + out["nginx_cpu"]
     out["machine_busy"] = _busy() - busy0
+    out["forks"] = _forks() - forks0
     out["load"] = os.getloadavg()[0]
     reloads = [lab.reload_count(p) - reloads0[p] for p in lab.pop_names[:n]]
     out["reloads"] = (min(reloads), max(reloads))
@@ -260,28 +295,45 @@ def batched(lab: Lab, n: int, k: int, version: int, far: FarPops | None = None) 
     return time.monotonic() - start
 
 
+def report_profile(path: str, top: int = 25) -> None:
+    st = pstats.Stats(path)
+    st.sort_stats("tottime").print_stats(top)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "canary", sys.argv[7],
-              int(sys.argv[8]))
+              int(sys.argv[8]), sys.argv[9] if len(sys.argv) > 9 else "-")
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,20,50")
     ap.add_argument("--certs", default="1", help="K certificates per POP, all due: a comma list (e.g. 1,10)")
+    ap.add_argument("--names-per-pop", type=int, default=3,
+                    help="server blocks (names, each its own certificate) per POP: the lab's shape (3, 50, 200)")
     ap.add_argument("--port-base", type=int, default=int(os.environ.get("CERTMGR_TEST_PORT_BASE", "44200")))
     ap.add_argument("--dir", default=None, help="lab dir (default /tmp/certmgr-lab-deploy-bench-PORTBASE)")
     ap.add_argument("--repeat", type=int, default=3, help="certmgr runs per size; the median is reported")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the by-hand loop")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the hand-written loops")
+    ap.add_argument("--peers", default="auto",
+                    help="hand-written loops beside certmgr, a comma list: batched (one scp -r + one ssh per POP, "
+                         "every K), by-hand (ssh mkdir, scp, ssh swap+test+reload; K = 1 only); auto (default): "
+                         "by-hand for K = 1, batched for K > 1")
+    ap.add_argument("--no-canary", action="store_true", help="skip the canary-first run")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile certmgr's largest run (K max × the largest size) and print its top functions")
     ap.add_argument("--keep", action="store_true", help="leave the lab running")
     ap.add_argument("--rtt", type=float, default=0.0,
                     help="milliseconds of round-trip time between certmgr and each POP (benchmarks/wanproxy.py)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    lab = Lab(Path(args.dir or f"/tmp/certmgr-lab-deploy-bench-{args.port_base}"), args.port_base, pops=max(sizes))
+    peers = set() if args.no_baseline else set(args.peers.split(","))
+    lab = Lab(Path(args.dir or f"/tmp/certmgr-lab-deploy-bench-{args.port_base}"), args.port_base, pops=max(sizes),
+              names_per_pop=args.names_per_pop)
     t = time.monotonic()
     lab.up()
     lab.reseed()
-    print(f"lab: {lab.pops} POPs up and seeded in {time.monotonic() - t:.1f}s (port base {args.port_base})")
+    print(f"lab: {lab.pops} POPs × {args.names_per_pop} names up and seeded in {time.monotonic() - t:.1f}s "
+          f"(port base {args.port_base}; load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     state = Path(tempfile.mkdtemp(prefix="certmgr-bench-state-"))
     far = FarPops(lab, args.rtt, Path(tempfile.mkdtemp(prefix="certmgr-bench-far-"))) if args.rtt else None
     fs = str(far.spec) if far else "-"
@@ -290,49 +342,68 @@ def main() -> int:
     ks = [int(k) for k in args.certs.split(",")]
     add_bench_lineages(lab, max(ks))
     try:
-        warm = run_child(lab, max(sizes), min(max(sizes), 50), state, far=fs, k=max(ks))  # converts certbot's layout
-        print(f"warm-up (certbot layout conversion) of {max(ks)} certificates to {max(sizes)} POPs: "
-              f"{warm['wall']:.2f}s")
+        big = max(sizes)
+        warm = run_child(lab, big, min(big, 50), state, far=fs, k=max(ks))  # converts certbot's layout
+        print(f"first deploy (certbot layout converted) of {max(ks)} certificates to {big} POPs: "
+              f"{warm['wall']:.2f}s; reloads per POP {warm['reloads'][0]}-{warm['reloads'][1]}")
         med: dict[tuple[int, int], float] = {}
         for k in ks:
             for n in sizes:
                 runs = [run_child(lab, n, min(n, 50), state, far=fs, k=k) for _ in range(args.repeat)]
                 for r in runs:
                     if r["bad"]:
-                        print(f"  {k} cert(s) × {n} POPs: not all deployed: {r['bad']}")
+                        print(f"  {k} cert(s) × {n} POPs: not all deployed: {r['bad'][:3]}")
                 walls = sorted(float(r["wall"]) for r in runs)
                 rss = max(int(r["rss_kb"]) for r in runs)
                 med[k, n] = walls[len(walls) // 2]
-                srv = sum(r["server_cpu"] for r in runs) / len(runs)
-                cli = sum(r["client_cpu"] for r in runs) / len(runs)
-                busy = sum(r["machine_busy"] for r in runs) / len(runs)
-                load = sum(r["load"] for r in runs) / len(runs)
+                avg = {key: sum(r[key] for r in runs) / len(runs)
+                       for key in ("sshd_cpu", "nginx_cpu", "client_cpu", "machine_busy", "load", "forks")}
+                srv = avg["sshd_cpu"] + avg["nginx_cpu"]
                 lo, hi = min(r["reloads"][0] for r in runs), max(r["reloads"][1] for r in runs)
                 print(f"certmgr {k:>2} cert(s) × {n:>2} POPs: median {med[k, n]:.2f}s "
                       f"(runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {rss / 1024:.0f} MiB; "
                       f"reloads per POP per run {lo}{'' if lo == hi else f'-{hi}'} (nginx error logs); "
-                      f"CPU per POP per deploy: {(srv + cli) * 1000 / n:.0f} ms (POPs' sshd+nginx and children "
-                      f"{srv * 1000 / n:.0f} ms + certmgr {cli * 1000 / n:.0f} ms; whole machine {busy * 1000 / n:.0f} "
-                      f"ms, other load included; load avg {load:.1f} on {os.cpu_count()} cores)")
-        k0, big = ks[0], sizes[-1]
+                      f"CPU per POP per deploy: {(srv + avg['client_cpu']) * 1000 / n:.0f} ms "
+                      f"(POPs' sshd trees {avg['sshd_cpu'] * 1000 / n:.0f} ms + nginx {avg['nginx_cpu'] * 1000 / n:.0f}"
+                      f" ms + certmgr {avg['client_cpu'] * 1000 / n:.0f} ms; whole machine "
+                      f"{avg['machine_busy'] * 1000 / n:.0f} ms, other load included); processes started per POP "
+                      f"{avg['forks'] / n:.0f} (machine-wide); load avg {avg['load']:.1f} on {os.cpu_count()} cores")
+        kk = max(ks)
+        if (kk, big) in med:
+            conv = warm["wall"] / med[kk, big]
+            print(f"target first deploy: converting certbot's layout ≤ 1.5x a normal deploy ({kk} cert(s) × {big} "
+                  f"POPs) → {conv:.2f}x ({'met' if conv <= 1.5 else 'NOT met'})")
+        k0 = ks[0]
         for n in sizes:
-            print(f"  {k0} cert(s): {n:>2} POPs / 1 POP = {med[k0, n] / med[k0, sizes[0]]:.2f}x")
-        canary = sorted(float(run_child(lab, big, min(big, 50), state, canary=True, far=fs, k=k0)["wall"])
-                        for _ in range(args.repeat))
-        print(f"certmgr {k0} cert(s) × {big:>2} POPs, canary first (the default with a canary-tagged POP): median "
-              f"{canary[len(canary) // 2]:.2f}s (runs {', '.join(f'{w:.2f}' for w in canary)})")
-        if not args.no_baseline:
-            for k in ks:
-                for n in sizes:
-                    loop = by_hand(lab, n, n, far) if k == 1 else batched(lab, n, k, n, far)
-                    what = "by hand" if k == 1 else "batched loop"
-                    print(f"{what} {k:>2} cert(s) × {n:>2} POPs: {loop:.2f}s ({loop / n:.2f}s per POP) → certmgr "
+            print(f"  {k0} cert(s): {n:>2} POPs / {sizes[0]} POP(s) = {med[k0, n] / med[k0, sizes[0]]:.2f}x")
+        if args.profile:
+            prof = str(state.parent / f"certmgr-deploy-{kk}x{big}.prof")
+            r = run_child(lab, big, min(big, 50), state, far=fs, k=kk, profile=prof)
+            print(f"profile of certmgr {kk} cert(s) × {big} POPs ({r['wall']:.2f}s, certmgr CPU "
+                  f"{r['client_cpu'] * 1000 / big:.0f} ms per POP): {prof}")
+            report_profile(prof)
+        if not args.no_canary:
+            canary = sorted(float(run_child(lab, big, min(big, 50), state, canary=True, far=fs, k=k0)["wall"])
+                            for _ in range(args.repeat))
+            print(f"certmgr {k0} cert(s) × {big:>2} POPs, canary first (the default with a canary-tagged POP): "
+                  f"median {canary[len(canary) // 2]:.2f}s (runs {', '.join(f'{w:.2f}' for w in canary)})")
+        for k in ks:
+            for n in sizes:
+                auto = "auto" in peers
+                if k == 1 and ("by-hand" in peers or auto):
+                    loop = by_hand(lab, n, n, far)
+                    print(f"by hand  {k:>2} cert(s) × {n:>2} POPs: {loop:.2f}s ({loop / n:.2f}s per POP) → certmgr "
                           f"{loop / med[k, n]:.1f}x faster")
+                if "batched" in peers or (auto and k > 1):
+                    r0 = {p: lab.reload_count(p) for p in lab.pop_names[:n]}
+                    loop = batched(lab, n, k, n, far)
+                    rl = sorted(lab.reload_count(p) - r0[p] for p in lab.pop_names[:n])
+                    print(f"batched loop {k:>2} cert(s) × {n:>2} POPs: {loop:.2f}s ({loop / n:.2f}s per POP; reloads "
+                          f"per POP {rl[0]}-{rl[-1]}) → certmgr {loop / med[k, n]:.1f}x faster")
         fan = med[k0, big] / med[k0, sizes[0]]
         print(f"target fan-out: {big} POPs ≤ 2x 1 POP (judged at --rtt 50) → {fan:.2f}x "
               f"({'met' if fan <= 2 else 'NOT met'}{'' if args.rtt else '; this run is on loopback'})")
         if 1 in ks and len(ks) > 1:
-            kk = max(ks)
             ratio = med[kk, big] / med[1, big]
             print(f"target K: {kk} certificates × {big} POPs ≤ 1.5x 1 certificate × {big} POPs → {ratio:.2f}x "
                   f"({'met' if ratio <= 1.5 else 'NOT met'})")

@@ -1,7 +1,7 @@
 """Benchmark: `certmgr rollback` on 4 and 50 lab POPs, and `certmgr revoke` (key leaked → new key served everywhere
 and the old certificate revoked) on 4 POPs — each one `certmgr` process, timed from start to exit.
 
-    .venv/bin/python benchmarks/rollback.py [--sizes 4,50] [--port-base 26400] [--repeat 3]
+    .venv/bin/python benchmarks/rollback.py [--sizes 4,50] [--port-base 26400] [--repeat 3] [--names-per-pop 3]
 
 Per size N, media.hachyderm.test is pointed at the first N POPs (a copy of the lab inventory), two versions are
 issued by the lab's Pebble and version 2 is deployed; then `certmgr rollback` (2 → 1) and `certmgr deploy`
@@ -72,10 +72,11 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="lab dir (default /tmp/certmgr-lab-rollback-bench-PORTBASE)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="leave the lab running")
+    ap.add_argument("--names-per-pop", type=int, default=3, help="server blocks per POP (the lab's shape)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     lab = Lab(Path(args.dir or f"/tmp/certmgr-lab-rollback-bench-{args.port_base}"), args.port_base,
-              pops=max(sizes))
+              pops=max(sizes), names_per_pop=args.names_per_pop)
     t = time.monotonic()
     lab.up()
     lab.reseed()
@@ -96,7 +97,8 @@ def main() -> int:
                 walls.append(wall)
                 certmgr(inv, state, "deploy", NAME)  # clears the pin: version 2 everywhere again
             print(f"rollback {n:>2} POPs: median {statistics.median(walls):.2f} s "
-                  f"(runs {', '.join(f'{w:.2f}' for w in walls)}; one certmgr process each, start to exit)")
+                  f"(runs {', '.join(f'{w:.2f}' for w in walls)}; one certmgr process each, start to exit; "
+                  f"load average {os.getloadavg()[0]:.1f})")
         if 4 in sizes:
             inv = inventory_for(lab, 4, work)
             state = work / "state-4"

@@ -14,7 +14,7 @@ certificates that do not verify are rolled back together with one more reload.
   run.py        deploy(): fan-out, canaries, state
 """
 
-from certmgr.deploy.handshake import CONFIRM_INTERVAL, CONFIRM_ROUNDS, Prober
+from certmgr.deploy.handshake import CONFIRM_INTERVAL, CONFIRM_ROUNDS, PER_HOST, Prober
 from certmgr.deploy.host import Connector, RemoteSession
 from certmgr.deploy.model import OK_STATUSES, HostOutcome, Status
 from certmgr.deploy.plan import (
@@ -33,7 +33,8 @@ from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH, KEYOWN_SH, PRUNE_SH, ROL
 
 __all__ = [
     "COMMIT_SH", "CONFIRM_INTERVAL", "CONFIRM_ROUNDS", "FILE_ORDER", "INSPECT_SH", "KEYOWN_SH", "OK_STATUSES",
-    "PRUNE_SH", "ROLLBACK_SH", "Connector", "HostOutcome", "Prober", "RemoteSession", "Status", "_quote_text",
+    "PER_HOST", "PRUNE_SH", "ROLLBACK_SH", "Connector", "HostOutcome", "Prober", "RemoteSession", "Status",
+    "_quote_text",
     "certbot_version", "command_label", "deploy", "key_owner_matches", "next_version", "sha256sums", "sni_names",
     "version_of_target",
 ]

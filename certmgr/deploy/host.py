@@ -106,6 +106,7 @@ class Deployer:
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
         self.lock_wait = str(popguard.lock_wait(timeouts.command))
         self.produced: list[HostOutcome] = []  # every outcome so far: what a cancelled deploy still saves
+        self.handshakes: dict[str, asyncio.Semaphore] = {}  # per host: handshake.PER_HOST in flight at most
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 
@@ -125,10 +126,18 @@ class Deployer:
                                  f"added to {k.known_hosts}")
 
     async def served(self, host: Host, names: Sequence[str]) -> dict[str, Probe]:
-        return await handshake.served(self.prober, host, names)
+        return await handshake.served(self.prober, host, names, self.bound(host))
 
     async def wait_served(self, host: Host, names: Sequence[str], serial: str) -> tuple[bool, dict[str, Probe]]:
-        return await handshake.wait_served(self.prober, host, names, serial, limit=self.timeouts.verify)
+        return await handshake.wait_served(self.prober, host, names, serial, limit=self.timeouts.verify,
+                                           sem=self.bound(host))
+
+    async def wait_all(self, host: Host, wants: Sequence[tuple[Sequence[str], str]]
+                       ) -> list[tuple[bool, dict[str, Probe]]]:
+        return await handshake.wait_all(self.prober, host, wants, limit=self.timeouts.verify, sem=self.bound(host))
+
+    def bound(self, host: Host) -> asyncio.Semaphore:
+        return self.handshakes.setdefault(host.name, asyncio.Semaphore(handshake.PER_HOST))
 
     # -- outcomes
 

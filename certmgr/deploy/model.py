@@ -124,6 +124,7 @@ class Inspection:
     certs: Mapping[str, CertState]
     test_rc: int | None  # None: the script did not get that far (unexpected output)
     test_out: str
+    preflight: bool  # the test ran; False: skipped, the commit can undo its swaps (scripts/inspect.sh)
     restored: tuple[str, ...]  # certbot directories put back after an interrupted conversion
     raw: Result
 
@@ -138,7 +139,7 @@ def parse_inspection(res: Result) -> Inspection:
             missing=frozenset(f.get("missing", [])), fullchain=b64bytes(_last(f, "fullchain_b64")),
             key_owner=_last(f, "key_owner"), fields=f)
     return Inspection(certs=certs, test_rc=_int(own, "test_rc"), test_out=b64text(_last(own, "test_out") or ""),
-                      restored=tuple(res.all("restored")), raw=res)
+                      preflight=_last(own, "preflight") != "skipped", restored=tuple(res.all("restored")), raw=res)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

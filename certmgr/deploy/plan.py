@@ -4,6 +4,7 @@ and the small helpers they use: no I/O here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from cryptography import x509
 from certmgr import sanitize
 from certmgr.deploy.model import CertState
 from certmgr.inventory import Certificate
-from certmgr.material import CertInfo, CertMaterial
+from certmgr.material import CertMaterial, serial_text
 from certmgr.probe import Probe
 
 FILE_ORDER = ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")
@@ -129,23 +130,34 @@ def command_label(argv: Sequence[str]) -> str:
     return prog
 
 
+@functools.lru_cache(maxsize=1024)
 def serial_of_pem(pem: bytes | None) -> str | None:
-    """Serial of the first certificate in `pem` (a fullchain's leaf), or None."""
+    """Serial of the first certificate in `pem` (a fullchain's leaf), or None.
+
+    Only the serial, and cached by the bytes: a deploy asks for the same few certificates' serials
+    on every POP, and a full CertInfo (names, key type, …) per handshake was about a fifth of certmgr's CPU.
+    """
     if not pem:
         return None
     try:
-        return CertInfo.from_cert(x509.load_pem_x509_certificate(pem)).serial
+        return serial_text(x509.load_pem_x509_certificate(pem).serial_number)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _serial_of_der(der: bytes) -> str | None:
+    try:
+        return serial_text(x509.load_der_x509_certificate(der).serial_number)
     except ValueError:
         return None
 
 
 def serial_of_probe(p: Probe) -> str | None:
-    if not p.ok:
+    """Serial of the leaf a handshake was served, or None (no handshake, no certificate, unparsable)."""
+    if not p.ok or not p.chain:
         return None
-    try:
-        return CertInfo.from_der(p.chain[0]).serial
-    except ValueError:
-        return None
+    return _serial_of_der(p.chain[0])
 
 
 def served_text(seen: Mapping[str, Probe]) -> str:

@@ -106,6 +106,13 @@ async def after_failed_test(t: Transaction, job: Job, res: Commit) -> None:
     else:
         step, text = f"{command_label(host.test_command)} failed", res.test_out
     retest_ok = res.retest_rc == 0 and cc.rolled_back is True
+    if not t.preflight and not reload_failed and cc.rolled_back is True and res.retest_rc != 0:
+        # No preflight ran (inspect.sh): switched back without a reload, the test still fails: the
+        # config was broken without us. Live and served are as they were; the version stays stored.
+        t.broken_before(job, res.retest_rc, res.retest_out, old_serial=old_serial,
+                        version=version_of_target(cc.prev, job.name),
+                        outcome=f"live unchanged, not reloaded; version {version} stored for the next deploy")
+        return
     back = f"version {prev_version}" if prev_version is not None else "the previous version"
     status = Status.FAILED
     if not retest_ok:

@@ -36,6 +36,7 @@ class Transaction:
         self.loop = d.loop
         self.root = ""
         self.test = self.reload = ""
+        self.preflight = True  # inspect ran the test before any change (else the commit's retest judges)
 
     def finish(self, job: Job, status: Status, **kw: Any) -> None:
         self.done[job.name] = self.d.outcome(job, status, start=self.start, **kw)
@@ -151,25 +152,32 @@ class Transaction:
         for restored in state.restored:
             event(logger, logging.WARNING, "restored certbot's live directory left by an interrupted conversion",
                   cert=restored, host=host.name)
+        self.preflight = state.preflight
         if state.test_rc != 0:
-            text = state.test_out or f"exit status {state.test_rc}, no output"
-            cannot_run = text.startswith("sudo:") or state.test_rc in (126, 127)
             for job in self.jobs:
                 d = decide(state.certs[job.name], name=job.name, root=self.root, fullchain=job.material.fullchain,
                            local_version=job.local_version, keyown=host.privkey_chown)
-                if cannot_run:
-                    self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                                error=f"{job.subject}: {command_label(host.test_command)} cannot run: "
-                                      f"{quote_text(text)} (nothing changed)",
-                                hint="check test_command and the deploy user's sudoers lines (docs/deploy.md)")
-                else:
-                    self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                                error=f"{job.subject}: config was already broken before deploy: {quote_text(text)} "
-                                      "(nothing changed)",
-                                hint=f"fix the web server config on {host.name} first; its test command fails "
-                                     "without certmgr")
+                self.broken_before(job, state.test_rc, state.test_out, old_serial=d.old_serial,
+                                   version=d.prev_version)
             return None
         return state
+
+    def broken_before(self, job: Job, rc: int | None, out: str, *, old_serial: str | None,
+                      version: int | None, outcome: str = "nothing changed") -> None:
+        """The test fails without certmgr's change (the preflight, or the retest after switching back)."""
+        host = self.host
+        text = out or f"exit status {rc}, no output"
+        if text.startswith("sudo:") or rc in (126, 127):
+            self.finish(job, Status.FAILED, old_serial=old_serial, version=version,
+                        error=f"{job.subject}: {command_label(host.test_command)} cannot run: "
+                              f"{quote_text(text)} ({outcome})",
+                        hint="check test_command and the deploy user's sudoers lines (docs/deploy.md)")
+        else:
+            self.finish(job, Status.FAILED, old_serial=old_serial, version=version,
+                        error=f"{job.subject}: config was already broken before deploy: {quote_text(text)} "
+                              f"({outcome})",
+                        hint=f"fix the web server config on {host.name} first; its test command fails "
+                             "without certmgr")
 
     async def decide(self, state: Inspection) -> list[Job]:
         """Per certificate: skip (this version live and served), refuse, or go on to upload."""
@@ -260,8 +268,7 @@ class Transaction:
     async def verify(self, swapped: list[Job], commit: Commit) -> None:
         """Every name of every swapped certificate by handshake; those that fail are rolled back together."""
         t = self.loop.time()
-        checks = await asyncio.gather(*(self.d.wait_served(self.host, sni_names(j.cert), j.info.serial)
-                                        for j in swapped))
+        checks = await self.d.wait_all(self.host, [(sni_names(j.cert), j.info.serial) for j in swapped])
         bad: list[tuple[Job, str]] = []
         for job, (ok, seen) in zip(swapped, checks, strict=True):
             job.timings["verify"] = self.loop.time() - t

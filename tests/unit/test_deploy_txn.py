@@ -21,11 +21,15 @@ from certmgr.store import Store
 from tests.unit.test_deploy import (
     _RELOAD,
     _TEST,
+    NAME,
     NOW,
     FakeFleet,
     fake_host,
+    fleet_inventory,
     linked_root,
     material,
+    run_fleet,
+    seeded_store,
     sh,
     trusted_ca,
     upload,
@@ -196,8 +200,78 @@ def test_only_the_certificates_that_do_not_verify_are_rolled_back(tmp_path: Path
     assert outs["b.example"].error.endswith("(rolled back to version 1, reloaded)")
     assert [os.readlink(root / "live" / n) for n in NAMES] == ["../archive/a.example/2", "../archive/b.example/1",
                                                              "../archive/c.example/2"]
-    # preflight + the commit's test + the rollback's test; the commit's reload + the rollback's reload
-    assert (root / "tests.log").read_text().count("x") == 3
+    # the commit's test + the rollback's test (issue 17: no preflight on a POP in certmgr's layout; it was 3 with
+    # one); the commit's reload + the rollback's reload
+    assert (root / "tests.log").read_text().count("x") == 2
     assert (root / "reloads.log").read_text().count("x") == 2
     actions = [(e["action"], e["object"]) for e in store.read_audit() if e["action"] in ("deployed", "rolled back")][-3:]
     assert sorted(actions) == [("deployed", "a.example"), ("deployed", "c.example"), ("rolled back", "b.example")]
+
+
+def test_commit_checks_and_syncs_k_uploads_with_one_process_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K certificates cost the POP one sha256sum and two syncs in all (uploads, then the swapped links), not K each."""
+    names = tuple(f"n{i}.example" for i in range(8))
+    root = multi_root(tmp_path, names)
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("sha256sum", "sync"):
+        real = shutil.which(tool)
+        assert real is not None
+        (bindir / tool).write_text(f'#!/bin/sh\necho {tool} >> {calls}\nexec {real} "$@"\n')
+        (bindir / tool).chmod(0o755)
+    args = commit_args(root, names, "true", "true")
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    res = sh(COMMIT_SH, *args)
+    c = parse_commit(res)
+    assert c.done and res.exit_status == 0, res.stdout + res.stderr
+    assert calls.read_text().splitlines().count("sha256sum") == 1
+    assert calls.read_text().splitlines().count("sync") == 2
+    for n in names:
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
+
+
+@pytest.mark.parametrize(("lock", "other", "runs"), [
+    (True, "link", False),  # certmgr committed here before, every lineage a link: the commit can undo its swaps
+    (False, "link", True),  # no lock file: a POP certmgr never committed to (the commit would create one)
+    (True, "certbot", True),  # a lineage in certbot's layout: the commit converts it
+    (True, "none", True),  # a lineage not there yet: the commit makes its directories
+])
+def test_inspect_runs_the_preflight_only_where_the_commit_could_not_undo(tmp_path: Path, lock: bool, other: str,
+                                                                          runs: bool) -> None:
+    """The preflight test (it loads every certificate) is skipped only on a POP in certmgr's layout it has locked before."""
+    root = multi_root(tmp_path, NAMES[:2])
+    if lock:
+        (root / "archive" / ".certmgr.lock").touch()
+    if other == "certbot":
+        os.unlink(root / "live" / NAMES[1])
+        (root / "live" / NAMES[1]).mkdir()
+    elif other == "none":
+        os.unlink(root / "live" / NAMES[1])
+        shutil.rmtree(root / "archive" / NAMES[1])
+    log = tmp_path / "tests.log"
+    state = parse_inspection(sh(INSPECT_SH, str(root), NAMES[0], f"echo x >> {log}", "", "5", "", NAMES[1]))
+    assert state.test_rc == 0 and state.preflight is runs
+    assert log.exists() is runs
+
+
+def test_a_config_broken_before_a_deploy_without_preflight_is_told_apart_by_the_retest(tmp_path: Path) -> None:
+    """No preflight on a POP certmgr manages: the failed test after the swap, the switch back and a failing retest say "already broken", live and served unchanged, no reload."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, first = seeded_store(tmp_path)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    root = Path(inv.hosts["h0"].cert_root)
+    served = (root / "served" / f"{NAME}.pem").read_bytes()
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, material()))
+    (root / "broken").write_text("")
+    o = run_fleet(inv, store, FakeFleet())["h0"]
+    assert o.status == Status.FAILED and o.old_serial == first and o.version == 1
+    assert o.error == (f'deploy {NAME} → h0: config was already broken before deploy: "broken" (live unchanged, not '
+                       "reloaded; version 2 stored for the next deploy)")
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/1"
+    assert (root / "served" / f"{NAME}.pem").read_bytes() == served
+    assert [e for e in store.read_audit() if e["action"] in ("rolled back", "rollback failed")] == []
+    (root / "broken").unlink()
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/2"

@@ -18,13 +18,57 @@ SUMS
 ) }
 
 n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to switch each back
+# Forks are what a POP pays per certificate: every upload is checked by ONE sha256sum and made
+# durable by ONE sync before any rename (per certificate only when that fails, to say which one),
+# and live/ and the lineages are synced once after the swaps ($lazysync), before the test.
+m=0  # certificates asked for: c_<field>_<j> (j = 1..m)
+want() { m=$((m + 1)); eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$4 c_conv_$m=\$5"; }
+# every upload's files and directory, relative to $root, synced by one process
+sync_uploads() {
+  set --
+  j=0 cn='' ct=''
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+    d=archive/$cn/$ct
+    set -- "$@" "$d/fullchain.pem" "$d/privkey.pem" "$d/cert.pem" "$d/chain.pem" "$d"
+  done
+  sync -- "$@"
+}
+# all_ok: every upload matches its SHA-256 and is on disk (one sha256sum, one sync); else non-zero
+all_ok() {
+  allsums='' j=0 cn='' ct='' cs=''
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j cs=\$c_sums_$j"
+    while IFS= read -r l; do
+      [ -n "$l" ] || continue
+      allsums="$allsums${l%%  *}  archive/$cn/$ct/${l#*  }
+"
+    done <<LINES
+$cs
+LINES
+  done
+  (cd -- "$root" && sha256sum --strict --quiet -c - >/dev/null 2>&1 <<SUMS && sync_uploads >/dev/null 2>&1
+$allsums
+SUMS
+)
+}
+
 # stage NAME TMP VER SUMS CONV: store the version and swap live/<name>; non-zero when it failed (unchanged)
 stage() {
   lineage "$1"; tmp=$2 ver=$3 sums=$4 conv=$5
   say "cert=$name"
-  o=$(sumsok "$arch/$tmp") || { fail verify "$o"; return 1; }
-  if [ -n "$keyown" ]; then o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }; fi
-  o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || { fail sync "$o"; return 1; }
+  if [ -z "$checked" ]; then
+    o=$(sumsok "$arch/$tmp") || { fail verify "$o"; return 1; }
+  fi
+  if [ -n "$keyown" ]; then
+    o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }
+    [ -z "$checked" ] || sync -- "$arch/$tmp/privkey.pem" 2>/dev/null || :
+  fi
+  if [ -z "$checked" ]; then
+    o=$(cd -- "$arch/$tmp" 2>&1 && sync -- fullchain.pem privkey.pem cert.pem chain.pem . 2>&1) || { fail sync "$o"; return 1; }
+  fi
   # The store's number names this version on every POP. archive/<name>/N/ may exist already: this
   # very certificate (a rolled-back attempt, another controller's upload) is used as it is; other
   # content (a certbot-era or hand-made N/) is set aside as N.certmgr-aside-<stamp>/, never lost.
@@ -49,7 +93,7 @@ stage() {
     fi
     o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || { fail rename "$o"; return 1; }
   fi
-  sync -- "$arch" 2>/dev/null || :
+  [ -n "$lazysync" ] || sync -- "$arch" 2>/dev/null || :
   say "stored=$ver"
   prev=
   if [ -n "$conv" ]; then
@@ -106,18 +150,36 @@ back_all() {
     if point "$bp" back; then say rolled_back=1; else say rolled_back=0; bad=1; fi
   done
   say cert=
+  [ -z "$lazysync" ] || sync -- "$root/live" 2>/dev/null || :
   return "$bad"
 }
 
 lock
-stage "$2" "$3" "$4" "$5" "$6"
+want "$2" "$3" "$4" "$5" "$6"
 if [ $# -gt 12 ]; then shift 12; else set --; fi
 while [ $# -ge 5 ]; do
-  stage "$1" "$2" "$3" "$4" "$5"
+  want "$1" "$2" "$3" "$4" "$5"
   shift 5
+done
+checked=
+if all_ok; then checked=1 lazysync=1; fi
+j=0
+while [ "$j" -lt "$m" ]; do
+  j=$((j + 1))
+  eval "stage \"\$c_name_$j\" \"\$c_tmp_$j\" \"\$c_ver_$j\" \"\$c_sums_$j\" \"\$c_conv_$j\""
 done
 say cert=
 [ "$n" -gt 0 ] || exit 3
+if [ -n "$lazysync" ]; then  # the renames on disk before nginx reads them: every lineage swapped, and live/
+  set --
+  i=0 bn=''
+  while [ "$i" -lt "$n" ]; do
+    i=$((i + 1))
+    eval "bn=\$name_$i"
+    set -- "$@" "$root/archive/$bn"
+  done
+  sync -- "$@" "$root/live" 2>/dev/null || :
+fi
 out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
 say "test_rc=$rc"
 if [ "$rc" -ne 0 ]; then
