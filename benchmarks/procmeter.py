@@ -19,6 +19,7 @@ import ctypes
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class Meter:
 
     def __init__(self, roots: Iterable[int] = ()) -> None:
         self.roots = {os.getpid(), *roots}
+        self.started = int(time.time()) - 1  # acct's ac_btime: processes born before are not the benchmark's
         fd, name = tempfile.mkstemp(prefix="certmgr-bench-acct-")
         os.close(fd)
         self.path = Path(name)
@@ -115,13 +117,14 @@ class Meter:
         usable = len(data) - len(data) % _REC.size
         self.offset += usable
         recs = [_REC.unpack_from(data, i) for i in range(0, usable, _REC.size)]
-        for r in recs:
-            self.parent.setdefault(r[6], r[7])
+        for r in recs:  # the newest record for a pid wins: pids are reused by other jobs
+            if r[8] >= self.started:
+                self.parent[r[6]] = r[7]
         cpu: collections.Counter[str] = collections.Counter()
         exited: collections.Counter[str] = collections.Counter()
         for r in recs:
             pid = r[6]
-            if r[1] != 3 or not self._ours(pid):
+            if r[1] != 3 or r[8] < self.started or not self._ours(pid):
                 continue
             comm = r[18].split(b"\0", 1)[0].decode(errors="replace")
             used = (_comp(r[10]) + _comp(r[11])) / AHZ
