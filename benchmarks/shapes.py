@@ -2,7 +2,8 @@
 
 `benchmarks/run shapes` calls this once per shape and step, then once to print:
 
-    shapes.py scan   --results R.json --lab-dir D [--quick]      # scan.py on a running lab, openssl loop beside it
+    shapes.py scan   --results R.json --lab-dir D [--quick]      # scan.py on a running lab, openssl loop beside
+                                                                  # it; then `certmgr discover` of its POPs
     shapes.py deploy --results R.json --shape 50x50 --port-base B --dir D [--quick]
                                                                   # benchmarks/deploy.py as a black box
     shapes.py table  --results R.json                             # the table and the CPU breakdown
@@ -32,7 +33,7 @@ from procmeter import Meter  # noqa: E402
 
 from lab import Lab  # noqa: E402
 
-POP_KINDS = ("sshd", "sudo", "nginx", "shells", "sftp-server", "other")
+POP_KINDS = ("sshd", "sudo", "nginx", "shells", "sftp-server", "openssl", "other")  # openssl: discover's, on the POP
 KINDS = ("certmgr", "sshd", "sudo", "nginx", "shells", "openssl", "sftp-server", "ssh/scp (loop)", "other")
 
 
@@ -87,6 +88,16 @@ def do_scan(args: argparse.Namespace) -> None:
             out["phases"]["openssl s_client loop"]["per"] = "endpoint"
     try:
         rc = _stream(argv, on_line)
+        if not args.no_discover:  # cheap: one SSH connection and `sudo nginx -T` per POP
+            res = subprocess.run([sys.executable, __file__, "discover-child", "--results", "-", "--lab-dir",
+                                  args.lab_dir], capture_output=True, text=True, check=False)
+            if res.returncode == 0:
+                out["discover"] = json.loads(res.stdout.strip().splitlines()[-1])
+                out["phases"]["certmgr discover, all POPs"] = _phase(meter, "discover")
+                print(f"  certmgr discover of {lab.pops} POPs: {out['discover']['wall_s']:.2f}s, "
+                      f"{out['discover']['bindings']} host bindings, {out['discover']['errors']} errors")
+            else:
+                print(f"  certmgr discover failed:\n{res.stderr}")
     finally:
         meter.close()
     out["load_end"] = os.getloadavg()[0]
@@ -94,6 +105,23 @@ def do_scan(args: argparse.Namespace) -> None:
     data = _load(args.results)
     data["shapes"].setdefault(shape, {})["scan"] = out
     _save(args.results, data)
+
+
+def do_discover_child(args: argparse.Namespace) -> None:
+    """`certmgr discover` over every POP of the lab, in this (child) process; prints JSON."""
+    import asyncio
+    import datetime as dt
+
+    from certmgr import inventory as inventory_mod
+    from certmgr.discover.collect import discover
+
+    lab = Lab.load(args.lab_dir)
+    inv = inventory_mod.load(lab.inventory_path)
+    hosts = [inv.hosts[name] for name in lab.pop_names]
+    start = time.monotonic()
+    report = asyncio.run(discover(inv, hosts, now=dt.datetime.now(dt.UTC), parallel=50))
+    print(json.dumps({"wall_s": time.monotonic() - start, "bindings": len(report.bindings),
+                      "errors": len(report.errors)}))
 
 
 def _has_flag(script: Path, flag: str) -> bool:
@@ -170,6 +198,10 @@ def do_table(args: argparse.Namespace) -> None:
                   f"{best.get('pss_total_mb', '?')} MB all processes) | {_s(best['wall_s'])} | ~{_s(loop)} | "
                   f"sequential `openssl s_client` loop, {sc.get('openssl', {}).get('sample', 0)} timed, "
                   f"extrapolated | {ratio} | {sc['load_start']:.1f} → {sc['load_end']:.1f} |")
+        if sc and sc.get("discover"):
+            dc = sc["discover"]
+            print(f"| {shape.replace('x', ' × ')} | discover {shape.split('x')[0]} POPs ({dc['bindings']} host "
+                  f"bindings, {dc['errors']} errors) | {_s(dc['wall_s'])} | – | no peer run | – | |")
         dp = d.get("deploy")
         if dp and dp.get("skipped"):
             print(f"| {shape.replace('x', ' × ')} | deploy | not measured | | | {dp['skipped']} | |")
@@ -207,7 +239,7 @@ def do_table(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=("scan", "deploy", "table"))
+    ap.add_argument("step", choices=("scan", "deploy", "table", "discover-child"))
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--lab-dir")
     ap.add_argument("--shape", help="POPSxNAMES, for deploy")
@@ -215,8 +247,9 @@ def main() -> int:
     ap.add_argument("--dir")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a smaller openssl sample")
     ap.add_argument("--profile", action="store_true", help="scan: also cProfile one single-process scan")
+    ap.add_argument("--no-discover", action="store_true", help="scan: skip `certmgr discover` on the lab")
     args = ap.parse_args()
-    {"scan": do_scan, "deploy": do_deploy, "table": do_table}[args.step](args)
+    {"scan": do_scan, "deploy": do_deploy, "table": do_table, "discover-child": do_discover_child}[args.step](args)
     return 0
 
 
