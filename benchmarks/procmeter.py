@@ -51,18 +51,23 @@ def kind(comm: str) -> str:
     return "other"
 
 
-def _stat(pid: int) -> tuple[str, int, float, float] | None:
-    """(comm, ppid, own CPU s, reaped children's CPU s) of a live process."""
+_BOOT = next(int(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime "))
+Stat = tuple[str, int, float, float, float]
+
+
+def _stat(pid: int) -> Stat | None:
+    """(comm, ppid, own CPU s, reaped children's CPU s, start time, epoch s) of a live process."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     comm = raw[raw.index("(") + 1:raw.rindex(")")]
     f = raw.rsplit(")", 1)[1].split()
-    return comm, int(f[1]), (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK
+    return comm, int(f[1]), (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK, \
+        _BOOT + int(f[19]) / TICK
 
 
-def _snapshot() -> dict[int, tuple[str, int, float, float]]:
+def _snapshot() -> dict[int, Stat]:
     out = {}
     for e in os.listdir("/proc"):
         if e.isdigit() and (s := _stat(int(e))) is not None:
@@ -81,7 +86,9 @@ class Meter:
         self.path = Path(name)
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.acct_ok = self.libc.acct(str(self.path).encode()) == 0
-        self.parent: dict[int, int] = {}
+        # pid -> {start second: (end, ppid)}: every process seen, so a parent is looked up as it was at
+        # the child's birth — other jobs reuse pids, and a reused pid must not make their processes ours
+        self.life: dict[int, dict[int, tuple[float, int]]] = collections.defaultdict(dict)
         self.prev = _snapshot()
         self._learn(self.prev)
         self.offset = 0
@@ -92,22 +99,29 @@ class Meter:
     def add_roots(self, pids: Iterable[int | None]) -> None:
         self.roots |= {p for p in pids if p}
 
-    def _learn(self, snap: dict[int, tuple[str, int, float, float]]) -> None:
+    def _learn(self, snap: dict[int, Stat]) -> None:
         for pid, s in snap.items():
-            self.parent[pid] = s[1]
+            self.life[pid][int(s[4])] = (float("inf"), s[1])
 
-    def _ours(self, pid: int) -> bool:
+    def _parent_at(self, pid: int, t: float) -> int | None:
+        """The parent of the process `pid` that was alive at time t (acct times are whole seconds)."""
+        alive = [(start, ppid) for start, (end, ppid) in self.life.get(pid, {}).items()
+                 if start <= t + 1 and end >= t - 1]
+        return max(alive)[1] if alive else None
+
+    def _ours(self, pid: int, t: float) -> bool:
         seen = 0
-        while pid > 1 and seen < 64:
-            if pid in self.roots:
+        cur: int | None = pid
+        while cur is not None and cur > 1 and seen < 64:
+            if cur in self.roots:
                 return True
-            pid, seen = self.parent.get(pid, 0), seen + 1
+            cur, seen = self._parent_at(cur, t), seen + 1
         return False
 
-    def _pop_side(self, snap: dict[int, tuple[str, int, float, float]]) -> dict[int, float]:
+    def _pop_side(self, snap: dict[int, Stat]) -> dict[int, float]:
         """Each live sshd and nginx of ours: its own CPU plus everything it reaped (exact to the tick)."""
         return {pid: s[2] + s[3] for pid, s in snap.items()
-                if pid != os.getpid() and s[0].startswith(("sshd", "nginx")) and self._ours(pid)}
+                if pid != os.getpid() and s[0].startswith(("sshd", "nginx")) and self._ours(pid, s[4])}
 
     def mark(self, label: str) -> dict[str, float]:
         """CPU seconds per kind since the last mark, recorded under `label`."""
@@ -117,14 +131,14 @@ class Meter:
         usable = len(data) - len(data) % _REC.size
         self.offset += usable
         recs = [_REC.unpack_from(data, i) for i in range(0, usable, _REC.size)]
-        for r in recs:  # the newest record for a pid wins: pids are reused by other jobs
-            if r[8] >= self.started:
-                self.parent[r[6]] = r[7]
+        for r in recs:
+            self.life[r[6]].pop(r[8], None)  # the same process as seen alive (start rounded alike or not)
+            self.life[r[6]][r[8]] = (r[8] + r[9], r[7])
         cpu: collections.Counter[str] = collections.Counter()
         exited: collections.Counter[str] = collections.Counter()
         for r in recs:
             pid = r[6]
-            if r[1] != 3 or r[8] < self.started or not self._ours(pid):
+            if r[1] != 3 or r[8] < self.started or not self._ours(pid, r[8]):
                 continue
             comm = r[18].split(b"\0", 1)[0].decode(errors="replace")
             used = (_comp(r[10]) + _comp(r[11])) / AHZ
@@ -132,8 +146,8 @@ class Meter:
                 used = max(0.0, used - self.prev[pid][2])  # its CPU up to the last mark was counted then
             cpu[kind(comm)] += used
             exited[comm] += 1
-        for pid, (comm, _ppid, own, _kids) in snap.items():
-            if pid == os.getpid() or not self._ours(pid):
+        for pid, (comm, _ppid, own, _kids, start) in snap.items():
+            if pid == os.getpid() or not self._ours(pid, start):
                 continue
             before = self.prev[pid][2] if pid in self.prev and self.prev[pid][0] == comm else 0.0
             cpu[kind(comm)] += own - before
