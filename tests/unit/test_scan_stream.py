@@ -315,11 +315,12 @@ def _wide(n_certs: int, n_domains: int) -> str:
 
 
 def _retained_after_scan(inv: inv_mod.Inventory, workers: int) -> tuple[int, int, int]:
-    """(bytes the parent still holds with the result alive, EndpointResult objects alive, endpoints)."""
+    """(bytes the parent still holds with the result alive, EndpointResult objects it added, endpoints)."""
     import gc
     import tracemalloc
 
     gc.collect()
+    others = sum(isinstance(o, scanresult.EndpointResult) for o in gc.get_objects())  # earlier tests' in this worker
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -328,7 +329,7 @@ def _retained_after_scan(inv: inv_mod.Inventory, workers: int) -> tuple[int, int
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    alive = sum(isinstance(o, scanresult.EndpointResult) for o in gc.get_objects())
+    alive = sum(isinstance(o, scanresult.EndpointResult) for o in gc.get_objects()) - others
     n = result.endpoint_count
     assert result.spooled is not None and len(list(result.iter_endpoints())) == n  # every endpoint still readable
     return held, alive, n
