@@ -219,11 +219,12 @@ def do_table(args: argparse.Namespace) -> None:
                 print(f"| {shape.replace('x', ' × ')} | first deploy, 10 certs (certbot layout converted) | "
                       f"{_s(first)} | | | {first / normal:.2f}× a normal one | |")
     print("\nwhere the CPU goes: seconds per run (scan, deploy) or per endpoint (openssl loop), by process kind; "
-          "the POPs' total = their sshd and nginx with all they reaped (/proc, exact to the tick); the "
-          "process kinds read exited processes from process accounting, in whole 10 ms ticks, truncated, so "
-          "the POPs' short processes (sh, sudo, nginx -t) read low: the difference is the unattributed column; "
+          "the POPs' /proc total = their live sshd and nginx, own CPU plus all they reaped (/proc); it misses "
+          "processes reparented away from them (it reads below the per-kind sum in some phases); the per-kind "
+          "columns read exited processes from process accounting, in whole 10 ms ticks, truncated, so short "
+          "processes read low; 'unattributed' = the /proc total minus the per-kind POP sum when positive; "
           "`certmgr` is every Python process of the benchmark (in a loop's phase: the driver)\n")
-    print("| shape | phase | " + " | ".join(KINDS) + " | POPs' total (exact) | POPs' short-lived, unattributed "
+    print("| shape | phase | " + " | ".join(KINDS) + " | POPs' /proc total | unattributed "
           "| exited processes |")
     print("| --- | --- | " + " | ".join("---" for _ in KINDS) + " | --- | --- | --- |")
     for shape, d in data["shapes"].items():
