@@ -8,8 +8,9 @@ its size, so a process is counted in the phase it exited in. Only processes desc
 given roots (this process, and the lab's sshd and nginx masters) count: other jobs on the machine
 do not. Caveat, from the kernel: an exited process's CPU is recorded in whole 10 ms ticks,
 truncated, so many short processes (a `sudo` takes a few ms) read low; the `exited` column
-says how many there were, and `pop_total_s` (the sshd and nginx masters' own CPU plus all they
-reaped, from /proc, exact to the tick) is the POP side's true total to set against.
+says how many there were. `pop_total` (the live sshd and nginx processes' own CPU plus all they
+reaped, from /proc) is set beside it; it misses processes reparented away from them before they
+were reaped, and reads below the per-kind sum in some phases.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Meter:
         return False
 
     def _pop_side(self, snap: dict[int, Stat]) -> dict[int, float]:
-        """Each live sshd and nginx of ours: its own CPU plus everything it reaped (exact to the tick)."""
+        """Each live sshd and nginx of ours: its own CPU plus everything it reaped."""
         return {pid: s[2] + s[3] for pid, s in snap.items()
                 if pid != os.getpid() and s[0].startswith(("sshd", "nginx")) and self._ours(pid, s[4])}
 
