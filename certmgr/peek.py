@@ -38,6 +38,8 @@ def peekable(sni: str) -> bool:
     """Whether `sni` can go in a server_name extension (a DNS name in ASCII, not an IP address)."""
     if not sni or len(sni) > 253 or not sni.isascii():
         return False
+    if ":" not in sni and not all(part.isdigit() for part in sni.split(".", 4)):
+        return True  # neither IPv6 (has ":") nor a dotted quad: skip ip_address's costly ValueError per name
     try:
         ipaddress.ip_address(sni)
     except ValueError:

@@ -6,6 +6,7 @@ Split from `certmgr.scan`, which drives thousands of these; `certmgr.deploy` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -167,14 +168,20 @@ class _DNSFailure(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_version(address: str) -> int | None:
+    """4 or 6 for an IP literal, None for a name; cached: a scan asks once per endpoint, for a few POP addresses."""
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return None
+
+
 async def _resolve(loop: asyncio.AbstractEventLoop, address: str, port: int,
                    timeout: float) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        pass
-    else:
-        return (socket.AF_INET6, (address, port, 0, 0)) if ip.version == 6 else (socket.AF_INET, (address, port))
+    version = _ip_version(address)
+    if version is not None:
+        return (socket.AF_INET6, (address, port, 0, 0)) if version == 6 else (socket.AF_INET, (address, port))
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)

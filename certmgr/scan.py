@@ -188,6 +188,13 @@ def _verifier_for(now: dt.datetime, trust: tuple[Path, ...]) -> Any:
     return _WORKER_VERIFIER[1]
 
 
+def _drop_verifier() -> None:
+    """After a scan: the verifier memoises a verdict per (chain, name) seen, which grows with the names
+    scanned; nothing needs it once the results are in, so the parent does not keep it."""
+    global _WORKER_VERIFIER
+    _WORKER_VERIFIER = None
+
+
 async def _run_endpoints(job: _Job, on_result: Callable[[EndpointResult], None]) -> None:
     """Probe `job.endpoints` with at most `job.concurrency` in flight in all, `job.per_address` per address.
 
@@ -356,10 +363,13 @@ async def scan(
 
     job = _Job(endpoints=(), thresholds=thresholds, trust=inventory.trust, now=now, concurrency=concurrency,
                timeouts=timeouts, per_address=per_address, peek=peek)
-    if n_workers == 1:
-        await _run_endpoints(replace(job, endpoints=tuple(eps)), collect)
-    else:
-        await _run_sharded(eps, n_eps, n_workers, job, collector, progress)
+    try:
+        if n_workers == 1:
+            await _run_endpoints(replace(job, endpoints=tuple(eps)), collect)
+        else:
+            await _run_sharded(eps, n_eps, n_workers, job, collector, progress)
+    finally:
+        _drop_verifier()
     live = live_fingerprints(store, [c.name for c in certs])
     # the whole fleet: also what the last `certmgr discover` found unmanaged and expiring (not summarised)
     extra = unmanaged_results(store, now) if not names else []

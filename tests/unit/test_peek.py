@@ -194,3 +194,17 @@ def test_client_hello_is_well_formed() -> None:
     assert b"\x00\x00\x0ea.example.test" in hello
     assert (peekable("a.example.test"), peekable("127.0.0.1"), peekable("::1"), peekable(""),
             peekable("bücher.example")) == (True, False, False, False, False)
+
+
+@pytest.mark.parametrize("sni", ["999.1.1.1", "1.2.3.04", "1.2.3", "1.2.3.4.5", "example.com.", "0x7f.0.0.1",
+                                 "1.2.3.4", "::1", "fe80::1%eth0", "::ffff:1.2.3.4", "10.0.0.255"])
+def test_peekable_skips_ip_address_only_when_the_name_cannot_be_a_literal(sni: str) -> None:
+    """The cheap pre-check gives exactly ipaddress's answer: only a literal it accepts is refused."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(sni)
+        literal = True
+    except ValueError:
+        literal = False
+    assert peekable(sni) is (not literal)

@@ -303,3 +303,57 @@ def test_an_unwritable_spool_directory_is_a_scan_error(
     assert str(info.value) == (f"scan: cannot spool results to {tmp_path}/missing: No such file or directory "
                                "(scan stopped)")
     assert info.value.hint == "free space there, or set TMPDIR to a writable directory"
+
+
+# ---------------------------------------------------------------- the parent's memory
+
+
+def _wide(n_certs: int, n_domains: int) -> str:
+    return "".join(f'[[certificates]]\nname = "w{i}"\n'
+                   f'domains = [{", ".join(f"{chr(34)}d{j}.w{i}.example.test{chr(34)}" for j in range(n_domains))}]\n'
+                   f'hosts = ["pop1", "pop2", "pop3", "pop4"]\n' for i in range(n_certs))
+
+
+def _retained_after_scan(inv: inv_mod.Inventory, workers: int) -> tuple[int, int, int]:
+    """(bytes the parent still holds with the result alive, EndpointResult objects it added, endpoints)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    others = sum(isinstance(o, scanresult.EndpointResult) for o in gc.get_objects())  # earlier tests' in this worker
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = asyncio.run(scan_mod.scan(inv, None, now=NOW, workers=workers, keep=20))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    alive = sum(isinstance(o, scanresult.EndpointResult) for o in gc.get_objects()) - others
+    n = result.endpoint_count
+    assert result.spooled is not None and len(list(result.iter_endpoints())) == n  # every endpoint still readable
+    return held, alive, n
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_parent_keeps_no_memory_per_endpoint(
+        tmp_path: Path, pki: dict[str, Issued], monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """Ten times the endpoints (same certificates and POPs, more names each) leave the parent holding the same
+    few `keep` results and well under 100 bytes more per added endpoint (it held about 3 KB before streaming)."""
+    leaf = make_leaf(pki["inter"], ["other.example.test"], not_before=NOW - DAY, not_after=NOW + 5 * DAY)
+    chain = (_der(leaf), _der(pki["inter"]))
+
+    async def fake(address: str, port: int, sni: str, *, connect_timeout: float = 5.0,
+                   handshake_timeout: float = 5.0, peek: bool = False) -> Probe:
+        await asyncio.sleep(0)
+        return Probe(address=address, port=port, sni=sni, chain=chain, elapsed=0.001)
+
+    monkeypatch.setattr(scan_mod, "probe", fake)
+    monkeypatch.setattr(scanresult, "_RUN", 256)
+    _retained_after_scan(_inventory(tmp_path, pki, _wide(10, 6)), workers)  # one-time caches (verifier, imports)
+    small = _retained_after_scan(_inventory(tmp_path, pki, _wide(10, 6)), workers)
+    large = _retained_after_scan(_inventory(tmp_path, pki, _wide(10, 60)), workers)
+    assert (small[2], large[2]) == (240, 2400)
+    assert small[1] <= 20 and large[1] <= 20  # only the `keep` most urgent results are objects
+    per_endpoint = (large[0] - small[0]) / (large[2] - small[2])
+    assert per_endpoint < 100, f"{per_endpoint:.0f} bytes more per endpoint ({small[0]} -> {large[0]})"
