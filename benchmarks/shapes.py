@@ -153,7 +153,7 @@ def do_deploy(args: argparse.Namespace) -> None:
             lab = Lab.load(args.dir)
             meter.add_roots([lab.sshd_pid(p) for p in lab.pop_names] + [lab.nginx_pid(p) for p in lab.pop_names])
             out["phases"]["lab up"] = _phase(meter, "lab up")
-        elif m := re.match(r"warm-up .*: ([\d.]+)s", line):
+        elif m := re.match(r"(?:warm-up|first deploy) .*?: ([\d.]+)s", line):
             fig["first_deploy_10_s"] = float(m.group(1))
             out["phases"]["certmgr first deploy, 10 certs (converts certbot's layout)"] = _phase(meter, "warm")
         elif m := re.match(r"certmgr\s+(\d+) cert\(s\) × +(\d+) POPs: median ([\d.]+)s", line):
