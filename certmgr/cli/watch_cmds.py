@@ -23,6 +23,15 @@ from certmgr.errors import CertmgrError, UsageError
 # ---------------------------------------------------------------- scan and notify (issue 3)
 
 
+
+def handshake_timeouts(f: Any) -> Any:
+    """`--connect-timeout` and `--handshake-timeout`, the same for `scan` and `check`."""
+    f = click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+                     help="Seconds to wait for the TLS handshake once connected.")(f)
+    return click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
+                        help="Seconds to wait for TCP connect.")(f)
+
+
 @main.command("scan")
 @click.argument("names", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema in docs/scan.md).")
@@ -42,10 +51,7 @@ from certmgr.errors import CertmgrError, UsageError
 @click.option("--resolver", metavar="IP[:PORT]", help="DNS server for --public [default: the system resolver].")
 @click.option("--public-port", type=click.IntRange(1, 65535), default=443, show_default=True,
               help="TLS port scanned on the addresses --public finds.")
-@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
-              help="Seconds to wait for TCP connect.")
-@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
-              help="Seconds to wait for the TLS handshake once connected.")
+@handshake_timeouts
 @click.option("--no-notify", is_flag=True, help="Do not send chat warnings for this scan.")
 @pass_ctx
 def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | None, concurrency: int,
@@ -123,10 +129,7 @@ def scan_cmd(c: Ctx, names: tuple[str, ...], as_json: bool, prom_path: Path | No
 @click.argument("names", nargs=-1)
 @click.option("--concurrency", type=click.IntRange(1, 20000), default=100, show_default=True,
               help="Handshakes in flight at most.")
-@click.option("--connect-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
-              help="Seconds to wait for TCP connect.")
-@click.option("--handshake-timeout", type=click.FloatRange(0.01, 120), default=5.0, show_default=True,
-              help="Seconds to wait for the TLS handshake once connected.")
+@handshake_timeouts
 @pass_ctx
 def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout: float,
               handshake_timeout: float) -> None:
