@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__, interrupt, log
+from certmgr import __version__, halocks, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
@@ -403,13 +403,16 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
-    lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    # NAMEs on two controllers: only their certificates' locks (halocks), live versions read before waiting
+    seen = halocks.live_versions(store, names) if names and not dry_run and halocks.per_name(store) else None
+    lock = (contextlib.nullcontext() if dry_run else
+            halocks.oncall(store, names, "renew") if names else store.lock("renew"))
     tally = interrupt.tally()
     tally.deploy_follows = not no_deploy and not dry_run
     tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
-                                   concurrency=concurrency, release_pins=bool(names)))
+                                   concurrency=concurrency, release_pins=bool(names), seen=seen))
         if not as_json:
             for line in progress.renew_lines(outcomes, quiet=c.verbosity < 0):
                 click.echo(line)
@@ -493,7 +496,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store()
-    with store.lock("deploy"):
+    with halocks.oncall(store, names, "deploy") if names else store.lock("deploy"):
         _unpin(c, store, certs, named=bool(names))
         shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=_csv(hosts_csv) or None,
                                                     canary=_csv(canary_csv))
@@ -972,7 +975,7 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
     inv = c.inventory()
     [cert] = inv.select([name])
     store = c.store_readonly() if dry_run else c.store()
-    lock: Any = contextlib.nullcontext() if dry_run else store.lock("certmgr rollback")
+    lock: Any = contextlib.nullcontext() if dry_run else halocks.oncall(store, [name], "certmgr rollback")
     with lock:
         result = run_async(rollback(inv, store, cert, to=to, hosts=_csv(hosts_csv), dry_run=dry_run,
                                     now=dt.datetime.now(dt.UTC), parallel=parallel,
@@ -1009,7 +1012,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
     inv = c.inventory()
     [cert] = inv.select([name])
     store = c.store()
-    with store.lock("certmgr revoke"):
+    with halocks.oncall(store, [name], "certmgr revoke"):
         result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,
                                   now_first=now_first, now=dt.datetime.now(dt.UTC), parallel=parallel,
                                   channels=() if no_notify else list(inv.channels.values())))
