@@ -39,7 +39,7 @@ def per_name(store: StateStore | None) -> bool:
 
 def holds(store: StateStore, kind: str, name: str) -> int | None:
     """The epoch of lock (kind, name) if this controller holds it already, else None."""
-    return store.held().get(f"{kind}:{name}")
+    return store.held.get(f"{kind}:{name}")
 
 
 @contextmanager
@@ -52,8 +52,17 @@ def oncall(store: StateStore, names: Iterable[str], actor: str, *, wait: float =
         return
     with ExitStack() as stack:
         for name in sorted(set(names)):
-            stack.enter_context(store.lock_cert(name, actor, wait=wait))
+            try:
+                stack.enter_context(store.lock_cert(name, actor))
+            except LockHeld as exc:
+                _waiting(f"cert:{name}", exc, wait)
+                stack.enter_context(store.lock_cert(name, actor, wait=wait))
         yield
+
+
+def _waiting(key: str, exc: LockHeld, wait: float) -> None:
+    event(log, logging.WARNING, "waiting for a lock another controller holds", lock=key, wait=f"{wait:g}s",
+          holder=exc.message)
 
 
 def live_versions(store: StateStore, names: Iterable[str]) -> dict[str, int | None]:
@@ -71,16 +80,20 @@ class Turn:
     moved: bool = False
 
 
-async def _take(cm_factory: Callable[[], AbstractContextManager[Any]], stack: AsyncExitStack,
+async def _take(key: str, cm_factory: Callable[[], AbstractContextManager[Any]], stack: AsyncExitStack,
                 wait: float) -> Any:
     """Enter a lock without blocking the event loop: one try per POLL until `wait` is spent."""
     deadline = time.monotonic() + wait
+    said = False
     while True:
         try:
             return stack.enter_context(cm_factory())
-        except LockHeld:
+        except LockHeld as exc:
             if time.monotonic() >= deadline:
                 raise
+            if not said:
+                _waiting(key, exc, wait)
+                said = True
         await asyncio.sleep(POLL)
 
 
@@ -100,7 +113,7 @@ async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[s
     async with AsyncExitStack() as stack:
         epoch = holds(store, "cert", name)
         if epoch is None:
-            epoch = await _take(lambda: store.lock_cert(name, actor), stack, wait)
+            epoch = await _take(f"cert:{name}", lambda: store.lock_cert(name, actor), stack, wait)
         now = store.live_version(name)
         moved = now != before
         if moved:
@@ -119,7 +132,7 @@ async def certs_held(store: StateStore | None, names: Iterable[str], actor: str,
     async with AsyncExitStack() as stack:
         for name in sorted(set(names)):
             if holds(store, "cert", name) is None:
-                await _take(lambda n=name: store.lock_cert(n, actor), stack, wait)  # type: ignore[misc]
+                await _take(f"cert:{name}", lambda n=name: store.lock_cert(n, actor), stack, wait)  # type: ignore[misc]
         yield
 
 
@@ -133,7 +146,7 @@ async def pop_held(store: StateStore | None, host: str, actor: str, *,
     async with AsyncExitStack() as stack:
         epoch = holds(store, "pop", host)
         if epoch is None:
-            epoch = await _take(lambda: store.lock_pop(host, actor), stack, wait)
+            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, actor), stack, wait)
         yield epoch
 
 

@@ -187,6 +187,7 @@ class Store:
         """No per-POP lock here: the caller's lock() and the POP's flock cover it; no epoch, so no POP fencing."""
         yield None
 
+    @property
     def held(self) -> dict[str, int]:
         """No epochs: the directory store has none."""
         return {}

@@ -35,7 +35,8 @@ class StateStore(Protocol):
 
     def lock_pop(self, host: str, actor: str, *, wait: float | None = None) -> AbstractContextManager[int | None]: ...
 
-    def held(self) -> dict[str, int]: ...
+    @property
+    def held(self) -> dict[str, int]: ...  # lock key -> epoch, of the locks this controller holds
 
     def names(self) -> list[str]: ...
 
