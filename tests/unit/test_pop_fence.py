@@ -11,6 +11,7 @@ from certmgr.deploy import COMMIT_SH, sha256sums
 from certmgr.deploy import fence as fence_mod
 from certmgr.inventory import Host
 from certmgr.remote import Result
+from lab import hatrace
 from tests.unit.test_deploy import NAME, linked_root, material, sh, upload
 
 
@@ -90,3 +91,21 @@ def test_the_lab_trace_gets_begin_and_end_lines_only_when_its_file_exists(tmp_pa
                                                    ("end", "holder=ctl-b/22", "epoch=2"),
                                                    ("fenced", "holder=ctl-a/11", "epoch=1")]
     assert lines[0][3] == lines[1][3] and lines[0][3].startswith("pid=")
+
+
+def _line(word: str, pid: int, epoch: int | None) -> hatrace.Line:
+    return hatrace.Line(word=word, holder=f"ctl/{pid}", epoch=epoch, pid=pid, time="t")
+
+
+@pytest.mark.parametrize(("words", "found"), [
+    ([("begin", 1, 3), ("end", 1, 3), ("begin", 2, 4), ("end", 2, 4)], []),
+    ([("begin", 1, 3), ("end", 1, 3), ("fenced", 2, 2), ("begin", 3, None), ("end", 3, None)], []),
+    ([("begin", 1, 3), ("begin", 2, 4), ("end", 2, 4), ("end", 1, 3)],
+     ["line 2: begin of pid 2 while pid 1 (epoch 3) is open", "line 4: end of pid 1 without its begin"]),
+    ([("begin", 1, 5), ("end", 1, 5), ("begin", 2, 4), ("end", 2, 4)], ["line 3: epoch 4 after 5"]),
+    ([("begin", 1, 5)], ["pid 1 (epoch 5) began and never ended"]),
+])
+def test_the_observer_names_overlapping_transactions_and_decreasing_epochs(
+        words: list[tuple[str, int, int | None]], found: list[str]) -> None:
+    """lab/hatrace.violations: two begins without an end between them, an end not of the open begin, an epoch below an earlier one."""
+    assert hatrace.violations([_line(*w) for w in words]) == found
