@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
-from certmgr.errors import LockHeld
+from certmgr.errors import LockHeld, LockLost
 from certmgr.log import event
 from certmgr.store_api import StateStore
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # that one certificate (an order, DNS propagation, every POP) ends well within it.
 CERT_WAIT = 600.0
 POP_WAIT = 600.0
+# a lock another controller holds past the wait, or ours lost: one certificate's or host's outcome
+LOCK_ERRORS = (LockHeld, LockLost)
 POLL = 0.1  # advisory locks have no timed wait: try again this often (on the event loop, never blocking it)
 
 P = ParamSpec("P")

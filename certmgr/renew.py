@@ -23,7 +23,7 @@ from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.dns.journal import CertJournal, Journal, retry_leftovers
-from certmgr.errors import CertificateRefused, CertmgrError, LockHeld, RateLimited, SecretError, StoreError
+from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
 from certmgr.log import event
@@ -226,7 +226,7 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
                     async with halocks.cert_turn(store, cert.name, "renew", seen=seen, enabled=not dry_run) as turn:
                         out = await _one(run, cert, now=now, force=force and not turn.moved, dry_run=dry_run,
                                          rng=rng, new_key=new_key, release_pin=release_pins)
-                except LockHeld as exc:
+                except halocks.LOCK_ERRORS as exc:  # one certificate's outcome: a task group must not crash
                     out = RenewOutcome(name=cert.name, status="failed", decision=status(store, cert, now),
                                        error=f"renew {cert.name}: {exc.message} (not ordered)", hint=exc.hint,
                                        retryable=True)

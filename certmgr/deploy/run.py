@@ -18,7 +18,7 @@ from certmgr.deploy.host import Connector, Deployer, Job, default_connector
 from certmgr.deploy.model import HostOutcome, Status
 from certmgr.deploy.plan import serial_of_pem
 from certmgr.deploy.txn import Transaction
-from certmgr.errors import CertmgrError, DeployError, LockHeld, UsageError
+from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.remote import Timeouts
 from certmgr.store_api import StateStore
@@ -52,7 +52,7 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                         await d.prune_one(rem, job, d.prune)
                     elif d.keep is not None and job.name in deployed:
                         await d.prune_one(rem, job, d.keep)
-    except (remote_mod.Unreachable, DeployError, LockHeld) as exc:
+    except (remote_mod.Unreachable, DeployError, *halocks.LOCK_ERRORS) as exc:  # POP lock: held, or ours lost
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:
             if job.name not in done:
