@@ -126,10 +126,17 @@ def live_on_pop(lab: Lab, pop: str, name: str) -> int | None:
     return int(os.readlink(link).rsplit("/", 1)[1]) if link.is_symlink() else None
 
 
+def begins(lab: Lab, pop: str) -> list[hatrace.Line]:
+    return [ln for ln in hatrace.read(lab.pop_paths(pop)) if ln.word == "begin"]
+
+
 def observe(lab: Lab, pg: PgServer) -> list[str]:
     """Every invariant violation the observer sees (empty: none)."""
     bad = [f"{pop}: {v}" for pop, vs in hatrace.all_violations(
         {p: lab.pop_paths(p) for p in lab.pop_names}).items() for v in vs]
+    for pop in lab.pop_names:  # a switched POP with an empty trace would make the checks above vacuous
+        if any(live_on_pop(lab, pop, n) for n in LINEAGES) and not begins(lab, pop):
+            bad.append(f"{pop}: switched, but its trace has no transaction")
     entries = audit(pg)
     added = {(e["object"], e["to"], e.get("serial")) for e in entries if e["action"] == "add_version"}
     for name, version, cert in rows(pg, "SELECT name, version, cert FROM certmgr_versions"):
@@ -180,7 +187,8 @@ def test_renew_name_on_b_waits_only_for_its_certificate_while_a_runs(ha: tuple[L
     rule = proxy.hold("finalize", ident=SNI[HELD][0], drop=False)
     a = start(inv, tmp_path / "a", "run", "--no-notify")
     proxy.wait_held(rule, 120)
-    rc, text = run(inv, tmp_path / "b", "renew", FREE, "--force")
+    b = start(inv, tmp_path / "b", "renew", FREE, "--force")
+    rc, text, b_holder = b.finish(), b.text, b.holder
     assert rc == 0, text
     assert a.proc.poll() is None, a.text  # B did not wait for A's run: A is still held at the CA
     b2 = start(inv, tmp_path / "b2", "renew", HELD, "--force")
@@ -193,6 +201,8 @@ def test_renew_name_on_b_waits_only_for_its_certificate_while_a_runs(ha: tuple[L
     assert {n: issuances(proxy, n) for n in LINEAGES} == {HELD: 1, FREE: 2, LINEAGES[2]: 1}
     assert db_live(pg) == {HELD: 1, FREE: 2, LINEAGES[2]: 1}
     every_pop_serves_db_live(lab, pg)
+    for pop in lab.pop_names:  # both controllers switched each POP, one transaction at a time
+        assert {ln.holder for ln in begins(lab, pop)} == {a.holder, b_holder}, hatrace.read(lab.pop_paths(pop))
     assert observe(lab, pg) == []
 
 
