@@ -34,6 +34,7 @@ from lab.pg import RUNTIME, PgServer
 from tests.contract.conftest import owner_conn
 from tests.faults.acmeproxy import ACMEProxy
 from tests.faults.conftest import CLI_TIMEOUT, LINEAGES, REPO, SNI, cli_env, wait_for, write_inventory
+from tests.receiver import Receiver
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -224,11 +225,12 @@ def test_a_killed_holder_is_settled_by_b_s_run(ha: tuple[Lab, PgServer, Path], p
 
 
 def test_a_paused_controller_is_fenced_by_the_database_and_by_the_pop(ha: tuple[Lab, PgServer, Path],
-                                                                      proxy: ACMEProxy, tmp_path: Path) -> None:
+                                                                      proxy: ACMEProxy, chat: Receiver,
+                                                                      tmp_path: Path) -> None:
     """A stopped just before a POP commit past idle_timeout: B takes over and deploys; woken, A's commit is refused by the POP's epoch and its writes by the database, and nothing A did after waking is switched."""
     lab, pg, inv = ha
     marker = tmp_path / "paused"
-    a = start(inv, tmp_path / "a", "run", "--no-notify", pause=marker)
+    a = start(inv, tmp_path / "a", "run", pause=marker)  # A notifies: the refusal must reach chat
     wait_for(marker.exists, 120, "A to reach a POP commit")
     pop, a_epoch = marker.read_text().split()
     # the server ends A's lock session after IDLE seconds without a heartbeat, and with it A's locks
@@ -244,6 +246,9 @@ def test_a_paused_controller_is_fenced_by_the_database_and_by_the_pop(ha: tuple[
     assert rc != 0, a.text
     assert f"fenced: {pop} saw epoch {fence_b[0]} from holder {fence_b[1]}; ours {a_epoch}" in a.text, a.text
     assert "no longer holds" in a.text or "lock session ended" in a.text, a.text  # the database refused A too
+    refusal = f"fenced: {pop} saw epoch {fence_b[0]} from holder {fence_b[1]}"
+    alerts = [r.json for r in chat.requests if r.json.get("kind") == "failure" and pop in r.json.get("title", "")]
+    assert alerts and refusal in "\n".join(alerts[0]["lines"]), [r.json for r in chat.requests]
     assert hatrace.fence(lab.pop_paths(pop)) == fence_b  # A left the POP's fence as B set it
     trace = hatrace.read(lab.pop_paths(pop))
     assert [ln.word for ln in trace if ln.holder == a.holder] == ["fenced"], trace
