@@ -39,6 +39,11 @@ def per_name(store: StateStore | None) -> bool:
     return bool(getattr(store, "per_name_locks", False))
 
 
+def _named(store: StateStore, actor: str) -> str:
+    """What another controller's `… is held by` says: a certificate or POP lock taken inside a run says so."""
+    return f"certmgr run: {actor}" if "run" in store.held else actor
+
+
 def holds(store: StateStore, kind: str, name: str) -> int | None:
     """The epoch of lock (kind, name) if this controller holds it already, else None."""
     return store.held.get(f"{kind}:{name}")
@@ -115,7 +120,7 @@ async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[s
     async with AsyncExitStack() as stack:
         epoch = holds(store, "cert", name)
         if epoch is None:
-            epoch = await _take(f"cert:{name}", lambda: store.lock_cert(name, actor), stack, wait)
+            epoch = await _take(f"cert:{name}", lambda: store.lock_cert(name, _named(store, actor)), stack, wait)
         now = store.live_version(name)
         moved = now != before
         if moved:
@@ -134,7 +139,7 @@ async def certs_held(store: StateStore | None, names: Iterable[str], actor: str,
     async with AsyncExitStack() as stack:
         for name in sorted(set(names)):
             if holds(store, "cert", name) is None:
-                await _take(f"cert:{name}", lambda n=name: store.lock_cert(n, actor), stack, wait)  # type: ignore[misc]
+                await _take(f"cert:{name}", lambda n=name: store.lock_cert(n, _named(store, actor)), stack, wait)  # type: ignore[misc]
         yield
 
 
@@ -148,7 +153,7 @@ async def pop_held(store: StateStore | None, host: str, actor: str, *,
     async with AsyncExitStack() as stack:
         epoch = holds(store, "pop", host)
         if epoch is None:
-            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, actor), stack, wait)
+            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, _named(store, actor)), stack, wait)
         yield epoch
 
 

@@ -194,7 +194,8 @@ def test_renew_name_on_b_waits_only_for_its_certificate_while_a_runs(ha: tuple[L
     assert a.proc.poll() is None, a.text  # B did not wait for A's run: A is still held at the CA
     b2 = start(inv, tmp_path / "b2", "renew", HELD, "--force")
     wait_for(lambda: "waiting for a lock another controller holds" in b2.text, 60, "B to wait for the certificate")
-    assert f"cert:{HELD}" in b2.text and b2.proc.poll() is None
+    assert f"cert:{HELD} is held by pid {a.proc.pid} " in b2.text and "(certmgr run: renew, started " in b2.text
+    assert b2.proc.poll() is None
     proxy.remove(rule)  # the held finalize goes on to Pebble
     assert a.finish() == 0, a.text
     assert b2.finish() == 0, b2.text
