@@ -151,11 +151,11 @@ async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], 
     each old serial is verified by handshake."""
     host = t.host
     first, *more = [j for j, _ in bad]
-    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait]
+    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait, *fence.args(t.fence)]
     for job in more:
         args += [job.name, commit.certs[job.name].prev]
     res = parse_rollback(await t.rem.run_script(ROLLBACK_SH, args, step="rollback"))
-    locked_out = popguard.lock_error(res.raw, host, t.root)
+    locked_out = popguard.lock_error(res.raw, host, t.root) or fence.refusal(res.raw, host, t.fence)
 
     async def settle_one(job: Job, cause: str) -> None:
         d, cc = job.decision, commit.certs[job.name]

@@ -142,7 +142,7 @@ def test_rollback_switches_several_back_with_one_test_and_one_reload(tmp_path: P
     sh(COMMIT_SH, *commit_args(root, NAMES, "true", "true"))
     log = tmp_path / "log"
     res = sh(ROLLBACK_SH, str(root), "a.example", "../archive/a.example/1", f"echo test >> {log}",
-             f"echo reload >> {log}", "5", "c.example", "../archive/c.example/1")
+             f"echo reload >> {log}", "5", "", "", "c.example", "../archive/c.example/1")
     r = parse_rollback(res)
     assert r.rolled_back == {"a.example": True, "c.example": True} and r.retest_rc == 0 and r.reload_rc == 0
     assert log.read_text() == "test\nreload\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from certmgr.deploy import COMMIT_SH, sha256sums
+from certmgr.deploy import COMMIT_SH, ROLLBACK_SH, sha256sums
 from certmgr.deploy import fence as fence_mod
 from certmgr.inventory import Host
 from certmgr.remote import Result
@@ -109,3 +109,14 @@ def test_the_observer_names_overlapping_transactions_and_decreasing_epochs(
         words: list[tuple[str, int, int | None]], found: list[str]) -> None:
     """lab/hatrace.violations: two begins without an end between them, an end not of the open begin, an epoch below an earlier one."""
     assert hatrace.violations([_line(*w) for w in words]) == found
+
+
+def test_a_stale_epoch_cannot_switch_back_either(tmp_path: Path) -> None:
+    """rollback.sh (switching back after a failed verify) is fenced like commit.sh: A's older epoch leaves B's live link alone."""
+    root = linked_root(tmp_path)
+    assert commit(root, 2, "5", "ctl-b/22").exit_status == 0
+    res = sh(ROLLBACK_SH, str(root), NAME, f"../archive/{NAME}/1", "true", "true", "5", "4", "ctl-a/11")
+    assert res.exit_status == 6 and res.get("fenced") == "5 ctl-b/22" and res.get("rolled_back") is None
+    assert live(root) == f"../archive/{NAME}/2"
+    same = sh(ROLLBACK_SH, str(root), NAME, f"../archive/{NAME}/1", "true", "true", "5", "5", "ctl-b/22")
+    assert same.exit_status == 0 and live(root) == f"../archive/{NAME}/1"  # the holder's own rollback goes on
