@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from certmgr import __version__, halocks, interrupt, log
+from certmgr import __version__, interrupt, log
 from certmgr import inventory as inventory_mod
 from certmgr.errors import CertmgrError, UsageError
 from certmgr.inventory import Inventory
@@ -393,7 +393,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     import contextlib
     import datetime as dt
 
-    from certmgr import progress
+    from certmgr import halocks, progress
     from certmgr.errors import UsageError
     from certmgr.renew import renew
 
@@ -487,7 +487,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     """Push the live version of NAME... (or --all) to its hosts over SSH; exit 1 unless every host serves it."""
     import datetime as dt
 
-    from certmgr import progress
+    from certmgr import halocks, progress
     from certmgr.deploy import deploy
     from certmgr.errors import UsageError
 
@@ -970,6 +970,7 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
     import contextlib
     import datetime as dt
 
+    from certmgr import halocks
     from certmgr.rollback import rollback
 
     inv = c.inventory()
@@ -1005,6 +1006,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
     """
     import datetime as dt
 
+    from certmgr import halocks
     from certmgr.revoke import revoke
 
     if version is not None and serial is not None:
