@@ -1,7 +1,7 @@
 """The lab's observer of POP transactions for the two-controller tests (docs/ha.md).
 
 `enable` creates `archive/.certmgr-trace` on each POP (owned by the deploy user); while it exists,
-commit.sh appends `begin|end|fenced holder=H epoch=E pid=P time=T` under the POP's flock. `check`
+commit.sh and rollback.sh append `begin|end|fenced holder=H epoch=E pid=P time=T` under the POP's flock. `violations`
 reads it back and states the invariants: never two transactions on one POP at once, epochs never
 decrease. The fence file (`archive/.certmgr-fence`) is what the POP last accepted.
 """
