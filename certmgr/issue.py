@@ -67,6 +67,14 @@ class Issued:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+class OrderLog(Protocol):
+    """Told about a new order before and after the CA hears of it (certmgr.orders keeps it for a later run)."""
+
+    def placing(self, csr_pem: bytes) -> None: ...
+
+    def placed(self, url: str) -> None: ...
+
+
 class AccountStore(Protocol):
     def load_account_key(self, ca_id: str) -> bytes | None: ...
 
@@ -349,25 +357,60 @@ class ACMEClient:
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
                     providers: Mapping[str, Provider], replaces: str | None = None,
-                    journal: CertJournal | None = None) -> Issued:
+                    journal: CertJournal | None = None, record: OrderLog | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
 
         `journal` is told which TXT records are about to be written (before the UPDATE) and which the
         server confirmed gone, so whatever a kill, a timeout or a refusal leaves is retried by a later run.
+        `record` is told the key and CSR before new-order and the order URL after (certmgr.orders), so a
+        later run resumes the order instead of placing another.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
         self.check_profile(cert)
+        csr_pem = keys.csr(key, cert.domains)
+        if record is not None:
+            record.placing(csr_pem)
+        return await self._order(cert, key, csr_pem, None, inventory=inventory, providers=providers,
+                                 replaces=replaces, journal=journal, record=record)
+
+    async def fetch_order(self, cert: Certificate, uri: str) -> messages.Order:
+        """RFC 8555 §7.1.3: the order at `uri` as the CA sees it now (POST-as-GET with this account)."""
+        net = self._net()
+        try:
+            resp = await self.call(net, f"acme order {cert.name}", ClientV2(self.directory, net)._post_as_get, uri,
+                                   outcome="order not resumed")
+        finally:
+            net.session.close()
+        order: messages.Order = messages.Order.from_json(resp.json())
+        return order
+
+    async def resume(self, cert: Certificate, key: keys.PrivateKey, csr_pem: bytes, uri: str,
+                     order: messages.Order, *, inventory: Inventory, providers: Mapping[str, Provider],
+                     journal: CertJournal | None = None) -> Issued:
+        """Carry on an order an earlier run placed (`fetch_order` gave `order`): whatever its status still needs."""
+        return await self._order(cert, key, csr_pem, (uri, order), inventory=inventory, providers=providers,
+                                 replaces=None, journal=journal, record=None)
+
+    async def _order(self, cert: Certificate, key: keys.PrivateKey, csr_pem: bytes,
+                     placed: tuple[str, messages.Order] | None, *, inventory: Inventory,
+                     providers: Mapping[str, Provider], replaces: str | None, journal: CertJournal | None,
+                     record: OrderLog | None) -> Issued:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         timings: dict[str, float] = {}
         notes: list[str] = []
-        csr_pem = keys.csr(key, cert.domains)
         net = self._net()
         client = ClientV2(self.directory, net)
         name = cert.name
         try:
-            order, uri, used_replaces = await self._new_order(net, client, cert, replaces, notes)
+            if placed is None:
+                order, uri, used_replaces = await self._new_order(net, client, cert, replaces, notes)
+                if record is not None:
+                    record.placed(uri)
+            else:
+                (uri, order), used_replaces = placed, False
+                notes.append(f"resumed the order an earlier run placed (status {order.status})")
             timings["order"] = loop.time() - t0
             authzs = []
             for url in order.authorizations:
@@ -480,6 +523,8 @@ class ACMEClient:
             await run_all([prov.wait_propagated(recs) for prov, recs in placed.values()])
             timings["propagated"] = loop.time() - t0
             for _url, _authz, chall in todo:
+                if chall.status not in (None, messages.STATUS_PENDING):
+                    continue  # answered by an earlier run (resumed order): RFC 8555 §7.5.1 takes one answer
                 await self.call(net, f"acme challenge {cert.name}", client.answer_challenge, chall,
                                 chall.chall.response(self.account_key), outcome="order abandoned")
             await self._poll_authorizations(net, client, cert, [u for u, _, _ in todo])
