@@ -410,7 +410,7 @@ class ACMEClient:
                     record.placed(uri)
             else:
                 (uri, order), used_replaces = placed, False
-                notes.append(f"resumed the order an earlier run placed (status {order.status})")
+                notes.append(f"resumed the order an earlier run placed (status {order.status.name})")
             timings["order"] = loop.time() - t0
             authzs = []
             for url in order.authorizations:

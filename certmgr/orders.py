@@ -180,7 +180,7 @@ def why_dead(body: messages.Order, now: dt.datetime) -> str | None:
             return f"expired at {expires.astimezone(dt.UTC):%Y-%m-%d %H:%M}Z"
     if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY, messages.STATUS_PROCESSING,
                            messages.STATUS_VALID):
-        return f"unexpected status {body.status}"
+        return f"unexpected status {body.status.name}"
     return None
 
 
@@ -215,9 +215,9 @@ async def obtain(store: OrderStore, client: ACMEClient, cert: Certificate, *,
             else:
                 reason = why_dead(body, now())
         if reason is None and body is not None and pending.url is not None:
-            store.audit("order resumed", cert.name, url=pending.url, status=str(body.status),
+            store.audit("order resumed", cert.name, url=pending.url, status=body.status.name,
                         placed=pending.created.isoformat())
-            event(log, logging.INFO, "order resumed", cert=cert.name, status=body.status, url=pending.url)
+            event(log, logging.INFO, "order resumed", cert=cert.name, status=body.status.name, url=pending.url)
             return await client.resume(cert, keys.from_pem(pending.privkey), pending.csr, pending.url, body,
                                        inventory=inventory, providers=providers, journal=journal)
         settle(store, cert.name, abandoned=reason or "unknown")
