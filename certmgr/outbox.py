@@ -48,6 +48,7 @@ class Outbox:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._seq = 0  # orders records written within one clock tick
 
     def files(self) -> list[Path]:
         try:
@@ -62,7 +63,8 @@ class Outbox:
             raise ValueError("spool: refusing to write private key material")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        path = self.root / f"{record['at'].replace(':', '')}-{record['id']}.json"
+        self._seq += 1
+        path = self.root / f"{record['at'].replace(':', '')}-{self._seq:06d}-{record['id']}.json"
         atomic_write(path, data.encode() + b"\n", 0o600)
         return path
 
@@ -70,6 +72,8 @@ class Outbox:
 def _merge(stored: Any, new: Any) -> Any:
     """`new` laid over `stored`, dictionaries merged key by key (replaying twice gives the same document)."""
     if isinstance(stored, dict) and isinstance(new, dict):
+        if "at" in new and str(stored.get("at", "")) > str(new["at"]):
+            return stored  # a newer outcome (another controller's, since the loss) wins over the spooled one
         return {**stored, **{k: _merge(stored.get(k), v) for k, v in new.items()}}
     return new
 
