@@ -142,15 +142,15 @@ class Group(click.Group):
         import signal
 
         interrupt.reset()
-        from certmgr import outbox
-
-        outbox.reset()
         saved: dict[signal.Signals, Any] = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 saved[sig] = signal.signal(sig, _on_signal)
         except ValueError:  # not the main thread (in-process tests): keep the defaults
             pass
+        from certmgr import outbox  # after the handlers: a signal during imports still ends the command cleanly
+
+        outbox.reset()
         try:
             try:
                 return super().main(*args, **kwargs)
