@@ -142,8 +142,9 @@ class Spooling:
     def error(self) -> StoreUnavailable:
         where = getattr(self._store, "where", "database")
         cause = str(self.lost).removeprefix(f"store {where}: ")
+        what = "lock lost" if isinstance(self.lost, LockLost) else "database lost"
         return StoreUnavailable(
-            f"store {where}: database lost mid-run: {cause} (nothing more written to it: no new order, no new "
+            f"store {where}: {what} mid-run: {cause} (nothing more written to it: no new order, no new "
             f"POP transaction; {self.spooled} outcome(s) spooled to {self.outbox.root}, replayed by the next run "
             "that reaches the database)",
             hint="bring PostgreSQL back (or wait for the other controller); then `certmgr run` replays the spool "
@@ -158,7 +159,9 @@ class Spooling:
 
     def _check(self) -> None:
         if self.lost is not None:
-            raise StoreUnavailable(f"{self.lost} (database lost earlier in this run: not attempted)")
+            where = getattr(self._store, "where", "database")
+            raise StoreUnavailable(f"store {where}: not attempted: the database (or this controller's lock) was "
+                                   "lost earlier in this run")
 
     def _spool(self, kind: str, **fields: Any) -> None:
         now = self._clock().astimezone(dt.UTC)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,14 +66,14 @@ def db(ha_pg: PgServer) -> PgServer:
     return ha_pg
 
 
-def ha_inventory(flab: Lab, proxy: ACMEProxy, pg: PgServer, tmp_path: Path) -> Path:
+def ha_inventory(flab: Lab, proxy: ACMEProxy, pg: PgServer, tmp_path: Path, *, idle_timeout: int = 30) -> Path:
     """The lab's inventory (CA behind the proxy) with [store] on the module's PostgreSQL."""
     inv = write_inventory(flab, proxy, tmp_path / "domains.toml")
     (tmp_path / "pg-password").write_text(pg.passwords[RUNTIME])
     (tmp_path / "store-key").write_text(f"k1 {base64.b64encode(bytes(32)).decode()}\n")
     with inv.open("a") as f:
         f.write(f'\n[store]\nurl = "{pg.url()}"\npassword_file = "{tmp_path / "pg-password"}"\n'
-                f'key_file = "{tmp_path / "store-key"}"\n')
+                f'key_file = "{tmp_path / "store-key"}"\nidle_timeout = {idle_timeout}\n')
     return inv
 
 
@@ -178,3 +179,37 @@ def test_an_order_the_ca_no_longer_serves_is_abandoned_and_ordered_once_more(fre
     assert row["message"] == ("order abandoned: the CA no longer serves it (No order for ID)"), row
     assert orders_created(proxy)[MEDIA] == 2, "exactly one extra order"
     assert not record.exists()
+
+
+def test_a_paused_holders_order_is_finished_by_b_and_the_woken_holder_issues_nothing(
+        fresh: Lab, proxy: ACMEProxy, db: PgServer, tmp_path: Path) -> None:
+    """A SIGSTOPped just before MEDIA's finalize (idle_timeout 5 s): B waits for the lock the server frees, finishes
+    A's order and deploys it; A, continued, is fenced (exit 69, outcomes spooled, no key): one order and one
+    certificate for MEDIA in all, one version in the database."""
+    inv = ha_inventory(fresh, proxy, db, tmp_path, idle_timeout=5)
+    rule = proxy.hold("finalize", ident=MEDIA)
+    a = start_certmgr(inv, tmp_path / "a", "run", "--no-notify")
+    try:
+        ACMEProxy.wait_held(rule)
+        os.kill(a.pid, signal.SIGSTOP)
+        proxy.remove(rule)  # A's finalize never reached Pebble; A sees its connection closed when it wakes
+        b = certmgr(inv, tmp_path / "b", "run", "--no-notify", "--wait-lock", "60")
+        assert b.returncode == 0, b.stdout + b.stderr
+        os.kill(a.pid, signal.SIGCONT)
+        out, err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+            a.communicate(timeout=30)
+    assert a.returncode == 69, out + err
+    assert "certmgr: error: store " in err and ": lock lost mid-run: " in err, err
+    assert orders_created(proxy)[MEDIA] == 1, "B finished A's order; A placed none after waking"
+    assert len(proxy.requests("finalize", MEDIA, status=200)) == 1, "one certificate for MEDIA"
+    assert max(orders_created(proxy).values()) <= 2, "at most one extra order for any certificate"
+    resumed = [e for e in db_audit(inv) if e["action"] == "order resumed" and e["object"] == MEDIA]
+    assert len(resumed) == 1
+    with store_of(inv) as s:
+        assert s.versions(MEDIA) == [1]
+    assert not any("PRIVATE KEY" in f.read_text() for f in (tmp_path / "a").glob("spool/*.json"))
+    assert_every_pop_serves_db_live(fresh, inv)
