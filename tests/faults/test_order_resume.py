@@ -156,6 +156,10 @@ def test_b_removes_the_challenge_records_a_left_in_dns(fresh: Lab, proxy: ACMEPr
     b = certmgr(inv, tmp_path / "b", "run", "--no-notify")
     assert b.returncode == 0, b.stdout + b.stderr
     assert challenge_txt(fresh) == {}, "B removed every TXT A left (and its own)"
+    rows = db_audit(inv)
+    resumed = next(i for i, e in enumerate(rows) if e["action"] == "order resumed" and e["object"] == MEDIA)
+    assert any(e["action"] == "dns removed" and f"_acme-challenge.{MEDIA}" in e["names"] for e in rows[:resumed]), \
+        "B removed A's record first (from the journal row), before resuming the order"
     with store_of(inv) as s:
         assert s.load_json(JOURNAL_PATH, default=[]) == []
     assert orders_created(proxy)[MEDIA] == 1, "B resumed A's pending order"
