@@ -21,7 +21,7 @@ from acme import messages
 from certmgr import keys
 from certmgr.dns import Provider
 from certmgr.dns.journal import CertJournal
-from certmgr.errors import ACMEError, CertmgrError, StoreError
+from certmgr.errors import ACMEError, CertmgrError, LockLost, StoreError, StoreUnavailable
 from certmgr.inventory import Certificate, Inventory
 from certmgr.issue import ACMEClient, Issued, account_id
 from certmgr.log import event
@@ -198,6 +198,8 @@ async def obtain(store: OrderStore, client: ACMEClient, cert: Certificate, *,
     account_uri = client.regr.uri if client.regr is not None else None
     try:
         pending = load(store, cert.name)
+    except (StoreUnavailable, LockLost):
+        raise  # the database, not the record: nothing is abandoned, nothing ordered
     except StoreError as exc:
         settle(store, cert.name, abandoned=f"record unreadable: {exc}")
         pending = None
