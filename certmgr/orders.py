@@ -1,19 +1,22 @@
 """ACME orders written to the store before acting, and resumed by the next run (this controller's or another's).
 
-Before new-order: the names, the CA account, the new private key (sealed in PgStore, a 0600 file in the
-directory store) and the CSR. After the CA answers: the order URL. The record stays until the certificate
-is stored. A run that finds one fetches the order and carries it on (`valid`: download; `ready`: finalize
-with the stored CSR; `pending`/`processing`: the authorizations), or abandons it with the reason in the
-audit log and orders anew: at most one extra issuance per crash or pause (docs/ha.md).
+Before new-order: the names, the CA account, the new private key (sealed in PgStore; in the directory
+store its own 0600 `state/orders/NAME/privkey.pem`) and the CSR. After the CA answers: the order URL.
+The record stays until the certificate is stored. A run that finds one fetches the order and carries
+it on (`valid`: download; `ready`: finalize with the stored CSR; `pending`/`processing`: the
+authorizations), or abandons it with the reason in the audit log and orders anew: at most one extra
+issuance per crash or pause (docs/ha.md).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from acme import messages
@@ -22,6 +25,7 @@ from certmgr import keys
 from certmgr.dns import Provider
 from certmgr.dns.journal import CertJournal
 from certmgr.errors import ACMEError, CertmgrError, LockLost, StoreError, StoreUnavailable
+from certmgr.fsutil import atomic_write
 from certmgr.inventory import Certificate, Inventory
 from certmgr.issue import ACMEClient, Issued, account_id
 from certmgr.log import event
@@ -44,7 +48,14 @@ class OrderStore(Protocol):
 
 
 def order_path(name: str) -> str:
-    return f"{ORDERS_DIR}/{name}.json"
+    return f"{ORDERS_DIR}/{name}/order.json"
+
+
+def _key_file(store: OrderStore, name: str) -> Path | None:
+    """Where the directory store keeps a pending order's key: its own 0600 `privkey.pem`, as for every version
+    (so no other file ever holds a private key); None for a store without a root (the database seals it)."""
+    root = getattr(store, "root", None)
+    return root / ORDERS_DIR / name / "privkey.pem" if isinstance(root, Path) else None
 
 
 def _sealer(store: OrderStore) -> Sealer | None:
@@ -77,14 +88,14 @@ class PendingOrder:
                                "names": list(self.names), "key_type": self.key_type, "csr": self.csr.decode(),
                                "created": self.created.isoformat(), "url": self.url}
         if sealer is None:
-            out["privkey"] = self.privkey.decode()
+            out["privkey_file"] = "privkey.pem"  # beside the record (save writes it first)
         else:
             key_id, blob = sealer.seal(self.privkey, table=SEAL_TABLE, name=self.cert, version=self.seq)
             out |= {"key_id": key_id, "privkey_sealed": base64.b64encode(blob).decode()}
         return out
 
     @classmethod
-    def from_json(cls, obj: Any, sealer: Sealer | None, *, where: str) -> PendingOrder:
+    def from_json(cls, obj: Any, sealer: Sealer | None, *, where: str, key_file: Path | None = None) -> PendingOrder:
         try:
             created = dt.datetime.fromisoformat(obj["created"])
             created = created if created.tzinfo else created.replace(tzinfo=dt.UTC)
@@ -99,11 +110,11 @@ class PendingOrder:
                 pem = sealer.open(str(obj["key_id"]), base64.b64decode(obj["privkey_sealed"]), table=SEAL_TABLE,
                                   name=order.cert, version=order.seq)
             else:
-                if sealer is not None:
-                    raise ValueError("a key in clear in the database")
-                pem = str(obj["privkey"]).encode()
+                if sealer is not None or key_file is None:
+                    raise ValueError("no sealed key in a database record")
+                pem = key_file.read_bytes()
             keys.from_pem(pem)  # a record whose key does not load is no order to resume
-        except (KeyError, TypeError, ValueError, CertmgrError) as exc:
+        except (KeyError, TypeError, ValueError, OSError, CertmgrError) as exc:
             raise StoreError(f"store {where}: the pending order record is unreadable ({type(exc).__name__}: {exc})",
                              hint="it is abandoned and the certificate ordered anew") from exc
         return replace(order, privkey=pem)
@@ -135,13 +146,25 @@ class Recorder:
 
 
 def save(store: OrderStore, order: PendingOrder) -> None:
-    store.save_json(order_path(order.cert), order.to_json(_sealer(store)))  # mode 0600 (the default)
+    sealer = _sealer(store)
+    key_file = None if sealer is not None else _key_file(store, order.cert)
+    if sealer is None:
+        if key_file is None:
+            raise StoreError(f"store {order_path(order.cert)}: nowhere to keep the order's private key")
+        try:
+            key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(key_file, order.privkey, 0o600)
+        except OSError as exc:
+            raise StoreError(f"store {ORDERS_DIR}/{order.cert}/privkey.pem: cannot write: {exc.strerror} "
+                             "(order not placed)") from exc
+    store.save_json(order_path(order.cert), order.to_json(sealer))  # mode 0600 (the default)
 
 
 def load(store: OrderStore, name: str) -> PendingOrder | None:
     """The pending order of `name`, None when there is none; StoreError when its record is unreadable."""
     raw = store.load_json(order_path(name), default=None)
-    return None if raw is None else PendingOrder.from_json(raw, _sealer(store), where=order_path(name))
+    return None if raw is None else PendingOrder.from_json(raw, _sealer(store), where=order_path(name),
+                                                           key_file=_key_file(store, name))
 
 
 def settle(store: OrderStore, name: str, *, abandoned: str | None = None) -> None:
@@ -150,6 +173,11 @@ def settle(store: OrderStore, name: str, *, abandoned: str | None = None) -> Non
         store.audit("order abandoned", name, reason=abandoned, message=f"order abandoned: {abandoned}")
         event(log, logging.WARNING, "order abandoned", cert=name, reason=abandoned)
     store.remove_json(order_path(name))
+    key_file = _key_file(store, name)
+    if key_file is not None:
+        key_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            key_file.parent.rmdir()
 
 
 def why_not_resume(order: PendingOrder, cert: Certificate, *, account: str, account_uri: str | None,

@@ -46,14 +46,18 @@ def test_a_pending_order_reads_back_whole_and_its_key_is_never_in_clear_in_the_d
     assert orders.load(store, "other.hachyderm.test") is None
     if isinstance(store, Store):
         path = store.root / orders.order_path(NAME)
-        assert path.stat().st_mode & 0o777 == 0o600
-        assert "PRIVATE KEY" in path.read_text()
+        key = path.with_name("privkey.pem")
+        assert path.stat().st_mode & 0o777 == 0o600 and key.stat().st_mode & 0o777 == 0o600
+        assert "PRIVATE KEY" not in path.read_text() and key.read_bytes() == keys.to_pem(KEY)
+        assert path.parent.stat().st_mode & 0o777 == 0o700
     else:
         raw = store.load_json(orders.order_path(NAME))
         assert "PRIVATE KEY" not in json.dumps(raw) and "privkey" not in raw and raw["privkey_sealed"]
     orders.settle(store, NAME)
     assert orders.load(store, NAME) is None
     assert [e for e in store.read_audit() if e["action"] == "order abandoned"] == []
+    if isinstance(store, Store):
+        assert not (store.root / orders.ORDERS_DIR / NAME).exists(), "the key file goes with the record"
 
 
 def test_abandoning_audits_the_reason_and_forgets_the_record(store: Any) -> None:
@@ -73,18 +77,18 @@ def test_a_sealed_key_moved_to_another_certificate_does_not_open(fresh_schema: P
         raw = s.load_json(orders.order_path(NAME))
         other = "files.hachyderm.test"
         s.save_json(orders.order_path(other), raw | {"cert": other})
-        with pytest.raises(StoreError, match=r"^store state/orders/files\.hachyderm\.test\.json: the pending order "
+        with pytest.raises(StoreError, match=r"^store state/orders/files\.hachyderm\.test/order\.json: the pending order "
                                              r"record is unreadable \(StoreError: "):
             orders.load(s, other)
 
 
-def test_a_key_in_clear_in_the_database_is_refused(fresh_schema: PgServer, tmp_path: Path) -> None:
-    """A record holding a key in clear (copied from a directory store by hand) is not trusted by the database store."""
+def test_a_directory_record_copied_into_the_database_is_refused(fresh_schema: PgServer, tmp_path: Path) -> None:
+    """A directory store's record copied into the database by hand (no sealed key) reads as unreadable there."""
     d = Store.open(tmp_path / "state")
     orders.save(d, pending())
     with open_pg(fresh_schema) as s:
         s.save_json(orders.order_path(NAME), d.load_json(orders.order_path(NAME)))
-        with pytest.raises(StoreError, match="a key in clear in the database"):
+        with pytest.raises(StoreError, match="no sealed key in a database record"):
             orders.load(s, NAME)
 
 

@@ -125,7 +125,7 @@ def test_an_unreadable_record_is_abandoned(store: Store) -> None:
     assert obtain(store, Client(body("valid"))) == "issued"
     [(action, reason)] = actions(store)
     assert action == "order abandoned" and reason is not None and reason.startswith(
-        "record unreadable: store state/orders/a.test.json: the pending order record is unreadable (KeyError: ")
+        "record unreadable: store state/orders/a.test/order.json: the pending order record is unreadable (KeyError: ")
 
 
 def test_a_lost_database_abandons_nothing_and_orders_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
