@@ -67,6 +67,33 @@ def oncall(store: StateStore, names: Iterable[str], actor: str, *, wait: float =
         yield
 
 
+@contextmanager
+def leftover_owner(store: StateStore, certs: Iterable[str]) -> Iterator[frozenset[str]]:
+    """The certificates whose left-behind DNS records this run may remove, their locks held meanwhile.
+
+    A journal entry is written under its certificate's lock, so a certificate locked by another
+    controller has an order in flight there: its TXT values are that order's, not leftovers, and are
+    skipped. Ours already held, or free (the writer died or finished), are taken. The directory store
+    has one lock, held by the caller: every certificate.
+    """
+    names = sorted(set(certs))
+    if not per_name(store):
+        yield frozenset(names)
+        return
+    with ExitStack() as stack:
+        mine: set[str] = set()
+        for name in names:
+            if holds(store, "cert", name) is None:
+                try:
+                    stack.enter_context(store.lock_cert(name, _named(store, "dns cleanup")))
+                except LockHeld as exc:
+                    event(log, logging.INFO, "challenge records of an order another controller is running: left to it",
+                          certificate=name, holder=exc.message)
+                    continue
+            mine.add(name)
+        yield frozenset(mine)
+
+
 def _waiting(key: str, exc: LockHeld, wait: float) -> None:
     event(log, logging.WARNING, "waiting for a lock another controller holds", lock=key, wait=f"{wait:g}s",
           holder=exc.message)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import email.utils
-import functools
 import hashlib
 import logging
 import math
@@ -23,15 +21,20 @@ from typing import Any, Protocol, TypeVar
 import josepy as jose
 import requests
 from acme import challenges, errors, messages
-from acme.client import ClientNetwork, ClientV2
+from acme.client import ClientV2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import json_util
 
-from certmgr import __version__, keys, sanitize
+from certmgr import __version__, keys
+from certmgr.acmecall import ERR, parse_retry_after, shown
+from certmgr.acmecall import Net as _Net
+from certmgr.acmecall import Timeouts as Timeouts  # re-exported: callers import it from here
+from certmgr.acmecall import retrying as _retrying
+from certmgr.acmecall import short_type as _short
 from certmgr.dns import Provider, TXTRecord, ZoneUpdate, first_error, locate, run_all
 from certmgr.dns.journal import CertJournal, Key
-from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, LocalFileError, RateLimited
+from certmgr.errors import ACMEError, CertmgrError, ChallengeInvalid, LocalFileError
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.log import Secret, event
 from certmgr.material import CertMaterial, split_pem
@@ -39,22 +42,9 @@ from certmgr.material import CertMaterial, split_pem
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ERR = "urn:ietf:params:acme:error:"
-CA_TEXT_LIMIT = 1000  # an RFC 7807 detail is free text; enough for subproblems, bounded all the same
 # RFC 8555 §8.1: a token "MUST NOT contain any characters outside the base64url alphabet"
 # (and carries at least 128 bits of entropy, so at least 22 characters).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{22,}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Timeouts:
-    """Every ACME wait in one place (seconds)."""
-
-    http: float = 20.0  # one HTTP request (requests' connect+read timeout)
-    authorizations: float = 180.0  # all authorizations of one order valid
-    finalize: float = 120.0  # order valid and certificate downloaded after finalize
-    short_wait: float = 15.0  # Retry-After up to this long is waited out in-run; longer → RateLimited
-    poll_intervals: tuple[float, ...] = (0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)  # then the last, repeated
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,24 +67,20 @@ class Issued:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+class OrderLog(Protocol):
+    """Told about a new order before and after the CA hears of it (certmgr.orders keeps it for a later run)."""
+
+    def placing(self, csr_pem: bytes) -> None: ...
+
+    def placed(self, url: str) -> None: ...
+
+
 class AccountStore(Protocol):
     def load_account_key(self, ca_id: str) -> bytes | None: ...
 
     def save_account_key(self, ca_id: str, pem: bytes) -> Any: ...
 
     def audit(self, action: str, obj: str, **kw: Any) -> None: ...
-
-
-class _Net(ClientNetwork):
-    """ClientNetwork that remembers the last response, for Retry-After and status codes on errors."""
-
-    last_response: requests.Response | None = None
-
-    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        self.last_response = None
-        response = super()._send_request(method, url, *args, **kwargs)
-        self.last_response = response
-        return response
 
 
 class _NewOrder(messages.NewOrder):
@@ -121,35 +107,6 @@ def account_id(ca: CA) -> str:
     """One account per CA directory and contact set: `NAME-<hash>`, so a changed contact registers anew."""
     h = hashlib.sha256("\n".join([ca.directory, *sorted(ca.contact)]).encode()).hexdigest()[:10]
     return f"{ca.name}-{h}"
-
-
-def parse_retry_after(value: str | None, now: dt.datetime) -> dt.datetime | None:
-    """RFC 9110 §10.2.3 Retry-After: delay-seconds or an HTTP-date; None when absent or unparseable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return now + dt.timedelta(seconds=int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
-def shown(text: str | None) -> str | None:
-    """CA-supplied text made safe to print (`sanitize.line`): controls (newlines, ESC…) become visible escapes.
-
-    An error detail is the CA's words, shown verbatim, but it must not forge a line of our output
-    or drive the operator's terminal (RFC 7807 details are free text).
-    """
-    if text is None:
-        return None
-    return sanitize.line(text, limit=CA_TEXT_LIMIT)
-
-
-def _short(typ: str | None) -> str:
-    return (typ or "error").removeprefix(ERR)
 
 
 def choose_chain(fullchains: Sequence[str], preferred_issuer: str | None) -> tuple[str, str | None]:
@@ -400,25 +357,60 @@ class ACMEClient:
 
     async def issue(self, cert: Certificate, key: keys.PrivateKey, *, inventory: Inventory,
                     providers: Mapping[str, Provider], replaces: str | None = None,
-                    journal: CertJournal | None = None) -> Issued:
+                    journal: CertJournal | None = None, record: OrderLog | None = None) -> Issued:
         """One order for all of `cert.domains`: DNS-01 for each pending authorization, finalize, download.
 
         `journal` is told which TXT records are about to be written (before the UPDATE) and which the
         server confirmed gone, so whatever a kill, a timeout or a refusal leaves is retried by a later run.
+        `record` is told the key and CSR before new-order and the order URL after (certmgr.orders), so a
+        later run resumes the order instead of placing another.
 
         Challenge records are removed in `finally` — on success, failure and cancellation alike.
         """
         self.check_profile(cert)
+        csr_pem = keys.csr(key, cert.domains)
+        if record is not None:
+            record.placing(csr_pem)
+        return await self._order(cert, key, csr_pem, None, inventory=inventory, providers=providers,
+                                 replaces=replaces, journal=journal, record=record)
+
+    async def fetch_order(self, cert: Certificate, uri: str) -> messages.Order:
+        """RFC 8555 §7.1.3: the order at `uri` as the CA sees it now (POST-as-GET with this account)."""
+        net = self._net()
+        try:
+            resp = await self.call(net, f"acme order {cert.name}", ClientV2(self.directory, net)._post_as_get, uri,
+                                   outcome="order not resumed")
+        finally:
+            net.session.close()
+        order: messages.Order = messages.Order.from_json(resp.json())
+        return order
+
+    async def resume(self, cert: Certificate, key: keys.PrivateKey, csr_pem: bytes, uri: str,
+                     order: messages.Order, *, inventory: Inventory, providers: Mapping[str, Provider],
+                     journal: CertJournal | None = None) -> Issued:
+        """Carry on an order an earlier run placed (`fetch_order` gave `order`): whatever its status still needs."""
+        return await self._order(cert, key, csr_pem, (uri, order), inventory=inventory, providers=providers,
+                                 replaces=None, journal=journal, record=None)
+
+    async def _order(self, cert: Certificate, key: keys.PrivateKey, csr_pem: bytes,
+                     placed: tuple[str, messages.Order] | None, *, inventory: Inventory,
+                     providers: Mapping[str, Provider], replaces: str | None, journal: CertJournal | None,
+                     record: OrderLog | None) -> Issued:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         timings: dict[str, float] = {}
         notes: list[str] = []
-        csr_pem = keys.csr(key, cert.domains)
         net = self._net()
         client = ClientV2(self.directory, net)
         name = cert.name
         try:
-            order, uri, used_replaces = await self._new_order(net, client, cert, replaces, notes)
+            if placed is None:
+                order, uri, used_replaces = await self._new_order(net, client, cert, replaces, notes)
+                if record is not None:
+                    record.placed(uri)
+            else:
+                (uri, order), used_replaces = placed, False
+                notes.append(f"resumed the order an earlier run placed (status {order.status.name})")
             timings["order"] = loop.time() - t0
             authzs = []
             for url in order.authorizations:
@@ -531,6 +523,8 @@ class ACMEClient:
             await run_all([prov.wait_propagated(recs) for prov, recs in placed.values()])
             timings["propagated"] = loop.time() - t0
             for _url, _authz, chall in todo:
+                if chall.status not in (None, messages.STATUS_PENDING):
+                    continue  # answered by an earlier run (resumed order): RFC 8555 §7.5.1 takes one answer
                 await self.call(net, f"acme challenge {cert.name}", client.answer_challenge, chall,
                                 chall.chall.response(self.account_key), outcome="order abandoned")
             await self._poll_authorizations(net, client, cert, [u for u, _, _ in todo])
@@ -660,77 +654,3 @@ def _invalid(cert: Certificate, authz: messages.Authorization) -> CertmgrError:
         f"acme challenge {cert.name} ({domain}): the CA found the dns-01 challenge invalid: {detail} "
         "(order abandoned)", typ=err.typ if err is not None else None, detail=detail,
         hint="check that _acme-challenge TXT records are not overridden (stale CNAME, other provider)")
-
-
-async def _retrying(step: str, net: _Net, executor: ThreadPoolExecutor, timeouts: Timeouts,
-                    fn: Callable[..., T], *args: Any, outcome: str) -> T:
-    """Run one blocking acme call in the pool, retrying what RFC 8555 says is retryable.
-
-    badNonce (RFC 8555 §6.5): again at once with a fresh nonce — Pebble rejects a share of valid nonces.
-    429/rateLimited and 5xx: wait out a short Retry-After (else back off 1, 2, 4 s), a few times, then fail.
-    Connection errors: twice more after short pauses, then "CA unreachable".
-    """
-    loop = asyncio.get_running_loop()
-    nonce_retries = 0
-    attempts = 0
-    while True:
-        try:
-            # requests' own timeout bounds the thread; this bounds our wait even if it misbehaves
-            async with asyncio.timeout(timeouts.http * 2 + 5):
-                return await loop.run_in_executor(executor, functools.partial(fn, *args))
-        except TimeoutError as exc:
-            raise ACMEError(f"{step}: CA unreachable: no answer within {timeouts.http * 2 + 5:g}s ({outcome})",
-                            hint="is the ACME server up? check [ca.*] directory and trust") from exc
-        except messages.Error as err:
-            resp = net.last_response
-            status = resp.status_code if resp is not None else None
-            now = dt.datetime.now(dt.UTC)
-            if err.code == "badNonce" and nonce_retries < 10:
-                nonce_retries += 1
-                continue
-            retry_at = parse_retry_after(resp.headers.get("Retry-After") if resp is not None else None, now)
-            if err.code == "rateLimited" or status == 429:
-                wait = (retry_at - now).total_seconds() if retry_at else None
-                if wait is not None and wait <= timeouts.short_wait and attempts < 3:
-                    attempts += 1
-                    event(log, logging.INFO, "rate limited, waiting", step=step, seconds=f"{wait:.1f}")
-                    await asyncio.sleep(max(wait, 0.0))
-                    continue
-                raise RateLimited(f"{step}: rate limited: {shown(err.detail)} ({outcome})", retry_after=retry_at,
-                                  detail=shown(err.detail)) from err
-            if (status is not None and status >= 500) or err.code == "serverInternal":
-                if attempts < 3:
-                    wait = (retry_at - now).total_seconds() if retry_at else 2.0 ** attempts
-                    attempts += 1
-                    await asyncio.sleep(min(max(wait, 0.0), timeouts.short_wait))
-                    continue
-            raise ACMEError(f"{step}: {shown(_short(err.typ))}: {shown(err.detail) or 'no detail'} ({outcome})",
-                            typ=err.typ, detail=shown(err.detail),
-                            retryable=(status or 0) >= 500 or err.code in ("rateLimited", "serverInternal",
-                                                                           "badNonce")) from err
-        except errors.ConflictError:
-            raise
-        except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class: never retried
-            raise ACMEError(f"{step}: TLS to the CA failed: {shown(str(exc))} ({outcome})",
-                            hint="check [ca.*] trust: the bundle must contain the CA of the ACME endpoint",
-                            retryable=False) from exc
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            if attempts < 2:
-                attempts += 1
-                await asyncio.sleep(0.5 * attempts)
-                continue
-            url = getattr(exc.request, "url", None) if getattr(exc, "request", None) is not None else None
-            kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
-            raise ACMEError(f"{step}: CA unreachable: {kind}{f' ({shown(url)})' if url else ''} ({outcome})",
-                            hint="is the ACME server up? check [ca.*] directory and trust") from exc
-        except errors.ClientError as exc:
-            resp = net.last_response
-            status = resp.status_code if resp is not None else None
-            if status is not None and status >= 500 and attempts < 3:
-                attempts += 1
-                await asyncio.sleep(2.0 ** (attempts - 1))
-                continue
-            raise ACMEError(f"{step}: unexpected response{f' (HTTP {status})' if status else ''}: {shown(str(exc))} "
-                            f"({outcome})") from exc
-        except errors.Error as exc:
-            raise ACMEError(f"{step}: {shown(str(exc))} ({outcome})") from exc

@@ -169,6 +169,11 @@ class PgStore:
             raise
         return cls(conn, locks, sealer=sealer, where=where, clock=clock)
 
+    @property
+    def sealer(self) -> Sealer:
+        """Seals other private keys kept beside the store's own (certmgr.orders: a pending order's key)."""
+        return self._sealer
+
     def close(self) -> None:
         self._locks.close()
         self._conn.close()

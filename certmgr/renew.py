@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, halocks, interrupt, keys, pins
+from certmgr import certcheck, halocks, interrupt, keys, orders, pins
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -251,7 +251,8 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
 
 
 async def _retry_dns_leftovers(run: _Run) -> None:
-    """Before any order: open the DNS journal and retry removing every TXT value earlier runs left (any cert)."""
+    """Before any order: open the DNS journal and retry removing every TXT value earlier runs left (any cert
+whose order no other live controller is running: halocks.leftover_owner)."""
     try:
         run.journal = Journal.load(run.store)
     except CertmgrError as exc:  # renewals matter more than the journal: go on, but say it loudly
@@ -260,7 +261,8 @@ async def _retry_dns_leftovers(run: _Run) -> None:
         return
     if run.journal.entries():
         providers, _ = run.providers()
-        await retry_leftovers(run.journal, providers, timeout=LEFTOVER_TIMEOUT)
+        with halocks.leftover_owner(run.store, {e.cert for e in run.journal.entries()}) as ours:
+            await retry_leftovers(run.journal, providers, timeout=LEFTOVER_TIMEOUT, only=lambda e: e.cert in ours)
 
 
 async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, dry_run: bool,
@@ -392,10 +394,13 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
     client = await run.client(ca)
     await client.ensure_account(run.store, env=run.env)
     loop = asyncio.get_running_loop()
-    if cert.reuse_key and not new_key and material is not None and info is not None and info.key_type == cert.key_type:
-        key = keys.from_pem(material.privkey)
-    else:
-        key = await loop.run_in_executor(run.executor, keys.generate, cert.key_type)
+
+    async def make_key() -> keys.PrivateKey:
+        if cert.reuse_key and not new_key and material is not None and info is not None \
+                and info.key_type == cert.key_type:
+            return keys.from_pem(material.privkey)
+        return await loop.run_in_executor(run.executor, keys.generate, cert.key_type)
+
     replaces = None
     if client.has_ari and material is not None:
         try:
@@ -403,13 +408,19 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
         except ValueError:
             replaces = None
     journal = CertJournal(run.journal, cert.name) if run.journal is not None else None
-    issued = await client.issue(cert, key, inventory=run.inventory, providers=providers, replaces=replaces,
-                                journal=journal)
-    await _check_issued(run, cert, issued.material, now=now)
+    # recorded before new-order, resumed by the next run when this one dies (certmgr.orders)
+    issued = await orders.obtain(run.store, client, cert, make_key=make_key, new_key=new_key, inventory=run.inventory,
+                                 providers=providers, replaces=replaces, journal=journal)
+    try:
+        await _check_issued(run, cert, issued.material, now=now)
+    except CertificateRefused as exc:
+        orders.settle(run.store, cert.name, abandoned=f"certificate refused ({'; '.join(exc.problems)})")
+        raise
     new_info = issued.material.info()
     store = run.store
     version = store.add_version(cert.name, issued.material)
     previous = store.activate(cert.name, version)
+    orders.settle(store, cert.name)
     # <deploy hooks in after this point: cli.renew pushes outcomes with status "renewed" (see docs/renew.md)>
     old = (f"serial {info.serial} (expires {info.not_after.isoformat()})" if info else "nothing")
     new = f"serial {new_info.serial} (expires {new_info.not_after.isoformat()})"

@@ -85,7 +85,11 @@ def open_store(state_dir: Path, inventory_path: Path, *, readonly: bool) -> Any:
     """The store this controller uses: PostgreSQL when the inventory has [store], else the state directory."""
     cfg = configured(inventory_path)
     if cfg is not None:
-        return open_pg(cfg)
+        if readonly:
+            return open_pg(cfg)
+        from certmgr import outbox  # a writer replays what a run spooled when the database was lost, then guards
+
+        return outbox.wrap(open_pg(cfg), state_dir)
     check_dir_not_moved(state_dir)
     if not readonly:
         return Store.open(state_dir)

@@ -147,6 +147,9 @@ class Group(click.Group):
                 saved[sig] = signal.signal(sig, _on_signal)
         except ValueError:  # not the main thread (in-process tests): keep the defaults
             pass
+        from certmgr import outbox  # after the handlers: a signal during imports still ends the command cleanly
+
+        outbox.reset()
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -171,10 +174,12 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         import signal
 
+        from certmgr import outbox
+
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except CertmgrError as exc:
-            fail(exc)
+            fail(outbox.lost_error() or exc)  # the database lost mid-run: exit 69 with what was spooled
         except BrokenPipeError:
             _stdout_gone()  # before click's own EPIPE handling, which would exit 1
         except interrupt.Interrupted as exc:
@@ -183,6 +188,8 @@ class Group(click.Group):
             interrupt.note(signal.SIGINT)
             interrupted(signal.SIGINT, ctx.meta.get("certmgr.finish"))
         except (click.exceptions.Exit, click.ClickException, SystemExit):
+            if (lost := outbox.lost_error()) is not None:
+                fail(lost)
             raise
         except Exception:
             # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
@@ -190,6 +197,9 @@ class Group(click.Group):
             traceback.print_exc()
             click.echo("certmgr: internal error (a bug): please report the traceback above", err=True)
             sys.exit(EXIT_BUG)
+        if (lost := outbox.lost_error()) is not None:
+            fail(lost)
+        return result
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

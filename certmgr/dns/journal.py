@@ -114,6 +114,18 @@ def read(store: JournalStore) -> list[Entry]:
     return sorted(entries, key=lambda e: (e.first_written, e.key)) + _legacy(store, known={e.key for e in entries})
 
 
+def _stored(store: JournalStore) -> list[Entry]:
+    """The entries of the journal document as stored now; a malformed one is skipped (read() reports it)."""
+    raw = store.load_json(JOURNAL_PATH, default=[])
+    out = []
+    for obj in raw if isinstance(raw, list) else []:
+        try:
+            out.append(Entry.from_json(obj, where=JOURNAL_PATH))
+        except StoreError:
+            continue
+    return out
+
+
 def _legacy(store: JournalStore, *, known: set[Key]) -> list[Entry]:
     """Entries from the pre-journal per-certificate lists (state/renew/pending/NAME.json), file mtime as age."""
     out: list[Entry] = []
@@ -154,6 +166,8 @@ class Journal:
         self._store = store
         self._clock = clock
         self._entries: dict[Key, Entry] = {}
+        self._dropped: set[Key] = set()  # confirmed gone by this run: never merged back from the stored copy
+        self._mine: set[Key] = set()  # added by this run (or carried from legacy lists): kept on every save
         self._legacy_files: list[str] = []
 
     @classmethod
@@ -161,6 +175,7 @@ class Journal:
         journal = cls(store, clock=clock or (lambda: dt.datetime.now(dt.UTC)))
         for entry in read(store):
             journal._entries.setdefault(entry.key, entry)
+        journal._mine = set(journal._entries) - {e.key for e in _stored(store)}  # legacy entries, to carry over
         directory = _legacy_dir(store)
         if directory is not None and directory.is_dir():
             journal._legacy_files = ["/".join((*LEGACY_DIR, p.name)) for p in sorted(directory.iterdir())
@@ -178,6 +193,8 @@ class Journal:
         now = self._clock()
         added: set[Key] = set()
         for r in records:
+            self._dropped.discard(r.key)
+            self._mine.add(r.key)
             if r.key not in self._entries:
                 self._entries[r.key] = Entry(zone=r.zone, fqdn=r.fqdn, value=r.value, provider=provider, cert=cert,
                                              domain=r.domain, first_written=now, token=r.token,
@@ -190,11 +207,19 @@ class Journal:
     def drop(self, keys: Iterable[Key]) -> int:
         """Forget `keys`: the server confirmed they are gone (or refused the add that made them). How many."""
         gone = [k for k in set(keys) if self._entries.pop(k, None) is not None]
+        self._dropped.update(gone)
+        self._mine.difference_update(gone)
         if gone:
             self._save()
         return len(gone)
 
     def _save(self) -> None:
+        # The stored copy is the truth about other runs' entries: another controller (per-certificate locks,
+        # docs/ha.md) may have journaled records since this run loaded it, or seen some removed. Keep what is
+        # stored now (less what this run saw removed) plus this run's own; never lose another run's record.
+        merged = {e.key: e for e in _stored(self._store) if e.key not in self._dropped}
+        merged |= {k: e for k, e in self._entries.items() if k in self._mine}
+        self._entries = merged
         self._store.save_json(JOURNAL_PATH, [e.to_json() for e in self.entries()])
         # the pre-journal lists are now carried here: empty them (after the save, so nothing is ever lost)
         for rel in self._legacy_files:
@@ -224,12 +249,15 @@ class Retried:
     left: tuple[Entry, ...]  # still listed: the server did not confirm, or their provider is unavailable
 
 
-async def retry_leftovers(journal: Journal, providers: Mapping[str, Provider], *, timeout: float) -> Retried:
+async def retry_leftovers(journal: Journal, providers: Mapping[str, Provider], *, timeout: float,
+                          only: Callable[[Entry], bool] | None = None) -> Retried:
     """Delete every journaled value (each provider's zones concurrently), dropping only what the server confirmed.
 
     Bounded by `timeout` in all: a DNS server that is down costs each run at most that, and its entries stay.
+    `only` keeps the entries this run may remove (with two controllers: not those of a certificate whose
+    order another live controller is running, which holds that certificate's lock).
     """
-    entries = journal.entries()
+    entries = [e for e in journal.entries() if only is None or only(e)]
     if not entries:
         return Retried(removed=0, left=())
     groups: dict[str, list[TXTRecord]] = {}
@@ -253,7 +281,7 @@ async def retry_leftovers(journal: Journal, providers: Mapping[str, Provider], *
             await asyncio.gather(*(one(providers[n], recs) for n, recs in groups.items() if n in providers))
     except TimeoutError:
         event(log, logging.WARNING, "retry of left-behind challenge records cut short", seconds=f"{timeout:g}")
-    left = tuple(journal.entries())
+    left = tuple(e for e in journal.entries() if only is None or only(e))
     if removed:
         event(log, logging.INFO, "removed challenge records left by an interrupted run", records=removed)
     if left:

@@ -208,6 +208,25 @@ def test_renew_name_on_b_waits_only_for_its_certificate_while_a_runs(ha: tuple[L
     assert observe(lab, pg) == []
 
 
+def test_b_leaves_the_challenge_records_of_a_s_order_in_flight(ha: tuple[Lab, PgServer, Path], proxy: ACMEProxy,
+                                                                tmp_path: Path) -> None:
+    """While A's run holds a certificate's lock with its TXT published (its challenge answer held at the CA), B's `renew` of another certificate retries the shared DNS journal's leftovers but leaves A's records: A's order validates and A renews it once."""
+    lab, pg, inv = ha
+    rule = proxy.hold("challenge", ident=SNI[HELD][0], drop=False)
+    a = start(inv, tmp_path / "a", "run", "--no-notify")
+    proxy.wait_held(rule, 120)
+    a_txt = [f for f in txt_left(lab) if f.endswith(SNI[HELD][0])]
+    assert a_txt, "A's challenge record is published while its answer is held"
+    rc, text = run(inv, tmp_path / "b", "-v", "renew", FREE, "--force")
+    assert rc == 0, text
+    assert [f for f in txt_left(lab) if f.endswith(SNI[HELD][0])] == a_txt, "B removed A's record"
+    assert "challenge records of an order another controller is running: left to it" in text, text
+    proxy.remove(rule)  # A's challenge answer goes on to Pebble, which finds A's TXT
+    assert a.finish() == 0, a.text
+    assert issuances(proxy, HELD) == 1
+    assert observe(lab, pg) == []
+
+
 def test_a_killed_holder_is_settled_by_b_s_run(ha: tuple[Lab, PgServer, Path], proxy: ACMEProxy,
                                                tmp_path: Path) -> None:
     """SIGKILL of A mid-order frees its locks at once; B's run renews and deploys everything, at most one extra issuance."""
