@@ -118,12 +118,24 @@ def flip_store_live(state: Path, lineages: tuple[str, ...] = LINEAGES) -> None:
             store.activate(lineage, newest[0] if live == newest[1] else newest[1])
 
 
+def lock_holder(state: Path) -> object:
+    """The pid in the directory store's lock record (None while there is none)."""
+    try:
+        return json.loads((state / "lock").read_text() or "{}").get("pid")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def interrupt_at(proc: subprocess.Popen[str], how: signal.Signals, moment: tuple[str, float], state: Path,
                  switches: LiveSwitches) -> None:
-    """Send `how` at `moment`: (`start`|`renewed`|`switch`, delay): after the process started, after its first
-    `renewed` audit line, or after the first POP switched live/ in this run."""
+    """Send `how` at `moment`: (`start`|`renewed`|`switch`, delay): after the command took the store lock (its
+    signal handlers are in place by then: a signal during the interpreter's imports would only test Python), after
+    its first `renewed` audit line, or after the first POP switched live/ in this run."""
     event, delay = moment
-    if event == "renewed":
+    if event == "start":
+        wait_for(lambda: proc.poll() is not None or lock_holder(state) == proc.pid, 120, "the store lock",
+                 interval=0.002)
+    elif event == "renewed":
         done = sum(1 for e in audit(state) if e["action"] == "renewed")
         wait_for(lambda: proc.poll() is not None or sum(1 for e in audit(state) if e["action"] == "renewed") > done,
                  120, "a renewal", interval=0.005)
@@ -140,8 +152,8 @@ def interrupt_at(proc: subprocess.Popen[str], how: signal.Signals, moment: tuple
 
 
 EXPECT = {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}
-RENEW_MOMENTS = [("start", 1.0), ("renewed", 0.0), ("switch", 0.0), ("switch", 0.1)]
-DEPLOY_MOMENTS = [("start", 0.7), ("switch", 0.0), ("switch", 0.03), ("switch", 0.15), ("switch", 0.4),
+RENEW_MOMENTS = [("start", 0.2), ("renewed", 0.0), ("switch", 0.0), ("switch", 0.1)]
+DEPLOY_MOMENTS = [("start", 0.0), ("switch", 0.0), ("switch", 0.03), ("switch", 0.15), ("switch", 0.4),
                   ("twice", 0.0)]
 
 
