@@ -12,8 +12,10 @@ renew-50: `renew --due` of 50 new certificates (benchmarks/renew.py's bench_cert
 schema for each pg round). deploy-50: a fresh version of `--deploy-certs` certificate(s) pushed
 to 50 POPs at once (benchmarks/deploy.py's child: its `wall` is deploy() itself), after one
 warm-up run that converts the lab's certbot layout; each store keeps its versions across rounds.
-For each pg round the database's transactions and WAL flushes (pg_stat_database, pg_stat_wal:
-with fsync on each flush is a durable commit) are printed per certificate (renew) or per POP (deploy).
+For each pg round the database's transactions and WAL flushes and the time spent in them
+(pg_stat_database, pg_stat_wal with track_wal_io_timing: with fsync on each flush is a durable
+commit, and the store's commits are serial on its one connection) are printed per certificate
+(renew) or per POP (deploy).
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ def reset_schema(pg: PgServer) -> None:
         install_schema(conn, runtime_role=RUNTIME)
 
 
-def db_counters(pg: PgServer) -> tuple[int, int]:
-    """(transactions committed in certmgr's database, WAL flushes of the whole server) so far."""
+def db_counters(pg: PgServer) -> tuple[float, float, float]:
+    """(transactions committed in certmgr's database — an autocommit read is one —, WAL flushes of the whole
+    server, milliseconds spent in them) so far."""
     out = pg.psql("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) "
-                  "|| ' ' || (SELECT wal_sync FROM pg_stat_wal)", db=DATABASE)
-    xacts, syncs = out.split()
-    return int(xacts), int(syncs)
+                  "|| ' ' || wal_sync || ' ' || wal_sync_time FROM pg_stat_wal", db=DATABASE)
+    xacts, syncs, ms = out.split()
+    return float(xacts), float(syncs), float(ms)
+
+
+def db_line(pg: PgServer, before: tuple[float, float, float], per: int, unit: str) -> str:
+    xacts, syncs, ms = (a - b for a, b in zip(db_counters(pg), before, strict=True))
+    return (f"; per {unit}: {xacts / per:.1f} transactions, {syncs / per:.1f} WAL flushes "
+            f"({ms / per:.1f} ms flushing; {ms / 1000:.2f}s in all)")
 
 
 def load() -> str:
@@ -59,6 +68,8 @@ def load() -> str:
 
 
 def verdict(what: str, walls: dict[str, list[float]]) -> str:
+    if not walls["dir"] or not walls["pg"]:
+        return f"{what}: no complete round for both stores"
     d, p = statistics.median(walls["dir"]), statistics.median(walls["pg"])
     return (f"median {what}: dir {d:.2f}s, pg {p:.2f}s: pg/dir = {p / d:.3f} "
             f"({'within' if p <= d * 1.10 else 'OVER'} the +10% budget; rounds dir "
@@ -75,12 +86,12 @@ def bench_renew(lab: Lab, pg: PgServer, base: Path, extra: str, args: argparse.N
             work = base / f"renew-{kind}-{i}"
             work.mkdir()
             r = bench_certmgr(lab, args.n, work, args.concurrency, extra=extra if kind == "pg" else "")
-            if r["ok"] != args.n:
-                raise SystemExit(f"round {i} {kind}: only {r['ok']}/{args.n} renewed: {r['err']}")
+            if r["ok"] != args.n:  # e.g. Pebble timing out on an overloaded machine: said, not counted
+                print(f"round {i} {kind:3}: only {r['ok']}/{args.n} renewed, not counted, {load()}: "
+                      f"{str(r['err']).strip().splitlines()[-1][:300]}", flush=True)
+                continue
             walls[kind].append(float(r["wall"]))  # type: ignore[arg-type]
-            xacts, syncs = (a - b for a, b in zip(db_counters(pg), before, strict=True))
-            per = f"; {xacts / args.n:.1f} transactions, {syncs / args.n:.1f} WAL flushes per certificate" \
-                if kind == "pg" else ""
+            per = db_line(pg, before, args.n, "certificate") if kind == "pg" else ""
             print(f"round {i} {kind:3}: renew-{args.n} {r['wall']:.2f}s wall, {r['rss_kib']} KiB max RSS, "
                   f"{load()}{per}", flush=True)
     return verdict(f"renew-{args.n}", walls)
@@ -102,10 +113,10 @@ def bench_deploy(lab: Lab, pg: PgServer, base: Path, spec: Path, args: argparse.
             before = db_counters(pg)
             r = run_child(lab, n, min(n, 50), states[kind], k=k, pg=str(spec) if kind == "pg" else "-")
             if r["bad"]:
-                raise SystemExit(f"round {i} {kind}: not all deployed: {r['bad'][:3]}")
+                print(f"round {i} {kind:3}: not all deployed, not counted, {load()}: {r['bad'][:3]}", flush=True)
+                continue
             walls[kind].append(float(r["wall"]))
-            xacts, syncs = (a - b for a, b in zip(db_counters(pg), before, strict=True))
-            per = f"; {xacts / n:.2f} transactions, {syncs / n:.2f} WAL flushes per POP" if kind == "pg" else ""
+            per = db_line(pg, before, n, "POP") if kind == "pg" else ""
             print(f"round {i} {kind:3}: deploy-{n} ({k} cert(s)) {r['wall']:.2f}s wall, "
                   f"{r['rss_kb']} KiB max RSS, {load()}{per}", flush=True)
     return verdict(f"deploy-{n}", walls)
@@ -139,6 +150,8 @@ def main() -> int:
           f"({len(lab.pop_names)} POPs); {load()} on {os.cpu_count()} cores", flush=True)
     pg.up()
     try:
+        pg.psql("ALTER SYSTEM SET track_wal_io_timing = on")  # pg_stat_wal.wal_sync_time: the time fsync costs
+        pg.psql("SELECT pg_reload_conf()")
         (base / "pw").write_text(pg.passwords[RUNTIME])
         (base / "key").write_text(f"k1 {base64.b64encode(os.urandom(32)).decode()}\n")
         spec = base / "pg.json"
