@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -167,6 +168,7 @@ def main() -> int:
             print(line)
     finally:
         pg.down()
+        shutil.rmtree(base, ignore_errors=True)  # its stores hold (test) private keys
         if not args.lab_dir:
             lab.reseed()
             lab.down()
