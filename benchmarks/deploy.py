@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from certmgr import inventory as inventory_mod  # noqa: E402
 from certmgr.deploy import Status, deploy  # noqa: E402
 from certmgr.material import CertMaterial  # noqa: E402
+from certmgr.model import SecretRef, StoreConfig  # noqa: E402
 from certmgr.store import Store  # noqa: E402
 from lab import Lab, pki  # noqa: E402
 from lab.pop import DEPLOY_USER  # noqa: E402
@@ -108,11 +109,27 @@ def add_bench_lineages(lab: Lab, k: int) -> None:
         lab.nginx_reload(pop)
 
 
-def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: str, k: int, profile: str = "-") -> None:
+def open_store(state: str, pg: str) -> Any:
+    """The directory store at `state`, or (`pg` a JSON file {"url", "password_file", "key_file"}) the PostgreSQL
+    store it names (benchmarks/hastore.py)."""
+    if pg == "-":
+        return Store.open(Path(state))
+    from certmgr.storeopen import open_pg  # psycopg: the postgres extra
+
+    spec = json.loads(Path(pg).read_text())
+    return open_pg(StoreConfig(url=spec["url"], key=SecretRef(kind="file", where=spec["key_file"],
+                                                              key_path="store.key_file"),
+                               password=SecretRef(kind="file", where=spec["password_file"],
+                                                  key_path="store.password_file")))
+
+
+def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: str, k: int, profile: str = "-",
+          pg: str = "-") -> None:
     """One certmgr deploy of a fresh version of K lineages to the first `n` POPs; prints JSON with time and peak RSS.
 
     Without `canary` the lab's canary tag is dropped, so all POPs go at once (a pure fan-out
-    measure); with it the canary POP goes first and the rest after it verified.
+    measure); with it the canary POP goes first and the rest after it verified. `pg` (a JSON file,
+    see open_store) puts the versions and deploy state in the PostgreSQL store instead of `state`.
     """
     lab = Lab.load(lab_dir)
     inv = inventory_mod.load(lab.inventory_path)
@@ -127,7 +144,7 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
                  if h in spec["address"] else x for h, x in hosts.items()}
     if not canary:
         hosts = {h: dataclasses.replace(x, tags=tuple(t for t in x.tags if t != "canary")) for h, x in hosts.items()}
-    store = Store.open(Path(state))
+    store = open_store(state, pg)
     ca = pki.make_ca("benchmark CA")
     trust = Path(state).parent / "benchmark-ca.pem"  # deploy's certcheck verifies the chain to a trusted root
     trust.write_bytes(ca.cert_pem)
@@ -146,6 +163,8 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile)
+    if pg != "-":
+        store.close()
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"n": n, "k": k, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
@@ -184,12 +203,12 @@ def server_cpu(lab: Lab, n: int) -> tuple[float, float]:
 
 
 def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False, far: str = "-",
-              k: int = 1, profile: str = "-") -> dict[str, Any]:
+              k: int = 1, profile: str = "-", pg: str = "-") -> dict[str, Any]:
     (ssh0, ngx0), busy0, forks0 = server_cpu(lab, n), _busy(), _forks()
     reloads0 = {p: lab.reload_count(p) for p in lab.pop_names[:n]}
     t = time.monotonic()
     res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state),
-                          "canary" if canary else "all", far, str(k), profile],
+                          "canary" if canary else "all", far, str(k), profile, pg],
                          capture_output=True, text=True, check=False, timeout=900)
     total = time.monotonic() - t
     time.sleep(0.3)  # let the POPs' sshd reap their sessions so the children's CPU is counted
@@ -303,7 +322,7 @@ def report_profile(path: str, top: int = 25) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "canary", sys.argv[7],
-              int(sys.argv[8]), sys.argv[9] if len(sys.argv) > 9 else "-")
+              int(sys.argv[8]), sys.argv[9] if len(sys.argv) > 9 else "-", sys.argv[10] if len(sys.argv) > 10 else "-")
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,20,50")

@@ -198,8 +198,7 @@ class LockSession:
         held = dict(self._held)  # a snapshot: other tasks of this controller take and release locks meanwhile
         if self._lost and held:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
-        for key in sorted(held):
-            self._check(cur, key, what, held[key])
+        self._check(cur, sorted(held), what, held)
 
     def fence(self, cur: psycopg.Cursor[Any], name: str | None, what: str) -> None:
         """Inside a write transaction: refuse unless the run lock or `name`'s lock is still this controller's.
@@ -215,18 +214,27 @@ class LockSession:
         self._check_alive()
         if self._lost:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
-        for key in keys:
-            self._check(cur, key, what, held[key])
+        self._check(cur, keys, what, held)
 
-    def _check(self, cur: psycopg.Cursor[Any], key: str, what: str, epoch: int) -> None:
-        row = cur.execute(
-            "SELECT e.epoch, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
-            "AND granted AND classid::bigint = %s AND objid::bigint = (hashtext(%s)::bigint & 4294967295)) "
-            "FROM certmgr_epochs e WHERE e.lock_key = %s FOR SHARE OF e",
-            (self.backend_pid, KINDS[key.split(":")[0]], key, key)).fetchone()
-        if row is None or not row[1]:
-            raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
-                           hint="its database session ended (paused or cut off); the next run takes over")
-        if int(row[0]) != epoch:
-            raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {row[0]} after ours, "
-                           f"{epoch}) (not written)")
+    def _check(self, cur: psycopg.Cursor[Any], keys: list[str], what: str, held: dict[str, int]) -> None:
+        """Every key in one statement (one round trip, one read of pg_locks however many locks are held),
+        its epoch rows locked FOR SHARE; the first key that is not still ours, in `keys` order, refuses."""
+        if not keys:
+            return
+        rows = cur.execute(
+            "WITH mine AS MATERIALIZED (SELECT classid::bigint AS c, objid::bigint AS o FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid = %s AND granted) "
+            "SELECT e.lock_key, e.epoch, EXISTS (SELECT 1 FROM mine WHERE mine.c = k.c "
+            "AND mine.o = (hashtext(k.key)::bigint & 4294967295)) "
+            "FROM unnest(%s::text[], %s::bigint[]) AS k(key, c) JOIN certmgr_epochs e ON e.lock_key = k.key "
+            "FOR SHARE OF e",
+            (self.backend_pid, keys, [KINDS[key.split(":")[0]] for key in keys])).fetchall()
+        found = {str(r[0]): (int(r[1]), bool(r[2])) for r in rows}
+        for key in keys:
+            epoch, granted = found.get(key, (0, False))
+            if not granted:
+                raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
+                               hint="its database session ended (paused or cut off); the next run takes over")
+            if epoch != held[key]:
+                raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {epoch} after ours, "
+                               f"{held[key]}) (not written)")

@@ -187,7 +187,8 @@ class PgStore:
     @contextmanager
     def _tx(self, what: str, fence: str | bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
-        (whatever locks this controller holds must still be ours), False (reads: no check)."""
+        (whatever locks this controller holds must still be ours), False (no check; several reads that
+        must see one snapshot — a single read statement uses `_read`)."""
         if fence is not False:
             self._locks.precheck(what)
         try:
@@ -196,6 +197,19 @@ class PgStore:
                     self._locks.fence_held(cur, what)
                 elif isinstance(fence, str):
                     self._locks.fence(cur, fence, what)
+                yield cur
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
+                                   f"{str(exc).strip().splitlines()[0]} (not written)") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"store {self.where}: {what}: {str(exc).strip().splitlines()[0]}") from exc
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
+        """One read statement on its own: autocommit runs it in one round trip (no BEGIN and COMMIT, two more
+        while every other thread waits for the connection) and it still sees one snapshot; never for writes."""
+        try:
+            with self._mutex, self._conn.cursor() as cur:
                 yield cur
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
@@ -229,24 +243,24 @@ class PgStore:
     # ------------------------------------------------------------------ versions
 
     def names(self) -> list[str]:
-        with self._tx("list names") as cur:
+        with self._read("list names") as cur:
             return [r[0] for r in cur.execute("SELECT DISTINCT name COLLATE \"C\" FROM certmgr_versions ORDER BY 1")]
 
     def versions(self, name: str) -> list[int]:
-        with self._tx(f"list versions of {name}") as cur:
+        with self._read(f"list versions of {name}") as cur:
             rows = cur.execute("SELECT version FROM certmgr_versions WHERE name = %s ORDER BY version",
                                (check_name(name),))
             return [r[0] for r in rows]
 
     def live_version(self, name: str) -> int | None:
-        with self._tx(f"read live {name}") as cur:
+        with self._read(f"read live {name}") as cur:
             row = cur.execute("SELECT version FROM certmgr_live WHERE name = %s", (check_name(name),)).fetchone()
         return None if row is None else int(row[0])
 
     def read(self, name: str, version: int | None = None) -> CertMaterial:
         """The material of `version` (the live one when None), read in one statement (never two versions)."""
         check_name(name)
-        with self._tx(f"read {name}") as cur:
+        with self._read(f"read {name}") as cur:
             if version is None:
                 row = cur.execute(
                     "SELECT v.version, cert, chain, privkey, key_id FROM certmgr_live l "
@@ -330,11 +344,11 @@ class PgStore:
 
     def json_paths(self) -> list[str]:
         """Every JSON document's path (migration)."""
-        with self._tx("list documents") as cur:
+        with self._read("list documents") as cur:
             return [r[0] for r in cur.execute("SELECT path COLLATE \"C\" FROM certmgr_json ORDER BY 1")]
 
     def account_ids(self) -> list[str]:
-        with self._tx("list accounts") as cur:
+        with self._read("list accounts") as cur:
             return [r[0] for r in cur.execute("SELECT ca_id COLLATE \"C\" FROM certmgr_accounts ORDER BY 1")]
 
     def append_audit_entries(self, entries: list[dict[str, Any]]) -> None:
@@ -358,7 +372,7 @@ class PgStore:
         self.save_json(f"state/{check_name(name)}.json", state)
 
     def load_json(self, relpath: str, default: Any = None) -> Any:
-        with self._tx(f"read {relpath}") as cur:
+        with self._read(f"read {relpath}") as cur:
             row = cur.execute("SELECT body FROM certmgr_json WHERE path = %s", (_check_rel(relpath),)).fetchone()
         return default if row is None else row[0]
 
@@ -375,7 +389,7 @@ class PgStore:
 
     def list_json(self, reldir: str) -> list[Any]:
         prefix = _check_rel(reldir).rstrip("/") + "/"
-        with self._tx(f"list {reldir}") as cur:
+        with self._read(f"list {reldir}") as cur:
             rows = cur.execute("SELECT body FROM certmgr_json WHERE starts_with(path, %s) AND path LIKE '%%.json' "
                                "ORDER BY path COLLATE \"C\"", (prefix,))
             return [r[0] for r in rows]
@@ -383,7 +397,7 @@ class PgStore:
     # ------------------------------------------------------------------ ACME account keys
 
     def load_account_key(self, ca_id: str) -> bytes | None:
-        with self._tx(f"read account {ca_id}") as cur:
+        with self._read(f"read account {ca_id}") as cur:
             row = cur.execute("SELECT generation, key, key_id FROM certmgr_accounts WHERE ca_id = %s",
                               (_check_ca_id(ca_id),)).fetchone()
         if row is None:
@@ -428,7 +442,7 @@ class PgStore:
         cur.execute("INSERT INTO certmgr_audit (entry) VALUES (%s)", (Jsonb(json.loads(line)),))
 
     def read_audit(self) -> Iterator[dict[str, Any]]:
-        with self._tx("read the audit log") as cur:
+        with self._read("read the audit log") as cur:
             rows = [r[0] for r in cur.execute("SELECT entry FROM certmgr_audit ORDER BY id")]
         yield from (r for r in rows if isinstance(r, dict))
 

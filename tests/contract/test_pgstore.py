@@ -197,6 +197,28 @@ def test_state_audit_and_account_writes_are_fenced_once_a_lock_is_lost(fresh_sch
     assert pgs.load_account_key("pebble") is None
 
 
+def test_every_held_lock_is_checked_by_the_one_fence_statement(fresh_schema: PgServer, pgs: PgStore,
+                                                               materials: list[CertMaterial]) -> None:
+    """With the run lock and a certificate lock held, a bumped epoch on either refuses the write, naming that lock."""
+    with pgs.lock("A"), pgs.lock_cert("example.com", "A"):
+        pgs.save_json("state/x.json", {"before": True})
+        for key in ("run", "cert:example.com"):
+            with owner_conn(fresh_schema) as conn:
+                conn.execute("UPDATE certmgr_epochs SET epoch = epoch + 1 WHERE lock_key = %s", (key,))
+            ours = pgs.held[key]
+            with pytest.raises(LockLost, match=rf"^store .*: write state/x.json: {key} was taken over "
+                                               rf"\(epoch {ours + 1} after ours, {ours}\) \(not written\)$"):
+                pgs.save_json("state/x.json", {"after": key})
+            with owner_conn(fresh_schema) as conn:
+                conn.execute("UPDATE certmgr_epochs SET epoch = epoch - 1 WHERE lock_key = %s", (key,))
+        with owner_conn(fresh_schema) as conn:
+            conn.execute("UPDATE certmgr_epochs SET epoch = epoch + 1 WHERE lock_key = 'cert:example.com'")
+        with pytest.raises(LockLost, match=r"cert:example.com was taken over"):
+            pgs.add_version("example.com", materials[0])
+    assert pgs.load_json("state/x.json") == {"before": True}
+    assert pgs.versions("example.com") == []
+
+
 def test_a_killed_holder_frees_the_lock_at_once(fresh_schema: PgServer, pgs: PgStore) -> None:
     """SIGKILL of the process holding the run lock: the server ends its session and the next opener gets epoch 2."""
     child = subprocess.Popen([sys.executable, str(REPO / "tests/contract/pg_holder.py"), fresh_schema.url(),
