@@ -1,4 +1,4 @@
-"""SSH to POPs with asyncssh: strict host keys, fixed-argv quoted commands, SFTP uploads.
+"""SSH to POPs with asyncssh: strict host keys, fixed-argv quoted commands (data on a script's stdin), SFTP.
 
 The network edge of `deploy`: asyncssh and OS errors are mapped to DeployError subclasses here,
 and every remote shell script is a constant that receives its inputs only as quoted arguments.
@@ -41,7 +41,7 @@ class Timeouts:
 
     connect: float = 10.0  # TCP + SSH handshake + auth (per hop)
     command: float = 60.0  # one remote script (includes nginx -t / reload)
-    upload: float = 60.0  # SFTP session + all files of one version
+    upload: float = 60.0  # an SFTP session opening + all files of one upload_dir (doctor); deploy's ride on `command`
     verify: float = 10.0  # polling TLS handshakes until the new serial is served
     handshake: float = 5.0  # one TLS handshake
 
@@ -56,6 +56,10 @@ class ConnectionLost(DeployError):
     """The SSH connection broke after it was established."""
 
     retryable = True
+
+
+class StreamCut(ConnectionLost):
+    """The connection broke before a streamed script was told `go`: it switched nothing (see run_streamed)."""
 
 
 class RemoteCommandError(DeployError):
@@ -360,7 +364,8 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asy
 
 
 class Remote:
-    """One SSH connection to one host: scripts run over it, files go up over one SFTP session."""
+    """One SSH connection to one host: scripts run over it (deploy's uploads on the commit's stdin); SFTP
+    for doctor's checks (and upload_dir, which deploy no longer uses)."""
 
     def __init__(self, host: Host, conn: asyncssh.SSHClientConnection, timeouts: Timeouts) -> None:
         self.host = host
@@ -372,6 +377,9 @@ class Remote:
     def _lost(self, step: str, exc: BaseException) -> DeployError:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # the peer's words
         return ConnectionLost(f"{step} {_where(self.host)}: connection lost: {sanitize.line(str(reason))}")
+
+    def _cut(self, step: str, exc: BaseException) -> StreamCut:
+        return StreamCut(self._lost(step, exc).message)
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str,
                          timeout: float | None = None) -> Result:
@@ -389,6 +397,48 @@ class Remote:
         err = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr or b"").decode("utf-8", "replace")
         status = proc.exit_status if proc.exit_status is not None else -1
         return Result(exit_status=status, stdout=out, stderr=err, fields=parse_kv(out))
+
+    async def run_streamed(self, script: str, args: Sequence[str], data: bytes, *, step: str,
+                           timeout: float | None = None) -> Result:
+        """Like run_script, with `data` on the script's stdin, then a `go` line once it says `received=1`.
+
+        The script acts on the data only after `go`; `go` is sent only after the script has read all of
+        `data`. So a connection that breaks before `go` was written (StreamCut) changed nothing, for sure;
+        after it, ConnectionLost as for any script. A script that ends without `received=1` (the POP lock
+        busy, a write that failed) is answered as run_script answers.
+        """
+        cmd = sh_command(script, args)
+        limit = timeout if timeout is not None else self.timeouts.command
+        told = False
+        try:
+            async with asyncio.timeout(limit):
+                proc = await self.conn.create_process(cmd, encoding=None)
+                try:
+                    proc.stdin.write(data)
+                    out = bytearray()
+                    while line := await proc.stdout.readline():
+                        out += line
+                        if line == b"received=1\n":
+                            proc.stdin.write(b"go\n")
+                            told = True
+                            break
+                    if told:
+                        proc.stdin.write_eof()
+                    out += await proc.stdout.read()
+                    err = await proc.stderr.read()
+                    await proc.wait_closed()
+                finally:
+                    proc.close()
+        except TimeoutError as exc:
+            raise RemoteTimeout(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise (self._lost(step, exc) if told else self._cut(step, exc)) from exc
+        if proc.exit_status is None and proc.exit_signal is None:  # the channel closed with no word on the script
+            lost = ConnectionLost("closed without an exit status")
+            raise (self._lost(step, lost) if told else self._cut(step, lost))
+        text = bytes(out).decode("utf-8", "replace")
+        status = proc.exit_status if proc.exit_status is not None else -1
+        return Result(exit_status=status, stdout=text, stderr=err.decode("utf-8", "replace"), fields=parse_kv(text))
 
     def prefetch_sftp(self) -> None:
         """Start opening the SFTP session in the background (it needs no decision yet)."""

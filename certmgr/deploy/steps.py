@@ -8,11 +8,19 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from certmgr import popguard
+from certmgr import popguard, sanitize
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence
 from certmgr.deploy.model import Commit, Status, parse_rollback
-from certmgr.deploy.plan import command_label, quote_text, served_text, sha256sums, sni_names, version_of_target
+from certmgr.deploy.plan import (
+    FILE_ORDER,
+    command_label,
+    quote_text,
+    served_text,
+    sha256sums,
+    sni_names,
+    version_of_target,
+)
 from certmgr.deploy.shell import ROLLBACK_SH
 from certmgr.log import event
 
@@ -22,24 +30,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_WHAT = {"verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
+_WHAT = {"unreceived": "not uploaded (the upload of the certificates due here stopped)",
+         "verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
          "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
          "swap": "cannot switch the live link"}
 
 
-def commit_args(t: Transaction, todo: Sequence[Job]) -> list[str]:
-    """commit.sh's positional arguments: the first certificate, the common ones, five per further certificate."""
+def commit_args(t: Transaction, todo: Sequence[Job]) -> tuple[list[str], bytes]:
+    """commit.sh's positional arguments (the first certificate, the common ones, five per further
+    certificate) and its stdin: every certificate's files in the order of its sha256sum lines."""
     def five(job: Job) -> list[str]:
         d = job.decision
         assert d is not None
         return [job.name, job.tmp, str(d.version), sha256sums(job.material), d.conv]
 
+    blobs = [job.material.files()[f] for job in todo for f in FILE_ORDER]
     stamp = t.d.now.strftime("%Y%m%dT%H%M%SZ")
     args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait,
-            *fence.args(t.fence)]
+            *fence.args(t.fence), " ".join(str(len(b)) for b in blobs)]
     for job in todo[1:]:
         args += five(job)
-    return args
+    return args, b"".join(blobs)
 
 
 async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commit | None:
@@ -80,7 +91,11 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
             text = cc.failed_out or res.raw.stderr.strip()
             if step in ("verify", "chown", "sync", "aside", "rename"):
                 await t.rem.remove_tree_quietly(t.tmpdir(job))
-            what = _WHAT.get(step, f"step {step} failed")
+            what, shown = _WHAT.get(step, f"step {step} failed"), quote_text(text)
+            if step == "upload":  # receive.sh removed every temp dir it made: nothing to clean
+                full = await t.no_space(f"{t.root}/archive/{job.name}", job.material.files())
+                # the free space names the cause; else the tool's own words (mkdir, head)
+                what, shown = (full, "") if full else (f"upload {host.name}", sanitize.flat(text, limit=300))
             if step == "chown":
                 what = f"cannot give privkey.pem to {keyown}"
             elif step == "aside":
@@ -90,7 +105,7 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
                 hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
                         f"privkey_owner/privkey_group of {host.name}")
             t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                     error=f"{job.subject}: {what}: {quote_text(text)} (live unchanged)", hint=hint)
+                     error=f"{job.subject}: {what}{': ' + shown if shown else ''} (live unchanged)", hint=hint)
     odd = [j for j in t.undone(todo) if j.name not in res.certs or not res.certs[j.name].swapped]
     if odd:
         raise remote_mod.RemoteCommandError(

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
 from certmgr.deploy.fence import Token
-from certmgr.deploy.host import DIR_MODE, KEY_MODE, PEM_MODE, Deployer, Job, RemoteSession, all_serve, argv_text
+from certmgr.deploy.host import Deployer, Job, RemoteSession, all_serve, argv_text
 from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
 from certmgr.deploy.plan import command_label, decide, quote_text, served_text, sni_names, version_of_target
 from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH
@@ -132,7 +132,6 @@ class Transaction:
     async def inspect(self) -> Inspection | None:
         """One script for every certificate: layouts, versions, live fullchains, and the preflight test."""
         host, names = self.host, [j.name for j in self.jobs]
-        self.rem.prefetch_sftp()
         t = self.loop.time()
         args = [self.root, names[0], self.test, host.privkey_chown, self.d.lock_wait, "", *names[1:]]
         state = parse_inspection(await self.rem.run_script(INSPECT_SH, args, step="inspect"))
@@ -203,66 +202,49 @@ class Transaction:
         return self.undone()
 
     async def upload(self, todo: list[Job]) -> list[Job]:
-        """Every new version into a hidden temp dir (concurrently, one SFTP session), then the intents."""
-        t = self.loop.time()
-        await asyncio.gather(*(self.upload_one(job) for job in todo))
-        todo = self.undone(todo)
-        for job in todo:
-            job.timings["upload"] = self.loop.time() - t
+        """Name each new version's temp dir and write the intents; the files go up on the commit's stdin."""
         if interrupt.stopping():
             for job in todo:
-                await self.rem.remove_tree_quietly(self.tmpdir(job))
                 self.done[job.name] = self.d.not_started(job, start=self.start)
             return []
         for job in todo:
             d, st = job.decision, job.state
             assert d is not None and st is not None
+            job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{secrets.token_hex(6)}"
             try:
                 await self.d.intend(job, version=d.version, layout=st.layout, target=st.target, conv=d.conv,
                                     old_serial=d.old_serial)
             except DeployError as exc:
-                await self.rem.remove_tree_quietly(self.tmpdir(job))
                 self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
         return self.undone(todo)
 
     def tmpdir(self, job: Job) -> str:
         return f"{self.root}/archive/{job.name}/{job.tmp}"
 
-    async def upload_one(self, job: Job) -> None:
-        d, st = job.decision, job.state
-        assert d is not None and st is not None
-        root, name = self.root, job.name
-        job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{secrets.token_hex(6)}"
-        files = {fname: (data, KEY_MODE if fname == "privkey.pem" else PEM_MODE)
-                 for fname, data in job.material.files().items()}
-        try:
-            ensure = [p for p, key in ((f"{root}/archive", "archive"), (f"{root}/live", "live"),
-                                       (f"{root}/archive/{name}", "lineage")) if key in st.missing]
-            await self.rem.upload_dir(self.tmpdir(job), files, dir_mode=DIR_MODE, ensure=ensure, fsync=False)
-        except remote_mod.UploadError as exc:
-            full = await self.no_space(f"{root}/archive/{name}", files)
-            await self.rem.remove_tree_quietly(self.tmpdir(job))
-            self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                        error=f"{job.subject}: {full or exc.message} (live unchanged)",
-                        hint=f"check free space and that the deploy user owns {root}/archive/{name}/ and {root}/live/")
-        except remote_mod.ConnectionLost as exc:
-            self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                        error=f"{job.subject}: {exc.message} during upload (live unchanged)",
-                        hint="rerun deploy; the partial upload is a hidden temp dir swept by the next run")
-
-    async def no_space(self, path: str, files: dict[str, tuple[bytes, int]]) -> str | None:
+    async def no_space(self, path: str, files: Mapping[str, bytes]) -> str | None:
         """After a failed upload: "no space left on POP:<path> (N KB free)" when that is the cause, else None."""
         try:
             free = await self.rem.run_script(popguard.FREE_SH, [path], step="free space")
         except DeployError as exc:
             logger.info("free space on %s: %s", self.host.name, exc)
             return None
-        return popguard.upload_failure(self.host, path, free, files)
+        return popguard.upload_failure(self.host, path, free, {f: (data, 0) for f, data in files.items()})
 
     async def commit(self, todo: list[Job]) -> Commit | None:
         """ONE commit script for all: store and swap each, one test, one reload (or all switched back)."""
         t = self.loop.time()
-        res = parse_commit(await self.rem.run_script(COMMIT_SH, commit_args(self, todo), step="commit"))
+        args, data = commit_args(self, todo)
+        try:
+            res = parse_commit(await self.rem.run_streamed(COMMIT_SH, args, data, step="commit"))
+        except remote_mod.StreamCut as exc:  # before the script's `go`: it switched nothing, and removed the upload
+            for job in todo:
+                d = job.decision
+                assert d is not None
+                self.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
+                            error=f"{job.subject}: {exc.message} during upload (live unchanged)",
+                            hint="rerun deploy; a partial upload left behind is a hidden temp dir swept by the "
+                                 "next run")
+            return None
         for job in todo:
             job.timings["commit"] = self.loop.time() - t
         return await read_commit(self, todo, res)

@@ -557,6 +557,12 @@ def test_connection_cut_mid_upload_changes_no_live_link_and_rerun_finishes(fresh
     assert live_state(fresh, "sally")[0] == before[0]
     assert [e for e in live_state(fresh, "sally")[1] if not e.startswith(".")] == before[1]
     assert served(fresh, "sally", MEDIA) == old
+    # the upload rode on the commit's stdin: the script read a short stream, so (once it has let the POP
+    # lock go) it has removed its temp dir itself and switched nothing
+    lock = sally.cert_root / "archive" / ".certmgr.lock"
+    subprocess.run(["flock", "-w", "120", str(lock), "true"], check=True)
+    assert not [e for e in os.listdir(sally.cert_root / "archive" / MEDIA) if e.startswith(".tmp")]
+    assert live_state(fresh, "sally")[0] == before[0]
 
     again = by_host(run(inv, store, [MEDIA], hosts=["sally"]))["sally"]
     assert again.status == Status.DEPLOYED and served(fresh, "sally", MEDIA) == serial

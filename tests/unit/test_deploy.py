@@ -8,7 +8,7 @@ import datetime as dt
 import os
 import shutil
 import stat
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -399,28 +399,35 @@ class LocalSession:
     def __init__(self, host: Host, fail_upload: bool = False) -> None:
         self.host = host
         self.fail_upload = fail_upload
+        self.stdin: bytes | None = None  # for the next run_script (run_streamed's data)
 
-    def prefetch_sftp(self) -> None:
-        pass
+    async def run_streamed(self, script: str, args: Sequence[str], data: bytes, *, step: str,
+                           timeout: float | None = None) -> Result:
+        """run_script with `data` and the `go` word on the script's stdin (subclasses hook run_script alone)."""
+        self.stdin = data + b"go\n"
+        try:
+            return await self.run_script(script, args, step=step, timeout=timeout)
+        finally:
+            self.stdin = None
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
-        proc = await asyncio.create_subprocess_exec("sh", "-c", sh_command(script, args),
+        """The script on this machine; on a disk-full host (fail_upload) its `head` cannot write."""
+        env = None
+        if self.fail_upload:
+            bin_dir = Path(self.host.cert_root).parent / "full-bin"
+            bin_dir.mkdir(exist_ok=True)
+            (bin_dir / "head").write_text("#!/bin/sh\necho \"head: error writing '$0': No space left on device\" >&2\n"
+                                          "exit 1\n")
+            (bin_dir / "head").chmod(0o755)
+            env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        data, self.stdin = self.stdin, None
+        proc = await asyncio.create_subprocess_exec("sh", "-c", sh_command(script, args), env=env,
+                                                    stdin=asyncio.subprocess.PIPE if data is not None else
+                                                    asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
+        out, err = await proc.communicate(data)
         return Result(exit_status=proc.returncode or 0, stdout=out.decode(), stderr=err.decode(),
                       fields=parse_kv(out.decode()))
-
-    async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *, dir_mode: int = 0o755,
-                         ensure: Sequence[str] = (), fsync: bool = True) -> None:
-        for d in ensure:
-            os.makedirs(d, 0o700, exist_ok=True)
-        if self.fail_upload:
-            raise remote_mod.UploadError(f"upload {self.host.name}: {directory}: No space left on device")
-        os.mkdir(directory, dir_mode)
-        for name, (data, mode) in files.items():
-            fd = os.open(f"{directory}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            os.write(fd, data)
-            os.close(fd)
 
     async def remove_tree_quietly(self, directory: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)

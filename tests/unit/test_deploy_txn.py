@@ -56,7 +56,7 @@ def commit_args(root: Path, names: tuple[str, ...], test: str, reload: str) -> l
         m = material((n,))
         upload(root, f".tmp-up-2-{n}", m, n)
         five.append([n, f".tmp-up-2-{n}", "2", sha256sums(m), ""])
-    return [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", *[a for f in five[1:] for a in f]]
+    return [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", "", *[a for f in five[1:] for a in f]]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (lab/requirements-apt.txt)")

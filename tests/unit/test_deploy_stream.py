@@ -1,0 +1,107 @@
+"""Unit tests for the upload on the commit's stdin (issue 13): commit.sh writes every certificate's files
+under the POP lock, and a stream cut anywhere before the controller's `go` switches nothing, leaving no temp."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from certmgr.deploy import COMMIT_SH, FILE_ORDER, sha256sums
+from certmgr.deploy.model import parse_commit
+from certmgr.remote import Result, parse_kv, sh_command
+from tests.unit.test_deploy import material
+from tests.unit.test_deploy_txn import NAMES, multi_root
+
+MATERIAL = {n: material((n,)) for n in NAMES}
+
+
+def streamed(root: Path, log: Path) -> tuple[list[str], bytes]:
+    """commit.sh's arguments for version 2 of each name, its files on stdin (nothing uploaded before)."""
+    five: list[list[str]] = []
+    blobs: list[bytes] = []
+    for n in NAMES:
+        m = MATERIAL[n]
+        five.append([n, f".tmp-up-tag-2-{n}", "2", sha256sums(m), ""])
+        blobs += [m.files()[f] for f in FILE_ORDER]
+    sizes = " ".join(str(len(b)) for b in blobs)
+    args = [str(root), *five[0], f"echo test >> {log}", f"echo reload >> {log}", "", "tag", "stamp", "5", "", "", sizes,
+            *[a for f in five[1:] for a in f]]
+    return args, b"".join(blobs)
+
+
+def sh_in(args: list[str], data: bytes, env: dict[str, str] | None = None) -> Result:
+    """COMMIT_SH as the remote login shell runs it, `data` on its stdin."""
+    proc = subprocess.run(["sh", "-c", sh_command(COMMIT_SH, args)], input=data, capture_output=True, timeout=30,
+                          check=False, env=env)
+    out = proc.stdout.decode()
+    return Result(exit_status=proc.returncode, stdout=out, stderr=proc.stderr.decode(), fields=parse_kv(out))
+
+
+def temps(root: Path) -> list[str]:
+    return [e for n in NAMES for e in os.listdir(root / "archive" / n) if e.startswith(".")]
+
+
+def test_streamed_commit_stores_every_version_with_its_modes(tmp_path: Path) -> None:
+    """The files on stdin, then `go`: each version stored whole (key 0600, others 0644, dir 0755) and swapped."""
+    root, log = multi_root(tmp_path), tmp_path / "log"
+    args, data = streamed(root, log)
+    res = sh_in(args, data + b"go\n")
+    c = parse_commit(res)
+    assert c.done and res.exit_status == 0 and res.get("received") == "1", res.stdout + res.stderr
+    assert log.read_text() == "test\nreload\n"
+    for n in NAMES:
+        v = root / "archive" / n / "2"
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
+        assert (v / "fullchain.pem").read_bytes() == MATERIAL[n].fullchain
+        assert {f: stat.S_IMODE((v / f).stat().st_mode) for f in FILE_ORDER} == {
+            "fullchain.pem": 0o644, "privkey.pem": 0o600, "cert.pem": 0o644, "chain.pem": 0o644}
+        assert stat.S_IMODE(v.stat().st_mode) == 0o755
+    assert temps(root) == []
+
+
+@pytest.mark.parametrize("cut", ["mid-first-file", "mid-second-certificate", "all-bytes-no-go", "wrong-word"])
+def test_a_stream_cut_before_go_switches_nothing_and_leaves_no_temp(tmp_path: Path, cut: str) -> None:
+    """A stream that ends (or says anything but `go`) before the controller's word: exit 3, every certificate
+    reported not uploaded, no test or reload, live untouched, and no temp dir left."""
+    root, log = multi_root(tmp_path), tmp_path / "log"
+    args, data = streamed(root, log)
+    first = len(MATERIAL[NAMES[0]].fullchain)
+    per_cert = sum(len(b) for b in MATERIAL[NAMES[0]].files().values())
+    sent = {"mid-first-file": data[: first // 2], "mid-second-certificate": data[: per_cert + 100],
+            "all-bytes-no-go": data, "wrong-word": data + b"stop\n"}[cut]
+    res = sh_in(args, sent)
+    c = parse_commit(res)
+    assert res.exit_status == 3 and not c.done and res.get("stored") is None, res.stdout + res.stderr
+    assert {n: (c.certs[n].failed_step, c.certs[n].failed_out, c.certs[n].swapped) for n in NAMES} == {
+        n: ("unreceived", "the upload stream ended early", False) for n in NAMES}
+    assert not log.exists(), "neither test nor reload ran"
+    assert {n: os.readlink(root / "live" / n) for n in NAMES} == {n: f"../archive/{n}/1" for n in NAMES}
+    assert temps(root) == [] and sorted(os.listdir(root / "archive" / NAMES[1])) == ["1"]
+
+
+def test_a_write_that_fails_names_its_certificate_and_removes_every_temp(tmp_path: Path) -> None:
+    """`head` failing on the second certificate (disk full): that one fails at `upload` with head's words,
+    the others are not uploaded, exit 3, nothing switched, no temp dir left."""
+    root, log = multi_root(tmp_path), tmp_path / "log"
+    args, data = streamed(root, log)
+    bindir, count = tmp_path / "bin", tmp_path / "count"
+    bindir.mkdir()
+    real = "/usr/bin/head" if os.path.exists("/usr/bin/head") else "/bin/head"
+    (bindir / "head").write_text(
+        f'#!/bin/sh\necho x >> {count}\n'
+        f'if [ "$(wc -l < {count})" -eq 5 ]; then echo "head: error writing: No space left on device" >&2; exit 1; fi\n'
+        f'exec {real} "$@"\n')
+    (bindir / "head").chmod(0o755)
+    res = sh_in(args, data + b"go\n", env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    c = parse_commit(res)
+    assert res.exit_status == 3 and not c.done and res.get("received") is None, res.stdout + res.stderr
+    assert (c.certs["b.example"].failed_step, c.certs["b.example"].failed_out) == (
+        "upload", "head: error writing: No space left on device")
+    assert [c.certs[n].failed_step for n in ("a.example", "c.example")] == ["unreceived", "unreceived"]
+    assert not log.exists()
+    assert {n: os.readlink(root / "live" / n) for n in NAMES} == {n: f"../archive/{n}/1" for n in NAMES}
+    assert temps(root) == []
