@@ -91,7 +91,7 @@ def _put_version(store: Store | PgStore, name: str, version: int, material: Cert
     if isinstance(store, PgStore):
         store.put_version(name, version, material)
     else:
-        store._write_version(name, version, material)  # the directory store's own writer, number kept
+        store.write_version(name, version, material)  # the directory store's own writer, number kept
         store.audit("copy_version", name, to=version, sha256=material.info().sha256)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from certmgr.errors import LockLost, StoreUnavailable
 from certmgr.fsutil import atomic_write
 from certmgr.log import event
-from certmgr.store import _PEM_PRIVATE_KEY, _json_default
+from certmgr.store import PEM_PRIVATE_KEY, json_default
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class Outbox:
 
     def put(self, record: dict[str, Any]) -> Path:
         """Write one record durably (0600 in a 0700 directory); refuses private key material."""
-        data = json.dumps(record, default=_json_default, ensure_ascii=False, sort_keys=True)
-        if _PEM_PRIVATE_KEY.search(data):
+        data = json.dumps(record, default=json_default, ensure_ascii=False, sort_keys=True)
+        if PEM_PRIVATE_KEY.search(data):
             raise ValueError("spool: refusing to write private key material")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)

@@ -28,13 +28,13 @@ from certmgr.pglocks import LockSession
 from certmgr.sealing import Sealer
 from certmgr.store import (  # one definition of names, paths and audit fields for both stores
     _AUDIT_KEYS,
-    _PEM_PRIVATE_KEY,
     _REL_PART,
     _REL_ROOTS,
+    PEM_PRIVATE_KEY,
     _check_ca_id,
     _check_version,
-    _json_default,
     check_name,
+    json_default,
 )
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _utcnow() -> dt.datetime:
 
 def _jsonable(obj: Any) -> Any:
     """`obj` as the directory store would write and read it back (datetimes as ISO strings)."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def check_url(url: str) -> str:
@@ -356,7 +356,7 @@ class PgStore:
         with self._tx("copy audit rows") as cur:
             for entry in entries:
                 line = json.dumps(entry, ensure_ascii=False)
-                if _PEM_PRIVATE_KEY.search(line):
+                if PEM_PRIVATE_KEY.search(line):
                     raise ValueError("audit: refusing to copy private key material")
                 cur.execute("INSERT INTO certmgr_audit (entry) VALUES (%s)", (Jsonb(entry),))
 
@@ -436,8 +436,8 @@ class PgStore:
         entry = {"time": self._clock().astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "actor": actor if actor is not None else self._locks.actor, "action": action, "object": obj,
                  "from": frm, "to": to, **extra}
-        line = json.dumps(entry, default=_json_default, ensure_ascii=False)
-        if _PEM_PRIVATE_KEY.search(line):
+        line = json.dumps(entry, default=json_default, ensure_ascii=False)
+        if PEM_PRIVATE_KEY.search(line):
             raise ValueError("audit(): refusing to log private key material")
         cur.execute("INSERT INTO certmgr_audit (entry) VALUES (%s)", (Jsonb(json.loads(line)),))
 

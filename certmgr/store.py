@@ -27,24 +27,24 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from certmgr import auditlog, sanitize
+from certmgr import auditlog
 from certmgr.errors import LockHeld, StoreError
 from certmgr.fsutil import (
     TEMP_MARK,
     atomic_symlink,
     atomic_write,
     create_file,
-    exchange,
     fsync_dir,
     make_dir,
     remove_temps,
-    temp_name,
 )
-from certmgr.material import FILES, CertMaterial, MaterialError
+from certmgr.material import FILES, CertMaterial
+
+if TYPE_CHECKING:
+    from certmgr.certbot import ImportResult
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ _CA_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _REL_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}")
 _REL_ROOTS = ("state", "accounts")  # load_json/save_json never reach archive/, live/, lock or audit.log
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
-_CERTBOT_FILE = re.compile(r"(cert|chain|fullchain|privkey)([1-9][0-9]{0,8})\.pem")
-_PEM_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+PEM_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _AUDIT_KEYS = ("time", "actor", "action", "object", "from", "to")
 _STALE_TEMP_SECONDS = 3600.0  # state/ and accounts/ writers may run unlocked: leave fresh temps alone
 
@@ -96,11 +95,11 @@ def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _strerror(exc: OSError) -> str:
+def os_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _json_default(obj: object) -> object:
+def json_default(obj: object) -> object:
     if isinstance(obj, dt.datetime):
         return _iso(obj)
     if isinstance(obj, Path):
@@ -110,17 +109,6 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImportResult:
-    """What `Store.import_certbot` did with one certbot lineage."""
-
-    name: str
-    imported: tuple[int, ...] = ()  # versions copied in by this call
-    present: tuple[int, ...] = ()  # already in the store with identical bytes (re-import)
-    skipped: tuple[tuple[int, str], ...] = ()  # (version, reason) left out
-    certbot_live: int | None = None  # the version certbot's live/<name>/ points at
-    activated: int | None = None  # the version this call made live, None if live was left alone
-    problem: str | None = None  # why the lineage (or its activation) was not handled
 
 
 class Store:
@@ -168,7 +156,7 @@ class Store:
             fsync_dir(store.root)
         except OSError as exc:
             raise StoreError(
-                f"store {store.root}: cannot create the state directory: {_strerror(exc)}",
+                f"store {store.root}: cannot create the state directory: {os_error_text(exc)}",
                 hint="run as the certmgr user, or check the path and its permissions",
             ) from exc
         return store
@@ -211,7 +199,7 @@ class Store:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, KEY_MODE)
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot open {path}: {_strerror(exc)}") from exc
+            raise StoreError(f"store {self.root}: cannot open {path}: {os_error_text(exc)}") from exc
         try:
             self._acquire(fd, wait)
             started = _iso(self._clock())
@@ -243,7 +231,7 @@ class Store:
                     raise self._lock_held(fd, wait) from None
                 time.sleep(min(0.05, remaining))  # bounded by `wait`: flock has no timed wait
             except OSError as exc:
-                raise StoreError(f"store {self.root}: cannot lock: {_strerror(exc)}") from exc
+                raise StoreError(f"store {self.root}: cannot lock: {os_error_text(exc)}") from exc
 
     def _lock_held(self, fd: int, wait: float | None) -> LockHeld:
         try:
@@ -326,9 +314,10 @@ class Store:
             if exc.errno == errno.EINVAL and link.is_dir():
                 raise StoreError(
                     f"store {name}: live/{name} is a certbot-style directory, not a symlink",
-                    hint="convert it once with convert_certbot_live (docs/store.md, 'Converting a certbot live/')",
+                    hint="convert it once with certmgr.certbot.convert_certbot_live "
+                         "(docs/store.md, 'Converting a certbot live/')",
                 ) from exc
-            raise StoreError(f"store {name}: cannot read live/{name}: {_strerror(exc)}") from exc
+            raise StoreError(f"store {name}: cannot read live/{name}: {os_error_text(exc)}") from exc
         prefix = f"../archive/{name}/"
         if not target.startswith(prefix) or not _VERSION.fullmatch(target[len(prefix) :]):
             raise StoreError(
@@ -359,7 +348,7 @@ class Store:
                 what = "does not exist" if not vdir.is_dir() else f"is incomplete (no {fname})"
                 raise StoreError(f"store {name}: version {version} {what}") from None
             except OSError as exc:
-                raise StoreError(f"store {name}: cannot read version {version}/{fname}: {_strerror(exc)}") from exc
+                raise StoreError(f"store {name}: cannot read version {version}/{fname}: {os_error_text(exc)}") from exc
         material = CertMaterial(cert=files["cert.pem"], chain=files["chain.pem"], privkey=files["privkey.pem"])
         if files["fullchain.pem"] != material.fullchain:
             raise StoreError(f"store {name}: version {version} is inconsistent (fullchain.pem is not cert + chain)")
@@ -379,12 +368,12 @@ class Store:
         material.check()
         existing = self.versions(name)
         version = existing[-1] + 1 if existing else 1
-        self._write_version(name, version, material)
+        self.write_version(name, version, material)
         info = material.info()
         self.audit("add_version", name, to=version, serial=info.serial, sha256=info.sha256, not_after=info.not_after)
         return version
 
-    def _write_version(self, name: str, version: int, material: CertMaterial) -> None:
+    def write_version(self, name: str, version: int, material: CertMaterial) -> None:
         try:
             if make_dir(self._archive / name, DIR_MODE):
                 fsync_dir(self._archive)
@@ -396,7 +385,7 @@ class Store:
                     hint="another writer is using the store without the lock; stop it",
                 ) from exc
             raise StoreError(
-                f"store {name}: cannot write version {version}: {_strerror(exc)} (live version unchanged)"
+                f"store {name}: cannot write version {version}: {os_error_text(exc)} (live version unchanged)"
             ) from exc
 
     def activate(self, name: str, version: int) -> int | None:
@@ -420,7 +409,7 @@ class Store:
             atomic_symlink(f"../archive/{name}/{version}", self._live / name)
         except OSError as exc:
             raise StoreError(
-                f"store {name}: cannot switch live/{name} to version {version}: {_strerror(exc)} "
+                f"store {name}: cannot switch live/{name} to version {version}: {os_error_text(exc)} "
                 f"(live version {previous} unchanged)"
             ) from exc
         self.audit("activate", name, frm=previous, to=version)
@@ -457,7 +446,7 @@ class Store:
                 graves.append(grave)
             fsync_dir(lineage)
         except OSError as exc:
-            raise StoreError(f"store {name}: cannot prune: {_strerror(exc)}") from exc
+            raise StoreError(f"store {name}: cannot prune: {os_error_text(exc)}") from exc
         finally:
             for grave in graves:
                 shutil.rmtree(grave, ignore_errors=True)
@@ -494,7 +483,7 @@ class Store:
         except FileNotFoundError:
             return default
         except OSError as exc:
-            raise StoreError(f"store {relpath}: cannot read: {_strerror(exc)}") from exc
+            raise StoreError(f"store {relpath}: cannot read: {os_error_text(exc)}") from exc
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -511,12 +500,12 @@ class Store:
         Concurrency: atomic replace, last writer wins; hold `lock()` for read-modify-write.
         """
         path = self._json_path(relpath)
-        data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
+        data = json.dumps(obj, indent=2, sort_keys=True, default=json_default).encode() + b"\n"
         try:
             self._make_parents(path)
             atomic_write(path, data, mode)
         except OSError as exc:
-            raise StoreError(f"store {relpath}: cannot write: {_strerror(exc)} (previous content kept)") from exc
+            raise StoreError(f"store {relpath}: cannot write: {os_error_text(exc)} (previous content kept)") from exc
 
     def remove_json(self, relpath: str) -> None:
         """Remove `<root>/<relpath>` (under state/ or accounts/) durably; absent is fine.
@@ -530,7 +519,7 @@ class Store:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StoreError(f"store {relpath}: cannot remove: {_strerror(exc)}") from exc
+            raise StoreError(f"store {relpath}: cannot remove: {os_error_text(exc)}") from exc
 
     def list_json(self, reldir: str) -> list[Any]:
         """The parsed `*.json` files anywhere under `<root>/<reldir>`, by path; unreadable ones are skipped.
@@ -587,7 +576,7 @@ class Store:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreError(f"store accounts/{ca_id}: cannot read the account key: {_strerror(exc)}") from exc
+            raise StoreError(f"store accounts/{ca_id}: cannot read the account key: {os_error_text(exc)}") from exc
 
     def save_account_key(self, ca_id: str, pem: bytes, *, replace: bool = False) -> None:
         """Save the account key for `ca_id` atomically with mode 0600.
@@ -605,7 +594,7 @@ class Store:
             self._make_parents(path)
             atomic_write(path, pem, KEY_MODE)
         except OSError as exc:
-            raise StoreError(f"store accounts/{ca_id}: cannot write the account key: {_strerror(exc)}") from exc
+            raise StoreError(f"store accounts/{ca_id}: cannot write the account key: {os_error_text(exc)}") from exc
 
     # ------------------------------------------------------------------ audit log
 
@@ -637,8 +626,8 @@ class Store:
             "to": to,
             **extra,
         }
-        line = json.dumps(entry, sort_keys=False, default=_json_default, ensure_ascii=False)
-        if _PEM_PRIVATE_KEY.search(line):
+        line = json.dumps(entry, sort_keys=False, default=json_default, ensure_ascii=False)
+        if PEM_PRIVATE_KEY.search(line):
             raise ValueError("audit(): refusing to log private key material")
         data = line.encode() + b"\n"
         auditlog.rotate_if_large(self.root / "audit.log", self.audit_max_bytes)
@@ -654,7 +643,7 @@ class Store:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot append to audit.log: {_strerror(exc)}") from exc
+            raise StoreError(f"store {self.root}: cannot append to audit.log: {os_error_text(exc)}") from exc
 
     def read_audit(self) -> Iterator[dict[str, Any]]:
         """The audit log's entries, oldest first; a line torn by a crash is skipped with a warning.
@@ -670,7 +659,7 @@ class Store:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot read {path.name}: {_strerror(exc)}") from exc
+            raise StoreError(f"store {self.root}: cannot read {path.name}: {os_error_text(exc)}") from exc
         with fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.endswith(b"\n"):
@@ -683,101 +672,13 @@ class Store:
                 if isinstance(entry, dict):
                     yield entry
 
-    # ------------------------------------------------------------------ certbot migration
 
     def import_certbot(self, src: Path) -> list[ImportResult]:
-        """Adopt the lineages of a certbot tree (`/etc/letsencrypt`), keeping certbot's version numbers.
+        """Adopt the lineages of a certbot tree (certmgr.certbot.import_lineages). Writer: hold `lock()` (enforced)."""
+        from certmgr.certbot import import_lineages
 
-        Lineages come from `renewal/*.conf` and `live/*/`; every `archive/<name>/{cert,chain,
-        fullchain,privkey}K.pem` becomes version K unless it fails `material.check()` (skipped and
-        reported). certbot's current version is made live when everything in our lineage came
-        from certbot; once certmgr has added versions of its own, live is left alone. The source
-        is only read. Re-importing skips versions already present with identical bytes.
-        Concurrency: writer; hold `lock()` (enforced).
-        """
         self._require_lock("import_certbot")
-        src = Path(src)
-        names: set[str] = set()
-        renewal = src / "renewal"
-        if renewal.is_dir():
-            names.update(p.name[: -len(".conf")] for p in renewal.iterdir() if p.name.endswith(".conf"))
-        if (src / "live").is_dir():
-            names.update(p.name for p in (src / "live").iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not names:
-            raise StoreError(
-                f"import {src}: no certbot lineages (no renewal/*.conf, no live/*/)",
-                hint="point it at certbot's config directory, usually /etc/letsencrypt",
-            )
-        return [self._import_lineage(src, name) for name in sorted(names)]
-
-    def _import_lineage(self, src: Path, name: str) -> ImportResult:
-        try:
-            check_name(name)
-        except StoreError as exc:  # a file name found on disk is foreign text: shown inert
-            return ImportResult(name=sanitize.line(name), problem=str(exc))
-        archive = _certbot_archive_dir(src, name)
-        if archive is None:
-            return ImportResult(name=name, problem=f"import {name}: no archive directory in {src}")
-        imported: list[int] = []
-        present: list[int] = []
-        skipped: list[tuple[int, str]] = []
-        have = set(self.versions(name))
-        try:
-            found = _certbot_versions(archive)
-        except OSError as exc:
-            return ImportResult(name=name, problem=f"import {name}: cannot list {sanitize.line(str(archive))}: "
-                                                  f"{_strerror(exc)}")
-        for version, paths in sorted(found.items()):
-            material, reason = _certbot_material(version, paths)
-            if material is None:
-                skipped.append((version, reason))
-            elif version in have:
-                try:
-                    same = _same(self.read(name, version), material)
-                except StoreError:
-                    same = False
-                if same:
-                    present.append(version)
-                else:
-                    skipped.append((version, f"version {version} already in the store with different content"))
-            else:
-                self._write_version(name, version, material)
-                imported.append(version)
-        for version, reason in skipped:
-            logger.warning("import %s: version %d skipped: %s", name, version, reason)
-        certbot_live, problem = _certbot_live_version(src / "live" / name)
-        activated = None
-        ours = set(imported) | set(present)
-        if certbot_live is not None and problem is None:
-            if certbot_live not in ours:
-                problem = f"import {name}: certbot's live version {certbot_live} was not imported; live left alone"
-            elif not set(self.versions(name)) <= ours:
-                problem = f"import {name}: certmgr has versions of its own; live left alone"
-            elif self.live_version(name) != certbot_live:
-                self.activate(name, certbot_live)
-                activated = certbot_live
-        elif certbot_live is None and problem is None and ours and self.live_version(name) is None:
-            # No certbot live/<name>/ to follow (a copied archive): the newest whole version is the
-            # best guess, and leaving nothing live would make the next run order a new certificate.
-            activated = max(ours)
-            self.activate(name, activated)
-            logger.warning("import %s: no certbot live/%s/; made the newest version %d live", name, name, activated)
-        if imported:
-            self.audit("import", name, to=activated or certbot_live, source=str(src.resolve()), versions=imported,
-                       skipped=skipped)
-        return ImportResult(
-            name=name,
-            imported=tuple(imported),
-            present=tuple(present),
-            skipped=tuple(skipped),
-            certbot_live=certbot_live,
-            activated=activated,
-            problem=problem,
-        )
-
-
-def _same(a: CertMaterial, b: CertMaterial) -> bool:
-    return a.cert == b.cert and a.chain == b.chain and a.privkey == b.privkey
+        return import_lineages(self, Path(src))
 
 
 def write_version_dir(lineage: Path, version: int, material: CertMaterial) -> None:
@@ -797,136 +698,3 @@ def write_version_dir(lineage: Path, version: int, material: CertMaterial) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(lineage)
-
-
-def _certbot_archive_dir(src: Path, name: str) -> Path | None:
-    """`<src>/archive/<name>`, or the renewal conf's `archive_dir` when the tree was copied from elsewhere."""
-    default = src / "archive" / name
-    if default.is_dir():
-        return default
-    conf = src / "renewal" / f"{name}.conf"
-    try:
-        text = conf.read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            break  # [renewalparams] and later sections hold no paths
-        key, sep, value = line.partition("=")
-        if sep and key.strip() == "archive_dir" and Path(value.strip()).is_dir():
-            return Path(value.strip())
-    return None
-
-
-def _certbot_versions(archive: Path) -> dict[int, dict[str, Path]]:
-    versions: dict[int, dict[str, Path]] = {}
-    for path in archive.iterdir():
-        m = _CERTBOT_FILE.fullmatch(path.name)
-        if m:
-            versions.setdefault(int(m.group(2)), {})[m.group(1)] = path
-    return versions
-
-
-def _certbot_material(version: int, paths: dict[str, Path]) -> tuple[CertMaterial | None, str]:
-    missing = [f"{kind}{version}.pem" for kind in ("cert", "chain", "privkey") if kind not in paths]
-    if missing:
-        return None, f"missing {', '.join(missing)}"
-    try:
-        data = {kind: path.read_bytes() for kind, path in paths.items()}
-    except OSError as exc:
-        return None, f"unreadable: {_strerror(exc)}"
-    material = CertMaterial(cert=data["cert"], chain=data["chain"], privkey=data["privkey"])
-    if "fullchain" in data and data["fullchain"] != material.fullchain:
-        return None, f"fullchain{version}.pem is not cert{version}.pem + chain{version}.pem"
-    try:
-        material.check()
-    except MaterialError as exc:
-        return None, exc.message
-    return material, ""
-
-
-def _certbot_live_version(live_dir: Path) -> tuple[int | None, str | None]:
-    """The K that certbot's `live/<name>/*.pem` links point at, or (None, why not)."""
-    if not live_dir.is_dir() or live_dir.is_symlink():
-        return None, None if not live_dir.exists() else f"live/{live_dir.name} is not a certbot live directory"
-    targets: dict[str, int] = {}
-    for kind in ("cert", "chain", "fullchain", "privkey"):
-        try:
-            m = _CERTBOT_FILE.fullmatch(os.path.basename(os.readlink(live_dir / f"{kind}.pem")))
-        except OSError:
-            m = None
-        if m is None or m.group(1) != kind:
-            return None, f"live/{live_dir.name}/{kind}.pem is not a link to archive/{live_dir.name}/{kind}K.pem"
-        targets[kind] = int(m.group(2))
-    if len(set(targets.values())) != 1:
-        shown = ", ".join(f"{k}→{v}" for k, v in targets.items())
-        return None, f"certbot's live/{live_dir.name} links disagree ({shown}); live left alone"
-    return targets["fullchain"], None
-
-
-def convert_certbot_live(cert_root: Path, name: str) -> int:
-    """Once, in place: turn certbot's `live/<name>/` (four per-file links) into `live/<name> -> ../archive/<name>/<K>`.
-
-    Copies certbot's current version K to `archive/<name>/<K>/` (certbot's flat files stay), then
-    swaps the directory for the symlink with renameat2(RENAME_EXCHANGE) — atomic — or, where
-    that is unsupported, two back-to-back renames (a window of microseconds without
-    `live/<name>`; a crash inside it is undone by the next call). Idempotent; returns K.
-    Concurrency: nothing else (certbot included) may touch the lineage meanwhile.
-    """
-    check_name(name)
-    live_root = Path(cert_root) / "live"
-    live_dir = live_root / name
-    backup = live_root / f".{name}.certbot-old"  # not a temp name: it must survive until recovered
-    for leftover in os.listdir(live_root) if live_root.is_dir() else []:
-        if leftover.startswith(f".{name}{TEMP_MARK}"):  # an earlier call died before cleaning up
-            path = live_root / leftover
-            if path.is_symlink():
-                os.unlink(path)
-            else:
-                shutil.rmtree(path)
-    if not os.path.lexists(live_dir) and backup.is_dir():
-        os.rename(backup, live_dir)  # crashed between the two fallback renames: put certbot's dir back
-        fsync_dir(live_root)
-    if live_dir.is_symlink():
-        version = Store(Path(cert_root)).live_version(name)
-        if version is None:
-            raise StoreError(f"convert {name}: live/{name} is a dangling symlink")
-        if backup.is_dir():
-            shutil.rmtree(backup)
-        return version
-    version, problem = _certbot_live_version(live_dir)
-    if version is None:
-        raise StoreError(f"convert {name}: {problem or f'no live/{name} in {cert_root}'}")
-    lineage = Path(cert_root) / "archive" / name
-    if not lineage.is_dir():
-        raise StoreError(f"convert {name}: no archive/{name} in {cert_root} (nothing changed)")
-    material, reason = _certbot_material(version, _certbot_versions(lineage).get(version, {}))
-    if material is None:
-        raise StoreError(f"convert {name}: certbot's live version {version} is unusable: {reason} (nothing changed)")
-    vdir = lineage / str(version)
-    if not vdir.is_dir():
-        write_version_dir(lineage, version, material)
-    elif not _same(Store(Path(cert_root)).read(name, version), material):
-        raise StoreError(f"convert {name}: archive/{name}/{version}/ exists with other content (nothing changed)")
-    tmp = live_root / temp_name(name)
-    os.symlink(f"../archive/{name}/{version}", tmp)
-    try:
-        if exchange(tmp, live_dir):
-            shutil.rmtree(tmp)  # now certbot's old directory of links
-        else:
-            os.rename(live_dir, backup)  # window opens: live/<name> is missing ...
-            try:
-                os.rename(tmp, live_dir)  # ... and closes, one syscall later
-            except BaseException:
-                os.rename(backup, live_dir)
-                raise
-            fsync_dir(live_root)
-            shutil.rmtree(backup)
-    except BaseException:
-        if tmp.is_symlink():
-            os.unlink(tmp)
-        raise
-    fsync_dir(live_root)
-    logger.info("convert %s: live/%s -> ../archive/%s/%d", name, name, name, version)
-    return version

@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from certmgr import certbot as certbot_mod
 from certmgr import store as store_mod
+from certmgr.certbot import ImportResult, convert_certbot_live
 from certmgr.errors import LockHeld, StoreError
 from certmgr.fsutil import is_temp_name
 from certmgr.material import FILES, CertMaterial, MaterialError
-from certmgr.store import ImportResult, Store, convert_certbot_live
+from certmgr.store import Store
 from tests.helpers import tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -705,7 +707,7 @@ def test_convert_certbot_live_swaps_dir_for_symlink(
 ) -> None:
     """convert_certbot_live turns live/<name>/ into one symlink to archive/<name>/<K>/, serving the same bytes."""
     if not exchange_supported:
-        monkeypatch.setattr(store_mod, "exchange", lambda a, b: False)
+        monkeypatch.setattr(certbot_mod, "exchange", lambda a, b: False)
     assert convert_certbot_live(certbot, "example.com") == 2
     live = certbot / "live" / "example.com"
     assert os.readlink(live) == "../archive/example.com/2"
