@@ -38,9 +38,7 @@ from benchmarks.deploy import run_child
 from benchmarks.renew import bench_certmgr
 from certmgr.pgstore import install_schema
 from lab import Lab
-from lab.pg import DATABASE, OWNER, RUNTIME, PgServer
-
-TABLES = "certmgr_schema, certmgr_live, certmgr_versions, certmgr_json, certmgr_accounts, certmgr_audit, certmgr_epochs"
+from lab.pg import DATABASE, OWNER, RUNTIME, TABLES, PgServer
 
 
 def reset_schema(pg: PgServer) -> None:

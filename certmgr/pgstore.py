@@ -191,26 +191,25 @@ class PgStore:
         must see one snapshot — a single read statement uses `_read`)."""
         if fence is not False:
             self._locks.precheck(what)
-        try:
-            with self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
-                if fence is True:
-                    self._locks.fence_held(cur, what)
-                elif isinstance(fence, str):
-                    self._locks.fence(cur, fence, what)
-                yield cur
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
-                                   f"{str(exc).strip().splitlines()[0]} (not written)") from exc
-        except psycopg.Error as exc:
-            raise StoreError(f"store {self.where}: {what}: {str(exc).strip().splitlines()[0]}") from exc
+        with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
+            if fence is True:
+                self._locks.fence_held(cur, what)
+            elif isinstance(fence, str):
+                self._locks.fence(cur, fence, what)
+            yield cur
 
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
         """One read statement on its own: autocommit runs it in one round trip (no BEGIN and COMMIT, two more
         while every other thread waits for the connection) and it still sees one snapshot; never for writes."""
+        with self._db_errors(what), self._mutex, self._conn.cursor() as cur:
+            yield cur
+
+    @contextmanager
+    def _db_errors(self, what: str) -> Iterator[None]:
+        """A lost connection is StoreUnavailable (exit 69, nothing written); any other database error a StoreError."""
         try:
-            with self._mutex, self._conn.cursor() as cur:
-                yield cur
+            yield
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
                                    f"{str(exc).strip().splitlines()[0]} (not written)") from exc

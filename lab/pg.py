@@ -11,6 +11,9 @@ import os
 import pwd
 import secrets
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lab.proc import LabError, check_ports_free, run, tail, wait_until
@@ -83,3 +86,20 @@ class PgServer:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+# certmgr's tables (certmgr.pgstore's schema): dropped between tests and benchmark rounds
+TABLES = "certmgr_schema, certmgr_live, certmgr_versions, certmgr_json, certmgr_accounts, certmgr_audit, certmgr_epochs"
+
+
+@contextmanager
+def temporary(prefix: str, port: int) -> Iterator[PgServer]:
+    """A PostgreSQL in a fresh temp dir (`prefix`…) on 127.0.0.1:`port`, stopped and removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PgServer(path, port)
+    try:
+        server.up()
+        yield server
+    finally:
+        server.down()
+        shutil.rmtree(path, ignore_errors=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,26 +19,20 @@ from certmgr.material import CertMaterial
 from certmgr.pgstore import PgStore, install_schema
 from certmgr.sealing import Sealer
 from certmgr.store import Store
-from lab.pg import OWNER, RUNTIME, PgServer
+from lab.pg import OWNER, RUNTIME, TABLES, PgServer, temporary
 from tests.conftest import _lab_port_base
 from tests.faults.conftest import chat, flab, fresh, proxy  # noqa: F401  (the two-controller proofs' lab fixtures)
 
 PG_PORT_OFFSET = 900  # inside this worker's port block, above the lab's base … base+11
 
-TABLES = "certmgr_schema, certmgr_live, certmgr_versions, certmgr_json, certmgr_accounts, certmgr_audit, certmgr_epochs"
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PgServer]:
     """A PostgreSQL 15 on 127.0.0.1 in a temp dir, run as `postgres`, removed at the end of the session."""
-    path = Path(tempfile.mkdtemp(prefix=f"certmgr-pg-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
-    server = PgServer(path, _lab_port_base() + PG_PORT_OFFSET)
-    try:
-        server.up()
+    with temporary(f"certmgr-pg-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-",
+                   _lab_port_base() + PG_PORT_OFFSET) as server:
         yield server
-    finally:
-        server.down()
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def owner_conn(pg: PgServer) -> psycopg.Connection[Any]:

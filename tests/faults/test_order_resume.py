@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from certmgr.dns.journal import JOURNAL_PATH
 from certmgr.pgstore import PgStore, install_schema
 from certmgr.storeopen import configured, open_pg
 from lab import Lab
-from lab.pg import OWNER, RUNTIME, PgServer
+from lab.pg import OWNER, RUNTIME, TABLES, PgServer, temporary
 from tests.conftest import _lab_port_base
 from tests.faults.acmeproxy import ERR, ACMEProxy
 from tests.faults.conftest import (
@@ -41,20 +39,14 @@ from tests.faults.test_crash import MEDIA, challenge_txt, orders_created
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 PG_PORT_OFFSET = 960  # apart from tests/contract's server (900), in case both run in one worker
-TABLES = "certmgr_schema, certmgr_live, certmgr_versions, certmgr_json, certmgr_accounts, certmgr_audit, certmgr_epochs"
 
 
 @pytest.fixture(scope="module")
 def ha_pg() -> Iterator[PgServer]:
     """A PostgreSQL of this module's own (lab/pg.py), removed at module end."""
-    path = Path(tempfile.mkdtemp(prefix=f"certmgr-pg-orders-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
-    server = PgServer(path, _lab_port_base() + PG_PORT_OFFSET)
-    try:
-        server.up()
+    with temporary(f"certmgr-pg-orders-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-",
+                   _lab_port_base() + PG_PORT_OFFSET) as server:
         yield server
-    finally:
-        server.down()
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
