@@ -125,12 +125,15 @@ class LockSession:
                 raise self._held_by(key, wait)
             time.sleep(min(0.1, remaining))  # advisory locks have no timed wait; bounded by `wait`
         self._held[key] = epoch
-        outer_actor, self._actor = self._actor, self._actor or actor
+        # the first holder's actor names audit rows until nothing is held: holds of one controller may
+        # end in any order (a run's certificate and POP locks are taken and released by concurrent tasks)
+        self._actor = self._actor or actor
         try:
             yield epoch
         finally:
             del self._held[key]
-            self._actor = outer_actor
+            if not self._held:
+                self._actor = None
             try:
                 self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
             except psycopg.Error as exc:
@@ -192,10 +195,11 @@ class LockSession:
         `audit` from read-only commands); once a lock was taken and lost, nothing more is written.
         """
         self._check_alive()
-        if self._lost and self._held:
+        held = dict(self._held)  # a snapshot: other tasks of this controller take and release locks meanwhile
+        if self._lost and held:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
-        for key in sorted(self._held):
-            self._check(cur, key, what)
+        for key in sorted(held):
+            self._check(cur, key, what, held[key])
 
     def fence(self, cur: psycopg.Cursor[Any], name: str | None, what: str) -> None:
         """Inside a write transaction: refuse unless the run lock or `name`'s lock is still this controller's.
@@ -203,7 +207,8 @@ class LockSession:
         Still ours = the advisory lock is granted to our lock session (pg_locks) and its epoch is
         the one we got (read FOR SHARE: a newer holder's bump waits for this transaction).
         """
-        keys = [k for k in ("run", lock_key("cert", name) if name else None) if k and k in self._held]
+        held = dict(self._held)
+        keys = [k for k in ("run", lock_key("cert", name) if name else None) if k and k in held]
         if not keys:
             raise RuntimeError(f"store {self._where}: {what} writes versions or live: hold lock() "
                                f"or lock_cert({name!r})")
@@ -211,9 +216,9 @@ class LockSession:
         if self._lost:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
         for key in keys:
-            self._check(cur, key, what)
+            self._check(cur, key, what, held[key])
 
-    def _check(self, cur: psycopg.Cursor[Any], key: str, what: str) -> None:
+    def _check(self, cur: psycopg.Cursor[Any], key: str, what: str, epoch: int) -> None:
         row = cur.execute(
             "SELECT e.epoch, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %s "
             "AND granted AND classid::bigint = %s AND objid::bigint = (hashtext(%s)::bigint & 4294967295)) "
@@ -222,6 +227,6 @@ class LockSession:
         if row is None or not row[1]:
             raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
                            hint="its database session ended (paused or cut off); the next run takes over")
-        if int(row[0]) != self._held[key]:
+        if int(row[0]) != epoch:
             raise LockLost(f"store {self._where}: {what}: {key} was taken over (epoch {row[0]} after ours, "
-                           f"{self._held[key]}) (not written)")
+                           f"{epoch}) (not written)")

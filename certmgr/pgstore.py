@@ -211,6 +211,8 @@ class PgStore:
         """The locks this controller holds now and their epochs (fencing tokens)."""
         return self._locks.held()
 
+    per_name_locks = True  # on-call commands take only their certificates' locks (certmgr.halocks)
+
     def lock_cert(self, name: str, actor: str, *, wait: float | None = None) -> AbstractContextManager[int]:
         """The lock of one certificate (`renew NAME` while another controller's run handles others); its epoch."""
         return self._locks.hold("cert", check_name(name), actor, wait=wait)

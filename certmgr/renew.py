@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, interrupt, keys, pins
+from certmgr import certcheck, halocks, interrupt, keys, pins
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -198,12 +198,14 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
                 force: bool = False, dry_run: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
                 timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None,
                 rng: random.Random | None = None, new_key: bool = False,
-                release_pins: bool = False) -> list[RenewOutcome]:
+                release_pins: bool = False, seen: Mapping[str, int | None] | None = None) -> list[RenewOutcome]:
     """Plan every certificate in `certs`, renew the due ones (all with `force`), at most `concurrency` at once.
 
     `new_key`: always a fresh private key, whatever `reuse_key` says (revoke after a key leak).
     `release_pins`: the operator named these certificates: a pinned one (certmgr rollback) renews now,
     and its success clears the pin. Unnamed (`run`, `--due`), a pin holds renewal back (plan.pin_hold).
+
+    `seen`: live versions read before the caller waited for certificate locks (halocks.cert_turn).
 
     Returns one outcome per certificate, in the order given. The caller holds `store.lock()` unless
     `dry_run` (which writes nothing). ACME runs in a private thread pool; DNS is native asyncio.
@@ -220,8 +222,15 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
         try:
             async with sem:
                 started = True
-                results[cert.name] = out = await _one(run, cert, now=now, force=force, dry_run=dry_run, rng=rng,
-                                                      new_key=new_key, release_pin=release_pins)
+                try:  # two controllers: this certificate's lock, then the re-check (certmgr.halocks)
+                    async with halocks.cert_turn(store, cert.name, "renew", seen=seen, enabled=not dry_run) as turn:
+                        out = await _one(run, cert, now=now, force=force and not turn.moved, dry_run=dry_run,
+                                         rng=rng, new_key=new_key, release_pin=release_pins)
+                except halocks.LOCK_ERRORS as exc:  # one certificate's outcome: a task group must not crash
+                    out = RenewOutcome(name=cert.name, status="failed", decision=status(store, cert, now),
+                                       error=f"renew {cert.name}: {exc.message} (not ordered)", hint=exc.hint,
+                                       retryable=True)
+                results[cert.name] = out
         except asyncio.CancelledError:  # SIGINT/SIGTERM: an order under way is abandoned, its `finally`s clean up
             if not dry_run:
                 tally = interrupt.tally()

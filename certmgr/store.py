@@ -175,6 +175,23 @@ class Store:
 
     # ------------------------------------------------------------------ lock
 
+    per_name_locks = False  # one flock for the whole directory: lock_cert/lock_pop add nothing (docs/ha.md)
+
+    @contextmanager
+    def lock_cert(self, name: str, actor: str, *, wait: float | None = None) -> Iterator[int | None]:
+        """No per-certificate lock here: the caller's lock() covers it; no epoch (None)."""
+        yield None
+
+    @contextmanager
+    def lock_pop(self, host: str, actor: str, *, wait: float | None = None) -> Iterator[int | None]:
+        """No per-POP lock here: the caller's lock() and the POP's flock cover it; no epoch, so no POP fencing."""
+        yield None
+
+    @property
+    def held(self) -> dict[str, int]:
+        """No epochs: the directory store has none."""
+        return {}
+
     @contextmanager
     def lock(self, actor: str, *, wait: float | None = None) -> Iterator[None]:
         """Hold the store's exclusive lock for the `with` block; raise LockHeld if another process has it.

@@ -25,7 +25,18 @@ class StateStore(Protocol):
     replace unless asked; `audit` refuses private key material; `read_audit` is oldest first.
     """
 
+    # True: lock_cert/lock_pop are real locks across controllers (PostgreSQL), so on-call commands take
+    # only those; False (the state directory): lock() is the one lock, the others yield None (no epoch)
+    per_name_locks: bool
+
     def lock(self, actor: str, *, wait: float | None = None) -> AbstractContextManager[None]: ...
+
+    def lock_cert(self, name: str, actor: str, *, wait: float | None = None) -> AbstractContextManager[int | None]: ...
+
+    def lock_pop(self, host: str, actor: str, *, wait: float | None = None) -> AbstractContextManager[int | None]: ...
+
+    @property
+    def held(self) -> dict[str, int]: ...  # lock key -> epoch, of the locks this controller holds
 
     def names(self) -> list[str]: ...
 

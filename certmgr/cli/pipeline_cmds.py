@@ -40,7 +40,7 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     import contextlib
     import datetime as dt
 
-    from certmgr import progress
+    from certmgr import halocks, progress
     from certmgr.errors import UsageError
     from certmgr.renew import renew
 
@@ -50,13 +50,16 @@ def renew_cmd(c: Ctx, names: tuple[str, ...], due: bool, force: bool, dry_run: b
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store_readonly() if dry_run else c.store()  # a plan never creates or changes the store
-    lock = contextlib.nullcontext() if dry_run else store.lock("renew")
+    # NAMEs on two controllers: only their certificates' locks (halocks), live versions read before waiting
+    seen = halocks.live_versions(store, names) if names and not dry_run and halocks.per_name(store) else None
+    lock = (contextlib.nullcontext() if dry_run else
+            halocks.oncall(store, names, "renew") if names else store.lock("renew"))
     tally = interrupt.tally()
     tally.deploy_follows = not no_deploy and not dry_run
     tally.renew_command = "certmgr renew --force" if force else "certmgr renew"
     with lock:
         outcomes = run_async(renew(inv, store, certs, now=dt.datetime.now(dt.UTC), force=force, dry_run=dry_run,
-                                   concurrency=concurrency, release_pins=bool(names)))
+                                   concurrency=concurrency, release_pins=bool(names), seen=seen))
         if not as_json:
             for line in progress.renew_lines(outcomes, quiet=c.verbosity < 0):
                 click.echo(line)
@@ -126,7 +129,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     """Push the live version of NAME... (or --all) to its hosts over SSH; exit 1 unless every host serves it."""
     import datetime as dt
 
-    from certmgr import progress
+    from certmgr import halocks, progress
     from certmgr.deploy import deploy
     from certmgr.errors import UsageError
 
@@ -135,7 +138,7 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store()
-    with store.lock("deploy"):
+    with halocks.oncall(store, names, "deploy") if names else store.lock("deploy"):
         _unpin(c, store, certs, named=bool(names))
         shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=csv_list(hosts_csv) or None,
                                                     canary=csv_list(canary_csv))
@@ -271,12 +274,13 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
     import contextlib
     import datetime as dt
 
+    from certmgr import halocks
     from certmgr.rollback import rollback
 
     inv = c.inventory()
     [cert] = inv.select([name])
     store = c.store_readonly() if dry_run else c.store()
-    lock: Any = contextlib.nullcontext() if dry_run else store.lock("certmgr rollback")
+    lock: Any = contextlib.nullcontext() if dry_run else halocks.oncall(store, [name], "certmgr rollback")
     with lock:
         result = run_async(rollback(inv, store, cert, to=to, hosts=csv_list(hosts_csv), dry_run=dry_run,
                                     now=dt.datetime.now(dt.UTC), parallel=parallel,
@@ -306,6 +310,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
     """
     import datetime as dt
 
+    from certmgr import halocks
     from certmgr.revoke import revoke
 
     if version is not None and serial is not None:
@@ -313,7 +318,7 @@ def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str 
     inv = c.inventory()
     [cert] = inv.select([name])
     store = c.store()
-    with store.lock("certmgr revoke"):
+    with halocks.oncall(store, [name], "certmgr revoke"):
         result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,
                                   now_first=now_first, now=dt.datetime.now(dt.UTC), parallel=parallel,
                                   channels=() if no_notify else list(inv.channels.values())))

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 
-from certmgr import certcheck, interrupt
+from certmgr import certcheck, halocks, interrupt
 from certmgr import remote as remote_mod
-from certmgr.deploy import handshake
+from certmgr.deploy import fence, handshake
 from certmgr.deploy.host import Connector, Deployer, Job, default_connector
 from certmgr.deploy.model import HostOutcome, Status
 from certmgr.deploy.plan import serial_of_pem
@@ -39,7 +39,11 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                 job.timings["connect"] = connected
             if interrupt.stopping():
                 return [d.not_started(job, start=d.loop.time()) for job in jobs]
-            await Transaction(d, rem, host, jobs, done, start=start).run_shielded()
+            # two controllers: the POP's lock for the transaction, its epoch to commit.sh (deploy/fence.py)
+            async with halocks.pop_held(d.store, host.name, "deploy") as epoch:
+                txn = Transaction(d, rem, host, jobs, done, start=start)
+                txn.fence = None if epoch is None else fence.Token(epoch=epoch, holder=fence.holder_id())
+                await txn.run_shielded()
             if all(o.status != Status.UNKNOWN for o in done.values()):
                 # --prune K: every certificate on this host; retention (keep): only where a version was added
                 deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
@@ -48,7 +52,7 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                         await d.prune_one(rem, job, d.prune)
                     elif d.keep is not None and job.name in deployed:
                         await d.prune_one(rem, job, d.keep)
-    except (remote_mod.Unreachable, DeployError) as exc:
+    except (remote_mod.Unreachable, DeployError, *halocks.LOCK_ERRORS) as exc:  # POP lock: held, or ours lost
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:
             if job.name not in done:
@@ -57,7 +61,7 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
     return [done[job.name] for job in jobs if job.name in done]
 
 
-
+@halocks.deploy_locked
 async def deploy(
     inventory: Inventory,
     store: StateStore,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from certmgr import popguard
 from certmgr import remote as remote_mod
+from certmgr.deploy import fence
 from certmgr.deploy.model import Commit, Status, parse_rollback
 from certmgr.deploy.plan import command_label, quote_text, served_text, sha256sums, sni_names, version_of_target
 from certmgr.deploy.shell import ROLLBACK_SH
@@ -34,7 +35,8 @@ def commit_args(t: Transaction, todo: Sequence[Job]) -> list[str]:
         return [job.name, job.tmp, str(d.version), sha256sums(job.material), d.conv]
 
     stamp = t.d.now.strftime("%Y%m%dT%H%M%SZ")
-    args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait]
+    args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait,
+            *fence.args(t.fence)]
     for job in todo[1:]:
         args += five(job)
     return args
@@ -43,14 +45,18 @@ def commit_args(t: Transaction, todo: Sequence[Job]) -> list[str]:
 async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commit | None:
     """Audit what the commit did per certificate; finish those it could not swap. None: nothing more to do."""
     host, keyown = t.host, t.host.privkey_chown
-    locked_out = popguard.lock_error(res.raw, host, t.root)
+    fenced = fence.refusal(res.raw, host, t.fence)
+    if fenced:
+        await fence.audit_refusal(t, todo, fenced)
+    locked_out = popguard.lock_error(res.raw, host, t.root) or fenced
     if locked_out:
         for job in todo:
             d = job.decision
             assert d is not None
             await t.rem.remove_tree_quietly(t.tmpdir(job))
             t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
-                     error=f"{job.subject}: {locked_out} (live unchanged)", hint=popguard.LOCK_HINT)
+                     error=f"{job.subject}: {locked_out} (live unchanged)",
+                     hint=fence.HINT if fenced else popguard.LOCK_HINT)
         return None
     for job in todo:
         d, cc = job.decision, res.certs.get(job.name)
@@ -152,11 +158,11 @@ async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], 
     each old serial is verified by handshake."""
     host = t.host
     first, *more = [j for j, _ in bad]
-    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait]
+    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait, *fence.args(t.fence)]
     for job in more:
         args += [job.name, commit.certs[job.name].prev]
     res = parse_rollback(await t.rem.run_script(ROLLBACK_SH, args, step="rollback"))
-    locked_out = popguard.lock_error(res.raw, host, t.root)
+    locked_out = popguard.lock_error(res.raw, host, t.root) or fence.refusal(res.raw, host, t.fence)
 
     async def settle_one(job: Job, cause: str) -> None:
         d, cc = job.decision, commit.certs[job.name]

@@ -17,6 +17,7 @@ from typing import Any
 from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
+from certmgr.deploy.fence import Token
 from certmgr.deploy.host import DIR_MODE, KEY_MODE, PEM_MODE, Deployer, Job, RemoteSession, all_serve, argv_text
 from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
 from certmgr.deploy.plan import command_label, decide, quote_text, served_text, sni_names, version_of_target
@@ -37,6 +38,7 @@ class Transaction:
         self.root = ""
         self.test = self.reload = ""
         self.preflight = True  # inspect ran the test before any change (else the commit's retest judges)
+        self.fence: Token | None = None  # the POP lock's epoch for commit.sh (None: directory store)
 
     def finish(self, job: Job, status: Status, **kw: Any) -> None:
         self.done[job.name] = self.d.outcome(job, status, start=self.start, **kw)

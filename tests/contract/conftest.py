@@ -23,6 +23,7 @@ from certmgr.sealing import Sealer
 from certmgr.store import Store
 from lab.pg import OWNER, RUNTIME, PgServer
 from tests.conftest import _lab_port_base
+from tests.faults.conftest import chat, flab, fresh, proxy  # noqa: F401  (the two-controller proofs' lab fixtures)
 
 PG_PORT_OFFSET = 900  # inside this worker's port block, above the lab's base … base+11
 

@@ -56,7 +56,7 @@ def commit_args(root: Path, names: tuple[str, ...], test: str, reload: str) -> l
         m = material((n,))
         upload(root, f".tmp-up-2-{n}", m, n)
         five.append([n, f".tmp-up-2-{n}", "2", sha256sums(m), ""])
-    return [str(root), *five[0], test, reload, "", "tag", "stamp", "5", *[a for f in five[1:] for a in f]]
+    return [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", *[a for f in five[1:] for a in f]]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (lab/requirements-apt.txt)")
@@ -146,7 +146,7 @@ def test_rollback_switches_several_back_with_one_test_and_one_reload(tmp_path: P
     sh(COMMIT_SH, *commit_args(root, NAMES, "true", "true"))
     log = tmp_path / "log"
     res = sh(ROLLBACK_SH, str(root), "a.example", "../archive/a.example/1", f"echo test >> {log}",
-             f"echo reload >> {log}", "5", "c.example", "../archive/c.example/1")
+             f"echo reload >> {log}", "5", "", "", "c.example", "../archive/c.example/1")
     r = parse_rollback(res)
     assert r.rolled_back == {"a.example": True, "c.example": True} and r.retest_rc == 0 and r.reload_rc == 0
     assert log.read_text() == "test\nreload\n"

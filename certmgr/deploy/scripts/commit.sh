@@ -5,11 +5,13 @@
 # $1-$6 the first certificate: name, upload temp dir, store version, sha256sum lines, certbot
 # version to convert ("": no conversion); $7 test command, $8 reload command, $9 privkey owner,
 # $10 this controller's tag (its own upload temp dirs are `.tmp-up-<tag>-…`), $11 a UTC stamp for
-# names set aside, $12 seconds to wait for the POP lock; then five per further certificate, as $2-$6.
-# Exit 3: no certificate could be swapped (nothing changed); 4: the test or reload failed (all back).
+# names set aside, $12 seconds to wait for the POP lock, $13 $14 the POP lock's epoch and holder
+# ("" "": no fencing, fence.sh); then five per further certificate, as $2-$6.
+# Exit 3: no certificate could be swapped (nothing changed); 4: the test or reload failed (all back);
+# 5: the POP lock could not be taken; 6: fenced (a newer controller handled this POP; nothing changed).
 root=$1 test=$7 reload=$8 keyown=$9
-ctl=${10:-} stamp=${11:-0} lockwait=${12:-30}
-# certmgr-include: detach.sh common.sh lock.sh point.sh keyown.sh
+ctl=${10:-} stamp=${11:-0} lockwait=${12:-30} epoch=${13:-} holder=${14:-}
+# certmgr-include: detach.sh common.sh lock.sh fence.sh point.sh keyown.sh
 umask 077
 fail() { say "failed_step=$1"; say "failed_out=$(b64 "$2")"; }
 sumsok() { (cd -- "$1" 2>&1 && sha256sum --strict --quiet -c - 2>&1 <<SUMS
@@ -155,8 +157,11 @@ back_all() {
 }
 
 lock
+fence
+trace begin
+trap 'trace end' EXIT
 want "$2" "$3" "$4" "$5" "$6"
-if [ $# -gt 12 ]; then shift 12; else set --; fi
+if [ $# -gt 14 ]; then shift 14; else set --; fi
 while [ $# -ge 5 ]; do
   want "$1" "$2" "$3" "$4" "$5"
   shift 5

@@ -1,10 +1,11 @@
 # shellcheck shell=sh
 # ROLLBACK: switch certificates that did not verify back to what they pointed at, then ONE test
 # and ONE reload. $1 cert root, $2 name, $3 the target to point live/<name> at again ("": remove
-# the link), $4 test command, $5 reload command, $6 seconds to wait for the POP lock; then two
-# per further certificate, as $2-$3. Exit 3: none could be switched back; 4: the test failed.
-root=$1 test=$4 reload=$5 lockwait=${6:-30}
-# certmgr-include: detach.sh common.sh lock.sh point.sh
+# the link), $4 test command, $5 reload command, $6 seconds to wait for the POP lock, $7 $8 the POP
+# lock's epoch and holder ("" "": no fencing, fence.sh); then two per further certificate, as $2-$3.
+# Exit 3: none could be switched back; 4: the test failed; 6: fenced (nothing switched back).
+root=$1 test=$4 reload=$5 lockwait=${6:-30} epoch=${7:-} holder=${8:-}
+# certmgr-include: detach.sh common.sh lock.sh fence.sh point.sh
 back=0
 back_one() {
   lineage "$1"
@@ -12,8 +13,11 @@ back_one() {
   if point "$2" back; then say rolled_back=1; back=$((back + 1)); else say rolled_back=0; fi
 }
 lock
+fence
+trace begin
+trap 'trace end' EXIT
 back_one "$2" "$3"
-if [ $# -gt 6 ]; then shift 6; else set --; fi
+if [ $# -gt 8 ]; then shift 8; else set --; fi
 while [ $# -ge 2 ]; do
   back_one "$1" "$2"
   shift 2

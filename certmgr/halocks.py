@@ -1,0 +1,169 @@
+"""Which locks a command takes across controllers, and the re-check after taking one (docs/ha.md).
+
+`run` holds the run lock; each certificate's renew or deploy also its certificate lock, and each POP
+transaction its POP lock (certmgr.deploy.fence). On-call commands (`renew|deploy|rollback|revoke
+NAME`) take only their certificates' locks, so they wait for those certificates alone. A store
+without per-name locks (the state directory, `per_name_locks` False) keeps its one lock, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+from certmgr.errors import LockHeld, LockLost
+from certmgr.log import event
+from certmgr.store_api import StateStore
+
+log = logging.getLogger(__name__)
+
+# How long a certificate's or POP's lock is waited for: another controller's renewal and deploy of
+# that one certificate (an order, DNS propagation, every POP) ends well within it.
+CERT_WAIT = 600.0
+POP_WAIT = 600.0
+# a lock another controller holds past the wait, or ours lost: one certificate's or host's outcome
+LOCK_ERRORS = (LockHeld, LockLost)
+POLL = 0.1  # advisory locks have no timed wait: try again this often (on the event loop, never blocking it)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def per_name(store: StateStore | None) -> bool:
+    return bool(getattr(store, "per_name_locks", False))
+
+
+def _named(store: StateStore, actor: str) -> str:
+    """What another controller's `… is held by` says: a certificate or POP lock taken inside a run says so."""
+    return f"certmgr run: {actor}" if "run" in store.held else actor
+
+
+def holds(store: StateStore, kind: str, name: str) -> int | None:
+    """The epoch of lock (kind, name) if this controller holds it already, else None."""
+    return store.held.get(f"{kind}:{name}")
+
+
+@contextmanager
+def oncall(store: StateStore, names: Iterable[str], actor: str, *, wait: float = CERT_WAIT) -> Iterator[None]:
+    """An on-call command's locks: its certificates' (sorted: two commands never wait for each other in a
+    circle), or the directory store's one lock. Blocks up to `wait` for each; LockHeld after that."""
+    if not per_name(store):
+        with store.lock(actor):
+            yield
+        return
+    with ExitStack() as stack:
+        for name in sorted(set(names)):
+            try:
+                stack.enter_context(store.lock_cert(name, actor))
+            except LockHeld as exc:
+                _waiting(f"cert:{name}", exc, wait)
+                stack.enter_context(store.lock_cert(name, actor, wait=wait))
+        yield
+
+
+def _waiting(key: str, exc: LockHeld, wait: float) -> None:
+    event(log, logging.WARNING, "waiting for a lock another controller holds", lock=key, wait=f"{wait:g}s",
+          holder=exc.message)
+
+
+def live_versions(store: StateStore, names: Iterable[str]) -> dict[str, int | None]:
+    """What the caller saw before waiting for locks: compared after acquiring (`Turn.moved`)."""
+    return {n: store.live_version(n) for n in names}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Turn:
+    """One certificate's lock is ours. `moved`: its live version changed while we waited (another
+    controller renewed it): do not order again."""
+
+    name: str
+    epoch: int | None
+    moved: bool = False
+
+
+async def _take(key: str, cm_factory: Callable[[], AbstractContextManager[Any]], stack: AsyncExitStack,
+                wait: float) -> Any:
+    """Enter a lock without blocking the event loop: one try per POLL until `wait` is spent."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            return stack.enter_context(cm_factory())
+        except LockHeld as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                _waiting(key, exc, wait)
+                said = True
+        await asyncio.sleep(POLL)
+
+
+@asynccontextmanager
+async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[str, int | None] | None = None,
+                    wait: float = CERT_WAIT, enabled: bool = True) -> AsyncIterator[Turn]:
+    """Hold `name`'s certificate lock (re-entrant: a lock this controller already holds is kept), then re-check.
+
+    `seen`: the live versions the caller read before waiting (an on-call command, before its locks);
+    without it, the live version read just before waiting here. A store without per-name locks, or
+    `enabled` False (a dry run), takes nothing.
+    """
+    if not enabled or not per_name(store):
+        yield Turn(name=name, epoch=None)
+        return
+    before = seen[name] if seen is not None and name in seen else store.live_version(name)
+    async with AsyncExitStack() as stack:
+        epoch = holds(store, "cert", name)
+        if epoch is None:
+            epoch = await _take(f"cert:{name}", lambda: store.lock_cert(name, _named(store, actor)), stack, wait)
+        now = store.live_version(name)
+        moved = now != before
+        if moved:
+            event(log, logging.INFO, "re-check: renewed meanwhile by another controller; not ordered again",
+                  cert=name, seen=before, live=now, epoch=epoch)
+        yield Turn(name=name, epoch=epoch, moved=moved)
+
+
+@asynccontextmanager
+async def certs_held(store: StateStore | None, names: Iterable[str], actor: str,
+                     *, wait: float = CERT_WAIT) -> AsyncIterator[None]:
+    """Every certificate lock of `names` not held yet, in sorted order, for the block (a deploy)."""
+    if store is None or not per_name(store):
+        yield
+        return
+    async with AsyncExitStack() as stack:
+        for name in sorted(set(names)):
+            if holds(store, "cert", name) is None:
+                await _take(f"cert:{name}", lambda n=name: store.lock_cert(n, _named(store, actor)), stack, wait)  # type: ignore[misc]
+        yield
+
+
+@asynccontextmanager
+async def pop_held(store: StateStore | None, host: str, actor: str, *,
+                   wait: float = POP_WAIT) -> AsyncIterator[int | None]:
+    """`host`'s POP lock for one transaction; its epoch (None: the directory store, no fencing)."""
+    if store is None or not per_name(store):
+        yield None
+        return
+    async with AsyncExitStack() as stack:
+        epoch = holds(store, "pop", host)
+        if epoch is None:
+            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, _named(store, actor)), stack, wait)
+        yield epoch
+
+
+def deploy_locked(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Wrap deploy(inventory, store, certs, …): its certificates' locks are held while it runs (and reads live)."""
+    @wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        store: Any = args[1] if len(args) > 1 else kwargs.get("store")
+        certs: Any = args[2] if len(args) > 2 else kwargs.get("certs", ())
+        async with certs_held(store, [c.name for c in certs], "deploy"):
+            return await fn(*args, **kwargs)
+
+    return wrapper
