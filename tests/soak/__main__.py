@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=5.0,
                     help="with --controllers 2: the store's idle_timeout (seconds, at least 5)")
     ap.add_argument("--faults-per-lifetime", type=float, default=2.5, help="how often a fault is drawn")
+    ap.add_argument("--oncall-per-lifetime", type=float, default=1.5, help="how often an on-call command is drawn")
     ap.add_argument("--keep-versions", type=int, default=3, help="the inventory's retention (keep_versions)")
     ap.add_argument("--report", type=Path, help="also write the report (text) here, and JSON beside it")
     args = ap.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SoakConfig(duration=args.duration, pops=args.pops, seed=args.seed, lifetime=args.lifetime,
                      ratio=args.ratio, faults=not args.no_faults, keep_versions=args.keep_versions,
                      kinds=args.faults or default, faults_per_lifetime=args.faults_per_lifetime,
-                     controllers=args.controllers, idle_timeout=args.idle_timeout)
+                     oncall_per_lifetime=args.oncall_per_lifetime, controllers=args.controllers, idle_timeout=args.idle_timeout)
     base = int(os.environ.get("CERTMGR_TEST_PORT_BASE", "18000")) + 500
     path = Path(tempfile.mkdtemp(prefix="certmgr-hasoak-" if cfg.controllers == 2 else "certmgr-soak-"))
     lab = Lab(path, base, pops=cfg.pops, secondary=True, validity=cfg.lifetime)

@@ -43,10 +43,10 @@ from tests.soak import haobserver
 from tests.soak.harness import FAULT_KINDS, LINEAGES, RENEW_WINDOW, REPO, Proc, Report, Soak, SoakConfig
 from tests.soak.observer import Violation
 
-HA_KINDS = ("sigkill-run", "sigstop", "pg-terminate", "pg-restart")
+HA_KINDS = ("sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart")
 ALL_KINDS = FAULT_KINDS + HA_KINDS
 # faults that may cut a controller between issuing a certificate and finishing with it: each may cost one issuance
-CRASHES = ("sigkill", "sigkill-write", "sigkill-run", "sigstop", "pg-terminate", "pg-restart")
+CRASHES = ("sigkill", "sigkill-write", "sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart")
 CONTROLLERS = ("a", "b")
 PG_OFFSET = 90  # the lab uses its base … base+11; its slot is 100 ports wide
 
@@ -178,6 +178,12 @@ class HaSoak(Soak):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(victim.popen.pid, signal.SIGCONT)
                 self._later(f"stop:{victim.popen.pid}", d, wake)
+        elif kind == "sigstop-upload" and self._bounded(kind, everyone, (d := self.cfg.idle_timeout
+                                                                           + rng.uniform(1, 3)) + c):
+            # paused holding a POP's lock, its upload on the POP: the other controller takes the POP over; woken, its
+            # commit must be refused by the POP's fence (watched for half a period: blocked at most c/2 + d + c/2)
+            self._episode(kind, "certmgr", d + 2 * c, f"a command paused {d:.1f}s with its upload on a POP")
+            threading.Thread(target=self._pause_in_upload, args=(c / 2, d), daemon=True).start()
         elif kind == "pg-terminate":
             ctl = rng.choice(CONTROLLERS)
             with self._lock:
@@ -192,6 +198,37 @@ class HaSoak(Soak):
             self.pg.stop("fast")
             self._episode(kind, "certmgr", d + 2 * c, f"PostgreSQL stopped {d:.1f}s")
             self._later("pg", d, self.pg.start)
+
+    def _pause_in_upload(self, within: float, pause: float) -> None:
+        """SIGSTOP the holder of a POP's lock (certmgr_epochs names its pid) the moment its upload appears on that POP
+        (watched for `within`); SIGCONT after `pause`. The other controller's commands carry on."""
+        archives = [(p, self.lab.pop_paths(p).cert_root / "archive" / n) for p in self.lab.pop_names for n in LINEAGES]
+
+        def uploads(d: Path) -> set[str]:
+            try:
+                return {e.name for e in os.scandir(d) if e.name.startswith(".tmp-up-")}
+            except OSError:
+                return set()
+        before = {d: uploads(d) for _, d in archives}
+        deadline = time.time() + within
+        while time.time() < deadline and not self._stop.is_set():
+            for pop, d in archives:
+                if not uploads(d) - before[d]:
+                    continue
+                with contextlib.suppress(Exception):
+                    pid = int(self.pg.psql(f"SELECT holder->>'pid' FROM certmgr_epochs WHERE lock_key = 'pop:{pop}'")
+                              .strip() or 0)
+                    with self._lock:
+                        victim = next((v for v in self.running if v.popen.pid == pid and v.rc is None), None)
+                    if victim is None:
+                        continue
+                    os.kill(pid, signal.SIGSTOP)
+                    self.say(f"sigstop-upload: controller {victim.ctl}'s {victim.what} paused, its upload in {d}")
+                    self._stop.wait(pause)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                    return
+            time.sleep(0.02)
 
     def _restore(self) -> None:
         super()._restore()
