@@ -178,12 +178,12 @@ class HaSoak(Soak):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(victim.popen.pid, signal.SIGCONT)
                 self._later(f"stop:{victim.popen.pid}", d, wake)
-        elif kind == "sigstop-upload" and self._bounded(kind, everyone, (d := self.cfg.idle_timeout
-                                                                           + rng.uniform(1, 3)) + c):
+        elif kind == "sigstop-upload" and self._claim("stop-upload"):
             # paused holding a POP's lock, its upload on the POP: the other controller takes the POP over; woken, its
-            # commit must be refused by the POP's fence (watched for half a period: blocked at most c/2 + d + c/2)
-            self._episode(kind, "certmgr", d + 2 * c, f"a command paused {d:.1f}s with its upload on a POP")
-            threading.Thread(target=self._pause_in_upload, args=(c / 2, d), daemon=True).start()
+            # commit must be refused by the POP's fence. Watched for up to half a lifetime; the bound is asked when
+            # the upload appears (the pause blocks from then on)
+            d = self.cfg.idle_timeout + rng.uniform(1, 3)
+            threading.Thread(target=self._pause_in_upload, args=(self.cfg.lifetime / 2, d), daemon=True).start()
         elif kind == "pg-terminate":
             ctl = rng.choice(CONTROLLERS)
             with self._lock:
@@ -201,7 +201,7 @@ class HaSoak(Soak):
 
     def _pause_in_upload(self, within: float, pause: float) -> None:
         """SIGSTOP the holder of a POP's lock (certmgr_epochs names its pid) the moment its upload appears on that POP
-        (watched for `within`); SIGCONT after `pause`. The other controller's commands carry on."""
+        (watched for `within`), if the outage bound allows; SIGCONT after `pause`. The other controller carries on."""
         archives = [(p, self.lab.pop_paths(p).cert_root / "archive" / n) for p in self.lab.pop_names for n in LINEAGES]
 
         def uploads(d: Path) -> set[str]:
@@ -209,26 +209,45 @@ class HaSoak(Soak):
                 return {e.name for e in os.scandir(d) if e.name.startswith(".tmp-up-")}
             except OSError:
                 return set()
-        before = {d: uploads(d) for _, d in archives}
-        deadline = time.time() + within
-        while time.time() < deadline and not self._stop.is_set():
-            for pop, d in archives:
-                if not uploads(d) - before[d]:
-                    continue
-                with contextlib.suppress(Exception):
-                    pid = int(self.pg.psql(f"SELECT holder->>'pid' FROM certmgr_epochs WHERE lock_key = 'pop:{pop}'")
-                              .strip() or 0)
-                    with self._lock:
-                        victim = next((v for v in self.running if v.popen.pid == pid and v.rc is None), None)
-                    if victim is None:
-                        continue
-                    os.kill(pid, signal.SIGSTOP)
-                    self.say(f"sigstop-upload: controller {victim.ctl}'s {victim.what} paused, its upload in {d}")
-                    self._stop.wait(pause)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                    return
-            time.sleep(0.02)
+        try:
+            conn = psycopg.connect(self.pg.url(OWNER), password=self.pg.passwords[OWNER], autocommit=True)
+        except psycopg.Error:
+            with self._lock:
+                self._active.discard("stop-upload")
+            return
+        try:
+            before = {d: uploads(d) for _, d in archives}
+            deadline = time.time() + within
+            while time.time() < deadline and not self._stop.is_set():
+                for pop, d in archives:
+                    new = uploads(d) - before[d]
+                    before[d] |= new
+                    if new and self._pause_holder(conn, pop, d, pause):
+                        return
+                time.sleep(0.02)
+        finally:
+            conn.close()
+            with self._lock:
+                self._active.discard("stop-upload")
+
+    def _pause_holder(self, conn: psycopg.Connection[Any], pop: str, where: Path, pause: float) -> bool:
+        try:
+            row = conn.execute("SELECT holder->>'pid' FROM certmgr_epochs WHERE lock_key = %s", (f"pop:{pop}",)).fetchone()
+        except psycopg.Error:
+            return False
+        pid = int(row[0]) if row and row[0] else 0
+        with self._lock:
+            victim = next((v for v in self.running if v.popen.pid == pid and v.rc is None), None)
+        if victim is None or not self._bounded("sigstop-upload", self.lab.pop_names, pause + self.cfg.cadence / 2):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        self._episode("sigstop-upload", "certmgr", pause + 2 * self.cfg.cadence,
+                      f"controller {victim.ctl}'s {victim.what} paused {pause:.1f}s, its upload in {where}")
+        self._stop.wait(pause)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        return True
 
     def _restore(self) -> None:
         super()._restore()
