@@ -150,7 +150,8 @@ class Report:
         lines.append("state and log growth per simulated year (bytes): "
                      + ", ".join(f"{k} {v:,.0f}" for k, v in self.growth_per_year.items()))
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"invariant violations: {len(self.violations)}")
+        lines.append(f"invariant violations: {len(self.violations)}"
+                     + (f" {dict(sorted(Counter(v.kind for v in self.violations).items()))}" if self.violations else ""))
         lines += [f"  {v.line()}" for v in self.violations[:40]]
         return "\n".join(lines)
 
