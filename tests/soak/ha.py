@@ -80,9 +80,14 @@ class HaSoak(Soak):
                 self._enable_traces()
             return super().run()
         finally:
-            with contextlib.suppress(Exception):
-                self.pg.down()
-            shutil.rmtree(self.pg_dir, ignore_errors=True)
+            if os.environ.get("CERTMGR_LAB_KEEP"):  # the audit rows are evidence: stopped, kept
+                with contextlib.suppress(Exception):
+                    self.pg.stop("fast")
+                self.say(f"PostgreSQL data kept in {self.pg_dir} (port {self.pg.port})")
+            else:
+                with contextlib.suppress(Exception):
+                    self.pg.down()
+                shutil.rmtree(self.pg_dir, ignore_errors=True)
 
     def _enable_traces(self) -> None:
         """An empty trace file on each POP, owned by the deploy user: commit.sh appends to it while it exists."""
