@@ -63,6 +63,8 @@ class SoakConfig:
     faults_per_lifetime: float = 2.5
     kinds: tuple[str, ...] = FAULT_KINDS  # the fault kinds drawn from (a break check may want only some)
     oncall_per_lifetime: float = 1.5
+    controllers: int = 1  # 2: two controllers share a PostgreSQL store (tests/soak/ha.py)
+    idle_timeout: float = 5.0  # [store] idle_timeout with two controllers (seconds; certmgr's minimum is 5)
 
     @property
     def cadence(self) -> float:
@@ -93,6 +95,7 @@ class Proc:
     rc: int | None = None
     cpu: float = 0.0
     elapsed: float = 0.0
+    ctl: str = ""  # which controller ran it (two controllers: "a" or "b")
 
 
 @dataclass
@@ -147,7 +150,8 @@ class Report:
         lines.append("state and log growth per simulated year (bytes): "
                      + ", ".join(f"{k} {v:,.0f}" for k, v in self.growth_per_year.items()))
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"invariant violations: {len(self.violations)}")
+        lines.append(f"invariant violations: {len(self.violations)}"
+                     + (f" {dict(sorted(Counter(v.kind for v in self.violations).items()))}" if self.violations else ""))
         lines += [f"  {v.line()}" for v in self.violations[:40]]
         return "\n".join(lines)
 
@@ -305,6 +309,13 @@ class Soak:
         t.start()
         if until is None:
             self._threads.append(t)
+
+    def inventory_text(self, text: str) -> str:
+        """The inventory the controllers use (two controllers add their [store])."""
+        return text
+
+    def start_timers(self) -> None:
+        self._loop("timer", self._timer)
 
     def _timer(self) -> float:
         # a systemd timer never starts its service while the previous run is still going
@@ -544,10 +555,10 @@ class Soak:
                 Receiver(port=lab.ports.webhook) as chat:
             self.proxy = proxy
             self.state.mkdir(parents=True, exist_ok=True)
-            self.inventory.write_text(soak_inventory(lab, proxy, cfg))
+            self.inventory.write_text(self.inventory_text(soak_inventory(lab, proxy, cfg)))
             self.t0 = time.time()
             self.observer.start()
-            self._loop("timer", self._timer)
+            self.start_timers()
             done = threading.Event()  # the secondary keeps following the primary through the clean run
             self._loop("syncer", self._syncer, until=done)
             self._loop("sampler", self._sampler)
