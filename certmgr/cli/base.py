@@ -89,6 +89,28 @@ def emit_result(result: Any, as_json: bool) -> None:
         sys.exit(1)
 
 
+def certmgr_error_of(group: BaseExceptionGroup[Any]) -> CertmgrError | None:
+    """The error to report for concurrent tasks that failed together, when every one of them failed with a
+    CertmgrError (else None: a bug among them). The one that stops the most wins: the highest exit code
+    (69, the shared store lost, over 1), the first raised among equals."""
+    leaves: list[CertmgrError] = []
+
+    def walk(g: BaseExceptionGroup[Any]) -> bool:
+        for exc in g.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                if not walk(exc):
+                    return False
+            elif isinstance(exc, CertmgrError):
+                leaves.append(exc)
+            else:
+                return False
+        return True
+
+    if not walk(group) or not leaves:
+        return None
+    return max(leaves, key=lambda e: e.exit_code)
+
+
 def fail(exc: CertmgrError) -> NoReturn:
     click.echo(f"certmgr: error: {log.redact(str(exc))}", err=True)
     if exc.hint:
@@ -191,6 +213,13 @@ class Group(click.Group):
             if (lost := outbox.lost_error()) is not None:
                 fail(lost)
             raise
+        except ExceptionGroup as group:  # concurrent tasks (a TaskGroup) that failed: a bug unless all are ours
+            leaf = certmgr_error_of(group)
+            if leaf is None:
+                traceback.print_exc()
+                click.echo("certmgr: internal error (a bug): please report the traceback above", err=True)
+                sys.exit(EXIT_BUG)
+            fail(outbox.lost_error() or leaf)
         except Exception:
             # Not a CertmgrError: a bug. Keep the traceback, and exit with EX_SOFTWARE (70) so that
             # systemd's OnFailure= tells chat, while 1-3 (outcomes already reported) do not.

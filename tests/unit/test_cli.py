@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from certmgr import __version__, log
 from certmgr.cli import main
+from certmgr.errors import DNSError, LockLost, StoreUnavailable
 
 ROOT = Path(__file__).parents[2]
 
@@ -114,3 +116,45 @@ def test_inventory_envvar_still_wins(tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(main, ["inventory", "check"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"{given}: ok")
+
+
+def _group_raising(exc: BaseException) -> click.Group:
+    from certmgr.cli.base import Group
+
+    @click.group(cls=Group)
+    def top() -> None:
+        pass
+
+    @top.command("boom")
+    def boom() -> None:
+        raise exc
+
+    return top
+
+
+@pytest.mark.parametrize(("exc", "code", "first_line"), [
+    (ExceptionGroup("unhandled errors in a TaskGroup", [
+        StoreUnavailable("store pg: save_state media: database connection lost: terminating connection "
+                         "(not written)"),
+        DNSError("renew static: cancelled")]),
+     69, "certmgr: error: store pg: save_state media: database connection lost: terminating connection "
+         "(not written)"),
+    (ExceptionGroup("g", [ExceptionGroup("inner", [LockLost("store pg: activate media: lock lost (not written)")])]),
+     69, "certmgr: error: store pg: activate media: lock lost (not written)"),
+    (ExceptionGroup("g", [DNSError("renew a: x"), DNSError("renew b: y")]), 1, "certmgr: error: renew a: x"),
+])
+def test_a_group_of_our_errors_exits_with_the_gravest(exc: BaseException, code: int, first_line: str) -> None:
+    """Errors raised together by concurrent tasks (a TaskGroup's ExceptionGroup) end like one CertmgrError: the
+    gravest's message and exit code (69 when the shared store was lost), never 'internal error (a bug)'."""
+    result = CliRunner().invoke(_group_raising(exc), ["boom"])
+    assert result.exit_code == code, result.output
+    assert result.output.splitlines()[0] == first_line
+    assert "internal error" not in result.output
+
+
+def test_a_group_with_a_bug_in_it_is_a_bug() -> None:
+    """An ExceptionGroup holding anything but CertmgrErrors is a bug: traceback, exit 70."""
+    result = CliRunner().invoke(_group_raising(ExceptionGroup("g", [DNSError("renew a: x"), KeyError("k")])),
+                                ["boom"])
+    assert result.exit_code == 70
+    assert "certmgr: internal error (a bug)" in result.output
