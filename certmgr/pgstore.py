@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from certmgr import docmerge
 from certmgr.errors import StoreError, StoreUnavailable
 from certmgr.material import CertMaterial
 from certmgr.pglocks import LockSession
@@ -381,6 +382,19 @@ class PgStore:
         with self._tx(f"write {relpath}", fence=True) as cur:
             cur.execute("INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) "
                         "DO UPDATE SET body = EXCLUDED.body, updated = now()", (_check_rel(relpath), body))
+
+    def merge_json(self, relpath: str, new: Any, merger: str) -> None:
+        """Merge `new` into the document at `relpath` (certmgr.docmerge): read, merge and write in one transaction
+        under a transaction advisory lock on the path, so two controllers' merges of one document never lose one."""
+        path = _check_rel(relpath)
+        with self._tx(f"write {relpath}", fence=True) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (docmerge.DOC_LOCK_CLASS, path))
+            # a statement of its own: in READ COMMITTED it sees what a merge that held the lock committed
+            row = cur.execute("SELECT body FROM certmgr_json WHERE path = %s", (path,)).fetchone()
+            doc = docmerge.apply(merger, None if row is None else row[0], _jsonable(new))
+            if doc is not docmerge.UNCHANGED:
+                cur.execute("INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) "
+                            "DO UPDATE SET body = EXCLUDED.body, updated = now()", (path, Jsonb(doc)))
 
     def remove_json(self, relpath: str) -> None:
         with self._tx(f"remove {relpath}", fence=True) as cur:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, halocks, interrupt, keys, orders, pins
+from certmgr import certcheck, docmerge, halocks, interrupt, keys, orders, pins
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
@@ -307,7 +307,8 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         failed = state.failed(now, str(exc), retry_after=retry_after)
         try:
-            store.save_json(state_path(cert.name), failed.to_json())
+            # merged (newer last_attempt wins) and spooled when the database is lost: the next run keeps the backoff
+            docmerge.merge_json(store, state_path(cert.name), failed.to_json(), "renew")
             store.audit("renew failed", cert.name, frm=info.serial if info else None, error=str(exc),
                         failures=failed.failures,
                         retry_after=retry_after.isoformat() if retry_after else None)
