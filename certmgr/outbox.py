@@ -200,7 +200,12 @@ class Spooling:
 
     def merge_json(self, relpath: str, new: Any, merger: str) -> None:
         if merger not in SPOOLED_MERGERS:
-            self.__getattr__("merge_json")(relpath, new, merger)
+            self._check()
+            try:
+                docmerge.merge_json(self._store, relpath, new, merger)
+            except (StoreUnavailable, LockLost) as exc:
+                self._lose(exc)
+                raise
             return
         self._write(lambda: docmerge.merge_json(self._store, relpath, new, merger), "merge_json", path=relpath,
                     body=new, merger=merger)

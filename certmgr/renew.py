@@ -23,7 +23,7 @@ from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.dns.journal import CertJournal, Journal, retry_leftovers
-from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError
+from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError, StoreUnavailable
 from certmgr.inventory import CA, Certificate, Inventory
 from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
 from certmgr.log import event
@@ -306,6 +306,12 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
     except CertmgrError as exc:
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         failed = state.failed(now, str(exc), retry_after=retry_after)
+        if isinstance(exc, (*halocks.LOCK_ERRORS, StoreUnavailable)):
+            # the database or this controller's lock, not the CA: no backoff (the next run retries at once),
+            # and nothing recorded — the database is gone or the certificate another controller's now
+            event(log, logging.ERROR, "renewal stopped: store lost", cert=cert.name, error=str(exc))
+            return replace(base, status="failed", error=str(exc), hint=exc.hint, retryable=True,
+                           elapsed=loop.time() - t0)
         try:
             # merged (newer last_attempt wins) and spooled when the database is lost: the next run keeps the backoff
             docmerge.merge_json(store, state_path(cert.name), failed.to_json(), "renew")
