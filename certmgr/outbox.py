@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,7 @@ class Spooling:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.lost: StoreUnavailable | LockLost | None = None
         self.spooled = 0
+        self._batch_thread: int | None = None  # the thread inside batch(): its writes are never spooled
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
@@ -179,6 +182,16 @@ class Spooling:
         self.spooled += 1
 
     def _write(self, call: Callable[[], None], kind: str, **fields: Any) -> None:
+        if self._batch_thread == threading.get_ident():
+            # inside a batch nothing is spooled: its writes commit together or not at all (a spooled audit row
+            # would outlive the change it records, rolled back with the batch)
+            self._check()
+            try:
+                call()
+            except (StoreUnavailable, LockLost) as exc:
+                self._lose(exc)
+                raise
+            return
         if self.lost is None:
             try:
                 call()
@@ -197,6 +210,23 @@ class Spooling:
             self.__getattr__("save_json")(relpath, obj, mode)
             return
         self._write(lambda: self._store.save_json(relpath, obj, mode), "merge", path=relpath, body=obj)
+
+    @contextmanager
+    def batch(self, what: str) -> Iterator[None]:
+        """The store's batch (one transaction); its commit failing loses the store like any other call."""
+        self._check()
+        if self._batch_thread == threading.get_ident():
+            yield  # nested: the outer batch is the transaction
+            return
+        self._batch_thread = threading.get_ident()
+        try:
+            with self._store.batch(what):
+                yield
+        except (StoreUnavailable, LockLost) as exc:
+            self._lose(exc)
+            raise
+        finally:
+            self._batch_thread = None
 
     def merge_json(self, relpath: str, new: Any, merger: str) -> None:
         if merger not in SPOOLED_MERGERS:
