@@ -20,6 +20,7 @@ reads and writes (`merge_json` below). Replaying a merge twice gives the same do
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -39,6 +40,15 @@ class JsonStore(Protocol):
     def load_json(self, relpath: str, default: Any = None) -> Any: ...
 
     def save_json(self, relpath: str, obj: Any, mode: int = ...) -> None: ...
+
+
+# an ISO 8601 time with its offset, as certmgr writes them (PostgreSQL's timestamptz reads it the same)
+ISO_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
+
+
+def is_time(value: object) -> bool:
+    """An ISO time with an offset that both Python and PostgreSQL compare alike."""
+    return isinstance(value, str) and re.match(ISO_RE, value) is not None
 
 
 def _time(value: object) -> dt.datetime | None:
@@ -81,11 +91,12 @@ def newer(field: str) -> Callable[[Any, Any], Any]:
     return merge
 
 
+# mergers where the newer document wins whole, by this field: PgStore does them in one conditional upsert
+NEWER_FIELDS = {"scan": "scanned_at", "renew": "last_attempt", "discover": "discovered_at"}
+
 MERGERS: dict[str, Callable[[Any, Any], Any]] = {
     "notify": notify,
-    "scan": newer("scanned_at"),
-    "renew": newer("last_attempt"),
-    "discover": newer("discovered_at"),
+    **{name: newer(field) for name, field in NEWER_FIELDS.items()},
 }
 
 

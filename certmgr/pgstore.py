@@ -421,6 +421,18 @@ class PgStore:
         """Merge `new` into the document at `relpath` (certmgr.docmerge): read, merge and write in one transaction
         under a transaction advisory lock on the path, so two controllers' merges of one document never lose one."""
         path = _check_rel(relpath)
+        field = docmerge.NEWER_FIELDS.get(merger)
+        if field is not None and isinstance(new, dict) and docmerge.is_time(new.get(field)):
+            # the newer document wins whole: one conditional upsert (the row lock orders two writers), no read
+            with self._tx(f"write {relpath}", fence=True) as cur:
+                cur.execute(
+                    "INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) DO UPDATE "
+                    "SET body = EXCLUDED.body, updated = now() WHERE certmgr_json.body IS DISTINCT FROM EXCLUDED.body "
+                    "AND (jsonb_typeof(certmgr_json.body -> %s) IS DISTINCT FROM 'string' "
+                    "OR (certmgr_json.body ->> %s) !~ %s "
+                    "OR (certmgr_json.body ->> %s)::timestamptz <= (EXCLUDED.body ->> %s)::timestamptz)",
+                    (path, Jsonb(_jsonable(new)), field, field, docmerge.ISO_RE, field, field))
+            return
         with self._tx(f"write {relpath}", fence=True) as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (docmerge.DOC_LOCK_CLASS, path))
             # a statement of its own: in READ COMMITTED it sees what a merge that held the lock committed

@@ -118,3 +118,36 @@ def test_mergers_and_replaying_one_twice_changes_nothing(merger: str, stored: An
     assert got == expected
     result = stored if got is docmerge.UNCHANGED else got
     assert docmerge.apply(merger, result, new) is docmerge.UNCHANGED
+
+
+def test_two_connections_writing_scans_out_of_order_keep_the_newest(fresh_schema: PgServer) -> None:
+    """Two controllers write 20 scan results each for one certificate, in shuffled order and at once: the newest scanned_at stands (PgStore's one conditional upsert)."""
+    import random
+
+    path = f"state/scan/{NAME}.json"
+    stores = [open_pg(fresh_schema), open_pg(fresh_schema)]
+    times = [T0 + dt.timedelta(seconds=k) for k in range(40)]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        mine = times[i::2]
+        random.Random(i).shuffle(mine)
+        try:
+            start.wait()
+            for t in mine:
+                stores[i].merge_json(path, {"scanned_at": t.isoformat(), "by": i}, "scan")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert stores[0].load_json(path) == {"scanned_at": times[-1].isoformat(), "by": 1}
+    finally:
+        for s in stores:
+            s.close()
