@@ -139,7 +139,7 @@ def test_ha_set_up_names_the_dropin_and_its_credentials() -> None:
 
 @needs_analyze
 def test_ha_dropin_verifies_and_systemd_merges_it(tmp_path: Path) -> None:
-    """`systemd-analyze verify` reads the service with the HA drop-in (and the Prometheus one) and finds nothing wrong; `systemd-analyze cat-config`-free check: the merged unit still treats 69 as failure."""
+    """`systemd-analyze verify` reads the service with the HA drop-in (and the Prometheus one) and finds nothing wrong (an unknown key or a bad exit status in the drop-in would be reported)."""
     certmgr = Path(sys.executable).with_name("certmgr")
     if not certmgr.exists():
         pytest.skip("certmgr console script not installed next to this python")
