@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from certmgr import orders
 from certmgr.errors import StoreError
 from certmgr.fsutil import atomic_write
 from certmgr.material import CertMaterial
@@ -34,6 +35,9 @@ class MigrateReport:
     accounts_copied: int
     audit_rows_copied: int
     verified_versions: int
+    orders_copied: int = 0  # pending ACME orders, their keys unsealed from the source and sealed for the target
+    orders_present: int = 0
+    orders_unreadable: int = 0  # records the source itself could not open: not copied (ordered anew, as there)
 
 
 def _digest(m: CertMaterial) -> str:
@@ -45,9 +49,48 @@ def _label(store: Store | PgStore) -> str:
 
 
 def _json_paths(store: Store | PgStore) -> list[str]:
-    """Every state document but pending orders (certmgr.orders): their key is sealed for one store only, and
-    an order not carried over costs at most one new order after the move."""
-    return [p for p in _all_json_paths(store) if not p.startswith("state/orders/")]
+    """Every state document but pending orders (certmgr.orders): their key is sealed for one store only (or
+    a 0600 file beside the record), so they are copied through `_copy_orders`, never as documents."""
+    return [p for p in _all_json_paths(store) if not p.startswith(f"{orders.ORDERS_DIR}/")]
+
+
+def _order_names(store: Store | PgStore) -> list[str]:
+    """The certificates with a pending order record (state/orders/NAME/order.json)."""
+    head, tail = f"{orders.ORDERS_DIR}/", "/order.json"
+    return sorted(p[len(head):-len(tail)] for p in _all_json_paths(store)
+                  if p.startswith(head) and p.endswith(tail) and "/" not in p[len(head):-len(tail)])
+
+
+def _copy_orders(src: Store | PgStore, dst: Store | PgStore) -> tuple[int, int, int]:
+    """Every pending order: opened with the source's key (or read from its 0600 file), written for the target
+    (sealed with the target's key, or its own 0600 file), URL, CSR and creation time kept — so the next run
+    on the target resumes it instead of ordering anew. A record the source cannot open is not copied (a run
+    on the source would abandon it too); one the target holds differently stops the migration.
+    Returns (copied, present, unreadable)."""
+    copied = present = unreadable = 0
+    for name in _order_names(src):
+        try:
+            order = orders.load(src, name)
+        except StoreError:
+            unreadable += 1
+            continue
+        if order is None:
+            continue
+        try:
+            there = orders.load(dst, name)
+        except StoreError:
+            there = None  # unreadable at the target: the source's readable record replaces it
+        if there == order:
+            present += 1
+            continue
+        if there is not None:
+            raise StoreError(f"store migrate {orders.order_path(name)}: a different pending order is already in "
+                             f"{_label(dst)} (nothing overwritten)",
+                             hint="the destination was used on its own since; let one side's run finish or "
+                                  "abandon its order, then migrate again")
+        orders.save(dst, order)
+        copied += 1
+    return copied, present, unreadable
 
 
 def _all_json_paths(store: Store | PgStore) -> list[str]:
@@ -131,6 +174,7 @@ def migrate(src: Store | PgStore, dst: Store | PgStore, *, now: dt.datetime) -> 
             elif key is not None and there != key:
                 raise StoreError(f"store migrate accounts/{ca_id}: a different account key is already in "
                                  f"{_label(dst)} (kept; nothing overwritten)")
+        orders_copied, orders_present, orders_unreadable = _copy_orders(src, dst)
         seen = {_canon(e) for e in dst.read_audit()}
         new_rows = [e for e in src.read_audit() if _canon(e) not in seen]
         _append_audit(dst, new_rows)
@@ -138,9 +182,12 @@ def migrate(src: Store | PgStore, dst: Store | PgStore, *, now: dt.datetime) -> 
         _mark(src, to=_label(dst), now=now)
         _unmark(dst)
         dst.audit("store migrate", _label(dst), frm=_label(src), to=_label(dst), versions_copied=copied,
-                  versions_present=present, verified_versions=verified)
+                  versions_present=present, verified_versions=verified, orders_copied=orders_copied,
+                  orders_unreadable=orders_unreadable)
     return MigrateReport(names=len(names), versions_copied=copied, versions_present=present, documents_copied=docs,
-                         accounts_copied=accounts, audit_rows_copied=len(new_rows), verified_versions=verified)
+                         accounts_copied=accounts, audit_rows_copied=len(new_rows), verified_versions=verified,
+                         orders_copied=orders_copied, orders_present=orders_present,
+                         orders_unreadable=orders_unreadable)
 
 
 def _verify(src: Store | PgStore, dst: Store | PgStore, names: list[str]) -> int:
@@ -160,6 +207,14 @@ def _verify(src: Store | PgStore, dst: Store | PgStore, names: list[str]) -> int
     for ca_id in _account_ids(src):
         if src.load_account_key(ca_id) != dst.load_account_key(ca_id):
             raise StoreError(f"store migrate accounts/{ca_id}: key does not read back the same (source left unmarked)")
+    for name in _order_names(src):
+        try:
+            order = orders.load(src, name)
+        except StoreError:
+            continue  # not copied (counted unreadable)
+        if order is not None and orders.load(dst, name) != order:
+            raise StoreError(f"store migrate {orders.order_path(name)}: pending order does not read back the same "
+                             "(source left unmarked)")
     return count
 
 

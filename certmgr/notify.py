@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
-from certmgr import log, sanitize
+from certmgr import docmerge, log, sanitize
 from certmgr.errors import CertmgrError, NotifyError, SecretError
 from certmgr.inventory import Channel
 from certmgr.names import url_problem
@@ -224,9 +224,17 @@ def load_state(store: NotifyStore, names: Iterable[str]) -> dict[str, dict[str, 
     return out
 
 
-def save_state(store: NotifyStore, state: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> None:
+def save_state(store: NotifyStore, before: Mapping[str, Mapping[str, Any]], state: Mapping[str, Mapping[str, Any]],
+               names: Iterable[str], now: dt.datetime) -> None:
+    """Write what this run changed (`before` → `state`), per channel, merged into the stored copy
+    (certmgr.docmerge `notify`): scan takes no lock, and another controller may have notified meanwhile.
+    A certificate this run changed nothing for is not written."""
     for name in names:
-        store.save_json(f"state/notify/{name}.json", {"channels": dict(state.get(name, {}))})
+        old, new = before.get(name, {}), state.get(name, {})
+        delta = {ch: new.get(ch) for ch in sorted(set(old) | set(new)) if old.get(ch) != new.get(ch)}
+        if delta:
+            docmerge.merge_json(store, f"state/notify/{name}.json", {"at": now.isoformat(), "channels": delta},
+                                "notify")
 
 
 # ---------------------------------------------------------------- payloads, per service
@@ -429,6 +437,7 @@ async def notify_scan(result: ScanResult, channels: Sequence[Channel], *, store:
     """
     names = [c.name for c in result.certificates]
     state = load_state(store, names)
+    before = {name: dict(chans) for name, chans in state.items()}
     alerts = alerts_for(result, state, now, channels)
     by_channel: dict[str, list[Alert]] = {}
     for a in alerts:
@@ -465,7 +474,7 @@ async def notify_scan(result: ScanResult, channels: Sequence[Channel], *, store:
     finally:
         if own:
             await c.aclose()
-    save_state(store, state, names)
+    save_state(store, before, state, names, now)
     audit = getattr(store, "audit", None)
     if audit is not None:
         for ch_name, msg, d in deliveries:

@@ -3,9 +3,10 @@
 Once a call to the PostgreSQL store fails with StoreUnavailable or LockLost the store is *lost* for the rest of
 the run: nothing that starts a side effect is written (a pending order, a deploy intent: those calls raise, so
 no new order is placed and no new POP transaction starts), while the outcomes of work already under way —
-audit rows, deploy results, settled intents — go to `<state dir>/spool/` (0700, one 0600 JSON file each, never
-a private key). The next run that opens the store replays the spool before anything else, idempotently (audit
-rows carry their spool id), and audits `replayed`. The command then exits 69 with the count (cli.Group).
+audit rows, deploy results, settled intents, a renewal's failure and backoff state, notify state — go to
+`<state dir>/spool/` (0700, one 0600 JSON file each, never a private key). The next run that opens the store
+replays the spool before anything else, idempotently (audit rows carry their spool id; documents merge), and
+audits `replayed`. The command then exits 69 with the count (cli.Group).
 (`certmgr.spool` is unrelated: the scan's temporary record runs.)
 """
 
@@ -16,10 +17,13 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from certmgr import docmerge
 from certmgr.errors import LockLost, StoreUnavailable
 from certmgr.fsutil import atomic_write
 from certmgr.log import event
@@ -31,6 +35,11 @@ SPOOL_DIR = "spool"
 # Outcomes of work already done: kept when the database is gone. Anything else written after the loss raises.
 MERGED_PREFIXES = ("state/deploy/",)  # documents merged key by key into the stored one on replay
 REMOVED_PREFIXES = ("state/intents/",)  # a settled POP transaction's intent, removed on replay
+# certmgr.docmerge documents the next run needs to stay correct: a renewal's failure and backoff (else the
+# next run retries at once, without backoff) and what was notified (else it alerts again); merged on replay,
+# so a newer write by the other controller since the loss stands. Scan results are not: the next scan
+# writes them anew.
+SPOOLED_MERGERS = ("renew", "notify")
 _lost: list[Spooling] = []  # the stores lost in this process (cli.Group turns one into exit 69)
 
 
@@ -96,6 +105,8 @@ def replay(store: Any, outbox: Outbox) -> int:
                         spool_id=rec["id"], spooled_at=rec["at"], **rec.get("extra", {}))
         elif rec["kind"] == "merge":
             store.save_json(rec["path"], _merge(store.load_json(rec["path"], default={}) or {}, rec["body"]))
+        elif rec["kind"] == "merge_json":
+            docmerge.merge_json(store, rec["path"], rec["body"], rec["merger"])
         elif rec["kind"] == "remove":
             store.remove_json(rec["path"])
         ids.append(rec["id"])
@@ -117,6 +128,7 @@ class Spooling:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.lost: StoreUnavailable | LockLost | None = None
         self.spooled = 0
+        self._batch_thread: int | None = None  # the thread inside batch(): its writes are never spooled
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
@@ -170,6 +182,16 @@ class Spooling:
         self.spooled += 1
 
     def _write(self, call: Callable[[], None], kind: str, **fields: Any) -> None:
+        if self._batch_thread == threading.get_ident():
+            # inside a batch nothing is spooled: its writes commit together or not at all (a spooled audit row
+            # would outlive the change it records, rolled back with the batch)
+            self._check()
+            try:
+                call()
+            except (StoreUnavailable, LockLost) as exc:
+                self._lose(exc)
+                raise
+            return
         if self.lost is None:
             try:
                 call()
@@ -188,6 +210,35 @@ class Spooling:
             self.__getattr__("save_json")(relpath, obj, mode)
             return
         self._write(lambda: self._store.save_json(relpath, obj, mode), "merge", path=relpath, body=obj)
+
+    @contextmanager
+    def batch(self, what: str) -> Iterator[None]:
+        """The store's batch (one transaction); its commit failing loses the store like any other call."""
+        self._check()
+        if self._batch_thread == threading.get_ident():
+            yield  # nested: the outer batch is the transaction
+            return
+        self._batch_thread = threading.get_ident()
+        try:
+            with self._store.batch(what):
+                yield
+        except (StoreUnavailable, LockLost) as exc:
+            self._lose(exc)
+            raise
+        finally:
+            self._batch_thread = None
+
+    def merge_json(self, relpath: str, new: Any, merger: str) -> None:
+        if merger not in SPOOLED_MERGERS:
+            self._check()
+            try:
+                docmerge.merge_json(self._store, relpath, new, merger)
+            except (StoreUnavailable, LockLost) as exc:
+                self._lose(exc)
+                raise
+            return
+        self._write(lambda: docmerge.merge_json(self._store, relpath, new, merger), "merge_json", path=relpath,
+                    body=new, merger=merger)
 
     def remove_json(self, relpath: str) -> None:
         if not relpath.startswith(REMOVED_PREFIXES):

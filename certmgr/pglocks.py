@@ -231,6 +231,10 @@ class LockSession:
             (self.backend_pid, keys, [KINDS[key.split(":")[0]] for key in keys])).fetchall()
         found = {str(r[0]): (int(r[1]), bool(r[2])) for r in rows}
         for key in keys:
+            if self._held.get(key) != held[key]:
+                # released (or taken again) by another task of this controller since the snapshot: its
+                # unlock is not a loss — releasing deletes the key before pg_advisory_unlock
+                continue
             epoch, granted = found.get(key, (0, False))
             if not granted:
                 raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from certmgr import docmerge
 from certmgr.errors import StoreError, StoreUnavailable
 from certmgr.material import CertMaterial
 from certmgr.pglocks import LockSession
@@ -142,6 +143,10 @@ class PgStore:
         self._clock = clock
         self.where = where
         self._mutex = threading.RLock()  # one connection, several threads (scan, deploy): one transaction at a time
+        self.commits = 0  # write transactions committed (one durable commit each): counted by tests and benchmarks
+        self._batch: psycopg.Cursor[Any] | None = None  # the open `batch()` transaction's cursor …
+        self._batch_thread: int | None = None  # … of this thread only (others wait on the mutex)
+        self._batch_fenced: set[str | bool] = set()  # fence checks already made in it
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r})"
@@ -188,15 +193,45 @@ class PgStore:
     def _tx(self, what: str, fence: str | bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
         (whatever locks this controller holds must still be ours), False (no check; several reads that
-        must see one snapshot — a single read statement uses `_read`)."""
+        must see one snapshot — a single read statement uses `_read`). Inside `batch()` on its thread:
+        the batch's transaction (each distinct fence checked once in it)."""
+        if self._batch is not None and self._batch_thread == threading.get_ident():
+            with self._db_errors(what):
+                if fence is not False and fence not in self._batch_fenced:
+                    self._locks.precheck(what)
+                    self._check_fence(self._batch, fence, what)
+                    self._batch_fenced.add(fence)
+                yield self._batch
+            return
         if fence is not False:
             self._locks.precheck(what)
         with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
-            if fence is True:
-                self._locks.fence_held(cur, what)
-            elif isinstance(fence, str):
-                self._locks.fence(cur, fence, what)
+            self._check_fence(cur, fence, what)
             yield cur
+        self.commits += 1
+
+    def _check_fence(self, cur: psycopg.Cursor[Any], fence: str | bool, what: str) -> None:
+        if fence is True:
+            self._locks.fence_held(cur, what)
+        elif isinstance(fence, str):
+            self._locks.fence(cur, fence, what)
+
+    @contextmanager
+    def batch(self, what: str) -> Iterator[None]:
+        """Every write this thread makes inside the block in ONE transaction: one durable commit instead of
+        one per call, and all or nothing (an audit row commits with its change). Fenced writes check their
+        lock once, in it (the epoch rows read FOR SHARE until the commit). Nested: joins the outer batch.
+        Only for a sequence that lets a store error end it (a caught one would leave the transaction aborted)."""
+        if self._batch is not None and self._batch_thread == threading.get_ident():
+            yield
+            return
+        with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
+            self._batch, self._batch_thread, self._batch_fenced = cur, threading.get_ident(), set()
+            try:
+                yield
+            finally:
+                self._batch, self._batch_thread = None, None
+        self.commits += 1
 
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
@@ -381,6 +416,31 @@ class PgStore:
         with self._tx(f"write {relpath}", fence=True) as cur:
             cur.execute("INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) "
                         "DO UPDATE SET body = EXCLUDED.body, updated = now()", (_check_rel(relpath), body))
+
+    def merge_json(self, relpath: str, new: Any, merger: str) -> None:
+        """Merge `new` into the document at `relpath` (certmgr.docmerge): read, merge and write in one transaction
+        under a transaction advisory lock on the path, so two controllers' merges of one document never lose one."""
+        path = _check_rel(relpath)
+        field = docmerge.NEWER_FIELDS.get(merger)
+        if field is not None and isinstance(new, dict) and docmerge.is_time(new.get(field)):
+            # the newer document wins whole: one conditional upsert (the row lock orders two writers), no read
+            with self._tx(f"write {relpath}", fence=True) as cur:
+                cur.execute(
+                    "INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) DO UPDATE "
+                    "SET body = EXCLUDED.body, updated = now() WHERE certmgr_json.body IS DISTINCT FROM EXCLUDED.body "
+                    "AND (jsonb_typeof(certmgr_json.body -> %s) IS DISTINCT FROM 'string' "
+                    "OR (certmgr_json.body ->> %s) !~ %s "
+                    "OR (certmgr_json.body ->> %s)::timestamptz <= (EXCLUDED.body ->> %s)::timestamptz)",
+                    (path, Jsonb(_jsonable(new)), field, field, docmerge.ISO_RE, field, field))
+            return
+        with self._tx(f"write {relpath}", fence=True) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (docmerge.DOC_LOCK_CLASS, path))
+            # a statement of its own: in READ COMMITTED it sees what a merge that held the lock committed
+            row = cur.execute("SELECT body FROM certmgr_json WHERE path = %s", (path,)).fetchone()
+            doc = docmerge.apply(merger, None if row is None else row[0], _jsonable(new))
+            if doc is not docmerge.UNCHANGED:
+                cur.execute("INSERT INTO certmgr_json (path, body) VALUES (%s, %s) ON CONFLICT (path) "
+                            "DO UPDATE SET body = EXCLUDED.body, updated = now()", (path, Jsonb(doc)))
 
     def remove_json(self, relpath: str) -> None:
         with self._tx(f"remove {relpath}", fence=True) as cur:

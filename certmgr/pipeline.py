@@ -315,6 +315,7 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
         if report.changed or report.renew_failed or report.deploy_failed:
             names = [c.name for c in after.certificates]
             state = notify_mod.load_state(store, names)
+            loaded = {name: dict(chans) for name, chans in state.items()}  # save_state writes only the changes
             alerts = notify_mod.alerts_for(after, state, after.started, channels)
             summary = summary_message(report, alerts)
             await alert([summary])
@@ -322,7 +323,7 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
             for a in alerts:
                 if a.channel in delivered:
                     notify_mod.apply(state, a, now)
-            notify_mod.save_state(store, state, names)
+            notify_mod.save_state(store, loaded, state, names, now)
         else:
             outcome = await notify_mod.notify_scan(after, channels, store=store, now=now, retry=client_retry)
             messages.extend(outcome.deliveries)

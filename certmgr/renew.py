@@ -18,18 +18,18 @@ from typing import Any
 
 from cryptography import x509
 
-from certmgr import certcheck, halocks, interrupt, keys, orders, pins
+from certmgr import certcheck, docmerge, halocks, interrupt, keys, orders, pins
 from certmgr import plan as plan_mod
 from certmgr.dns import DNSChange, Provider, TXTRecord
 from certmgr.dns import build as build_provider
 from certmgr.dns.journal import CertJournal, Journal, retry_leftovers
-from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError
+from certmgr.errors import CertificateRefused, CertmgrError, RateLimited, SecretError, StoreError, StoreUnavailable
 from certmgr.inventory import CA, Certificate, Inventory
-from certmgr.issue import ACMEClient, Timeouts, ari_cert_id
+from certmgr.issue import ACMEClient, Issued, Timeouts, ari_cert_id
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
 from certmgr.plan import Decision, RenewState
-from certmgr.store_api import StateStore
+from certmgr.store_api import StateStore, batched
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,15 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
     except CertmgrError as exc:
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         failed = state.failed(now, str(exc), retry_after=retry_after)
+        if isinstance(exc, (*halocks.LOCK_ERRORS, StoreUnavailable)):
+            # the database or this controller's lock, not the CA: no backoff (the next run retries at once),
+            # and nothing recorded — the database is gone or the certificate another controller's now
+            event(log, logging.ERROR, "renewal stopped: store lost", cert=cert.name, error=str(exc))
+            return replace(base, status="failed", error=str(exc), hint=exc.hint, retryable=True,
+                           elapsed=loop.time() - t0)
         try:
-            store.save_json(state_path(cert.name), failed.to_json())
+            # merged (newer last_attempt wins) and spooled when the database is lost: the next run keeps the backoff
+            docmerge.merge_json(store, state_path(cert.name), failed.to_json(), "renew")
             store.audit("renew failed", cert.name, frm=info.serial if info else None, error=str(exc),
                         failures=failed.failures,
                         retry_after=retry_after.isoformat() if retry_after else None)
@@ -385,6 +392,26 @@ async def _check_issued(run: _Run, cert: Certificate, material: CertMaterial, *,
         raise
 
 
+def record_renewal(store: Any, name: str, issued: Issued, info: CertInfo | None, state: RenewState, *,
+                   now: dt.datetime) -> tuple[int, int | None]:
+    """Store a renewed certificate: version, live, the order settled, the `renewed` row and the state — with
+    PostgreSQL in one transaction (one durable commit, all or nothing: a lost database stores none of it and the
+    next run resumes the order). Returns (version, previous live version)."""
+    new_info = issued.material.info()
+    with batched(store, f"store renewed {name}"):
+        version = store.add_version(name, issued.material)
+        previous = store.activate(name, version)
+        orders.settle(store, name)
+        old = (f"serial {info.serial} (expires {info.not_after.isoformat()})" if info else "nothing")
+        new = f"serial {new_info.serial} (expires {new_info.not_after.isoformat()})"
+        store.audit("renewed", name, frm=old, to=new, message=f"renewed {name}: {old} → {new}",
+                    version=version, previous_version=previous, replaced=bool(issued.replaced),
+                    timings={k: round(v, 3) for k, v in issued.timings.items()})
+        store.save_json(state_path(name), state.succeeded(now, spread=plan_mod.spread_of(new_info.serial)).to_json())
+    # <deploy hooks in after this point: cli.renew pushes outcomes with status "renewed" (see docs/renew.md)>
+    return version, previous
+
+
 async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertMaterial | None,
                            info: CertInfo | None, state: RenewState, *, now: dt.datetime,
                            new_key: bool = False) -> RenewOutcome:
@@ -417,17 +444,7 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
         orders.settle(run.store, cert.name, abandoned=f"certificate refused ({'; '.join(exc.problems)})")
         raise
     new_info = issued.material.info()
-    store = run.store
-    version = store.add_version(cert.name, issued.material)
-    previous = store.activate(cert.name, version)
-    orders.settle(store, cert.name)
-    # <deploy hooks in after this point: cli.renew pushes outcomes with status "renewed" (see docs/renew.md)>
-    old = (f"serial {info.serial} (expires {info.not_after.isoformat()})" if info else "nothing")
-    new = f"serial {new_info.serial} (expires {new_info.not_after.isoformat()})"
-    store.audit("renewed", cert.name, frm=old, to=new, message=f"renewed {cert.name}: {old} → {new}",
-                version=version, previous_version=previous, replaced=bool(issued.replaced),
-                timings={k: round(v, 3) for k, v in issued.timings.items()})
-    store.save_json(state_path(cert.name), state.succeeded(now, spread=plan_mod.spread_of(new_info.serial)).to_json())
+    version, previous = record_renewal(run.store, cert.name, issued, info, state, now=now)
     event(log, logging.INFO, "renewed", cert=cert.name, serial=new_info.serial, version=version,
           not_after=new_info.not_after.isoformat(), seconds=f"{issued.timings.get('total', 0):.2f}")
     return RenewOutcome(name=cert.name, status="renewed", decision=plan_mod.decide(cert, new_info, RenewState(), now),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from certmgr import log, sanitize
+from certmgr import docmerge, log, sanitize
 from certmgr.errors import ScanError
 from certmgr.inventory import Certificate, Inventory, Threshold
 from certmgr.material import CertInfo
@@ -504,12 +504,13 @@ def save_state(store: StateStore, result: ScanResult) -> None:
     written: set[str] = set()
 
     def one(c: CertSummary, eps: Sequence[EndpointResult]) -> None:
-        store.save_json(f"state/scan/{c.name}.json", {
+        # scan takes no lock: a slower scan (the other controller's) finishing later keeps the newer one (docmerge)
+        docmerge.merge_json(store, f"state/scan/{c.name}.json", {
             "schema": SCHEMA_VERSION,
             "scanned_at": result.started.isoformat(),
             **certificate_json(c),
             "endpoints": [endpoint_json(r, result.started) for r in eps],
-        })
+        }, "scan")
 
     def groups() -> Iterator[tuple[CertSummary, Sequence[EndpointResult]]]:
         for name, eps in result.by_certificate():

@@ -8,7 +8,7 @@ suite against both. Directory-only features (certbot import, the `root` path) ar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from certmgr.material import CertMaterial
@@ -72,3 +72,10 @@ class StateStore(Protocol):
               **extra: Any) -> None: ...
 
     def read_audit(self) -> Iterator[dict[str, Any]]: ...
+
+
+def batched(store: Any, what: str) -> AbstractContextManager[None]:
+    """The store's `batch(what)` (PostgreSQL: the block's writes in one transaction, one durable commit), or
+    nothing for a store without one (the directory store: each write is its own atomic rename already)."""
+    batch = getattr(store, "batch", None)
+    return batch(what) if callable(batch) else nullcontext()

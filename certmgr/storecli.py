@@ -61,7 +61,7 @@ def _side(c: Any, where: str, *, source: bool) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def migrate_cmd(c: Any, src: str, dst: str, as_json: bool) -> None:
-    """Copy a whole store (versions with their numbers, live, state, accounts, audit), verify, mark the source."""
+    """Copy a whole store (versions with numbers, live, state, pending orders, accounts, audit), verify, mark it."""
     from certmgr.migrate import migrate
 
     is_db = [w.startswith(("postgresql://", "postgres://")) for w in (src, dst)]
@@ -84,4 +84,6 @@ def migrate_cmd(c: Any, src: str, dst: str, as_json: bool) -> None:
         click.echo(f"store migrate: {report.names} certificates, {report.versions_copied} versions copied, "
                    f"{report.versions_present} already there, {report.verified_versions} verified by hash, "
                    f"{report.documents_copied} documents, {report.accounts_copied} account keys, "
-                   f"{report.audit_rows_copied} audit rows; {src.split('@')[-1]} is marked moved")
+                   f"{report.audit_rows_copied} audit rows, {report.orders_copied} pending orders "
+                   f"({report.orders_present} already there, {report.orders_unreadable} unreadable, not copied); "
+                   f"{src.split('@')[-1]} is marked moved")

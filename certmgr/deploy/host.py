@@ -17,12 +17,13 @@ from typing import Any, Protocol
 from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
-from certmgr.deploy import handshake
+from certmgr.deploy import fence, handshake
 from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection
 from certmgr.deploy.plan import Decision, serial_of_probe
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
 from certmgr.errors import CertmgrError, DeployError
 from certmgr.inventory import Certificate, Host, Inventory
+from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
 from certmgr.probe import Probe
 from certmgr.remote import Result, Timeouts
@@ -207,12 +208,23 @@ class Deployer:
                               hint=exc.hint) from exc
         return state
 
-    async def prune_one(self, rem: RemoteSession, job: Job, keep: int) -> None:
+    async def prune_one(self, rem: RemoteSession, job: Job, keep: int, token: fence.Token | None = None) -> None:
+        """Prune one certificate on one POP under its flock; `token` (the POP lock's epoch, two controllers)
+        fences it like commit.sh: a newer controller's epoch on the POP refuses it, nothing removed."""
         root = remote_mod.check_remote_path(job.host.cert_root)
         try:
-            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(keep), self.lock_wait], step="prune")
+            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(keep), self.lock_wait, *fence.args(token)],
+                                       step="prune")
         except DeployError as exc:
             logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
+            return
+        fenced = fence.refusal(res, job.host, token)
+        if fenced:
+            event(logger, logging.ERROR, "prune refused by the POP's fence", cert=job.cert.name, host=job.host.name,
+                  why=fenced)
+            await self.audit("fenced", job.cert.name, host=job.host.name, step="prune",
+                             epoch=token.epoch if token else None,
+                             summary=f"{job.subject}: {fenced} (nothing pruned)")
             return
         locked_out = popguard.lock_error(res, job.host, root)
         if locked_out:

@@ -44,14 +44,15 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                 txn = Transaction(d, rem, host, jobs, done, start=start)
                 txn.fence = None if epoch is None else fence.Token(epoch=epoch, holder=fence.holder_id())
                 await txn.run_shielded()
-            if all(o.status != Status.UNKNOWN for o in done.values()):
-                # --prune K: every certificate on this host; retention (keep): only where a version was added
-                deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
-                for job in jobs:
-                    if d.prune is not None:
-                        await d.prune_one(rem, job, d.prune)
-                    elif d.keep is not None and job.name in deployed:
-                        await d.prune_one(rem, job, d.keep)
+                if all(o.status != Status.UNKNOWN for o in done.values()):
+                    # --prune K: every certificate on this host; retention (keep): only where a version was
+                    # added. Still under the POP's lock: prune.sh is fenced with its epoch like commit.sh.
+                    deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
+                    for job in jobs:
+                        if d.prune is not None:
+                            await d.prune_one(rem, job, d.prune, txn.fence)
+                        elif d.keep is not None and job.name in deployed:
+                            await d.prune_one(rem, job, d.keep, txn.fence)
     except (remote_mod.Unreachable, DeployError, *halocks.LOCK_ERRORS) as exc:  # POP lock: held, or ours lost
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from certmgr import docmerge
 from certmgr.discover.model import Report
 from certmgr.discover.render import to_json
 from certmgr.material import CertInfo
@@ -25,8 +26,9 @@ class _Store(Protocol):
 
 
 def save(store: _Store, report: Report) -> None:
-    """Replace the last discover result (atomic, via the store; raises StoreError)."""
-    store.save_json(STATE_PATH, to_json(report), mode=0o600)
+    """Replace the last discover result (atomic, via the store; raises StoreError) — unless the stored one is
+    newer (`discover` takes no lock: another controller's later run stands; certmgr.docmerge)."""
+    docmerge.merge_json(store, STATE_PATH, to_json(report), "discover")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -82,3 +83,81 @@ def test_doctor_with_the_postgres_store_checks_the_database_not_the_directory(la
     assert next(c for c in report["checks"] if c["group"] == "store" and c["name"] == "store")["subject"] == \
         fresh_schema.url().split("@")[-1]
     assert not state.exists()
+
+
+def test_prune_on_a_pop_another_controller_fenced_removes_nothing_there(lab: Lab, fresh_schema: PgServer,
+                                                                         tmp_path: Path) -> None:
+    """`deploy --prune 1` with [store] passes the POP lock's epoch to prune.sh: a POP whose fence file names a newer epoch of another controller keeps every version (a `fenced` audit row, step prune); the others are pruned and record this controller's epoch."""
+    lab.reseed()
+    inv = _inventory(lab, fresh_schema, tmp_path)
+    state = tmp_path / "state"
+    assert (res := _certmgr(inv, state, "run", "--no-notify")).exit_code == 0, res.output
+    name = lab.certificates[0][0]
+    for _ in range(2):  # versions 1, 2, 3 on every POP of `name`, live 3
+        assert (res := _certmgr(inv, state, "renew", name, "--force")).exit_code == 0, res.output
+    pops = [p for p in lab.pop_names if (lab.pop_paths(p).cert_root / "archive" / name / "3").is_dir()]
+    assert len(pops) >= 2, pops
+    fenced_pop, others = pops[0], pops[1:]
+    fence_file = lab.pop_paths(fenced_pop).cert_root / "archive" / ".certmgr-fence"
+    fence_file.write_text("999999 other-controller/1\n")
+    fence_file.chmod(0o644)
+    try:
+        res = _certmgr(inv, state, "deploy", name, "--prune", "1")
+        assert res.exit_code == 0, res.output
+
+        def versions(pop: str) -> list[str]:
+            return sorted(e.name for e in (lab.pop_paths(pop).cert_root / "archive" / name).iterdir()
+                          if e.name.isdigit())
+
+        assert versions(fenced_pop) == ["1", "2", "3"]
+        assert fence_file.read_text() == "999999 other-controller/1\n"
+        for pop in others:
+            assert versions(pop) == ["2", "3"], pop
+            seen = (lab.pop_paths(pop).cert_root / "archive" / ".certmgr-fence").read_text().split()
+            assert int(seen[0]) < 999999 and seen[1] != "other-controller/1", (pop, seen)
+        cfg = configured(inv)
+        assert cfg is not None
+        store = open_pg(cfg)
+        try:
+            audit = list(store.read_audit())
+        finally:
+            store.close()
+        fenced = [e for e in audit if e["action"] == "fenced"]
+        assert [(e["host"], e["step"]) for e in fenced] == [(fenced_pop, "prune")], fenced
+        assert "saw epoch 999999 from holder other-controller/1" in fenced[0]["summary"]
+        assert sorted(e["host"] for e in audit if e["action"] == "pruned") == sorted(others)
+    finally:
+        fence_file.unlink(missing_ok=True)
+
+
+def test_a_renewal_with_the_postgres_store_commits_four_times_fewer_when_batched(
+        lab: Lab, fresh_schema: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`renew NAME --force --no-deploy` against the lab, commits counted by PgStore: storing the renewal in one batch
+    saves exactly 4 of them (5 writes, 1 commit) against the same command with the writes unbatched."""
+    from contextlib import nullcontext
+
+    from certmgr import renew as renew_mod
+    from certmgr.pgstore import PgStore
+
+    lab.reseed()
+    inv = _inventory(lab, fresh_schema, tmp_path)
+    state = tmp_path / "state"
+    name = lab.certificates[0][0]
+    opened: list[PgStore] = []
+    init = PgStore.__init__
+
+    def remembered(self: PgStore, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        opened.append(self)
+
+    monkeypatch.setattr(PgStore, "__init__", remembered)
+    assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output  # warm-up
+    opened.clear()
+    assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
+    batched = sum(s.commits for s in opened)
+    opened.clear()
+    monkeypatch.setattr(renew_mod, "batched", lambda store, what: nullcontext())
+    assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
+    unbatched = sum(s.commits for s in opened)
+    print(f"commits per `renew {name} --force --no-deploy`: {batched} batched, {unbatched} unbatched")
+    assert unbatched - batched == 4, (batched, unbatched)

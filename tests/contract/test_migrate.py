@@ -139,3 +139,37 @@ def test_a_differing_version_stops_the_migration(setup: dict[str, Any], material
     assert res.exit_code == 1
     assert "store migrate other.hachyderm.test: version 1 differs between" in res.output
     assert not (setup["state"] / "MOVED-TO").exists()
+
+
+def test_pending_orders_are_resealed_idempotent_and_never_overwritten(setup: dict[str, Any]) -> None:
+    """A pending order in the directory reaches the database sealed (same key, CSR, URL); a second migrate finds it
+    there; an unreadable record is counted and not copied; a different order already at the target stops it."""
+    from certmgr import orders
+    from certmgr.storeopen import configured, open_pg
+    from tests.contract.test_ha_orders import pending
+
+    d: Store = setup["dir"]
+    order = pending()
+    orders.save(d, order)
+    d.save_json(orders.order_path("broken.hachyderm.test"), {"cert": "broken.hachyderm.test"})
+    args = ("store", "migrate", "--from", str(setup["state"]), "--to", setup["url"], "--json")
+    first = json.loads(_cli(setup, *args).output)
+    assert (first["orders_copied"], first["orders_present"], first["orders_unreadable"]) == (1, 0, 1)
+    again = json.loads(_cli(setup, *args).output)
+    assert (again["orders_copied"], again["orders_present"], again["orders_unreadable"]) == (0, 1, 1)
+    cfg = configured(setup["inv"])
+    assert cfg is not None
+    pg = open_pg(cfg)
+    try:
+        assert orders.load(pg, order.cert) == order
+        assert "privkey_sealed" in pg.load_json(orders.order_path(order.cert))
+        assert pg.load_json(orders.order_path("broken.hachyderm.test")) is None
+        orders.save(pg, pending(url="https://ca.test/my-order/2"))  # the database's own order since
+    finally:
+        pg.close()
+    res = CliRunner().invoke(main, ["--inventory", str(setup["inv"]), "--state-dir", str(setup["state"]), "store",
+                                    "migrate", "--from", setup["url"], "--to", str(setup["state"])])
+    assert res.exit_code == 1
+    assert (f"store migrate {orders.order_path(order.cert)}: a different pending order is already in "
+            f"{setup['state']} (nothing overwritten)") in res.output
+    assert orders.load(d, order.cert) == order

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from certmgr.errors import LockHeld, LockLost, StoreError, StoreUnavailable
 from certmgr.material import CertMaterial
+from certmgr.pglocks import LockSession
 from certmgr.pgstore import PgStore, check_url
 from lab.pg import RUNTIME, PgServer
 from tests.contract.conftest import SEALER, open_pg, owner_conn
@@ -217,6 +219,24 @@ def test_every_held_lock_is_checked_by_the_one_fence_statement(fresh_schema: PgS
             pgs.add_version("example.com", materials[0])
     assert pgs.load_json("state/x.json") == {"before": True}
     assert pgs.versions("example.com") == []
+
+
+def test_a_lock_another_task_releases_during_the_fence_check_is_no_loss(pgs: PgStore,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An audit row written while another task of this controller releases its POP lock (between the fence's snapshot of held locks and its pg_locks read) is written, not refused as a lost lock."""
+    with pgs.lock("A"):
+        other_task = ExitStack()
+        other_task.enter_context(pgs.lock_pop("cdn-1", "A"))
+        check = LockSession._check
+
+        def released_meanwhile(self: LockSession, cur: Any, keys: list[str], what: str, held: dict[str, int]) -> None:
+            other_task.close()  # deletes pop:cdn-1 from the held locks, then pg_advisory_unlock
+            check(self, cur, keys, what, held)
+
+        monkeypatch.setattr(LockSession, "_check", released_meanwhile)
+        pgs.audit("deployed", "example.com", host="cdn-2")
+        assert "pop:cdn-1" not in pgs.held
+    assert [(e["action"], e["host"]) for e in pgs.read_audit()] == [("deployed", "cdn-2")]
 
 
 def test_a_killed_holder_frees_the_lock_at_once(fresh_schema: PgServer, pgs: PgStore) -> None:

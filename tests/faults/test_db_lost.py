@@ -11,8 +11,9 @@ from cryptography import x509
 from certmgr.outbox import SPOOL_DIR
 from lab import Lab
 from lab.pg import PgServer
-from tests.faults.acmeproxy import ACMEProxy
+from tests.faults.acmeproxy import ERR, ACMEProxy
 from tests.faults.conftest import LINEAGES, certmgr, check_pop_files_whole, start_certmgr, wait_for
+from tests.faults.test_crash import MEDIA
 from tests.faults.test_order_resume import db, db_audit, ha_inventory, ha_pg, store_of  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -80,3 +81,49 @@ def test_database_lost_mid_deploy_spools_outcomes_and_the_next_run_replays_them_
         assert s.list_json("state/intents") == [], "every intent settled"
     intents = [e.get("intent") for e in db_audit(inv) if e["action"] == "deployed" and e.get("intent")]
     assert len(intents) == len(set(intents)), "each POP switch audited once"
+
+
+def test_a_renewal_failing_after_the_loss_keeps_its_backoff_through_the_spool(
+        fresh: Lab, proxy: ACMEProxy, db: PgServer, tmp_path: Path) -> None:  # noqa: F811
+    """PostgreSQL stopped while MEDIA's finalize is held at the CA, which then refuses it: MEDIA's failure and backoff
+    state is spooled (a `renew` merge, never a key) with its `renew failed` row, and no other certificate gets a
+    failure state for the loss; the next run replays it once and holds MEDIA back (no order, no finalize for it),
+    while the certificates the loss stopped are renewed at once."""
+    inv = ha_inventory(fresh, proxy, db, tmp_path)
+    state = tmp_path / "state"
+    held = proxy.hold("finalize", ident=MEDIA)
+    proc = start_certmgr(inv, state, "run", "--no-notify")
+    try:
+        ACMEProxy.wait_held(held)
+        db.stop("immediate")
+        proxy.fail("finalize", 403, ERR + "unauthorized", "finalize refused by policy", ident=MEDIA, times=None)
+        proxy.release()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 69, out + err
+    files = sorted((state / SPOOL_DIR).glob("*.json"))
+    spooled = [json.loads(f.read_text()) for f in files]
+    assert not any("PRIVATE KEY" in f.read_text() for f in files)
+    merges = [r for r in spooled if r["kind"] == "merge_json"]
+    assert [(r["path"], r["merger"]) for r in merges] == [(f"state/renew/{MEDIA}.json", "renew")], spooled
+    assert merges[0]["body"]["failures"] == 1 and "finalize refused by policy" in merges[0]["body"]["last_error"]
+    assert any(r["kind"] == "audit" and r["action"] == "renew failed" and r["object"] == MEDIA for r in spooled)
+    finalizes = len(proxy.requests("finalize", MEDIA))
+    orders_before = proxy.created("new-order", MEDIA)
+
+    db.start()
+    again = certmgr(inv, state, "run", "--no-notify")
+    assert list((state / SPOOL_DIR).glob("*.json")) == [], again.stdout + again.stderr
+    assert [e["action"] for e in db_audit(inv)].count("replayed") == 1
+    with store_of(inv) as s:
+        renew_state = s.load_json(f"state/renew/{MEDIA}.json")
+        assert renew_state["failures"] == 1 and "finalize refused by policy" in renew_state["last_error"]
+        assert s.live_version(MEDIA) is None, "MEDIA is held back by its backoff"
+        for name in LINEAGES:
+            if name != MEDIA:
+                assert s.live_version(name) is not None, (name, again.stdout + again.stderr)
+    assert proxy.created("new-order", MEDIA) == orders_before, "no new order for MEDIA during its backoff"
+    assert len(proxy.requests("finalize", MEDIA)) == finalizes, "no finalize for MEDIA during its backoff"

@@ -7,6 +7,7 @@ challenge records are read from the lab's bind9 by address; state is read from t
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from cryptography import x509
 from certmgr import orders
 from certmgr.dns.journal import JOURNAL_PATH
 from certmgr.pgstore import PgStore, install_schema
+from certmgr.store import Store
 from certmgr.storeopen import configured, open_pg
 from lab import Lab
 from lab.pg import OWNER, RUNTIME, TABLES, PgServer, temporary
@@ -209,3 +211,53 @@ def test_a_paused_holders_order_is_finished_by_b_and_the_woken_holder_issues_not
         assert s.versions(MEDIA) == [1]
     assert not any("PRIVATE KEY" in f.read_text() for f in (tmp_path / "a").glob("spool/*.json"))
     assert_every_pop_serves_db_live(fresh, inv)
+
+
+@pytest.mark.parametrize("direction", ["dir-to-pg", "pg-to-dir"])
+def test_a_pending_order_survives_store_migrate_and_the_next_run_resumes_it(fresh: Lab, proxy: ACMEProxy,
+                                                                             db: PgServer, tmp_path: Path,
+                                                                             direction: str) -> None:
+    """A killed after MEDIA's challenge answer leaves a pending order; `store migrate` (directory → PostgreSQL, or
+    back) opens its key with the source's protection and writes it for the target (sealed in the database, a 0600
+    file in the directory), URL and CSR kept; the first run on the target resumes it: one order, one certificate."""
+    ha_inv = ha_inventory(fresh, proxy, db, tmp_path)
+    dir_inv = write_inventory(fresh, proxy, tmp_path / "domains-dir.toml")
+    src_dir, dst_dir = tmp_path / "a", tmp_path / "d"
+    url = db.url()
+    if direction == "dir-to-pg":
+        kill_a_at(proxy, dir_inv, src_dir, "challenge", after=True)
+        src = Store.open(src_dir, create=False)
+        recorded = orders.load(src, MEDIA)
+        args = ("--from", str(src_dir), "--to", url)
+    else:
+        kill_a_at(proxy, ha_inv, src_dir, "challenge", after=True)
+        with store_of(ha_inv) as s:
+            recorded = orders.load(s, MEDIA)
+        args = ("--from", url, "--to", str(dst_dir))
+    assert recorded is not None and recorded.url is not None
+    assert orders_created(proxy)[MEDIA] == 1
+    moved = certmgr(ha_inv, src_dir, "store", "migrate", *args, "--json")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert json.loads(moved.stdout)["orders_copied"] >= 1
+
+    if direction == "dir-to-pg":
+        with store_of(ha_inv) as s:
+            assert orders.load(s, MEDIA) == recorded, "the same order, key, CSR and URL, sealed for the database"
+            row = s.load_json(orders.order_path(MEDIA))
+        assert "privkey_sealed" in row and "PRIVATE KEY" not in json.dumps(row)
+        run = certmgr(ha_inv, tmp_path / "b", "run", "--no-notify")
+        rows = db_audit(ha_inv)
+    else:
+        dst = Store.open(dst_dir, create=False)
+        assert orders.load(dst, MEDIA) == recorded, "the same order, key, CSR and URL, in the directory store"
+        key_file = dst_dir / orders.ORDERS_DIR / MEDIA / "privkey.pem"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert "privkey_sealed" not in (dst_dir / orders.order_path(MEDIA)).read_text()
+        run = certmgr(dir_inv, dst_dir, "run", "--no-notify")
+        rows = audit(dst_dir)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert orders_created(proxy)[MEDIA] == 1, "the run on the target resumed the migrated order, placed none"
+    assert len(proxy.requests("finalize", MEDIA, status=200)) == 1, "one certificate issued for MEDIA"
+    [resumed] = [e for e in rows if e["action"] == "order resumed" and e["object"] == MEDIA]
+    assert resumed["url"] == recorded.url
+    assert not [e for e in rows if e["action"] == "order abandoned" and e["object"] == MEDIA]

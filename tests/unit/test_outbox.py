@@ -124,3 +124,27 @@ def test_a_private_key_is_never_spooled(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^spool: refusing to write private key material$"):
         box.put({"kind": "audit", "id": "1", "at": "t", "extra": {"k": "-----BEGIN PRIVATE KEY-----"}})
     assert box.files() == []
+
+
+def test_renew_and_notify_state_after_the_loss_are_spooled_and_merged_on_replay(db: Flaky, tmp_path: Path) -> None:
+    """After the loss a renewal's failure state and notify state are spooled as merges (scan results are not: the next
+    scan writes them); on replay a newer document written meanwhile stands, and replaying twice changes nothing."""
+    from certmgr import docmerge
+
+    s = lose(db, tmp_path)
+    failed = {"failures": 1, "last_attempt": T0.isoformat(), "last_error": "CA said no"}
+    docmerge.merge_json(s, "state/renew/a.test.json", failed, "renew")
+    sent = {"severity": "critical", "sent_at": T0.isoformat(), "kind": "problem"}
+    docmerge.merge_json(s, "state/notify/a.test.json", {"at": T0.isoformat(), "channels": {"chat": sent}}, "notify")
+    with pytest.raises(StoreUnavailable, match=r": not attempted: "):
+        docmerge.merge_json(s, "state/scan/a.test.json", {"scanned_at": T0.isoformat()}, "scan")
+    records = [json.loads(f.read_text()) for f in sorted((tmp_path / "state" / "spool").iterdir())]
+    assert [(r["kind"], r.get("merger")) for r in records] == [("audit", None), ("merge_json", "renew"),
+                                                               ("merge_json", "notify")]
+    db.down = False
+    later = T0 + dt.timedelta(hours=1)
+    db.store.save_json("state/renew/a.test.json", {"failures": 0, "last_attempt": later.isoformat()})  # B renewed since
+    db.store.save_json("state/notify/a.test.json", {"channels": {"pager": sent}})  # B notified another channel
+    assert outbox.replay(db.store, outbox.Outbox(tmp_path / "state" / "spool")) == 3
+    assert db.store.load_json("state/renew/a.test.json") == {"failures": 0, "last_attempt": later.isoformat()}
+    assert db.store.load_json("state/notify/a.test.json") == {"channels": {"pager": sent, "chat": sent}}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from certmgr.deploy import COMMIT_SH, ROLLBACK_SH, sha256sums
+from certmgr.deploy import COMMIT_SH, PRUNE_SH, ROLLBACK_SH, sha256sums
 from certmgr.deploy import fence as fence_mod
 from certmgr.inventory import Host
 from certmgr.remote import Result
@@ -120,3 +120,40 @@ def test_a_stale_epoch_cannot_switch_back_either(tmp_path: Path) -> None:
     assert live(root) == f"../archive/{NAME}/2"
     same = sh(ROLLBACK_SH, str(root), NAME, f"../archive/{NAME}/1", "true", "true", "5", "5", "ctl-b/22")
     assert same.exit_status == 0 and live(root) == f"../archive/{NAME}/1"  # the holder's own rollback goes on
+
+
+def _prune(root: Path, epoch: str, holder: str) -> Result:
+    """prune.sh keeping 1 version, with this epoch and holder (its last two arguments)."""
+    return sh(PRUNE_SH, str(root), NAME, "1", "5", epoch, holder)
+
+
+def _versions(root: Path) -> list[str]:
+    return sorted(e for e in os.listdir(root / "archive" / NAME) if e.isdigit())
+
+
+@pytest.mark.parametrize(("epoch", "holder", "why"), [
+    ("4", "ctl-a/11", "an older epoch"),
+    ("5", "ctl-a/11", "the same epoch from another holder"),
+])
+def test_a_stale_or_foreign_epoch_cannot_prune(tmp_path: Path, epoch: str, holder: str, why: str) -> None:
+    """prune.sh is fenced like commit.sh: after B's epoch 5, an older epoch or B's epoch from A exits 6 with `fenced=5 ctl-b/22` and removes nothing."""
+    root = linked_root(tmp_path, versions=4)
+    (root / "archive" / ".certmgr-fence").write_text("5 ctl-b/22\n")
+    res = _prune(root, epoch, holder)
+    assert res.exit_status == 6 and res.get("fenced") == "5 ctl-b/22", (why, res.stdout, res.stderr)
+    assert res.all("removed") == [] and res.get("kept_live") is None
+    assert _versions(root) == ["1", "2", "3", "4"] and fence_file(root) == "5 ctl-b/22\n"
+    host = Host(name="sally", address="x", cert_root=str(root))
+    assert fence_mod.refusal(res, host, fence_mod.Token(epoch=int(epoch), holder=holder)) == (
+        f"fenced: sally saw epoch 5 from holder ctl-b/22; ours {epoch} from {holder}")
+
+
+def test_the_holder_or_a_newer_epoch_prunes_and_no_epoch_checks_nothing(tmp_path: Path) -> None:
+    """The fence's own holder prunes; a newer epoch prunes and is recorded; the directory store ("" "") prunes without reading or writing the fence file."""
+    for epoch, holder, after in (("5", "ctl-b/22", "5 ctl-b/22\n"), ("6", "ctl-a/11", "6 ctl-a/11\n"),
+                                 ("", "", "5 ctl-b/22\n")):
+        root = linked_root(tmp_path / (epoch or "none"), versions=4)
+        (root / "archive" / ".certmgr-fence").write_text("5 ctl-b/22\n")
+        res = _prune(root, epoch, holder)
+        assert res.exit_status == 0 and sorted(res.all("removed")) == ["1", "2"], (epoch, res.stdout, res.stderr)
+        assert _versions(root) == ["3", "4"] and fence_file(root) == after

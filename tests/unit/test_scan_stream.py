@@ -75,6 +75,9 @@ class _StateStore:
     def __init__(self) -> None:
         self.files: dict[str, Any] = {}
 
+    def load_json(self, relpath: str, default: Any = None) -> Any:
+        return self.files.get(relpath, default)
+
     def save_json(self, relpath: str, obj: Any, **kw: Any) -> None:
         self.files[relpath] = obj
 

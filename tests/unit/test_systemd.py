@@ -110,3 +110,45 @@ def test_an_unreachable_shared_store_fails_the_unit() -> None:
 
     assert StoreUnavailable.exit_code == LockLost.exit_code == 69
     assert 69 not in success_statuses()
+
+
+HA_DROPIN = UNITS / "certmgr.service.d" / "ha.conf"
+
+
+def test_ha_dropin_loads_the_store_secrets_and_keeps_69_a_failure() -> None:
+    """The HA drop-in loads pg-password and store-key as credentials (no environment), waits for the network, keeps OnFailure= and resets SuccessExitStatus= to the main unit's list, without 69."""
+    from certmgr.errors import StoreUnavailable
+
+    text = HA_DROPIN.read_text()
+    creds = dict(x.split("=", 1)[1].split(":", 1) for x in text.splitlines() if x.startswith("LoadCredential="))
+    assert creds == {"pg-password": "/etc/certmgr/pg-password", "store-key": "/etc/certmgr/store-key"}
+    assert not re.search(r"^Environment(File)?=", text, re.M)
+    assert "Wants=network-online.target\n" in text and "After=network-online.target\n" in text
+    assert "OnFailure=certmgr-failure@%n.service\n" in text
+    lists = [x.split("=", 1)[1] for x in text.splitlines() if x.startswith("SuccessExitStatus=")]
+    assert lists[0] == "" and {int(v) for v in lists[1].split()} == success_statuses()
+    assert StoreUnavailable.exit_code == 69 and "69" not in lists[1].split()
+
+
+def test_ha_set_up_names_the_dropin_and_its_credentials() -> None:
+    """docs/ha.md's set-up installs the shipped drop-in and names the credentials its [store] reads."""
+    doc = (UNITS.parent / "docs" / "ha.md").read_text()
+    assert "systemd/certmgr.service.d/ha.conf" in doc
+    assert 'password_credential = "pg-password"' in doc and 'key_credential = "store-key"' in doc
+
+
+@needs_analyze
+def test_ha_dropin_verifies_and_systemd_merges_it(tmp_path: Path) -> None:
+    """`systemd-analyze verify` reads the service with the HA drop-in (and the Prometheus one) and finds nothing wrong (an unknown key or a bad exit status in the drop-in would be reported)."""
+    certmgr = Path(sys.executable).with_name("certmgr")
+    if not certmgr.exists():
+        pytest.skip("certmgr console script not installed next to this python")
+    (tmp_path / "certmgr.service.d").mkdir()
+    for name in ("certmgr.service", "certmgr-failure@.service", "certmgr.service.d/prometheus.conf",
+                 "certmgr.service.d/ha.conf"):
+        (tmp_path / name).write_text((UNITS / name).read_text().replace("/usr/local/bin/certmgr", str(certmgr)))
+    proc = subprocess.run([analyze or "", "verify", "--man=false", str(tmp_path / "certmgr.service")],
+                          capture_output=True, text=True, check=False)
+    problems = [line for line in proc.stderr.splitlines()
+                if "certmgr" in line and "Failed to put bus name" not in line]
+    assert proc.returncode == 0 and not problems, proc.stderr

@@ -1,11 +1,14 @@
 # shellcheck shell=sh
 # PRUNE: remove archive versions of one certificate beyond the newest $3, never the live one nor the one before it.
-# $1 cert root, $2 name, $3 versions to keep, $4 seconds to wait for the POP lock.
-root=$1 keep=$3 lockwait=${4:-30}
-# certmgr-include: common.sh lock.sh
+# $1 cert root, $2 name, $3 versions to keep, $4 seconds to wait for the POP lock, $5 $6 the POP
+# lock's epoch and holder ("" "": no fencing, fence.sh). Exit 6: fenced (a newer controller handled
+# this POP; nothing removed).
+root=$1 keep=$3 lockwait=${4:-30} epoch=${5:-} holder=${6:-}
+# certmgr-include: common.sh lock.sh fence.sh
 lineage "$2"
 [ -d "$root/archive" ] || { say "kept_live="; exit 0; }
 lock
+fence
 cur=
 if [ -L "$live" ]; then t=$(readlink -- "$live"); cur=${t##*/}; fi
 vs=

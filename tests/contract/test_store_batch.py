@@ -1,0 +1,137 @@
+"""A renewed certificate is stored in ONE transaction with PostgreSQL (PgStore.batch): one durable commit instead
+of five, all or nothing, and never half spooled; the directory store does the same writes one by one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certmgr import orders, outbox
+from certmgr.errors import StoreError, StoreUnavailable
+from certmgr.issue import Issued
+from certmgr.material import CertMaterial
+from certmgr.pgstore import PgStore
+from certmgr.plan import RenewState
+from certmgr.renew import record_renewal, state_path
+from lab.pg import PgServer
+from tests.contract.conftest import FIXED, open_pg
+from tests.contract.test_ha_orders import pending
+
+pytestmark = pytest.mark.integration
+
+NAME = "media.hachyderm.test"
+
+
+def renew_once(store: Any, material: CertMaterial) -> tuple[int, int | None]:
+    """A pending order, then the certificate it gave stored as renew does (under the certificate's lock)."""
+    orders.save(store, pending())
+    with store.lock_cert(NAME, "renew") if store.per_name_locks else store.lock("renew"):
+        return record_renewal(store, NAME, Issued(material=material), None, RenewState(), now=FIXED)
+
+
+def test_a_renewal_is_stored_whole_in_both_stores(store: Any, materials: list[CertMaterial]) -> None:
+    """Version, live pointer, settled order, `renewed` row and state: the same in both stores."""
+    assert renew_once(store, materials[0]) == (1, None)
+    assert store.live_version(NAME) == 1 and orders.load(store, NAME) is None
+    assert [e["action"] for e in store.read_audit() if e["object"] == NAME] == ["add_version", "activate", "renewed"]
+    assert store.load_json(state_path(NAME))["failures"] == 0
+
+
+def test_a_renewal_is_one_durable_commit_with_postgres(fresh_schema: PgServer, materials: list[CertMaterial]) -> None:
+    """PgStore counts its commits: storing a renewal is 1 (add_version, activate, settle, audit and state were 5)."""
+    pgs = open_pg(fresh_schema)
+    try:
+        orders.save(pgs, pending())
+        with pgs.lock_cert(NAME, "renew"):
+            before = pgs.commits
+            record_renewal(pgs, NAME, Issued(material=materials[0]), None, RenewState(), now=FIXED)
+            assert pgs.commits - before == 1
+    finally:
+        pgs.close()
+
+
+def test_a_failure_inside_the_batch_stores_nothing(fresh_schema: PgServer, materials: list[CertMaterial],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last write (the state) failing rolls the version, live pointer, order settlement and `renewed` row back:
+    the order is still pending for the next run to resume, and the audit log holds nothing of it."""
+    pgs = open_pg(fresh_schema)
+    try:
+        order = pending()
+        orders.save(pgs, order)
+
+        def refuse(relpath: str, obj: Any, mode: int = 0o600) -> None:
+            raise StoreError(f"store {pgs.where}: write {relpath}: refused (test)")
+
+        monkeypatch.setattr(pgs, "save_json", refuse)
+        with pgs.lock_cert(NAME, "renew"), pytest.raises(StoreError, match=r": refused \(test\)$"):
+            record_renewal(pgs, NAME, Issued(material=materials[0]), None, RenewState(), now=FIXED)
+        monkeypatch.undo()
+        assert pgs.versions(NAME) == [] and pgs.live_version(NAME) is None
+        assert orders.load(pgs, NAME) == order
+        assert [e["action"] for e in pgs.read_audit()] == []
+    finally:
+        pgs.close()
+
+
+def test_a_database_lost_inside_the_batch_spools_nothing_of_it(fresh_schema: PgServer, materials: list[CertMaterial],
+                                                               tmp_path: Path) -> None:
+    """With the spooling wrapper, the database lost mid-batch (the store's session terminated) ends the renewal with
+    StoreUnavailable and marks the store lost, but spools none of the batch's writes: they were never committed."""
+    outbox.reset()
+    pgs = open_pg(fresh_schema)
+    spooling = outbox.Spooling(pgs, outbox.Outbox(tmp_path / "spool"), clock=lambda: FIXED)
+    try:
+        order = pending()
+        orders.save(spooling, order)
+        data_pid = pgs._conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        real_audit = PgStore.audit
+
+        def audit_after_the_loss(self: PgStore, *args: Any, **kw: Any) -> None:
+            fresh_schema.psql(f"SELECT pg_terminate_backend({data_pid})")
+            real_audit(self, *args, **kw)
+
+        with pgs.lock_cert(NAME, "renew"), pytest.raises(StoreUnavailable):
+            PgStore.audit = audit_after_the_loss  # type: ignore[method-assign]
+            try:
+                record_renewal(spooling, NAME, Issued(material=materials[0]), None, RenewState(), now=FIXED)
+            finally:
+                PgStore.audit = real_audit  # type: ignore[method-assign]
+        assert spooling.lost is not None and spooling.spooled == 0
+        assert not (tmp_path / "spool").exists() or list((tmp_path / "spool").iterdir()) == []
+    finally:
+        pgs.close()
+        outbox.reset()
+    again = open_pg(fresh_schema)
+    try:
+        assert again.versions(NAME) == [] and orders.load(again, NAME) == order
+        assert [e["action"] for e in again.read_audit()] == []
+    finally:
+        again.close()
+
+
+def test_batched_on_the_directory_store_writes_at_once(tmp_path: Path) -> None:
+    """store_api.batched gives the directory store no transaction: its writes are atomic renames one by one."""
+    from certmgr.store import Store
+    from certmgr.store_api import batched
+
+    d = Store.open(tmp_path / "state", clock=lambda: FIXED)
+    with batched(d, "x"):
+        d.save_json("state/x.json", {"a": 1})
+    assert d.load_json("state/x.json") == {"a": 1}
+
+
+def test_a_nested_batch_joins_the_outer_one(fresh_schema: PgServer) -> None:
+    """A batch inside a batch (same thread) is the outer transaction: one commit for both."""
+    pgs = open_pg(fresh_schema)
+    try:
+        before = pgs.commits
+        with pgs.batch("outer"):
+            pgs.save_json("state/a.json", {"a": 1})
+            with pgs.batch("inner"):
+                pgs.save_json("state/b.json", {"b": 1})
+        assert pgs.commits - before == 1
+        assert pgs.load_json("state/a.json") == {"a": 1} and pgs.load_json("state/b.json") == {"b": 1}
+    finally:
+        pgs.close()
