@@ -245,3 +245,25 @@ def test_the_run_holds_the_early_deploys_locks_and_defers_one_held_elsewhere(mon
     assert fake.locks_seen == [[f"cert:{MEDIA}"], [f"cert:{MEDIA}"]], "kept until the run's last deploy"
     assert store.log == [f"take {MEDIA}", f"release {MEDIA}"]
     assert store.held == {}
+
+
+@pytest.mark.parametrize(("linger", "calls"), [
+    (60.0, [((APEX, MEDIA), ("cdn-frankfurt-1", "cdn-fremont-1", "esme", "fritz", "sally"))]),
+    (0.0, [((APEX,), ("cdn-frankfurt-1", "cdn-fremont-1", "esme", "fritz", "sally")),
+           ((MEDIA,), ("cdn-frankfurt-1", "cdn-fremont-1", "esme", "sally"))]),
+])
+def test_renewals_ending_close_together_share_one_deploy(monkeypatch: pytest.MonkeyPatch, linger: float,
+                                                         calls: list[Any]) -> None:
+    """A renewed certificate waits (up to the linger) for the run's other renewals still going: one deploy for both."""
+    async def renew(inv: Any, store: Any, certs: Any, *, on_outcome: Any = None, **_: Any) -> list[RenewOutcome]:
+        outs = [renewal(APEX, "renewed"), renewal(MEDIA, "renewed")]
+        on_outcome(outs[0])
+        await asyncio.sleep(0.01)  # the second renewal ends a little later
+        on_outcome(outs[1])
+        return outs
+
+    monkeypatch.setattr(renew_mod, "renew", renew)
+    fake = FakeDeploy()
+    asyncio.run(rundeploys.renew_and_deploy(INV, None, INV.certificates, [], now=NOW,  # type: ignore[arg-type]
+                                            renew_concurrency=2, deploy_parallel=5, deploy=fake, linger=linger))
+    assert fake.calls == calls
