@@ -68,7 +68,6 @@ class DeployQueue:
         self._wake = asyncio.Event()
         self._closed = False
         self.plans: list[DeployPlan] = []  # every plan queued, in order (the report's deploy_plan)
-        self.batches: list[tuple[str, ...]] = []  # the certificates of each deploy() call, in order
         self.outcomes: dict[tuple[str, str], deploy_mod.HostOutcome] = {}
 
     def add(self, plans: Iterable[DeployPlan], *, linger: bool = False) -> None:
@@ -114,7 +113,6 @@ class DeployQueue:
         by_name = {c.name: c for c in self.inv.certificates}
         hosts = sorted({h for p in plans for h in p.hosts})
         targets = [by_name[p.cert] for p in plans]
-        self.batches.append(tuple(p.cert for p in plans))
         listener = self.on_deploy(targets, hosts) if self.on_deploy else None
         outs = await self._deploy(self.inv, self.store, targets, hosts=hosts, parallel=self.parallel, now=self.now,
                                   keep=self.inv.keep_versions, on_outcome=listener)
