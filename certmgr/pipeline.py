@@ -16,12 +16,13 @@ from typing import Any
 
 from certmgr import deploy as deploy_mod
 from certmgr import intents as intents_mod
-from certmgr import log, pins
+from certmgr import log, pins, rundeploys
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
 from certmgr import scan as scan_mod
 from certmgr.errors import CertmgrError, StoreError
 from certmgr.inventory import Certificate, Inventory
+from certmgr.rundeploys import DeployPlan
 from certmgr.scan import SEVERITY_RANK, ScanResult
 from certmgr.store_api import StateStore
 
@@ -31,15 +32,6 @@ OnOutcome = Callable[[deploy_mod.HostOutcome], None]
 # Exit status of `certmgr run`: the worst outcome wins.
 EXIT_OK, EXIT_WARNING, EXIT_FAILED, EXIT_ERROR = 0, 1, 2, 3
 LOG_EXAMPLES = 3  # a repeated failure is logged once with this many examples, never once per endpoint
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeployPlan:
-    """Where one certificate goes in this run, and why."""
-
-    cert: str
-    hosts: tuple[str, ...]
-    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +97,9 @@ class RunReport:
 def plan_deploys(inv: Inventory, scan: ScanResult, renewals: Sequence[renew_mod.RenewOutcome],
                  dry_run: bool, unsettled: Iterable[tuple[str, str]] = ()) -> list[DeployPlan]:
     """Renewed certificates go to all their hosts; others only to hosts not serving the local live version.
+
+    `run` calls this before renewing, with no `renewals` (rundeploys.py): what is behind then is deployed
+    at once, whether or not that certificate's renewal later fails (it is still the newest good version).
 
     `unsettled` (cert, host) pairs have an interrupted deploy to settle (intents.py): they are deployed
     to as well, which settles them (and skips the host when it already serves the live version).
@@ -231,8 +226,9 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
               ) -> RunReport:
     """One daily run. With `dry_run`, nothing is written locally, on a POP, in DNS or to chat.
 
-    `on_deploy(certs, hosts)`, called when the deploy step starts, may return a listener for each
-    (cert, host) outcome as it is known (progress display)."""
+    `on_deploy(certs, hosts)`, called as each of the run's deploys starts (they run one after another,
+    beside the renewals: rundeploys.py), may return a listener for each (cert, host) outcome as it is
+    known (progress display)."""
     t0 = time.monotonic()
     certs: tuple[Certificate, ...] = inv.certificates
     channels = list(inv.channels.values()) if notify and not dry_run else []
@@ -248,13 +244,6 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
     for note in notes:
         log.event(_log, logging.WARNING, "run: " + note, cert=note.split()[1])
 
-    # 2. renew what is due (plan.decide: ARI window, renew_before, backoff, pins)
-    renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=dry_run,
-                                           concurrency=renew_concurrency))
-    for o in renewals:
-        if o.status in ("renewed", "failed", "planned"):
-            log.event(_log, logging.WARNING if o.status == "failed" else logging.INFO, f"run: {o.status}",
-                      cert=o.name, error=o.error or "", reason=o.decision.reason)
     messages: list[tuple[str, notify_mod.Message, notify_mod.Delivery]] = []
     client_retry = retry or notify_mod.Retry()
 
@@ -274,21 +263,30 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
                 if not d.ok and d.attempts > 1:
                     down[d.channel] = d
 
-    if channels:
-        await alert(failure_messages(renewals, ()))
+    async def renewed(outs: Sequence[renew_mod.RenewOutcome]) -> None:
+        for o in outs:
+            if o.status in ("renewed", "failed", "planned"):
+                log.event(_log, logging.WARNING if o.status == "failed" else logging.INFO, f"run: {o.status}",
+                          cert=o.name, error=o.error or "", reason=o.decision.reason)
+        if channels:
+            await alert(failure_messages(outs, ()))
 
-    # 3. deploy where behind: every host for renewed certificates, lagging hosts for the rest, and
-    #    where an interrupted run may have switched live/ without recording it
-    unsettled = [] if dry_run else [(i.cert, i.host) for i in intents_mod.pending(store)]
-    plans = plan_deploys(inv, before, renewals, dry_run, unsettled)
+    # 2. renew what is due (plan.decide: ARI window, renew_before, backoff, pins), and 3. deploy meanwhile
+    #    (rundeploys.py): at once where a POP lacks a version already stored (or an interrupted run may
+    #    have switched live/ without recording it), each renewed certificate as soon as its renewal ends
     deploys: tuple[deploy_mod.HostOutcome, ...] = ()
-    if plans and not dry_run:
-        by_name = {c.name: c for c in certs}
-        hosts = sorted({h for p in plans for h in p.hosts})
-        targets = [by_name[p.cert] for p in plans]
-        deploys = tuple(await deploy_mod.deploy(inv, store, targets, hosts=hosts, parallel=deploy_parallel, now=now,
-                                                keep=inv.keep_versions,
-                                                on_outcome=on_deploy(targets, hosts) if on_deploy else None))
+    if dry_run:
+        renewals = tuple(await renew_mod.renew(inv, store, certs, now=now, dry_run=True,
+                                               concurrency=renew_concurrency))
+        await renewed(renewals)
+        plans = plan_deploys(inv, before, renewals, dry_run)
+    else:
+        unsettled = [(i.cert, i.host) for i in intents_mod.pending(store)]
+        renewals, queue = await rundeploys.renew_and_deploy(
+            inv, store, certs, plan_deploys(inv, before, (), False, unsettled), now=now,
+            renew_concurrency=renew_concurrency, deploy_parallel=deploy_parallel, on_deploy=on_deploy,
+            on_renewed=renewed)
+        plans, deploys = queue.plans, queue.deploys
         log_grouped("deploy", ((f"{o.cert}@{o.host}", o.error or o.status.value) for o in deploys if not o.ok))
         if channels:
             await alert(failure_messages((), deploys))

@@ -11,7 +11,7 @@ import datetime as dt
 import functools
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -198,7 +198,8 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
                 force: bool = False, dry_run: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
                 timeouts: Timeouts | None = None, env: Mapping[str, str] | None = None,
                 rng: random.Random | None = None, new_key: bool = False,
-                release_pins: bool = False, seen: Mapping[str, int | None] | None = None) -> list[RenewOutcome]:
+                release_pins: bool = False, seen: Mapping[str, int | None] | None = None,
+                on_outcome: Callable[[RenewOutcome], None] | None = None) -> list[RenewOutcome]:
     """Plan every certificate in `certs`, renew the due ones (all with `force`), at most `concurrency` at once.
 
     `new_key`: always a fresh private key, whatever `reuse_key` says (revoke after a key leak).
@@ -206,6 +207,8 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
     and its success clears the pin. Unnamed (`run`, `--due`), a pin holds renewal back (plan.pin_hold).
 
     `seen`: live versions read before the caller waited for certificate locks (halocks.cert_turn).
+    `on_outcome` is called with each certificate's outcome as soon as it is known, its certificate lock
+    already released (`run` deploys a renewed certificate at once: pipeline.py); it must not raise.
 
     Returns one outcome per certificate, in the order given. The caller holds `store.lock()` unless
     `dry_run` (which writes nothing). ACME runs in a private thread pool; DNS is native asyncio.
@@ -238,6 +241,8 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
             raise
         if out.status == "renewed":
             interrupt.tally().renewed[cert.name] = out.version
+        if on_outcome is not None:
+            on_outcome(out)
 
     try:
         if not dry_run:

@@ -11,31 +11,17 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-# The least an inventory needs besides hosts and certificates: one CA and one DNS provider, never contacted.
-MINIMAL_CA_DNS = """\
-[ca.x]
-directory = "https://127.0.0.1/dir"
-[dns.x]
-type = "rfc2136"
-zones = ["example.test"]
-tsig_key = "k"
-tsig_secret_env = "X"
-"""
+from tests import inv
+
+# The least an inventory needs besides hosts and certificates: one CA and one DNS provider, never contacted
+# (tests/inv.py builds whole inventories; these heads are for text that goes on with hand-written tables).
+MINIMAL_CA_DNS = inv.toml(blank=False)
 
 
 # The lab's CA and DNS provider as an inventory head (the TSIG secret from $X, read only when used).
-PEBBLE_LAB_HEAD = """\
-[ca.pebble]
-directory = "https://127.0.0.1:14000/dir"
-agree_tos = true
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-tsig_key = "certmgr-lab"
-tsig_secret_env = "X"
-"""
+PEBBLE_LAB_HEAD = inv.toml(ca={"pebble": {"directory": "https://127.0.0.1:14000/dir", "agree_tos": True}},
+                           dns={"lab": {"type": "rfc2136", "zones": ["hachyderm.test"], "server": "127.0.0.1",
+                                        "tsig_key": "certmgr-lab", "tsig_secret_env": "X"}})[1:]
 
 
 def tree_digest(root: Path) -> str:

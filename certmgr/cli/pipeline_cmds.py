@@ -193,6 +193,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     shown: list[progress.DeployProgress] = []
 
     def on_deploy(certs: Any, hosts: Any) -> Any:
+        if shown:  # the run's deploys follow one another (pipeline.run): the last one's bar and closing lines end here
+            shown[-1].close(progress.expiry_of(store, {o.cert for o in shown[-1].outcomes}))
         shown.append(progress.start(inv, certs, c.verbosity, hosts=hosts))
         return shown[-1]
 
@@ -216,8 +218,8 @@ def run_cmd(c: Ctx, dry_run: bool, as_json: bool, no_notify: bool, wait_lock: fl
     if as_json:
         emit_json(report.to_json())
     else:
-        for p in shown:
-            p.close(progress.expiry_of(store, {o.cert for o in report.deploys}))
+        if shown:
+            shown[-1].close(progress.expiry_of(store, {o.cert for o in shown[-1].outcomes}))
         for line in pipeline.render(report, deploys_shown=bool(shown)):
             click.echo(line)
     if problem:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from certmgr import __version__, log
 from certmgr.cli import main
 from certmgr.errors import DNSError, LockLost, StoreUnavailable
+from tests import inv
 
 ROOT = Path(__file__).parents[2]
 
@@ -108,9 +109,7 @@ def test_inventory_envvar_still_wins(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     (tmp_path / "domains.toml").write_text("this is not toml [")
     given = tmp_path / "given.toml"
-    given.write_text('[ca.x]\ndirectory = "https://127.0.0.1/dir"\n[dns.x]\ntype = "rfc2136"\n'
-                     'zones = ["example.test"]\ntsig_key = "k"\ntsig_secret_env = "X"\n'
-                     '[[certificates]]\nname = "a"\ndomains = ["a.example.test"]\n')
+    inv.write(given, certificates=[inv.cert("a", domains=["a.example.test"])])
     monkeypatch.setenv("CERTMGR_INVENTORY", str(given))
     monkeypatch.setenv("X", "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=")
     result = CliRunner().invoke(main, ["inventory", "check"])

@@ -18,43 +18,17 @@ import pytest
 
 from certmgr.cli import EXIT_PIPE
 from lab import pki
+from tests import inv
 from tests.receiver import Receiver
 
 ROOT = Path(__file__).parents[2]
 
-INVENTORY = """
-[defaults]
-ssh_key_file = "id_ed25519"
-known_hosts = "known_hosts"
-https_port = 1
-
-[ca.pebble]
-directory = "https://127.0.0.1:1/dir"
-contact = ["mailto:ops@hachyderm.test"]
-agree_tos = true
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-port = 1
-tsig_key = "certmgr-lab"
-tsig_secret_file = "tsig.key"
-
-[hosts.sally]
-address = "127.0.0.1"
-port = 1
-
-[[certificates]]
-name = "media.hachyderm.test"
-domains = ["media.hachyderm.test"]
-hosts = ["sally"]
-
-[channels.ops]
-type = "webhook"
-url_file = "hook-url"
-repeat = "1s"
-"""
+INVENTORY = inv.toml(
+    defaults={"ssh_key_file": "id_ed25519", "known_hosts": "known_hosts", "https_port": 1},
+    ca={"pebble": {**inv.LAB_CA["pebble"], "directory": "https://127.0.0.1:1/dir"}},
+    dns={"lab": {**inv.LAB_DNS["lab"], "port": 1}}, hosts={"sally": {"address": "127.0.0.1", "port": 1}},
+    certificates=[inv.cert("media.hachyderm.test", "sally")],
+    channels={"ops": {"type": "webhook", "url_file": "hook-url", "repeat": "1s"}})
 
 COMMANDS: list[tuple[str, ...]] = [
     ("--help",), ("--version",), ("inventory", "check"), ("inventory", "show"), ("inventory", "show", "--json"),

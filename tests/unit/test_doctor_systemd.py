@@ -14,10 +14,9 @@ from certmgr.doctor import Status, check_timer
 from certmgr.doctor.systemd import installed_timer, run_systemctl
 from certmgr.inventory import loads
 from certmgr.timer import REPO_SYSTEMD_DIR
-from tests import fake_systemctl
+from tests import fake_systemctl, inv
 
-INV = loads('[ca.x]\ndirectory = "https://127.0.0.1/dir"\n[dns.x]\ntype = "rfc2136"\nzones = ["example.test"]\n'
-            'tsig_key = "k"\ntsig_secret_env = "X"\n[[certificates]]\nname = "a"\ndomains = ["a.example.test"]\n')
+INV = loads(inv.toml(certificates=[inv.cert("a", domains=["a.example.test"])]))
 NOW = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.UTC)
 
 

@@ -9,46 +9,16 @@ from click.testing import CliRunner
 
 from certmgr.cli import main
 from lab.pki import make_ca
+from tests import inv
 
-INV = """
-[defaults]
-ssh_key_file = "id"
-known_hosts = "known_hosts"
-trust = ["roots.pem"]
-
-[ca.pebble]
-directory = "https://127.0.0.1:14000/dir"
-agree_tos = true
-trust = "pebble.pem"
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-tsig_key = "certmgr-lab"
-tsig_secret_file = "tsig.key"
-
-[hosts.sally]
-address = "127.0.1.2"
-
-[hosts.esme]
-address = "127.0.1.3"
-
-[[certificates]]
-name = "media.hachyderm.test"
-domains = ["media.hachyderm.test"]
-hosts = ["sally", "esme"]
-
-[channels.ops]
-type = "webhook"
-url_file = "hook-url"
-
-[channels.chat]
-type = "matrix"
-homeserver = "https://127.0.0.1:8448"
-room = "!r:hachyderm.test"
-token_env = "MATRIX_TOKEN"
-"""
+INV = inv.toml(
+    defaults={"ssh_key_file": "id", "known_hosts": "known_hosts", "trust": ["roots.pem"]},
+    ca={"pebble": {"directory": "https://127.0.0.1:14000/dir", "agree_tos": True, "trust": "pebble.pem"}},
+    dns=inv.LAB_DNS, hosts={"sally": {"address": "127.0.1.2"}, "esme": {"address": "127.0.1.3"}},
+    certificates=[inv.cert("media.hachyderm.test", "sally", "esme")],
+    channels={"ops": {"type": "webhook", "url_file": "hook-url"},
+              "chat": {"type": "matrix", "homeserver": "https://127.0.0.1:8448", "room": "!r:hachyderm.test",
+                       "token_env": "MATRIX_TOKEN"}})
 
 
 def write(tmp_path: Path, text: str = INV, *, skip: tuple[str, ...] = (), url: str = "http://127.0.0.1:9/hook") -> Path:

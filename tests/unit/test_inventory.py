@@ -9,40 +9,13 @@ import pytest
 
 from certmgr import inventory
 from certmgr.errors import InventoryError, SecretError
+from tests import inv
 
-BASE = """
-[defaults]
-ca = "pebble"
-
-[ca.pebble]
-directory = "https://127.0.0.1:14000/dir"
-contact = ["mailto:ops@hachyderm.test"]
-agree_tos = true
-
-[dns.lab]
-type = "rfc2136"
-zones = ["hachyderm.test"]
-server = "127.0.0.1"
-tsig_key = "certmgr-lab"
-tsig_secret_file = "tsig.key"
-
-[hosts.sally]
-address = "127.0.1.2"
-tags = ["cdn", "canary"]
-
-[hosts.esme]
-address = "127.0.1.3"
-tags = ["cdn"]
-
-[[certificates]]
-name = "media.hachyderm.test"
-domains = ["media.hachyderm.test"]
-hosts = ["tag:cdn"]
-
-[channels.ops]
-type = "discord"
-url_file = "discord-url"
-"""
+BASE = inv.toml(
+    defaults={"ca": "pebble"}, ca=inv.LAB_CA, dns=inv.LAB_DNS,
+    hosts={"sally": {"address": "127.0.1.2", "tags": ["cdn", "canary"]}, "esme": {"address": "127.0.1.3", "tags": ["cdn"]}},
+    certificates=[inv.cert("media.hachyderm.test", "tag:cdn")],
+    channels={"ops": {"type": "discord", "url_file": "discord-url"}})
 
 
 def problems(text: str) -> list[str]:

@@ -14,7 +14,7 @@ from certmgr.inventory import Channel, SecretRef
 from certmgr.material import CertInfo
 from certmgr.notify import Alert, Message, Retry, alerts_for, apply, message_for, notify_scan, ping_message, send
 from certmgr.scan import CertSummary, Endpoint, EndpointResult, ScanResult
-from tests.helpers import MINIMAL_CA_DNS
+from tests import inv as inv_builder
 from tests.receiver import HANG, Receiver, Reply
 
 NOW = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
@@ -258,17 +258,9 @@ def test_notify_test_command(rx: Receiver, tmp_path: Any) -> None:
     gone = Receiver(default=404).start()  # a deleted webhook: 404, final at once
     (tmp_path / "dead").write_text(gone.url("/s3cr3t-dead") + "\n")
     inv = tmp_path / "inv.toml"
-    inv.write_text("\n" + MINIMAL_CA_DNS + """\
-[[certificates]]
-name = "a"
-domains = ["a.example.test"]
-[channels.good]
-type = "webhook"
-url_file = "good"
-[channels.dead]
-type = "slack"
-url_file = "dead"
-""")
+    inv.write_text(inv_builder.toml(certificates=[inv_builder.cert("a", domains=["a.example.test"])],
+                                    channels={"good": {"type": "webhook", "url_file": "good"},
+                                              "dead": {"type": "slack", "url_file": "dead"}}))
     args = ["--inventory", str(inv), "--state-dir", str(tmp_path / "state"), "notify", "test"]
     res = CliRunner().invoke(main, [*args, "--channel", "good"])
     assert (res.exit_code, res.stdout) == (0, "good: ok (HTTP 204, 1 attempt)\n")

@@ -23,7 +23,7 @@ from certmgr.material import CertInfo
 from certmgr.scan import Endpoint, EndpointResult, Probe, apply_drift, classify, expiry_problem, probe
 from certmgr.verify import Verifier, matches_name
 from lab.pki import Issued, make_ca, make_leaf
-from tests.helpers import MINIMAL_CA_DNS
+from tests import inv as inv_builder
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
@@ -35,6 +35,13 @@ def pki() -> dict[str, Issued]:
     root = make_ca("scan test root")
     inter = make_ca("scan test intermediate", issuer=root)
     return {"root": root, "inter": inter}
+
+
+def inv_text(tmp_path: Path, ports: dict[str, int]) -> str:
+    """Certificate "a" on loopback hosts at these HTTPS ports, trusting tmp_path/trust.pem."""
+    return inv_builder.toml(defaults={"trust": [f"{tmp_path}/trust.pem"]},
+                            hosts={h: {"address": "127.0.0.1", "https_port": p} for h, p in ports.items()},
+                            certificates=[inv_builder.cert("a", *ports, domains=["a.example.test"])])
 
 
 def self_signed(name: str) -> Issued:
@@ -341,23 +348,7 @@ def test_scan_end_to_end_in_process(tmp_path: Path, pki: dict[str, Issued], work
             s.bind(("127.0.0.1", 0))
             dead = s.getsockname()[1]
             s.close()
-            inv = inv_mod.loads(f"""
-[defaults]
-trust = ["{tmp_path}/trust.pem"]
-{MINIMAL_CA_DNS}[hosts.pop1]
-address = "127.0.0.1"
-https_port = {p1}
-[hosts.pop2]
-address = "127.0.0.1"
-https_port = {p2}
-[hosts.pop3]
-address = "127.0.0.1"
-https_port = {dead}
-[[certificates]]
-name = "a"
-domains = ["a.example.test"]
-hosts = ["pop1", "pop2", "pop3"]
-""")
+            inv = inv_mod.loads(inv_text(tmp_path, {"pop1": p1, "pop2": p2, "pop3": dead}))
             seen: list[tuple[int, int]] = []
             return await scan_mod.scan(inv, None, now=NOW, concurrency=4, workers=workers,
                                        timeouts=scan_mod.Timeouts(connect=1, handshake=1),
@@ -395,20 +386,7 @@ def test_drift_against_the_stores_live_version(tmp_path: Path, pki: dict[str, Is
         d1.mkdir()
         d2.mkdir()
         async with tls_server(d1, new, (pki["inter"],)) as p1, tls_server(d2, old, (pki["inter"],)) as p2:
-            inv = inv_mod.loads(f"""
-[defaults]
-trust = ["{tmp_path}/trust.pem"]
-{MINIMAL_CA_DNS}[hosts.fresh]
-address = "127.0.0.1"
-https_port = {p1}
-[hosts.stale]
-address = "127.0.0.1"
-https_port = {p2}
-[[certificates]]
-name = "a"
-domains = ["a.example.test"]
-hosts = ["fresh", "stale"]
-""")
+            inv = inv_mod.loads(inv_text(tmp_path, {"fresh": p1, "stale": p2}))
             return await scan_mod.scan(inv, store, now=NOW, workers=1)
 
     result = run(go)

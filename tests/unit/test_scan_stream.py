@@ -19,7 +19,7 @@ from certmgr import scan as scan_mod
 from certmgr.probe import Probe
 from certmgr.spool import Spool
 from lab.pki import Issued, make_ca, make_leaf
-from tests.helpers import MINIMAL_CA_DNS
+from tests import inv as inv_builder
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
@@ -37,38 +37,17 @@ def pki() -> dict[str, Issued]:
     return {"root": root, "inter": inter}
 
 
-def _inventory(tmp_path: Path, pki: dict[str, Issued], certs: str) -> inv_mod.Inventory:
+def _inventory(tmp_path: Path, pki: dict[str, Issued], certs: list[dict[str, Any]]) -> inv_mod.Inventory:
     (tmp_path / "trust.pem").write_bytes(pki["root"].cert_pem)
-    hosts = "".join(f'[hosts.{h}]\naddress = "127.0.0.{11 + i}"\nhttps_port = 443\n' for i, h in enumerate(HOSTS))
-    return inv_mod.loads(f"""
-[defaults]
-trust = ["{tmp_path}/trust.pem"]
-{MINIMAL_CA_DNS}[channels.ops]
-type = "webhook"
-url_env = "CERTMGR_TEST_UNUSED_HOOK"
-{hosts}
-{certs}
-""")
+    return inv_mod.loads(inv_builder.toml(
+        defaults={"trust": [f"{tmp_path}/trust.pem"]},
+        hosts={h: {"address": f"127.0.0.{11 + i}", "https_port": 443} for i, h in enumerate(HOSTS)},
+        certificates=certs, channels={"ops": {"type": "webhook", "url_env": "CERTMGR_TEST_UNUSED_HOOK"}}))
 
 
-CERTS = """
-[[certificates]]
-name = "a"
-domains = ["a.example.test", "www.a.example.test"]
-hosts = ["pop1", "pop2", "pop3", "pop4"]
-[[certificates]]
-name = "b"
-domains = ["b.example.test"]
-hosts = ["pop1", "pop2", "pop3", "pop4"]
-[[certificates]]
-name = "c"
-domains = ["*.c.example.test"]
-hosts = ["pop1", "pop2", "pop3", "pop4"]
-[[certificates]]
-name = "d"
-domains = ["d.example.test"]
-hosts = ["pop1", "pop2"]
-"""
+CERTS = [inv_builder.cert("a", *HOSTS, domains=["a.example.test", "www.a.example.test"]),
+         inv_builder.cert("b", *HOSTS, domains=["b.example.test"]), inv_builder.cert("c", *HOSTS, domains=["*.c.example.test"]),
+         inv_builder.cert("d", "pop1", "pop2", domains=["d.example.test"])]
 
 
 class _StateStore:
@@ -218,9 +197,8 @@ def test_spool_merges_sorted_runs_and_reads_back_in_write_order() -> None:
 # ---------------------------------------------------------------- handshakes per POP
 
 
-def _many(n_names: int) -> str:
-    return "".join(f'[[certificates]]\nname = "n{i}"\ndomains = ["n{i}.example.test"]\n'
-                   f'hosts = ["pop1", "pop2", "pop3", "pop4"]\n' for i in range(n_names))
+def _many(n_names: int) -> list[dict[str, Any]]:
+    return [inv_builder.cert(f"n{i}", *HOSTS, domains=[f"n{i}.example.test"]) for i in range(n_names)]
 
 
 class _Counter:
@@ -282,8 +260,7 @@ def test_a_pop_with_many_names_does_not_hold_up_the_others(
     """Endpoints queue per address: while one POP's lanes are full, handshakes to other POPs still run."""
     counter = _Counter()
     monkeypatch.setattr(scan_mod, "probe", counter.probe())
-    certs = "".join(f'[[certificates]]\nname = "m{i}"\ndomains = ["m{i}.example.test"]\nhosts = ["pop1"]\n'
-                    for i in range(50)) + _many(2)
+    certs = [inv_builder.cert(f"m{i}", "pop1", domains=[f"m{i}.example.test"]) for i in range(50)] + _many(2)
     inv = _inventory(tmp_path, pki, certs)
     asyncio.run(scan_mod.scan(inv, None, now=NOW, workers=1, concurrency=10, per_address=2))
     per_pop, total = counter.peaks()
@@ -311,10 +288,9 @@ def test_an_unwritable_spool_directory_is_a_scan_error(
 # ---------------------------------------------------------------- the parent's memory
 
 
-def _wide(n_certs: int, n_domains: int) -> str:
-    return "".join(f'[[certificates]]\nname = "w{i}"\n'
-                   f'domains = [{", ".join(f"{chr(34)}d{j}.w{i}.example.test{chr(34)}" for j in range(n_domains))}]\n'
-                   f'hosts = ["pop1", "pop2", "pop3", "pop4"]\n' for i in range(n_certs))
+def _wide(n_certs: int, n_domains: int) -> list[dict[str, Any]]:
+    return [inv_builder.cert(f"w{i}", *HOSTS, domains=[f"d{j}.w{i}.example.test" for j in range(n_domains)])
+            for i in range(n_certs)]
 
 
 def _retained_after_scan(inv: inv_mod.Inventory, workers: int) -> tuple[int, int, int]:

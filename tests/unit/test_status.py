@@ -16,24 +16,12 @@ from certmgr.inventory import loads
 from certmgr.material import CertMaterial
 from certmgr.store import Store
 from lab import pki
-from tests.helpers import MINIMAL_CA_DNS
+from tests import inv
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 _CA = pki.make_ca("status test CA", not_before=NOW - dt.timedelta(days=30))
-INV = "\n" + MINIMAL_CA_DNS + """\
-[hosts.pop1]
-address = "127.0.1.1"
-[hosts.pop2]
-address = "127.0.1.2"
-[[certificates]]
-name = "a.example.test"
-domains = ["a.example.test"]
-hosts = ["pop1", "pop2"]
-[[certificates]]
-name = "b.example.test"
-domains = ["b.example.test"]
-hosts = ["pop1"]
-"""
+INV = inv.toml(hosts={"pop1": {"address": "127.0.1.1"}, "pop2": {"address": "127.0.1.2"}},
+               certificates=[inv.cert("a.example.test", "pop1", "pop2"), inv.cert("b.example.test", "pop1")])
 
 
 def material(name: str, days: float = 90) -> CertMaterial:
