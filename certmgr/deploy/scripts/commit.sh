@@ -212,7 +212,7 @@ stage() {
     prev=../archive/$name/$cdir
     tl=$root/live/.$name.tmp-$$-new
     bak=$root/live/.$name.certbot-old
-    rm -f -- "$tl"
+    if [ -e "$tl" ] || [ -L "$tl" ]; then rm -f -- "$tl"; fi
     o=$(ln -s -- "../archive/$name/$ver" "$tl" 2>&1) || { fail swap "$o"; return 1; }
     # rename(2) cannot replace a directory by a symlink: two renames, microseconds apart
     o=$(mv -T -- "$live" "$bak" 2>&1) || { rm -f -- "$tl"; fail swap "$o"; return 1; }
