@@ -215,6 +215,22 @@ def test_a_conversion_that_fails_for_one_lineage_fails_only_that_one(tmp_path: P
     assert [e for n in ns for e in os.listdir(root / "archive" / n) if e.startswith(".tmp")] == []
 
 
+def test_inspect_removes_certbots_old_directory_left_after_a_finished_conversion(tmp_path: Path) -> None:
+    """A commit that died after both renames of a conversion but before its one `rm` of certbot's old directories
+    (it waits for the sync of live/): the next inspect removes the litter and reports the link, nothing restored."""
+    ns = names(2)
+    root = multi_root(tmp_path, ns)
+    (root / "archive" / ".certmgr.lock").touch()
+    old = root / "live" / f".{ns[0]}.certbot-old"
+    old.mkdir()
+    os.symlink(f"../../archive/{ns[0]}/cert1.pem", old / "cert.pem")
+    proc, _ = traced(["sh", "-c", sh_command(INSPECT_SH, [str(root), ns[0], "", "", "5", "", ns[1]])])
+    res = as_result(proc)
+    state = parse_inspection(res)
+    assert not old.exists() and not old.is_symlink()
+    assert state.restored == () and state.certs[ns[0]].target == f"../archive/{ns[0]}/1"
+
+
 # ---------------------------------------------------------------------------- discover
 
 

@@ -13,7 +13,9 @@ root=$1 first=$2 test=$3 keyown=$4 lockwait=${5:-30} waitlock=${6:-}
 if [ -n "$waitlock" ]; then lock; fi
 # The host died between the two renames of a certbot conversion (commit.sh): put certbot's
 # directory back before nginx -t looks at the config. Every lineage: the test covers the whole
-# host. Under the POP lock: a commit of another controller may be mid-way.
+# host. Under the POP lock: a commit of another controller may be mid-way. Died after both renames,
+# before the commit removed certbot's old directory (it does so once live/ is synced, after every
+# swap): live/<name> is the new link, the old directory is only litter — removed.
 for bak in "$root"/live/.*.certbot-old; do
   [ -d "$bak" ] || continue
   lock
@@ -21,6 +23,8 @@ for bak in "$root"/live/.*.certbot-old; do
   n=${bak##*/}; n=${n#.}; n=${n%.certbot-old}
   if [ ! -e "$root/live/$n" ] && [ ! -L "$root/live/$n" ]; then
     mv -T -- "$bak" "$root/live/$n" && say "restored=$n"
+  elif [ -L "$root/live/$n" ]; then
+    rm -rf -- "$bak"
   fi
 done
 
