@@ -60,13 +60,15 @@ def certbot_layout(root: Path, ns: tuple[str, ...]) -> None:
 
 
 def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: str = "/bin/true",
-                    reload: str = "/bin/true") -> tuple[Result, int]:
-    """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes)."""
+                    reload: str = "/bin/true", bad_sum: str = "") -> tuple[Result, int]:
+    """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
+    `bad_sum`: that name's sums announce other bytes (its upload fails verification)."""
     five: list[list[str]] = []
     blobs: list[bytes] = []
     for n in ns:
         m = material((n,))
-        five.append([n, f".tmp-up-tag-2-{n}", "2", sha256sums(m), conv])
+        sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
+        five.append([n, f".tmp-up-tag-2-{n}", "2", sums, conv])
         blobs += [m.files()[f] for f in FILE_ORDER]
     sizes = " ".join(str(len(b)) for b in blobs)
     args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", sizes,
@@ -229,6 +231,21 @@ def test_inspect_removes_certbots_old_directory_left_after_a_finished_conversion
     state = parse_inspection(res)
     assert not old.exists() and not old.is_symlink()
     assert state.restored == () and state.certs[ns[0]].target == f"../archive/{ns[0]}/1"
+
+
+def test_a_lineage_that_fails_verification_leaves_no_prepared_conversion(tmp_path: Path) -> None:
+    """Conversions are prepared before the uploads' per-certificate checks: the one whose upload fails its SHA-256
+    fails at "verify", keeps certbot's directory, and leaves no temp copy; the others convert."""
+    ns = names(3)
+    root = multi_root(tmp_path, ns)
+    certbot_layout(root, ns)
+    res, _ = streamed_commit(root, ns, conv="1", bad_sum=ns[1])
+    c = parse_commit(res)
+    assert c.done and c.certs[ns[1]].failed_step == "verify", res.stdout + res.stderr
+    assert (root / "live" / ns[1]).is_dir() and not (root / "live" / ns[1]).is_symlink()
+    # (its upload's own temp dir stays, as always, for this controller's next commit to sweep)
+    assert [e for e in os.listdir(root / "archive" / ns[1]) if e.startswith(".tmp-1-conv") or e == "1"] == []
+    assert [os.readlink(root / "live" / n) for n in (ns[0], ns[2])] == [f"../archive/{n}/2" for n in (ns[0], ns[2])]
 
 
 # ---------------------------------------------------------------------------- discover

@@ -287,7 +287,8 @@ baks=
 j=0
 while [ "$j" -lt "$m" ]; do
   j=$((j + 1))
-  stage "$j"
+  # a certificate that failed before its conversion was renamed into place leaves no prepared copy
+  stage "$j" || { eval "ct=\$c_ctmp_$j"; if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi; }
 done
 say cert=
 [ "$n" -gt 0 ] || exit 3
