@@ -278,7 +278,7 @@ def by_hand(lab: Lab, n: int, version: int, far: FarPops | None = None) -> float
         subprocess.run(["scp", "-q", *opts, "-P", port, *[str(files / f) for f in sorted(os.listdir(files))],
                         f"{target}:{dest}/"], check=True)
         script = " && ".join([shlex.join(["ln", "-sfn", dest, f"{p.cert_root}/live/{NAME}"]),
-                              shlex.join(p.test_command), shlex.join(p.reload_command)])
+                              shlex.join(p.test_command), shlex.join(p.nginx_reload_command)])
         subprocess.run(["ssh", *opts, "-p", port, target, script], check=True, capture_output=True)
     return time.monotonic() - start
 
@@ -309,7 +309,7 @@ def batched(lab: Lab, n: int, k: int, version: int, far: FarPops | None = None) 
                         f"{target}:{p.cert_root}/archive/"], check=True)
         swaps = [shlex.join(["ln", "-sfn", f"{p.cert_root}/archive/{x}-batch{version}", f"{p.cert_root}/live/{x}"])
                  for x in names]
-        script = " && ".join([*swaps, shlex.join(p.test_command), shlex.join(p.reload_command)])
+        script = " && ".join([*swaps, shlex.join(p.test_command), shlex.join(p.nginx_reload_command)])
         subprocess.run(["ssh", *opts, "-p", port, target, script], check=True, capture_output=True)
     return time.monotonic() - start
 

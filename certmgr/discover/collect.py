@@ -170,6 +170,7 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
     certs: list[tuple[str, str, str]] = []  # (configured path, status, real path)
     candidates: list[str] = []
     contents: dict[str, bytes] = {}
+    reals: list[str] | None = None  # the real paths of the ok files, in order (one readlink on the host)
     i = 0
     while i < len(tokens) - 2:
         kind = tokens[i]
@@ -178,6 +179,14 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
             i += 4
             if idx.isdigit() and int(idx) < len(cert_list):
                 certs.append((cert_list[int(idx)], st_b.decode("ascii", "replace"), _path(real_b)))
+        elif kind == b"reals":
+            try:
+                end = tokens.index(b"endreals", i + 1)
+            except ValueError:
+                raise DeployError(f"discover {host.name}: reading certificate files: unexpected output "
+                                  "(no end of the real paths)") from None
+            reals = [_path(t) for t in tokens[i + 1:end]]
+            i = end + 1
         elif kind == b"file" and i + 1 < len(tokens):
             candidates.append(_path(tokens[i + 1]))
             i += 2
@@ -187,6 +196,10 @@ async def _read_files(remote: remote_mod.Remote, host: Host, cfg: Config, limits
         else:
             raise DeployError(f"discover {host.name}: reading certificate files: unexpected output "
                               f"{clean(kind.decode('utf-8', 'replace'), 40)!r}")
+    ok = [k for k, (_, st, real) in enumerate(certs) if st == "ok" and not real]
+    if reals is not None and len(reals) == len(ok):  # else (a file gone meanwhile) each keeps its own path
+        for k, real in zip(ok, reals, strict=True):
+            certs[k] = (certs[k][0], certs[k][1], real)
     files: dict[str, FileRead] = {}
     for c, st, real in certs:
         if st == "ok" and c not in contents:
@@ -217,6 +230,8 @@ async def _check_keys(remote: remote_mod.Remote, host: Host, pairs: list[tuple[s
     args = [str(len(todo))]
     for _, k, pem in todo:
         args += [k, pem]
+    # the certificate paths last: one openssl checks every pair when they all match (checkkeys.sh)
+    args += [c for c, _, _ in todo]
     try:
         status, out, err = await run_bounded(remote, remote_mod.sh_command(KEY_SCRIPT, args),
                                              limit=64 * len(todo) + 1024, stderr_limit=limits.stderr_bytes,

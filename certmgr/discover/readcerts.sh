@@ -11,9 +11,14 @@
 # Output: fields each terminated by a NUL byte (no path can contain one, so no file name can
 # forge a field), then one base64 field with the certificate lines of every file read:
 #   cert IDX STATUS REAL   STATUS ok|missing|unreadable|notfile|empty; REAL: symlinks resolved
+#                          ("" for an ok file: its REAL comes in `reals`, below)
+#   reals REAL… endreals   the REAL of every ok file, in order, by ONE `readlink -f -z` (a count that
+#                          disagrees — a file gone meanwhile — leaves each one's own path)
 #   file PATH              a *.pem|*.crt|*.cer|*.cert file in a DIR (an orphan candidate)
 #   pem B64                "F<path, \ and newline escaped>" per file read, then its lines prefixed "|"
 #   done
+# Processes: one readlink, one awk, one base64 for the whole host (plus one readlink per file that
+# is not ok, for its REAL).
 trap '' HUP PIPE
 umask 077
 max=$1
@@ -44,11 +49,23 @@ while [ "$i" -lt "$n" ]; do
   field cert
   field "$i"
   field "$st"
-  field "$(readlink -f -- "$c" 2>/dev/null || printf '%s' "$c")"
+  if [ "$st" = ok ]; then
+    field ""
+  else
+    field "$(readlink -f -- "$c" 2>/dev/null || printf '%s' "$c")"
+  fi
   i=$((i + 1))
 done
 # now "$@" is: DIR ... then the readable configured certificates
 ndirs=$(($# - nread))
+# reals SKIP ARG…: the real path of every ARG after the first SKIP, NUL-terminated (its own "$@")
+reals() {
+  shift "$(($1 + 1))"
+  readlink -f -z -- "$@" 2>/dev/null
+}
+field reals
+if [ "$nread" -gt 0 ]; then reals "$ndirs" "$@"; fi
+field endreals
 found=0
 for d in "$@" "$live"/*/; do
   case $d in /*) ;; *) continue ;; esac

@@ -604,7 +604,7 @@ def test_docs_sudoers_lines_parse(tmp_path: Path) -> None:
     import subprocess
 
     blocks = doc_blocks("sudoers")
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # the defaults, the lab's nginx -s reload form, the SIGHUP (pkill) reload
     for i, block in enumerate(blocks):
         path = tmp_path / f"sudoers{i}"
         path.write_text(block)

@@ -166,9 +166,11 @@ def test_read_script_sends_certificates_only_never_a_private_key(tmp_path: Path)
               str(d), str(d))
     assert b"PRIVATE KEY" not in out
     tokens = out.split(b"\0")
-    assert tokens[:12] == [b"cert", b"0", b"ok", str(d / "combined.pem").encode(),
+    # an ok file's real path (symlinks resolved) comes after the cert records, from one readlink for all
+    assert tokens[:15] == [b"cert", b"0", b"ok", b"",
                            b"cert", b"1", b"missing", str(d / "nope.pem").encode(),
-                           b"cert", b"2", b"notfile", str(d).encode()]
+                           b"cert", b"2", b"notfile", str(d).encode(),
+                           b"reals", str(d / "combined.pem").encode(), b"endreals"]
     pem_b64 = tokens[tokens.index(b"pem") + 1]
     blocks = collect._pem_blocks(pem_b64, collect.Limits())
     assert b"PRIVATE KEY" not in b"".join(blocks.values())
@@ -186,6 +188,13 @@ def test_key_script_compares_public_keys_on_the_host(tmp_path: Path) -> None:
     spki = x509.load_pem_x509_certificate(cert).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode().strip()
     out = _sh("checkkeys.sh", "3", str(tmp_path / "k1"), spki, str(tmp_path / "k2"), spki, str(tmp_path / "k3"), spki)
+    assert out.split(b"\0") == [b"key", b"0", b"match", b"key", b"1", b"mismatch", b"key", b"2", b"missing",
+                                b"done", b""]
+    # with the certificate paths last (what discover sends), the same verdicts
+    (tmp_path / "c").write_bytes(cert)
+    c = str(tmp_path / "c")
+    out = _sh("checkkeys.sh", "3", str(tmp_path / "k1"), spki, str(tmp_path / "k2"), spki, str(tmp_path / "k3"), spki,
+              c, c, c)
     assert out.split(b"\0") == [b"key", b"0", b"match", b"key", b"1", b"mismatch", b"key", b"2", b"missing",
                                 b"done", b""]
 

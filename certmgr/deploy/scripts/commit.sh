@@ -28,46 +28,146 @@ n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to 
 # and live/ and the lineages are synced once after the swaps ($lazysync), before the test.
 m=0  # certificates asked for: c_<field>_<j> (j = 1..m)
 want() { m=$((m + 1)); eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$4 c_conv_$m=\$5"; }
-# every upload's files and directory, relative to $root, synced by one process
+# every upload's files and directory, synced by one process
 sync_uploads() {
   set --
   j=0 cn='' ct=''
   while [ "$j" -lt "$m" ]; do
     j=$((j + 1))
     eval "cn=\$c_name_$j ct=\$c_tmp_$j"
-    d=archive/$cn/$ct
+    d=$root/archive/$cn/$ct
     set -- "$@" "$d/fullchain.pem" "$d/privkey.pem" "$d/cert.pem" "$d/chain.pem" "$d"
   done
   sync -- "$@"
 }
-# all_ok: every upload matches its SHA-256 and is on disk (one sha256sum, one sync); else non-zero
+# all_ok: every upload matches its SHA-256 and is on disk (one sha256sum, one sync); else non-zero.
+# The sums name absolute paths (no `cd` in a subshell); a cert root with a newline in it (it would
+# split a line) is checked one certificate at a time instead.
 all_ok() {
+  case $root in *"$nl"*) return 1 ;; esac
   allsums='' j=0 cn='' ct='' cs=''
   while [ "$j" -lt "$m" ]; do
     j=$((j + 1))
     eval "cn=\$c_name_$j ct=\$c_tmp_$j cs=\$c_sums_$j"
     while IFS= read -r l; do
       [ -n "$l" ] || continue
-      allsums="$allsums${l%%  *}  archive/$cn/$ct/${l#*  }
+      allsums="$allsums${l%%  *}  $root/archive/$cn/$ct/${l#*  }
 "
     done <<LINES
 $cs
 LINES
   done
-  (cd -- "$root" && sha256sum --strict --quiet -c - >/dev/null 2>&1 <<SUMS && sync_uploads >/dev/null 2>&1
+  sha256sum --strict --quiet -c - >/dev/null 2>&1 <<SUMS && sync_uploads >/dev/null 2>&1
 $allsums
 SUMS
-)
 }
 
-# stage NAME TMP VER SUMS CONV: store the version and swap live/<name>; non-zero when it failed (unchanged)
+# CONVERSIONS (certbot's layout), prepared for every certificate at once before any swap: certbot's
+# live version K copied into a temp dir per lineage (mkdir for all, cp per file, one chmod per mode,
+# one keyown, one sync), renamed into archive/<name>/K/ by stage. A copy that failed is c_cfail_<j>.
+# K/ holding other content (or K being the store's number) puts certbot's copy aside instead.
+prepare_conversions() {
+  set --
+  j=0 cn='' cv='' cc='' ct='' o='' fresh=1
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j cv=\$c_ver_$j cc=\$c_conv_$j"
+    eval "c_cdir_$j= c_ctmp_$j= c_cfail_$j="
+    [ -n "$cc" ] || continue
+    lineage "$cn"
+    cdir=$cc
+    if [ "$cc" = "$cv" ]; then
+      cdir=$cc.certmgr-aside-$stamp
+    elif [ -e "$arch/$cc" ] && ! cmp -s -- "$arch/$cc/fullchain.pem" "$arch/fullchain$cc.pem"; then
+      cdir=$cc.certmgr-aside-$stamp
+    fi
+    eval "c_cdir_$j=\$cdir"
+    [ ! -d "$arch/$cdir" ] || continue
+    ct=$arch/.tmp-$cc-conv$$
+    if [ -e "$ct" ] || [ -L "$ct" ]; then fresh=; fi
+    eval "c_ctmp_$j=\$ct"
+    set -- "$@" "$ct"
+  done
+  [ $# -gt 0 ] || return 0
+  if [ -z "$fresh" ] || ! mkdir -m 755 -- "$@" 2>/dev/null; then
+    # one at a time, to say which could not be made (none removed that was there before)
+    j=0
+    while [ "$j" -lt "$m" ]; do
+      j=$((j + 1))
+      eval "ct=\$c_ctmp_$j"
+      [ -n "$ct" ] || continue
+      if [ -n "$fresh" ] && [ -d "$ct" ] && [ ! -L "$ct" ]; then continue; fi
+      o=$(mkdir -m 755 -- "$ct" 2>&1) || eval "c_ctmp_$j= c_cfail_$j=\$o"
+    done
+  fi
+  set --
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j cc=\$c_conv_$j ct=\$c_ctmp_$j"
+    [ -n "$ct" ] || continue
+    lineage "$cn"
+    for k in cert chain fullchain privkey; do
+      if ! o=$(cp -- "$arch/$k$cc.pem" "$ct/$k.pem" 2>&1); then
+        rm -rf -- "$ct"
+        eval "c_ctmp_$j= c_cfail_$j=\$o"
+        continue 2
+      fi
+    done
+    set -- "$@" "$ct"
+  done
+  [ $# -gt 0 ] || return 0
+  # the modes deploy has always given: 0644, the key 0600 (one chmod each for all)
+  set --
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "ct=\$c_ctmp_$j"
+    [ -z "$ct" ] || set -- "$@" "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
+  done
+  chmod 644 -- "$@" 2>/dev/null
+  set --
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "ct=\$c_ctmp_$j"
+    [ -z "$ct" ] || set -- "$@" "$ct/privkey.pem"
+  done
+  chmod 600 -- "$@" 2>/dev/null
+  if [ -n "$keyown" ] && ! keyown "$@" >/dev/null 2>&1; then
+    # one at a time, to say which
+    j=0
+    while [ "$j" -lt "$m" ]; do
+      j=$((j + 1))
+      eval "ct=\$c_ctmp_$j"
+      [ -n "$ct" ] || continue
+      if ! o=$(keyown "$ct/privkey.pem" 2>&1); then
+        rm -rf -- "$ct"
+        eval "c_ctmp_$j= c_cfail_$j=\$o"
+      fi
+    done
+  fi
+  set --
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "ct=\$c_ctmp_$j"
+    [ -z "$ct" ] || set -- "$@" "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct"
+  done
+  [ $# -eq 0 ] || sync -- "$@" 2>/dev/null || :
+}
+
+# stage J: store certificate J's version and swap live/<name>; non-zero when it failed (unchanged).
+# Its live link's target was read before (c_link_<J>, one readlink for all), its conversion prepared.
 stage() {
-  lineage "$1"; tmp=$2 ver=$3 sums=$4 conv=$5
+  tmp='' ver='' sums='' conv='' cur='' cdir='' ct='' cfail=''
+  eval "lineage \"\$c_name_$1\"; tmp=\$c_tmp_$1 ver=\$c_ver_$1 sums=\$c_sums_$1 conv=\$c_conv_$1"
+  eval "cur=\$c_link_$1 cdir=\$c_cdir_$1 ct=\$c_ctmp_$1 cfail=\$c_cfail_$1"
   say "cert=$name"
   if [ -z "$checked" ]; then
     o=$(sumsok "$arch/$tmp") || { fail verify "$o"; return 1; }
   fi
-  if [ -n "$keyown" ]; then
+  if [ -n "$keyown" ] && [ -z "$keyed" ]; then
     o=$(keyown "$arch/$tmp/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }
     [ -z "$checked" ] || sync -- "$arch/$tmp/privkey.pem" 2>/dev/null || :
   fi
@@ -84,12 +184,11 @@ stage() {
   else
     if [ -e "$arch/$ver" ] || [ -L "$arch/$ver" ]; then
       aside=$ver.certmgr-aside-$stamp
-      cur=
-      if [ -L "$live" ]; then cur=$(readlink -- "$live"); fi
       if [ "$cur" = "../archive/$name/$ver" ]; then
         # live reads N/: copy it aside, point live at the copy, then remove N/ — live never dangles
         o=$(cp -a -- "$arch/$ver" "$arch/$aside" 2>&1) || { fail aside "$o"; return 1; }
         point "../archive/$name/$aside" aside || { fail aside "cannot point live at $aside"; return 1; }
+        cur=../archive/$name/$aside
         o=$(rm -rf -- "${arch:?}/$ver" 2>&1) || { fail aside "$o"; return 1; }
       else
         o=$(mv -T -- "$arch/$ver" "$arch/$aside" 2>&1) || { fail aside "$o"; return 1; }
@@ -102,40 +201,32 @@ stage() {
   say "stored=$ver"
   prev=
   if [ -n "$conv" ]; then
-    # certbot layout: copy its live version K into archive/<name>/K/ once; rollback goes there.
-    # K/ holding other content (or K being the store's number) puts certbot's copy aside instead.
-    cdir=$conv
-    if [ "$conv" = "$ver" ]; then
-      cdir=$conv.certmgr-aside-$stamp
-    elif [ -e "$arch/$conv" ] && ! cmp -s -- "$arch/$conv/fullchain.pem" "$arch/fullchain$conv.pem"; then
-      cdir=$conv.certmgr-aside-$stamp
-    fi
+    # certbot layout: its live version K was copied (prepare_conversions); rollback goes there
+    if [ -n "$cfail" ]; then fail convert "$cfail"; return 1; fi
     if [ ! -d "$arch/$cdir" ]; then
-      ct=$arch/.tmp-$conv-conv$$
-      o=$(mkdir -m 755 -- "$ct" 2>&1) || { fail convert "$o"; return 1; }
-      for k in cert chain fullchain privkey; do
-        o=$(cp -- "$arch/$k$conv.pem" "$ct/$k.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }
-      done
-      chmod 644 -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem"
-      chmod 600 -- "$ct/privkey.pem"
-      if [ -n "$keyown" ]; then o=$(keyown "$ct/privkey.pem" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }; fi
-      sync -- "$ct/cert.pem" "$ct/chain.pem" "$ct/fullchain.pem" "$ct/privkey.pem" "$ct" 2>/dev/null || :
+      [ -n "$ct" ] || { fail convert "archive/$name/$cdir/ was not prepared"; return 1; }
       o=$(mv -T -- "$ct" "$arch/$cdir" 2>&1) || { rm -rf -- "$ct"; fail convert "$o"; return 1; }
+    elif [ -n "$ct" ]; then
+      rm -rf -- "$ct"
     fi
     prev=../archive/$name/$cdir
     tl=$root/live/.$name.tmp-$$-new
     bak=$root/live/.$name.certbot-old
-    rm -f -- "$tl"
+    if [ -e "$tl" ] || [ -L "$tl" ]; then rm -f -- "$tl"; fi
     o=$(ln -s -- "../archive/$name/$ver" "$tl" 2>&1) || { fail swap "$o"; return 1; }
     # rename(2) cannot replace a directory by a symlink: two renames, microseconds apart
     o=$(mv -T -- "$live" "$bak" 2>&1) || { rm -f -- "$tl"; fail swap "$o"; return 1; }
     if ! o=$(mv -T -- "$tl" "$live" 2>&1); then mv -T -- "$bak" "$live"; rm -f -- "$tl"; fail swap "$o"; return 1; fi
-    sync -- "$root/live" 2>/dev/null || :
-    rm -rf -- "$bak"
+    if [ -n "$lazysync" ]; then
+      baks="$baks $1"  # removed after the one sync of live/ (below), by one rm
+    else
+      sync -- "$root/live" 2>/dev/null || :
+      rm -rf -- "$bak"
+    fi
     say "converted=$conv"
     say "convdir=$cdir"
   else
-    if [ -L "$live" ]; then prev=$(readlink -- "$live"); fi
+    prev=$cur
     point "../archive/$name/$ver" new || { fail swap ""; return 1; }
   fi
   say "prev=$prev"
@@ -172,10 +263,32 @@ done
 [ -z "$sizes" ] || receive || exit 3
 checked=
 if all_ok; then checked=1 lazysync=1; fi
+# every key given to $keyown by one process (else per certificate in stage, to say which failed)
+keyed=
+if [ -n "$keyown" ] && [ -n "$checked" ]; then
+  set --
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "set -- \"\$@\" \"\$root/archive/\$c_name_$j/\$c_tmp_$j/privkey.pem\""
+  done
+  if keyown "$@" >/dev/null 2>&1; then keyed=1; sync -- "$@" 2>/dev/null || :; fi
+fi
+# what every live/<name> points at now: one readlink for all (the rollback targets)
+set --
 j=0
 while [ "$j" -lt "$m" ]; do
   j=$((j + 1))
-  eval "stage \"\$c_name_$j\" \"\$c_tmp_$j\" \"\$c_ver_$j\" \"\$c_sums_$j\" \"\$c_conv_$j\""
+  eval "set -- \"\$@\" \"\$root/live/\$c_name_$j\""
+done
+readlinks c_link_ "$@"
+prepare_conversions
+baks=
+j=0
+while [ "$j" -lt "$m" ]; do
+  j=$((j + 1))
+  # a certificate that failed before its conversion was renamed into place leaves no prepared copy
+  stage "$j" || { eval "ct=\$c_ctmp_$j"; if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi; }
 done
 say cert=
 [ "$n" -gt 0 ] || exit 3
@@ -188,8 +301,14 @@ if [ -n "$lazysync" ]; then  # the renames on disk before nginx reads them: ever
     set -- "$@" "$root/archive/$bn"
   done
   sync -- "$@" "$root/live" 2>/dev/null || :
+  # certbot's converted directories, set aside by their rename, gone once live/ is on disk: one rm
+  set --
+  for j in $baks; do
+    eval "set -- \"\$@\" \"\$root/live/.\$c_name_$j.certbot-old\""
+  done
+  [ $# -eq 0 ] || rm -rf -- "$@"
 fi
-out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
+out=$(runcmd "$test" 2>&1 </dev/null 9>&-); rc=$?
 say "test_rc=$rc"
 if [ "$rc" -ne 0 ]; then
   say "test_out=$(b64 "$out")"
@@ -197,7 +316,7 @@ if [ "$rc" -ne 0 ]; then
   retest
   exit 4
 fi
-out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+out=$(runcmd "$reload" 2>&1 </dev/null 9>&-); rc=$?
 say "reload_rc=$rc"
 if [ "$rc" -ne 0 ]; then
   say "reload_out=$(b64 "$out")"
@@ -205,7 +324,7 @@ if [ "$rc" -ne 0 ]; then
   back_all || exit 4
   retest
   [ "$rc" -eq 0 ] || exit 4
-  out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+  out=$(runcmd "$reload" 2>&1 </dev/null 9>&-); rc=$?
   say "rereload_rc=$rc"
   say "rereload_out=$(b64 "$out")"
   exit 4

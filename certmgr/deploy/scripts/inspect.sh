@@ -13,7 +13,9 @@ root=$1 first=$2 test=$3 keyown=$4 lockwait=${5:-30} waitlock=${6:-}
 if [ -n "$waitlock" ]; then lock; fi
 # The host died between the two renames of a certbot conversion (commit.sh): put certbot's
 # directory back before nginx -t looks at the config. Every lineage: the test covers the whole
-# host. Under the POP lock: a commit of another controller may be mid-way.
+# host. Under the POP lock: a commit of another controller may be mid-way. Died after both renames,
+# before the commit removed certbot's old directory (it does so once live/ is synced, after every
+# swap): live/<name> is the new link, the old directory is only litter — removed.
 for bak in "$root"/live/.*.certbot-old; do
   [ -d "$bak" ] || continue
   lock
@@ -21,26 +23,30 @@ for bak in "$root"/live/.*.certbot-old; do
   n=${bak##*/}; n=${n#.}; n=${n%.certbot-old}
   if [ ! -e "$root/live/$n" ] && [ ! -L "$root/live/$n" ]; then
     mv -T -- "$bak" "$root/live/$n" && say "restored=$n"
+  elif [ -L "$root/live/$n" ]; then
+    rm -rf -- "$bak"
   fi
 done
 
 steady=1  # every lineage a link in certmgr's layout, nothing missing (see above)
+# certbot's directory is read under the POP lock: another controller's commit may be converting it
+# (live/<name> renamed away, then a link put in its place), and its links must be read whole. A
+# commit creates the lock file before converting, so without one there is nothing to wait for (and
+# a POP never deployed to is left exactly as it was).
 inspect_one() {
+  # $1 the name, $2 its index: its links were read by readlinks (link_<5×index-4 … 5×index>)
   lineage "$1"
   say "cert=$name"
-  # certbot's directory is read under the POP lock: another controller's commit may be converting it
-  # (live/<name> renamed away, then a link put in its place), and its links must be read whole. A
-  # commit creates the lock file before converting, so without one there is nothing to wait for (and
-  # a POP never deployed to is left exactly as it was).
-  if [ -d "$live" ] && [ ! -L "$live" ] && [ -e "$root/archive/.certmgr.lock" ]; then lock; fi
   if [ -L "$live" ]; then
     say layout=link
-    say "target=$(readlink -- "$live")"
+    eval "say \"target=\$link_$(($2 * 5 - 4))\""
   elif [ -d "$live" ]; then
     steady=
     say layout=certbot
+    li=$(($2 * 5 - 4)) t=
     for k in cert chain fullchain privkey; do
-      t=$(readlink -- "$live/$k.pem" 2>/dev/null) || t=
+      li=$((li + 1))
+      eval "t=\$link_$li"
       say "certbot_$k=${t##*/}"
     done
   elif [ -e "$live" ]; then
@@ -77,16 +83,33 @@ inspect_one() {
   fi
 }
 
-inspect_one "$first"
 if [ $# -gt 6 ]; then shift 6; else set --; fi
-for n in "$@"; do inspect_one "$n"; done
+# every lineage's live link and certbot's four links (five paths per name) by one readlink: the
+# lock first when a certbot directory is among them and certmgr has committed here before (above)
+for n in "$first" "$@"; do
+  if [ -d "$root/live/$n" ] && [ ! -L "$root/live/$n" ] && [ -e "$root/archive/.certmgr.lock" ]; then lock; fi
+done
+names=$#
+for n in "$first" "$@"; do
+  l=$root/live/$n
+  set -- "$@" "$l" "$l/cert.pem" "$l/chain.pem" "$l/fullchain.pem" "$l/privkey.pem"
+done
+shift "$names"
+readlinks link_ "$@"
+i=0
+while [ "$#" -gt 0 ]; do
+  i=$((i + 1))
+  n=${1#"$root/live/"}
+  inspect_one "$n" "$i"
+  shift 5
+done
 say cert=
 [ -e "$root/archive/.certmgr.lock" ] || steady=
 if [ -n "$test" ] && [ -n "$steady" ]; then
   say test_rc=0
   say preflight=skipped
 elif [ -n "$test" ]; then
-  out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
+  out=$(runcmd "$test" 2>&1 </dev/null 9>&-); rc=$?
   say "test_rc=$rc"
   [ "$rc" -eq 0 ] || say "test_out=$(b64 "$out")"
 else

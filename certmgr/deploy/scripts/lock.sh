@@ -9,7 +9,8 @@ lock() {
   [ -z "$locked" ] || return 0
   command -v flock >/dev/null 2>&1 || { say "lock_failed=$(b64 'flock(1) not found (package util-linux)')"; exit 5; }
   lk=$root/archive/.certmgr.lock
-  o=$(true 2>&1 >>"$lk") || { say "lock_failed=$(b64 "$o")"; exit 5; }
+  # `true` (not `:`, a special builtin whose failed redirection would end the script), no subshell
+  true 2>/dev/null >>"$lk" || { o=$(true 2>&1 >>"$lk"); say "lock_failed=$(b64 "$o")"; exit 5; }
   exec 9>>"$lk"
   flock -w "$lockwait" 9 || { say "lock_busy=$lockwait"; exit 5; }
   locked=1

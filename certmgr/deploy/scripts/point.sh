@@ -12,7 +12,7 @@ point() {
 }
 # the test command again, after switching back: its verdict and text in the script's own section
 retest() {
-  out=$(eval "$test" 2>&1 </dev/null 9>&-); rc=$?
+  out=$(runcmd "$test" 2>&1 </dev/null 9>&-); rc=$?
   say "retest_rc=$rc"
   say "retest_out=$(b64 "$out")"
 }

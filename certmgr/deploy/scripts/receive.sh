@@ -28,18 +28,48 @@ refused() {
   done
   say cert=
 }
+# mkdirs: every certificate's temp dir, mode 0755 (its files stay 0600 until their chmod below), by
+# ONE mkdir; all or none (a failure removes those it made and names the first it could not make)
+mkdirs() {
+  set --
+  j=0 cn='' ct='' o='' fresh=1
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+    lineage "$cn"
+    [ -d "$arch" ] || mkdir -m 700 -- "$arch" 2>/dev/null || :
+    if [ -e "$arch/$ct" ] || [ -L "$arch/$ct" ]; then fresh=; fi
+    set -- "$@" "$arch/$ct"
+  done
+  if [ -n "$fresh" ]; then
+    if o=$(mkdir -m 755 -- "$@" 2>&1); then received=$m; return 0; fi
+    # none was there before: remove whichever it made, name the first it could not make
+    received=$m
+    j=0
+    for d in "$@"; do j=$((j + 1)); [ -d "$d" ] || break; done
+    unreceive
+    refused "$j" upload "$o"
+    return 1
+  fi
+  # one is there already (not ours to remove): one at a time, as before, to say which
+  j=0
+  for d in "$@"; do
+    j=$((j + 1))
+    o=$(mkdir -m 755 -- "$d" 2>&1) || { unreceive; refused "$j" upload "$o"; return 1; }
+    received=$j
+  done
+}
 receive() {
-  # shellcheck disable=SC2086  # the sizes are numbers, one word each
-  set -- $sizes
   j=0 cn='' ct='' cs='' o=''
   [ -d "$root/live" ] || mkdir -m 700 -- "$root/live" 2>/dev/null || :
+  mkdirs || return 1
+  # shellcheck disable=SC2086  # the sizes are numbers, one word each
+  set -- $sizes
+  j=0
   while [ "$j" -lt "$m" ]; do
     j=$((j + 1))
     eval "cn=\$c_name_$j ct=\$c_tmp_$j cs=\$c_sums_$j"
     lineage "$cn"
-    [ -d "$arch" ] || mkdir -m 700 -- "$arch" 2>/dev/null || :
-    o=$(mkdir -- "$arch/$ct" 2>&1) || { unreceive; refused "$j" upload "$o"; return 1; }
-    received=$j
     while IFS= read -r l <&3; do
       [ -n "$l" ] || continue
       f=${l#*  }
@@ -51,7 +81,7 @@ receive() {
 $cs
 LINES
   done
-  # the modes deploy has always given (the key keeps 0600): two processes for all certificates
+  # the modes deploy has always given (the key keeps 0600; the dirs were made 0755): one process
   set --
   j=0
   while [ "$j" -lt "$m" ]; do
@@ -61,14 +91,6 @@ LINES
     set -- "$@" "$d/cert.pem" "$d/chain.pem" "$d/fullchain.pem"
   done
   o=$(chmod 644 -- "$@" 2>&1) || { unreceive; refused 0 upload "$o"; return 1; }
-  set --
-  j=0
-  while [ "$j" -lt "$m" ]; do
-    j=$((j + 1))
-    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
-    set -- "$@" "$root/archive/$cn/$ct"
-  done
-  o=$(chmod 755 -- "$@" 2>&1) || { unreceive; refused 0 upload "$o"; return 1; }
   say received=1
   IFS= read -r go || go=
   [ "$go" = go ] || { unreceive; refused 0 upload "the upload stream ended early"; return 1; }

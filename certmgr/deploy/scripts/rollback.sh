@@ -26,6 +26,6 @@ say cert=
 [ "$back" -gt 0 ] || exit 3
 retest
 if [ "$rc" -ne 0 ]; then exit 4; fi
-out=$(eval "$reload" 2>&1 </dev/null 9>&-); rc=$?
+out=$(runcmd "$reload" 2>&1 </dev/null 9>&-); rc=$?
 say "reload_rc=$rc"
 say "reload_out=$(b64 "$out")"

@@ -1,0 +1,315 @@
+"""What a POP pays per deploy and per discover (issues 13 §1 and 17), counted, never timed: the processes
+one run of each POP script starts (strace -f), and the results of the one-pass paths (many certificates
+at once: the certbot conversion, the real paths, the key check) against the per-item paths they replace."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certmgr.deploy import COMMIT_SH, FILE_ORDER, INSPECT_SH, sha256sums
+from certmgr.deploy.model import parse_commit, parse_inspection
+from certmgr.discover import collect
+from certmgr.remote import Result, parse_kv, sh_command
+from tests.unit.test_deploy import material
+from tests.unit.test_deploy_txn import multi_root
+from tests.unit.test_discover import _leaf
+
+pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed (counts processes)")
+
+KINDS = ("cert", "chain", "fullchain", "privkey")
+
+
+def names(k: int) -> tuple[str, ...]:
+    return tuple(f"n{i}.example" for i in range(k))
+
+
+def traced(argv: list[str], data: bytes = b"") -> tuple[subprocess.CompletedProcess[bytes], int]:
+    """Run argv under `strace -f`; (its result, how many processes it and its descendants were)."""
+    with tempfile.TemporaryDirectory() as t:
+        log = Path(t) / "trace"
+        proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=process", "-o", str(log), *argv], input=data,
+                              capture_output=True, timeout=60, check=False)
+        pids = {line.split()[0] for line in log.read_text().splitlines() if line.strip()}
+    return proc, len(pids)
+
+
+def as_result(proc: subprocess.CompletedProcess[bytes]) -> Result:
+    out = proc.stdout.decode()
+    return Result(exit_status=proc.returncode, stdout=out, stderr=proc.stderr.decode(), fields=parse_kv(out))
+
+
+def certbot_layout(root: Path, ns: tuple[str, ...]) -> None:
+    """Turn multi_root's version 1 of each name into certbot's layout: archive/<n>/{kind}1.pem, live/<n>/ links."""
+    for n in ns:
+        os.unlink(root / "live" / n)
+        (root / "live" / n).mkdir()
+        for kind in KINDS:
+            src = root / "archive" / n / "1" / f"{kind}.pem"
+            (root / "archive" / n / f"{kind}1.pem").write_bytes(src.read_bytes())
+            os.symlink(f"../../archive/{n}/{kind}1.pem", root / "live" / n / f"{kind}.pem")
+        shutil.rmtree(root / "archive" / n / "1")
+
+
+def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: str = "/bin/true",
+                    reload: str = "/bin/true", bad_sum: str = "") -> tuple[Result, int]:
+    """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
+    `bad_sum`: that name's sums announce other bytes (its upload fails verification)."""
+    five: list[list[str]] = []
+    blobs: list[bytes] = []
+    for n in ns:
+        m = material((n,))
+        sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
+        five.append([n, f".tmp-up-tag-2-{n}", "2", sums, conv])
+        blobs += [m.files()[f] for f in FILE_ORDER]
+    sizes = " ".join(str(len(b)) for b in blobs)
+    args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", sizes,
+            *[a for f in five[1:] for a in f]]
+    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], b"".join(blobs) + b"go\n")
+    return as_result(proc), count
+
+
+# A commit in certmgr's layout pays, per POP: the login shell (and strace's own sh), flock, one mkdir, one
+# chmod, one sha256sum, one sync of the uploads, one readlink (two with its subshell, for 2+ links), one
+# sync after the swaps, the test and the reload (each exec'd in its command substitution: one process);
+# per certificate: four `head -c` (the upload), the store's rename, and `ln` + `mv` for the swap.
+ONE_CERT = 18  # was 23 before issue 13 §1's second pass
+PER_CERT = 7  # was 9
+# certbot's layout converted, per certificate: the seven above (with the swap's ln + two renames instead of
+# ln + mv) plus four `cp` and the rename of the converted copy; per POP one more mkdir, chmod and sync.
+ONE_CONVERTED = 28  # was 35
+PER_CONVERTED = 13  # was 19 (plus rm, chmod and sync per certificate)
+
+
+def test_a_commit_of_one_certificate_starts_few_processes(tmp_path: Path) -> None:
+    """One certificate in certmgr's layout: stored, swapped, tested and reloaded with at most 18 processes."""
+    root = multi_root(tmp_path, names(1))
+    res, count = streamed_commit(root, names(1))
+    assert parse_commit(res).done, res.stdout + res.stderr
+    assert count <= ONE_CERT, count
+
+
+def test_each_further_certificate_adds_at_most_seven_processes(tmp_path: Path) -> None:
+    """Ten certificates in one commit cost at most 7 processes more per certificate than one (no per-certificate
+    mkdir, chmod, sync, readlink or subshell)."""
+    root = multi_root(tmp_path, names(10))
+    res, count = streamed_commit(root, names(10))
+    c = parse_commit(res)
+    assert c.done, res.stdout + res.stderr
+    assert all(c.certs[n].prev == f"../archive/{n}/1" for n in names(10))
+    # + 2: the readlink of 2+ links runs in a subshell; dash writes a here-document larger than a pipe (the
+    # 40 sums lines) from a child
+    assert count <= ONE_CERT + 9 * PER_CERT + 2, count
+
+
+def test_a_converting_commit_prepares_every_copy_at_once(tmp_path: Path) -> None:
+    """Converting certbot's layout of ten lineages: at most 13 processes per certificate beyond one's 28."""
+    one = tmp_path / "one"
+    one.mkdir()
+    root = multi_root(one, names(1))
+    certbot_layout(root, names(1))
+    res, count1 = streamed_commit(root, names(1), conv="1")
+    assert parse_commit(res).done and count1 <= ONE_CONVERTED, (count1, res.stdout + res.stderr)
+    ten = tmp_path / "ten"
+    ten.mkdir()
+    root = multi_root(ten, names(10))
+    certbot_layout(root, names(10))
+    res, count = streamed_commit(root, names(10), conv="1")
+    assert parse_commit(res).done, res.stdout + res.stderr
+    assert count <= ONE_CONVERTED + 9 * PER_CONVERTED + 1, count  # + 1: the sums' here-document (above)
+
+
+def test_inspect_reads_every_link_with_one_readlink(tmp_path: Path) -> None:
+    """Inspecting ten certificates in certmgr's layout: one readlink (in a subshell) and one base64 per
+    certificate, not a readlink per certificate."""
+    ns = names(10)
+    root = multi_root(tmp_path, ns)
+    (root / "archive" / ".certmgr.lock").touch()
+    proc, count = traced(["sh", "-c", sh_command(INSPECT_SH, [str(root), ns[0], "/bin/true", "", "5", "", *ns[1:]])])
+    state = parse_inspection(as_result(proc))
+    assert {n: (s.layout, s.target) for n, s in state.certs.items()} == {n: ("link", f"../archive/{n}/1") for n in ns}
+    assert count <= 2 + 2 + len(ns), count  # sh ×2, subshell + readlink, base64 per certificate
+
+
+def test_inspect_reads_certbot_links_of_many_lineages_exactly(tmp_path: Path) -> None:
+    """certbot's four links of each of 20 lineages (one read by one readlink) name each one's own version."""
+    ns = names(20)
+    root = multi_root(tmp_path, ns)
+    certbot_layout(root, ns[::2])
+    for n in ns[::2]:  # a different certbot version per lineage: the answer must not be shifted
+        for kind in KINDS:
+            k = 3 + ns.index(n)
+            os.rename(root / "archive" / n / f"{kind}1.pem", root / "archive" / n / f"{kind}{k}.pem")
+            os.unlink(root / "live" / n / f"{kind}.pem")
+            os.symlink(f"../../archive/{n}/{kind}{k}.pem", root / "live" / n / f"{kind}.pem")
+    proc, _ = traced(["sh", "-c", sh_command(INSPECT_SH, [str(root), ns[0], "", "", "5", "", *ns[1:]])])
+    res = as_result(proc)
+    state = parse_inspection(res)
+    for n in ns:
+        s = state.certs[n]
+        if n in ns[::2]:
+            k = 3 + ns.index(n)
+            assert s.layout == "certbot"
+            assert {kind: s.fields[f"certbot_{kind}"] for kind in KINDS} == {
+                kind: [f"{kind}{k}.pem"] for kind in KINDS}, (n, res.stdout)
+        else:
+            assert (s.layout, s.target) == ("link", f"../archive/{n}/1")
+
+
+def test_fifty_certbot_lineages_are_converted_whole_and_switched_back_exactly(tmp_path: Path) -> None:
+    """50 lineages in certbot's layout in one commit: each gets archive/<n>/1/ with certbot's bytes (keys 0600),
+    live/<n> -> ../archive/<n>/2, no temp or set-aside dir left; a failing test points each back at its copy."""
+    ns = names(50)
+    root = multi_root(tmp_path, ns)
+    certbot_layout(root, ns)
+    before = {n: {k: (root / "archive" / n / f"{k}1.pem").read_bytes() for k in KINDS} for n in ns}
+    res, _ = streamed_commit(root, ns, conv="1")
+    c = parse_commit(res)
+    assert c.done, res.stdout + res.stderr
+    for n in ns:
+        assert (c.certs[n].converted, c.certs[n].convdir, c.certs[n].prev) == ("1", "1", f"../archive/{n}/1")
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
+        copy = root / "archive" / n / "1"
+        assert {k: (copy / f"{k}.pem").read_bytes() for k in KINDS} == before[n]
+        assert {k: stat.S_IMODE((copy / f"{k}.pem").stat().st_mode) for k in KINDS} == {
+            "cert": 0o644, "chain": 0o644, "fullchain": 0o644, "privkey": 0o600}
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o755
+        assert [e for e in os.listdir(root / "archive" / n) if e.startswith(".")] == []
+    assert [e for e in os.listdir(root / "live") if e.startswith(".")] == []
+    # the same again from certbot's layout, with a test that fails: every lineage back on certbot's copy
+    again = tmp_path / "again"
+    again.mkdir()
+    root = multi_root(again, ns)
+    certbot_layout(root, ns)
+    before = {n: {k: (root / "archive" / n / f"{k}1.pem").read_bytes() for k in KINDS} for n in ns}
+    res, _ = streamed_commit(root, ns, conv="1", test="/bin/false")
+    c = parse_commit(res)
+    assert res.exit_status == 4 and not c.done, res.stdout + res.stderr
+    for n in ns:
+        assert c.certs[n].rolled_back is True
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/1"
+        assert (root / "live" / n / "fullchain.pem").read_bytes() == before[n]["fullchain"]
+
+
+def test_a_conversion_that_fails_for_one_lineage_fails_only_that_one(tmp_path: Path) -> None:
+    """certbot's files missing for one lineage of five: that one fails at "convert" (its live dir untouched),
+    the others convert and swap, and no temp dir is left."""
+    ns = names(5)
+    root = multi_root(tmp_path, ns)
+    certbot_layout(root, ns)
+    os.unlink(root / "archive" / ns[2] / "chain1.pem")
+    res, _ = streamed_commit(root, ns, conv="1")
+    c = parse_commit(res)
+    assert c.done, res.stdout + res.stderr
+    assert c.certs[ns[2]].failed_step == "convert" and "chain1.pem" in c.certs[ns[2]].failed_out
+    assert (root / "live" / ns[2]).is_dir() and not (root / "live" / ns[2]).is_symlink()
+    assert not (root / "archive" / ns[2] / "1").exists()
+    for n in ns[:2] + ns[3:]:
+        assert c.certs[n].swapped and os.readlink(root / "live" / n) == f"../archive/{n}/2"
+    assert [e for n in ns for e in os.listdir(root / "archive" / n) if e.startswith(".tmp")] == []
+
+
+def test_inspect_removes_certbots_old_directory_left_after_a_finished_conversion(tmp_path: Path) -> None:
+    """A commit that died after both renames of a conversion but before its one `rm` of certbot's old directories
+    (it waits for the sync of live/): the next inspect removes the litter and reports the link, nothing restored."""
+    ns = names(2)
+    root = multi_root(tmp_path, ns)
+    (root / "archive" / ".certmgr.lock").touch()
+    old = root / "live" / f".{ns[0]}.certbot-old"
+    old.mkdir()
+    os.symlink(f"../../archive/{ns[0]}/cert1.pem", old / "cert.pem")
+    proc, _ = traced(["sh", "-c", sh_command(INSPECT_SH, [str(root), ns[0], "", "", "5", "", ns[1]])])
+    res = as_result(proc)
+    state = parse_inspection(res)
+    assert not old.exists() and not old.is_symlink()
+    assert state.restored == () and state.certs[ns[0]].target == f"../archive/{ns[0]}/1"
+
+
+def test_a_lineage_that_fails_verification_leaves_no_prepared_conversion(tmp_path: Path) -> None:
+    """Conversions are prepared before the uploads' per-certificate checks: the one whose upload fails its SHA-256
+    fails at "verify", keeps certbot's directory, and leaves no temp copy; the others convert."""
+    ns = names(3)
+    root = multi_root(tmp_path, ns)
+    certbot_layout(root, ns)
+    res, _ = streamed_commit(root, ns, conv="1", bad_sum=ns[1])
+    c = parse_commit(res)
+    assert c.done and c.certs[ns[1]].failed_step == "verify", res.stdout + res.stderr
+    assert (root / "live" / ns[1]).is_dir() and not (root / "live" / ns[1]).is_symlink()
+    # (its upload's own temp dir stays, as always, for this controller's next commit to sweep)
+    assert [e for e in os.listdir(root / "archive" / ns[1]) if e.startswith(".tmp-1-conv") or e == "1"] == []
+    assert [os.readlink(root / "live" / n) for n in (ns[0], ns[2])] == [f"../archive/{n}/2" for n in (ns[0], ns[2])]
+
+
+# ---------------------------------------------------------------------------- discover
+
+
+def _sh(script: str, *args: str) -> tuple[bytes, int]:
+    proc, count = traced(["sh", "-c", script, "certmgr", *args])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, count
+
+
+def _fleet(tmp: Path, k: int) -> tuple[list[str], list[str], list[str]]:
+    """k certificate files (each behind a symlink) and their keys; (certificate links, keys, public key PEMs)."""
+    certs: list[str] = []
+    keys: list[str] = []
+    pubs: list[str] = []
+    for i in range(k):
+        cert, key = _leaf(f"n{i}.example")
+        d = tmp / f"v{i}"
+        d.mkdir()
+        (d / "fullchain.pem").write_bytes(cert)
+        (d / "privkey.pem").write_bytes(key)
+        (d / "privkey.pem").chmod(0o600)
+        link = tmp / f"site{i}.pem"
+        link.symlink_to(d / "fullchain.pem")
+        certs.append(str(link))
+        keys.append(str(d / "privkey.pem"))
+        pubs.append(x509.load_pem_x509_certificate(cert).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode().strip())
+    return certs, keys, pubs
+
+
+def test_reading_many_certificate_files_resolves_every_real_path_with_one_readlink(tmp_path: Path) -> None:
+    """40 configured certificate files behind symlinks: each one's real path, in order, from a run of at most
+    five processes (sh ×2, readlink, awk, base64), not one readlink per file."""
+    certs, _, _ = _fleet(tmp_path, 40)
+    out, count = _sh(collect.SCRIPT, "65536", "0", str(len(certs)), str(tmp_path / "live"), *certs)
+    tokens = out.split(b"\0")
+    assert [tokens[i + 1:i + 4] for i in range(0, 4 * 40, 4)] == [[str(i).encode(), b"ok", b""] for i in range(40)]
+    start = tokens.index(b"reals")
+    assert tokens[start + 1:tokens.index(b"endreals")] == [str(tmp_path / f"v{i}" / "fullchain.pem").encode()
+                                                            for i in range(40)]
+    assert count <= 5, count
+
+
+def test_checking_many_keys_that_all_match_is_one_openssl(tmp_path: Path) -> None:
+    """30 keys, each with its certificate's path: all "match" from one openssl process (plus the shells)."""
+    certs, keys, pubs = _fleet(tmp_path, 30)
+    args = [str(len(keys)), *[a for k, p in zip(keys, pubs, strict=True) for a in (k, p)], *certs]
+    out, count = _sh(collect.KEY_SCRIPT, *args)
+    assert out.split(b"\0") == [f for i in range(30) for f in (b"key", str(i).encode(), b"match")] + [b"done", b""]
+    assert count <= 3, count
+
+
+def test_one_mismatched_key_among_many_is_told_exactly(tmp_path: Path) -> None:
+    """30 keys, one of them another certificate's, one missing: the one-process check refuses, every key is
+    then checked on its own — the verdicts are exactly those of the per-key check without certificate paths."""
+    certs, keys, pubs = _fleet(tmp_path, 30)
+    keys[7] = keys[8]
+    keys[20] = str(tmp_path / "gone.pem")
+    pairs = [a for k, p in zip(keys, pubs, strict=True) for a in (k, p)]
+    fast, _ = _sh(collect.KEY_SCRIPT, str(len(keys)), *pairs, *certs)
+    slow, _ = _sh(collect.KEY_SCRIPT, str(len(keys)), *pairs)
+    verdicts = fast.split(b"\0")[2:-2:3]
+    assert fast == slow
+    assert verdicts[7] == b"mismatch" and verdicts[20] == b"missing"
+    assert {v for i, v in enumerate(verdicts) if i not in (7, 20)} == {b"match"}
