@@ -89,6 +89,41 @@ def test_a_certificate_never_served_fails_alone() -> None:
     assert serial_of_probe(res[1][1]["b.test"]) != NEW_SERIAL
 
 
+class ReloadingPop(FakePop):
+    """Every name serves OLD for the first `stale` handshakes to the POP (the old generation), then NEW."""
+
+    def __init__(self, stale: int) -> None:
+        super().__init__()
+        self.stale = stale
+
+    async def prober(self, address: str, port: int, sni: str) -> Probe:
+        self.asked[sni] += 1
+        total = sum(self.asked.values())
+        await asyncio.sleep(0.001)
+        return Probe(address=address, port=port, sni=sni, chain=(der(OLD if total <= self.stale else NEW),))
+
+
+def test_until_the_reload_shows_one_name_is_asked_per_round() -> None:
+    """While the POP's old generation answers, each polling round asks one name (in turn), not all 10; then every name once and the confirmation."""
+    pop = ReloadingPop(stale=3)
+    names = [f"n{i}.test" for i in range(10)]
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [([n], NEW_SERIAL) for n in names], limit=5))
+    assert all(ok for ok, _ in res)
+    assert sum(pop.asked.values()) == 3 + 10 + (handshake.CONFIRM_ROUNDS - 1) * handshake.CONFIRM_SAMPLE
+    assert [pop.asked[n] >= 1 for n in names] == [True] * 10
+
+
+def test_a_pop_never_reloaded_fails_every_certificate_and_shows_each_name() -> None:
+    """A POP whose old generation keeps answering fails every certificate, and the answer holds a handshake of every name."""
+    pop = ReloadingPop(stale=10**6)
+    names = [f"n{i}.test" for i in range(12)]  # more than the rounds in the time allowed
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [([n], NEW_SERIAL) for n in names], limit=0.3))
+    assert [ok for ok, _ in res] == [False] * 12
+    assert [list(seen) for _, seen in res] == [[n] for n in names]
+
+
 def test_handshakes_to_one_pop_are_bounded() -> None:
     """However many names a POP serves, at most handshake.PER_HOST handshakes are in flight to it at once."""
     pop = FakePop()
