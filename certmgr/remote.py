@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
 from certmgr import sanitize
 from certmgr.errors import DeployError, HostKeyError
 from certmgr.inventory import Host
+from certmgr.sshlib import asyncssh
 
 logger = logging.getLogger(__name__)
 
