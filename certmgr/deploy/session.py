@@ -18,11 +18,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from certmgr import remote as remote_mod
-from certmgr.deploy.shell import read
+from certmgr.deploy.shell import SESSION_SH
 from certmgr.remote import ConnectionLost, Remote, RemoteTimeout, Result, parse_kv, sh_command
 from certmgr.sshlib import asyncssh
-
-SESSION_SH = read("session.sh")
 
 
 class Session:
