@@ -72,7 +72,10 @@ def remove(store: StateStore, intent: Intent) -> None:
 def pending(store: StateStore, cert: str | None = None, host: str | None = None) -> list[Intent]:
     """Intents left by runs that did not finish their commit, oldest first (unreadable ones are skipped)."""
     out = []
-    for data in store.list_json(INTENT_DIR if cert is None else f"{INTENT_DIR}/{cert}"):
+    # one host's: only its own files are read (`<host>.<id>.json`), not those of the POPs deploying beside it
+    found = (store.list_json(INTENT_DIR) if cert is None else
+             store.list_json(f"{INTENT_DIR}/{cert}", f"{host}." if host is not None else ""))
+    for data in found:
         try:
             intent = Intent.from_json(data)
         except (TypeError, AttributeError):  # not an intent written by this version: leave it alone

@@ -179,11 +179,12 @@ class Deployer:
         if self.store is None:
             return state
         try:
-            left = {}
-            for job in jobs:
-                pending = await asyncio.to_thread(intents_mod.pending, self.store, job.name, host.name)
-                if pending:
-                    left[job.name] = pending
+            store = self.store
+
+            def look() -> dict[str, list[intents_mod.Intent]]:  # every certificate's in one thread hop
+                return {job.name: found for job in jobs if (found := intents_mod.pending(store, job.name, host.name))}
+
+            left = await asyncio.to_thread(look)
             if not left:
                 return state
             wait = max(intents_mod.recheck_in(its, layout=state.certs[n].layout, target=state.certs[n].target,
