@@ -99,12 +99,15 @@ def sh_command(script: str, args: Sequence[str]) -> str:
     return shlex.join(["sh", "-c", script, "certmgr", *args])
 
 
+_KEY = re.compile(r"[a-z_][a-z0-9_]*")
+
+
 def parse_kv(text: str) -> dict[str, list[str]]:
     """`key=value` lines → {key: [values...]}; lines without '=' are ignored."""
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+        if sep and _KEY.fullmatch(key):
             out.setdefault(key, []).append(value)
     return out
 

@@ -88,16 +88,23 @@ class Session:
                 head = f"{index} {0 if data is None else 1} {len(words)}\n".encode()
                 proc.stdin.write(head + words + (data or b""))
                 self.steps += 1
-                end = self.mark + b"="
+                # read in chunks, not lines: an inspection is a hundred lines per POP
+                end = b"\n" + self.mark + b"="
                 while True:
-                    line = await proc.stdout.readline()
-                    if not line:
+                    chunk = await proc.stdout.read(65536)
+                    if not chunk:
                         break
-                    if line.startswith(end):
-                        status = int(line[len(end):].strip() or b"-1")
+                    out += chunk
+                    at = out.find(end)
+                    if at >= 0:
+                        nl = out.find(b"\n", at + len(end))
+                        if nl < 0:
+                            continue  # the status is still on its way
+                        status = int(out[at + len(end):nl].strip() or b"-1")
+                        del out[at:]  # the step's own output (the newline before the marker is session.sh's)
                         break
-                    out += line
-                    if data is not None and not told and line == b"received=1\n":
+                    got = out.find(b"received=1\n")
+                    if data is not None and not told and got >= 0 and (got == 0 or out[got - 1] == 0x0A):
                         proc.stdin.write(b"go\n")
                         told = True
                 if status is not None:
@@ -115,7 +122,7 @@ class Session:
         if status is None:  # the channel ended mid-step with no word on the script
             lost = ConnectionLost("closed without an exit status")
             raise (self.remote.lost(step, lost) if told else self.remote.cut(step, lost))
-        text = bytes(out[:-1] if out.endswith(b"\n") else out).decode("utf-8", "replace")
+        text = bytes(out).decode("utf-8", "replace")
         errtext = err[:-len(self.mark) - 2].decode("utf-8", "replace")
         return Result(exit_status=status, stdout=text, stderr=errtext, fields=parse_kv(text))
 

@@ -197,3 +197,23 @@ def test_the_session_script_runs_each_step_with_its_own_arguments_and_stdin() ->
                        check=False)
     assert p.stdout == b"a b|c\nd|$(echo x)|eof\nM=3\nz|\nM=3\n"
     assert (p.returncode, p.stderr) == (0, b"\nM\n\nM\n")
+
+
+def test_an_output_of_many_chunks_is_read_whole(tmp_path: Path) -> None:
+    """A step whose output spans many SSH packets answers whole, as alone; `received=1` inside a line is not the
+    script's word: `go` is sent only for the line itself."""
+    big = 'i=0; while [ $i -lt 20000 ]; do printf "k_%s=not received=1 here\\n" $i; i=$((i + 1)); done; printf "x"'
+    ask = big.replace('printf "x"', 'printf "\\nreceived=1\\n"; IFS= read -r go; printf "go=%s\\n" "$go"')
+
+    async def main() -> None:
+        async with fake_pop(tmp_path) as rem:
+            alone = await rem.run_script(big, [], step="big")
+            async with session.over(rem, [big, ask, READ]) as s:
+                assert await s.run_script(big, [], step="big") == alone
+                res = await s.run_streamed(ask, [], b"", step="ask")
+                assert res.get("go") == "go" and res.get("k_19999") == "not received=1 here"
+                assert (await s.run_script(READ, [], step="read")).get("line") == ""
+                assert (s.opened, s.steps) == (1, 3)
+            assert len(alone.stdout) > 400_000 and alone.stdout.endswith("here\nx")
+
+    asyncio.run(main())
