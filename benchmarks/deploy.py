@@ -55,13 +55,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from certmgr import inventory as inventory_mod  # noqa: E402
-from certmgr.deploy import Status, deploy  # noqa: E402
+from certmgr.deploy import Status, deploy, handshake  # noqa: E402
 from certmgr.material import CertMaterial  # noqa: E402
 from certmgr.model import SecretRef, StoreConfig  # noqa: E402
+from certmgr.remote import Timeouts  # noqa: E402
 from certmgr.store import Store  # noqa: E402
 from lab import Lab, pki  # noqa: E402
 from lab.pop import DEPLOY_USER  # noqa: E402
@@ -154,11 +157,14 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
             leaf = pki.make_leaf(ca, list(cert.domains))
             store.activate(cert.name, store.add_version(cert.name, CertMaterial(
                 cert=leaf.cert_pem, chain=ca.cert_pem, privkey=leaf.key_pem)))
-        prof = cProfile.Profile() if profile != "-" else None
+        # CPU time, not wall time: on two busy cores a wall-clock profile charges the waits to whoever was running
+        prof = cProfile.Profile(time.process_time) if profile != "-" else None
+        prober, counts = counting()
         start = time.monotonic()
         if prof is not None:
             prof.enable()
-        outcomes = asyncio.run(deploy(inv, store, certs, parallel=parallel, now=dt.datetime.now(dt.UTC)))
+        outcomes = asyncio.run(deploy(inv, store, certs, parallel=parallel, now=dt.datetime.now(dt.UTC),
+                                      prober=prober))
         wall = time.monotonic() - start
         if prof is not None:
             prof.disable()
@@ -168,7 +174,30 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"n": n, "k": k, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
-                      "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad}))
+                      "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad, **counts}))
+
+
+def counting() -> tuple[Any, dict[str, int]]:
+    """deploy's prober, counting TLS handshakes; SSH connections and channels (sessions) counted in asyncssh."""
+    counts = {"connections": 0, "channels": 0, "handshakes": 0}
+    probe = handshake.probe_with(Timeouts())
+    connect, session = asyncssh.connect, asyncssh.SSHClientConnection.create_session
+
+    async def prober(address: str, port: int, sni: str) -> Any:
+        counts["handshakes"] += 1
+        return await probe(address, port, sni)
+
+    async def counted_connect(*a: Any, **kw: Any) -> Any:
+        counts["connections"] += 1
+        return await connect(*a, **kw)
+
+    async def counted_session(self: Any, *a: Any, **kw: Any) -> Any:
+        counts["channels"] += 1
+        return await session(self, *a, **kw)
+
+    asyncssh.connect = counted_connect  # type: ignore[assignment]
+    asyncssh.SSHClientConnection.create_session = counted_session  # type: ignore[method-assign]
+    return prober, counts
 
 
 def _proc_cpu(pid: int | None) -> float:
@@ -376,7 +405,8 @@ def main() -> int:
                 rss = max(int(r["rss_kb"]) for r in runs)
                 med[k, n] = walls[len(walls) // 2]
                 avg = {key: sum(r[key] for r in runs) / len(runs)
-                       for key in ("sshd_cpu", "nginx_cpu", "client_cpu", "machine_busy", "load", "forks")}
+                       for key in ("sshd_cpu", "nginx_cpu", "client_cpu", "machine_busy", "load", "forks",
+                                   "connections", "channels", "handshakes")}
                 srv = avg["sshd_cpu"] + avg["nginx_cpu"]
                 lo, hi = min(r["reloads"][0] for r in runs), max(r["reloads"][1] for r in runs)
                 print(f"certmgr {k:>2} cert(s) × {n:>2} POPs: median {med[k, n]:.2f}s "
@@ -386,7 +416,9 @@ def main() -> int:
                       f"(POPs' sshd trees {avg['sshd_cpu'] * 1000 / n:.0f} ms + nginx {avg['nginx_cpu'] * 1000 / n:.0f}"
                       f" ms + certmgr {avg['client_cpu'] * 1000 / n:.0f} ms; whole machine "
                       f"{avg['machine_busy'] * 1000 / n:.0f} ms, other load included); processes started per POP "
-                      f"{avg['forks'] / n:.0f} (machine-wide); load avg {avg['load']:.1f} on {os.cpu_count()} cores")
+                      f"{avg['forks'] / n:.0f} (machine-wide); load avg {avg['load']:.1f} on {os.cpu_count()} cores; "
+                      f"per POP: {avg['connections'] / n:.1f} SSH connections, {avg['channels'] / n:.1f} SSH channels, "
+                      f"{avg['handshakes'] / n:.1f} TLS handshakes")
         kk = max(ks)
         if (kk, big) in med:
             conv = warm["wall"] / med[kk, big]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from certmgr.errors import CertmgrError
@@ -62,7 +63,27 @@ class Intent:
 
 def write(store: StateStore, intent: Intent) -> None:
     """Durably record `intent` (atomic write, fsynced) before its commit starts."""
-    store.save_json(intent.relpath, asdict(intent))
+    store.save_json(intent.relpath, {f.name: getattr(intent, f.name) for f in fields(intent)})  # flat: no asdict copy
+
+
+def write_all(store: StateStore, made: Sequence[Intent]) -> dict[str, CertmgrError]:
+    """write() each of a host transaction's intents (one thread hop for all); the errors by certificate."""
+    failed: dict[str, CertmgrError] = {}
+    for intent in made:
+        try:
+            write(store, intent)
+        except CertmgrError as exc:
+            failed[intent.cert] = exc
+    return failed
+
+
+def remove_all(store: StateStore, done: Sequence[Intent]) -> None:
+    """remove() each; an error is logged (harmless: the next deploy finds its audit line and drops the intent)."""
+    for intent in done:
+        try:
+            remove(store, intent)
+        except CertmgrError as exc:
+            logger.error("deploy intent %s: %s", intent.relpath, exc)
 
 
 def remove(store: StateStore, intent: Intent) -> None:
@@ -72,7 +93,10 @@ def remove(store: StateStore, intent: Intent) -> None:
 def pending(store: StateStore, cert: str | None = None, host: str | None = None) -> list[Intent]:
     """Intents left by runs that did not finish their commit, oldest first (unreadable ones are skipped)."""
     out = []
-    for data in store.list_json(INTENT_DIR if cert is None else f"{INTENT_DIR}/{cert}"):
+    # one host's: only its own files are read (`<host>.<id>.json`), not those of the POPs deploying beside it
+    found = (store.list_json(INTENT_DIR) if cert is None else
+             store.list_json(f"{INTENT_DIR}/{cert}", f"{host}." if host is not None else ""))
+    for data in found:
         try:
             intent = Intent.from_json(data)
         except (TypeError, AttributeError):  # not an intent written by this version: leave it alone

@@ -446,12 +446,13 @@ class PgStore:
         with self._tx(f"remove {relpath}", fence=True) as cur:
             cur.execute("DELETE FROM certmgr_json WHERE path = %s", (_check_rel(relpath),))
 
-    def list_json(self, reldir: str) -> list[Any]:
-        prefix = _check_rel(reldir).rstrip("/") + "/"
+    def list_json(self, reldir: str, prefix: str = "") -> list[Any]:
+        base = _check_rel(reldir).rstrip("/") + "/"
         with self._read(f"list {reldir}") as cur:
-            rows = cur.execute("SELECT body FROM certmgr_json WHERE starts_with(path, %s) AND path LIKE '%%.json' "
-                               "ORDER BY path COLLATE \"C\"", (prefix,))
-            return [r[0] for r in rows]
+            rows = cur.execute("SELECT path, body FROM certmgr_json WHERE starts_with(path, %s) "
+                               "AND path LIKE '%%.json' ORDER BY path COLLATE \"C\"", (base + prefix,))
+            # with a prefix, only the documents right under reldir (as the directory store)
+            return [r[1] for r in rows if not prefix or "/" not in r[0][len(base):]]
 
     # ------------------------------------------------------------------ ACME account keys
 

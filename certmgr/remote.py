@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
 from certmgr import sanitize
 from certmgr.errors import DeployError, HostKeyError
 from certmgr.inventory import Host
+from certmgr.sshlib import asyncssh
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +99,15 @@ def sh_command(script: str, args: Sequence[str]) -> str:
     return shlex.join(["sh", "-c", script, "certmgr", *args])
 
 
+_KEY = re.compile(r"[a-z_][a-z0-9_]*")
+
+
 def parse_kv(text: str) -> dict[str, list[str]]:
     """`key=value` lines → {key: [values...]}; lines without '=' are ignored."""
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+        if sep and _KEY.fullmatch(key):
             out.setdefault(key, []).append(value)
     return out
 
@@ -143,7 +145,7 @@ class Result:
         return list(self.fields.get(key, ()))
 
 
-def _where(host: Host) -> str:
+def where(host: Host) -> str:
     return f"{host.name} ({host.address}:{host.port})"
 
 
@@ -255,14 +257,14 @@ def _known_keys(host: Host) -> tuple[Path, list[asyncssh.SSHKey], list[asyncssh.
         text = ""
     except OSError as exc:
         raise HostKeyError(
-            f"connect {_where(host)}: cannot read known_hosts {path}: {exc.strerror} (refused, nothing changed)"
+            f"connect {where(host)}: cannot read known_hosts {path}: {exc.strerror} (refused, nothing changed)"
         ) from exc
     kh = _KH_CACHE.get(str(path))
     if kh is None or kh[0] != text:
         try:
             kh = (text, asyncssh.import_known_hosts(text))
         except (ValueError, asyncssh.KeyImportError) as exc:
-            raise HostKeyError(f"connect {_where(host)}: known_hosts {path} does not parse: {exc} (refused)") from exc
+            raise HostKeyError(f"connect {where(host)}: known_hosts {path} does not parse: {exc} (refused)") from exc
         _KH_CACHE[str(path)] = kh  # parsed once per content: a fleet shares one file
     host_keys, ca_keys, revoked, *_ = kh[1].match(host.address, host.address, host.port)
     return path, list(host_keys), list(ca_keys), list(revoked)
@@ -322,30 +324,30 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asy
         fp = f"{offered.get_algorithm()} {offered.get_fingerprint()}" if offered else "a key"
         if unknown:
             raise HostKeyError(
-                f"connect {_where(host)}: unknown host key {fp}, not in {path} (refused, nothing changed)",
+                f"connect {where(host)}: unknown host key {fp}, not in {path} (refused, nothing changed)",
                 hint=f"check the fingerprint out of band, then add it (ssh-keyscan -p {host.port} {host.address} "
                      f">> {path}), or rerun with --accept-new to trust it on first use",
             ) from exc
         raise HostKeyError(
-            f"connect {_where(host)}: host key changed: server offered {fp}, which {path} does not list for "
+            f"connect {where(host)}: host key changed: server offered {fp}, which {path} does not list for "
             f"{_hostport(host)} (refused, nothing changed)",
             hint=f"if {host.name} was legitimately re-keyed, verify the new fingerprint out of band and replace "
                  f"its entry (ssh-keygen -R '{_hostport(host)}' -f {path}); otherwise treat it as an attack",
         ) from exc
     except TimeoutError as exc:
-        raise Unreachable(f"connect {_where(host)}: timed out after {timeouts.connect:g}s (nothing changed)") from exc
+        raise Unreachable(f"connect {where(host)}: timed out after {timeouts.connect:g}s (nothing changed)") from exc
     except asyncssh.PermissionDenied as exc:
         raise Unreachable(
-            f"connect {_where(host)}: authentication as {host.user!r} refused: {sanitize.line(exc.reason)} "
+            f"connect {where(host)}: authentication as {host.user!r} refused: {sanitize.line(exc.reason)} "
             "(nothing changed)",
             hint="check the user and that its authorized_keys holds certmgr's public key",
         ) from exc
     except asyncssh.Error as exc:
-        raise Unreachable(f"connect {_where(host)}: ssh: {sanitize.line(exc.reason)} (nothing changed)") from exc
+        raise Unreachable(f"connect {where(host)}: ssh: {sanitize.line(exc.reason)} (nothing changed)") from exc
     except OSError as exc:
         # asyncio's "Connect call failed (addr, port)" hides the errno's text; show the text
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise Unreachable(f"connect {_where(host)}: {reason} (nothing changed)") from exc
+        raise Unreachable(f"connect {where(host)}: {reason} (nothing changed)") from exc
     if policy.accepted_new and policy.offered is not None:
         try:
             await _remember_host_key(path, host, policy.offered)
@@ -353,7 +355,7 @@ async def _open(host: Host, *, accept_new: bool, timeouts: Timeouts, tunnel: asy
             # Trust on first use that is not written down would be trust on every use: refuse.
             conn.close()
             raise HostKeyError(
-                f"connect {_where(host)}: new host key {policy.offered.get_fingerprint()} could not be recorded "
+                f"connect {where(host)}: new host key {policy.offered.get_fingerprint()} could not be recorded "
                 f"in {path}: {exc.strerror} (refused, nothing changed)",
                 hint=f"make {path} writable by this user, or add the key yourself after checking its fingerprint",
             ) from exc
@@ -374,12 +376,12 @@ class Remote:
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_task: asyncio.Task[asyncssh.SFTPClient] | None = None
 
-    def _lost(self, step: str, exc: BaseException) -> DeployError:
+    def lost(self, step: str, exc: BaseException) -> DeployError:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # the peer's words
-        return ConnectionLost(f"{step} {_where(self.host)}: connection lost: {sanitize.line(str(reason))}")
+        return ConnectionLost(f"{step} {where(self.host)}: connection lost: {sanitize.line(str(reason))}")
 
-    def _cut(self, step: str, exc: BaseException) -> StreamCut:
-        return StreamCut(self._lost(step, exc).message)
+    def cut(self, step: str, exc: BaseException) -> StreamCut:
+        return StreamCut(self.lost(step, exc).message)
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str,
                          timeout: float | None = None) -> Result:
@@ -390,9 +392,9 @@ class Remote:
             async with asyncio.timeout(limit):
                 proc = await self.conn.run(cmd, check=False, stdin=asyncssh.DEVNULL)
         except TimeoutError as exc:
-            raise RemoteTimeout(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
+            raise RemoteTimeout(f"{step} {where(self.host)}: no answer within {limit:g}s") from exc
         except (asyncssh.Error, OSError) as exc:
-            raise self._lost(step, exc) from exc
+            raise self.lost(step, exc) from exc
         out = proc.stdout if isinstance(proc.stdout, str) else (proc.stdout or b"").decode("utf-8", "replace")
         err = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr or b"").decode("utf-8", "replace")
         status = proc.exit_status if proc.exit_status is not None else -1
@@ -430,12 +432,12 @@ class Remote:
                 finally:
                     proc.close()
         except TimeoutError as exc:
-            raise RemoteTimeout(f"{step} {_where(self.host)}: no answer within {limit:g}s") from exc
+            raise RemoteTimeout(f"{step} {where(self.host)}: no answer within {limit:g}s") from exc
         except (asyncssh.Error, OSError) as exc:
-            raise (self._lost(step, exc) if told else self._cut(step, exc)) from exc
+            raise (self.lost(step, exc) if told else self.cut(step, exc)) from exc
         if proc.exit_status is None and proc.exit_signal is None:  # the channel closed with no word on the script
             lost = ConnectionLost("closed without an exit status")
-            raise (self._lost(step, lost) if told else self._cut(step, lost))
+            raise (self.lost(step, lost) if told else self.cut(step, lost))
         text = bytes(out).decode("utf-8", "replace")
         status = proc.exit_status if proc.exit_status is not None else -1
         return Result(exit_status=status, stdout=text, stderr=err.decode("utf-8", "replace"), fields=parse_kv(text))
@@ -453,11 +455,11 @@ class Remote:
                 async with asyncio.timeout(self.timeouts.upload):
                     self._sftp = await asyncio.shield(self._sftp_task)
             except TimeoutError as exc:
-                raise UploadError(f"upload {_where(self.host)}: SFTP session did not open in time") from exc
+                raise UploadError(f"upload {where(self.host)}: SFTP session did not open in time") from exc
             except asyncssh.SFTPError as exc:
-                raise UploadError(f"upload {_where(self.host)}: SFTP unavailable: {sanitize.line(exc.reason)}") from exc
+                raise UploadError(f"upload {where(self.host)}: SFTP unavailable: {sanitize.line(exc.reason)}") from exc
             except (asyncssh.Error, OSError) as exc:
-                raise self._lost("upload", exc) from exc
+                raise self.lost("upload", exc) from exc
         return self._sftp
 
     async def upload_dir(self, directory: str, files: Mapping[str, tuple[bytes, int]], *,
@@ -497,18 +499,18 @@ class Remote:
                 results = await asyncio.gather(*(put(n, d, m) for n, (d, m) in files.items()),
                                                return_exceptions=True)
         except TimeoutError as exc:
-            raise UploadError(f"upload {_where(self.host)}: not finished within {self.timeouts.upload:g}s") from exc
+            raise UploadError(f"upload {where(self.host)}: not finished within {self.timeouts.upload:g}s") from exc
         except asyncssh.SFTPError as exc:
-            raise UploadError(f"upload {_where(self.host)}: {directory}: {sanitize.line(exc.reason)}") from exc
+            raise UploadError(f"upload {where(self.host)}: {directory}: {sanitize.line(exc.reason)}") from exc
         except (asyncssh.Error, OSError) as exc:
-            raise self._lost("upload", exc) from exc
+            raise self.lost("upload", exc) from exc
         errors = [r for r in results if isinstance(r, BaseException)]
         for err in errors:
             if isinstance(err, asyncssh.SFTPError):
-                raise UploadError(f"upload {_where(self.host)}: {directory}: {sanitize.line(err.reason)}") from err
+                raise UploadError(f"upload {where(self.host)}: {directory}: {sanitize.line(err.reason)}") from err
         for err in errors:
             if isinstance(err, (asyncssh.Error, OSError)):
-                raise self._lost("upload", err) from err
+                raise self.lost("upload", err) from err
             raise err
 
     async def remove_tree_quietly(self, directory: str) -> None:

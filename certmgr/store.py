@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -521,14 +522,16 @@ class Store:
         except OSError as exc:
             raise StoreError(f"store {relpath}: cannot remove: {os_error_text(exc)}") from exc
 
-    def list_json(self, reldir: str) -> list[Any]:
+    def list_json(self, reldir: str, prefix: str = "") -> list[Any]:
         """The parsed `*.json` files anywhere under `<root>/<reldir>`, by path; unreadable ones are skipped.
+        With `prefix`, only the files right in `<reldir>` whose names start with it (the others are not read).
 
         Concurrency: lock-free; sees whole files only (writers replace atomically).
         """
         base = self._json_path(reldir)
+        found = base.glob(glob.escape(prefix) + "*.json") if prefix else base.rglob("*.json")
         out = []
-        for path in sorted(base.rglob("*.json")) if base.is_dir() else []:
+        for path in sorted(found) if base.is_dir() else []:
             if path.name.startswith("."):
                 continue  # a writer's temporary
             try:

@@ -1,15 +1,16 @@
 """Deploy: push the store's live version of each certificate to its hosts, all at once, bounded.
 
-Per host, one transaction for every certificate due there: one inspect (and preflight test), every
-new version uploaded over SFTP, one commit under the POP lock (swap each `live/<name>` with one
-rename(2), ONE test, ONE reload — or all switched back), then every name verified by handshake;
-certificates that do not verify are rolled back together with one more reload.
+Per host, one transaction for every certificate due there, over one SSH channel: one inspect (and
+preflight test), one commit under the POP lock that reads every new version from its stdin (swap
+each `live/<name>` with one rename(2), ONE test, ONE reload — or all switched back), then every name
+verified by handshake; certificates that do not verify are rolled back together with one more reload.
 
   model.py      Status, HostOutcome, and the typed records the scripts' output is read into
   scripts/*.sh  the shell run on POPs (shell.py composes them)
   plan.py       pure per-certificate decisions from an inspection
   handshake.py  verify by TLS handshake
   host.py       the connection seam, intents, settling, pruning
+  session.py    the transaction's scripts in turn over one SSH channel (scripts/session.sh)
   txn.py        one host's transaction, step by step; steps.py its commit/rollback halves
   run.py        deploy(): fan-out, canaries, state
 """

@@ -60,7 +60,9 @@ async def wait_all(prober: Prober, host: Host, wants: Sequence[tuple[Sequence[st
     has served its serial once, CONFIRM_ROUNDS - 1 rounds of at most CONFIRM_SAMPLE handshakes for
     the whole POP (names taken in turn across the certificates), CONFIRM_INTERVAL apart, must all be
     good — not three rounds of every name. A stale answer sends that certificate's names back to
-    polling and the confirmation starts again. Each want's answer: (ok, the last probe per name).
+    polling and the confirmation starts again. After a round of several names that found only the old
+    generation, each polling round asks one name (in turn) until the new one answers, then every name
+    still to see at once. Each want's answer: (ok, the last probe per name).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
@@ -79,13 +81,27 @@ async def wait_all(prober: Prober, host: Host, wants: Sequence[tuple[Sequence[st
         await asyncio.sleep(max(0.0, when - loop.time()))
         return await served(prober, host, [n for _, n in pick], sem)
 
+    scouting = False  # a round of several names found only the old generation: one name per round, in turn
+    scout = 0
     while True:
         began = loop.time()
         asked = [(i, n) for i, ns in enumerate(todo) for n in ns]
+        if scouting and len(asked) > 1:
+            # While the old generation answers every name, one handshake per round tells as much as one
+            # per name. Not from the first round: a far POP has long reloaded when it is asked.
+            asked = [asked[scout % len(asked)]]
+            scout += 1
         got = await served(prober, host, list(dict.fromkeys(n for _, n in asked)), sem) if asked else {}
         for i, n in asked:
             seen[i][n] = got[n]
+        fresh = any(serial_of_probe(got[n]) == wants[i][1] for i, n in asked)
         todo = [[n for n in ns if serial_of_probe(seen[i][n]) != wants[i][1]] for i, ns in enumerate(todo)]
+        if scouting and fresh:
+            scouting = False
+            if any(todo):
+                continue  # the new generation answers: at once, every name still to see
+        elif not fresh and len(asked) > 1:
+            scouting = True
         ready = [i for i in range(len(wants)) if not todo[i] and i not in confirmed]
         if ready:
             # confirmation for the certificates whose every name served once: rounds CONFIRM_INTERVAL

@@ -154,21 +154,27 @@ class Deployer:
         return self.outcome(job, Status.HELD, start=start, hint=f"run `certmgr deploy {name}` to finish",
                             error=f"deploy {name} → {job.host.name}: not started: interrupted (live unchanged)")
 
-    async def intend(self, job: Job, *, version: int, layout: str | None, target: str | None, conv: str,
-                     old_serial: str | None) -> None:
-        """Record durably, before the commit starts, the switch it may make (settled by a later run if we die)."""
-        intent = intents_mod.Intent.new(
-            cert=job.cert.name, host=job.host.name, version=version, layout=layout or "none",
-            from_target=target or "", back_target=f"../archive/{job.cert.name}/{conv}" if conv else (target or ""),
-            from_serial=old_serial, to_serial=job.info.serial, now=dt.datetime.now(dt.UTC))
-        if self.store is not None:
-            try:
-                await asyncio.to_thread(intents_mod.write, self.store, intent)
-            except CertmgrError as exc:
-                raise DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)",
-                                  hint=exc.hint) from exc
-        job.intent = intent
-        interrupt.tally().committing.add((job.cert.name, job.host.name))
+    async def intend_all(self, jobs: Sequence[Job]) -> dict[str, DeployError]:
+        """Record durably, before the commit starts, the switch each job's commit may make (settled by a later
+        run if we die); one thread hop for the host's transaction. The jobs whose intent could not be written."""
+        now = dt.datetime.now(dt.UTC)
+        made = []
+        for job in jobs:
+            d, st = job.decision, job.state
+            assert d is not None and st is not None
+            target = st.target
+            made.append(intents_mod.Intent.new(
+                cert=job.cert.name, host=job.host.name, version=d.version, layout=st.layout or "none",
+                from_target=target or "",
+                back_target=f"../archive/{job.cert.name}/{d.conv}" if d.conv else (target or ""),
+                from_serial=d.old_serial, to_serial=job.info.serial, now=now))
+        failed = {} if self.store is None else await asyncio.to_thread(intents_mod.write_all, self.store, made)
+        for job, intent in zip(jobs, made, strict=True):
+            if job.name not in failed:
+                job.intent = intent
+                interrupt.tally().committing.add((job.cert.name, job.host.name))
+        return {name: DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)", hint=exc.hint)
+                for name, exc in failed.items()}
 
     async def settle(self, rem: RemoteSession, host: Host, jobs: Sequence[Job], state: Inspection,
                      inspect: Sequence[str]) -> Inspection:
@@ -180,11 +186,12 @@ class Deployer:
         if self.store is None:
             return state
         try:
-            left = {}
-            for job in jobs:
-                pending = await asyncio.to_thread(intents_mod.pending, self.store, job.name, host.name)
-                if pending:
-                    left[job.name] = pending
+            store = self.store
+
+            def look() -> dict[str, list[intents_mod.Intent]]:  # every certificate's in one thread hop
+                return {job.name: found for job in jobs if (found := intents_mod.pending(store, job.name, host.name))}
+
+            left = await asyncio.to_thread(look)
             if not left:
                 return state
             wait = max(intents_mod.recheck_in(its, layout=state.certs[n].layout, target=state.certs[n].target,

@@ -13,10 +13,11 @@ from cryptography import x509
 
 from certmgr import certcheck, halocks, interrupt
 from certmgr import remote as remote_mod
-from certmgr.deploy import fence, handshake
+from certmgr.deploy import fence, handshake, session
 from certmgr.deploy.host import Connector, Deployer, Job, default_connector
 from certmgr.deploy.model import HostOutcome, Status
 from certmgr.deploy.plan import serial_of_pem
+from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH, ROLLBACK_SH
 from certmgr.deploy.txn import Transaction
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -40,8 +41,10 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
             if interrupt.stopping():
                 return [d.not_started(job, start=d.loop.time()) for job in jobs]
             # two controllers: the POP's lock for the transaction, its epoch to commit.sh (deploy/fence.py)
-            async with halocks.pop_held(d.store, host.name, "deploy") as epoch:
-                txn = Transaction(d, rem, host, jobs, done, start=start)
+            # inspect, commit and a rollback in one SSH channel (session.py); prune below on channels of its own
+            async with halocks.pop_held(d.store, host.name, "deploy") as epoch, \
+                    session.over(rem, (INSPECT_SH, COMMIT_SH, ROLLBACK_SH)) as steps:
+                txn = Transaction(d, steps, host, jobs, done, start=start)
                 txn.fence = None if epoch is None else fence.Token(epoch=epoch, holder=fence.holder_id())
                 await txn.run_shielded()
                 if all(o.status != Status.UNKNOWN for o in done.values()):

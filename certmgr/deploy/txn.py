@@ -23,7 +23,7 @@ from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_
 from certmgr.deploy.plan import command_label, decide, quote_text, served_text, sni_names, version_of_target
 from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH
 from certmgr.deploy.steps import after_failed_test, commit_args, read_commit, rollback_after_verify
-from certmgr.errors import CertmgrError, DeployError
+from certmgr.errors import DeployError
 from certmgr.inventory import Host
 from certmgr.log import event
 
@@ -89,14 +89,10 @@ class Transaction:
             for job in self.undone():  # a switch may have happened unheard: their intents stay for the next run
                 self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
             return
-        if self.d.store is not None:
-            for job in self.jobs:
-                if job.intent is not None:
-                    # its outcome is audited (or nothing was switched): the intent has done its job
-                    try:
-                        await asyncio.to_thread(intents_mod.remove, self.d.store, job.intent)
-                    except CertmgrError as exc:  # harmless: the next deploy finds its audit line and drops it
-                        logger.error("deploy intent %s: %s", job.intent.relpath, exc)
+        done = [job.intent for job in self.jobs if job.intent is not None]
+        if self.d.store is not None and done:
+            # their outcomes are audited (or nothing was switched): the intents have done their job
+            await asyncio.to_thread(intents_mod.remove_all, self.d.store, done)
 
     # -- the steps
 
@@ -208,13 +204,12 @@ class Transaction:
                 self.done[job.name] = self.d.not_started(job, start=self.start)
             return []
         for job in todo:
-            d, st = job.decision, job.state
-            assert d is not None and st is not None
+            d = job.decision
+            assert d is not None
             job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{secrets.token_hex(6)}"
-            try:
-                await self.d.intend(job, version=d.version, layout=st.layout, target=st.target, conv=d.conv,
-                                    old_serial=d.old_serial)
-            except DeployError as exc:
+        failed = await self.d.intend_all(todo)
+        for job in todo:
+            if (exc := failed.get(job.name)) is not None:
                 self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
         return self.undone(todo)
 

@@ -19,8 +19,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncssh
-
 from certmgr import remote as remote_mod
 from certmgr.discover.model import FileRead, HostScan, Report, Served, analyze, handshake_targets, read_pem
 from certmgr.discover.nginxconf import Config, DumpError, parse_dump
@@ -28,6 +26,7 @@ from certmgr.discover.text import clean
 from certmgr.errors import DeployError
 from certmgr.inventory import Host, Inventory
 from certmgr.material import CertInfo
+from certmgr.sshlib import asyncssh
 
 logger = logging.getLogger(__name__)
 

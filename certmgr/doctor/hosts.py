@@ -7,8 +7,6 @@ import re
 import secrets
 import time
 
-import asyncssh
-
 from certmgr import remote as remote_mod
 from certmgr import sanitize
 from certmgr.deploy import KEYOWN_SH
@@ -17,6 +15,7 @@ from certmgr.doctor.served import _check_served
 from certmgr.doctor.sudo import _check_reload, _check_test
 from certmgr.inventory import Host, Inventory
 from certmgr.material import CertInfo
+from certmgr.sshlib import asyncssh
 
 # What deploy does to privkey.pem (deploy.KEYOWN_SH, with $2 as owner[:group] or :group), tried on an
 # empty temp file in $1.

@@ -8,10 +8,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncssh
-
 from certmgr import remote as remote_mod
 from certmgr import sanitize
+from certmgr.sshlib import asyncssh
 
 GROUPS = ("inventory", "store", "ca", "dns", "host", "nginx", "timer")
 

@@ -7,7 +7,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import asyncssh
 from cryptography import x509
 
 from certmgr import remote as remote_mod
@@ -15,6 +14,7 @@ from certmgr import sanitize
 from certmgr.doctor.model import Check, Prober, Status, _Remote
 from certmgr.inventory import Certificate, Host
 from certmgr.material import CertInfo, split_pem
+from certmgr.sshlib import asyncssh
 
 
 class _ProbeLike(Protocol):

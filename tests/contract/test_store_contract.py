@@ -141,6 +141,18 @@ def test_json_round_trip_list_and_remove(store: Any) -> None:
     assert store.load_json("state/notify/a.json") is None
 
 
+def test_list_json_with_a_prefix_reads_only_the_matching_documents_right_under_the_directory(store: Any) -> None:
+    """list_json(reldir, prefix) returns, by path, only the documents directly in reldir whose names start with prefix."""
+    store.save_json("state/intents/c.test/pop-1.b.json", {"n": "1b"})
+    store.save_json("state/intents/c.test/pop-1.a.json", {"n": "1a"})
+    store.save_json("state/intents/c.test/pop-10.a.json", {"n": "10a"})
+    store.save_json("state/intents/c.test/pop-1.x/deeper.json", {"n": "deeper"})
+    store.save_json("state/intents/c.test/pop-2.a.json", {"n": "2a"})
+    assert store.list_json("state/intents/c.test", "pop-1.") == [{"n": "1a"}, {"n": "1b"}]
+    assert store.list_json("state/intents/c.test", "pop-[") == []
+    assert len(store.list_json("state/intents/c.test")) == 5
+
+
 @pytest.mark.parametrize("relpath", ["archive/x.json", "state/../lock", "state/.hidden.json", "lock"])
 def test_json_paths_outside_state_are_refused(store: Any, relpath: str) -> None:
     """JSON paths outside state/ or accounts/, with '..' or hidden names, are refused by both stores."""

@@ -89,6 +89,63 @@ def test_a_certificate_never_served_fails_alone() -> None:
     assert serial_of_probe(res[1][1]["b.test"]) != NEW_SERIAL
 
 
+class ReloadingPop(FakePop):
+    """Every name serves OLD for the first `stale` handshakes to the POP (the old generation), then NEW; records how
+    many handshakes were in flight as each one started."""
+
+    def __init__(self, stale: int) -> None:
+        super().__init__()
+        self.stale = stale
+        self.alone: list[bool] = []  # per handshake, in order: was it the only one in flight?
+
+    async def prober(self, address: str, port: int, sni: str) -> Probe:
+        self.alone.append(self.active == 0)
+        self.active += 1
+        try:
+            self.asked[sni] += 1
+            total = sum(self.asked.values())
+            await asyncio.sleep(0.001)
+            return Probe(address=address, port=port, sni=sni, chain=(der(OLD if total <= self.stale else NEW),))
+        finally:
+            self.active -= 1
+
+
+def test_after_a_round_of_only_old_answers_one_name_is_asked_per_round() -> None:
+    """The first round asks every name; when all 10 answer with the old generation, each later round asks one name
+    (alone) until the new generation answers, then every name still to see at once, then the confirmation."""
+    pop = ReloadingPop(stale=12)
+    names = [f"n{i}.test" for i in range(10)]
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [([n], NEW_SERIAL) for n in names], limit=5))
+    assert all(ok for ok, _ in res)
+    # 10 (old) + 2 scouts (old) + 1 scout (new) + the 9 others + 2 confirming rounds of CONFIRM_SAMPLE
+    assert sum(pop.asked.values()) == 10 + 3 + 9 + (handshake.CONFIRM_ROUNDS - 1) * handshake.CONFIRM_SAMPLE
+    assert pop.alone[10:14] == [True, True, True, True]  # the three scouts; then the 9 go together
+    assert pop.alone[13:22].count(False) == 8
+
+
+def test_a_round_with_a_new_answer_does_not_start_scouting() -> None:
+    """When the first round already sees the new generation somewhere, the names still stale are all asked again together."""
+    pop = ReloadingPop(stale=3)
+    names = [f"n{i}.test" for i in range(10)]
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [([n], NEW_SERIAL) for n in names], limit=5))
+    assert all(ok for ok, _ in res)
+    # 10 (3 old), confirmation of the 7 (2 × 4), the 3 again together (new), their confirmation (2 × 3)
+    assert sum(pop.asked.values()) == 10 + 2 * 4 + 3 + 2 * 3
+    assert [pop.asked[n] for n in names[:3]] == [1 + 1 + 2] * 3
+
+
+def test_a_pop_never_reloaded_fails_every_certificate_and_shows_each_name() -> None:
+    """A POP whose old generation keeps answering fails every certificate, and the answer holds a handshake of every name."""
+    pop = ReloadingPop(stale=10**6)
+    names = [f"n{i}.test" for i in range(12)]  # more than the rounds in the time allowed
+    assert NEW_SERIAL is not None
+    res = asyncio.run(handshake.wait_all(pop.prober, HOST, [([n], NEW_SERIAL) for n in names], limit=0.3))
+    assert [ok for ok, _ in res] == [False] * 12
+    assert [list(seen) for _, seen in res] == [[n] for n in names]
+
+
 def test_handshakes_to_one_pop_are_bounded() -> None:
     """However many names a POP serves, at most handshake.PER_HOST handshakes are in flight to it at once."""
     pop = FakePop()
