@@ -51,7 +51,8 @@ def is_time(value: object) -> bool:
     return isinstance(value, str) and re.match(ISO_RE, value) is not None
 
 
-def _time(value: object) -> dt.datetime | None:
+def parse_time(value: object) -> dt.datetime | None:
+    """A stored ISO timestamp as an aware datetime (naive ones are UTC); None when absent or malformed."""
     if not isinstance(value, str):
         return None
     try:
@@ -64,10 +65,10 @@ def _time(value: object) -> dt.datetime | None:
 def notify(stored: Any, delta: Any) -> Any:
     """`delta` = {"at": ISO time of this run, "channels": {channel: entry, or None for resolved}} over `stored`."""
     chans = dict(stored.get("channels") or {}) if isinstance(stored, dict) else {}
-    at = _time(delta.get("at"))
+    at = parse_time(delta.get("at"))
     for ch, entry in dict(delta.get("channels") or {}).items():
         there = chans.get(ch)
-        sent = _time(there.get("sent_at")) if isinstance(there, dict) else None
+        sent = parse_time(there.get("sent_at")) if isinstance(there, dict) else None
         if sent is not None and at is not None and sent > at:
             continue  # another controller delivered on this channel after this run decided: its entry stands
         if entry is None:
@@ -82,7 +83,7 @@ def newer(field: str) -> Callable[[Any, Any], Any]:
     """The document whose `field` (an ISO time) is later wins; `new` on a tie or when either has none."""
     def merge(stored: Any, new: Any) -> Any:
         if isinstance(stored, dict) and isinstance(new, dict):
-            a, b = _time(stored.get(field)), _time(new.get(field))
+            a, b = parse_time(stored.get(field)), parse_time(new.get(field))
             if a is not None and b is not None and a > b:
                 return UNCHANGED
             if stored == new:

@@ -16,11 +16,11 @@ from typing import Any
 
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
+from certmgr.docmerge import parse_time
 from certmgr.errors import StoreError
 from certmgr.fsutil import atomic_write
 from certmgr.inventory import Inventory
 from certmgr.material import MaterialError
-from certmgr.notify import parse_time
 from certmgr.pipeline import RunReport
 from certmgr.plan import RenewState
 from certmgr.scan import SEVERITY_RANK, EndpointResult, ScanResult

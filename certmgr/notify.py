@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from certmgr import docmerge, log, sanitize
+from certmgr.docmerge import parse_time
 from certmgr.errors import CertmgrError, NotifyError, SecretError
 from certmgr.inventory import Channel
 from certmgr.names import url_problem
@@ -153,17 +154,6 @@ def digest(alerts: Sequence[Alert]) -> Message:
                      f"{' on ' + ', '.join(m.hosts) if m.hosts else ''}{cmd}")
     return Message(kind="digest", severity=sev, title=f"certmgr: {len(alerts)} certificates changed state",
                    lines=tuple(lines))
-
-
-def parse_time(value: object) -> dt.datetime | None:
-    """A stored ISO timestamp as an aware datetime (naive ones are UTC); None when absent or malformed."""
-    if not isinstance(value, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def alerts_for(result: ScanResult, state: Mapping[str, Mapping[str, Any]], now: dt.datetime,
