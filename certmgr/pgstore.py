@@ -188,9 +188,9 @@ class PgStore:
     def _tx(self, what: str, fence: str | bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
         (whatever locks this controller holds must still be ours), False (no check; several reads that
-        must see one snapshot — a single read statement uses `_read`)."""
-        if fence is not False:
-            self._locks.precheck(what)
+        must see one snapshot — a single read statement uses `_read`). Nothing is sent once this controller's
+        lock session is known or presumed lost while it holds a lock (LockSession.precheck)."""
+        self._locks.precheck(what)
         with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
             if fence is True:
                 self._locks.fence_held(cur, what)
@@ -201,7 +201,9 @@ class PgStore:
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
         """One read statement on its own: autocommit runs it in one round trip (no BEGIN and COMMIT, two more
-        while every other thread waits for the connection) and it still sees one snapshot; never for writes."""
+        while every other thread waits for the connection) and it still sees one snapshot; never for writes.
+        Not sent either once a held lock is presumed lost: on a blackholed route it would wait for TCP to give up."""
+        self._locks.precheck(what, outcome="not read")
         with self._db_errors(what), self._mutex, self._conn.cursor() as cur:
             yield cur
 
