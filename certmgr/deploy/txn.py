@@ -91,7 +91,7 @@ class Transaction:
             return
         if self.d.store is not None:
             for job in self.jobs:
-                if job.intent is not None:
+                if job.intent is not None and not job.unaudited:
                     # its outcome is audited (or nothing was switched): the intent has done its job
                     try:
                         await asyncio.to_thread(intents_mod.remove, self.d.store, job.intent)
