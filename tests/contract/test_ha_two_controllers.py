@@ -303,6 +303,18 @@ def test_a_lost_lock_session_mid_run_stops_a_and_b_settles(ha: tuple[Lab, PgServ
     assert observe(lab, pg) == []
 
 
+def a_idle(pg: PgServer, ports: set[int]) -> float:
+    """Seconds since A's store session (its connection through the proxy, not the lock session) last changed state;
+    0 while it runs a statement or is inside a transaction."""
+    out = pg.psql("SELECT client_port, state, extract(epoch FROM now() - state_change) FROM pg_stat_activity "
+                  "WHERE application_name <> 'certmgr-locks' AND client_port IS NOT NULL")
+    for line in out.splitlines():
+        port, state, age = line.split("|")
+        if int(port) in ports:
+            return float(age) if state == "idle" else 0.0
+    return 0.0
+
+
 def test_a_blackholed_controller_switches_nothing_and_b_settles(ha: tuple[Lab, PgServer, Path], proxy: ACMEProxy,
                                                                 tmp_path: Path) -> None:
     """A's database connections blackholed mid-order (every byte swallowed, nothing closed): the server frees A's locks after idle_timeout, B's run takes over and settles (at most one extra issuance), and A — its order answered afterwards — stores nothing and switches no POP."""
@@ -321,6 +333,7 @@ def test_a_blackholed_controller_switches_nothing_and_b_settles(ha: tuple[Lab, P
         # already in flight on a blackholed route would wait for TCP to give up (docs/ha.md, "Not done yet")
         wait_for(lambda: {e["object"] for e in audit(pg) if e["action"] == "renewed"} >= others, 120,
                  "A's other renewals")
+        wait_for(lambda: a_idle(pg, hole.upstream_ports()) >= 3.0, 120, "A's store session to be idle")
         a_holder = a.holder
         hole.cut()
         wait_for(lambda: lock_sessions(pg) == 0, 60, "the server to end A's silent lock session")
