@@ -223,7 +223,7 @@ class LockSession:
         held = dict(self._held)  # a snapshot: other tasks of this controller take and release locks meanwhile
         if self._lost and held:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
-        self._check(cur, sorted(held), what, held, siblings=True)
+        self._check(cur, sorted(held), what, held)
 
     def fence(self, cur: psycopg.Cursor[Any], name: str | None, what: str) -> None:
         """Inside a write transaction: refuse unless the run lock or `name`'s lock is still this controller's.
@@ -241,17 +241,9 @@ class LockSession:
             raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)")
         self._check(cur, keys, what, held)
 
-    def _check(self, cur: psycopg.Cursor[Any], keys: list[str], what: str, held: dict[str, int], *,
-               siblings: bool = False) -> None:
+    def _check(self, cur: psycopg.Cursor[Any], keys: list[str], what: str, held: dict[str, int]) -> None:
         """Every key in one statement (one round trip, one read of pg_locks however many locks are held),
-        its epoch rows locked FOR SHARE; the first key that is not still ours, in `keys` order, refuses.
-
-        `siblings`: `held` is a snapshot of every lock of this controller, which other tasks release while
-        this statement runs (`hold` forgets a key before it unlocks it). A key no longer held at that epoch
-        once the answer is in was released by this controller, not lost: it is passed over. Without that,
-        a POP's `deployed` row was refused because another POP's transaction ended meanwhile (the
-        two-controller soak's `unaudited-change`).
-        """
+        its epoch rows locked FOR SHARE; the first key that is not still ours, in `keys` order, refuses."""
         if not keys:
             return
         rows = cur.execute(
@@ -264,9 +256,11 @@ class LockSession:
             (self.backend_pid, keys, [KINDS[key.split(":")[0]] for key in keys])).fetchall()
         found = {str(r[0]): (int(r[1]), bool(r[2])) for r in rows}
         for key in keys:
+            if self._held.get(key) != held[key]:
+                # released (or taken again) by another task of this controller since the snapshot: its
+                # unlock is not a loss — releasing deletes the key before pg_advisory_unlock
+                continue
             epoch, granted = found.get(key, (0, False))
-            if siblings and (not granted or epoch != held[key]) and self._held.get(key) != held[key]:
-                continue  # released by another task of this controller since the snapshot
             if not granted:
                 raise LockLost(f"store {self._where}: {what}: this controller no longer holds {key} (not written)",
                                hint="its database session ended (paused or cut off); the next run takes over")
