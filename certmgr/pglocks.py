@@ -134,11 +134,36 @@ class LockSession:
             del self._held[key]
             if not self._held:
                 self._actor = None
+            self._release(key, args)
+
+    def _release(self, key: str, args: tuple[int, str]) -> None:
+        """Unlock `key`, waiting at most idle_timeout: a silent (blackholed) session would block it for good.
+
+        Nothing is sent once the session is known or presumed lost (its end releases the lock). An unlock
+        left waiting marks the session lost, so that a late unlock can never release a later hold of the key.
+        """
+        self._check_alive()
+        if self._lost:
+            logger.warning("store %s: %s not released (%s); its session's end releases it", self._where, key,
+                           self._lost)
+            return
+        failed: list[str] = []
+
+        def unlock() -> None:
             try:
                 self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
             except psycopg.Error as exc:
-                logger.warning("store %s: could not release %s (%s); its session's end releases it", self._where,
-                               key, str(exc).strip().splitlines()[0])
+                failed.append(str(exc).strip().splitlines()[0])
+
+        worker = threading.Thread(target=unlock, daemon=True, name="certmgr-pg-unlock")
+        worker.start()
+        worker.join(self._idle)
+        if worker.is_alive():
+            self._lost = self._lost or f"lock session silent: releasing {key} unanswered for {self._idle:g}s"
+            logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
+        elif failed:
+            logger.warning("store %s: could not release %s (%s); its session's end releases it", self._where,
+                           key, failed[0])
 
     def _try(self, key: str, args: tuple[int, str], actor: str) -> int | None:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "actor": actor,
@@ -178,14 +203,14 @@ class LockSession:
                         f"({holder.get('actor')}, started {holder.get('started')}){waited}",
                         pid=pid, started=str(holder.get("started")))
 
-    def precheck(self, what: str) -> None:
-        """Before a write transaction even begins: refuse if a held lock is known (or presumed) lost.
+    def precheck(self, what: str, *, outcome: str = "not written") -> None:
+        """Before a statement is even sent: refuse if a held lock is known (or presumed) lost.
 
-        A blackholed connection would hang on BEGIN; this refuses without sending anything.
+        A blackholed connection would hang on BEGIN (or a read); this refuses without sending anything.
         """
         self._check_alive()
         if self._lost and self._held:
-            raise LockLost(f"store {self._where}: {what}: {self._lost} (not written)",
+            raise LockLost(f"store {self._where}: {what}: {self._lost} ({outcome})",
                            hint="the run stops; the next run (here or on the other controller) takes over")
 
     def fence_held(self, cur: psycopg.Cursor[Any], what: str) -> None:

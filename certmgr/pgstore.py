@@ -194,17 +194,16 @@ class PgStore:
         """One transaction. `fence`: a certificate name (its lock or the run lock must still be ours), True
         (whatever locks this controller holds must still be ours), False (no check; several reads that
         must see one snapshot — a single read statement uses `_read`). Inside `batch()` on its thread:
-        the batch's transaction (each distinct fence checked once in it)."""
+        the batch's transaction (each distinct fence checked once in it). Nothing is sent once this
+        controller's lock session is known or presumed lost while it holds a lock (LockSession.precheck)."""
+        self._locks.precheck(what)
         if self._batch is not None and self._batch_thread == threading.get_ident():
             with self._db_errors(what):
                 if fence is not False and fence not in self._batch_fenced:
-                    self._locks.precheck(what)
                     self._check_fence(self._batch, fence, what)
                     self._batch_fenced.add(fence)
                 yield self._batch
             return
-        if fence is not False:
-            self._locks.precheck(what)
         with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
             self._check_fence(cur, fence, what)
             yield cur
@@ -225,6 +224,7 @@ class PgStore:
         if self._batch is not None and self._batch_thread == threading.get_ident():
             yield
             return
+        self._locks.precheck(what)  # its BEGIN would wait for good on a blackholed route
         with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
             self._batch, self._batch_thread, self._batch_fenced = cur, threading.get_ident(), set()
             try:
@@ -236,7 +236,9 @@ class PgStore:
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
         """One read statement on its own: autocommit runs it in one round trip (no BEGIN and COMMIT, two more
-        while every other thread waits for the connection) and it still sees one snapshot; never for writes."""
+        while every other thread waits for the connection) and it still sees one snapshot; never for writes.
+        Not sent either once a held lock is presumed lost: on a blackholed route it would wait for TCP to give up."""
+        self._locks.precheck(what, outcome="not read")
         with self._db_errors(what), self._mutex, self._conn.cursor() as cur:
             yield cur
 

@@ -67,6 +67,7 @@ class Job:
     local_version: int | None
     timings: dict[str, float] = field(default_factory=dict)
     intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
+    unaudited: bool = False  # its switch's audit row could not be written: the intent stays for the next deploy
     state: CertState | None = None
     decision: Decision | None = None
     tmp: str = ""  # the upload temp dir's name under archive/<name>/
@@ -118,6 +119,8 @@ class Deployer:
             await asyncio.to_thread(self.store.audit, action, obj, **kw)
         except CertmgrError as exc:
             logger.error("audit: %s", exc)
+            if job is not None and job.intent is not None and action in intents_mod.SWITCH_ACTIONS:
+                job.unaudited = True  # kept: the next deploy to this host settles it and writes the row
 
     async def audit_accepted(self, k: remote_mod.AcceptedKey) -> None:
         await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),

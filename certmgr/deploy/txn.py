@@ -89,7 +89,7 @@ class Transaction:
             for job in self.undone():  # a switch may have happened unheard: their intents stay for the next run
                 self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
             return
-        done = [job.intent for job in self.jobs if job.intent is not None]
+        done = [job.intent for job in self.jobs if job.intent is not None and not job.unaudited]
         if self.d.store is not None and done:
             # their outcomes are audited (or nothing was switched): the intents have done their job
             await asyncio.to_thread(intents_mod.remove_all, self.d.store, done)

@@ -19,6 +19,17 @@ class Blackhole:
         self._socks: list[socket.socket] = [self._listener]
         threading.Thread(target=self._accept, daemon=True, name="blackhole-accept").start()
 
+    def upstream_ports(self) -> set[int]:
+        """The local ports of the proxy's connections to the server (pg_stat_activity's client_port)."""
+        ports = set()
+        for s in self._socks[1:]:
+            try:
+                if s.getpeername()[1] == self.target[1]:
+                    ports.add(int(s.getsockname()[1]))
+            except OSError:  # closed, or a client's socket whose peer has gone
+                continue
+        return ports
+
     def cut(self) -> None:
         self.cut_off.set()
 

@@ -301,3 +301,65 @@ def test_a_lost_lock_session_mid_run_stops_a_and_b_settles(ha: tuple[Lab, PgServ
     assert issuances(proxy, HELD) <= 1 + 1, [(r.status, r.forwarded) for r in proxy.requests("finalize", SNI[HELD][0])]
     every_pop_serves_db_live(lab, pg)
     assert observe(lab, pg) == []
+
+
+def a_idle(pg: PgServer, ports: set[int]) -> float:
+    """Seconds since A's store session (its connection through the proxy, not the lock session) last changed state;
+    0 while it runs a statement or is inside a transaction."""
+    out = pg.psql("SELECT client_port, state, extract(epoch FROM now() - state_change) FROM pg_stat_activity "
+                  "WHERE application_name <> 'certmgr-locks' AND client_port IS NOT NULL")
+    for line in out.splitlines():
+        port, state, age = line.split("|")
+        if int(port) in ports:
+            return float(age) if state == "idle" else 0.0
+    return 0.0
+
+
+def test_a_blackholed_controller_switches_nothing_and_b_settles(ha: tuple[Lab, PgServer, Path], proxy: ACMEProxy,
+                                                                tmp_path: Path) -> None:
+    """A's database connections blackholed mid-order (every byte swallowed, nothing closed): the server frees A's locks after idle_timeout, B's run takes over and settles (at most one extra issuance), and A — its order answered afterwards — stores nothing and switches no POP."""
+    from tests.contract.blackhole import Blackhole
+
+    lab, pg, inv = ha
+    hole = Blackhole(pg.port, pg.port + 51)
+    inv_a = tmp_path / "domains-a.toml"  # A reaches the database through the proxy, B directly
+    inv_a.write_text(inv.read_text().replace(f":{pg.port}/", f":{hole.port}/"))
+    rule = proxy.hold("finalize", ident=SNI[HELD][0], drop=False)
+    a = start(inv_a, tmp_path / "a", "run", "--no-notify")
+    try:
+        proxy.wait_held(rule, 120)
+        others = set(LINEAGES) - {HELD}
+        # A quiet towards the database (its other renewals done, the held one waiting at the CA): a statement
+        # already in flight on a blackholed route would wait for TCP to give up (docs/ha.md, "Not done yet")
+        wait_for(lambda: {e["object"] for e in audit(pg) if e["action"] == "renewed"} >= others, 120,
+                 "A's other renewals")
+        wait_for(lambda: a_idle(pg, hole.upstream_ports()) >= 3.0, 120, "A's store session to be idle")
+        a_holder = a.holder
+        hole.cut()
+        wait_for(lambda: lock_sessions(pg) == 0, 60, "the server to end A's silent lock session")
+        rc, text = run(inv, tmp_path / "b", "run", "--no-notify")
+        assert rc == 0, text
+        every_pop_serves_db_live(lab, pg)
+        versions = rows(pg, "SELECT name, version FROM certmgr_versions ORDER BY 1, 2")
+        traces = {p: hatrace.read(lab.pop_paths(p)) for p in lab.pop_names}
+        served = {p: {n: lab.served_serial(p, SNI[n][0]) for n in LINEAGES} for p in lab.pop_names}
+        proxy.remove(rule)  # A's held finalize goes on to Pebble: A learns its certificate after losing its locks
+        rc = a.finish()
+        assert rc == 69, a.text  # its own watchdog: the heartbeat went unanswered past idle_timeout
+        assert "heartbeat unanswered" in a.text, a.text
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+        hole.close()
+    assert rows(pg, "SELECT name, version FROM certmgr_versions ORDER BY 1, 2") == versions  # A stored nothing
+    assert {p: hatrace.read(lab.pop_paths(p)) for p in lab.pop_names} == traces  # A began no POP transaction
+    for p, lines in traces.items():  # and none after B's: every transaction of A's came before B took over
+        words = [ln.holder for ln in lines if ln.word == "begin"]
+        if a_holder in words:
+            assert max(i for i, h in enumerate(words) if h == a_holder) < words.index(
+                next(h for h in words if h != a_holder)), (p, lines)
+    assert {p: {n: lab.served_serial(p, SNI[n][0]) for n in LINEAGES} for p in lab.pop_names} == served
+    assert issuances(proxy, HELD) <= 1 + 1, [(r.status, r.forwarded) for r in proxy.requests("finalize", SNI[HELD][0])]
+    every_pop_serves_db_live(lab, pg)
+    assert observe(lab, pg) == []

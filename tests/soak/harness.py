@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,11 @@ class Proc:
     cpu: float = 0.0
     elapsed: float = 0.0
     ctl: str = ""  # which controller ran it (two controllers: "a" or "b")
+
+
+# certmgr logs (and goes on) when the audit row of a POP switch cannot be written: the switch is then unaudited
+AUDIT_LOST = re.compile(rb"^.*level=error\b.*msg=\"?audit: .*\baudit (?:deployed|rolled back|rollback failed) .*$",
+                        re.MULTILINE)
 
 
 @dataclass
@@ -267,10 +273,14 @@ class Soak:
             self.running.remove(proc)
             self.report.runs[f"{proc.what} exit {rc}"] += 1
             self.report.cpu += proc.cpu
-        if rc == 70 or b"Traceback" in proc.out.read_bytes():
+        text = proc.out.read_bytes()
+        if rc == 70 or b"Traceback" in text:
             self._violation("certmgr-crash", proc.what, f"exit {rc}, output {proc.out}: "
                             + proc.out.read_text(errors="replace")[-600:])
-        elif rc == 0:
+        elif lost := AUDIT_LOST.findall(text):
+            self._violation("audit-lost", proc.what, f"exit {rc}, output {proc.out}: {len(lost)} line(s), the first: "
+                            + lost[0].decode(errors="replace")[:600])
+        elif rc == 0 and b"level=error" not in text:
             proc.out.unlink(missing_ok=True)  # keep only what needs reading
 
     def wait_idle(self, timeout: float = 120.0) -> None:

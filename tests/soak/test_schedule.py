@@ -51,3 +51,22 @@ def test_any_schedule_fits_accepts_leaves_a_clear_stretch_in_every_renewal_windo
                 clear, edge = max(clear, a - edge), max(edge, b)
             clear = max(clear, w1 - edge)
             assert clear >= MIN_CLEAR, (w0, inside)
+
+
+def test_audit_lost_matches_certmgr_s_own_log_line_of_an_unwritten_switch_row() -> None:
+    """The soak's `audit-lost` pattern finds the line certmgr logs when a POP switch's audit row is not written
+    (as its log formatter writes it), and not the row of a refusal, which switched nothing."""
+    import logging
+
+    from certmgr.log import KVFormatter
+    from tests.soak.harness import AUDIT_LOST
+
+    def line(msg: str) -> bytes:
+        rec = logging.LogRecord("certmgr.deploy.host", logging.ERROR, __file__, 1, "audit: %s", (msg,), None)
+        return KVFormatter().format(rec).encode()
+
+    lost = line("store 127.0.0.1:1/certmgr: audit deployed media.example: this controller no longer holds pop:b "
+                "(not written)")
+    fenced = line("store 127.0.0.1:1/certmgr: audit fenced media.example: lock session ended (not written)")
+    text = b"\n".join([b"time=x level=info msg=deployed", lost, fenced])
+    assert AUDIT_LOST.findall(text) == [lost]

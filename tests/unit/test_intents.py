@@ -321,3 +321,29 @@ def test_a_commit_still_running_on_the_pop_is_not_taken_for_none(tmp_path: Path,
     settled = [e for e in store.read_audit() if e.get("settled")]
     assert [(e["action"], e["intent"]) for e in settled] == [("deployed", it.id)]
     assert intents.pending(store) == []
+
+
+def test_a_switch_whose_audit_row_is_refused_keeps_its_intent_and_the_next_deploy_audits_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POP switched whose `deployed` row the store refuses (logged, the deploy goes on) keeps its intent, so
+    the next deploy to that host settles it and writes the row: a switch never ends up unaudited."""
+    from certmgr.errors import StoreError
+
+    inv = fleet_inventory(tmp_path, 1)
+    store, serial = seeded_store(tmp_path)
+    real = store.audit
+
+    def refusing(action: str, obj: str, **kw: Any) -> None:
+        if action == "deployed":
+            raise StoreError("store: audit deployed: refused (not written)")
+        real(action, obj, **kw)
+
+    monkeypatch.setattr(store, "audit", refusing)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    assert not [e for e in store.read_audit() if e["action"] == "deployed"]
+    [left] = intents.pending(store)
+    monkeypatch.setattr(store, "audit", real)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.SKIPPED
+    [row] = [e for e in store.read_audit() if e["action"] == "deployed"]
+    assert (row["host"], row["to"], row["intent"], row.get("settled")) == ("h0", serial, left.id, True)
+    assert intents.pending(store) == []
