@@ -96,6 +96,10 @@ class _Store:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def load_json(self, relpath: str, default: object = None) -> object:
+        path = self.root / relpath
+        return json.loads(path.read_text()) if path.exists() else default
+
     def save_json(self, relpath: str, obj: object, **kw: object) -> None:
         path = self.root / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
