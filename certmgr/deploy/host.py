@@ -68,6 +68,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
     unaudited: bool = False  # its switch's audit row could not be written: the intent stays for the next deploy
+    settled: bool = False  # this deploy settled a switch an interrupted run made: retention applies as if deployed
     state: CertState | None = None
     decision: Decision | None = None
     tmp: str = ""  # the upload temp dir's name under archive/<name>/
@@ -209,10 +210,14 @@ class Deployer:
                 state = parse_inspection(await rem.run_script(INSPECT_SH, again, step="inspect"))
                 if (locked_out := popguard.lock_error(state.raw, host, inspect[0])) is not None:
                     raise DeployError(locked_out, hint=popguard.LOCK_HINT)  # wrapped just below
+            by_name = {job.name: job for job in jobs}
             for n, its in left.items():
                 cs = state.certs[n]
-                await asyncio.to_thread(intents_mod.settle, self.store, its, layout=cs.layout, target=cs.target,
-                                        versions=set(cs.versions))
+                verdicts = await asyncio.to_thread(intents_mod.settle, self.store, its, layout=cs.layout,
+                                                   target=cs.target, versions=set(cs.versions))
+                # the interrupted run switched this POP but never pruned it (killed, paused, fenced): we do
+                if any(what == "deployed" for _, what in verdicts) and n in by_name:
+                    by_name[n].settled = True
         except CertmgrError as exc:  # switching again before the last switch is audited would lose it
             raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
                               hint=exc.hint) from exc

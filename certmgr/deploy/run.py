@@ -49,8 +49,10 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                 await txn.run_shielded()
                 if all(o.status != Status.UNKNOWN for o in done.values()):
                     # --prune K: every certificate on this host; retention (keep): only where a version was
-                    # added. Still under the POP's lock: prune.sh is fenced with its epoch like commit.sh.
+                    # added, by this run or by an interrupted one whose switch this run settled (that run never
+                    # pruned). Still under the POP's lock: prune.sh is fenced with its epoch like commit.sh.
                     deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
+                    deployed |= {job.name for job in jobs if job.settled}
                     for job in jobs:
                         if d.prune is not None:
                             await d.prune_one(rem, job, d.prune, txn.fence)

@@ -54,7 +54,7 @@ def doctor(inventory: Path, state: Path, *args: str) -> tuple[int, dict[str, Any
     result = CliRunner().invoke(main, ["--inventory", str(inventory), "--state-dir", str(state), "doctor", "--json",
                                        *args])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    return result.exit_code, json.loads(result.output)
+    return result.exit_code, json.loads(result.stdout)  # --json is stdout; logs (stderr) may interleave
 
 
 def find(report: dict[str, Any], name: str, subject: str) -> dict[str, Any]:

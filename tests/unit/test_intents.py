@@ -15,6 +15,7 @@ import pytest
 from certmgr import intents, interrupt, pipeline
 from certmgr import remote as remote_mod
 from certmgr.deploy import Status, deploy
+from certmgr.errors import StoreError
 from certmgr.inventory import Host
 from certmgr.remote import Result, Timeouts
 from certmgr.store import Store
@@ -347,3 +348,39 @@ def test_a_switch_whose_audit_row_is_refused_keeps_its_intent_and_the_next_deplo
     [row] = [e for e in store.read_audit() if e["action"] == "deployed"]
     assert (row["host"], row["to"], row["intent"], row.get("settled")) == ("h0", serial, left.id, True)
     assert intents.pending(store) == []
+
+
+def test_a_settled_switch_gets_the_retention_its_interrupted_run_never_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that switched a POP but never pruned it (killed, paused or fenced before its prune) leaves its intent;
+    the next deploy settles that switch and applies retention there, so the POP keeps no more than keep_versions."""
+    from certmgr.deploy.host import Deployer
+
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    archive = Path(inv.hosts["h0"].cert_root) / "archive" / NAME
+    assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.DEPLOYED
+    for _ in range(2):  # v2 deployed whole (prune.sh keeps the live version and the one before it), then v3
+        with store.lock("test"):
+            store.activate(NAME, store.add_version(NAME, material()))
+        if _ == 0:
+            assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.DEPLOYED
+    real_audit, real_prune = store.audit, Deployer.prune_one
+
+    def refusing(action: str, obj: str, **kw: Any) -> None:
+        if action == "deployed":
+            raise StoreError("store: audit deployed: refused (not written)")
+        real_audit(action, obj, **kw)
+
+    async def never(self: Deployer, *args: Any, **kw: Any) -> None:
+        return None  # the run stopped before its prune
+
+    monkeypatch.setattr(store, "audit", refusing)
+    monkeypatch.setattr(Deployer, "prune_one", never)
+    assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.DEPLOYED
+    assert sorted(e.name for e in archive.iterdir() if e.name.isdigit()) == ["1", "2", "3"]
+    monkeypatch.setattr(store, "audit", real_audit)
+    monkeypatch.setattr(Deployer, "prune_one", real_prune)
+    assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.SKIPPED
+    assert intents.pending(store) == []
+    assert sorted(e.name for e in archive.iterdir() if e.name.isdigit()) == ["2", "3"]
