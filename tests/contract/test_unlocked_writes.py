@@ -70,28 +70,36 @@ def test_an_older_scan_finishing_later_keeps_the_newer_result(store: Any) -> Non
     assert store.load_json(path) == newest
 
 
-def test_concurrent_merges_from_two_connections_lose_nothing(fresh_schema: PgServer) -> None:
-    """Two controllers (two connections, two threads) each merge 25 notify deltas into one document at once: all 50 channels are there (the merge is one transaction under the path's advisory lock)."""
-    stores = [open_pg(fresh_schema), open_pg(fresh_schema)]
-    start = threading.Barrier(2)
+def _at_once(stores: list[Any], writes: Any) -> None:
+    """Run `writes(i)` for each store in its own thread, all released together; re-raise the first error."""
+    start = threading.Barrier(len(stores))
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
             start.wait()
-            for k in range(25):
-                stores[i].merge_json(PATH, {"at": T0.isoformat(), "channels": {f"c{i}-{k}": sent("warning", T0)}},
-                                     "notify")
+            writes(i)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_concurrent_merges_from_two_connections_lose_nothing(fresh_schema: PgServer) -> None:
+    """Two controllers (two connections, two threads) each merge 25 notify deltas into one document at once: all 50 channels are there (the merge is one transaction under the path's advisory lock)."""
+    stores = [open_pg(fresh_schema), open_pg(fresh_schema)]
+
+    def writes(i: int) -> None:
+        for k in range(25):
+            stores[i].merge_json(PATH, {"at": T0.isoformat(), "channels": {f"c{i}-{k}": sent("warning", T0)}}, "notify")
+
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        _at_once(stores, writes)
         assert sorted(stores[0].load_json(PATH)["channels"]) == sorted(f"c{i}-{k}" for i in range(2) for k in range(25))
     finally:
         for s in stores:
@@ -127,26 +135,15 @@ def test_two_connections_writing_scans_out_of_order_keep_the_newest(fresh_schema
     path = f"state/scan/{NAME}.json"
     stores = [open_pg(fresh_schema), open_pg(fresh_schema)]
     times = [T0 + dt.timedelta(seconds=k) for k in range(40)]
-    start = threading.Barrier(2)
-    errors: list[BaseException] = []
 
-    def work(i: int) -> None:
+    def writes(i: int) -> None:
         mine = times[i::2]
         random.Random(i).shuffle(mine)
-        try:
-            start.wait()
-            for t in mine:
-                stores[i].merge_json(path, {"scanned_at": t.isoformat(), "by": i}, "scan")
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for t in mine:
+            stores[i].merge_json(path, {"scanned_at": t.isoformat(), "by": i}, "scan")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        _at_once(stores, writes)
         assert stores[0].load_json(path) == {"scanned_at": times[-1].isoformat(), "by": 1}
     finally:
         for s in stores:

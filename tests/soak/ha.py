@@ -162,12 +162,7 @@ class HaSoak(Soak):
             if victim is not None and self._bounded(kind, everyone, c + delay):
                 self._episode(kind, "certmgr", 2 * c + delay, f"controller {victim.ctl}'s run after {delay:.1f}s")
 
-                def kill() -> None:
-                    time.sleep(delay)
-                    with contextlib.suppress(ProcessLookupError):
-                        if victim.rc is None:
-                            os.kill(victim.popen.pid, signal.SIGKILL)
-                threading.Thread(target=kill, daemon=True).start()
+                self._kill_later(victim, delay)
         elif kind == "sigstop":
             with self._lock:
                 victims = [p for p in self.running if p.rc is None]

@@ -398,6 +398,16 @@ class Soak:
             self._active.add(target)
             return True
 
+    @staticmethod
+    def _kill_later(victim: Proc, delay: float) -> None:
+        """SIGKILL `victim` after `delay` seconds (in a thread), unless it has ended by then."""
+        def kill() -> None:
+            time.sleep(delay)
+            with contextlib.suppress(ProcessLookupError):
+                if victim.rc is None:
+                    os.kill(victim.popen.pid, signal.SIGKILL)
+        threading.Thread(target=kill, daemon=True).start()
+
     def _bounded(self, kind: str, pops: list[str], cost: float) -> bool:
         """Whether a fault that keeps `pops` from being renewed or deployed to for `cost` seconds, from now, may start.
 
@@ -487,12 +497,7 @@ class Soak:
             if victim is not None and self._bounded(kind, lab.pop_names, c + delay):
                 self._episode(kind, "certmgr", 2 * c + delay, f"{victim.what} after {delay:.1f}s")
 
-                def kill() -> None:
-                    time.sleep(delay)
-                    with contextlib.suppress(ProcessLookupError):
-                        if victim.rc is None:
-                            os.kill(victim.popen.pid, signal.SIGKILL)
-                threading.Thread(target=kill, daemon=True).start()
+                self._kill_later(victim, delay)
         elif kind == "sigkill-write" and self._bounded(kind, lab.pop_names, c):
             # killed while a temporary exists: half-way through writing a new version into the store, or
             # while a deploy's upload sits in a POP's `archive/<name>/.tmp-up-…` (watched for one period)
