@@ -69,6 +69,9 @@ from certmgr.store import Store  # noqa: E402
 from lab import Lab, pki  # noqa: E402
 from lab.pop import DEPLOY_USER  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procmeter import CpuGroups  # noqa: E402
+
 NAME = "media.hachyderm.test"
 
 
@@ -160,12 +163,12 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
         # CPU time, not wall time: on two busy cores a wall-clock profile charges the waits to whoever was running
         prof = cProfile.Profile(time.process_time) if profile != "-" else None
         prober, counts = counting()
-        start = time.monotonic()
+        start, cpu0 = time.monotonic(), time.process_time()
         if prof is not None:
             prof.enable()
         outcomes = asyncio.run(deploy(inv, store, certs, parallel=parallel, now=dt.datetime.now(dt.UTC),
                                       prober=prober))
-        wall = time.monotonic() - start
+        wall, deploy_cpu = time.monotonic() - start, time.process_time() - cpu0
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile)
@@ -174,6 +177,7 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"n": n, "k": k, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
+                      "deploy_cpu": deploy_cpu,
                       "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad, **counts}))
 
 
@@ -234,11 +238,15 @@ def server_cpu(lab: Lab, n: int) -> tuple[float, float]:
 def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False, far: str = "-",
               k: int = 1, profile: str = "-", pg: str = "-") -> dict[str, Any]:
     (ssh0, ngx0), busy0, forks0 = server_cpu(lab, n), _busy(), _forks()
+    proxy0 = sum(_proc_cpu(p) for p in _PROXIES)
     reloads0 = {p: lab.reload_count(p) for p in lab.pop_names[:n]}
+    groups0 = _GROUPS[0].read() if _GROUPS else {}
+    join = str(_GROUPS[0].procs_file("certmgr")) if _GROUPS else None
     t = time.monotonic()
     res = subprocess.run([sys.executable, __file__, "--child", str(lab.dir), str(n), str(parallel), str(state),
                           "canary" if canary else "all", far, str(k), profile, pg],
-                         capture_output=True, text=True, check=False, timeout=900)
+                         capture_output=True, text=True, check=False, timeout=900,
+                         preexec_fn=(lambda: Path(join).write_text("0")) if join else None)
     total = time.monotonic() - t
     time.sleep(0.3)  # let the POPs' sshd reap their sessions so the children's CPU is counted
     if res.returncode != 0:
@@ -247,6 +255,10 @@ def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False
     out["process_wall"] = total
     ssh1, ngx1 = server_cpu(lab, n)
     out["sshd_cpu"], out["nginx_cpu"] = ssh1 - ssh0, ngx1 - ngx0
+    out["proxy_cpu"] = sum(_proc_cpu(p) for p in _PROXIES) - proxy0
+    if _GROUPS:
+        g1 = _GROUPS[0].read()
+        out["groups"] = {kd: (u - groups0[kd][0], st - groups0[kd][1]) for kd, (u, st) in g1.items()}
     out["server_cpu"] = out["sshd_cpu"] + out["nginx_cpu"]
     out["machine_busy"] = _busy() - busy0
     out["forks"] = _forks() - forks0
@@ -256,10 +268,14 @@ def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False
     return out
 
 
+_GROUPS: list[CpuGroups] = []  # with --cgroups: exact CPU per kind of process (procmeter.CpuGroups)
+_PROXIES: list[int] = []  # the running wanproxy's pid: its CPU is the lab's, reported apart from certmgr's
+
+
 class FarPops:
     """wanproxy in front of every POP (SSH and HTTPS): POP i is reached at 127.0.3.(i+2), `rtt_ms` away."""
 
-    def __init__(self, lab: Lab, rtt_ms: float, work: Path) -> None:
+    def __init__(self, lab: Lab, rtt_ms: float, work: Path, proxy: str | None = None) -> None:
         self.address = {pop: f"127.0.3.{i + 2}" for i, pop in enumerate(lab.pop_names)}
         pairs = [f"{self.address[pop]}:{port}={lab.pop_paths(pop).address}:{port}"
                  for pop in lab.pop_names for port in (lab.ports.ssh, lab.ports.https)]
@@ -274,13 +290,15 @@ class FarPops:
         self.known_hosts.write_text("\n".join(lines) + "\n")
         self.spec = work / "far.json"
         self.spec.write_text(json.dumps({"address": self.address, "known_hosts": str(self.known_hosts)}))
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wanproxy.py")), "--rtt",
+        self.proc = subprocess.Popen([sys.executable, str(proxy or Path(__file__).with_name("wanproxy.py")), "--rtt",
                                       str(rtt_ms), *pairs], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise SystemExit("wanproxy did not start")
+        _PROXIES.append(self.proc.pid)
 
     def close(self) -> None:
+        _PROXIES.remove(self.proc.pid)
         self.proc.terminate()
         self.proc.wait(10)
 
@@ -343,9 +361,53 @@ def batched(lab: Lab, n: int, k: int, version: int, far: FarPops | None = None) 
     return time.monotonic() - start
 
 
-def report_profile(path: str, top: int = 25) -> None:
+# Where a function's own time is counted in the profile's split: the first pattern its file path contains.
+_PARTS = (("asyncssh crypto: ciphers, kex, keys", ("asyncssh/crypto/", "asyncssh/encryption", "asyncssh/mac",
+                                                   "asyncssh/kex", "asyncssh/public_key", "asyncssh/ed25519")),
+          ("asyncssh protocol: packets, channels, auth", ("asyncssh/",)),
+          ("TLS handshakes (certmgr.probe, ssl)", ("certmgr/probe", "/ssl.py")),
+          ("certificate checks (certmgr.verify, x509)", ("certmgr/verify", "certmgr/material", "x509")),
+          ("certmgr: deploy steps, store, logging", ("certmgr/",)),
+          ("asyncio event loop, sockets", ("asyncio/", "selectors.py", "/socket.py")))
+
+
+def profile_split(path: str, n: int) -> list[tuple[str, float]]:
+    """The profile's CPU in parts (ms per POP): each function's own time to the part of its file; C functions
+    and `cryptography`'s Python (used by asyncssh and certmgr alike) to their callers' parts, pro rata."""
+    st = pstats.Stats(path)
+    stats: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    parts: dict[str, float] = {}
+
+    def part(fn: Any) -> str | None:
+        f = fn[0]
+        if f == "~" or "cryptography" in f:
+            return None
+        return next((name for name, pats in _PARTS if any(p in f for p in pats)), "other Python")
+
+    def charge(fn: Any, amount: float, depth: int = 0) -> None:
+        name = part(fn)
+        callers = stats[fn][4]
+        weight = sum(v[3] for v in callers.values())
+        if name is None and depth < 10 and weight > 0:
+            for caller, v in callers.items():
+                charge(caller, amount * v[3] / weight, depth + 1)
+            return
+        key = name or "other Python"
+        parts[key] = parts.get(key, 0.0) + amount
+
+    for fn, v in stats.items():
+        charge(fn, v[2])
+    return sorted(((k, v * 1000 / n) for k, v in parts.items()), key=lambda x: -x[1])
+
+
+def report_profile(path: str, n: int, top: int = 25) -> None:
     st = pstats.Stats(path)
     st.sort_stats("tottime").print_stats(top)
+    split = profile_split(path, n)
+    total = sum(v for _, v in split)
+    print(f"certmgr's CPU inside deploy() by part (cProfile, its own overhead included: {total:.1f} ms per POP)")
+    for name, ms in split:
+        print(f"  {name:45s} {ms:6.2f} ms per POP ({ms / total * 100:4.1f} %)")
 
 
 def main() -> int:
@@ -370,6 +432,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile certmgr's largest run (K max × the largest size) and print its top functions")
     ap.add_argument("--keep", action="store_true", help="leave the lab running")
+    ap.add_argument("--wanproxy", default=None, help="the proxy script for --rtt (default benchmarks/wanproxy.py; "
+                                                     "another for an A/B of the proxy itself)")
+    ap.add_argument("--cgroups", action="store_true",
+                    help="also meter CPU per kind (certmgr, the POPs' sshd trees, their nginx, wanproxy) exactly, "
+                         "kernel time and unreaped processes included, in cgroup v1 cpuacct groups (root only)")
     ap.add_argument("--rtt", type=float, default=0.0,
                     help="milliseconds of round-trip time between certmgr and each POP (benchmarks/wanproxy.py)")
     args = ap.parse_args()
@@ -383,12 +450,21 @@ def main() -> int:
     print(f"lab: {lab.pops} POPs × {args.names_per_pop} names up and seeded in {time.monotonic() - t:.1f}s "
           f"(port base {args.port_base}; load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     state = Path(tempfile.mkdtemp(prefix="certmgr-bench-state-"))
-    far = FarPops(lab, args.rtt, Path(tempfile.mkdtemp(prefix="certmgr-bench-far-"))) if args.rtt else None
+    far = FarPops(lab, args.rtt, Path(tempfile.mkdtemp(prefix="certmgr-bench-far-")), args.wanproxy) \
+        if args.rtt else None
     fs = str(far.spec) if far else "-"
     if far:
         print(f"every POP is {args.rtt:g} ms away (round trip), through benchmarks/wanproxy.py")
     ks = [int(k) for k in args.certs.split(",")]
     add_bench_lineages(lab, max(ks))
+    if args.cgroups:
+        groups = CpuGroups(str(args.port_base), ["certmgr", "sshd", "nginx", "wanproxy"])
+        if not groups.ok:
+            raise SystemExit("--cgroups: /sys/fs/cgroup/cpuacct is not writable (cgroup v1 cpuacct, as root)")
+        groups.move("sshd", [lab.sshd_pid(p) for p in lab.pop_names])
+        groups.move("nginx", [lab.nginx_pid(p) for p in lab.pop_names])
+        groups.move("wanproxy", _PROXIES)
+        _GROUPS.append(groups)
     try:
         big = max(sizes)
         warm = run_child(lab, big, min(big, 50), state, far=fs, k=max(ks))  # converts certbot's layout
@@ -406,7 +482,7 @@ def main() -> int:
                 med[k, n] = walls[len(walls) // 2]
                 avg = {key: sum(r[key] for r in runs) / len(runs)
                        for key in ("sshd_cpu", "nginx_cpu", "client_cpu", "machine_busy", "load", "forks",
-                                   "connections", "channels", "handshakes")}
+                                   "connections", "channels", "handshakes", "proxy_cpu", "deploy_cpu")}
                 srv = avg["sshd_cpu"] + avg["nginx_cpu"]
                 lo, hi = min(r["reloads"][0] for r in runs), max(r["reloads"][1] for r in runs)
                 print(f"certmgr {k:>2} cert(s) × {n:>2} POPs: median {med[k, n]:.2f}s "
@@ -415,10 +491,22 @@ def main() -> int:
                       f"CPU per POP per deploy: {(srv + avg['client_cpu']) * 1000 / n:.0f} ms "
                       f"(POPs' sshd trees {avg['sshd_cpu'] * 1000 / n:.0f} ms + nginx {avg['nginx_cpu'] * 1000 / n:.0f}"
                       f" ms + certmgr {avg['client_cpu'] * 1000 / n:.0f} ms; whole machine "
-                      f"{avg['machine_busy'] * 1000 / n:.0f} ms, other load included); processes started per POP "
+                      f"{avg['machine_busy'] * 1000 / n:.0f} ms, other load included"
+                      + (f", of it wanproxy {avg['proxy_cpu'] * 1000 / n:.0f} ms and not attributed "
+                         f"{(avg['machine_busy'] - srv - avg['client_cpu'] - avg['proxy_cpu']) * 1000 / n:.0f} ms"
+                         if _PROXIES else "")
+                      + f"); processes started per POP "
                       f"{avg['forks'] / n:.0f} (machine-wide); load avg {avg['load']:.1f} on {os.cpu_count()} cores; "
                       f"per POP: {avg['connections'] / n:.1f} SSH connections, {avg['channels'] / n:.1f} SSH channels, "
-                      f"{avg['handshakes'] / n:.1f} TLS handshakes")
+                      f"{avg['handshakes'] / n:.1f} TLS handshakes; certmgr's CPU inside deploy() (start-up, "
+                      f"keys and store set-up left out) {avg['deploy_cpu'] * 1000 / n:.1f} ms per POP")
+                if _GROUPS:
+                    g = {kd: [sum(r["groups"][kd][j] for r in runs) / len(runs) / n * 1000 for j in (0, 1)]
+                         for kd in _GROUPS[0].kinds}
+                    total = sum(u + st for u, st in g.values())
+                    print("    cgroups, CPU per POP per deploy (user + system): " + ", ".join(
+                        f"{kd} {u + st:.1f} ms ({u:.1f} + {st:.1f})" for kd, (u, st) in g.items())
+                        + f"; sum {total:.1f} ms of the whole machine's {avg['machine_busy'] * 1000 / n:.0f} ms")
         kk = max(ks)
         if (kk, big) in med:
             conv = warm["wall"] / med[kk, big]
@@ -432,7 +520,7 @@ def main() -> int:
             r = run_child(lab, big, min(big, 50), state, far=fs, k=kk, profile=prof)
             print(f"profile of certmgr {kk} cert(s) × {big} POPs ({r['wall']:.2f}s, certmgr CPU "
                   f"{r['client_cpu'] * 1000 / big:.0f} ms per POP): {prof}")
-            report_profile(prof)
+            report_profile(prof, big)
         if not args.no_canary:
             canary = sorted(float(run_child(lab, big, min(big, 50), state, canary=True, far=fs, k=k0)["wall"])
                             for _ in range(args.repeat))
@@ -459,6 +547,8 @@ def main() -> int:
             print(f"target K: {kk} certificates × {big} POPs ≤ 1.5x 1 certificate × {big} POPs → {ratio:.2f}x "
                   f"({'met' if ratio <= 1.5 else 'NOT met'})")
     finally:
+        for gr in _GROUPS:
+            gr.close()
         if far:
             far.close()
         if not args.keep:
