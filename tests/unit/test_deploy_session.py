@@ -217,3 +217,20 @@ def test_an_output_of_many_chunks_is_read_whole(tmp_path: Path) -> None:
             assert len(alone.stdout) > 400_000 and alone.stdout.endswith("here\nx")
 
     asyncio.run(main())
+
+
+def test_a_step_end_mark_on_stderr_that_is_not_the_channels_own_does_not_end_the_step(tmp_path: Path) -> None:
+    """A line on a step's stderr shaped like a step-end mark (another channel's) is part of its stderr: the step
+    answers whole, as alone, and the next step still runs on the same channel."""
+    fake = 'printf "before\\ncertmgr-step-end-%s\\nafter" 0123456789abcdef >&2; printf "a=1\\n"'
+
+    async def main() -> None:
+        async with fake_pop(tmp_path) as rem:
+            alone = await rem.run_script(fake, [], step="fake")
+            async with session.over(rem, [fake, SAY]) as s:
+                assert await s.run_script(fake, [], step="fake") == alone
+                assert (await s.run_script(SAY, ["1", "2", "0"], step="say")).get("b") == "2"
+                assert (s.opened, s.steps) == (1, 2)
+            assert alone.stderr == "before\ncertmgr-step-end-0123456789abcdef\nafter" and alone.get("a") == "1"
+
+    asyncio.run(main())
