@@ -1,7 +1,8 @@
 """Benchmark: push K certificates to 1, 4, 20 and 50 lab POPs with certmgr, beside hand-written loops.
 
     .venv/bin/python benchmarks/deploy.py [--sizes 1,4,20,50] [--certs 1,10] [--port-base 44200] [--rtt MS]
-        [--names-per-pop 50] [--peers auto|batched,by-hand] [--no-canary] [--profile]
+        [--names-per-pop 50] [--peers auto|batched,by-hand] [--no-canary] [--profile] [--cgroups]
+        [--wanproxy PATH]
 
 Issue 17's shape, side by side with the batched loop, with a profile of certmgr:
 
@@ -20,7 +21,11 @@ logged (its error log's SIGHUP lines — not certmgr's own report) and the CPU t
 spent per POP: the POPs' sshd trees (sessions, sh, sudo, nginx -t, coreutils: the CPU of what
 they reaped, from /proc/PID/stat), their nginx trees (master, workers, old generations), certmgr's
 own, the whole machine's busy time (/proc/stat, other jobs included) and the processes started
-per POP (/proc/stat `processes`, machine-wide).
+per POP (/proc/stat `processes`, machine-wide). The `/proc` figure for the sshd trees misses the
+session processes nobody reaps into the master's counters (most of them): `--cgroups` (root) meters
+each kind exactly instead — certmgr, the POPs' sshd trees, their nginx, the WAN proxy — in cgroup v1
+cpuacct groups (procmeter.CpuGroups), kernel time included. `--profile` also splits certmgr's CPU
+inside deploy() by part (asyncssh protocol and crypto, TLS handshakes, asyncio, certmgr's steps).
 
 Two hand-written peers, sequential over POPs: the by-hand loop for one certificate (`ssh mkdir`,
 `scp` the four files, `ssh 'ln -sfn … && sudo nginx -t && sudo nginx -s reload'`) and the batched
