@@ -325,6 +325,7 @@ def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
     (["sudo", "-n", "/usr/sbin/nginx", "-p", "/x", "-c", "/x/n.conf", "-t"], "nginx -t"),
     (["sudo", "-n", "/usr/sbin/nginx", "-p", "/x", "-s", "reload"], "nginx -s reload"),
     (["sudo", "-n", "systemctl", "reload", "nginx"], "systemctl reload nginx"),
+    (["sudo", "-n", "pkill", "-HUP", "-F", "/run/nginx.pid", "-x", "nginx"], "pkill -HUP nginx"),
     (["/usr/local/bin/check-web"], "check-web"),
 ])
 def test_command_label(argv: list[str], label: str) -> None:
