@@ -19,7 +19,7 @@ import pytest
 from certmgr import doctor
 from certmgr import inventory as inventory_mod
 from certmgr import remote as remote_mod
-from certmgr.deploy import Status
+from certmgr.deploy import HostOutcome, Status
 from certmgr.doctor.model import Check
 from certmgr.doctor.model import Status as DStatus
 from certmgr.inventory import Host, Inventory
@@ -73,9 +73,9 @@ def defaulted(lab: Lab) -> tuple[Inventory, Host]:
     return with_hosts(inv, **{POP: host}), host
 
 
-def deploy_media(lab: Lab, inv: Inventory, store: Store) -> tuple[str, object]:
+def deploy_media(lab: Lab, inv: Inventory, store: Store) -> tuple[str, HostOutcome]:
     serial = put_new_versions(store, inv, [MEDIA])[MEDIA]
-    outs = [o for o in run(inv, store, [MEDIA], hosts=[POP])]
+    outs = run(inv, store, [MEDIA], hosts=[POP])
     assert len(outs) == 1
     return serial, outs[0]
 
@@ -103,13 +103,13 @@ def test_default_reload_deploys_with_one_sighup_and_asks_sudo_once(fresh: Lab, s
     inv, host = defaulted(fresh)
     before = fresh.reload_count(POP)
     serial, out = deploy_media(fresh, inv, store)
-    assert (out.status, out.error, out.note) == (Status.DEPLOYED, None, None)  # type: ignore[attr-defined]
+    assert (out.status, out.error, out.note) == (Status.DEPLOYED, None, None)
     assert served(fresh, POP, MEDIA) == serial
     assert fresh.reload_count(POP) - before == 1
     kept = reload_state(store)
     assert isinstance(kept, dict) and kept["allowed"] is True and kept["using"] == list(host.reload_command)
     serial2, out2 = deploy_media(fresh, inv, store)
-    assert out2.status == Status.DEPLOYED and served(fresh, POP, MEDIA) == serial2  # type: ignore[attr-defined]
+    assert out2.status == Status.DEPLOYED and served(fresh, POP, MEDIA) == serial2
     assert reload_state(store) == kept  # not asked again
     assert fresh.reload_count(POP) - before == 2
     assert audit(store, "reload fallback") == [] and audit(store, "reload default") == []
@@ -130,7 +130,7 @@ def test_pop_allowing_only_the_old_reload_still_deploys_with_a_warning(fresh: La
     before = fresh.reload_count(POP)
     for _ in range(2):
         serial, out = deploy_media(fresh, inv, store)
-        assert (out.status, out.error, out.note) == (Status.DEPLOYED, None, note)  # type: ignore[attr-defined]
+        assert (out.status, out.error, out.note) == (Status.DEPLOYED, None, note)
         assert served(fresh, POP, MEDIA) == serial
     assert fresh.reload_count(POP) - before == 2
     rows = audit(store, "reload fallback")
@@ -142,7 +142,7 @@ def test_pop_allowing_only_the_old_reload_still_deploys_with_a_warning(fresh: La
         f"add `{line}` to sudoers (docs/deploy.md, \"Reload\")")
     fresh.grant_reload(POP, "both")
     serial, out = deploy_media(fresh, inv, store)
-    assert (out.status, out.note) == (Status.DEPLOYED, None)  # type: ignore[attr-defined]
+    assert (out.status, out.note) == (Status.DEPLOYED, None)
     assert [r["to"] for r in audit(store, "reload default")] == [" ".join(host.reload_command)]
 
 
@@ -155,7 +155,7 @@ def test_pop_allowing_neither_reload_fails_cleanly_and_switches_back(fresh: Lab,
     before = fresh.reload_count(POP)
     serial, out = deploy_media(fresh, inv, store)
     line = f"certmgr-deploy ALL=(root) NOPASSWD: /usr/bin/pkill -HUP -F {fresh.pop_paths(POP).nginx_pid} -x nginx"
-    assert (out.status, out.error, out.hint, out.note) == (  # type: ignore[attr-defined]
+    assert (out.status, out.error, out.hint, out.note) == (
         Status.ROLLED_BACK,
         f"deploy {MEDIA} → {POP}: pkill -HUP nginx failed: \"sudo: a password is required\" (rolled back to "
         f"version 1, reload failed again: \"sudo: a password is required\": old serial {old} served)",
@@ -165,7 +165,7 @@ def test_pop_allowing_neither_reload_fails_cleanly_and_switches_back(fresh: Lab,
     assert audit(store, "reload fallback") == []
     got = check_reload(host)
     assert (got.status, got.message, got.hint) == (
-        DStatus.FAIL, f"sudo allows neither `pkill -HUP nginx` nor the old default `nginx -s reload` without a "
+        DStatus.FAIL, "sudo allows neither `pkill -HUP nginx` nor the old default `nginx -s reload` without a "
                       "password (sudo -n -l): deploy's reload will fail and switch back",
         f"add `{line}` to sudoers (docs/deploy.md, \"Reload\")")
 
@@ -173,13 +173,13 @@ def test_pop_allowing_neither_reload_fails_cleanly_and_switches_back(fresh: Lab,
 def test_kept_verdict_is_forgotten_when_the_default_reload_fails(fresh: Lab, store: Store) -> None:
     """A kept "default allowed" that no longer holds (the sudoers line was removed) costs one switched-back deploy;
     the next deploy asks again and falls back."""
-    inv, host = defaulted(fresh)
+    inv, _ = defaulted(fresh)
     deploy_media(fresh, inv, store)
     assert reload_state(store)["allowed"] is True  # type: ignore[index]
     fresh.grant_reload(POP, "legacy")
     _, out = deploy_media(fresh, inv, store)
-    assert out.status == Status.ROLLED_BACK  # type: ignore[attr-defined]
+    assert out.status == Status.ROLLED_BACK
     assert reload_state(store)["allowed"] is False  # type: ignore[index]
     serial, out = deploy_media(fresh, inv, store)
-    assert out.status == Status.DEPLOYED and out.note is not None  # type: ignore[attr-defined]
+    assert out.status == Status.DEPLOYED and out.note is not None
     assert served(fresh, POP, MEDIA) == serial
