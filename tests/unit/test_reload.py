@@ -194,3 +194,52 @@ def test_state_time_is_utc(tmp_path: Path) -> None:
     asyncio.run(reload_mod.resolve(deployer(store), Pop({NEW}), HOST))
     at = dt.datetime.fromisoformat(store.load_json("state/reload/sally.json")["at"])
     assert at.utcoffset() == dt.timedelta(0)
+
+
+# ---------------------------------------------------------------------------- discover: the pid path
+
+_PID_DUMP = """# configuration file /etc/nginx/nginx.conf:
+user www-data;
+pid {pid};
+events {{}}
+http {{ server {{ server_name a.example.org; }} }}
+"""
+
+
+@pytest.mark.parametrize(("pid", "want"), [("/var/run/nginx/nginx.pid", "/var/run/nginx/nginx.pid"),
+                                           ("logs/nginx.pid", "/etc/nginx/logs/nginx.pid")])
+def test_discover_reads_the_pid_directive(pid: str, want: str) -> None:
+    """The main context's `pid` directive, resolved against nginx's prefix like every relative path."""
+    from certmgr.discover.nginxconf import parse_dump
+
+    assert parse_dump(_PID_DUMP.format(pid=pid)).pid == want
+
+
+def test_discover_has_no_pid_without_the_directive() -> None:
+    """No `pid` directive: nginx's compiled-in path, which the dump does not show."""
+    from certmgr.discover.nginxconf import parse_dump
+
+    assert parse_dump(_PID_DUMP.replace("pid {pid};\n", "")).pid is None
+
+
+def test_stub_keeps_a_default_reload_implicit_and_spells_out_another_pid_path() -> None:
+    """The stub leaves a defaulted reload_command out (its fallback keeps working) unless the host's nginx writes its
+    pid elsewhere: then the default argv with that file, a `# guess:` with the sudoers line; explicit ones as given."""
+    from certmgr.discover import stub
+
+    text = invb.toml(hosts={"a": {"address": "127.0.0.1"}, "b": {"address": "127.0.0.2"},
+                            "c": {"address": "127.0.0.3", "reload_command": list(OLD)},
+                            "d": {"address": "127.0.0.4"}},
+                     certificates=[invb.cert("example.test", "a", dns="x")])
+    inv = inventory_mod.loads(text)
+    out = stub.render(inv, [stub.StubCert(name="example.test", domains=("example.test",), hosts=("a",))],
+                      pids={"b": "/run/nginx/nginx.pid", "d": "/run/nginx.pid"})
+    back = inventory_mod.loads(out)
+    assert [(back.hosts[h].reload_command, back.hosts[h].reload_fallback) for h in "abcd"] == [
+        (DEFAULT_RELOAD, LEGACY_RELOAD),
+        (("sudo", "-n", "pkill", "-HUP", "-F", "/run/nginx/nginx.pid", "-x", "nginx"), ()),
+        (OLD, ()), (DEFAULT_RELOAD, LEGACY_RELOAD)]
+    assert ("# guess: reload_command: nginx on b writes its pid to /run/nginx/nginx.pid (its `pid` directive), not "
+            "/run/nginx.pid: the default reload with that file; allow it in sudoers: `certmgr ALL=(root) NOPASSWD: "
+            "/usr/bin/pkill -HUP -F /run/nginx/nginx.pid -x nginx` (set here, it has no fallback to `systemctl reload "
+            "nginx`)\n[hosts.b]") in out
