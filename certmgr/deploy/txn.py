@@ -119,12 +119,13 @@ class Transaction:
             for job in todo:
                 self.done[job.name] = self.d.not_started(job, start=self.start)
             return
+        # the default reload, or the old one where sudo allows only that: asked only when a commit is due, and
+        # before the intents are written (a failed question leaves nothing for the next run to settle)
+        self.reload_argv, self.note = await reload_mod.resolve(self.d, self.rem, host)
+        self.reload = argv_text(self.reload_argv, "reload_command", host)
         todo = await self.upload(todo)
         if not todo:
             return
-        # the default reload, or the old one where sudo allows only that (asked only when a commit is due)
-        self.reload_argv, self.note = await reload_mod.resolve(self.d, self.rem, host)
-        self.reload = argv_text(self.reload_argv, "reload_command", host)
         commit = await self.commit(todo)
         if commit is None:
             return
