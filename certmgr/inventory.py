@@ -18,7 +18,19 @@ from typing import Any
 from certmgr import sanitize, storecfg
 from certmgr.dns import registry as dns_registry
 from certmgr.errors import InventoryError
-from certmgr.model import CA, KEEP_VERSIONS, Certificate, Channel, DNSProvider, Host, Inventory, SecretRef, Threshold
+from certmgr.model import (
+    CA,
+    DEFAULT_RELOAD,
+    KEEP_VERSIONS,
+    LEGACY_RELOAD,
+    Certificate,
+    Channel,
+    DNSProvider,
+    Host,
+    Inventory,
+    SecretRef,
+    Threshold,
+)
 from certmgr.model import suggest as _suggest
 from certmgr.names import dns_name_problem, ip_or_hostname_problem, split_server, url_problem
 from certmgr.names import type_name as _tname
@@ -170,7 +182,7 @@ def _parse_defaults(r: _Reader, data: dict[str, Any]) -> _Defaults:
     https_port = r.port(d, "https_port", "defaults", 443)
     trust = tuple(r.path(t) for t in (r.strlist(d, "trust", "defaults") or ()))
     test_cmd = r.argv(d, "test_command", "defaults", ("sudo", "-n", "nginx", "-t"))
-    reload_cmd = r.argv(d, "reload_command", "defaults", ("sudo", "-n", "systemctl", "reload", "nginx"))
+    reload_cmd = r.argv(d, "reload_command", "defaults", DEFAULT_RELOAD)
     return _Defaults(table=d, key_type=key_type, renew_before=renew_before,
                      warn_before=warn_before or Threshold(fraction=0.25, text="1/4"),
                      critical_before=critical_before or Threshold(fraction=0.1, text="1/10"), cert_root=cert_root,
@@ -282,6 +294,7 @@ def _parse_hosts(r: _Reader, data: dict[str, Any], dd: _Defaults) -> dict[str, H
             tags=tags, cert_root=_abs_remote_path(r, t, "cert_root", kp, cert_root),
             test_command=r.argv(t, "test_command", kp, test_cmd),
             reload_command=r.argv(t, "reload_command", kp, reload_cmd),
+            reload_fallback=LEGACY_RELOAD if "reload_command" not in t and "reload_command" not in dd.table else (),
             dump_command=r.argv(t, "dump_command", kp, dd.dump_command), jump=jump,
             privkey_owner=_owner(r, t, "privkey_owner", kp, dd.privkey_owner),
             privkey_group=_owner(r, t, "privkey_group", kp, dd.privkey_group))
@@ -523,7 +536,8 @@ def redacted(inv: Inventory) -> dict[str, Any]:
                 for n, p in inv.dns.items()},
         "hosts": {n: {"address": h.address, "port": h.port, "https_port": h.https_port, "user": h.user,
                       "tags": list(h.tags), "cert_root": h.cert_root, "test_command": list(h.test_command),
-                      "reload_command": list(h.reload_command), "dump_command": list(h.dump_command),
+                      "reload_command": list(h.reload_command), "reload_fallback": list(h.reload_fallback),
+                      "dump_command": list(h.dump_command),
                       "jump": h.jump,
                       "privkey_owner": h.privkey_owner, "privkey_group": h.privkey_group,
                       "ssh_key_file": str(h.ssh_key_file) if h.ssh_key_file else None,

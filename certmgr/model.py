@@ -143,6 +143,16 @@ class DNSProvider:
         return best
 
 
+# The default reload: SIGHUP to nginx's master, and only to it — the pid in root's pid file (the path of
+# Debian's, Ubuntu's, nginx.org's and RHEL's packages), and only if that process is named nginx (procps
+# pkill). `nginx -s reload` (what systemd's ExecReload runs) first parses the whole config and loads every
+# certificate in the client, which repeats the test deploy has just run under the POP lock
+# (docs/deploy.md, "Reload").
+DEFAULT_RELOAD: tuple[str, ...] = ("sudo", "-n", "pkill", "-HUP", "-F", "/run/nginx.pid", "-x", "nginx")
+# The default before it, still used on a host whose sudoers allows only it (Host.reload_fallback).
+LEGACY_RELOAD: tuple[str, ...] = ("sudo", "-n", "systemctl", "reload", "nginx")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Host:
     name: str
@@ -156,6 +166,11 @@ class Host:
     cert_root: str = "/etc/letsencrypt"
     test_command: tuple[str, ...] = ()
     reload_command: tuple[str, ...] = ()
+    # The argv deploy reloads with when sudo refuses `reload_command` (certmgr/reloadcmd.py). Set only when
+    # reload_command is the built-in default (neither [defaults] nor [hosts.X] sets it): the old default,
+    # `systemctl reload nginx`, so a POP whose sudoers allows only that keeps deploying after an upgrade.
+    # () for an explicit reload_command, which is never second-guessed.
+    reload_fallback: tuple[str, ...] = ()
     dump_command: tuple[str, ...] = ("sudo", "-n", "nginx", "-T")  # `certmgr discover`: the effective config
     jump: str | None = None
     privkey_owner: str | None = None  # user name or uid for privkey.pem on the host (None: the deploy user)

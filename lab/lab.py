@@ -67,6 +67,9 @@ from lab.proc import (
 DEFAULT_DIR = "/tmp/certmgr-lab"
 DEFAULT_PORT_BASE = 14000
 DEFAULT_VALIDITY = 90 * 86400  # Pebble's own default is 5 years; certmgr meets 90 days in production
+# Which reload a POP's sudoers allows: SIGHUP by pkill (certmgr's default) and `nginx -s reload` (the old
+# default's stand-in: the lab has no systemd), one of them, or none.
+RELOAD_GRANTS = ("both", "sighup", "legacy", "none")
 DEPLOY_HOME = Path("/var/lib/certmgr-deploy")
 SEED_LIFETIME = dt.timedelta(days=90)
 SEED_REMAINING = dt.timedelta(days=5)  # near expiry: certmgr must want to renew these
@@ -170,6 +173,8 @@ class Lab:
         self.info_path = self.dir / "lab.json"
         # No "." in the name: sudo skips such files in sudoers.d.
         self.sudoers_path = Path(f"/etc/sudoers.d/certmgr-lab-{self.labid}")
+        # Per POP, which reload sudoers grants (RELOAD_GRANTS; absent: "both"). Tests vary it (grant_reload).
+        self.reload_grants: dict[str, str] = {}
         self.https_ca = self.dir / "pebble" / "https-ca.pem"
         self.https_cert = self.dir / "pebble" / "https-cert.pem"
         self.https_key = self.dir / "pebble" / "https-key.pem"
@@ -362,17 +367,31 @@ class Lab:
                 out = run(["/usr/sbin/tsig-keygen", "-a", "hmac-sha256", key]).stdout
                 pki.write_file(path, out.encode(), 0o600)
 
+    def grant_reload(self, name: str, grant: str = "both") -> None:
+        """Change which reload POP `name`'s sudoers allows (RELOAD_GRANTS) and rewrite the lab's sudoers file."""
+        if grant not in RELOAD_GRANTS:
+            raise LabError(f"reload grant must be one of {', '.join(RELOAD_GRANTS)}, not {grant!r}")
+        self.reload_grants[name] = grant
+        self._write_sudoers()
+
     def _write_sudoers(self) -> None:
         """Let the deploy user run exactly each POP's `nginx -t`, reload (SIGHUP by pkill), `nginx -T` as root.
 
-        `nginx -s reload` is allowed too: the benchmarks' hand-written loops run it, as people do.
+        `nginx -s reload` is allowed too: the benchmarks' hand-written loops run it, as people do (and it
+        stands in for the old default, `systemctl reload nginx`, where tests need an old-only POP:
+        `grant_reload`).
         """
         lines = [f"# certmgr lab {self.dir} (port base {self.ports.base}); removed by `python -m lab down`."]
         for name in self._pops_in_play():
             p = self.pop_paths(name)
-            # The argv without "sudo -n"; the lab dir holds none of the chars sudoers would need escaped.
-            cmds = (p.test_command, p.reload_command, p.dump_command, p.nginx_reload_command)
-            lines.append(f"{DEPLOY_USER} ALL=(root) NOPASSWD: " + ", ".join(" ".join(c[2:]) for c in cmds))
+            grant = self.reload_grants.get(name, "both")
+            reloads = {"both": (p.reload_command, p.nginx_reload_command), "sighup": (p.reload_command,),
+                       "legacy": (p.nginx_reload_command,), "none": ()}[grant]
+            # The argv without "sudo -n", its program by full path (sudoers wants one; sudo finds a bare
+            # `pkill` on its secure_path); the lab dir holds none of the chars sudoers would need escaped.
+            cmds = (p.test_command, *reloads, p.dump_command)
+            lines.append(f"{DEPLOY_USER} ALL=(root) NOPASSWD: " + ", ".join(
+                " ".join([PKILL if c[2] == "pkill" else c[2], *c[3:]]) for c in cmds))
         text = "\n".join(lines) + "\n"
         if self.sudoers_path.exists() and self.sudoers_path.read_text() == text:
             return

@@ -24,7 +24,7 @@ DEPLOY_USER = "certmgr-deploy"
 # A supplementary group of the deploy user: the group a POP's privkey_group can hand keys to.
 KEY_GROUP = "certmgr-lab-keys"
 NGINX = "/usr/sbin/nginx"
-PKILL = "/usr/bin/pkill"  # procps; the lab's reload_command (SIGHUP to the master, no second config parse)
+PKILL = "/usr/bin/pkill"  # procps; what sudoers names for the reload_command's bare `pkill` (sudo's secure_path)
 
 # Lineage name → names on the certificate; served by every POP and listed in the inventory.
 CERTIFICATES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -112,7 +112,8 @@ class PopPaths:
 
     @property
     def reload_command(self) -> list[str]:
-        """SIGHUP to this POP's nginx master, and nothing else (docs/deploy.md, "sudoers").
+        """SIGHUP to this POP's nginx master, and nothing else: certmgr's default reload_command
+        (certmgr.model.DEFAULT_RELOAD) with this POP's pid file in place of /run/nginx.pid.
 
         `nginx -s reload` parses the whole configuration in the client first, loading every
         certificate, before it signals the master, which parses it again: after the commit's own
@@ -120,7 +121,7 @@ class PopPaths:
         signals only the pid in nginx's pid file (root's, which the deploy user cannot write), and
         only if that process is named nginx.
         """
-        return ["sudo", "-n", PKILL, "-HUP", "-F", str(self.nginx_pid), "-x", "nginx"]
+        return ["sudo", "-n", "pkill", "-HUP", "-F", str(self.nginx_pid), "-x", "nginx"]
 
     @property
     def nginx_reload_command(self) -> list[str]:

@@ -45,6 +45,7 @@ class HostOutcome:
     hint: str | None = None
     timings: tuple[tuple[str, float], ...] = ()
     elapsed: float = 0.0
+    note: str | None = None  # said whatever the status, e.g. the reload fallback (deploy/reload.py)
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,8 @@ class HostOutcome:
         text = f"{self.status.value:<11} {self.cert} → {self.host}{ver} {serials} {took}{conv}"
         if self.error:
             text += f"\n            {self.error}"
+        if self.note:
+            text += f"\n            note: {self.note}"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -71,6 +74,7 @@ class HostOutcome:
             "new_serial": self.new_serial, "old_serial": self.old_serial, "version": self.version,
             "previous_version": self.previous_version, "converted": self.converted, "error": self.error,
             "hint": self.hint, "timings": dict(self.timings), "elapsed": round(self.elapsed, 3),
+            "note": self.note,
         }
 
 

@@ -127,6 +127,8 @@ def command_label(argv: Sequence[str]) -> str:
         return f"{prog} {args[-1]}"
     if prog == "systemctl" and len(args) >= 2:
         return " ".join([prog, *args[1:3]])
+    if prog == "pkill" and len(args) >= 3:
+        return f"{prog} {args[1]} {args[-1]}"  # `pkill -HUP -F /run/nginx.pid -x nginx` → pkill -HUP nginx
     return prog
 
 

@@ -27,12 +27,13 @@ def compose(name: str) -> str:
     return _INCLUDE.sub(expand, text, count=1)
 
 
-SCRIPTS = ("inspect.sh", "commit.sh", "rollback.sh", "prune.sh", "free.sh", "session.sh")
+SCRIPTS = ("inspect.sh", "commit.sh", "rollback.sh", "prune.sh", "free.sh", "session.sh", "reloadprobe.sh")
 
 INSPECT_SH = compose("inspect.sh")
 COMMIT_SH = compose("commit.sh")
 ROLLBACK_SH = compose("rollback.sh")
 PRUNE_SH = compose("prune.sh")
 SESSION_SH = compose("session.sh")  # runs the others in turn over one SSH channel (session.py)
+RELOADPROBE_SH = compose("reloadprobe.sh")  # which reload argv a host allows (reload.py)
 # Shared with doctor, which tries it on a temp file.
 KEYOWN_SH = read("keyown.sh")

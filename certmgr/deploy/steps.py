@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from certmgr import popguard, sanitize
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence
+from certmgr.deploy import reload as reload_mod
 from certmgr.deploy.model import Commit, Status, parse_rollback
 from certmgr.deploy.plan import (
     FILE_ORDER,
@@ -123,7 +124,7 @@ async def after_failed_test(t: Transaction, job: Job, res: Commit) -> None:
     converted = cc.converted is not None
     reload_failed = res.reload_rc is not None
     if reload_failed:
-        step, text = f"{command_label(host.reload_command)} failed", res.reload_out
+        step, text = f"{command_label(t.reload_argv)} failed", res.reload_out
     else:
         step, text = f"{command_label(host.test_command)} failed", res.test_out
     retest_ok = res.retest_rc == 0 and cc.rolled_back is True
@@ -162,10 +163,13 @@ async def after_failed_test(t: Transaction, job: Job, res: Commit) -> None:
         await t.d.audit("rollback failed", job.name, job=job, frm=job.info.serial, to=old_serial, host=host.name,
                         summary=f"{job.subject}: {step}; {outcome}")
     ok = status == Status.ROLLED_BACK
+    hint = None if ok else f"log in to {host.name} and repair the web server config now"
+    if reload_failed and text.startswith("sudo:"):  # sudo refused the reload argv itself
+        hint = (f"sudo on {host.name} refuses the reload: add `{reload_mod.sudoers_line(host.user, t.reload_argv)}` "
+                "to sudoers (docs/deploy.md, \"Reload\")" + ("" if ok else f"; then {hint}"))
     t.finish(job, status, old_serial=old_serial, previous_version=prev_version,
              version=prev_version if ok else None, converted=converted,
-             error=f"{job.subject}: {step}: {quote_text(text)} ({outcome})",
-             hint=None if ok else f"log in to {host.name} and repair the web server config now")
+             error=f"{job.subject}: {step}: {quote_text(text)} ({outcome})", hint=hint)
 
 
 async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], commit: Commit) -> None:

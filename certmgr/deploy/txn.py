@@ -17,6 +17,7 @@ from typing import Any
 from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
+from certmgr.deploy import reload as reload_mod
 from certmgr.deploy.fence import Token
 from certmgr.deploy.host import Deployer, Job, RemoteSession, all_serve, argv_text
 from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
@@ -37,10 +38,14 @@ class Transaction:
         self.loop = d.loop
         self.root = ""
         self.test = self.reload = ""
+        self.reload_argv: tuple[str, ...] = ()  # what self.reload runs: reload_command, or its fallback (reload.py)
+        self.note: str | None = None  # said on every outcome of this transaction (the reload fallback)
         self.preflight = True  # inspect ran the test before any change (else the commit's retest judges)
         self.fence: Token | None = None  # the POP lock's epoch for commit.sh (None: directory store)
 
     def finish(self, job: Job, status: Status, **kw: Any) -> None:
+        if self.note is not None:
+            kw.setdefault("note", self.note)
         self.done[job.name] = self.d.outcome(job, status, start=self.start, **kw)
 
     def undone(self, jobs: Sequence[Job] | None = None) -> list[Job]:
@@ -103,6 +108,7 @@ class Transaction:
             remote_mod.check_name(job.name)
         self.test = argv_text(host.test_command, "test_command", host)
         self.reload = argv_text(host.reload_command, "reload_command", host)
+        self.reload_argv = host.reload_command
         state = await self.inspect()
         if state is None:
             return
@@ -113,12 +119,18 @@ class Transaction:
             for job in todo:
                 self.done[job.name] = self.d.not_started(job, start=self.start)
             return
+        # the default reload, or the old one where sudo allows only that: asked only when a commit is due, and
+        # before the intents are written (a failed question leaves nothing for the next run to settle)
+        self.reload_argv, self.note = await reload_mod.resolve(self.d, self.rem, host)
+        self.reload = argv_text(self.reload_argv, "reload_command", host)
         todo = await self.upload(todo)
         if not todo:
             return
         commit = await self.commit(todo)
         if commit is None:
             return
+        if commit.reload_rc not in (None, 0) and self.reload_argv == host.reload_command:
+            await reload_mod.forget(self.d, host)  # a kept "allowed" no longer holds: ask on the next deploy
         swapped = [j for j in todo if j.name not in self.done]
         if not commit.done:
             await asyncio.gather(*(after_failed_test(self, job, commit) for job in swapped))

@@ -56,7 +56,7 @@ def output(report: Report, inv: Inventory, *, as_json: bool, stub_wanted: bool =
             f"inventory stub written by `certmgr discover` at {report.started:%Y-%m-%d %H:%M} UTC from "
             f"{len(report.hosts) - len(report.errors)} of {len(report.hosts)} hosts",
             "certificates are grouped as the fleet serves them today; review every `# guess:` line",
-            *(f"host {h} could not be discovered: {e}" for h, e in report.errors.items())])
+            *(f"host {h} could not be discovered: {e}" for h, e in report.errors.items())], pids=report.pids)
     if as_json:
         return json.dumps(render.to_json(report), indent=2)
     return render.table(report)

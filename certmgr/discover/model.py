@@ -186,6 +186,7 @@ class Report:
     key_problems: tuple[KeyProblem, ...]
     not_served: tuple[NotServed, ...]
     dynamic: tuple[Dynamic, ...]
+    pids: Mapping[str, str] = field(default_factory=dict)  # host → its nginx's `pid` directive, where it has one
 
     @property
     def exit_code(self) -> int:
@@ -320,7 +321,8 @@ def analyze(scans: Sequence[HostScan], *, lineages: Iterable[str], now: dt.datet
         started=now, elapsed=elapsed, hosts=tuple(s.host for s in scans), errors=errors, problems=tuple(problems),
         bindings=tuple(bindings), unmanaged=_unmanaged(good, bindings), partial=tuple(partial), drift=tuple(drift),
         orphans=tuple(sorted(orphans, key=lambda o: (o.info.not_after, o.host, o.path))),
-        key_problems=tuple(key_problems), not_served=tuple(not_served), dynamic=tuple(dynamic))
+        key_problems=tuple(key_problems), not_served=tuple(not_served), dynamic=tuple(dynamic),
+        pids={s.host: s.config.pid for s in good if s.config is not None and s.config.pid})
 
 
 def scans_index(scans: Sequence[HostScan], host: str) -> int:

@@ -78,6 +78,7 @@ class Config:
     files: tuple[str, ...]
     servers: tuple[ServerBlock, ...]
     problems: tuple[str, ...] = ()
+    pid: str | None = None  # the main context's `pid` directive (None: nginx's compiled-in --pid-path)
 
 
 def split_dump(text: str) -> list[tuple[str, str]]:
@@ -187,7 +188,10 @@ def parse_dump(text: str) -> Config:
                 yield file, st, ()
 
     servers: list[ServerBlock] = []
+    pid: str | None = None
     for file, st, _ in expand(parsed[main], main, 0, [main]):
+        if st.get("directive") == "pid" and st.get("args"):
+            pid = resolve(st["args"][0])  # the reload signals through it (deploy/reload.py)
         if st.get("directive") != "http":
             continue
         inherited: list[tuple[str, dict[str, Any]]] = []
@@ -199,7 +203,8 @@ def parse_dump(text: str) -> Config:
                 inherited.append((f, s))
         for f, s in http_servers:
             servers.append(_server(f, s, inherited, expand, resolve))
-    return Config(main=main, prefix=prefix, files=tuple(order), servers=tuple(servers), problems=tuple(problems))
+    return Config(main=main, prefix=prefix, files=tuple(order), servers=tuple(servers), problems=tuple(problems),
+                  pid=pid)
 
 
 def _server(file: str, st: dict[str, Any], inherited: list[tuple[str, dict[str, Any]]], expand: Any,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from certmgr.deploy import reload as reload_mod
 from certmgr.discover.model import Report, is_dns_name
 from certmgr.discover.text import clean
-from certmgr.inventory import KEY_TYPES, Inventory, SecretRef, dns_name_problem
+from certmgr.inventory import KEY_TYPES, Host, Inventory, SecretRef, dns_name_problem
 
 _LINEAGE = re.compile(r"[a-z0-9][a-z0-9._-]{0,199}")
 
@@ -59,8 +60,27 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds}s"
 
 
-def render(inv: Inventory, certs: Sequence[StubCert], *, header: Sequence[str] = ()) -> str:
-    """The whole stub: the inventory's CAs, DNS, hosts and channels, then `certs`."""
+def _reload(h: Host, pids: Mapping[str, str]) -> tuple[list[str] | None, str | None]:
+    """reload_command for host `h`'s table, and the `# guess:` for it.
+
+    Left to the default (None) as it was, so deploy's fallback to the old default still protects the host
+    (deploy/reload.py); spelled out only when its nginx's `pid` directive names another file than the default's.
+    """
+    if not h.reload_fallback:
+        return list(h.reload_command), None
+    pid, default = pids.get(h.name), reload_mod.pid_file(h.reload_command)
+    if pid is None or pid == default or not pid.startswith("/") or any(c.isspace() for c in pid):
+        return None, None
+    argv = [pid if a == default else a for a in h.reload_command]
+    return argv, (f"reload_command: nginx on {h.name} writes its pid to {pid} (its `pid` directive), not {default}: "
+                  f"the default reload with that file; allow it in sudoers: `{reload_mod.sudoers_line(h.user, argv)}` "
+                  "(set here, it has no fallback to `systemctl reload nginx`)")
+
+
+def render(inv: Inventory, certs: Sequence[StubCert], *, header: Sequence[str] = (),
+           pids: Mapping[str, str] | None = None) -> str:
+    """The whole stub: the inventory's CAs, DNS, hosts and channels, then `certs`. `pids`: host → the pid file its
+    nginx names (discover's `pid` directives), for the reload_command of hosts that leave it to its default."""
     parts = ["".join(f"# {clean(line, 300)}\n" for line in header)]
     default_ca = next(iter({c.ca: None for c in inv.certificates}), None) or next(iter(inv.cas), None)
     parts.append(_table("[defaults]", [("ca", default_ca), ("trust", [str(p) for p in inv.trust] or None)]))
@@ -74,12 +94,13 @@ def render(inv: Inventory, certs: Sequence[StubCert], *, header: Sequence[str] =
             ("type", p.type), ("zones", list(p.zones)), *p.config.toml(),  # each provider type writes its own keys
             ("nameservers", list(p.nameservers) or None), ("propagation_timeout", _duration(p.propagation_timeout))]))
     for n, h in inv.hosts.items():
-        parts.append(_table(f"[hosts.{n}]", [
+        reload, guess = _reload(h, pids or {})
+        parts.append(("" if guess is None else f"# guess: {clean(guess, 500)}\n") + _table(f"[hosts.{n}]", [
             ("address", h.address), ("port", h.port), ("https_port", h.https_port), ("ssh_user", h.user),
             ("ssh_key_file", str(h.ssh_key_file) if h.ssh_key_file else None),
             ("known_hosts", str(h.known_hosts) if h.known_hosts else None), ("tags", list(h.tags)),
             ("cert_root", h.cert_root), ("test_command", list(h.test_command)),
-            ("reload_command", list(h.reload_command)), ("dump_command", list(h.dump_command)), ("jump", h.jump),
+            ("reload_command", reload), ("dump_command", list(h.dump_command)), ("jump", h.jump),
             ("privkey_owner", h.privkey_owner), ("privkey_group", h.privkey_group)]))
     for c in certs:
         lines = [f"# guess: {clean(g, 500)}" for g in c.guesses]

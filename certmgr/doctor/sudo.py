@@ -4,9 +4,11 @@ never run)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from certmgr import remote as remote_mod
+from certmgr.deploy import reload as reload_mod
+from certmgr.deploy.reload import sudo_list_argv as sudo_list_argv  # its home is deploy now
 from certmgr.doctor.model import Check, Status, _label, _one_line, _Remote
 from certmgr.inventory import Host
 
@@ -17,51 +19,6 @@ printf 'out=%s\n' "$(printf '%s' "$out" | base64 -w0)"
 """
 FIND_SH = r"""if command -v -- "$1" >/dev/null 2>&1; then echo found=1; else echo found=0; fi
 """
-
-
-def sudo_list_argv(argv: Sequence[str]) -> list[str] | None:
-    """`sudo [opts] CMD ARGS` → `sudo -n -l [-u U] [-g G] CMD ARGS` (asks whether it is allowed, runs nothing).
-
-    None when `argv` is not a sudo command or has no command after the options.
-    """
-    if not argv or argv[0].rsplit("/", 1)[-1] != "sudo":
-        return None
-    with_arg = {"-C", "-D", "-g", "-h", "-p", "-R", "-r", "-t", "-T", "-U", "-u"}
-    keep: list[str] = []
-    i = 1
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            i += 1
-            break
-        if a.startswith("--"):
-            name, eq, val = a.partition("=")
-            if name in ("--user", "--group"):
-                if not eq:
-                    i += 1
-                    val = argv[i] if i < len(argv) else ""
-                keep += ["-u" if name == "--user" else "-g", val]
-            elif name in ("--close-from", "--chdir", "--host", "--prompt", "--chroot", "--role", "--type",
-                          "--command-timeout", "--other-user") and not eq:
-                i += 1
-            i += 1
-            continue
-        if a.startswith("-") and len(a) > 1:
-            if a in with_arg:
-                if a in ("-u", "-g") and i + 1 < len(argv):
-                    keep += [a, argv[i + 1]]
-                i += 2
-                continue
-            if len(a) > 2 and a[:2] in with_arg:  # -uroot
-                if a[:2] in ("-u", "-g"):
-                    keep += [a[:2], a[2:]]
-            i += 1
-            continue
-        break
-    cmd = list(argv[i:])
-    if not cmd:
-        return None
-    return [argv[0], "-n", "-l", *keep, *cmd]
 
 
 async def _check_test(host: Host, rem: _Remote) -> Check:
@@ -96,6 +53,8 @@ async def _check_reload(host: Host, rem: _Remote) -> Check:
     if not argv:
         return result(Status.FAIL, "reload_command is empty", f"set reload_command in [hosts.{host.name}]")
     listing = sudo_list_argv(argv)
+    if host.reload_fallback and listing is not None:
+        return await _check_default_reload(host, rem, result)
     if listing is None:
         if argv[0].rsplit("/", 1)[-1] == "sudo":
             return result(Status.FAIL, f"`{' '.join(argv)}` names no command after sudo")
@@ -111,4 +70,26 @@ async def _check_reload(host: Host, rem: _Remote) -> Check:
                                  "not run)")
     return result(Status.FAIL, f"sudo does not allow `{_label(argv)}` without a password (sudo -n -l exit "
                                f"{res.get('rc')}: \"{text}\")",
-                  f"add a NOPASSWD sudoers rule for {host.user} with exactly this argv: {' '.join(listing[3:])}")
+                  f"add `{reload_mod.sudoers_line(host.user, argv)}` to sudoers (it matches the argv exactly)")
+
+
+async def _check_default_reload(host: Host, rem: _Remote, result: Callable[..., Check]) -> Check:
+    """reload_command is the built-in default (SIGHUP by pkill): is it allowed, or does deploy fall back to the
+    old default (`systemctl reload nginx`) on this host? Asked as deploy asks (deploy/reload.py), nothing run."""
+    v = await reload_mod.probe(rem, host)
+    label, old = _label(list(host.reload_command)), _label(list(host.reload_fallback))
+    line = reload_mod.sudoers_line(host.user, host.reload_command)
+    if v.default_ok and v.pid_file_ok:
+        return result(Status.OK, f"sudo allows `{label}` without a password (checked with sudo -l, not run)")
+    _, note = reload_mod.choose(host, v)
+    pid = reload_mod.pid_file(host.reload_command)
+    pid_hint = (f"nginx is down, or its pid file is not {pid} (the `pid` directive, or `nginx -V`'s --pid-path): "
+                "set reload_command with that path and allow it in sudoers")
+    if note is not None:
+        hint = f"add `{line}` to sudoers (docs/deploy.md, \"Reload\")" if not v.default_ok else pid_hint
+        return result(Status.WARNING, f"deploy reloads with the old default `{old}`: {v.why_not(host)}", hint)
+    if v.default_ok:  # allowed, but the pid file is missing and the old default is not allowed either
+        return result(Status.WARNING, f"sudo allows `{label}`, but {v.why_not(host)}", pid_hint)
+    return result(Status.FAIL, f"sudo allows neither `{label}` nor the old default `{old}` without a password "
+                               "(sudo -n -l): deploy's reload will fail and switch back",
+                  f"add `{line}` to sudoers (docs/deploy.md, \"Reload\")")
