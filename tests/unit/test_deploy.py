@@ -34,6 +34,7 @@ from certmgr.deploy import (
     sni_names,
     version_of_target,
 )
+from certmgr.deploy.model import parse_commit
 from certmgr.errors import UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.material import CertMaterial, serial_text
@@ -229,14 +230,15 @@ def test_point_replaces_a_leftover_temp_link_instead_of_entering_it(tmp_path: Pa
 
 
 def test_commit_reports_a_failed_swap_with_the_tools_own_words(tmp_path: Path) -> None:
-    """A link that cannot be made (here: live/ is gone) fails the swap; ln's message reaches stderr."""
+    """A link that cannot be staged (here: live/ is gone) fails the swap; the tool's own words (mkdir's, making
+    the stage dir under live/) are its failed_out."""
     root = linked_root(tmp_path, 1)
     shutil.rmtree(root / "live")
     m = material()
     upload(root, ".tmp-2-hhhhhhhhhhhh", m)
     res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-hhhhhhhhhhhh", "2", sha256sums(m), "", "true", "true")
     assert res.get("failed_step") == "swap" and res.exit_status == 3
-    assert "ln: failed to create symbolic link" in res.stderr
+    assert parse_commit(res).certs[NAME].failed_out.startswith("mkdir: cannot create directory"), res.stdout
     assert not (root / "live").exists() and res.get("swapped") is None
 
 
@@ -411,14 +413,14 @@ class LocalSession:
             self.stdin = None
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
-        """The script on this machine; on a disk-full host (fail_upload) its `head` cannot write."""
+        """The script on this machine; on a disk-full host (fail_upload) its `tar` cannot write the first member."""
         env = None
         if self.fail_upload:
             bin_dir = Path(self.host.cert_root).parent / "full-bin"
             bin_dir.mkdir(exist_ok=True)
-            (bin_dir / "head").write_text("#!/bin/sh\necho \"head: error writing '$0': No space left on device\" >&2\n"
-                                          "exit 1\n")
-            (bin_dir / "head").chmod(0o755)
+            (bin_dir / "tar").write_text('#!/bin/sh\ncat >/dev/null\nwhile [ "$1" != -- ]; do shift; done\n'
+                                         'echo "tar: $2: Cannot write: No space left on device" >&2\nexit 2\n')
+            (bin_dir / "tar").chmod(0o755)
             env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         data, self.stdin = self.stdin, None
         proc = await asyncio.create_subprocess_exec("sh", "-c", sh_command(script, args), env=env,

@@ -15,8 +15,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from certmgr.deploy import COMMIT_SH, FILE_ORDER, INSPECT_SH, sha256sums
+from certmgr.deploy import COMMIT_SH, INSPECT_SH, sha256sums
 from certmgr.deploy.model import parse_commit, parse_inspection
+from certmgr.deploy.steps import upload_archive
 from certmgr.discover import collect
 from certmgr.remote import Result, parse_kv, sh_command
 from tests.unit.test_deploy import material
@@ -64,16 +65,16 @@ def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: st
     """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
     `bad_sum`: that name's sums announce other bytes (its upload fails verification)."""
     five: list[list[str]] = []
-    blobs: list[bytes] = []
+    uploads = []
     for n in ns:
         m = material((n,))
         sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
         five.append([n, f".tmp-up-tag-2-{n}", "2", sums, conv])
-        blobs += [m.files()[f] for f in FILE_ORDER]
-    sizes = " ".join(str(len(b)) for b in blobs)
-    args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", sizes,
+        uploads.append((n, f".tmp-up-tag-2-{n}", 2, m.files()))
+    data = upload_archive(uploads, mtime=0)
+    args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", str(len(data)),
             *[a for f in five[1:] for a in f]]
-    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], b"".join(blobs) + b"go\n")
+    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], data + b"go\n")
     return as_result(proc), count
 
 
