@@ -22,6 +22,13 @@ retest() {
 # and goes on past one it cannot rename. p_ok_I: 1 switched (its staged link gone), 0 not.
 point_all() {
   pd=$1 pi=0 pnm='' pt=''
+  if [ "$pn" -eq 1 ]; then
+    # one link: point's own ln + mv, no stage dir to make and remove
+    eval "lineage \"\$p_name_1\"; pt=\$p_target_1"
+    p_ok_1=0
+    if point "$pt" back; then p_ok_1=1; fi
+    return 0
+  fi
   [ -d "$pd" ] || mkdir -m 700 -- "$pd" 2>/dev/null || :
   set --
   while [ "$pi" -lt "$pn" ]; do

@@ -102,6 +102,18 @@ receive() {
   # --no-wildcards: a name may hold `*` (a wildcard certificate), matched as itself
   o=$({ head -c "$sizes" | tar -x -f - -C "$root" --no-same-owner --no-same-permissions --no-wildcards -m \
     -- "$@"; } 2>&1) || { unreceive; untarred "$o"; return 1; }
+  # what tar made is what was listed: regular files, and links (no process: the shell's own tests) —
+  # never a link where a file belongs, which chmod would follow
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+    for f in fullchain.pem privkey.pem cert.pem chain.pem; do
+      d=$root/archive/$cn/$ct/$f
+      if [ -L "$d" ] || [ ! -f "$d" ]; then unreceive; refused "$j" upload "archive/$cn/$ct/$f is not a regular file"; return 1; fi
+    done
+    if [ ! -L "$st/$cn" ]; then unreceive; refused "$j" upload "live/${st##*/}/$cn is not a link"; return 1; fi
+  done
   # the modes deploy has always given (the key keeps 0600; the dirs were made 0755): one process
   set --
   j=0
