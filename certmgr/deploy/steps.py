@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # the upload's temp dir (txn.py): .tmp-up-<controller tag>-<version>-<hex>
 TMP_NAME = re.compile(r"\.tmp-up-[A-Za-z0-9_.-]{1,200}")
 
+# what a tar that is not GNU tar (BusyBox) or no tar at all says to receive.sh's options
+_NOT_GNU_TAR = ("unrecognized option", "invalid option", "not found", "unknown option")
+
 _WHAT = {"unreceived": "not uploaded (the upload of the certificates due here stopped)",
          "verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
          "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
@@ -140,6 +143,8 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
             if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
                 hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
                         f"privkey_owner/privkey_group of {host.name}")
+            elif step == "upload" and "tar" in text and any(w in text for w in _NOT_GNU_TAR):
+                hint = f"the upload is one tar archive: {host.name} needs GNU tar (package tar; docs/deploy.md)"
             t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
                      error=f"{job.subject}: {what}{': ' + shown if shown else ''} (live unchanged)", hint=hint)
     odd = [j for j in t.undone(todo) if j.name not in res.certs or not res.certs[j.name].swapped]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from certmgr.deploy import COMMIT_SH, FILE_ORDER, sha256sums
-from certmgr.deploy.steps import upload_archive
 from certmgr.deploy.model import parse_commit
+from certmgr.deploy.steps import upload_archive
 from certmgr.remote import Result, parse_kv, sh_command
 from tests.unit.test_deploy import material
 from tests.unit.test_deploy_txn import NAMES, multi_root
