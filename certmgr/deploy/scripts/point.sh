@@ -25,8 +25,9 @@ point_all() {
   if [ "$pn" -eq 1 ]; then
     # one link: point's own ln + mv, no stage dir to make and remove
     eval "lineage \"\$p_name_1\"; pt=\$p_target_1"
-    p_ok_1=0
-    if point "$pt" back; then p_ok_1=1; fi
+    pi=0
+    if point "$pt" back; then pi=1; fi
+    eval "p_ok_1=\$pi"
     return 0
   fi
   [ -d "$pd" ] || mkdir -m 700 -- "$pd" 2>/dev/null || :
