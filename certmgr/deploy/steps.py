@@ -143,7 +143,7 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
             if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
                 hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
                         f"privkey_owner/privkey_group of {host.name}")
-            elif step == "upload" and "tar" in text and any(w in text for w in _NOT_GNU_TAR):
+            elif step in ("upload", "unreceived") and "tar" in text and any(w in text for w in _NOT_GNU_TAR):
                 hint = f"the upload is one tar archive: {host.name} needs GNU tar (package tar; docs/deploy.md)"
             t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
                      error=f"{job.subject}: {what}{': ' + shown if shown else ''} (live unchanged)", hint=hint)

@@ -398,6 +398,9 @@ def fake_host(tmp: Path, name: str, tags: tuple[str, ...] = ()) -> Host:
 
 
 class LocalSession:
+    # what the fake `tar` of a fail_upload host says ($2: the first member it was asked for)
+    tar_says = "tar: $2: Cannot write: No space left on device"
+
     def __init__(self, host: Host, fail_upload: bool = False) -> None:
         self.host = host
         self.fail_upload = fail_upload
@@ -419,7 +422,7 @@ class LocalSession:
             bin_dir = Path(self.host.cert_root).parent / "full-bin"
             bin_dir.mkdir(exist_ok=True)
             (bin_dir / "tar").write_text('#!/bin/sh\ncat >/dev/null\nwhile [ "$1" != -- ]; do shift; done\n'
-                                         'echo "tar: $2: Cannot write: No space left on device" >&2\nexit 2\n')
+                                         f'echo "{self.tar_says}" >&2\nexit 2\n')
             (bin_dir / "tar").chmod(0o755)
             env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         data, self.stdin = self.stdin, None
@@ -494,6 +497,18 @@ def run_fleet(inv: Inventory, store: Store, fleet: FakeFleet, **kw: Any) -> dict
     outs = asyncio.run(deploy(inv, store, inv.certificates, now=NOW, connector=fleet.connector,
                               prober=fleet.prober, **kw))
     return {o.host: o for o in outs}
+
+
+def test_a_pop_without_gnu_tar_fails_at_upload_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tar that rejects receive.sh's options (BusyBox): the certificate fails at upload with tar's own words,
+    live unchanged, and the hint names GNU tar."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    monkeypatch.setattr(LocalSession, "tar_says", "tar: unrecognized option '--no-wildcards'")
+    o = run_fleet(inv, store, FakeFleet(fail_upload=frozenset({"h0"})))["h0"]
+    assert o.status == Status.FAILED and o.error is not None
+    assert "tar: unrecognized option '--no-wildcards'" in o.error and o.error.endswith("(live unchanged)"), o.error
+    assert o.hint == "the upload is one tar archive: h0 needs GNU tar (package tar; docs/deploy.md)"
 
 
 def test_fleet_deploys_then_skips_and_bounds_parallelism(tmp_path: Path) -> None:
