@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from certmgr.deploy import COMMIT_SH, FILE_ORDER, INSPECT_SH, sha256sums  # noqa: E402
+from certmgr.deploy.steps import upload_archive  # noqa: E402
 from certmgr.material import CertMaterial  # noqa: E402
 from certmgr.remote import parse_kv, sh_command  # noqa: E402
 from lab import Lab, pki  # noqa: E402
@@ -102,9 +103,15 @@ def main() -> int:
                 for n in ns:
                     five += [n, f".tmp-up-popside-{version}-{n}", str(version), sha256sums(mats[n]), conv]
                     blobs += [mats[n].files()[f] for f in FILE_ORDER]
-                sizes = " ".join(str(len(b)) for b in blobs)
+                if "| tar -x" in commit_sh:  # one tar archive (receive.sh since issue 13 §1's third pass)
+                    data = upload_archive([(n, f".tmp-up-popside-{version}-{n}", version, mats[n].files()) for n in ns],
+                                          mtime=0)
+                    sizes = str(len(data))
+                else:  # an older tree's scripts: the files one after another, their sizes
+                    data = b"".join(blobs)
+                    sizes = " ".join(str(len(b)) for b in blobs)
                 argv = [str(root), *five[:5], test, reload, "", "popside", "stamp", "30", "", "", sizes, *five[5:]]
-                out, c2 = run(["sh", "-c", sh_command(commit_sh, argv)], b"".join(blobs) + b"go\n")
+                out, c2 = run(["sh", "-c", sh_command(commit_sh, argv)], data + b"go\n")
                 if "done=1" not in out:
                     raise SystemExit(f"commit did not finish: {out[-600:]}")
                 version += 1

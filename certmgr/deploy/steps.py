@@ -4,8 +4,11 @@ answers into per-certificate outcomes (audited)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-from collections.abc import Sequence
+import re
+import tarfile
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from certmgr import popguard, sanitize
@@ -23,6 +26,7 @@ from certmgr.deploy.plan import (
     version_of_target,
 )
 from certmgr.deploy.shell import ROLLBACK_SH
+from certmgr.errors import DeployError
 from certmgr.log import event
 
 if TYPE_CHECKING:
@@ -31,27 +35,62 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# the upload's temp dir (txn.py): .tmp-up-<controller tag>-<version>-<hex>
+TMP_NAME = re.compile(r"\.tmp-up-[A-Za-z0-9_.-]{1,200}")
+
+# what a tar that is not GNU tar (BusyBox) or no tar at all says to receive.sh's options
+_NOT_GNU_TAR = ("unrecognized option", "invalid option", "not found", "unknown option")
+
 _WHAT = {"unreceived": "not uploaded (the upload of the certificates due here stopped)",
          "verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
          "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
          "swap": "cannot switch the live link"}
 
 
+def upload_archive(uploads: Sequence[tuple[str, str, int, Mapping[str, bytes]]], *, mtime: float) -> bytes:
+    """The upload as ONE tar archive (scripts/receive.sh) of `uploads` (name, temp dir, version, files), built
+    from validated names only: each certificate's files as archive/<name>/<tmp>/<file> (mode 0600, owner 0:
+    the POP's tar keeps neither), then its new live link, staged as live/<first tmp>/<name> ->
+    ../archive/<name>/<version>."""
+    for name, tmp, version, _ in uploads:
+        remote_mod.check_name(name)
+        if not TMP_NAME.fullmatch(tmp) or ".." in tmp or version < 0:
+            raise DeployError(f"deploy {name}: temp dir {tmp!r} or version {version} is not acceptable")
+    buf = io.BytesIO()
+    stage = uploads[0][1]
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, tmp, _, files in uploads:
+            for f in FILE_ORDER:
+                info = tarfile.TarInfo(f"archive/{name}/{tmp}/{f}")
+                info.size, info.mode, info.mtime = len(files[f]), 0o600, int(mtime)
+                tar.addfile(info, io.BytesIO(files[f]))
+        for name, _, version, _ in uploads:
+            info = tarfile.TarInfo(f"live/{stage}/{name}")
+            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, f"../archive/{name}/{version}", 0o777, \
+                int(mtime)
+            tar.addfile(info)
+    return buf.getvalue()
+
+
 def commit_args(t: Transaction, todo: Sequence[Job]) -> tuple[list[str], bytes]:
     """commit.sh's positional arguments (the first certificate, the common ones, five per further
-    certificate) and its stdin: every certificate's files in the order of its sha256sum lines."""
+    certificate) and its stdin: ONE tar archive of every certificate's files and staged live link."""
     def five(job: Job) -> list[str]:
         d = job.decision
         assert d is not None
         return [job.name, job.tmp, str(d.version), sha256sums(job.material), d.conv]
 
-    blobs = [job.material.files()[f] for job in todo for f in FILE_ORDER]
+    uploads = []
+    for job in todo:
+        assert job.decision is not None
+        uploads.append((job.name, job.tmp, job.decision.version, job.material.files()))
+    data = upload_archive(uploads, mtime=t.d.now.timestamp())
     stamp = t.d.now.strftime("%Y%m%dT%H%M%SZ")
     args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait,
-            *fence.args(t.fence), " ".join(str(len(b)) for b in blobs)]
+            *fence.args(t.fence), str(len(data))]
     for job in todo[1:]:
         args += five(job)
-    return args, b"".join(blobs)
+    return args, data
 
 
 async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commit | None:
@@ -105,6 +144,8 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
             if step == "chown" or (step == "convert" and keyown and ("chown" in text or "chgrp" in text)):
                 hint = (f"a deploy user that is not root can only give files to a group it belongs to: check "
                         f"privkey_owner/privkey_group of {host.name}")
+            elif step in ("upload", "unreceived") and "tar" in text and any(w in text for w in _NOT_GNU_TAR):
+                hint = f"the upload is one tar archive: {host.name} needs GNU tar (package tar; docs/deploy.md)"
             t.finish(job, Status.FAILED, old_serial=d.old_serial, version=d.prev_version,
                      error=f"{job.subject}: {what}{': ' + shown if shown else ''} (live unchanged)", hint=hint)
     odd = [j for j in t.undone(todo) if j.name not in res.certs or not res.certs[j.name].swapped]

@@ -16,12 +16,14 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
 
 from certmgr import inventory as inventory_mod
 from certmgr.deploy import HostOutcome, Status, deploy
+from certmgr.deploy import session as session_mod
 from certmgr.inventory import Host, Inventory
 from certmgr.material import CertInfo, CertMaterial, serial_text
 from certmgr.remote import Timeouts
@@ -567,6 +569,91 @@ def test_connection_cut_mid_upload_changes_no_live_link_and_rerun_finishes(fresh
     again = by_host(run(inv, store, [MEDIA], hosts=["sally"]))["sally"]
     assert again.status == Status.DEPLOYED and served(fresh, "sally", MEDIA) == serial
     assert not [e for e in os.listdir(sally.cert_root / "archive" / MEDIA) if e.startswith(".")]
+
+
+def test_connection_cut_inside_the_archive_of_many_certificates_switches_none(fresh: Lab, store: Store) -> None:
+    """Every lineage due on sally in ONE upload archive, the connection cut inside it (past the first lineage's
+    files): each lineage fails "during upload (live unchanged)", none is switched, no temp dir is left in any
+    lineage nor a stage dir in live/; a rerun deploys them all."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    names = [n for n, _ in fresh.certificates]
+    assert len(names) >= 3
+    serials = put_new_versions(store, inv, names, pad=150_000)
+    sally = fresh.pop_paths("sally")
+    before = {n: live_state(fresh, "sally", n) for n in names}
+    proxy_port = fresh.ports.base + 51
+    proxy = _CuttingProxy((sally.address, fresh.ports.ssh), limit=250_000)  # inside the second lineage's files
+    kh_line = next(ln for ln in fresh.known_hosts.read_text().splitlines()
+                   if ln.startswith(f"[{sally.address}]:{fresh.ports.ssh} "))
+    kh = Path(store.root) / "known_hosts"
+    kh.write_text(kh_line.replace(f":{fresh.ports.ssh} ", f":{proxy_port} ", 1) + "\n")
+    via = dataclasses.replace(inv.hosts["sally"], port=proxy_port, known_hosts=kh)
+
+    async def main() -> list[HostOutcome]:
+        server = await asyncio.start_server(proxy.handle, sally.address, proxy_port)
+        try:
+            return await deploy(with_hosts(trusting_ca(inv, store), sally=via), store,
+                                [inv.certificate(n) for n in names], hosts=["sally"], now=NOW,
+                                timeouts=Timeouts(connect=5, command=30, upload=30, verify=5))
+        finally:
+            server.close()
+
+    outs = {o.cert: o for o in asyncio.run(main())}
+    assert proxy.cut
+    assert set(outs) == set(names)
+    for n in names:
+        o = outs[n]
+        assert o.status == Status.FAILED and o.error is not None, o.line()
+        assert "connection lost" in o.error and o.error.endswith("during upload (live unchanged)"), o.error
+    lock = sally.cert_root / "archive" / ".certmgr.lock"
+    subprocess.run(["flock", "-w", "120", str(lock), "true"], check=True)
+    for n in names:
+        assert live_state(fresh, "sally", n) == before[n], n
+    assert not [e for e in os.listdir(sally.cert_root / "live") if e.startswith(".")]
+    again = {o.cert: o for o in run(inv, store, names, hosts=["sally"])}
+    assert {n: (again[n].status, served(fresh, "sally", n)) for n in names} == {
+        n: (Status.DEPLOYED, serials[n]) for n in names}
+    assert not [e for n in names for e in os.listdir(sally.cert_root / "archive" / n) if e.startswith(".")]
+    assert not [e for e in os.listdir(sally.cert_root / "live") if e.startswith(".")]
+
+
+def test_a_live_link_that_cannot_be_renamed_fails_only_its_lineage(fresh: Lab, store: Store,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between sally's inspect and its commit, live/<one lineage> becomes a directory (the same files, so nginx
+    still loads): the one `mv` of the swaps cannot rename over it, that lineage alone fails "cannot switch the live
+    link" (live unchanged, old serial served); every other lineage is switched, tested, reloaded and served."""
+    inv = inventory_mod.load(fresh.inventory_path)
+    names = [n for n, _ in fresh.certificates]
+    put_new_versions(store, inv, names)
+    first = run(inv, store, names, hosts=["sally"])  # certbot's layout converted: every live/<name> a link
+    assert {o.status for o in first} == {Status.DEPLOYED}, [o.line() for o in first]
+    serials = put_new_versions(store, inv, names)
+    sally = fresh.pop_paths("sally")
+    stuck = names[1]
+    old = served(fresh, "sally", stuck)
+    live = sally.cert_root / "live" / stuck
+    real = session_mod.Session.run_streamed
+
+    async def hooked(self: session_mod.Session, script: str, args: Sequence[str], data: bytes, **kw: Any) -> Any:
+        if self.remote.host.name == "sally" and live.is_symlink():
+            files = {f: (live / f).read_bytes() for f in ("fullchain.pem", "privkey.pem", "cert.pem", "chain.pem")}
+            live.unlink()
+            live.mkdir()
+            for f, b in files.items():
+                (live / f).write_bytes(b)
+        return await real(self, script, args, data, **kw)
+
+    monkeypatch.setattr(session_mod.Session, "run_streamed", hooked)
+    outs = {o.cert: o for o in run(inv, store, names, hosts=["sally"])}
+    o = outs[stuck]
+    assert o.status == Status.FAILED and o.error is not None, o.line()
+    assert "cannot switch the live link" in o.error and "cannot overwrite directory" in o.error, o.error
+    assert o.error.endswith("(live unchanged)") and served(fresh, "sally", stuck) == old
+    assert live.is_dir() and not live.is_symlink()
+    for n in names:
+        if n != stuck:
+            assert (outs[n].status, served(fresh, "sally", n)) == (Status.DEPLOYED, serials[n]), outs[n].line()
+    assert not [e for e in os.listdir(sally.cert_root / "live") if e.startswith(".")]
 
 
 # ---------------------------------------------------------------------------- canary, prune

@@ -34,6 +34,7 @@ from certmgr.deploy import (
     sni_names,
     version_of_target,
 )
+from certmgr.deploy.model import parse_commit
 from certmgr.errors import UsageError
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.material import CertMaterial, serial_text
@@ -229,14 +230,15 @@ def test_point_replaces_a_leftover_temp_link_instead_of_entering_it(tmp_path: Pa
 
 
 def test_commit_reports_a_failed_swap_with_the_tools_own_words(tmp_path: Path) -> None:
-    """A link that cannot be made (here: live/ is gone) fails the swap; ln's message reaches stderr."""
+    """A link that cannot be staged (here: live/ is gone) fails the swap; the tool's own words (mkdir's, making
+    the stage dir under live/) are its failed_out."""
     root = linked_root(tmp_path, 1)
     shutil.rmtree(root / "live")
     m = material()
     upload(root, ".tmp-2-hhhhhhhhhhhh", m)
     res = sh(COMMIT_SH, str(root), NAME, ".tmp-2-hhhhhhhhhhhh", "2", sha256sums(m), "", "true", "true")
     assert res.get("failed_step") == "swap" and res.exit_status == 3
-    assert "ln: failed to create symbolic link" in res.stderr
+    assert parse_commit(res).certs[NAME].failed_out.startswith("mkdir: cannot create directory"), res.stdout
     assert not (root / "live").exists() and res.get("swapped") is None
 
 
@@ -397,6 +399,9 @@ def fake_host(tmp: Path, name: str, tags: tuple[str, ...] = ()) -> Host:
 
 
 class LocalSession:
+    # what the fake `tar` of a fail_upload host says ($2: the first member it was asked for)
+    tar_says = "tar: $2: Cannot write: No space left on device"
+
     def __init__(self, host: Host, fail_upload: bool = False) -> None:
         self.host = host
         self.fail_upload = fail_upload
@@ -412,14 +417,14 @@ class LocalSession:
             self.stdin = None
 
     async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
-        """The script on this machine; on a disk-full host (fail_upload) its `head` cannot write."""
+        """The script on this machine; on a disk-full host (fail_upload) its `tar` cannot write the first member."""
         env = None
         if self.fail_upload:
             bin_dir = Path(self.host.cert_root).parent / "full-bin"
             bin_dir.mkdir(exist_ok=True)
-            (bin_dir / "head").write_text("#!/bin/sh\necho \"head: error writing '$0': No space left on device\" >&2\n"
-                                          "exit 1\n")
-            (bin_dir / "head").chmod(0o755)
+            (bin_dir / "tar").write_text('#!/bin/sh\ncat >/dev/null\nwhile [ "$1" != -- ]; do shift; done\n'
+                                         f'echo "{self.tar_says}" >&2\nexit 2\n')
+            (bin_dir / "tar").chmod(0o755)
             env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         data, self.stdin = self.stdin, None
         proc = await asyncio.create_subprocess_exec("sh", "-c", sh_command(script, args), env=env,
@@ -493,6 +498,18 @@ def run_fleet(inv: Inventory, store: Store, fleet: FakeFleet, **kw: Any) -> dict
     outs = asyncio.run(deploy(inv, store, inv.certificates, now=NOW, connector=fleet.connector,
                               prober=fleet.prober, **kw))
     return {o.host: o for o in outs}
+
+
+def test_a_pop_without_gnu_tar_fails_at_upload_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tar that rejects receive.sh's options (BusyBox): the certificate fails at upload with tar's own words,
+    live unchanged, and the hint names GNU tar."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    monkeypatch.setattr(LocalSession, "tar_says", "tar: unrecognized option '--no-wildcards'")
+    o = run_fleet(inv, store, FakeFleet(fail_upload=frozenset({"h0"})))["h0"]
+    assert o.status == Status.FAILED and o.error is not None
+    assert "tar: unrecognized option '--no-wildcards'" in o.error and o.error.endswith("(live unchanged)"), o.error
+    assert o.hint == "the upload is one tar archive: h0 needs GNU tar (package tar; docs/deploy.md)"
 
 
 def test_fleet_deploys_then_skips_and_bounds_parallelism(tmp_path: Path) -> None:

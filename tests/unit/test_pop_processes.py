@@ -15,8 +15,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from certmgr.deploy import COMMIT_SH, FILE_ORDER, INSPECT_SH, sha256sums
-from certmgr.deploy.model import parse_commit, parse_inspection
+from certmgr.deploy import COMMIT_SH, INSPECT_SH, ROLLBACK_SH, sha256sums
+from certmgr.deploy.model import parse_commit, parse_inspection, parse_rollback
+from certmgr.deploy.steps import upload_archive
 from certmgr.discover import collect
 from certmgr.remote import Result, parse_kv, sh_command
 from tests.unit.test_deploy import material
@@ -64,42 +65,47 @@ def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: st
     """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
     `bad_sum`: that name's sums announce other bytes (its upload fails verification)."""
     five: list[list[str]] = []
-    blobs: list[bytes] = []
+    uploads = []
     for n in ns:
         m = material((n,))
         sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
         five.append([n, f".tmp-up-tag-2-{n}", "2", sums, conv])
-        blobs += [m.files()[f] for f in FILE_ORDER]
-    sizes = " ".join(str(len(b)) for b in blobs)
-    args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", sizes,
+        uploads.append((n, f".tmp-up-tag-2-{n}", 2, m.files()))
+    data = upload_archive(uploads, mtime=0)
+    args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", str(len(data)),
             *[a for f in five[1:] for a in f]]
-    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], b"".join(blobs) + b"go\n")
+    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], data + b"go\n")
     return as_result(proc), count
 
 
-# A commit in certmgr's layout pays, per POP: the login shell (and strace's own sh), flock, one mkdir, one
-# chmod, one sha256sum, one sync of the uploads, one readlink (two with its subshell, for 2+ links), one
-# sync after the swaps, the test and the reload (each exec'd in its command substitution: one process);
-# per certificate: four `head -c` (the upload), the store's rename, and `ln` + `mv` for the swap.
-ONE_CERT = 18  # was 23 before issue 13 §1's second pass
-PER_CERT = 7  # was 9
-# certbot's layout converted, per certificate: the seven above (with the swap's ln + two renames instead of
-# ln + mv) plus four `cp` and the rename of the converted copy; per POP one more mkdir, chmod and sync.
-ONE_CONVERTED = 28  # was 35
-PER_CONVERTED = 13  # was 19 (plus rm, chmod and sync per certificate)
+# A commit in certmgr's layout pays, per POP: the login shell (and strace's own sh), flock, one mkdir, `head -c`
+# and `tar` (the whole upload: every file and every staged live link), one chmod, one sha256sum, one sync of the
+# uploads, one readlink (two with its subshell, for 2+ links), one `mv -t` for every swap, one sync after the
+# swaps, the test and the reload (each exec'd in its command substitution: one process), and one `rm` of the
+# stage dir; per certificate only the rename that stores its version (each lineage its own directory).
+ONE_CERT = 17  # was 18 before the one-archive upload and the batched swap (issue 13 §1, third pass), 23 before
+PER_CERT = 1  # was 7: four `head -c`, ln + mv
+# certbot's layout converted, per certificate: the store's rename, four `cp`, the rename of the converted copy
+# and the swap's two renames (its link comes in the archive); per POP one more mkdir, chmod and sync.
+ONE_CONVERTED = 27  # was 28
+PER_CONVERTED = 8  # was 13
+# rollback.sh (certificates that did not verify): per certificate one `ln` (its link staged), then one `mv -t`
+# for all, one sync; per POP one mkdir and one rm of the stage dir (one certificate: ln + mv, no stage dir)
+ONE_ROLLBACK = 14
+PER_ROLLBACK = 1  # was 3: ln, mv and a sync of live/ each
 
 
 def test_a_commit_of_one_certificate_starts_few_processes(tmp_path: Path) -> None:
-    """One certificate in certmgr's layout: stored, swapped, tested and reloaded with at most 18 processes."""
+    """One certificate in certmgr's layout: stored, swapped, tested and reloaded with at most 17 processes."""
     root = multi_root(tmp_path, names(1))
     res, count = streamed_commit(root, names(1))
     assert parse_commit(res).done, res.stdout + res.stderr
     assert count <= ONE_CERT, count
 
 
-def test_each_further_certificate_adds_at_most_seven_processes(tmp_path: Path) -> None:
-    """Ten certificates in one commit cost at most 7 processes more per certificate than one (no per-certificate
-    mkdir, chmod, sync, readlink or subshell)."""
+def test_each_further_certificate_adds_at_most_one_process(tmp_path: Path) -> None:
+    """Ten certificates in one commit cost at most one process more per certificate than one (its version's
+    rename): no per-certificate upload write, link, swap, mkdir, chmod, sync, readlink or subshell."""
     root = multi_root(tmp_path, names(10))
     res, count = streamed_commit(root, names(10))
     c = parse_commit(res)
@@ -111,7 +117,7 @@ def test_each_further_certificate_adds_at_most_seven_processes(tmp_path: Path) -
 
 
 def test_a_converting_commit_prepares_every_copy_at_once(tmp_path: Path) -> None:
-    """Converting certbot's layout of ten lineages: at most 13 processes per certificate beyond one's 28."""
+    """Converting certbot's layout of ten lineages: at most 8 processes per certificate beyond one's 27."""
     one = tmp_path / "one"
     one.mkdir()
     root = multi_root(one, names(1))
@@ -125,6 +131,35 @@ def test_a_converting_commit_prepares_every_copy_at_once(tmp_path: Path) -> None
     res, count = streamed_commit(root, names(10), conv="1")
     assert parse_commit(res).done, res.stdout + res.stderr
     assert count <= ONE_CONVERTED + 9 * PER_CONVERTED + 1, count  # + 1: the sums' here-document (above)
+
+
+def test_a_rollback_of_many_certificates_renames_them_all_with_one_mv(tmp_path: Path) -> None:
+    """rollback.sh switching ten certificates back: at most one process per certificate beyond one's 14 (its
+    staged link), each live/<name> back on its version, no stage dir left."""
+    def rollback(k: int) -> tuple[Path, int]:
+        ns = names(k)
+        root = multi_root(tmp_path / str(k), ns)
+        (root / "archive" / ".certmgr.lock").touch()
+        for n in ns:
+            (root / "archive" / n / "2").mkdir()
+            os.unlink(root / "live" / n)
+            os.symlink(f"../archive/{n}/2", root / "live" / n)
+        args = [str(root), ns[0], f"../archive/{ns[0]}/1", "/bin/true", "/bin/true", "5", "", ""]
+        for n in ns[1:]:
+            args += [n, f"../archive/{n}/1"]
+        proc, count = traced(["sh", "-c", sh_command(ROLLBACK_SH, args)])
+        res = parse_rollback(as_result(proc))
+        assert res.rolled_back == {n: True for n in ns} and res.reload_rc == 0, proc.stdout
+        assert {n: os.readlink(root / "live" / n) for n in ns} == {n: f"../archive/{n}/1" for n in ns}
+        assert sorted(os.listdir(root / "live")) == sorted(ns)
+        return root, count
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "10").mkdir()
+    _, one = rollback(1)
+    _, ten = rollback(10)
+    assert one <= ONE_ROLLBACK, one
+    assert ten <= ONE_ROLLBACK + 9 * PER_ROLLBACK + 2, ten  # + 2: mkdir and rm of the stage dir (2+ links)
 
 
 def test_inspect_reads_every_link_with_one_readlink(tmp_path: Path) -> None:

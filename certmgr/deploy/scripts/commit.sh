@@ -6,12 +6,12 @@
 # version to convert ("": no conversion); $7 test command, $8 reload command, $9 privkey owner,
 # $10 this controller's tag (its own upload temp dirs are `.tmp-up-<tag>-…`), $11 a UTC stamp for
 # names set aside, $12 seconds to wait for the POP lock, $13 $14 the POP lock's epoch and holder
-# ("" "": no fencing, fence.sh), $15 the upload's sizes on stdin ("": the files are in the temp dirs
-# already; see receive.sh); then five per further certificate, as $2-$6.
+# ("" "": no fencing, fence.sh), $15 the size of the upload's tar archive on stdin ("": the files are
+# in the temp dirs already; see receive.sh); then five per further certificate, as $2-$6.
 # Exit 3: no certificate could be swapped (nothing changed); 4: the test or reload failed (all back);
 # 5: the POP lock could not be taken; 6: fenced (a newer controller handled this POP; nothing changed).
 root=$1 test=$7 reload=$8 keyown=$9
-ctl=${10:-} stamp=${11:-0} lockwait=${12:-30} epoch=${13:-} holder=${14:-} sizes=${15:-}
+ctl=${10:-} stamp=${11:-0} lockwait=${12:-30} epoch=${13:-} holder=${14:-} sizes=${15:-} st=""
 # certmgr-include: detach.sh common.sh lock.sh fence.sh point.sh keyown.sh receive.sh
 umask 077
 # the lock file lives in archive/: a first deploy makes it (0700, as any directory deploy makes)
@@ -23,9 +23,11 @@ SUMS
 ) }
 
 n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to switch each back
-# Forks are what a POP pays per certificate: every upload is checked by ONE sha256sum and made
-# durable by ONE sync before any rename (per certificate only when that fails, to say which one),
-# and live/ and the lineages are synced once after the swaps ($lazysync), before the test.
+# Forks are what a POP pays per certificate: every upload arrives in ONE tar (receive.sh), is checked
+# by ONE sha256sum and made durable by ONE sync before any rename (per certificate only when that
+# fails, to say which one); every live/<name> is switched by ONE mv (swap_all), and live/ and the
+# lineages are synced once after the swaps ($lazysync), before the test. What is left per
+# certificate is the rename that stores its version (mv -T: each lineage its own directory).
 m=0  # certificates asked for: c_<field>_<j> (j = 1..m)
 want() { m=$((m + 1)); eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$4 c_conv_$m=\$5"; }
 # every upload's files and directory, synced by one process
@@ -157,7 +159,8 @@ prepare_conversions() {
   [ $# -eq 0 ] || sync -- "$@" 2>/dev/null || :
 }
 
-# stage J: store certificate J's version and swap live/<name>; non-zero when it failed (unchanged).
+# stage J: store certificate J's version (and swap a converted certbot directory; any other
+# live/<name> is switched by swap_all, with every other one); non-zero when it failed (unchanged).
 # Its live link's target was read before (c_link_<J>, one readlink for all), its conversion prepared.
 stage() {
   tmp='' ver='' sums='' conv='' cur='' cdir='' ct='' cfail=''
@@ -210,10 +213,12 @@ stage() {
       rm -rf -- "$ct"
     fi
     prev=../archive/$name/$cdir
-    tl=$root/live/.$name.tmp-$$-new
+    tl=$st/$name
     bak=$root/live/.$name.certbot-old
-    if [ -e "$tl" ] || [ -L "$tl" ]; then rm -f -- "$tl"; fi
-    o=$(ln -s -- "../archive/$name/$ver" "$tl" 2>&1) || { fail swap "$o"; return 1; }
+    # the link staged by the upload (receive.sh); made here when the files were uploaded before
+    if [ ! -L "$tl" ]; then
+      o=$(stagelink "../archive/$name/$ver" "$tl" 2>&1) || { fail swap "$o"; return 1; }
+    fi
     # rename(2) cannot replace a directory by a symlink: two renames, microseconds apart
     o=$(mv -T -- "$live" "$bak" 2>&1) || { rm -f -- "$tl"; fail swap "$o"; return 1; }
     if ! o=$(mv -T -- "$tl" "$live" 2>&1); then mv -T -- "$bak" "$live"; rm -f -- "$tl"; fail swap "$o"; return 1; fi
@@ -225,25 +230,80 @@ stage() {
     fi
     say "converted=$conv"
     say "convdir=$cdir"
+    say "prev=$prev"
+    say swapped=1
+    n=$((n + 1))
+    eval "name_$n=\$name prev_$n=\$prev"
   else
-    prev=$cur
-    point "../archive/$name/$ver" new || { fail swap ""; return 1; }
+    # switched with every other one by swap_all (which says prev= and swapped=1)
+    pend="$pend $1"
+    eval "c_prev_$1=\$cur"
   fi
-  say "prev=$prev"
-  say swapped=1
-  n=$((n + 1))
-  eval "name_$n=\$name prev_$n=\$prev"
 }
 
-# Switch every swapped certificate back to what it pointed at; non-zero when one could not be.
+# stagelink TARGET PATH: a link in the stage dir (made here when no upload made it)
+stagelink() {
+  [ -d "$st" ] || mkdir -m 700 -- "$st" || return 1
+  ln -sfT -- "$1" "$2"
+}
+
+# swap_all: every stored certificate's live/<name> switched to its staged link, each by ONE rename(2),
+# all by ONE `mv -t`: GNU mv renames into live/ by its descriptor and never follows an old link into
+# the directory it points at. A certificate whose staged link is still there after was not switched
+# (mv goes on past a failure): it fails at "swap" with mv's words about it, the others are swapped.
+swap_all() {
+  set --
+  cn='' cv='' cp='' o='' l=''
+  for j in $pend; do
+    eval "cn=\$c_name_$j cv=\$c_ver_$j"
+    if [ ! -L "$st/$cn" ]; then
+      o=$(stagelink "../archive/$cn/$cv" "$st/$cn" 2>&1) || eval "c_sfail_$j=\$o"
+    fi
+    set -- "$@" "$st/$cn"
+  done
+  [ $# -gt 0 ] || return 0
+  o=$(mv -f -t "$root/live" -- "$@" 2>&1)
+  for j in $pend; do
+    eval "cn=\$c_name_$j cp=\$c_prev_$j"
+    say "cert=$cn"
+    if [ -e "$st/$cn" ] || [ -L "$st/$cn" ] || eval "[ -n \"\${c_sfail_$j:-}\" ]"; then
+      eval "l=\${c_sfail_$j:-}"
+      if [ -z "$l" ]; then
+        # mv's lines about this one (its name, then a quote or the end), else all it said
+        while IFS= read -r ml; do
+          case $ml in *"/$cn'"* | *"/$cn") l="$l${l:+$nl}$ml" ;; esac
+        done <<MV
+$o
+MV
+      fi
+      fail swap "${l:-$o}"
+      continue
+    fi
+    say "prev=$cp"
+    say swapped=1
+    n=$((n + 1))
+    eval "name_$n=\$cn prev_$n=\$cp"
+  done
+  say cert=
+  [ -n "$lazysync" ] || sync -- "$root/live" 2>/dev/null || :
+}
+
+# Switch every swapped certificate back to what it pointed at, all by one `mv` (point_all); non-zero
+# when one could not be.
 back_all() {
-  i=0 bad=0 bn='' bp=''
+  i=0 bad=0 bn='' ok=''
   while [ "$i" -lt "$n" ]; do
     i=$((i + 1))
-    eval "bn=\$name_$i bp=\$prev_$i"
-    lineage "$bn"
-    say "cert=$name"
-    if point "$bp" back; then say rolled_back=1; else say rolled_back=0; bad=1; fi
+    eval "p_name_$i=\$name_$i p_target_$i=\$prev_$i"
+  done
+  pn=$n
+  point_all "$st"
+  i=0
+  while [ "$i" -lt "$n" ]; do
+    i=$((i + 1))
+    eval "bn=\$name_$i ok=\$p_ok_$i"
+    say "cert=$bn"
+    if [ "$ok" = 1 ]; then say rolled_back=1; else say rolled_back=0; bad=1; fi
   done
   say cert=
   [ -z "$lazysync" ] || sync -- "$root/live" 2>/dev/null || :
@@ -253,13 +313,16 @@ back_all() {
 lock
 fence
 trace begin
-trap 'trace end' EXIT
 want "$2" "$3" "$4" "$5" "$6"
 if [ $# -gt 15 ]; then shift 15; else set --; fi
 while [ $# -ge 5 ]; do
   want "$1" "$2" "$3" "$4" "$5"
   shift 5
 done
+# the stage dir of this transaction's new links (and of its switches back): under live/ (one file
+# system, for rename(2)), named after the first upload's temp dir (unique); gone when the script ends
+eval "st=\$root/live/\$c_tmp_1"
+trap '[ ! -d "$st" ] || rm -rf -- "$st"; trace end' EXIT
 [ -z "$sizes" ] || receive || exit 3
 checked=
 if all_ok; then checked=1 lazysync=1; fi
@@ -283,7 +346,7 @@ while [ "$j" -lt "$m" ]; do
 done
 readlinks c_link_ "$@"
 prepare_conversions
-baks=
+baks='' pend=''
 j=0
 while [ "$j" -lt "$m" ]; do
   j=$((j + 1))
@@ -291,6 +354,7 @@ while [ "$j" -lt "$m" ]; do
   stage "$j" || { eval "ct=\$c_ctmp_$j"; if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi; }
 done
 say cert=
+swap_all
 [ "$n" -gt 0 ] || exit 3
 if [ -n "$lazysync" ]; then  # the renames on disk before nginx reads them: every lineage swapped, and live/
   set --
@@ -330,8 +394,18 @@ if [ "$rc" -ne 0 ]; then
   exit 4
 fi
 # Leftovers, swept under the lock. Scripts make their temporaries under the lock, so any such
-# is a dead script's. Uploads are made without it: only this controller's own (its earlier run
-# is over — the store lock) or one untouched for an hour (its controller is gone) is removed.
+# is a dead script's. Uploads (and their stage dirs in live/) are another controller's until an
+# hour untouched: only this controller's own (its earlier run is over — the store lock) or one
+# untouched for an hour (its controller is gone) is removed.
+for d in "$root"/live/.tmp-up-* "$root"/live/.tmp-back-*; do
+  [ -e "$d" ] || [ -L "$d" ] || continue
+  [ "$d" != "$st" ] || continue
+  case ${d##*/} in
+    .tmp-up-"$ctl"-*) [ -n "$ctl" ] || continue ;;
+    .tmp-up-*) [ -n "$(find "$d" -maxdepth 0 -mmin +60 2>/dev/null)" ] || continue ;;
+  esac
+  rm -rf -- "$d"
+done
 i=0 bn=''
 while [ "$i" -lt "$n" ]; do
   i=$((i + 1))

@@ -1,11 +1,15 @@
 # shellcheck shell=sh
-# RECEIVE (commit.sh): every upload arrives on the commit's stdin, under the POP lock — for each
-# certificate in turn its files in the order of its sha256sum lines, each exactly as long as the next
-# number in $sizes — and is written by `head -c` (which reads no byte past its count) into the
-# certificate's temp dir, umask 077: a private key is never readable by others, even briefly. Then
-# `received=1`, and the controller's `go` line: a stream cut anywhere before it (EOF, a short file)
+# RECEIVE (commit.sh): every upload arrives on the commit's stdin, under the POP lock, as ONE tar
+# archive of $sizes bytes, built by the controller from validated names only: each certificate's files
+# as archive/<name>/<tmp>/<file> (mode 0600) and its new live link, staged as live/<tmp of the first
+# certificate>/<name> (the stage dir, $st: the swap renames them all into live/ at once). `head -c`
+# reads no byte past the archive (tar alone would read whole records, the `go` line with them) and
+# feeds GNU tar, which extracts exactly the members named here from the arguments — none other —
+# with its defaults (no absolute name, no `..`), never the archive's owners or modes, into the temp
+# dirs made here, umask 077: a private key is never readable by others, even briefly. Then
+# `received=1`, and the controller's `go` line: a stream cut anywhere before it (EOF, a short archive)
 # removes every temp dir made here and switches nothing (exit 3). SHA-256 is checked after, as before.
-# Needs say/b64/lineage (common.sh), fail, $m and c_<field>_<j> (commit.sh), $root and $sizes.
+# Needs say/b64/lineage (common.sh), fail, $m and c_<field>_<j> (commit.sh), $root, $sizes and $st.
 received=0  # temp dirs made so far (certificates 1..received)
 unreceive() {
   set --
@@ -15,6 +19,7 @@ unreceive() {
     eval "un=\$c_name_$k ut=\$c_tmp_$k"
     set -- "$@" "$root/archive/$un/$ut"
   done
+  if [ -e "$st" ] || [ -L "$st" ]; then set -- "$@" "$st"; fi
   [ $# -eq 0 ] || rm -rf -- "$@"
 }
 # refused J STEP TEXT: certificate J failed at STEP, every other one is reported as not received
@@ -59,27 +64,55 @@ mkdirs() {
     received=$j
   done
 }
+# untarred TEXT: tar failed; a cut stream (the archive ends early, a member never came) is "the upload
+# stream ended early" for all, a failure naming one certificate's path (disk full) is that one's
+untarred() {
+  case $1 in
+    *"Unexpected EOF"* | *"Not found in archive"* | *"short read"*)
+      refused 0 upload "the upload stream ended early"; return ;;
+  esac
+  k=0 un='' ut=''
+  while [ "$k" -lt "$m" ]; do
+    k=$((k + 1))
+    eval "un=\$c_name_$k ut=\$c_tmp_$k"
+    case $1 in *"archive/$un/$ut/"* | *"${st##*/}/$un"*) refused "$k" upload "$1"; return ;; esac
+  done
+  refused 0 upload "$1"
+}
 receive() {
-  j=0 cn='' ct='' cs='' o=''
+  j=0 cn='' ct='' o=''
   [ -d "$root/live" ] || mkdir -m 700 -- "$root/live" 2>/dev/null || :
+  if [ -e "$st" ] || [ -L "$st" ]; then refused 0 upload "$st exists already"; return 1; fi
   mkdirs || return 1
-  # shellcheck disable=SC2086  # the sizes are numbers, one word each
-  set -- $sizes
+  # the members to extract, from the arguments: every file of every certificate, then its staged link
+  set --
   j=0
   while [ "$j" -lt "$m" ]; do
     j=$((j + 1))
-    eval "cn=\$c_name_$j ct=\$c_tmp_$j cs=\$c_sums_$j"
-    lineage "$cn"
-    while IFS= read -r l <&3; do
-      [ -n "$l" ] || continue
-      f=${l#*  }
-      case $f in fullchain.pem|privkey.pem|cert.pem|chain.pem) ;; *) f='' ;; esac
-      if [ -z "$f" ] || [ $# -eq 0 ]; then unreceive; refused "$j" upload "bad stream description"; return 1; fi
-      o=$(head -c "$1" 2>&1 > "$arch/$ct/$f") || { unreceive; refused "$j" upload "$o"; return 1; }
-      shift
-    done 3<<LINES
-$cs
-LINES
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+    d=archive/$cn/$ct
+    set -- "$@" "$d/fullchain.pem" "$d/privkey.pem" "$d/cert.pem" "$d/chain.pem"
+  done
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j"
+    set -- "$@" "live/${st##*/}/$cn"
+  done
+  # --no-wildcards: a name may hold `*` (a wildcard certificate), matched as itself
+  o=$({ head -c "$sizes" | tar -x -f - -C "$root" --no-same-owner --no-same-permissions --no-wildcards -m \
+    -- "$@"; } 2>&1) || { unreceive; untarred "$o"; return 1; }
+  # what tar made is what was listed: regular files, and links (no process: the shell's own tests) —
+  # never a link where a file belongs, which chmod would follow
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+    for f in fullchain.pem privkey.pem cert.pem chain.pem; do
+      d=$root/archive/$cn/$ct/$f
+      if [ -L "$d" ] || [ ! -f "$d" ]; then unreceive; refused "$j" upload "archive/$cn/$ct/$f is not a regular file"; return 1; fi
+    done
+    if [ ! -L "$st/$cn" ]; then unreceive; refused "$j" upload "live/${st##*/}/$cn is not a link"; return 1; fi
   done
   # the modes deploy has always given (the key keeps 0600; the dirs were made 0755): one process
   set --

@@ -7,20 +7,27 @@
 root=$1 test=$4 reload=$5 lockwait=${6:-30} epoch=${7:-} holder=${8:-}
 # certmgr-include: detach.sh common.sh lock.sh fence.sh point.sh
 back=0
-back_one() {
-  lineage "$1"
-  say "cert=$name"
-  if point "$2" back; then say rolled_back=1; back=$((back + 1)); else say rolled_back=0; fi
-}
 lock
 fence
 trace begin
-trap 'trace end' EXIT
-back_one "$2" "$3"
+bd=$root/live/.tmp-back-$$
+trap '[ ! -d "$bd" ] || rm -rf -- "$bd"; trace end' EXIT
+pn=1
+eval "p_name_1=\$2 p_target_1=\$3"
 if [ $# -gt 8 ]; then shift 8; else set --; fi
 while [ $# -ge 2 ]; do
-  back_one "$1" "$2"
+  pn=$((pn + 1))
+  eval "p_name_$pn=\$1 p_target_$pn=\$2"
   shift 2
+done
+# every link switched back by one mv (point_all)
+point_all "$bd"
+i=0 bn='' ok=''
+while [ "$i" -lt "$pn" ]; do
+  i=$((i + 1))
+  eval "bn=\$p_name_$i ok=\$p_ok_$i"
+  say "cert=$bn"
+  if [ "$ok" = 1 ]; then say rolled_back=1; back=$((back + 1)); else say rolled_back=0; fi
 done
 say cert=
 [ "$back" -gt 0 ] || exit 3
