@@ -167,6 +167,15 @@ def served_text(seen: Mapping[str, Probe]) -> str:
     return ", ".join(f"{n}: {serial_of_probe(p) or p.error or 'no certificate'}" for n, p in seen.items()) or "nothing"
 
 
+def verify_failure(serial: str, seen: Mapping[str, Probe], limit: float) -> str:
+    """Why verify failed: the new serial never answered on some name, or it answered on every name but the
+    confirmation rounds (an old worker may still answer) did not finish within the limit."""
+    if seen and all(serial_of_probe(p) == serial for p in seen.values()):
+        return (f"new serial {serial} served on every name but not confirmed within {limit:g}s "
+                f"(confirmation rounds cut by the verify timeout: {served_text(seen)})")
+    return f"new serial {serial} not served after {limit:g}s ({served_text(seen)})"
+
+
 def quote_text(text: str, limit: int = 600) -> str:
     # A POP's output (nginx -t, stderr) is foreign text: one inert line (no ESC, no forged line).
     return '"' + sanitize.flat(text, limit=limit).replace('"', "'") + '"'

@@ -21,7 +21,7 @@ from certmgr.deploy import reload as reload_mod
 from certmgr.deploy.fence import Token
 from certmgr.deploy.host import Deployer, Job, RemoteSession, all_serve, argv_text
 from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
-from certmgr.deploy.plan import command_label, decide, quote_text, served_text, sni_names, version_of_target
+from certmgr.deploy.plan import command_label, decide, quote_text, sni_names, verify_failure, version_of_target
 from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH
 from certmgr.deploy.steps import after_failed_test, commit_args, read_commit, rollback_after_verify
 from certmgr.errors import DeployError
@@ -277,7 +277,6 @@ class Transaction:
                 self.finish(job, Status.DEPLOYED, old_serial=d.old_serial, version=d.version,
                             previous_version=prev_version, converted=cc.converted is not None)
             else:
-                bad.append((job, f"new serial {job.info.serial} not served after {self.d.timeouts.verify:g}s "
-                                 f"({served_text(seen)})"))
+                bad.append((job, verify_failure(job.info.serial, seen, self.d.timeouts.verify)))
         if bad:
             await rollback_after_verify(self, bad, commit)

@@ -34,6 +34,7 @@ from certmgr.deploy import (
     sni_names,
     version_of_target,
 )
+from certmgr.deploy import plan as plan_mod
 from certmgr.deploy.model import parse_commit
 from certmgr.errors import UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -729,3 +730,21 @@ def test_a_live_version_that_fails_certcheck_is_uploaded_nowhere(tmp_path: Path,
                          "then deploy; `certmgr status` shows the live version"
     for h in inv.hosts.values():
         assert not os.path.lexists(Path(h.cert_root) / "live" / NAME)
+
+
+def test_a_verify_cut_during_confirmation_says_the_new_serial_was_served() -> None:
+    # Every name answered with the new serial, but the confirmation rounds did not fit before the
+    # verify timeout: the report must not claim the serial was "not served".
+    new = pki.make_leaf(_CA, ["a.example.test", "b.example.test"], not_before=NOW - dt.timedelta(hours=1))
+    old = pki.make_leaf(_CA, ["a.example.test"], not_before=NOW - dt.timedelta(hours=1))
+    der_new = new.cert.public_bytes(serialization.Encoding.DER)
+    der_old = old.cert.public_bytes(serialization.Encoding.DER)
+    serial = serial_text(new.cert.serial_number)
+    both = {n: Probe(address="127.0.0.1", port=443, sni=n, chain=(der_new,)) for n in ("a.example.test", "b.example.test")}
+    text = plan_mod.verify_failure(serial, both, 10)
+    assert text.startswith(f"new serial {serial} served on every name but not confirmed within 10s"), text
+    one_stale = dict(both, **{"b.example.test": Probe(address="127.0.0.1", port=443, sni="b.example.test", chain=(der_old,))})
+    assert plan_mod.verify_failure(serial, one_stale, 10).startswith(f"new serial {serial} not served after 10s")
+    refused = {"a.example.test": Probe(address="127.0.0.1", port=443, sni="a.example.test", error="refused")}
+    assert plan_mod.verify_failure(serial, refused, 10) == f"new serial {serial} not served after 10s (a.example.test: refused)"
+    assert plan_mod.verify_failure(serial, {}, 10) == f"new serial {serial} not served after 10s (nothing)"
