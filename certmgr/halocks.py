@@ -173,15 +173,26 @@ async def certs_held(store: StateStore | None, names: Iterable[str], actor: str,
 @asynccontextmanager
 async def pop_held(store: StateStore | None, host: str, actor: str, *,
                    wait: float = POP_WAIT) -> AsyncIterator[int | None]:
-    """`host`'s POP lock for one transaction; its epoch (None: the directory store, no fencing)."""
+    """`host`'s POP lock for one transaction; its epoch (None: the directory store, no fencing).
+
+    Not re-entrant, unlike certificate locks: a POP lock this controller holds is another of its POP
+    transactions there (two deploy() calls in one process). That one is waited for (up to `wait`, on the
+    event loop), then the lock is taken anew with a newer epoch: two transactions of one controller never
+    run on one POP at once, and none goes on under a lock its taker released.
+    """
     if store is None or not per_name(store):
         yield None
         return
+    key = f"pop:{host}"
+    deadline = time.monotonic() + wait
+    while holds(store, "pop", host) is not None:
+        if time.monotonic() >= deadline:
+            raise LockHeld(f"{key} is held by another deploy of this controller (gave up after {wait:g}s)")
+        await asyncio.sleep(POLL)
     async with AsyncExitStack() as stack:
-        epoch = holds(store, "pop", host)
-        if epoch is None:
-            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, _named(store, actor)), stack, wait)
-        yield epoch
+        # no await between the loop's last check and the lock's first try: nothing of ours takes it meanwhile
+        left = max(0.0, deadline - time.monotonic())
+        yield await _take(key, lambda: store.lock_pop(host, _named(store, actor)), stack, left)
 
 
 def deploy_locked(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

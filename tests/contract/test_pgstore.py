@@ -305,3 +305,34 @@ def test_a_blackholed_holder_loses_its_lock_and_writes_nothing(fresh_schema: PgS
         child.kill()
         child.wait()
         hole.close()
+
+
+def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore) -> None:
+    """Two concurrent POP transactions of one controller on one POP (two deploy() calls in one process) take turns:
+    the second waits until the first released the POP lock and then takes it itself, with a newer epoch — never
+    inside the first's hold, and never on after the first released it (holding nothing)."""
+    import asyncio
+
+    from certmgr import halocks
+
+    trace: list[tuple[str, str, int | None, bool]] = []  # (task, event, epoch, POP lock held by this controller)
+
+    async def txn(who: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with halocks.pop_held(pgs, "cdn-1", "deploy") as epoch:
+            trace.append((who, "begin", epoch, "pop:cdn-1" in pgs.held))
+            await asyncio.sleep(0.3)  # the transaction's inspect, commit, verify
+            trace.append((who, "end", epoch, "pop:cdn-1" in pgs.held))
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(txn("first", 0))
+            tg.create_task(txn("second", 0.1))
+
+    with pgs.lock("run"):
+        asyncio.run(both())
+    assert [(w, e) for w, e, _, _ in trace] == [("first", "begin"), ("first", "end"), ("second", "begin"),
+                                               ("second", "end")], trace
+    assert all(held for *_, held in trace), trace
+    first, second = trace[0][2], trace[2][2]
+    assert first is not None and second is not None and second > first, trace
