@@ -336,3 +336,48 @@ def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore) -> 
     assert all(held for *_, held in trace), trace
     first, second = trace[0][2], trace[2][2]
     assert first is not None and second is not None and second > first, trace
+
+
+def test_a_statement_in_flight_when_the_route_goes_silent_ends_within_its_bound(
+        fresh_schema: PgServer, materials: list[CertMaterial]) -> None:
+    """A write sent after the route went silent (its bytes swallowed, nothing closed, the proxy still ACKing) fails
+    as StoreUnavailable once idle_timeout passes without an answer (the watch cuts the connection), instead of
+    waiting for TCP; then nothing more is sent (LockLost before sending) and nothing was written."""
+    import threading
+
+    from tests.contract.blackhole import Blackhole
+
+    hole = Blackhole(fresh_schema.port, fresh_schema.port + 51)
+    url = fresh_schema.url().replace(f":{fresh_schema.port}/", f":{hole.port}/")
+    a = PgStore.open(url, password=fresh_schema.passwords[RUNTIME], sealer=SEALER, idle_timeout=5.0)
+    outcome: list[BaseException] = []
+    try:
+        with a.lock("A"):
+            hole.cut()
+
+            def write() -> None:
+                try:
+                    a.add_version("example.com", materials[0])
+                except BaseException as exc:  # noqa: BLE001 — handed to the test's thread
+                    outcome.append(exc)
+
+            worker = threading.Thread(target=write, daemon=True)
+            started = time.monotonic()
+            worker.start()
+            worker.join(60)  # without a client-side bound it waits for TCP: hours behind a proxy that ACKs
+            assert not worker.is_alive(), "the write is still waiting for the database after 60 s"
+            took = time.monotonic() - started
+            assert len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable), outcome
+            assert "no answer from the database for more than 5s (connection cut)" in outcome[0].message
+            assert outcome[0].exit_code == 69
+            with pytest.raises(LockLost, match=r"connection to the database silent"):
+                a.audit("deployed", "example.com", host="cdn-1")  # refused before anything is sent
+        print(f"the blackholed write failed after {took:.1f}s (bound 5 s)")
+    finally:
+        a.close()
+        hole.close()
+    b = open_pg(fresh_schema)
+    try:
+        assert b.versions("example.com") == [] and list(b.read_audit()) == []
+    finally:
+        b.close()
