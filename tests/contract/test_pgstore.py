@@ -358,7 +358,7 @@ def test_a_statement_in_flight_when_the_route_goes_silent_ends_within_its_bound(
             def write() -> None:
                 try:
                     a.add_version("example.com", materials[0])
-                except BaseException as exc:  # noqa: BLE001 — handed to the test's thread
+                except BaseException as exc:  # handed to the test's thread
                     outcome.append(exc)
 
             worker = threading.Thread(target=write, daemon=True)
