@@ -49,7 +49,8 @@ class LockSession:
         self._idle = idle_timeout
         self._beat_since: float | None = None  # monotonic time the heartbeat in flight was sent
         # every statement on this connection bounded client-side: cut after idle_timeout without an answer
-        self._watch = Watch(conn, bound=idle_timeout, where=where, role="locks", on_cut=self.mark_lost)
+        self._watch = Watch(conn, bound=idle_timeout, where=where, role="locks",
+                            on_cut=lambda why: self.mark_lost(why, prefix="lock session silent"))
         with self._watch.statement("read the lock session's backend"):
             self.backend_pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
         self._stop = threading.Event()
@@ -87,11 +88,11 @@ class LockSession:
     def idle_timeout(self) -> float:
         return self._idle
 
-    def mark_lost(self, why: str) -> None:
+    def mark_lost(self, why: str, *, prefix: str = "connection to the database silent") -> None:
         """A statement of this controller went unanswered past its bound (certmgr.pgwatch cut it): the held
         locks are presumed gone, and nothing more is sent (`precheck`)."""
         if not self._lost:
-            self._lost = f"connection to the database silent: {why}"
+            self._lost = f"{prefix}: {why}"
             logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
 
     @property
@@ -116,7 +117,9 @@ class LockSession:
                 self._beat_since = None
             except psycopg.Error as exc:
                 if not self._stop.is_set():
-                    self._lost = f"lock session ended: {str(exc).strip().splitlines()[0]}"
+                    cut = self._watch.cut  # the watch cut it: say why, not libpq's "server closed the connection"
+                    self._lost = self._lost or (f"lock session silent: {cut}" if cut else
+                                                f"lock session ended: {str(exc).strip().splitlines()[0]}")
                     logger.error("store %s: %s; held locks %s are gone", self._where, self._lost,
                                  sorted(self._held))
                 return

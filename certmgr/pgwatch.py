@@ -77,7 +77,7 @@ class Watch:
                 since, what = self._since, self._what
                 overdue = since is not None and time.monotonic() - since > self.bound and self.cut is None
                 if overdue:
-                    self.cut = f"{what}: no answer from the database for more than {self.bound:g}s (connection cut)"
+                    self.cut = f"{what} unanswered for more than {self.bound:g}s (connection cut)"
                     self._shutdown()  # under the lock: the statement cannot end and its socket be reused meanwhile
             if overdue:
                 logger.error("store %s: %s", self._where, self.cut)

@@ -368,7 +368,8 @@ def test_a_statement_in_flight_when_the_route_goes_silent_ends_within_its_bound(
             assert not worker.is_alive(), "the write is still waiting for the database after 60 s"
             took = time.monotonic() - started
             assert len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable), outcome
-            assert "no answer from the database for more than 5s (connection cut)" in outcome[0].message
+            assert ("database connection lost: add a version of example.com unanswered for more than 5s "
+                    "(connection cut)") in outcome[0].message
             assert outcome[0].exit_code == 69
             with pytest.raises(LockLost, match=r"connection to the database silent"):
                 a.audit("deployed", "example.com", host="cdn-1")  # refused before anything is sent
