@@ -44,6 +44,8 @@ class LockSession:
         self._where = where
         self._clock = clock
         self._held: dict[str, int] = {}  # lock key -> epoch
+        # takes and releases run in worker threads (certmgr.halocks): one transaction on the connection at a time
+        self._mutex = threading.Lock()
         self._actor: str | None = None
         self._lost: str | None = None
         self._idle = idle_timeout
@@ -171,7 +173,7 @@ class LockSession:
 
         def unlock() -> None:
             try:
-                with self._watch.statement(f"release {key}"):
+                with self._mutex, self._watch.statement(f"release {key}"):
                     self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
             except psycopg.Error as exc:
                 failed.append(str(exc).strip().splitlines()[0])
@@ -190,7 +192,7 @@ class LockSession:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "actor": actor,
                   "started": self._clock().isoformat(timespec="seconds"), "backend": self.backend_pid}
         try:
-            with self._watch.statement(f"take {key}"), self._conn.transaction():
+            with self._mutex, self._watch.statement(f"take {key}"), self._conn.transaction():
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", args).fetchone()
                 if not row or not row[0]:
                     return None
@@ -213,7 +215,7 @@ class LockSession:
 
     def _held_by(self, key: str, wait: float | None) -> LockHeld:
         try:
-            with self._watch.statement(f"read the holder of {key}"):
+            with self._mutex, self._watch.statement(f"read the holder of {key}"):
                 row = self._conn.execute("SELECT holder FROM certmgr_epochs WHERE lock_key = %s", (key,)).fetchone()
             holder = row[0] if row else None
         except psycopg.Error:
