@@ -68,7 +68,6 @@ class Job:
     local_version: int | None
     timings: dict[str, float] = field(default_factory=dict)
     intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
-    unaudited: bool = False  # its switch's audit row could not be written: the intent stays for the next deploy
     # its switch's audit row(s), written by Deployer.record in ONE store transaction with the intent's removal
     # and this host's deploy state (issue 18: the row commits with the change it records)
     rows: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
@@ -133,8 +132,6 @@ class Deployer:
             await asyncio.to_thread(self.store.audit, action, obj, **kw)
         except CertmgrError as exc:
             logger.error("audit: %s", exc)
-            if job is not None and job.intent is not None and action in intents_mod.SWITCH_ACTIONS:
-                job.unaudited = True  # kept: the next deploy to this host settles it and writes the row
 
     def record(self, jobs: Sequence[Job], done: Mapping[str, HostOutcome]) -> None:
         """Blocking (call it in a thread): for a host's committed jobs (their intents written), ONE store
@@ -163,9 +160,14 @@ class Deployer:
                     assert job.intent is not None
                     intents_mod.remove(store, job.intent)
         except CertmgrError as exc:
-            logger.error("deploy %s: recording the outcome: %s (the intents stay for the next deploy)", host, exc)
+            # the intents stay: the next deploy to this host settles them and writes the rows. One line per row not
+            # written, shaped like an unwritten audit row's (the soak's `audit-lost` looks for it)
             for job in mine:
-                job.unaudited = job.unaudited or bool(job.rows)
+                for action, obj, _ in job.rows:
+                    logger.error("audit: %s: audit %s %s on %s not written (its intent stays for the next deploy)",
+                                 exc, action, obj, host)
+            if not any(job.rows for job in mine):
+                logger.error("deploy %s: recording the outcome: %s (the intents stay for the next deploy)", host, exc)
             return
         for job in mine:
             job.rows.clear()
