@@ -22,7 +22,7 @@ from certmgr.deploy import fence, handshake
 from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection
 from certmgr.deploy.plan import Decision, serial_of_probe
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
-from certmgr.errors import CertmgrError, DeployError
+from certmgr.errors import CertmgrError, DeployError, LockLost, StoreUnavailable
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
@@ -144,34 +144,52 @@ class Deployer:
         if store is None or not mine:
             return
         host = mine[0].host.name
+        outs = [done[j.name] for j in mine if j.name in done]
         try:
             with self.state_lock, batched(store, f"record the deploy to {host}"):
-                for job in mine:
-                    for action, obj, kw in job.rows:
-                        store.audit(action, obj, **kw)
-                outs = [done[j.name] for j in mine if j.name in done]
-                by_cert = {j.name: j.local_version for j in mine}
-                for o in outs:
-                    path = f"state/deploy/{o.cert}.json"
-                    state = store.load_json(path, default={}) or {}
-                    state_entry(state.setdefault("hosts", {}).setdefault(o.host, {}), o, self.now, by_cert[o.cert])
-                    store.save_json(path, state)
-                for job in mine:
-                    assert job.intent is not None
-                    intents_mod.remove(store, job.intent)
+                self._record(store, mine, outs, read=True)
+        except (StoreUnavailable, LockLost):
+            # the database lost (or our lock): the spooling store (certmgr.outbox) keeps each write for the next
+            # run instead — rows, host entries (merged on replay), intents removed — as one by one they would be
+            try:
+                with self.state_lock:
+                    self._record(store, mine, outs, read=False)
+            except CertmgrError as exc:
+                self._unrecorded(mine, host, exc)
+                return
         except CertmgrError as exc:
-            # the intents stay: the next deploy to this host settles them and writes the rows. One line per row not
-            # written, shaped like an unwritten audit row's (the soak's `audit-lost` looks for it)
-            for job in mine:
-                for action, obj, _ in job.rows:
-                    logger.error("audit: %s: audit %s %s on %s not written (its intent stays for the next deploy)",
-                                 exc, action, obj, host)
-            if not any(job.rows for job in mine):
-                logger.error("deploy %s: recording the outcome: %s (the intents stay for the next deploy)", host, exc)
+            self._unrecorded(mine, host, exc)
             return
         for job in mine:
             job.rows.clear()
         self.recorded.update((o.cert, o.host) for o in outs)
+
+    def _record(self, store: StateStore, jobs: Sequence[Job], outs: Sequence[HostOutcome], *, read: bool) -> None:
+        """Rows, then deploy state, then the intents' removal. `read` False: each host entry written over an empty
+        document (what the spool keeps is merged host by host into the stored one on replay)."""
+        for job in jobs:
+            for action, obj, kw in job.rows:
+                store.audit(action, obj, **kw)
+        by_cert = {j.name: j.local_version for j in jobs}
+        for o in outs:
+            path = f"state/deploy/{o.cert}.json"
+            state = (store.load_json(path, default={}) or {}) if read else {}
+            state_entry(state.setdefault("hosts", {}).setdefault(o.host, {}), o, self.now, by_cert[o.cert])
+            store.save_json(path, state)
+        for job in jobs:
+            assert job.intent is not None
+            intents_mod.remove(store, job.intent)
+
+    @staticmethod
+    def _unrecorded(jobs: Sequence[Job], host: str, exc: CertmgrError) -> None:
+        """The intents stay: the next deploy to this host settles them and writes the rows. One line per row not
+        written, shaped like an unwritten audit row's (the soak's `audit-lost` looks for it)."""
+        for job in jobs:
+            for action, obj, _ in job.rows:
+                logger.error("audit: %s: audit %s %s on %s not written (its intent stays for the next deploy)",
+                             exc, action, obj, host)
+        if not any(job.rows for job in jobs):
+            logger.error("deploy %s: recording the outcome: %s (the intents stay for the next deploy)", host, exc)
 
     async def audit_accepted(self, k: remote_mod.AcceptedKey) -> None:
         await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
