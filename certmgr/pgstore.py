@@ -227,11 +227,13 @@ class PgStore:
             self._locks.fence(cur, fence, what)
 
     @contextmanager
-    def batch(self, what: str) -> Iterator[None]:
+    def batch(self, what: str, *, durable: bool = True) -> Iterator[None]:
         """Every write this thread makes inside the block in ONE transaction: one durable commit instead of
         one per call, and all or nothing (an audit row commits with its change). Fenced writes check their
         lock once, in it (the epoch rows read FOR SHARE until the commit). Nested: joins the outer batch.
-        Only for a sequence that lets a store error end it (a caught one would leave the transaction aborted)."""
+        Only for a sequence that lets a store error end it (a caught one would leave the transaction aborted).
+        `durable` False: the commit does not wait for its WAL flush (`synchronous_commit = off`: a server crash
+        may lose it, never half of it) — for a record something durable already covers (a deploy intent)."""
         if self._batch is not None and self._batch_thread == threading.get_ident():
             yield
             return
@@ -240,6 +242,8 @@ class PgStore:
                 self._conn.cursor() as cur:
             self._batch, self._batch_thread, self._batch_fenced = cur, threading.get_ident(), set()
             try:
+                if not durable:
+                    cur.execute("SET LOCAL synchronous_commit = off")
                 yield
             finally:
                 self._batch, self._batch_thread = None, None

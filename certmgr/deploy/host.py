@@ -146,7 +146,9 @@ class Deployer:
         host = mine[0].host.name
         outs = [done[j.name] for j in mine if j.name in done]
         try:
-            with self.state_lock, batched(store, f"record the deploy to {host}"):
+            # not waiting for the disk: the intent, written durably before the commit, covers a record a server
+            # crash loses (the next deploy to this host settles it and writes the rows again)
+            with self.state_lock, batched(store, f"record the deploy to {host}", durable=False):
                 self._record(store, mine, outs, read=True)
         except (StoreUnavailable, LockLost):
             # the database lost (or our lock): the spooling store (certmgr.outbox) keeps each write for the next

@@ -188,8 +188,8 @@ def test_a_pops_switch_with_the_postgres_store_is_two_commits(
     monkeypatch.setattr(deploy_pkg, "deploy", counting)
     for _ in range(2):  # the first converts certbot's layout on each POP (a `converted` row of its own)
         assert (res := _certmgr(inv, state, "renew", name, "--force")).exit_code == 0, res.output
-    monkeypatch.setattr(host_mod, "batched", lambda store, what: nullcontext())
-    monkeypatch.setattr(intents, "batched", lambda store, what: nullcontext())
+    monkeypatch.setattr(host_mod, "batched", lambda store, what, **kw: nullcontext())
+    monkeypatch.setattr(intents, "batched", lambda store, what, **kw: nullcontext())
     assert (res := _certmgr(inv, state, "renew", name, "--force")).exit_code == 0, res.output
     print(f"commits deploying `renew {name} --force` (commits, POPs): {counted}")
     (batched, pops), (unbatched, pops_again) = counted[1:]
