@@ -118,7 +118,8 @@ def test_a_terminated_lock_session_fences_every_later_write(fresh_schema: PgServ
                                                             materials: list[CertMaterial]) -> None:
     """After pg_terminate_backend of A's lock session, A's writes raise LockLost and write nothing."""
     with pgs.lock("A"):
-        fresh_schema.psql(f"SELECT pg_terminate_backend({pgs._locks.backend_pid})")
+        # pg_terminate_backend only signals: wait until the session has ended (and its locks with it)
+        fresh_schema.psql(f"SELECT pg_terminate_backend({pgs._locks.backend_pid}, 10000)")
         with pytest.raises(LockLost, match=r"this controller no longer holds run \(not written\)$"):
             pgs.add_version("example.com", materials[0])
     assert pgs.versions("example.com") == []
