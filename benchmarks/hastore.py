@@ -101,6 +101,8 @@ def bench_deploy(lab: Lab, pg: PgServer, base: Path, spec: Path, args: argparse.
     if len(lab.pop_names) < n:
         raise SystemExit(f"lab {lab.dir} has {len(lab.pop_names)} POPs; deploy-{n} needs {n} (--pops)")
     reset_schema(pg)
+    for p in lab.pop_names:  # a fresh database's epochs start at 1: an earlier database's POP fence would refuse them
+        (lab.pop_paths(p).cert_root / "archive" / ".certmgr-fence").unlink(missing_ok=True)
     states = {"dir": base / "deploy-dir" / "state", "pg": base / "deploy-pg" / "state"}
     for s in states.values():
         s.parent.mkdir()

@@ -114,21 +114,64 @@ class Turn:
     moved: bool = False
 
 
-async def _take(key: str, cm_factory: Callable[[], AbstractContextManager[Any]], stack: AsyncExitStack,
-                wait: float) -> Any:
-    """Enter a lock without blocking the event loop: one try per POLL until `wait` is spent."""
+# the locks a task of this process is taking right now (its try runs in a thread), by id(store): another task
+# waits for that try's outcome instead of trying the same key at once (LockSession.hold is not re-entrant)
+_taking: dict[int, set[str]] = {}
+
+
+async def _take(store: StateStore, kind: str, name: str, cm_factory: Callable[[], AbstractContextManager[Any]],
+                stack: AsyncExitStack, wait: float, *, reentrant: bool) -> Any:
+    """Take lock (kind, name) without blocking the event loop: each try (a database transaction with a durable
+    commit: the epoch's bump) in a thread, one per POLL until `wait` is spent; its release, at the end of
+    `stack`, in a thread too. Held by this controller already: `reentrant` uses it (its epoch, nothing
+    taken), else waits for it to be released (POP locks: one transaction per POP at a time)."""
+    key = f"{kind}:{name}"
+    taking = _taking.setdefault(id(store), set())
     deadline = time.monotonic() + wait
     said = False
     while True:
-        try:
-            return stack.enter_context(cm_factory())
-        except LockHeld as exc:
-            if time.monotonic() >= deadline:
-                raise
-            if not said:
-                _waiting(key, exc, wait)
-                said = True
+        busy: LockHeld | None = None
+        if key not in taking:
+            mine = holds(store, kind, name)
+            if mine is not None and reentrant:
+                return mine
+            if mine is None:
+                taking.add(key)  # no await since the checks: no other task of ours tries it meanwhile
+                try:
+                    return await _enter(cm_factory(), stack)
+                except LockHeld as exc:
+                    busy = exc
+                finally:
+                    taking.discard(key)
+            else:
+                busy = LockHeld(f"{key} is held by another task of this controller")
+        if time.monotonic() >= deadline:
+            raise busy or LockHeld(f"{key} is being taken by another task of this controller "
+                                   f"(gave up after {wait:g}s)")
+        if busy is not None and not said:
+            _waiting(key, busy, wait)
+            said = True
         await asyncio.sleep(POLL)
+
+
+async def _enter(cm: AbstractContextManager[Any], stack: AsyncExitStack) -> Any:
+    """Enter `cm` in a thread, its exit pushed on `stack` (in a thread too). Cancelled meanwhile: the try goes
+    on in its thread; a lock it took is let go before the cancellation goes on (never left held)."""
+    attempt = asyncio.ensure_future(asyncio.to_thread(cm.__enter__))
+    try:
+        value = await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        await asyncio.wait([attempt])
+        if not attempt.cancelled() and attempt.exception() is None:
+            await asyncio.to_thread(cm.__exit__, None, None, None)
+        raise
+
+    async def leave(*exc: object) -> bool:
+        await asyncio.to_thread(cm.__exit__, None, None, None)  # hold() has no except: the exception stays ours
+        return False
+
+    stack.push_async_exit(leave)
+    return value
 
 
 @asynccontextmanager
@@ -145,9 +188,8 @@ async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[s
         return
     before = seen[name] if seen is not None and name in seen else store.live_version(name)
     async with AsyncExitStack() as stack:
-        epoch = holds(store, "cert", name)
-        if epoch is None:
-            epoch = await _take(f"cert:{name}", lambda: store.lock_cert(name, _named(store, actor)), stack, wait)
+        epoch = await _take(store, "cert", name, lambda: store.lock_cert(name, _named(store, actor)), stack, wait,
+                            reentrant=True)
         now = store.live_version(name)
         moved = now != before
         if moved:
@@ -165,23 +207,27 @@ async def certs_held(store: StateStore | None, names: Iterable[str], actor: str,
         return
     async with AsyncExitStack() as stack:
         for name in sorted(set(names)):
-            if holds(store, "cert", name) is None:
-                await _take(f"cert:{name}", lambda n=name: store.lock_cert(n, _named(store, actor)), stack, wait)  # type: ignore[misc]
+            await _take(store, "cert", name, lambda n=name: store.lock_cert(n, _named(store, actor)),  # type: ignore[misc]
+                        stack, wait, reentrant=True)
         yield
 
 
 @asynccontextmanager
 async def pop_held(store: StateStore | None, host: str, actor: str, *,
                    wait: float = POP_WAIT) -> AsyncIterator[int | None]:
-    """`host`'s POP lock for one transaction; its epoch (None: the directory store, no fencing)."""
+    """`host`'s POP lock for one transaction; its epoch (None: the directory store, no fencing).
+
+    Not re-entrant, unlike certificate locks: a POP lock this controller holds is another of its POP
+    transactions there (two deploy() calls in one process). That one is waited for (up to `wait`, on the
+    event loop), then the lock is taken anew with a newer epoch: two transactions of one controller never
+    run on one POP at once, and none goes on under a lock its taker released.
+    """
     if store is None or not per_name(store):
         yield None
         return
     async with AsyncExitStack() as stack:
-        epoch = holds(store, "pop", host)
-        if epoch is None:
-            epoch = await _take(f"pop:{host}", lambda: store.lock_pop(host, _named(store, actor)), stack, wait)
-        yield epoch
+        yield await _take(store, "pop", host, lambda: store.lock_pop(host, _named(store, actor)), stack, wait,
+                          reentrant=False)
 
 
 def deploy_locked(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

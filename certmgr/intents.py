@@ -18,7 +18,7 @@ from typing import Any
 
 from certmgr.errors import CertmgrError
 from certmgr.log import event
-from certmgr.store_api import StateStore
+from certmgr.store_api import StateStore, batched
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +67,15 @@ def write(store: StateStore, intent: Intent) -> None:
 
 
 def write_all(store: StateStore, made: Sequence[Intent]) -> dict[str, CertmgrError]:
-    """write() each of a host transaction's intents (one thread hop for all); the errors by certificate."""
-    failed: dict[str, CertmgrError] = {}
-    for intent in made:
-        try:
-            write(store, intent)
-        except CertmgrError as exc:
-            failed[intent.cert] = exc
-    return failed
-
-
-def remove_all(store: StateStore, done: Sequence[Intent]) -> None:
-    """remove() each; an error is logged (harmless: the next deploy finds its audit line and drops the intent)."""
-    for intent in done:
-        try:
-            remove(store, intent)
-        except CertmgrError as exc:
-            logger.error("deploy intent %s: %s", intent.relpath, exc)
+    """write() each of a host transaction's intents, all in one store transaction (one thread hop, one durable
+    commit); the errors by certificate (with PostgreSQL one failure fails them all: nothing written)."""
+    try:
+        with batched(store, f"record {len(made)} deploy intent(s)"):
+            for intent in made:
+                write(store, intent)
+    except CertmgrError as exc:
+        return {intent.cert: exc for intent in made}
+    return {}
 
 
 def remove(store: StateStore, intent: Intent) -> None:
@@ -141,7 +133,9 @@ def settle(store: StateStore, intents: list[Intent], *, layout: str | None, targ
            versions: set[int]) -> list[tuple[Intent, str]]:
     """Write the audit line (once) for each intent whose switch happened, record the state, drop the intents.
 
-    Blocking (fsyncs): call it in a thread. Returns (intent, verdict) pairs.
+    Each intent's audit line, deploy state and removal in one store transaction (`batch`: with PostgreSQL
+    all or nothing; the directory store writes them in that order, and a line already written is not
+    written again). Blocking (fsyncs): call it in a thread. Returns (intent, verdict) pairs.
     """
     if not intents:
         return []
@@ -150,39 +144,39 @@ def settle(store: StateStore, intents: list[Intent], *, layout: str | None, targ
     for intent in intents:
         what = verdict(intent, layout=layout, target=target, versions=versions)
         name, host = intent.cert, intent.host
-        if intent.id not in done:
-            if what == "deployed":
-                store.audit("deployed", name, frm=intent.from_serial, to=intent.to_serial, host=host,
-                            version=intent.version, intent=intent.id, settled=True, at=intent.at,
-                            summary=f"deployed {name} to {host}: serial {intent.from_serial or '-'} → "
-                                    f"{intent.to_serial} (settled after interrupt: the run that switched it "
-                                    "stopped before recording it)")
-                _record_state(store, intent)
-            elif what == "rolled back":
-                store.audit("rolled back", name, frm=intent.to_serial, to=intent.from_serial, host=host,
-                            failed_version=intent.version, intent=intent.id, settled=True, at=intent.at,
-                            summary=f"rolled back {name} on {host} from version {intent.version} "
-                                    "(settled after interrupt: its commit switched and switched back)")
-            elif what == "unknown":
-                store.audit("deploy unsettled", name, frm=intent.from_target, to=intent.to_target, host=host,
-                            intent=intent.id, seen=target, at=intent.at,
-                            summary=f"interrupted deploy of {name} to {host}: live/{name} is now "
-                                    f"{target or '(no link)'}, neither before nor after: changed outside certmgr?")
+        with batched(store, f"settle the deploy of {name} to {host}"):
+            if intent.id not in done:
+                if what == "deployed":
+                    store.audit("deployed", name, frm=intent.from_serial, to=intent.to_serial, host=host,
+                                version=intent.version, intent=intent.id, settled=True, at=intent.at,
+                                summary=f"deployed {name} to {host}: serial {intent.from_serial or '-'} → "
+                                        f"{intent.to_serial} (settled after interrupt: the run that switched it "
+                                        "stopped before recording it)")
+                    _record_state(store, intent)
+                elif what == "rolled back":
+                    store.audit("rolled back", name, frm=intent.to_serial, to=intent.from_serial, host=host,
+                                failed_version=intent.version, intent=intent.id, settled=True, at=intent.at,
+                                summary=f"rolled back {name} on {host} from version {intent.version} "
+                                        "(settled after interrupt: its commit switched and switched back)")
+                elif what == "unknown":
+                    store.audit("deploy unsettled", name, frm=intent.from_target, to=intent.to_target, host=host,
+                                intent=intent.id, seen=target, at=intent.at,
+                                summary=f"interrupted deploy of {name} to {host}: live/{name} is now "
+                                        f"{target or '(no link)'}, neither before nor after: changed outside certmgr?")
+            remove(store, intent)
         event(logger, logging.WARNING if what != "not switched" else logging.INFO, "settled interrupted deploy",
               cert=name, host=host, intent=intent.id, verdict=what)
-        remove(store, intent)
         out.append((intent, what))
     return out
 
 
 def _record_state(store: StateStore, intent: Intent) -> None:
-    """The deploy state the interrupted run never saved: this host serves the new version since `intent.at`."""
+    """The deploy state the interrupted run never saved: this host serves the new version since `intent.at`.
+
+    Not caught here: inside `settle`'s transaction an error ends it (nothing of the settlement written)."""
     path = f"state/deploy/{intent.cert}.json"
-    try:
-        state = store.load_json(path, default={}) or {}
-        entry = state.setdefault("hosts", {}).setdefault(intent.host, {})
-        entry.update({"status": "deployed", "at": intent.at, "deployed_at": intent.at, "error": None,
-                      "serial": intent.to_serial, "version": intent.version, "wanted_serial": intent.to_serial})
-        store.save_json(path, state)
-    except CertmgrError as exc:
-        logger.error("deploy state %s: %s", intent.cert, exc)
+    state = store.load_json(path, default={}) or {}
+    entry = state.setdefault("hosts", {}).setdefault(intent.host, {})
+    entry.update({"status": "deployed", "at": intent.at, "deployed_at": intent.at, "error": None,
+                  "serial": intent.to_serial, "version": intent.version, "wanted_serial": intent.to_serial})
+    store.save_json(path, state)

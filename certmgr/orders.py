@@ -30,6 +30,7 @@ from certmgr.inventory import Certificate, Inventory
 from certmgr.issue import ACMEClient, Issued, account_id
 from certmgr.log import event
 from certmgr.sealing import Sealer
+from certmgr.store_api import batched
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,12 @@ def load(store: OrderStore, name: str) -> PendingOrder | None:
 
 def settle(store: OrderStore, name: str, *, abandoned: str | None = None) -> None:
     """Forget `name`'s pending order: its certificate is stored, or (`abandoned`: why) it is given up, audited."""
+    with batched(store, f"settle the order of {name}"):  # the row commits with the removal it records
+        if abandoned is not None:
+            store.audit("order abandoned", name, reason=abandoned, message=f"order abandoned: {abandoned}")
+        store.remove_json(order_path(name))
     if abandoned is not None:
-        store.audit("order abandoned", name, reason=abandoned, message=f"order abandoned: {abandoned}")
         event(log, logging.WARNING, "order abandoned", cert=name, reason=abandoned)
-    store.remove_json(order_path(name))
     key_file = _key_file(store, name)
     if key_file is not None:
         key_file.unlink(missing_ok=True)

@@ -212,7 +212,7 @@ class Spooling:
         self._write(lambda: self._store.save_json(relpath, obj, mode), "merge", path=relpath, body=obj)
 
     @contextmanager
-    def batch(self, what: str) -> Iterator[None]:
+    def batch(self, what: str, *, durable: bool = True) -> Iterator[None]:
         """The store's batch (one transaction); its commit failing loses the store like any other call."""
         self._check()
         if self._batch_thread == threading.get_ident():
@@ -220,7 +220,7 @@ class Spooling:
             return
         self._batch_thread = threading.get_ident()
         try:
-            with self._store.batch(what):
+            with self._store.batch(what, durable=durable):
                 yield
         except (StoreUnavailable, LockLost) as exc:
             self._lose(exc)

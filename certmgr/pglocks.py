@@ -23,6 +23,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from certmgr.errors import LockHeld, LockLost, StoreError
+from certmgr.pgwatch import Watch
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,17 @@ class LockSession:
         self._where = where
         self._clock = clock
         self._held: dict[str, int] = {}  # lock key -> epoch
+        # takes and releases run in worker threads (certmgr.halocks): one transaction on the connection at a time
+        self._mutex = threading.Lock()
         self._actor: str | None = None
         self._lost: str | None = None
         self._idle = idle_timeout
         self._beat_since: float | None = None  # monotonic time the heartbeat in flight was sent
-        self.backend_pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        # every statement on this connection bounded client-side: cut after idle_timeout without an answer
+        self._watch = Watch(conn, bound=idle_timeout, where=where, role="locks",
+                            on_cut=lambda why: self.mark_lost(why, prefix="lock session silent"))
+        with self._watch.statement("read the lock session's backend"):
+            self.backend_pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, args=(idle_timeout / 3,), daemon=True,
                                       name="certmgr-pg-heartbeat")
@@ -58,7 +65,7 @@ class LockSession:
              clock: Callable[[], dt.datetime], where: str) -> LockSession:
         from certmgr.pgstore import connect  # one place that turns a refused connection into exit 69
 
-        conn = connect(url, password=password, timeout=timeout, role="locks")
+        conn = connect(url, password=password, timeout=timeout, role="locks", bound=idle_timeout)
         try:
             # PostgreSQL ≥ 14: the server ends this session when it is idle this long (no heartbeat:
             # the process is stopped or wedged), and with it every advisory lock it holds.
@@ -80,6 +87,17 @@ class LockSession:
             logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
 
     @property
+    def idle_timeout(self) -> float:
+        return self._idle
+
+    def mark_lost(self, why: str, *, prefix: str = "connection to the database silent") -> None:
+        """A statement of this controller went unanswered past its bound (certmgr.pgwatch cut it): the held
+        locks are presumed gone, and nothing more is sent (`precheck`)."""
+        if not self._lost:
+            self._lost = f"{prefix}: {why}"
+            logger.error("store %s: %s; held locks %s are presumed gone", self._where, self._lost, sorted(self._held))
+
+    @property
     def actor(self) -> str | None:
         return self._actor
 
@@ -89,17 +107,21 @@ class LockSession:
     def close(self) -> None:
         self._stop.set()
         self._beat.join(timeout=5)
+        self._watch.close()
         self._conn.close()  # the server releases whatever is still held
 
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
                 self._beat_since = time.monotonic()
-                self._conn.execute("SELECT 1")
+                with self._watch.statement("heartbeat"):
+                    self._conn.execute("SELECT 1")
                 self._beat_since = None
             except psycopg.Error as exc:
                 if not self._stop.is_set():
-                    self._lost = f"lock session ended: {str(exc).strip().splitlines()[0]}"
+                    cut = self._watch.cut  # the watch cut it: say why, not libpq's "server closed the connection"
+                    self._lost = self._lost or (f"lock session silent: {cut}" if cut else
+                                                f"lock session ended: {str(exc).strip().splitlines()[0]}")
                     logger.error("store %s: %s; held locks %s are gone", self._where, self._lost,
                                  sorted(self._held))
                 return
@@ -151,7 +173,8 @@ class LockSession:
 
         def unlock() -> None:
             try:
-                self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
+                with self._mutex, self._watch.statement(f"release {key}"):
+                    self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
             except psycopg.Error as exc:
                 failed.append(str(exc).strip().splitlines()[0])
 
@@ -169,7 +192,7 @@ class LockSession:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "actor": actor,
                   "started": self._clock().isoformat(timespec="seconds"), "backend": self.backend_pid}
         try:
-            with self._conn.transaction():
+            with self._mutex, self._watch.statement(f"take {key}"), self._conn.transaction():
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", args).fetchone()
                 if not row or not row[0]:
                     return None
@@ -182,8 +205,9 @@ class LockSession:
                     self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)  # session-level
                     raise
         except psycopg.OperationalError as exc:
-            raise LockLost(f"store {self._where}: taking {key}: database connection lost: "
-                           f"{str(exc).strip().splitlines()[0]} (nothing done)") from exc
+            cause = self._watch.cut or str(exc).strip().splitlines()[0]
+            raise LockLost(f"store {self._where}: taking {key}: database connection lost: {cause} (nothing done)",
+                           hint="the run stops; the next run (here or on the other controller) takes over") from exc
         except psycopg.Error as exc:
             raise StoreError(f"store {self._where}: taking {key}: {str(exc).strip().splitlines()[0]}") from exc
         assert bumped is not None
@@ -191,7 +215,8 @@ class LockSession:
 
     def _held_by(self, key: str, wait: float | None) -> LockHeld:
         try:
-            row = self._conn.execute("SELECT holder FROM certmgr_epochs WHERE lock_key = %s", (key,)).fetchone()
+            with self._mutex, self._watch.statement(f"read the holder of {key}"):
+                row = self._conn.execute("SELECT holder FROM certmgr_epochs WHERE lock_key = %s", (key,)).fetchone()
             holder = row[0] if row else None
         except psycopg.Error:
             holder = None

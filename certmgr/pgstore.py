@@ -26,6 +26,7 @@ from certmgr import docmerge
 from certmgr.errors import StoreError, StoreUnavailable
 from certmgr.material import CertMaterial
 from certmgr.pglocks import LockSession
+from certmgr.pgwatch import Watch, keepalives
 from certmgr.sealing import Sealer
 from certmgr.store import (  # one definition of names, paths and audit fields for both stores
     _AUDIT_KEYS,
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+WATCH_HINT = ("the run stops (exit 69); what it could not write is spooled and replayed by the next run; "
+              "check the route to PostgreSQL (docs/ha.md)")
 MIN_SERVER_VERSION = 140000  # idle_session_timeout (frees a paused holder's locks) and CREATE OR REPLACE TRIGGER
 _URL_PASSWORD = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
 
@@ -108,11 +111,14 @@ def check_url(url: str) -> str:
     return url
 
 
-def connect(url: str, *, password: str | None, timeout: float, role: str = "store") -> psycopg.Connection[Any]:
-    """An autocommit connection; StoreUnavailable (exit 69) when the server cannot be reached."""
+def connect(url: str, *, password: str | None, timeout: float, role: str = "store",
+            bound: float | None = None) -> psycopg.Connection[Any]:
+    """An autocommit connection; StoreUnavailable (exit 69) when the server cannot be reached. `bound`: TCP
+    keepalives and tcp_user_timeout end a dead path within about that many seconds (certmgr.pgwatch)."""
     try:
         return psycopg.connect(check_url(url), password=password, connect_timeout=max(1, round(timeout)),
-                               autocommit=True, application_name=f"certmgr-{role}")
+                               autocommit=True, application_name=f"certmgr-{role}",
+                               **(keepalives(bound) if bound else {}))
     except psycopg.OperationalError as exc:
         where = url.split("@")[-1]
         raise StoreUnavailable(
@@ -139,6 +145,9 @@ class PgStore:
                  clock: Callable[[], dt.datetime] = _utcnow) -> None:
         self._conn = conn
         self._locks = locks
+        # every statement bounded client-side (a blackholed route): cut after the idle timeout, by when the
+        # server has freed our locks anyway; the lock session then counts as lost (nothing more is sent)
+        self._watch = Watch(conn, bound=locks.idle_timeout, where=where, role="data", on_cut=locks.mark_lost)
         self._sealer = sealer
         self._clock = clock
         self.where = where
@@ -156,7 +165,7 @@ class PgStore:
              idle_timeout: float = 30.0, clock: Callable[[], dt.datetime] = _utcnow) -> PgStore:
         """Connect (data + lock connection), check the schema; StoreUnavailable when the server is down."""
         where = url.split("@")[-1]
-        conn = connect(url, password=password, timeout=timeout, role="data")
+        conn = connect(url, password=password, timeout=timeout, role="data", bound=idle_timeout)
         try:
             # a paused controller must not keep a transaction (and its row locks) open forever
             conn.execute(f"SET idle_in_transaction_session_timeout = '{int(idle_timeout * 1000)}ms'")
@@ -181,6 +190,7 @@ class PgStore:
 
     def close(self) -> None:
         self._locks.close()
+        self._watch.close()
         self._conn.close()
 
     def __enter__(self) -> PgStore:
@@ -204,7 +214,8 @@ class PgStore:
                     self._batch_fenced.add(fence)
                 yield self._batch
             return
-        with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
+        with self._db_errors(what), self._mutex, self._watch.statement(what), self._conn.transaction(), \
+                self._conn.cursor() as cur:
             self._check_fence(cur, fence, what)
             yield cur
         self.commits += 1
@@ -216,18 +227,23 @@ class PgStore:
             self._locks.fence(cur, fence, what)
 
     @contextmanager
-    def batch(self, what: str) -> Iterator[None]:
+    def batch(self, what: str, *, durable: bool = True) -> Iterator[None]:
         """Every write this thread makes inside the block in ONE transaction: one durable commit instead of
         one per call, and all or nothing (an audit row commits with its change). Fenced writes check their
         lock once, in it (the epoch rows read FOR SHARE until the commit). Nested: joins the outer batch.
-        Only for a sequence that lets a store error end it (a caught one would leave the transaction aborted)."""
+        Only for a sequence that lets a store error end it (a caught one would leave the transaction aborted).
+        `durable` False: the commit does not wait for its WAL flush (`synchronous_commit = off`: a server crash
+        may lose it, never half of it) — for a record something durable already covers (a deploy intent)."""
         if self._batch is not None and self._batch_thread == threading.get_ident():
             yield
             return
         self._locks.precheck(what)  # its BEGIN would wait for good on a blackholed route
-        with self._db_errors(what), self._mutex, self._conn.transaction(), self._conn.cursor() as cur:
+        with self._db_errors(what), self._mutex, self._watch.statement(what), self._conn.transaction(), \
+                self._conn.cursor() as cur:
             self._batch, self._batch_thread, self._batch_fenced = cur, threading.get_ident(), set()
             try:
+                if not durable:
+                    cur.execute("SET LOCAL synchronous_commit = off")
                 yield
             finally:
                 self._batch, self._batch_thread = None, None
@@ -239,7 +255,7 @@ class PgStore:
         while every other thread waits for the connection) and it still sees one snapshot; never for writes.
         Not sent either once a held lock is presumed lost: on a blackholed route it would wait for TCP to give up."""
         self._locks.precheck(what, outcome="not read")
-        with self._db_errors(what), self._mutex, self._conn.cursor() as cur:
+        with self._db_errors(what), self._mutex, self._watch.statement(what), self._conn.cursor() as cur:
             yield cur
 
     @contextmanager
@@ -248,8 +264,9 @@ class PgStore:
         try:
             yield
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: "
-                                   f"{str(exc).strip().splitlines()[0]} (not written)") from exc
+            cause = self._watch.cut or str(exc).strip().splitlines()[0]
+            raise StoreUnavailable(f"store {self.where}: {what}: database connection lost: {cause} (not written)",
+                                   hint=WATCH_HINT) from exc
         except psycopg.Error as exc:
             raise StoreError(f"store {self.where}: {what}: {str(exc).strip().splitlines()[0]}") from exc
 

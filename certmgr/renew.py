@@ -449,7 +449,15 @@ async def _issue_and_store(run: _Run, ca: CA, cert: Certificate, material: CertM
         orders.settle(run.store, cert.name, abandoned=f"certificate refused ({'; '.join(exc.problems)})")
         raise
     new_info = issued.material.info()
-    version, previous = record_renewal(run.store, cert.name, issued, info, state, now=now)
+    # in a thread: its transaction's round trips and durable commit leave the event loop to the other renewals;
+    # a cancellation (SIGTERM) waits for it to end (stored whole or not at all), never leaves it half-known
+    storing = asyncio.ensure_future(asyncio.to_thread(record_renewal, run.store, cert.name, issued, info, state,
+                                                      now=now))
+    try:
+        version, previous = await asyncio.shield(storing)
+    except asyncio.CancelledError:
+        await asyncio.wait([storing])
+        raise
     event(log, logging.INFO, "renewed", cert=cert.name, serial=new_info.serial, version=version,
           not_after=new_info.not_after.isoformat(), seconds=f"{issued.timings.get('total', 0):.2f}")
     return RenewOutcome(name=cert.name, status="renewed", decision=plan_mod.decide(cert, new_info, RenewState(), now),

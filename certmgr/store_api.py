@@ -74,8 +74,12 @@ class StateStore(Protocol):
     def read_audit(self) -> Iterator[dict[str, Any]]: ...
 
 
-def batched(store: Any, what: str) -> AbstractContextManager[None]:
+def batched(store: Any, what: str, *, durable: bool = True) -> AbstractContextManager[None]:
     """The store's `batch(what)` (PostgreSQL: the block's writes in one transaction, one durable commit), or
-    nothing for a store without one (the directory store: each write is its own atomic rename already)."""
+    nothing for a store without one (the directory store: each write is its own atomic rename already).
+    `durable` False: its commit need not wait for the disk (PgStore.batch)."""
     batch = getattr(store, "batch", None)
-    return batch(what) if callable(batch) else nullcontext()
+    if not callable(batch):
+        return nullcontext()
+    cm: AbstractContextManager[None] = batch(what) if durable else batch(what, durable=False)
+    return cm

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import logging
 import shlex
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -21,13 +22,13 @@ from certmgr.deploy import fence, handshake
 from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection
 from certmgr.deploy.plan import Decision, serial_of_probe
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
-from certmgr.errors import CertmgrError, DeployError
+from certmgr.errors import CertmgrError, DeployError, LockLost, StoreUnavailable
 from certmgr.inventory import Certificate, Host, Inventory
 from certmgr.log import event
 from certmgr.material import CertInfo, CertMaterial
 from certmgr.probe import Probe
 from certmgr.remote import Result, Timeouts
-from certmgr.store_api import StateStore
+from certmgr.store_api import StateStore, batched
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class Job:
     local_version: int | None
     timings: dict[str, float] = field(default_factory=dict)
     intent: intents_mod.Intent | None = None  # written before the commit; removed once its outcome is audited
-    unaudited: bool = False  # its switch's audit row could not be written: the intent stays for the next deploy
+    # its switch's audit row(s), written by Deployer.record in ONE store transaction with the intent's removal
+    # and this host's deploy state (issue 18: the row commits with the change it records)
+    rows: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     settled: bool = False  # this deploy settled a switch an interrupted run made: retention applies as if deployed
     state: CertState | None = None
     decision: Decision | None = None
@@ -107,21 +110,88 @@ class Deployer:
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs
         self.lock_wait = str(popguard.lock_wait(timeouts.command))
         self.produced: list[HostOutcome] = []  # every outcome so far: what a cancelled deploy still saves
+        self.recorded: set[tuple[str, str]] = set()  # (cert, host) whose deploy state Deployer.record saved
+        # deploy state documents are read, changed and written by several host threads (record, settle): one at
+        # a time in this process (another controller cannot write them: the certificates' locks are ours)
+        self.state_lock = threading.Lock()
         self.handshakes: dict[str, asyncio.Semaphore] = {}  # per host: handshake.PER_HOST in flight at most
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 
     async def audit(self, action: str, obj: str, *, job: Job | None = None, **kw: Any) -> None:
+        """One audit row now — or, for a job's switch (SWITCH_ACTIONS, its intent written), kept on the job for
+        `record`, which writes it with the intent's removal and the deploy state in one transaction."""
         if self.store is None:
             return
         if job is not None and job.intent is not None:
             kw.setdefault("intent", job.intent.id)  # a later settle sees this switch is audited
+            if action in intents_mod.SWITCH_ACTIONS:
+                job.rows.append((action, obj, kw))
+                return
         try:
             await asyncio.to_thread(self.store.audit, action, obj, **kw)
         except CertmgrError as exc:
             logger.error("audit: %s", exc)
-            if job is not None and job.intent is not None and action in intents_mod.SWITCH_ACTIONS:
-                job.unaudited = True  # kept: the next deploy to this host settles it and writes the row
+
+    def record(self, jobs: Sequence[Job], done: Mapping[str, HostOutcome]) -> None:
+        """Blocking (call it in a thread): for a host's committed jobs (their intents written), ONE store
+        transaction (`batch`) with each switch's audit row, the host's entries in the deploy state and the
+        intents' removal: all or nothing with PostgreSQL; in that order in the directory store (a kill after
+        the audit row leaves the intent, which the next deploy drops without a second row). On a store error
+        nothing is marked recorded: the intents stay for the next deploy to settle, `deploy` saves the state."""
+        store = self.store
+        mine = [j for j in jobs if j.intent is not None]
+        if store is None or not mine:
+            return
+        host = mine[0].host.name
+        outs = [done[j.name] for j in mine if j.name in done]
+        try:
+            # not waiting for the disk: the intent, written durably before the commit, covers a record a server
+            # crash loses (the next deploy to this host settles it and writes the rows again)
+            with self.state_lock, batched(store, f"record the deploy to {host}", durable=False):
+                self._record(store, mine, outs, read=True)
+        except (StoreUnavailable, LockLost):
+            # the database lost (or our lock): the spooling store (certmgr.outbox) keeps each write for the next
+            # run instead — rows, host entries (merged on replay), intents removed — as one by one they would be
+            try:
+                with self.state_lock:
+                    self._record(store, mine, outs, read=False)
+            except CertmgrError as exc:
+                self._unrecorded(mine, host, exc)
+                return
+        except CertmgrError as exc:
+            self._unrecorded(mine, host, exc)
+            return
+        for job in mine:
+            job.rows.clear()
+        self.recorded.update((o.cert, o.host) for o in outs)
+
+    def _record(self, store: StateStore, jobs: Sequence[Job], outs: Sequence[HostOutcome], *, read: bool) -> None:
+        """Rows, then deploy state, then the intents' removal. `read` False: each host entry written over an empty
+        document (what the spool keeps is merged host by host into the stored one on replay)."""
+        for job in jobs:
+            for action, obj, kw in job.rows:
+                store.audit(action, obj, **kw)
+        by_cert = {j.name: j.local_version for j in jobs}
+        for o in outs:
+            path = f"state/deploy/{o.cert}.json"
+            state = (store.load_json(path, default={}) or {}) if read else {}
+            state_entry(state.setdefault("hosts", {}).setdefault(o.host, {}), o, self.now, by_cert[o.cert])
+            store.save_json(path, state)
+        for job in jobs:
+            assert job.intent is not None
+            intents_mod.remove(store, job.intent)
+
+    @staticmethod
+    def _unrecorded(jobs: Sequence[Job], host: str, exc: CertmgrError) -> None:
+        """The intents stay: the next deploy to this host settles them and writes the rows. One line per row not
+        written, shaped like an unwritten audit row's (the soak's `audit-lost` looks for it)."""
+        for job in jobs:
+            for action, obj, _ in job.rows:
+                logger.error("audit: %s: audit %s %s on %s not written (its intent stays for the next deploy)",
+                             exc, action, obj, host)
+        if not any(job.rows for job in jobs):
+            logger.error("deploy %s: recording the outcome: %s (the intents stay for the next deploy)", host, exc)
 
     async def audit_accepted(self, k: remote_mod.AcceptedKey) -> None:
         await self.audit("host key accepted", k.host, to=k.fingerprint, known_hosts=str(k.known_hosts),
@@ -211,10 +281,14 @@ class Deployer:
                 if (locked_out := popguard.lock_error(state.raw, host, inspect[0])) is not None:
                     raise DeployError(locked_out, hint=popguard.LOCK_HINT)  # wrapped just below
             by_name = {job.name: job for job in jobs}
+
+            def settle(its: list[intents_mod.Intent], cs: CertState) -> list[tuple[intents_mod.Intent, str]]:
+                with self.state_lock:  # it may write the deploy state
+                    return intents_mod.settle(store, its, layout=cs.layout, target=cs.target,
+                                              versions=set(cs.versions))
+
             for n, its in left.items():
-                cs = state.certs[n]
-                verdicts = await asyncio.to_thread(intents_mod.settle, self.store, its, layout=cs.layout,
-                                                   target=cs.target, versions=set(cs.versions))
+                verdicts = await asyncio.to_thread(settle, its, state.certs[n])
                 # the interrupted run switched this POP but never pruned it (killed, paused, fenced): we do
                 if any(what == "deployed" for _, what in verdicts) and n in by_name:
                     by_name[n].settled = True
@@ -251,6 +325,18 @@ class Deployer:
                              kept_live=res.get("kept_live"), keep=keep)
         for v in res.all("prune_failed"):
             logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
+
+
+def state_entry(entry: dict[str, Any], o: HostOutcome, now: dt.datetime, local_version: int | None) -> None:
+    """Update one host's entry of `state/deploy/<name>.json` with outcome `o` of the deploy started at `now`."""
+    entry.update({"status": o.status.value, "at": now.isoformat(), "error": o.error,
+                  "wanted_serial": o.new_serial, "local_version": local_version})
+    if o.status == Status.DEPLOYED:
+        entry["deployed_at"] = now.isoformat()
+    if o.status in (Status.DEPLOYED, Status.SKIPPED):
+        entry.update({"serial": o.new_serial, "version": o.version})
+    elif o.status == Status.ROLLED_BACK:
+        entry.update({"serial": o.old_serial, "version": o.version})
 
 
 def all_serve(seen: Mapping[str, Probe], serial: str) -> bool:

@@ -14,7 +14,7 @@ from cryptography import x509
 from certmgr import certcheck, halocks, interrupt
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence, handshake, session
-from certmgr.deploy.host import Connector, Deployer, Job, default_connector
+from certmgr.deploy.host import Connector, Deployer, Job, default_connector, state_entry
 from certmgr.deploy.model import HostOutcome, Status
 from certmgr.deploy.plan import serial_of_pem
 from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH, ROLLBACK_SH
@@ -181,7 +181,8 @@ async def deploy(
             outcomes.extend(await wave(rest))
     except asyncio.CancelledError:
         # a signal: keep what finished (commits under way were waited for); intents cover the rest
-        _save_state(store, deployer.produced, by_host, now)
+        with deployer.state_lock:
+            _save_state(store, deployer.produced, by_host, now, set(deployer.recorded))
         raise
     if bad:
         why = ", ".join(sorted({o.host for o in bad}))
@@ -192,19 +193,21 @@ async def deploy(
                     error=f"deploy {job.cert.name} → {h}: held: canary {why} did not verify (not touched)",
                     hint="fix the canary, then rerun deploy")]))
 
-    await asyncio.to_thread(_save_state, store, outcomes, by_host, now)
+    await asyncio.to_thread(_save_state, store, outcomes, by_host, now, deployer.recorded)
     return outcomes
 
 
 def _save_state(store: StateStore, outcomes: Sequence[HostOutcome], by_host: Mapping[str, list[Job]],
-                now: dt.datetime) -> None:
-    """Merge this run's outcomes into `state/deploy/<name>.json` ({"hosts": {host: {...}}})."""
+                now: dt.datetime, recorded: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()) -> None:
+    """Merge this run's outcomes into `state/deploy/<name>.json` ({"hosts": {host: {...}}}), but those in
+    `recorded` (saved already with their switch's audit row: Deployer.record)."""
     if store is None:
         return
     local_versions = {j.cert.name: j.local_version for jobs in by_host.values() for j in jobs}
     per_cert: dict[str, list[HostOutcome]] = {}
     for o in outcomes:
-        per_cert.setdefault(o.cert, []).append(o)
+        if (o.cert, o.host) not in recorded:
+            per_cert.setdefault(o.cert, []).append(o)
     for name, outs in per_cert.items():
         path = f"state/deploy/{name}.json"
         try:
@@ -214,15 +217,7 @@ def _save_state(store: StateStore, outcomes: Sequence[HostOutcome], by_host: Map
             state = {}
         hosts_state = state.setdefault("hosts", {})
         for o in outs:
-            entry = hosts_state.setdefault(o.host, {})
-            entry.update({"status": o.status.value, "at": now.isoformat(), "error": o.error,
-                          "wanted_serial": o.new_serial, "local_version": local_versions.get(name)})
-            if o.status == Status.DEPLOYED:
-                entry["deployed_at"] = now.isoformat()
-            if o.status in (Status.DEPLOYED, Status.SKIPPED):
-                entry.update({"serial": o.new_serial, "version": o.version})
-            elif o.status == Status.ROLLED_BACK:
-                entry.update({"serial": o.old_serial, "version": o.version})
+            state_entry(hosts_state.setdefault(o.host, {}), o, now, local_versions.get(name))
         try:
             store.save_json(path, state)
         except CertmgrError as exc:

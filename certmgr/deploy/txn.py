@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
 from certmgr.deploy import reload as reload_mod
@@ -89,15 +88,22 @@ class Transaction:
                                  "until it ends); the next run inspects the host afresh",
                             error=f"{job.subject}: {exc.message} (state unknown; host left alone for the rest "
                                   "of this run)")
+            await self.record(cut=True)
             return
         except (remote_mod.ConnectionLost, DeployError) as exc:
             for job in self.undone():  # a switch may have happened unheard: their intents stay for the next run
                 self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
+            await self.record(cut=True)
             return
-        done = [job.intent for job in self.jobs if job.intent is not None and not job.unaudited]
-        if self.d.store is not None and done:
-            # their outcomes are audited (or nothing was switched): the intents have done their job
-            await asyncio.to_thread(intents_mod.remove_all, self.d.store, done)
+        await self.record(cut=False)
+
+    async def record(self, *, cut: bool) -> None:
+        """Each switch's audit row, the intent's removal and the host's deploy state: one store transaction
+        for the host (Deployer.record). `cut`: the run stopped early; only jobs whose switch is audited
+        (their outcome known) are recorded, the others keep their intents for the next run to settle."""
+        jobs = [j for j in self.jobs if j.intent is not None and (j.rows or not cut)]
+        if self.d.store is not None and jobs:
+            await asyncio.to_thread(self.d.record, jobs, dict(self.done))
 
     # -- the steps
 

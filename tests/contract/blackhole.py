@@ -33,6 +33,18 @@ class Blackhole:
     def cut(self) -> None:
         self.cut_off.set()
 
+    def heal(self) -> None:
+        """The route is back: the connections open during the cut stay dead (shut down now: what TCP would end in
+        after retransmitting into the void), new ones pass again."""
+        old, self._socks = self._socks[1:], self._socks[:1]
+        for s in old:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.cut_off.clear()
+
     def close(self) -> None:
         for s in self._socks:
             try:
@@ -46,7 +58,11 @@ class Blackhole:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the server is down (a restart): the client is refused too, as without the proxy
+                client.close()
+                continue
             self._socks += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True, name="blackhole-pipe").start()

@@ -159,3 +159,39 @@ def test_a_renewal_with_the_postgres_store_commits_four_times_fewer_when_batched
     assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
     print(f"commits storing `renew {name} --force --no-deploy`: {counted[0]} batched, {counted[1]} unbatched")
     assert counted == [1, 5], counted
+
+
+def test_a_pops_switch_with_the_postgres_store_is_two_commits(
+        lab: Lab, fresh_schema: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`renew NAME --force` against the lab, PgStore's commits counted around its deploy: per POP one for the intent
+    and one for the `deployed` row, the deploy state and the intent's removal together (4 with those unbatched;
+    before issue 18's change: 3 per POP and the state once per certificate)."""
+    from contextlib import nullcontext
+
+    import certmgr.deploy as deploy_pkg
+    from certmgr import intents
+    from certmgr.deploy import host as host_mod
+
+    lab.reseed()
+    inv = _inventory(lab, fresh_schema, tmp_path)
+    state = tmp_path / "state"
+    name = lab.certificates[0][0]
+    counted: list[tuple[int, int]] = []  # (commits, POPs deployed)
+    real = deploy_pkg.deploy
+
+    async def counting(inventory: Any, store: Any, *args: Any, **kw: Any) -> Any:
+        before = store.commits
+        outcomes = await real(inventory, store, *args, **kw)
+        counted.append((store.commits - before, sum(o.status.value == "deployed" for o in outcomes)))
+        return outcomes
+
+    monkeypatch.setattr(deploy_pkg, "deploy", counting)
+    for _ in range(2):  # the first converts certbot's layout on each POP (a `converted` row of its own)
+        assert (res := _certmgr(inv, state, "renew", name, "--force")).exit_code == 0, res.output
+    monkeypatch.setattr(host_mod, "batched", lambda store, what, **kw: nullcontext())
+    monkeypatch.setattr(intents, "batched", lambda store, what, **kw: nullcontext())
+    assert (res := _certmgr(inv, state, "renew", name, "--force")).exit_code == 0, res.output
+    print(f"commits deploying `renew {name} --force` (commits, POPs): {counted}")
+    (batched, pops), (unbatched, pops_again) = counted[1:]
+    assert pops > 1 and pops_again == pops
+    assert (batched, unbatched) == (2 * pops, 4 * pops), counted

@@ -118,7 +118,8 @@ def test_a_terminated_lock_session_fences_every_later_write(fresh_schema: PgServ
                                                             materials: list[CertMaterial]) -> None:
     """After pg_terminate_backend of A's lock session, A's writes raise LockLost and write nothing."""
     with pgs.lock("A"):
-        fresh_schema.psql(f"SELECT pg_terminate_backend({pgs._locks.backend_pid})")
+        # pg_terminate_backend only signals: wait until the session has ended (and its locks with it)
+        fresh_schema.psql(f"SELECT pg_terminate_backend({pgs._locks.backend_pid}, 10000)")
         with pytest.raises(LockLost, match=r"this controller no longer holds run \(not written\)$"):
             pgs.add_version("example.com", materials[0])
     assert pgs.versions("example.com") == []
@@ -305,3 +306,80 @@ def test_a_blackholed_holder_loses_its_lock_and_writes_nothing(fresh_schema: PgS
         child.kill()
         child.wait()
         hole.close()
+
+
+def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore) -> None:
+    """Two concurrent POP transactions of one controller on one POP (two deploy() calls in one process) take turns:
+    the second waits until the first released the POP lock and then takes it itself, with a newer epoch — never
+    inside the first's hold, and never on after the first released it (holding nothing)."""
+    import asyncio
+
+    from certmgr import halocks
+
+    trace: list[tuple[str, str, int | None, bool]] = []  # (task, event, epoch, POP lock held by this controller)
+
+    async def txn(who: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with halocks.pop_held(pgs, "cdn-1", "deploy") as epoch:
+            trace.append((who, "begin", epoch, "pop:cdn-1" in pgs.held))
+            await asyncio.sleep(0.3)  # the transaction's inspect, commit, verify
+            trace.append((who, "end", epoch, "pop:cdn-1" in pgs.held))
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(txn("first", 0))
+            tg.create_task(txn("second", 0.1))
+
+    with pgs.lock("run"):
+        asyncio.run(both())
+    assert [(w, e) for w, e, _, _ in trace] == [("first", "begin"), ("first", "end"), ("second", "begin"),
+                                               ("second", "end")], trace
+    assert all(held for *_, held in trace), trace
+    first, second = trace[0][2], trace[2][2]
+    assert first is not None and second is not None and second > first, trace
+
+
+def test_a_statement_in_flight_when_the_route_goes_silent_ends_within_its_bound(
+        fresh_schema: PgServer, materials: list[CertMaterial]) -> None:
+    """A write sent after the route went silent (its bytes swallowed, nothing closed, the proxy still ACKing) fails
+    as StoreUnavailable once idle_timeout passes without an answer (the watch cuts the connection), instead of
+    waiting for TCP; then nothing more is sent (LockLost before sending) and nothing was written."""
+    import threading
+
+    from tests.contract.blackhole import Blackhole
+
+    hole = Blackhole(fresh_schema.port, fresh_schema.port + 51)
+    url = fresh_schema.url().replace(f":{fresh_schema.port}/", f":{hole.port}/")
+    a = PgStore.open(url, password=fresh_schema.passwords[RUNTIME], sealer=SEALER, idle_timeout=5.0)
+    outcome: list[BaseException] = []
+    try:
+        with a.lock("A"):
+            hole.cut()
+
+            def write() -> None:
+                try:
+                    a.add_version("example.com", materials[0])
+                except BaseException as exc:  # handed to the test's thread
+                    outcome.append(exc)
+
+            worker = threading.Thread(target=write, daemon=True)
+            started = time.monotonic()
+            worker.start()
+            worker.join(60)  # without a client-side bound it waits for TCP: hours behind a proxy that ACKs
+            assert not worker.is_alive(), "the write is still waiting for the database after 60 s"
+            took = time.monotonic() - started
+            assert len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable), outcome
+            assert ("database connection lost: add a version of example.com unanswered for more than 5s "
+                    "(connection cut)") in outcome[0].message
+            assert outcome[0].exit_code == 69
+            with pytest.raises(LockLost, match=r"connection to the database silent"):
+                a.audit("deployed", "example.com", host="cdn-1")  # refused before anything is sent
+        print(f"the blackholed write failed after {took:.1f}s (bound 5 s)")
+    finally:
+        a.close()
+        hole.close()
+    b = open_pg(fresh_schema)
+    try:
+        assert b.versions("example.com") == [] and list(b.read_audit()) == []
+    finally:
+        b.close()

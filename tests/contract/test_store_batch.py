@@ -135,3 +135,15 @@ def test_a_nested_batch_joins_the_outer_one(fresh_schema: PgServer) -> None:
         assert pgs.load_json("state/a.json") == {"a": 1} and pgs.load_json("state/b.json") == {"b": 1}
     finally:
         pgs.close()
+
+
+def test_a_batch_that_need_not_wait_for_the_disk_commits_whole_and_only_itself_so(fresh_schema: PgServer) -> None:
+    """`batch(durable=False)` (a POP's deploy record, which its durable intent covers) commits its writes together
+    without waiting for the WAL flush — `synchronous_commit` off in that transaction only, durable again after."""
+    with open_pg(fresh_schema) as pgs:
+        with pgs.batch("record", durable=False):
+            pgs.save_json("state/deploy/a.json", {"hosts": {"h": 1}})
+            inside = pgs._conn.execute("SHOW synchronous_commit").fetchone()
+        after = pgs._conn.execute("SHOW synchronous_commit").fetchone()
+        assert (inside, after) == (("off",), ("on",))
+        assert pgs.load_json("state/deploy/a.json") == {"hosts": {"h": 1}}

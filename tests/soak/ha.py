@@ -6,7 +6,10 @@ points at a PostgreSQL of the soak's own (lab/pg.py, on the lab's port base + 90
 NAME` go to either. Besides the one-controller faults, the scheduler (bounded by the same outage
 bound) injects: SIGKILL of one controller's timer run (`sigkill-run`), SIGSTOP of a command past
 `[store] idle_timeout` then SIGCONT (`sigstop`), `pg_terminate_backend` of one controller's
-sessions (`pg-terminate`), and a PostgreSQL stop and start (`pg-restart`).
+sessions (`pg-terminate`), a PostgreSQL stop and start (`pg-restart`), and the route from one
+controller to PostgreSQL going silent past `idle_timeout` (`pg-blackhole`: each controller reaches
+the database through a proxy of its own, tests/contract/blackhole.py, which swallows every byte and
+closes nothing; statements in flight then are cut by certmgr's client-side bound, certmgr.pgwatch).
 
 The end checks read the audit rows and stored versions from PostgreSQL directly and the POPs'
 transaction traces (tests/soak/haobserver.py, no certmgr code): issuances per name ≤ renewals
@@ -39,16 +42,19 @@ import psycopg
 from lab import Lab
 from lab.pg import OWNER, RUNTIME, PgServer
 from lab.pop import DEPLOY_USER
+from tests.contract.blackhole import Blackhole
 from tests.soak import haobserver
 from tests.soak.harness import FAULT_KINDS, LINEAGES, RENEW_WINDOW, REPO, Proc, Report, Soak, SoakConfig
 from tests.soak.observer import Violation
 
-HA_KINDS = ("sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart")
+HA_KINDS = ("sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart", "pg-blackhole")
 ALL_KINDS = FAULT_KINDS + HA_KINDS
 # faults that may cut a controller between issuing a certificate and finishing with it: each may cost one issuance
-CRASHES = ("sigkill", "sigkill-write", "sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart")
+CRASHES = ("sigkill", "sigkill-write", "sigkill-run", "sigstop", "sigstop-upload", "pg-terminate", "pg-restart",
+           "pg-blackhole")
 CONTROLLERS = ("a", "b")
 PG_OFFSET = 90  # the lab uses its base … base+11; its slot is 100 ports wide
+HOLE_OFFSET = {"a": 91, "b": 92}  # each controller's proxy to PostgreSQL (pg-blackhole)
 
 
 def traceable() -> bool:
@@ -66,6 +72,8 @@ class HaSoak(Soak):
         self.pg = PgServer(self.pg_dir, lab.ports.base + PG_OFFSET)
         self.forced: Counter[str] = Counter()
         self.traced = traceable()
+        self.holes: dict[str, Blackhole] = {}  # controller -> its route to PostgreSQL (when pg-blackhole is drawn)
+        self.inventories: dict[str, Path] = {}
 
     # ------------------------------------------------------------ set-up
 
@@ -78,8 +86,12 @@ class HaSoak(Soak):
                 install_schema(conn, runtime_role=RUNTIME)
             if self.traced:
                 self._enable_traces()
+            if "pg-blackhole" in self.cfg.kinds:
+                self.holes = {c: Blackhole(self.pg.port, self.lab.ports.base + HOLE_OFFSET[c]) for c in CONTROLLERS}
             return super().run()
         finally:
+            for hole in self.holes.values():
+                hole.close()
             if os.environ.get("CERTMGR_LAB_KEEP"):  # the audit rows are evidence: stopped, kept
                 with contextlib.suppress(Exception):
                     self.pg.stop("fast")
@@ -106,8 +118,13 @@ class HaSoak(Soak):
         key.write_text(f"soak1 {base64.b64encode(os.urandom(32)).decode()}\n")
         for f in (pw, key):
             f.chmod(0o600)
-        return text + (f'\n[store]\nurl = "{self.pg.url()}"\npassword_file = "{pw}"\nkey_file = "{key}"\n'
-                       f"idle_timeout = {self.cfg.idle_timeout:g}\n")
+        store = (f'\n[store]\nurl = "{{url}}"\npassword_file = "{pw}"\nkey_file = "{key}"\n'
+                 f"idle_timeout = {self.cfg.idle_timeout:g}\n")
+        for c, hole in self.holes.items():  # each controller's own inventory: its store through its proxy
+            self.inventories[c] = self.work / f"domains-{c}.toml"
+            url = self.pg.url().replace(f":{self.pg.port}/", f":{hole.port}/")
+            self.inventories[c].write_text(text + store.format(url=url))
+        return text + store.format(url=self.pg.url())
 
     # ------------------------------------------------------------ processes
 
@@ -122,7 +139,7 @@ class HaSoak(Soak):
         module = ["tests.faults.crashpoints", crash, "--"] if crash else ["certmgr"]
         with open(out, "wb") as fh:
             popen = subprocess.Popen(
-                [sys.executable, "-m", *module, "--inventory", str(self.inventory), "--state-dir",
+                [sys.executable, "-m", *module, "--inventory", str(self.inventories.get(ctl, self.inventory)), "--state-dir",
                  str(self.states[ctl]), *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         proc = Proc(what, popen, out, time.time(), ctl=ctl)
@@ -188,7 +205,9 @@ class HaSoak(Soak):
             ctl = rng.choice(CONTROLLERS)
             with self._lock:
                 pids = [p.popen.pid for p in self.running if p.ctl == ctl and p.rc is None]
-            ports = sorted({port for pid in pids for port in client_ports(pid, self.pg.port)})
+            hole = self.holes.get(ctl)  # through a proxy, the server sees the proxy's ports
+            ports = sorted(hole.upstream_ports() if hole is not None and pids else
+                           {port for pid in pids for port in client_ports(pid, self.pg.port)})
             if ports and self._bounded(kind, everyone, c):
                 out = self.pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE client_port IN "
                                    f"({','.join(map(str, ports))})").strip()
@@ -198,6 +217,14 @@ class HaSoak(Soak):
             self.pg.stop("fast")
             self._episode(kind, "certmgr", d + 2 * c, f"PostgreSQL stopped {d:.1f}s")
             self._later("pg", d, self.pg.start)
+        elif kind == "pg-blackhole":
+            ctl = rng.choice(CONTROLLERS)
+            d = self.cfg.idle_timeout + rng.uniform(1, 3)  # past the idle timeout: statements in flight are cut
+            hole = self.holes.get(ctl)
+            if hole is not None and self._bounded(kind, everyone, d + c / 2) and self._claim(f"hole:{ctl}"):
+                hole.cut()
+                self._episode(kind, "certmgr", d + 2 * c, f"controller {ctl}'s route to PostgreSQL silent {d:.1f}s")
+                self._later(f"hole:{ctl}", d, hole.heal)
 
     def _pause_in_upload(self, within: float, pause: float) -> None:
         """SIGSTOP the holder of a POP's lock (certmgr_epochs names its pid) the moment its upload appears on that POP
@@ -256,6 +283,9 @@ class HaSoak(Soak):
         for p in paused:  # a pause the soak's end cut short has been woken by its end action; make sure
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.popen.pid, signal.SIGCONT)
+        for hole in self.holes.values():
+            if hole.cut_off.is_set():
+                hole.heal()
         if not (self.pg.sock / f".s.PGSQL.{self.pg.port}").exists():
             self.pg.start()
 
