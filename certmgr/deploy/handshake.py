@@ -22,9 +22,17 @@ Prober = Callable[[str, int, str], Any]  # async (address, port, sni) -> Probe
 
 
 def probe_with(timeouts: Timeouts) -> Prober:
+    """deploy's prober: the chain read from the POP's TLS 1.2 first flight (`certmgr.peek`), no cryptography.
+
+    That is as truthful as a full handshake for what verify asks: nginx picks the certificate by SNI
+    before its ServerHello, whatever the version, so the Certificate message names the certificate the
+    worker that accepted serves for that name. A POP that does not answer a TLS 1.2 ClientHello plainly
+    (TLS 1.3 only, an alert) costs one more connection per handshake: `probe` falls back to the full
+    handshake by itself, with the same errors.
+    """
     async def p(address: str, port: int, sni: str) -> Probe:
         return await probe(address, port, sni, connect_timeout=timeouts.handshake,
-                           handshake_timeout=timeouts.handshake)
+                           handshake_timeout=timeouts.handshake, peek=True)
 
     return p
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from certmgr.deploy.handshake import probe_with
 from certmgr.peek import FirstFlight, NoPeek, client_hello, peekable
 from certmgr.probe import Probe, probe
+from certmgr.remote import Timeouts
 from lab.pki import Issued, make_ca, make_leaf
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -208,3 +210,42 @@ def test_peekable_skips_ip_address_only_when_the_name_cannot_be_a_literal(sni: s
     except ValueError:
         literal = False
     assert peekable(sni) is (not literal)
+
+
+def test_deploys_prober_reads_the_certificate_served_for_each_name_in_one_connection(tmp_path: Path) -> None:
+    """deploy's verify prober peeks: per SNI the certificate that name is served with, one connection per handshake."""
+    ca = make_ca("verify peek CA")
+    leaves = {n: make_leaf(ca, [n]) for n in ("a.example.test", "b.example.test")}
+    ctxs = {}
+    for n, leaf in leaves.items():
+        (tmp_path / n).mkdir()
+        ctxs[n] = _tls(tmp_path / n, leaf, ca)
+
+    def pick(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        obj.context = ctxs[name or "a.example.test"]
+
+    front = _tls(tmp_path, leaves["a.example.test"], ca)
+    front.sni_callback = pick  # type: ignore[assignment]
+
+    async def go() -> tuple[dict[str, Probe], int]:
+        async with server(_read_one, front) as (port, conns):
+            p = probe_with(Timeouts())
+            seen = {n: await p("127.0.0.1", port, n) for n in reversed(list(leaves))}
+            return seen, len(conns)
+
+    seen, conns = asyncio.run(go())
+    assert {n: s.chain for n, s in seen.items()} == {n: (_der(leaf), _der(ca)) for n, leaf in leaves.items()}
+    assert conns == 2  # a peek each: a full handshake would need no more, but a failed peek would add one
+
+
+def test_deploys_prober_falls_back_on_a_tls13_only_pop(tmp_path: Path, chain: tuple[Issued, Issued]) -> None:
+    """A TLS 1.3-only POP still verifies through deploy's prober, at one more connection per handshake."""
+    leaf, inter = chain
+
+    async def go() -> tuple[Probe, int]:
+        async with server(_read_one, _tls(tmp_path, leaf, inter, ssl.TLSVersion.TLSv1_3)) as (port, conns):
+            return await probe_with(Timeouts())("127.0.0.1", port, "a.example.test"), len(conns)
+
+    seen, conns = asyncio.run(go())
+    assert seen.ok and seen.chain == (_der(leaf), _der(inter))
+    assert conns == 2  # the failed peek, then the full handshake
