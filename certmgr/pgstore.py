@@ -152,7 +152,8 @@ class PgStore:
         self._clock = clock
         self.where = where
         self._mutex = threading.RLock()  # one connection, several threads (scan, deploy): one transaction at a time
-        self.commits = 0  # write transactions committed (one durable commit each): counted by tests and benchmarks
+        self.commits = 0  # write transactions committed: counted by tests and benchmarks
+        self.lazy_commits = 0  # … of which `batch(durable=False)`: not waited for on the WAL flush
         self._batch: psycopg.Cursor[Any] | None = None  # the open `batch()` transaction's cursor …
         self._batch_thread: int | None = None  # … of this thread only (others wait on the mutex)
         self._batch_fenced: set[str | bool] = set()  # fence checks already made in it
@@ -248,6 +249,7 @@ class PgStore:
             finally:
                 self._batch, self._batch_thread = None, None
         self.commits += 1
+        self.lazy_commits += not durable
 
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:

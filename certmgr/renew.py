@@ -185,9 +185,14 @@ class _Run:
         store = self.store
 
         def on_change(action: str, zone: str, records: Sequence[TXTRecord]) -> None:
+            # A removal's row is not waited for on the disk (PgStore.batch durable=False): the journal drop that
+            # follows it (Journal.drop) commits after it, so a database crash that loses the row also keeps the
+            # records journaled, and the next run's delete writes it again. A publication's row stays durable.
+            durable = action != "dns removed"
             try:
-                store.audit(action, zone, provider=provider, names=sorted({r.fqdn for r in records}),
-                            domains=sorted({r.domain for r in records}), values=len(records))
+                with batched(store, f"audit {action} {zone}", durable=durable):
+                    store.audit(action, zone, provider=provider, names=sorted({r.fqdn for r in records}),
+                                domains=sorted({r.domain for r in records}), values=len(records))
             except CertmgrError as exc:  # an unwritable audit log must not stop a cleanup half-way
                 event(log, logging.ERROR, "audit line lost", action=action, zone=zone, error=str(exc))
 
