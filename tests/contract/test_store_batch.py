@@ -187,3 +187,34 @@ def test_the_renewal_writes_a_crash_can_only_delay_do_not_wait_for_the_disk(fres
         assert [e["action"] for e in other.read_audit()] == ["dns published", "dns removed"]
     assert steps == [("placing", 1, 0), ("placed", 1, 1), ("journaled", 1, 0), ("published", 1, 0),
                      ("removed", 1, 1), ("dropped", 1, 1)], steps
+
+
+def test_a_renewal_reads_the_live_version_once_it_holds_the_certificates_lock(
+        fresh_schema: PgServer, materials: list[CertMaterial], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the live version read right after the certificate's lock is taken (halocks.cert_turn's re-check)
+    is the one the renewal plans with (renew.live_info): nobody else writes it while the lock is ours. Two reads of
+    it per certificate (before waiting, after), not three; the material is still read whole."""
+    import asyncio
+
+    from certmgr import halocks
+    from certmgr.renew import live_info
+
+    with open_pg(fresh_schema) as pgs:
+        renew_once(pgs, materials[0])
+        reads: list[str] = []
+        real = pgs.live_version
+
+        def counted(name: str) -> int | None:
+            reads.append(name)
+            return real(name)
+
+        monkeypatch.setattr(pgs, "live_version", counted)
+
+        async def planned() -> tuple[Any, Any]:
+            async with halocks.cert_turn(pgs, NAME, "renew") as turn:
+                return turn, live_info(pgs, NAME, known=turn)
+
+        turn, (material, info) = asyncio.run(planned())
+        assert (turn.live, turn.moved, reads) == (1, False, [NAME, NAME])
+        assert material == materials[0] and info is not None
+        assert live_info(pgs, NAME) == (material, info) and len(reads) == 3  # without a turn: read as before
