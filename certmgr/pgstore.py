@@ -12,8 +12,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,8 @@ SCHEMA_VERSION = 1
 WATCH_HINT = ("the run stops (exit 69); what it could not write is spooled and replayed by the next run; "
               "check the route to PostgreSQL (docs/ha.md)")
 MIN_SERVER_VERSION = 140000  # idle_session_timeout (frees a paused holder's locks) and CREATE OR REPLACE TRIGGER
+CALLS_ENV = "CERTMGR_BENCH_PG_CALLS"  # a file: close() appends this process's transactions by call site (benchmarks)
+_SITE_NAME = re.compile(r"[^\s/]+\.[^\s/]+")  # a certificate, zone or file name in a `what`: one site for all
 _URL_PASSWORD = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
 
 SCHEMA = """
@@ -157,6 +161,7 @@ class PgStore:
         self._batch: psycopg.Cursor[Any] | None = None  # the open `batch()` transaction's cursor …
         self._batch_thread: int | None = None  # … of this thread only (others wait on the mutex)
         self._batch_fenced: set[str | bool] = set()  # fence checks already made in it
+        self.calls: Counter[str] = Counter()  # transactions by kind and call site ("write audit renewed *")
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r})"
@@ -189,7 +194,14 @@ class PgStore:
         """Seals other private keys kept beside the store's own (certmgr.orders: a pending order's key)."""
         return self._sealer
 
+    def _count(self, kind: str, what: str) -> None:
+        self.calls[f"{kind} {_SITE_NAME.sub('*', what)}"] += 1
+
     def close(self) -> None:
+        calls = os.environ.get(CALLS_ENV)
+        if calls:  # counts and call sites only (names replaced by *): benchmarks/hastore.py sums them
+            with open(calls, "a", encoding="utf-8") as out:
+                out.write(json.dumps(self.calls + self._locks.calls) + "\n")
         self._locks.close()
         self._watch.close()
         self._conn.close()
@@ -220,6 +232,7 @@ class PgStore:
             self._check_fence(cur, fence, what)
             yield cur
         self.commits += 1
+        self._count("durable", what)
 
     def _check_fence(self, cur: psycopg.Cursor[Any], fence: str | bool, what: str) -> None:
         if fence is True:
@@ -250,6 +263,7 @@ class PgStore:
                 self._batch, self._batch_thread = None, None
         self.commits += 1
         self.lazy_commits += not durable
+        self._count("durable" if durable else "lazy", what)
 
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
@@ -259,6 +273,7 @@ class PgStore:
         self._locks.precheck(what, outcome="not read")
         with self._db_errors(what), self._mutex, self._watch.statement(what), self._conn.cursor() as cur:
             yield cur
+        self._count("read", what)
 
     @contextmanager
     def _db_errors(self, what: str) -> Iterator[None]:

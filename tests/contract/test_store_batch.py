@@ -187,6 +187,11 @@ def test_the_renewal_writes_a_crash_can_only_delay_do_not_wait_for_the_disk(fres
         assert [e["action"] for e in other.read_audit()] == ["dns published", "dns removed"]
     assert steps == [("placing", 1, 0), ("placed", 1, 1), ("journaled", 1, 0), ("published", 1, 0),
                      ("removed", 1, 1), ("dropped", 1, 1)], steps
+    # benchmarks/hastore.py --split: the same transactions by call site, names replaced by *
+    assert {k: v for k, v in pgs.calls.items() if not k.startswith("read")} == {
+        "durable write state/orders/*/*": 1, "lazy record the order URL of *": 1, "durable write state/dns/*": 1,
+        "durable audit dns published *": 1, "lazy audit dns removed *": 1,
+        "lazy drop removed challenge records from the DNS journal": 1}, pgs.calls
 
 
 def test_a_renewal_reads_the_live_version_once_it_holds_the_certificates_lock(
