@@ -8,6 +8,7 @@ this controller's (the fence), so a controller that lost its lock writes nothing
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import hashlib
 import json
@@ -53,7 +54,7 @@ SCHEMA_VERSION = 1
 WATCH_HINT = ("the run stops (exit 69); what it could not write is spooled and replayed by the next run; "
               "check the route to PostgreSQL (docs/ha.md)")
 MIN_SERVER_VERSION = 140000  # idle_session_timeout (frees a paused holder's locks) and CREATE OR REPLACE TRIGGER
-CALLS_ENV = "CERTMGR_BENCH_PG_CALLS"  # a file: close() appends this process's transactions by call site (benchmarks)
+CALLS_ENV = "CERTMGR_BENCH_PG_CALLS"  # a file: at exit a process appends its transactions by call site
 _SITE_NAME = re.compile(r"[^\s/]+\.[^\s/]+")  # a certificate, zone or file name in a `what`: one site for all
 _URL_PASSWORD = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
 
@@ -161,7 +162,9 @@ class PgStore:
         self._batch: psycopg.Cursor[Any] | None = None  # the open `batch()` transaction's cursor …
         self._batch_thread: int | None = None  # … of this thread only (others wait on the mutex)
         self._batch_fenced: set[str | bool] = set()  # fence checks already made in it
-        self.calls: Counter[str] = Counter()  # transactions by kind and call site ("write audit renewed *")
+        self.calls: Counter[str] = Counter()  # transactions by kind and call site ("durable audit renewed *")
+        if os.environ.get(CALLS_ENV):  # the CLI leaves its store to the process's exit: written then
+            atexit.register(self._dump_calls, os.environ[CALLS_ENV])
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r})"
@@ -197,11 +200,12 @@ class PgStore:
     def _count(self, kind: str, what: str) -> None:
         self.calls[f"{kind} {_SITE_NAME.sub('*', what)}"] += 1
 
+    def _dump_calls(self, path: str) -> None:
+        """Counts and call sites only (names replaced by *), appended to `path`: benchmarks/hastore.py sums them."""
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(self.calls + self._locks.calls) + "\n")
+
     def close(self) -> None:
-        calls = os.environ.get(CALLS_ENV)
-        if calls:  # counts and call sites only (names replaced by *): benchmarks/hastore.py sums them
-            with open(calls, "a", encoding="utf-8") as out:
-                out.write(json.dumps(self.calls + self._locks.calls) + "\n")
         self._locks.close()
         self._watch.close()
         self._conn.close()

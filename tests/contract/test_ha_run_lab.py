@@ -155,7 +155,7 @@ def test_a_renewal_with_the_postgres_store_commits_four_times_fewer_when_batched
 
     monkeypatch.setattr(renew_mod, "record_renewal", counting)
     assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
-    monkeypatch.setattr(renew_mod, "batched", lambda store, what: nullcontext())
+    monkeypatch.setattr(renew_mod, "batched", lambda store, what, **kw: nullcontext())
     assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
     print(f"commits storing `renew {name} --force --no-deploy`: {counted[0]} batched, {counted[1]} unbatched")
     assert counted == [1, 5], counted
