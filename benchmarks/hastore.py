@@ -28,6 +28,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.deploy import run_child
 from benchmarks.renew import bench_certmgr
-from certmgr.pgstore import install_schema
+from certmgr.pgstore import CALLS_ENV, install_schema
 from lab import Lab
 from lab.pg import DATABASE, OWNER, RUNTIME, TABLES, PgServer
 
@@ -62,6 +63,17 @@ def db_line(pg: PgServer, before: tuple[float, float, float], per: int, unit: st
             f"({ms / per:.1f} ms flushing; {ms / 1000:.2f}s in all)")
 
 
+def call_split(calls: Path, per: int, unit: str) -> str:
+    """The store's transactions per `unit` by call site, as the certmgr processes counted them (PgStore.calls:
+    `read` one autocommit statement, `durable` a commit waited for on the WAL flush, `lazy` one not waited
+    for, `lock` the lock session's)."""
+    total: Counter[str] = Counter()
+    for line in calls.read_text().splitlines() if calls.exists() else []:
+        total.update(json.loads(line))
+    calls.unlink(missing_ok=True)
+    return f"\n    per {unit} by call site: " + "; ".join(f"{n / per:.2f} {site}" for site, n in total.most_common())
+
+
 def load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
 
@@ -84,13 +96,18 @@ def bench_renew(lab: Lab, pg: PgServer, base: Path, extra: str, args: argparse.N
             before = db_counters(pg)
             work = base / f"renew-{kind}-{i}"
             work.mkdir()
+            calls = base / "calls.jsonl"
+            calls.unlink(missing_ok=True)  # a round not counted leaves its counts behind
+            os.environ[CALLS_ENV] = str(calls)  # inherited by the certmgr process; only a PgStore writes it
             r = bench_certmgr(lab, args.n, work, args.concurrency, extra=extra if kind == "pg" else "")
+            del os.environ[CALLS_ENV]
             if r["ok"] != args.n:  # e.g. Pebble timing out on an overloaded machine: said, not counted
                 print(f"round {i} {kind:3}: only {r['ok']}/{args.n} renewed, not counted, {load()}: "
                       f"{str(r['err']).strip().splitlines()[-1][:300]}", flush=True)
                 continue
             walls[kind].append(float(r["wall"]))  # type: ignore[arg-type]
             per = db_line(pg, before, args.n, "certificate") if kind == "pg" else ""
+            per += call_split(calls, args.n, "certificate") if kind == "pg" and args.split else ""
             print(f"round {i} {kind:3}: renew-{args.n} {r['wall']:.2f}s wall, {r['rss_kib']} KiB max RSS, "
                   f"{load()}{per}", flush=True)
     return verdict(f"renew-{args.n}", walls)
@@ -136,6 +153,7 @@ def main() -> int:
     ap.add_argument("--deploy-certs", type=int, default=1, help="certificates per deploy (default 1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=25)
+    ap.add_argument("--split", action="store_true", help="renew: print the store's transactions by call site too")
     ap.add_argument("--no-fsync", action="store_true", help="PostgreSQL with fsync = off (the tests' setting)")
     args = ap.parse_args()
     what = set(args.what.split(","))

@@ -112,6 +112,10 @@ class Turn:
     name: str
     epoch: int | None
     moved: bool = False
+    # the live version read once the lock was ours (`live_known`): unchanged while we hold it, so the
+    # renewal need not read it again (one round trip less per certificate)
+    live: int | None = None
+    live_known: bool = False
 
 
 # the locks a task of this process is taking right now (its try runs in a thread), by id(store): another task
@@ -195,7 +199,7 @@ async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[s
         if moved:
             event(log, logging.INFO, "re-check: renewed meanwhile by another controller; not ordered again",
                   cert=name, seen=before, live=now, epoch=epoch)
-        yield Turn(name=name, epoch=epoch, moved=moved)
+        yield Turn(name=name, epoch=epoch, moved=moved, live=now, live_known=True)
 
 
 @asynccontextmanager

@@ -143,7 +143,12 @@ class Recorder:
     def placed(self, url: str) -> None:
         assert self.order is not None, "placed() before placing()"
         self.order = replace(self.order, url=url)
-        save(self._store, self.order)
+        # Not waited for on the disk (PgStore.batch durable=False), and safe so: another controller sees it at
+        # once (only a database crash can lose it, never half of it); the next durable commit — the DNS journal's,
+        # before any record is published, or the renewal's — flushes it too; and a lost URL is what a kill
+        # between new-order and this save leaves: the next run abandons the record and orders anew.
+        with batched(self._store, f"record the order URL of {self._cert.name}", durable=False):
+            save(self._store, self.order)
 
 
 def save(store: OrderStore, order: PendingOrder) -> None:

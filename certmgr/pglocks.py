@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +45,7 @@ class LockSession:
         self._where = where
         self._clock = clock
         self._held: dict[str, int] = {}  # lock key -> epoch
+        self.calls: Counter[str] = Counter()  # transactions by kind and lock kind (PgStore.calls)
         # takes and releases run in worker threads (certmgr.halocks): one transaction on the connection at a time
         self._mutex = threading.Lock()
         self._actor: str | None = None
@@ -175,6 +177,7 @@ class LockSession:
             try:
                 with self._mutex, self._watch.statement(f"release {key}"):
                     self._conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", args)
+                self.calls[f"lock release {key.split(':')[0]}"] += 1
             except psycopg.Error as exc:
                 failed.append(str(exc).strip().splitlines()[0])
 
@@ -194,6 +197,7 @@ class LockSession:
         try:
             with self._mutex, self._watch.statement(f"take {key}"), self._conn.transaction():
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", args).fetchone()
+                self.calls[f"lock try {key.split(':')[0]}"] += 1
                 if not row or not row[0]:
                     return None
                 try:

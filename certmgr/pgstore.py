@@ -8,12 +8,15 @@ this controller's (the fence), so a controller that lost its lock writes nothing
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,8 @@ SCHEMA_VERSION = 1
 WATCH_HINT = ("the run stops (exit 69); what it could not write is spooled and replayed by the next run; "
               "check the route to PostgreSQL (docs/ha.md)")
 MIN_SERVER_VERSION = 140000  # idle_session_timeout (frees a paused holder's locks) and CREATE OR REPLACE TRIGGER
+CALLS_ENV = "CERTMGR_BENCH_PG_CALLS"  # a file: at exit a process appends its transactions by call site
+_SITE_NAME = re.compile(r"[^\s/]+\.[^\s/]+")  # a certificate, zone or file name in a `what`: one site for all
 _URL_PASSWORD = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@|[?&]password=", re.IGNORECASE)
 
 SCHEMA = """
@@ -152,10 +157,14 @@ class PgStore:
         self._clock = clock
         self.where = where
         self._mutex = threading.RLock()  # one connection, several threads (scan, deploy): one transaction at a time
-        self.commits = 0  # write transactions committed (one durable commit each): counted by tests and benchmarks
+        self.commits = 0  # write transactions committed: counted by tests and benchmarks
+        self.lazy_commits = 0  # … of which `batch(durable=False)`: not waited for on the WAL flush
         self._batch: psycopg.Cursor[Any] | None = None  # the open `batch()` transaction's cursor …
         self._batch_thread: int | None = None  # … of this thread only (others wait on the mutex)
         self._batch_fenced: set[str | bool] = set()  # fence checks already made in it
+        self.calls: Counter[str] = Counter()  # transactions by kind and call site ("durable audit renewed *")
+        if os.environ.get(CALLS_ENV):  # the CLI leaves its store to the process's exit: written then
+            atexit.register(self._dump_calls, os.environ[CALLS_ENV])
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r})"
@@ -188,6 +197,14 @@ class PgStore:
         """Seals other private keys kept beside the store's own (certmgr.orders: a pending order's key)."""
         return self._sealer
 
+    def _count(self, kind: str, what: str) -> None:
+        self.calls[f"{kind} {_SITE_NAME.sub('*', what)}"] += 1
+
+    def _dump_calls(self, path: str) -> None:
+        """Counts and call sites only (names replaced by *), appended to `path`: benchmarks/hastore.py sums them."""
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(self.calls + self._locks.calls) + "\n")
+
     def close(self) -> None:
         self._locks.close()
         self._watch.close()
@@ -219,6 +236,7 @@ class PgStore:
             self._check_fence(cur, fence, what)
             yield cur
         self.commits += 1
+        self._count("durable", what)
 
     def _check_fence(self, cur: psycopg.Cursor[Any], fence: str | bool, what: str) -> None:
         if fence is True:
@@ -248,6 +266,8 @@ class PgStore:
             finally:
                 self._batch, self._batch_thread = None, None
         self.commits += 1
+        self.lazy_commits += not durable
+        self._count("durable" if durable else "lazy", what)
 
     @contextmanager
     def _read(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
@@ -257,6 +277,7 @@ class PgStore:
         self._locks.precheck(what, outcome="not read")
         with self._db_errors(what), self._mutex, self._watch.statement(what), self._conn.cursor() as cur:
             yield cur
+        self._count("read", what)
 
     @contextmanager
     def _db_errors(self, what: str) -> Iterator[None]:

@@ -116,8 +116,11 @@ def load_state(store: StateStore, name: str) -> RenewState:
     return RenewState.from_json(store.load_json(state_path(name), default=None))
 
 
-def live_info(store: StateStore, name: str) -> tuple[CertMaterial | None, CertInfo | None]:
-    if store.live_version(name) is None:
+def live_info(store: StateStore, name: str, *, known: halocks.Turn | None = None) -> tuple[CertMaterial | None,
+                                                                                            CertInfo | None]:
+    """The live material and its info; `known`: the certificate's lock turn, whose live version is read already."""
+    live = known.live if known is not None and known.live_known else store.live_version(name)
+    if live is None:
         return None, None
     material = store.read(name)
     return material, material.info()
@@ -185,9 +188,14 @@ class _Run:
         store = self.store
 
         def on_change(action: str, zone: str, records: Sequence[TXTRecord]) -> None:
+            # A removal's row is not waited for on the disk (PgStore.batch durable=False): the journal drop that
+            # follows it (Journal.drop) commits after it, so a database crash that loses the row also keeps the
+            # records journaled, and the next run's delete writes it again. A publication's row stays durable.
+            durable = action != "dns removed"
             try:
-                store.audit(action, zone, provider=provider, names=sorted({r.fqdn for r in records}),
-                            domains=sorted({r.domain for r in records}), values=len(records))
+                with batched(store, f"audit {action} {zone}", durable=durable):
+                    store.audit(action, zone, provider=provider, names=sorted({r.fqdn for r in records}),
+                                domains=sorted({r.domain for r in records}), values=len(records))
             except CertmgrError as exc:  # an unwritable audit log must not stop a cleanup half-way
                 event(log, logging.ERROR, "audit line lost", action=action, zone=zone, error=str(exc))
 
@@ -228,7 +236,7 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
                 try:  # two controllers: this certificate's lock, then the re-check (certmgr.halocks)
                     async with halocks.cert_turn(store, cert.name, "renew", seen=seen, enabled=not dry_run) as turn:
                         out = await _one(run, cert, now=now, force=force and not turn.moved, dry_run=dry_run,
-                                         rng=rng, new_key=new_key, release_pin=release_pins)
+                                         rng=rng, new_key=new_key, release_pin=release_pins, turn=turn)
                 except halocks.LOCK_ERRORS as exc:  # one certificate's outcome: a task group must not crash
                     out = RenewOutcome(name=cert.name, status="failed", decision=status(store, cert, now),
                                        error=f"renew {cert.name}: {exc.message} (not ordered)", hint=exc.hint,
@@ -271,7 +279,8 @@ whose order no other live controller is running: halocks.leftover_owner)."""
 
 
 async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, dry_run: bool,
-               rng: random.Random, new_key: bool = False, release_pin: bool = False) -> RenewOutcome:
+               rng: random.Random, new_key: bool = False, release_pin: bool = False,
+               turn: halocks.Turn | None = None) -> RenewOutcome:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     store = run.store
@@ -281,7 +290,7 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
     state = RenewState()
     pinned = pinned_version(store, cert.name)
     try:
-        material, info = live_info(store, cert.name)
+        material, info = live_info(store, cert.name, known=turn)
         state = load_state(store, cert.name)
         state = await _refresh_ari(run, ca, cert, material, info, state, now=now, dry_run=dry_run, rng=rng)
     except CertmgrError as exc:

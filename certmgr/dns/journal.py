@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from certmgr.dns import Provider, TXTRecord
 from certmgr.errors import StoreError
 from certmgr.log import event
+from certmgr.store_api import batched
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,11 @@ class Journal:
         self._dropped.update(gone)
         self._mine.difference_update(gone)
         if gone:
-            self._save()
+            # Not waited for on the disk (PgStore.batch durable=False): only a database crash can lose it, and
+            # what it loses is re-derived — the entries come back, the next run deletes them again (the server
+            # answers NOERROR for a value already gone) and drops them then. Any later durable commit flushes it.
+            with batched(self._store, "drop removed challenge records from the DNS journal", durable=False):
+                self._save()
         return len(gone)
 
     def _save(self) -> None:

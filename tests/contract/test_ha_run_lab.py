@@ -155,10 +155,48 @@ def test_a_renewal_with_the_postgres_store_commits_four_times_fewer_when_batched
 
     monkeypatch.setattr(renew_mod, "record_renewal", counting)
     assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
-    monkeypatch.setattr(renew_mod, "batched", lambda store, what: nullcontext())
+    monkeypatch.setattr(renew_mod, "batched", lambda store, what, **kw: nullcontext())
     assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
     print(f"commits storing `renew {name} --force --no-deploy`: {counted[0]} batched, {counted[1]} unbatched")
     assert counted == [1, 5], counted
+
+
+def test_a_renewal_with_the_postgres_store_waits_on_the_disk_three_times_plus_once_per_zone(
+        lab: Lab, fresh_schema: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`renew NAME --force --no-deploy` against the lab, PgStore's commits counted around one certificate's order and
+    storing (the account's first registration is a warm-up run, not counted). Durable (waited for on the WAL flush):
+    the order record before new-order, the DNS journal before the UPDATE, a `dns published` row per zone UPDATE and
+    the stored renewal. Lazy (issue 18: re-derived after a database crash): the order URL, the journal drop and a
+    `dns removed` row per zone. When Pebble reuses the authorizations there is no DNS step: 2 durable, 1 lazy."""
+    from certmgr import renew as renew_mod
+
+    lab.reseed()
+    inv = _inventory(lab, fresh_schema, tmp_path)
+    state = tmp_path / "state"
+    name = lab.certificates[0][0]
+    counted: list[tuple[int, int, int, int]] = []  # (commits, of which lazy, dns published rows, dns removed rows)
+    real = renew_mod._issue_and_store
+
+    async def counting(run: Any, *args: Any, **kw: Any) -> Any:
+        store = run.store
+        rows, commits, lazy = len(list(store.read_audit())), store.commits, store.lazy_commits
+        try:
+            return await real(run, *args, **kw)
+        finally:
+            new = [e["action"] for e in list(store.read_audit())[rows:]]
+            counted.append((store.commits - commits, store.lazy_commits - lazy, new.count("dns published"),
+                            new.count("dns removed")))
+
+    assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
+    monkeypatch.setattr(renew_mod, "_issue_and_store", counting)
+    for _ in range(3):  # Pebble reuses an authorization half of the time: most likely at least one DNS step
+        assert (res := _certmgr(inv, state, "renew", name, "--force", "--no-deploy")).exit_code == 0, res.output
+    print(f"commits of `renew {name} --force --no-deploy` (commits, lazy, published, removed): {counted}")
+    assert len(counted) == 3
+    for commits, lazy, published, removed in counted:
+        dns = 1 if published else 0  # the journal's entry before the UPDATEs, its drop after them
+        assert published == removed, counted
+        assert (commits - lazy, lazy) == (2 + dns + published, 1 + dns + removed), counted
 
 
 def test_a_pops_switch_with_the_postgres_store_is_two_commits(

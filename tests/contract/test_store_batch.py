@@ -147,3 +147,79 @@ def test_a_batch_that_need_not_wait_for_the_disk_commits_whole_and_only_itself_s
         after = pgs._conn.execute("SHOW synchronous_commit").fetchone()
         assert (inside, after) == (("off",), ("on",))
         assert pgs.load_json("state/deploy/a.json") == {"hosts": {"h": 1}}
+
+
+def test_the_renewal_writes_a_crash_can_only_delay_do_not_wait_for_the_disk(fresh_schema: PgServer) -> None:
+    """Issue 18: of one renewal's store writes, three commit without waiting for the WAL flush (PgStore.lazy_commits)
+    because a database crash that loses them loses only what is re-derived: the order URL (`placed`: the next run
+    abandons the record and orders anew, as after a kill before it), a DNS journal drop (the entries come back and
+    are deleted again) and the `dns removed` audit row (written again by that delete). What must be found after a
+    crash stays durable: the order record before new-order, the journal entry before the UPDATE, the
+    `dns published` row. Each lazy write is seen at once by another controller's connection."""
+    from types import SimpleNamespace
+
+    from certmgr.dns import TXTRecord
+    from certmgr.dns.journal import Journal
+    from certmgr.renew import _Run
+    from tests.contract.test_ha_orders import KEY, cert
+
+    rec = TXTRecord(fqdn=f"_acme-challenge.{NAME}", zone="hachyderm.test", value="v" * 43, domain=NAME)
+    with open_pg(fresh_schema) as pgs, open_pg(fresh_schema) as other, pgs.lock_cert(NAME, "renew"):
+        steps: list[tuple[str, int, int]] = []  # (step, commits, of which lazy)
+
+        def step(what: str, fn: Any) -> None:
+            commits, lazy = pgs.commits, pgs.lazy_commits
+            fn()
+            steps.append((what, pgs.commits - commits, pgs.lazy_commits - lazy))
+
+        recorder = orders.Recorder(pgs, cert(), account="pebble-0123456789", account_uri=None, key=KEY,
+                                   clock=lambda: FIXED)
+        journal = Journal.load(pgs, clock=lambda: FIXED)
+        on_change = _Run._dns_audit(SimpleNamespace(store=pgs), "lab")  # type: ignore[arg-type]
+        step("placing", lambda: recorder.placing(b"csr"))
+        step("placed", lambda: recorder.placed("https://ca.test/my-order/7"))
+        assert (found := orders.load(other, NAME)) is not None and found.url == "https://ca.test/my-order/7"
+        step("journaled", lambda: journal.written("lab", NAME, [rec]))
+        step("published", lambda: on_change("dns published", "hachyderm.test", [rec]))
+        step("removed", lambda: on_change("dns removed", "hachyderm.test", [rec]))
+        step("dropped", lambda: journal.drop([rec.key]))
+        assert other.load_json("state/dns/journal.json") == []
+        assert [e["action"] for e in other.read_audit()] == ["dns published", "dns removed"]
+    assert steps == [("placing", 1, 0), ("placed", 1, 1), ("journaled", 1, 0), ("published", 1, 0),
+                     ("removed", 1, 1), ("dropped", 1, 1)], steps
+    # benchmarks/hastore.py --split: the same transactions by call site, names replaced by *
+    assert {k: v for k, v in pgs.calls.items() if not k.startswith("read")} == {
+        "durable write state/orders/*/*": 1, "lazy record the order URL of *": 1, "durable write state/dns/*": 1,
+        "durable audit dns published *": 1, "lazy audit dns removed *": 1,
+        "lazy drop removed challenge records from the DNS journal": 1}, pgs.calls
+
+
+def test_a_renewal_reads_the_live_version_once_it_holds_the_certificates_lock(
+        fresh_schema: PgServer, materials: list[CertMaterial], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the live version read right after the certificate's lock is taken (halocks.cert_turn's re-check)
+    is the one the renewal plans with (renew.live_info): nobody else writes it while the lock is ours. Two reads of
+    it per certificate (before waiting, after), not three; the material is still read whole."""
+    import asyncio
+
+    from certmgr import halocks
+    from certmgr.renew import live_info
+
+    with open_pg(fresh_schema) as pgs:
+        renew_once(pgs, materials[0])
+        reads: list[str] = []
+        real = pgs.live_version
+
+        def counted(name: str) -> int | None:
+            reads.append(name)
+            return real(name)
+
+        monkeypatch.setattr(pgs, "live_version", counted)
+
+        async def planned() -> tuple[Any, Any]:
+            async with halocks.cert_turn(pgs, NAME, "renew") as turn:
+                return turn, live_info(pgs, NAME, known=turn)
+
+        turn, (material, info) = asyncio.run(planned())
+        assert (turn.live, turn.moved, reads) == (1, False, [NAME, NAME])
+        assert material == materials[0] and info is not None
+        assert live_info(pgs, NAME) == (material, info) and len(reads) == 3  # without a turn: read as before
