@@ -70,8 +70,11 @@ class LockSession:
         conn = connect(url, password=password, timeout=timeout, role="locks", bound=idle_timeout)
         try:
             # PostgreSQL ≥ 14: the server ends this session when it is idle this long (no heartbeat:
-            # the process is stopped or wedged), and with it every advisory lock it holds.
-            conn.execute(f"SET idle_session_timeout = '{int(idle_timeout * 1000)}ms'")
+            # the process is stopped or wedged), and with it every advisory lock it holds. Idle inside a
+            # transaction too: a take is one (worker threads), and a pause there is not "idle" to the first.
+            ms = int(idle_timeout * 1000)
+            conn.execute(f"SET idle_session_timeout = '{ms}ms'")
+            conn.execute(f"SET idle_in_transaction_session_timeout = '{ms}ms'")
             return cls(conn, where=where, idle_timeout=idle_timeout, clock=clock)
         except BaseException:
             conn.close()

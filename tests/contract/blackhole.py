@@ -46,6 +46,13 @@ class Blackhole:
         self.cut_off.clear()
 
     def close(self) -> None:
+        # shutdown first: close() alone does not wake the accept thread blocked on the listener, and the kernel keeps
+        # a socket listening while a call is blocked on it, so the next proxy on this port would fail with EADDRINUSE
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for s in self._socks:
             try:
                 s.close()

@@ -252,6 +252,17 @@ def test_a_paused_controller_is_fenced_by_the_database_and_by_the_pop(ha: tuple[
     lab, pg, inv = ha
     marker = tmp_path / "paused"
     a = start(inv, tmp_path / "a", "run", pause=marker)  # A notifies: the refusal must reach chat
+    try:
+        paused_controller_is_fenced(lab, pg, inv, chat, tmp_path, a, marker)
+    finally:
+        if a.proc.poll() is None:  # a failed assertion must not leave A stopped for the rest of the session
+            os.kill(a.proc.pid, signal.SIGCONT)
+            a.proc.kill()
+            a.proc.wait()
+
+
+def paused_controller_is_fenced(lab: Lab, pg: PgServer, inv: Path, chat: Receiver, tmp_path: Path, a: Ctl,
+                                marker: Path) -> None:
     wait_for(marker.exists, 120, "A to reach a POP commit")
     pop, a_epoch = marker.read_text().split()
     # the server ends A's lock session after IDLE seconds without a heartbeat, and with it A's locks

@@ -168,6 +168,26 @@ def test_a_paused_holder_loses_its_lock_and_cannot_write_when_it_wakes(fresh_sch
         child.wait()
 
 
+def test_a_holder_paused_inside_a_lock_transaction_loses_its_locks(fresh_schema: PgServer, pgs: PgStore) -> None:
+    """SIGSTOP while the lock session is inside a transaction (a take in a worker thread; idle_session_timeout does
+    not apply to a session idle in a transaction): the server still ends the session, and B gets the run lock."""
+    child = subprocess.Popen([sys.executable, str(REPO / "tests/contract/pg_holder.py"), fresh_schema.url(),
+                              fresh_schema.passwords[RUNTIME], "1.5", "in-take"], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["held", "1"]
+        assert child.stdout.readline().split() == ["in-take"]  # and it has stopped itself inside the transaction
+        started = time.monotonic()
+        with pgs.lock("B", wait=30):
+            assert pgs.held == {"run": 2}
+        print(f"B took the run lock {time.monotonic() - started:.1f}s after A stopped (idle_timeout 1.5 s)")
+    finally:
+        os.kill(child.pid, signal.SIGCONT) if child.poll() is None else None
+        child.kill()
+        child.wait()
+
+
 def test_an_unreachable_database_is_exit_69_and_never_local(pg: PgServer) -> None:
     """Connecting to a port where no PostgreSQL listens raises StoreUnavailable (exit 69) saying nothing was done."""
     url = pg.url().replace(f":{pg.port}/", f":{pg.port + 1}/")
