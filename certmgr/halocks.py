@@ -235,12 +235,17 @@ async def pop_held(store: StateStore | None, host: str, actor: str, *,
 
 
 def deploy_locked(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Wrap deploy(inventory, store, certs, …): its certificates' locks are held while it runs (and reads live)."""
+    """Wrap deploy(inventory, store, certs, …): its certificates' locks are held while it runs (and reads live).
+
+    Only those with a host to go to (`hosts=` narrows them): deploy reads and changes nothing of a
+    certificate without one (`renew --due` hands it every renewal), so its lock is not taken."""
     @wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         store: Any = args[1] if len(args) > 1 else kwargs.get("store")
         certs: Any = args[2] if len(args) > 2 else kwargs.get("certs", ())
-        async with certs_held(store, [c.name for c in certs], "deploy"):
+        only = set(kwargs.get("hosts") or ())  # type: ignore[call-overload]
+        going = [c.name for c in certs if any(not only or h in only for h in c.hosts)]
+        async with certs_held(store, going, "deploy"):
             return await fn(*args, **kwargs)
 
     return wrapper

@@ -43,6 +43,9 @@ class Intent:
     from_serial: str | None
     to_serial: str
     at: str  # when the commit started (ISO 8601, UTC)
+    # the commit's upload temp dir: commit.sh names it in archive/.last-commit-<cert> just before it switches,
+    # what tells "switched and switched back" from "never switched" when both leave the same link (None: older)
+    tmp: str | None = None
 
     @property
     def relpath(self) -> str:
@@ -50,11 +53,11 @@ class Intent:
 
     @classmethod
     def new(cls, *, cert: str, host: str, version: int, layout: str, from_target: str, back_target: str,
-            from_serial: str | None, to_serial: str, now: dt.datetime) -> Intent:
+            from_serial: str | None, to_serial: str, now: dt.datetime, tmp: str | None = None) -> Intent:
         return cls(id=secrets.token_hex(8), cert=cert, host=host, version=version, layout=layout,
                    from_target=from_target, back_target=back_target,
                    to_target=f"../archive/{cert}/{version}", from_serial=from_serial, to_serial=to_serial,
-                   at=now.astimezone(dt.UTC).isoformat())
+                   at=now.astimezone(dt.UTC).isoformat(), tmp=tmp)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Intent:
@@ -99,28 +102,36 @@ def pending(store: StateStore, cert: str | None = None, host: str | None = None)
     return sorted(out, key=lambda i: i.at)
 
 
-def verdict(intent: Intent, *, layout: str | None, target: str | None, versions: set[int]) -> str:
-    """What the POP's live link says happened: deployed | rolled back | not switched | unknown."""
+def verdict(intent: Intent, *, layout: str | None, target: str | None, versions: set[int],
+            last_commit: str | None = None) -> str:
+    """What the POP's live link says happened: deployed | rolled back | not switched | unknown.
+
+    `last_commit`: the upload named by archive/.last-commit-<cert>, which commit.sh writes just before it
+    switches. The version being stored is no proof the commit ran when it was on the POP already (a
+    rollback's, or a redeploy's): a link back where it was is "rolled back" only if that commit got there.
+    """
     t = target or ""
     if layout == "link" and t == intent.to_target:
         return "deployed"
     stored = intent.version in versions
+    unchanged = (layout, t) == (intent.layout, intent.from_target)
     if stored and t == intent.back_target and (layout == "link" or not intent.back_target):
-        return "rolled back"  # switched, then switched back (the test or the reload failed)
-    if (layout, t) == (intent.layout, intent.from_target):
+        if not (unchanged and intent.tmp is not None and last_commit != intent.tmp):
+            return "rolled back"  # switched, then switched back (the test or the reload failed)
+    if unchanged:
         return "not switched"
     return "unknown"
 
 
 def recheck_in(intents: list[Intent], *, layout: str | None, target: str | None, versions: set[int],
-               now: dt.datetime) -> float:
+               now: dt.datetime, last_commit: str | None = None) -> float:
     """Seconds to wait before inspecting again, so that a commit still running on the POP is not taken as none.
 
     The script of a run killed mid-commit runs on; one begun less than QUIET seconds ago that has not
     switched yet may be just before its swap. Past that age "not switched" is what happened.
     """
     ages = [(now - dt.datetime.fromisoformat(i.at)).total_seconds() for i in intents
-            if verdict(i, layout=layout, target=target, versions=versions) == "not switched"]
+            if verdict(i, layout=layout, target=target, versions=versions, last_commit=last_commit) == "not switched"]
     return max(0.0, QUIET - min(ages)) if ages else 0.0
 
 
@@ -130,7 +141,7 @@ def audited_ids(store: StateStore) -> set[str]:
 
 
 def settle(store: StateStore, intents: list[Intent], *, layout: str | None, target: str | None,
-           versions: set[int]) -> list[tuple[Intent, str]]:
+           versions: set[int], last_commit: str | None = None) -> list[tuple[Intent, str]]:
     """Write the audit line (once) for each intent whose switch happened, record the state, drop the intents.
 
     Each intent's audit line, deploy state and removal in one store transaction (`batch`: with PostgreSQL
@@ -142,7 +153,7 @@ def settle(store: StateStore, intents: list[Intent], *, layout: str | None, targ
     done = audited_ids(store)
     out = []
     for intent in intents:
-        what = verdict(intent, layout=layout, target=target, versions=versions)
+        what = verdict(intent, layout=layout, target=target, versions=versions, last_commit=last_commit)
         name, host = intent.cert, intent.host
         with batched(store, f"settle the deploy of {name} to {host}"):
             if intent.id not in done:

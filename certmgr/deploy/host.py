@@ -241,7 +241,7 @@ class Deployer:
                 cert=job.cert.name, host=job.host.name, version=d.version, layout=st.layout or "none",
                 from_target=target or "",
                 back_target=f"../archive/{job.cert.name}/{d.conv}" if d.conv else (target or ""),
-                from_serial=d.old_serial, to_serial=job.info.serial, now=now))
+                from_serial=d.old_serial, to_serial=job.info.serial, now=now, tmp=job.tmp))
         failed = {} if self.store is None else await asyncio.to_thread(intents_mod.write_all, self.store, made)
         for job, intent in zip(jobs, made, strict=True):
             if job.name not in failed:
@@ -269,7 +269,8 @@ class Deployer:
             if not left:
                 return state
             wait = max(intents_mod.recheck_in(its, layout=state.certs[n].layout, target=state.certs[n].target,
-                                              versions=set(state.certs[n].versions), now=dt.datetime.now(dt.UTC))
+                                              versions=set(state.certs[n].versions), now=dt.datetime.now(dt.UTC),
+                                              last_commit=state.certs[n].last_commit)
                        for n, its in left.items())
             if wait > 0:
                 # young: its commit may still be starting or running on the POP. Look again once the POP
@@ -285,7 +286,7 @@ class Deployer:
             def settle(its: list[intents_mod.Intent], cs: CertState) -> list[tuple[intents_mod.Intent, str]]:
                 with self.state_lock:  # it may write the deploy state
                     return intents_mod.settle(store, its, layout=cs.layout, target=cs.target,
-                                              versions=set(cs.versions))
+                                              versions=set(cs.versions), last_commit=cs.last_commit)
 
             for n, its in left.items():
                 verdicts = await asyncio.to_thread(settle, its, state.certs[n])

@@ -118,6 +118,7 @@ class CertState:
     missing: frozenset[str]  # of "live", "archive", "lineage"
     fullchain: bytes | None = field(default=None, repr=False)  # the live fullchain.pem
     key_owner: str | None = None  # "user:group:uid:gid" of the live privkey.pem, when asked for
+    last_commit: str | None = None  # archive/.last-commit-<name>: the upload of the last commit that switched it
     fields: Mapping[str, list[str]] = field(default_factory=dict, repr=False)  # certbot links, numbers
 
 
@@ -141,7 +142,7 @@ def parse_inspection(res: Result) -> Inspection:
             name=name, layout=_last(f, "layout") or "none", target=_last(f, "target"),
             versions=frozenset(int(v) for v in f.get("version", []) if v.isdigit()),
             missing=frozenset(f.get("missing", [])), fullchain=b64bytes(_last(f, "fullchain_b64")),
-            key_owner=_last(f, "key_owner"), fields=f)
+            key_owner=_last(f, "key_owner"), last_commit=_last(f, "last_commit") or None, fields=f)
     return Inspection(certs=certs, test_rc=_int(own, "test_rc"), test_out=b64text(_last(own, "test_out") or ""),
                       preflight=_last(own, "preflight") != "skipped", restored=tuple(res.all("restored")), raw=res)
 

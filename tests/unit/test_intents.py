@@ -51,6 +51,18 @@ def test_verdict_reads_what_happened_from_the_live_link(kw: dict[str, Any], layo
     assert intents.verdict(intent(**kw), layout=layout, target=target, versions=versions) == want
 
 
+@pytest.mark.parametrize(("last_commit", "want"), [("up-1", "rolled back"), ("up-0", "not switched"),
+                                                   (None, "not switched")])
+def test_a_link_back_where_it_was_is_a_rollback_only_if_that_commit_got_to_its_switch(last_commit: str | None,
+                                                                                         want: str) -> None:
+    """The version on the POP already (a redeploy of an older one): its being stored proves nothing, the
+    lineage's .last-commit (written by commit.sh just before it switches) names the commit that got there."""
+    it = intent(tmp="up-1")
+    assert intents.verdict(it, layout="link", target=it.from_target, versions={2, 3}, last_commit=last_commit) == want
+    assert intents.verdict(intent(), layout="link", target=it.from_target, versions={2, 3},
+                           last_commit=last_commit) == "rolled back"  # an intent written before .last-commit existed
+
+
 def test_settle_audits_a_switch_once_records_state_and_drops_the_intent(tmp_path: Path) -> None:
     """A switch that happened gets one `deployed` line (settled, with the intent id) and deploy state dated when
     the commit started; settling the same intent again (a kill before its removal) adds no second line."""
@@ -148,6 +160,47 @@ def test_a_commit_cut_after_its_rollback_is_audited_as_a_rollback(tmp_path: Path
     run_fleet(inv, store, FakeFleet())
     rolled = [e for e in store.read_audit() if e["action"] == "rolled back"]
     assert len(rolled) == 1 and rolled[0]["intent"] == left.id and rolled[0]["settled"] is True
+    assert intents.pending(store) == []
+
+
+@pytest.mark.parametrize("commit_ran", [False, True], ids=["cut-before-the-commit", "commit-switched-back"])
+def test_an_interrupted_redeploy_of_a_version_the_pop_has_is_settled_by_what_its_commit_did(
+        tmp_path: Path, commit_ran: bool) -> None:
+    """Going back to a version the POP holds already (v1 after v2), the run dies after writing its intent: if the
+    commit never ran, the next deploy audits no rollback (the link never moved) and switches; if it ran and its
+    test failed (switched and switched back), one settled `rolled back`. Both leave the same link."""
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, material()))
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    with store.lock("test"):
+        store.activate(NAME, 1)  # back to the version on the POP already
+    root = Path(inv.hosts["h0"].cert_root)
+
+    class DyingSession(CutSession):
+        async def run_script(self, script: str, args: Sequence[str], *, step: str,
+                             timeout: float | None = None) -> Result:
+            if step == "commit" and not commit_ran:
+                raise remote_mod.ConnectionLost("commit h0: connection lost before the commit started")
+            if step == "commit":
+                (root / "broken").touch()  # its own test fails: it switches back
+            return await super().run_script(script, args, step=step, timeout=timeout)
+
+    class DyingFleet(FakeFleet):
+        @asynccontextmanager
+        async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                            on_accept: Any = None) -> AsyncIterator[LocalSession]:
+            yield DyingSession(host)
+
+    assert run_fleet(inv, store, DyingFleet())["h0"].status == Status.FAILED
+    (root / "broken").unlink(missing_ok=True)
+    [left] = intents.pending(store)
+    assert left.version == 1 and left.tmp
+    assert run_fleet(inv, store, FakeFleet())["h0"].status == Status.DEPLOYED
+    rolled = [e for e in store.read_audit() if e["action"] == "rolled back"]
+    assert [e["intent"] for e in rolled] == ([left.id] if commit_ran else []), rolled
     assert intents.pending(store) == []
 
 

@@ -267,3 +267,25 @@ def test_renewals_ending_close_together_share_one_deploy(monkeypatch: pytest.Mon
     asyncio.run(rundeploys.renew_and_deploy(INV, None, INV.certificates, [], now=NOW,  # type: ignore[arg-type]
                                             renew_concurrency=2, deploy_parallel=5, deploy=fake, linger=linger))
     assert fake.calls == calls
+
+
+def test_deploy_locks_only_the_certificates_it_has_a_host_for() -> None:
+    """deploy() takes the lock of a certificate it goes somewhere with; one without a host (`renew --due` hands deploy
+    every renewal), or none of whose hosts is among `hosts=`, is not locked (one durable take less each)."""
+    import dataclasses
+
+    from certmgr.deploy import deploy
+
+    store = LockingStore(busy=set())
+    apex, media = (next(c for c in INV.certificates if c.name == n) for n in (APEX, MEDIA))
+    assert "fritz" in apex.hosts and "fritz" not in media.hosts
+
+    async def connector(*_: Any, **__: Any) -> Any:
+        raise AssertionError("no host is reached here")
+
+    outs = asyncio.run(deploy(INV, store, [dataclasses.replace(apex, hosts=())], now=NOW,  # type: ignore[arg-type]
+                              connector=connector))
+    assert outs == [] and store.log == []
+    with pytest.raises(AttributeError, match="read"):  # this fake store has locks only: deploy stops at reading apex
+        asyncio.run(deploy(INV, store, [apex, media], hosts=["fritz"], now=NOW, connector=connector))  # type: ignore[arg-type]
+    assert store.log == [f"take {APEX}", f"release {APEX}"]

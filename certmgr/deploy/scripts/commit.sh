@@ -354,6 +354,15 @@ while [ "$j" -lt "$m" ]; do
   stage "$j" || { eval "ct=\$c_ctmp_$j"; if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi; }
 done
 say cert=
+# before any switch, archive/.last-commit-<name> names this commit's upload: a later run settling an
+# interrupted deploy tells "switched and switched back" from "never switched" by it (intents.verdict;
+# a certbot conversion needs none: its link tells). Builtins only; outside the lineage, left to certbot.
+j=0 cc=''
+while [ "$j" -lt "$m" ]; do
+  j=$((j + 1))
+  eval "cn=\$c_name_$j ct=\$c_tmp_$j cc=\$c_conv_$j"
+  [ -n "$cc" ] || printf '%s\n' "$ct" > "$root/archive/.last-commit-$cn" 2>/dev/null || :
+done
 swap_all
 [ "$n" -gt 0 ] || exit 3
 if [ -n "$lazysync" ]; then  # the renames on disk before nginx reads them: every lineage swapped, and live/

@@ -62,6 +62,10 @@ inspect_one() {
     steady=
     say missing=lineage
   else
+    # the upload of the last commit that got as far as switching this lineage (commit.sh; builtins only)
+    lc=''
+    if [ -f "$root/archive/.last-commit-$name" ]; then IFS= read -r lc < "$root/archive/.last-commit-$name" || :; fi
+    say "last_commit=$lc"
     for e in "$arch"/*; do
       b=${e##*/}
       case $b in
