@@ -60,15 +60,23 @@ class Ctx:
 
     def store(self) -> Any:
         """The state directory, or the PostgreSQL store when the inventory has [store] (docs/ha.md)."""
-        from certmgr.storeopen import open_store
-
-        return open_store(self.state_dir, self.inventory_path, readonly=False)
+        return self._closed_at_exit(readonly=False)
 
     def store_readonly(self) -> Any:
         """The store for reading only (dry runs, status): never creates or chmods anything."""
+        return self._closed_at_exit(readonly=True)
+
+    def _closed_at_exit(self, *, readonly: bool) -> Any:
+        """Open the store; closed when the command ends, whatever way it ends (a PostgreSQL store's sessions and
+        heartbeat would otherwise live as long as the process: a caller running commands in-process)."""
         from certmgr.storeopen import open_store
 
-        return open_store(self.state_dir, self.inventory_path, readonly=True)
+        store = open_store(self.state_dir, self.inventory_path, readonly=readonly)
+        close = getattr(store, "close", None)
+        ctx = click.get_current_context(silent=True)
+        if close is not None and ctx is not None:
+            ctx.call_on_close(close)
+        return store
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

@@ -15,6 +15,7 @@ from certmgr.cli import main
 from certmgr.storeopen import configured, open_pg
 from lab import Lab
 from lab.pg import RUNTIME, PgServer
+from tests.faults.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,13 @@ def test_run_with_the_postgres_store_renews_deploys_and_audits_there(lab: Lab, f
     status = _certmgr(inv, state, "status", "--json")
     assert status.exit_code == 0, status.output
     assert all(v["all_pops_current"] for v in json.loads(status.output)["certificates"])
+    # each command closed its store when it ended (run in-process here: nothing else would have)
+    wait_for(lambda: certmgr_sessions(fresh_schema) == [], 10, "the commands' database sessions to end")
+
+
+def certmgr_sessions(pg: PgServer) -> list[str]:
+    return pg.psql("SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE 'certmgr-%'",
+                   db="certmgr").split()
 
 
 def test_an_unreachable_database_fails_the_run_with_exit_69(lab: Lab, pg: PgServer, tmp_path: Path) -> None:

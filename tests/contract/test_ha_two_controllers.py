@@ -178,6 +178,15 @@ def lock_sessions(pg: PgServer) -> int:
     return int(pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'certmgr-locks'").strip())
 
 
+def lock_sessions_of(pg: PgServer, pid: int) -> list[str]:
+    """The lock sessions still open of the controller process `pid` (the backends its lock takes recorded in
+    certmgr_epochs), as pg_stat_activity shows them: another test's session in this server is not counted."""
+    return [line for line in pg.psql(
+        "SELECT pid, state, extract(epoch FROM now() - state_change)::int, left(query, 60) FROM pg_stat_activity "
+        "WHERE application_name = 'certmgr-locks' AND pid IN (SELECT (holder->>'backend')::int FROM certmgr_epochs "
+        f"WHERE (holder->>'pid')::int = {int(pid)})", db="certmgr").splitlines() if line]
+
+
 # ---------------------------------------------------------------- the proofs
 
 
@@ -266,7 +275,13 @@ def paused_controller_is_fenced(lab: Lab, pg: PgServer, inv: Path, chat: Receive
     wait_for(marker.exists, 120, "A to reach a POP commit")
     pop, a_epoch = marker.read_text().split()
     # the server ends A's lock session after IDLE seconds without a heartbeat, and with it A's locks
-    wait_for(lambda: lock_sessions(pg) == 0, 60, "A's lock session to be closed by the server")
+    assert lock_sessions_of(pg, a.proc.pid), "A's lock session is seen while A runs"
+    try:
+        wait_for(lambda: not lock_sessions_of(pg, a.proc.pid), 60, "A's lock session to be closed by the server")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {lock_sessions_of(pg, a.proc.pid)}; every session: "
+                             + pg.psql("SELECT pid, application_name, state, left(query, 60) FROM pg_stat_activity "
+                                       "WHERE datname = 'certmgr'")) from exc
     rc, text = run(inv, tmp_path / "b", "run", "--no-notify")
     assert rc == 0, text
     every_pop_serves_db_live(lab, pg)
