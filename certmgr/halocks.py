@@ -180,22 +180,29 @@ async def _enter(cm: AbstractContextManager[Any], stack: AsyncExitStack) -> Any:
 
 @asynccontextmanager
 async def cert_turn(store: StateStore, name: str, actor: str, *, seen: Mapping[str, int | None] | None = None,
-                    wait: float = CERT_WAIT, enabled: bool = True) -> AsyncIterator[Turn]:
+                    wait: float = CERT_WAIT, enabled: bool = True, recheck: bool = True) -> AsyncIterator[Turn]:
     """Hold `name`'s certificate lock (re-entrant: a lock this controller already holds is kept), then re-check.
 
     `seen`: the live versions the caller read before waiting (an on-call command, before its locks);
-    without it, the live version read just before waiting here. A store without per-name locks, or
-    `enabled` False (a dry run), takes nothing.
+    without it, the live version read just before waiting here — unless `recheck` is False: the caller
+    does not use `moved` (a renewal that is not forced plans from the live version read under the lock,
+    which shows another controller's renewal as well), so that read is saved. A store without per-name
+    locks, or `enabled` False (a dry run), takes nothing.
     """
     if not enabled or not per_name(store):
         yield Turn(name=name, epoch=None)
         return
-    before = seen[name] if seen is not None and name in seen else store.live_version(name)
+    if seen is not None and name in seen:
+        before: int | None = seen[name]
+    elif recheck:
+        before = store.live_version(name)
+    else:
+        before = None
     async with AsyncExitStack() as stack:
         epoch = await _take(store, "cert", name, lambda: store.lock_cert(name, _named(store, actor)), stack, wait,
                             reentrant=True)
         now = store.live_version(name)
-        moved = now != before
+        moved = (recheck or seen is not None) and now != before
         if moved:
             event(log, logging.INFO, "re-check: renewed meanwhile by another controller; not ordered again",
                   cert=name, seen=before, live=now, epoch=epoch)

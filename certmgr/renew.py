@@ -234,7 +234,8 @@ async def renew(inventory: Inventory, store: StateStore, certs: Sequence[Certifi
             async with sem:
                 started = True
                 try:  # two controllers: this certificate's lock, then the re-check (certmgr.halocks)
-                    async with halocks.cert_turn(store, cert.name, "renew", seen=seen, enabled=not dry_run) as turn:
+                    async with halocks.cert_turn(store, cert.name, "renew", seen=seen, enabled=not dry_run,
+                                                 recheck=force) as turn:
                         out = await _one(run, cert, now=now, force=force and not turn.moved, dry_run=dry_run,
                                          rng=rng, new_key=new_key, release_pin=release_pins, turn=turn)
                 except halocks.LOCK_ERRORS as exc:  # one certificate's outcome: a task group must not crash

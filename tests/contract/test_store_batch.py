@@ -198,7 +198,8 @@ def test_a_renewal_reads_the_live_version_once_it_holds_the_certificates_lock(
         fresh_schema: PgServer, materials: list[CertMaterial], monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 18: the live version read right after the certificate's lock is taken (halocks.cert_turn's re-check)
     is the one the renewal plans with (renew.live_info): nobody else writes it while the lock is ours. Two reads of
-    it per certificate (before waiting, after), not three; the material is still read whole."""
+    it per certificate (before waiting, after), not three; one for a renewal that is not forced (it never asks
+    whether the version moved while it waited); the material is still read whole."""
     import asyncio
 
     from certmgr import halocks
@@ -215,11 +216,14 @@ def test_a_renewal_reads_the_live_version_once_it_holds_the_certificates_lock(
 
         monkeypatch.setattr(pgs, "live_version", counted)
 
-        async def planned() -> tuple[Any, Any]:
-            async with halocks.cert_turn(pgs, NAME, "renew") as turn:
+        async def planned(recheck: bool) -> tuple[Any, Any]:
+            async with halocks.cert_turn(pgs, NAME, "renew", recheck=recheck) as turn:
                 return turn, live_info(pgs, NAME, known=turn)
 
-        turn, (material, info) = asyncio.run(planned())
+        turn, (material, info) = asyncio.run(planned(True))  # a forced renewal: `moved` is asked for
         assert (turn.live, turn.moved, reads) == (1, False, [NAME, NAME])
         assert material == materials[0] and info is not None
         assert live_info(pgs, NAME) == (material, info) and len(reads) == 3  # without a turn: read as before
+        reads.clear()
+        turn, (material, info) = asyncio.run(planned(False))  # not forced: the plan reads what the lock guards
+        assert (turn.live, turn.moved, reads) == (1, False, [NAME])
