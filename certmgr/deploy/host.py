@@ -19,7 +19,7 @@ from certmgr import intents as intents_mod
 from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence, handshake
-from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection
+from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection, sections
 from certmgr.deploy.plan import Decision, serial_of_probe
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
 from certmgr.errors import CertmgrError, DeployError, LockLost, StoreUnavailable
@@ -298,34 +298,43 @@ class Deployer:
                               hint=exc.hint) from exc
         return state
 
-    async def prune_one(self, rem: RemoteSession, job: Job, keep: int, token: fence.Token | None = None) -> None:
-        """Prune one certificate on one POP under its flock; `token` (the POP lock's epoch, two controllers)
-        fences it like commit.sh: a newer controller's epoch on the POP refuses it, nothing removed."""
-        root = remote_mod.check_remote_path(job.host.cert_root)
+    async def prune_host(self, rem: RemoteSession, host: Host, jobs: Sequence[Job], keep: int,
+                    token: fence.Token | None = None) -> None:
+        """Prune these certificates on one POP to their newest `keep` versions: one prune.sh for all, under the
+        POP's flock; `token` (the POP lock's epoch, two controllers) fences it like commit.sh: a newer
+        controller's epoch on the POP refuses it, nothing removed."""
+        if not jobs:
+            return
+        root = remote_mod.check_remote_path(host.cert_root)
+        names = [job.cert.name for job in jobs]
         try:
-            res = await rem.run_script(PRUNE_SH, [root, job.cert.name, str(keep), self.lock_wait, *fence.args(token)],
+            res = await rem.run_script(PRUNE_SH, [root, str(keep), self.lock_wait, *fence.args(token), *names],
                                        step="prune")
         except DeployError as exc:
-            logger.warning("prune %s on %s: %s", job.cert.name, job.host.name, exc)
+            logger.warning("prune %s on %s: %s", ", ".join(names), host.name, exc)
             return
-        fenced = fence.refusal(res, job.host, token)
+        fenced = fence.refusal(res, host, token)
         if fenced:
-            event(logger, logging.ERROR, "prune refused by the POP's fence", cert=job.cert.name, host=job.host.name,
+            event(logger, logging.ERROR, "prune refused by the POP's fence", certs=",".join(names), host=host.name,
                   why=fenced)
-            await self.audit("fenced", job.cert.name, host=job.host.name, step="prune",
-                             epoch=token.epoch if token else None,
-                             summary=f"{job.subject}: {fenced} (nothing pruned)")
+            for job in jobs:
+                await self.audit("fenced", job.cert.name, host=host.name, step="prune",
+                                 epoch=token.epoch if token else None,
+                                 summary=f"{job.subject}: {fenced} (nothing pruned)")
             return
-        locked_out = popguard.lock_error(res, job.host, root)
+        locked_out = popguard.lock_error(res, host, root)
         if locked_out:
-            logger.warning("prune %s on %s: %s (nothing removed)", job.cert.name, job.host.name, locked_out)
+            logger.warning("prune %s on %s: %s (nothing removed)", ", ".join(names), host.name, locked_out)
             return
-        removed = [int(v) for v in res.all("removed")]
-        if removed:
-            await self.audit("pruned", job.cert.name, host=job.host.name, removed=removed,
-                             kept_live=res.get("kept_live"), keep=keep)
-        for v in res.all("prune_failed"):
-            logger.warning("prune %s on %s: could not remove version %s", job.cert.name, job.host.name, v)
+        _, per = sections(res)
+        for job in jobs:
+            said = per.get(job.cert.name, {})
+            removed = [int(v) for v in said.get("removed", []) if v.isdigit()]
+            if removed:
+                kept = said.get("kept_live", [""])[-1]
+                await self.audit("pruned", job.cert.name, host=host.name, removed=removed, kept_live=kept, keep=keep)
+            for v in said.get("prune_failed", []):
+                logger.warning("prune %s on %s: could not remove version %s", job.cert.name, host.name, v)
 
 
 def state_entry(entry: dict[str, Any], o: HostOutcome, now: dt.datetime, local_version: int | None) -> None:

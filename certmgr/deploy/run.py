@@ -17,7 +17,7 @@ from certmgr.deploy import fence, handshake, session
 from certmgr.deploy.host import Connector, Deployer, Job, default_connector, state_entry
 from certmgr.deploy.model import HostOutcome, Status
 from certmgr.deploy.plan import serial_of_pem
-from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH, ROLLBACK_SH
+from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH, PRUNE_SH, ROLLBACK_SH
 from certmgr.deploy.txn import Transaction
 from certmgr.errors import CertmgrError, DeployError, UsageError
 from certmgr.inventory import Certificate, Host, Inventory
@@ -41,9 +41,10 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
             if interrupt.stopping():
                 return [d.not_started(job, start=d.loop.time()) for job in jobs]
             # two controllers: the POP's lock for the transaction, its epoch to commit.sh (deploy/fence.py)
-            # inspect, commit and a rollback in one SSH channel (session.py); prune below on channels of its own
+            # inspect, commit, a rollback and the prune below in one SSH channel (session.py)
+            pruning = (PRUNE_SH,) if d.prune is not None or d.keep is not None else ()
             async with halocks.pop_held(d.store, host.name, "deploy") as epoch, \
-                    session.over(rem, (INSPECT_SH, COMMIT_SH, ROLLBACK_SH)) as steps:
+                    session.over(rem, (INSPECT_SH, COMMIT_SH, ROLLBACK_SH, *pruning)) as steps:
                 txn = Transaction(d, steps, host, jobs, done, start=start)
                 txn.fence = None if epoch is None else fence.Token(epoch=epoch, holder=fence.holder_id())
                 await txn.run_shielded()
@@ -53,11 +54,11 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                     # pruned). Still under the POP's lock: prune.sh is fenced with its epoch like commit.sh.
                     deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
                     deployed |= {job.name for job in jobs if job.settled}
-                    for job in jobs:
-                        if d.prune is not None:
-                            await d.prune_one(rem, job, d.prune, txn.fence)
-                        elif d.keep is not None and job.name in deployed:
-                            await d.prune_one(rem, job, d.keep, txn.fence)
+                    if d.prune is not None:
+                        await d.prune_host(steps, host, jobs, d.prune, txn.fence)
+                    elif d.keep is not None:
+                        added = [job for job in jobs if job.name in deployed]
+                        await d.prune_host(steps, host, added, d.keep, txn.fence)
     except (remote_mod.Unreachable, DeployError, *halocks.LOCK_ERRORS) as exc:  # POP lock: held, or ours lost
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:

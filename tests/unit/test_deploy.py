@@ -311,12 +311,12 @@ def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
     os.unlink(root / "live" / NAME)
     os.symlink(f"../archive/{NAME}/3", root / "live" / NAME)
     (root / "archive" / NAME / "fullchain1.pem").write_text("certbot's")
-    res = sh(PRUNE_SH, str(root), NAME, "2")
+    res = sh(PRUNE_SH, str(root), "2", "5", "", "", NAME)
     assert sorted(res.all("removed")) == ["1"] and res.get("kept_live") == "3"
     assert sorted(os.listdir(root / "archive" / NAME)) == ["2", "3", "4", "5", "fullchain1.pem"]
     os.unlink(root / "live" / NAME)
     os.symlink(f"../archive/{NAME}/2", root / "live" / NAME)  # the one before live (1) is gone already
-    res = sh(PRUNE_SH, str(root), NAME, "2")
+    res = sh(PRUNE_SH, str(root), "2", "5", "", "", NAME)
     assert sorted(res.all("removed")) == ["3"] and res.get("kept_live") == "2"
     assert sorted(os.listdir(root / "archive" / NAME)) == ["2", "4", "5", "fullchain1.pem"]
 

@@ -418,7 +418,7 @@ def test_a_settled_switch_gets_the_retention_its_interrupted_run_never_applied(
             store.activate(NAME, store.add_version(NAME, material()))
         if _ == 0:
             assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.DEPLOYED
-    real_audit, real_prune = store.audit, Deployer.prune_one
+    real_audit, real_prune = store.audit, Deployer.prune_host
 
     def refusing(action: str, obj: str, **kw: Any) -> None:
         if action == "deployed":
@@ -429,11 +429,11 @@ def test_a_settled_switch_gets_the_retention_its_interrupted_run_never_applied(
         return None  # the run stopped before its prune
 
     monkeypatch.setattr(store, "audit", refusing)
-    monkeypatch.setattr(Deployer, "prune_one", never)
+    monkeypatch.setattr(Deployer, "prune_host", never)
     assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.DEPLOYED
     assert sorted(e.name for e in archive.iterdir() if e.name.isdigit()) == ["1", "2", "3"]
     monkeypatch.setattr(store, "audit", real_audit)
-    monkeypatch.setattr(Deployer, "prune_one", real_prune)
+    monkeypatch.setattr(Deployer, "prune_host", real_prune)
     assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.SKIPPED
     assert intents.pending(store) == []
     assert sorted(e.name for e in archive.iterdir() if e.name.isdigit()) == ["2", "3"]

@@ -123,8 +123,8 @@ def test_a_stale_epoch_cannot_switch_back_either(tmp_path: Path) -> None:
 
 
 def _prune(root: Path, epoch: str, holder: str) -> Result:
-    """prune.sh keeping 1 version, with this epoch and holder (its last two arguments)."""
-    return sh(PRUNE_SH, str(root), NAME, "1", "5", epoch, holder)
+    """prune.sh keeping 1 version, with this epoch and holder (before the names)."""
+    return sh(PRUNE_SH, str(root), "1", "5", epoch, holder, NAME)
 
 
 def _versions(root: Path) -> list[str]:

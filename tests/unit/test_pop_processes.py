@@ -348,3 +348,57 @@ def test_one_mismatched_key_among_many_is_told_exactly(tmp_path: Path) -> None:
     assert fast == slow
     assert verdicts[7] == b"mismatch" and verdicts[20] == b"missing"
     assert {v for i, v in enumerate(verdicts) if i not in (7, 20)} == {b"match"}
+
+
+# prune.sh, once per POP for every certificate deployed there: the login shell (and strace's sh), flock, one
+# readlink of every live link (two with its subshell, for 2+ links), one `mv` per version removed, one `rm` of
+# them all. It was one SSH channel per certificate, each with a readlink and two `sort` pipelines.
+ONE_PRUNE = 6  # sh, sh, flock, readlink, mv, rm (was 13 per certificate, and an SSH channel each)
+PER_PRUNE = 1  # the version's rename
+
+
+def prune_roots(tmp: Path, ns: tuple[str, ...], versions: int) -> Path:
+    """Every name with versions 1 … `versions` in the archive, the newest live."""
+    root = multi_root(tmp, ns)
+    for n in ns:
+        for v in range(2, versions + 1):
+            shutil.copytree(root / "archive" / n / "1", root / "archive" / n / str(v))
+        os.unlink(root / "live" / n)
+        os.symlink(f"../archive/{n}/{versions}", root / "live" / n)
+    return root
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_one_prune_of_many_certificates_renames_each_old_version_and_removes_them_with_one_rm(tmp_path: Path,
+                                                                                               k: int) -> None:
+    """Keeping 2 of 3 versions of k certificates: k renames, one readlink and one rm, whatever k; each certificate's
+    own section says what went."""
+    from certmgr.deploy import PRUNE_SH
+    from certmgr.deploy.model import sections
+
+    ns = names(k)
+    root = prune_roots(tmp_path, ns, 3)
+    proc, count = traced(["sh", "-c", sh_command(PRUNE_SH, [str(root), "2", "5", "", "", *ns])])
+    res = as_result(proc)
+    assert res.exit_status == 0, res.stderr
+    _, per = sections(res)
+    assert {n: (per[n].get("removed"), per[n].get("kept_live")) for n in ns} == {n: (["1"], ["3"]) for n in ns}
+    assert all(sorted(os.listdir(root / "archive" / n)) == ["2", "3"] for n in ns)
+    assert count <= ONE_PRUNE + PER_PRUNE * (k - 1) + (k > 1), count  # readlink's subshell for 2+ links
+
+
+def test_prune_orders_versions_as_numbers(tmp_path: Path) -> None:
+    """Versions 1 … 12, 11 live, keeping 3: 12, 11 and 10 stay (and 10 is the one before live); 1 … 9 go — by number,
+    not by text (a text order would keep 9 and drop 10, 11, 12)."""
+    from certmgr.deploy import PRUNE_SH
+    from certmgr.deploy.model import sections
+
+    root = prune_roots(tmp_path, ("a.example", "b.example"), 12)
+    os.unlink(root / "live" / "a.example")
+    os.symlink("../archive/a.example/11", root / "live" / "a.example")
+    proc, _ = traced(["sh", "-c", sh_command(PRUNE_SH, [str(root), "3", "5", "", "", "a.example", "b.example"])])
+    _, per = sections(as_result(proc))
+    assert sorted(int(v) for v in per["a.example"]["removed"]) == list(range(1, 10))
+    assert per["a.example"]["kept_live"] == ["11"] and per["b.example"]["kept_live"] == ["12"]
+    assert sorted(os.listdir(root / "archive" / "a.example"), key=int) == ["10", "11", "12"]
+    assert sorted(os.listdir(root / "archive" / "b.example"), key=int) == ["10", "11", "12"]

@@ -62,7 +62,7 @@ def test_rollback_and_prune_take_the_pop_lock_too(tmp_path: Path, script: str) -
         if script == "rollback":
             res = sh(ROLLBACK_SH, str(root), NAME, f"../archive/{NAME}/1", "true", "true", "1")
         else:
-            res = sh(PRUNE_SH, str(root), NAME, "1", "1")
+            res = sh(PRUNE_SH, str(root), "1", "1", "", "", NAME)
     assert res.exit_status == 5 and res.get("lock_busy") == "1"
     assert os.readlink(root / "live" / NAME) == f"../archive/{NAME}/3"
     assert sorted(os.listdir(root / "archive" / NAME)) == ["1", "2", "3"]

@@ -12,6 +12,7 @@ b64() { printf '%s' "$1" | base64 -w0; }
 # lineage NAME: the paths of one certificate under $root
 lineage() {
   name=$1
+  # shellcheck disable=SC2034  # prune.sh (which includes this file) sets its own paths
   live=$root/live/$name
   # shellcheck disable=SC2034  # rollback.sh reads only $live
   arch=$root/archive/$name
