@@ -329,7 +329,7 @@ class Deployer:
         _, per = sections(res)
         for job in jobs:
             said = per.get(job.cert.name, {})
-            removed = [int(v) for v in said.get("removed", []) if v.isdigit()]
+            removed = sorted(int(v) for v in said.get("removed", []) if v.isdigit())  # oldest first, as ever
             if removed:
                 kept = said.get("kept_live", [""])[-1]
                 await self.audit("pruned", job.cert.name, host=host.name, removed=removed, kept_live=kept, keep=keep)
