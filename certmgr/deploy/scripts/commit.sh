@@ -405,15 +405,18 @@ fi
 # Leftovers, swept under the lock. Scripts make their temporaries under the lock, so any such
 # is a dead script's. Uploads (and their stage dirs in live/) are another controller's until an
 # hour untouched: only this controller's own (its earlier run is over — the store lock) or one
-# untouched for an hour (its controller is gone) is removed.
-for d in "$root"/live/.tmp-up-* "$root"/live/.tmp-back-*; do
-  [ -e "$d" ] || [ -L "$d" ] || continue
-  [ "$d" != "$st" ] || continue
-  case ${d##*/} in
-    .tmp-up-"$ctl"-*) [ -n "$ctl" ] || continue ;;
-    .tmp-up-*) [ -n "$(find "$d" -maxdepth 0 -mmin +60 2>/dev/null)" ] || continue ;;
+# untouched for an hour (its controller is gone) is removed. All by one rm.
+sweepable() {
+  [ -e "$1" ] || [ -L "$1" ] || return 1
+  [ "$1" != "$st" ] || return 1
+  case ${1##*/} in
+    .tmp-up-"$ctl"-*) [ -n "$ctl" ] || return 1 ;;
+    .tmp-up-*) [ -n "$(find "$1" -maxdepth 0 -mmin +60 2>/dev/null)" ] || return 1 ;;
   esac
-  rm -rf -- "$d"
+}
+set --
+for d in "$root"/live/.tmp-up-* "$root"/live/.tmp-back-*; do
+  if sweepable "$d"; then set -- "$@" "$d"; fi
 done
 i=0 bn=''
 while [ "$i" -lt "$n" ]; do
@@ -421,12 +424,8 @@ while [ "$i" -lt "$n" ]; do
   eval "bn=\$name_$i"
   lineage "$bn"
   for d in "$arch"/.tmp-* "$root/live/.$name.tmp-"*; do
-    [ -e "$d" ] || [ -L "$d" ] || continue
-    case ${d##*/} in
-      .tmp-up-"$ctl"-*) [ -n "$ctl" ] || continue ;;
-      .tmp-up-*) [ -n "$(find "$d" -maxdepth 0 -mmin +60 2>/dev/null)" ] || continue ;;
-    esac
-    rm -rf -- "$d"
+    if sweepable "$d"; then set -- "$@" "$d"; fi
   done
 done
+[ $# -eq 0 ] || rm -rf -- "$@"
 say done=1
