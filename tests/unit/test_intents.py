@@ -113,6 +113,33 @@ class CutFleet(FakeFleet):
         yield CutSession(host)
 
 
+class BreakingSession(CutSession):
+    """The config breaks after the preflight passed, so the commit's own test fails and it switches back; or, with
+    `cut_before`, the connection is lost before the commit starts. Either way the controller never hears it."""
+
+    root = Path()
+    cut_before = False
+
+    async def run_script(self, script: str, args: Sequence[str], *, step: str, timeout: float | None = None) -> Result:
+        if step == "commit" and self.cut_before:
+            raise remote_mod.ConnectionLost(f"commit {self.host.name}: connection lost before the commit started")
+        if step == "commit":
+            (self.root / "broken").touch()
+        return await super().run_script(script, args, step=step, timeout=timeout)
+
+
+def breaking_fleet(root: Path, *, cut_before: bool = False) -> FakeFleet:
+    class BreakingFleet(FakeFleet):
+        @asynccontextmanager
+        async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
+                            on_accept: Any = None) -> AsyncIterator[LocalSession]:
+            session = BreakingSession(host)
+            session.root, session.cut_before = root, cut_before
+            yield session
+
+    return BreakingFleet()
+
+
 def test_a_commit_cut_after_the_switch_is_audited_by_the_next_deploy(tmp_path: Path) -> None:
     """The switch a run never heard about is audited once by the next deploy, which then skips the host."""
     inv = fleet_inventory(tmp_path, 1)
@@ -139,22 +166,7 @@ def test_a_commit_cut_after_its_rollback_is_audited_as_a_rollback(tmp_path: Path
         store.activate(NAME, store.add_version(NAME, material()))
     root = Path(inv.hosts["h0"].cert_root)
 
-    class BreakingSession(CutSession):
-        """The config breaks after the preflight passed, so the commit's own test fails and it switches back."""
-
-        async def run_script(self, script: str, args: Sequence[str], *, step: str,
-                             timeout: float | None = None) -> Result:
-            if step == "commit":
-                (root / "broken").touch()
-            return await super().run_script(script, args, step=step, timeout=timeout)
-
-    class BreakingFleet(FakeFleet):
-        @asynccontextmanager
-        async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
-                            on_accept: Any = None) -> AsyncIterator[LocalSession]:
-            yield BreakingSession(host)
-
-    assert run_fleet(inv, store, BreakingFleet())["h0"].status == Status.FAILED
+    assert run_fleet(inv, store, breaking_fleet(root))["h0"].status == Status.FAILED
     (root / "broken").unlink()
     [left] = intents.pending(store)
     run_fleet(inv, store, FakeFleet())
@@ -179,22 +191,7 @@ def test_an_interrupted_redeploy_of_a_version_the_pop_has_is_settled_by_what_its
         store.activate(NAME, 1)  # back to the version on the POP already
     root = Path(inv.hosts["h0"].cert_root)
 
-    class DyingSession(CutSession):
-        async def run_script(self, script: str, args: Sequence[str], *, step: str,
-                             timeout: float | None = None) -> Result:
-            if step == "commit" and not commit_ran:
-                raise remote_mod.ConnectionLost("commit h0: connection lost before the commit started")
-            if step == "commit":
-                (root / "broken").touch()  # its own test fails: it switches back
-            return await super().run_script(script, args, step=step, timeout=timeout)
-
-    class DyingFleet(FakeFleet):
-        @asynccontextmanager
-        async def connector(self, host: Host, *, jump: Host | None, accept_new: bool, timeouts: Timeouts,
-                            on_accept: Any = None) -> AsyncIterator[LocalSession]:
-            yield DyingSession(host)
-
-    assert run_fleet(inv, store, DyingFleet())["h0"].status == Status.FAILED
+    assert run_fleet(inv, store, breaking_fleet(root, cut_before=not commit_ran))["h0"].status == Status.FAILED
     (root / "broken").unlink(missing_ok=True)
     [left] = intents.pending(store)
     assert left.version == 1 and left.tmp
