@@ -104,7 +104,7 @@ class Deployer:
         self.connector = connector
         self.prober = prober
         self.prune = prune
-        self.keep = keep  # retention (keep_versions): prune where this run added a version
+        self.keep = keep  # retention (keep_versions): prune where this run added a version, or more are there
         self.now = now
         self.loop = asyncio.get_running_loop()
         self.tag = popguard.controller_tag(store)  # marks this controller's upload temp dirs on POPs

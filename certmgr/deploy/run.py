@@ -52,13 +52,17 @@ async def host_task(d: Deployer, host: Host, jobs: Sequence[Job]) -> list[HostOu
                     # --prune K: every certificate on this host; retention (keep): only where a version was
                     # added, by this run or by an interrupted one whose switch this run settled (that run never
                     # pruned). Still under the POP's lock: prune.sh is fenced with its epoch like commit.sh.
+                    # Also where the POP holds more versions than kept: a run stopped between its commit and its
+                    # prune left them, and the next deploy finds that POP current (skipped).
                     deployed = {o.cert for o in done.values() if o.status == Status.DEPLOYED}
                     deployed |= {job.name for job in jobs if job.settled}
                     if d.prune is not None:
                         await d.prune_host(steps, host, jobs, d.prune, txn.fence)
                     elif d.keep is not None:
-                        added = [job for job in jobs if job.name in deployed]
-                        await d.prune_host(steps, host, added, d.keep, txn.fence)
+                        over = max(d.keep, 2)  # prune.sh keeps the live version and the one before it too
+                        due = [job for job in jobs if job.name in deployed
+                               or (job.state is not None and len(job.state.versions) > over)]
+                        await d.prune_host(steps, host, due, d.keep, txn.fence)
     except (remote_mod.Unreachable, DeployError, *halocks.LOCK_ERRORS) as exc:  # POP lock: held, or ours lost
         status = Status.UNREACHABLE if isinstance(exc, remote_mod.Unreachable) else Status.FAILED
         for job in jobs:

@@ -434,3 +434,32 @@ def test_a_settled_switch_gets_the_retention_its_interrupted_run_never_applied(
     assert run_fleet(inv, store, FakeFleet(), keep=1)["h0"].status == Status.SKIPPED
     assert intents.pending(store) == []
     assert sorted(e.name for e in archive.iterdir() if e.name.isdigit()) == ["2", "3"]
+
+
+def test_a_pop_left_with_more_versions_than_kept_is_pruned_by_the_next_deploy_that_finds_it_current(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs stopped after their switch was audited but before their prune (a SIGTERM between the two) leave no
+    intent, only versions beyond keep_versions; the next deploy finds the POP current (skipped) and prunes it."""
+    from certmgr.deploy.host import Deployer
+
+    inv = fleet_inventory(tmp_path, 1)
+    store, _ = seeded_store(tmp_path)
+    archive = Path(inv.hosts["h0"].cert_root) / "archive" / NAME
+    real_prune = Deployer.prune_host
+
+    async def never(self: Deployer, *args: Any, **kw: Any) -> None:
+        return None  # each run stopped before its prune
+
+    monkeypatch.setattr(Deployer, "prune_host", never)
+    assert run_fleet(inv, store, FakeFleet(), keep=3)["h0"].status == Status.DEPLOYED
+    for _ in range(4):
+        with store.lock("test"):
+            store.activate(NAME, store.add_version(NAME, material()))
+        assert run_fleet(inv, store, FakeFleet(), keep=3)["h0"].status == Status.DEPLOYED
+    assert sorted(int(e.name) for e in archive.iterdir() if e.name.isdigit()) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(Deployer, "prune_host", real_prune)
+    assert run_fleet(inv, store, FakeFleet(), keep=3)["h0"].status == Status.SKIPPED
+    assert sorted(int(e.name) for e in archive.iterdir() if e.name.isdigit()) == [3, 4, 5]
+    assert [e["removed"] for e in store.read_audit() if e["action"] == "pruned"] == [[1, 2]]
+    assert run_fleet(inv, store, FakeFleet(), keep=3)["h0"].status == Status.SKIPPED  # nothing more to prune
+    assert len([e for e in store.read_audit() if e["action"] == "pruned"]) == 1
