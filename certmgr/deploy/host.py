@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import secrets
 import shlex
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence, handshake
 from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection, sections
-from certmgr.deploy.plan import Decision, serial_of_probe
+from certmgr.deploy.plan import Decision, serial_of_probe, sha256sums
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
 from certmgr.errors import CertmgrError, DeployError, LockLost, StoreUnavailable
 from certmgr.inventory import Certificate, Host, Inventory
@@ -115,6 +116,22 @@ class Deployer:
         # a time in this process (another controller cannot write them: the certificates' locks are ours)
         self.state_lock = threading.Lock()
         self.handshakes: dict[str, asyncio.Semaphore] = {}  # per host: handshake.PER_HOST in flight at most
+        # one run's uploads: the same temp dir name (its random part per certificate per run) and so the same
+        # archive members on every POP, built once (steps.upload_archive); the SHA-256 lines likewise
+        self._tokens: dict[str, str] = {}
+        self.upload_blocks: dict[tuple[str, str, int], bytes] = {}
+        self._sums: dict[str, str] = {}
+
+    def upload_token(self, name: str) -> str:
+        """The random part of `name`'s upload temp dirs in this run (unique per POP as ever: one per run)."""
+        return self._tokens.setdefault(name, secrets.token_hex(6))
+
+    def sums(self, job: Job) -> str:
+        """`sha256sum -c` lines of the job's files, computed once per certificate per run (one material each)."""
+        got = self._sums.get(job.name)
+        if got is None:
+            got = self._sums[job.name] = sha256sums(job.material)
+        return got
 
     # -- audit: one JSON line per change, written in a thread (it fsyncs)
 

@@ -4,7 +4,6 @@ answers into per-certificate outcomes (audited)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 import tarfile
@@ -21,7 +20,6 @@ from certmgr.deploy.plan import (
     command_label,
     quote_text,
     served_text,
-    sha256sums,
     sni_names,
     version_of_target,
 )
@@ -47,29 +45,46 @@ _WHAT = {"unreceived": "not uploaded (the upload of the certificates due here st
          "swap": "cannot switch the live link"}
 
 
-def upload_archive(uploads: Sequence[tuple[str, str, int, Mapping[str, bytes]]], *, mtime: float) -> bytes:
+def upload_archive(uploads: Sequence[tuple[str, str, int, Mapping[str, bytes]]], *, mtime: float,
+                   cache: dict[tuple[str, str, int], bytes] | None = None) -> bytes:
     """The upload as ONE tar archive (scripts/receive.sh) of `uploads` (name, temp dir, version, files), built
     from validated names only: each certificate's files as archive/<name>/<tmp>/<file> (mode 0600, owner 0:
     the POP's tar keeps neither), then its new live link, staged as live/<first tmp>/<name> ->
-    ../archive/<name>/<version>."""
+    ../archive/<name>/<version>. The bytes tarfile writes (GNU format), member by member.
+
+    `cache`: one run's certificate blocks by (name, temp dir, version): every POP of the run gets the same
+    files under the same temp dir name (the run's, per certificate), so each block is built once, not per POP.
+    """
     for name, tmp, version, _ in uploads:
         remote_mod.check_name(name)
         if not TMP_NAME.fullmatch(tmp) or ".." in tmp or version < 0:
             raise DeployError(f"deploy {name}: temp dir {tmp!r} or version {version} is not acceptable")
-    buf = io.BytesIO()
+    cache = {} if cache is None else cache
     stage = uploads[0][1]
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, tmp, _, files in uploads:
-            for f in FILE_ORDER:
-                info = tarfile.TarInfo(f"archive/{name}/{tmp}/{f}")
-                info.size, info.mode, info.mtime = len(files[f]), 0o600, int(mtime)
-                tar.addfile(info, io.BytesIO(files[f]))
-        for name, _, version, _ in uploads:
-            info = tarfile.TarInfo(f"live/{stage}/{name}")
-            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, f"../archive/{name}/{version}", 0o777, \
-                int(mtime)
-            tar.addfile(info)
-    return buf.getvalue()
+    parts = []
+    for name, tmp, version, files in uploads:
+        block = cache.get((name, tmp, version))
+        if block is None:
+            block = cache[(name, tmp, version)] = b"".join(
+                _member(f"archive/{name}/{tmp}/{f}", 0o600, mtime, files[f]) for f in FILE_ORDER)
+        parts.append(block)
+    for name, _, version, _ in uploads:
+        parts.append(_member(f"live/{stage}/{name}", 0o777, mtime, link=f"../archive/{name}/{version}"))
+    body = b"".join(parts) + tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # the end of the archive
+    return body + tarfile.NUL * (-len(body) % tarfile.RECORDSIZE)
+
+
+def _member(path: str, mode: int, mtime: float, data: bytes = b"", *, link: str | None = None) -> bytes:
+    """One member as tarfile's addfile writes it: its header (GNU: long names as ././@LongLink members),
+    then its data padded to a block."""
+    info = tarfile.TarInfo(path)
+    info.mode, info.mtime = mode, int(mtime)
+    if link is None:
+        info.size = len(data)
+    else:
+        info.type, info.linkname = tarfile.SYMTYPE, link
+    head = info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return head + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
 
 
 def commit_args(t: Transaction, todo: Sequence[Job]) -> tuple[list[str], bytes]:
@@ -78,13 +93,13 @@ def commit_args(t: Transaction, todo: Sequence[Job]) -> tuple[list[str], bytes]:
     def five(job: Job) -> list[str]:
         d = job.decision
         assert d is not None
-        return [job.name, job.tmp, str(d.version), sha256sums(job.material), d.conv]
+        return [job.name, job.tmp, str(d.version), t.d.sums(job), d.conv]
 
     uploads = []
     for job in todo:
         assert job.decision is not None
         uploads.append((job.name, job.tmp, job.decision.version, job.material.files()))
-    data = upload_archive(uploads, mtime=t.d.now.timestamp())
+    data = upload_archive(uploads, mtime=t.d.now.timestamp(), cache=t.d.upload_blocks)
     stamp = t.d.now.strftime("%Y%m%dT%H%M%SZ")
     args = [t.root, *five(todo[0]), t.test, t.reload, t.host.privkey_chown, t.d.tag, stamp, t.d.lock_wait,
             *fence.args(t.fence), str(len(data))]

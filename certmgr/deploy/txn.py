@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -224,7 +223,7 @@ class Transaction:
         for job in todo:
             d = job.decision
             assert d is not None
-            job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{secrets.token_hex(6)}"
+            job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{self.d.upload_token(job.name)}"
         failed = await self.d.intend_all(todo)
         for job in todo:
             if (exc := failed.get(job.name)) is not None:

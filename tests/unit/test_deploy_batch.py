@@ -187,3 +187,42 @@ def test_the_controller_builds_no_archive_from_a_hostile_name(name: str, tmp: st
     """upload_archive refuses a name, temp dir or version that could make a member leave its place."""
     with pytest.raises(DeployError):
         upload_archive([(name, tmp, version, MATERIAL["a.example"].files())], mtime=0)
+
+
+def _tarfile_archive(uploads: list[tuple[str, str, int, dict[str, bytes]]], mtime: float) -> bytes:
+    """What upload_archive built with tarfile.addfile before it built members itself: the reference bytes."""
+    import io
+    import tarfile
+
+    from certmgr.deploy.plan import FILE_ORDER
+
+    buf = io.BytesIO()
+    stage = uploads[0][1]
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, tmp, _, files in uploads:
+            for f in FILE_ORDER:
+                info = tarfile.TarInfo(f"archive/{name}/{tmp}/{f}")
+                info.size, info.mode, info.mtime = len(files[f]), 0o600, int(mtime)
+                tar.addfile(info, io.BytesIO(files[f]))
+        for name, _, version, _ in uploads:
+            info = tarfile.TarInfo(f"live/{stage}/{name}")
+            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, f"../archive/{name}/{version}", 0o777, \
+                int(mtime)
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def test_the_upload_archive_is_byte_for_byte_what_tarfile_writes_and_its_blocks_are_built_once() -> None:
+    """The members upload_archive builds itself are tarfile's own bytes (a long name — a 200-character
+    certificate name — included: GNU's ././@LongLink); with a cache, a second POP's archive reuses each
+    certificate's block and differs only in its staged links."""
+    long = ".".join(["a" * 60, "b" * 60, "c" * 60, "example"])
+    ups = [(n, f".tmp-up-t-{v}-0a1b2c3d4e5f", v, MATERIAL["a.example"].files())
+           for n, v in (("a.example", 2), ("b.example", 7), (long, 3))]
+    assert upload_archive(ups, mtime=1_700_000_000) == _tarfile_archive(ups, 1_700_000_000)
+    cache: dict[tuple[str, str, int], bytes] = {}
+    first = upload_archive(ups, mtime=5, cache=cache)
+    assert len(cache) == 3 and first == _tarfile_archive(ups, 5)
+    blocks = dict(cache)
+    assert upload_archive(ups[1:], mtime=5, cache=cache) == _tarfile_archive(ups[1:], 5)  # another POP, 2 of the 3
+    assert cache == blocks and all(cache[k] is blocks[k] for k in blocks)  # nothing built again

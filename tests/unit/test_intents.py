@@ -463,3 +463,19 @@ def test_a_pop_left_with_more_versions_than_kept_is_pruned_by_the_next_deploy_th
     assert [e["removed"] for e in store.read_audit() if e["action"] == "pruned"] == [[1, 2]]
     assert run_fleet(inv, store, FakeFleet(), keep=3)["h0"].status == Status.SKIPPED  # nothing more to prune
     assert len([e for e in store.read_audit() if e["action"] == "pruned"]) == 1
+
+
+def test_one_run_uploads_a_certificate_under_one_temp_name_on_every_pop_and_the_next_run_under_another(
+        tmp_path: Path) -> None:
+    """A run's upload temp dir of a certificate is the same on each POP (its archive block is built once for all,
+    steps.upload_archive) and unique to the run: the intents left by two cut runs name it."""
+    inv = fleet_inventory(tmp_path, 2)
+    store, _ = seeded_store(tmp_path)
+    run_fleet(inv, store, CutFleet())
+    first = {i.host: i.tmp for i in intents.pending(store)}
+    assert set(first) == {"h0", "h1"} and len(set(first.values())) == 1 and first["h0"]
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, material()))
+    run_fleet(inv, store, CutFleet())  # settles the first run's intents, then leaves its own
+    second = {i.host: i.tmp for i in intents.pending(store)}
+    assert set(second) == {"h0", "h1"} and len(set(second.values())) == 1 and second["h0"] != first["h0"]
