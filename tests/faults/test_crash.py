@@ -62,6 +62,27 @@ def renewed_before_crash(state: Path) -> set[str]:
     return {e["object"] for e in audit(state) if e["action"] == "renewed"}
 
 
+def wait_for_pop_scripts(flab: Lab, timeout: float = 60.0) -> None:
+    """Until no certmgr script holds any POP's lock (archive/.certmgr.lock, flock: commit.sh keeps it to its end)."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout
+    for pop in flab.pop_names:
+        path = flab.pop_paths(pop).cert_root / "archive" / ".certmgr.lock"
+        if not path.exists():
+            continue  # no script has ever run there
+        with path.open("a") as f:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, f"{pop}: a script still holds the POP lock after {timeout:g}s"
+                    time.sleep(0.02)
+
+
 def crash_and_rerun(flab: Lab, proxy: ACMEProxy, tmp_path: Path, crash: Callable[[subprocess.Popen[str]], None],
                     *, wrapper: str | None = None) -> tuple[Path, set[str]]:
     """Start `certmgr run`, let `crash` kill it, check nothing is torn, rerun, check every POP; return the state dir."""
@@ -77,8 +98,11 @@ def crash_and_rerun(flab: Lab, proxy: ACMEProxy, tmp_path: Path, crash: Callable
         proxy.release()
     assert proc.returncode == -9, f"certmgr was killed, not finished (exit {proc.returncode})"
     done_before = renewed_before_crash(state)
-    # right after the crash: every final path in the store and on every POP is whole
+    # right after the crash: every final path in the store is whole; on every POP once the scripts the killed run
+    # started there have ended (they run on, holding the POP lock: a certbot conversion in flight has its lineage
+    # between two renames for a moment, which nginx never reads — it loads files at a test or reload only)
     check_store_whole(state)
+    wait_for_pop_scripts(flab)
     check_pop_files_whole(flab)
     assert_every_pop_serves_a_valid_certificate(flab, tmp_path / "trust.pem")
 

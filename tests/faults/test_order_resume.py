@@ -201,7 +201,9 @@ def test_a_paused_holders_order_is_finished_by_b_and_the_woken_holder_issues_not
             a.kill()
             a.communicate(timeout=30)
     assert a.returncode == 69, out + err
-    assert "certmgr: error: store " in err and ": lock lost mid-run: " in err, err
+    # the lock session ended while A was stopped; if a statement of A's was in flight across the pause, A's own
+    # watch cuts that connection first on waking (more than idle_timeout unanswered): either way exit 69, nothing more
+    assert "certmgr: error: store " in err and (": lock lost mid-run: " in err or ": database lost mid-run: " in err), err
     assert orders_created(proxy)[MEDIA] == 1, "B finished A's order; A placed none after waking"
     assert len(proxy.requests("finalize", MEDIA, status=200)) == 1, "one certificate for MEDIA"
     assert max(orders_created(proxy).values()) <= 2, "at most one extra order for any certificate"
