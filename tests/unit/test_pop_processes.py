@@ -85,10 +85,11 @@ def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: st
 # stage dir; per certificate only the rename that stores its version (each lineage its own directory).
 ONE_CERT = 17  # was 18 before the one-archive upload and the batched swap (issue 13 §1, third pass), 23 before
 PER_CERT = 1  # was 7: four `head -c`, ln + mv
-# certbot's layout converted, per certificate: the store's rename, four `cp`, the rename of the converted copy
-# and the swap's two renames (its link comes in the archive); per POP one more mkdir, chmod and sync.
-ONE_CONVERTED = 27  # was 28
-PER_CONVERTED = 8  # was 13
+# certbot's layout converted, per certificate: the store's rename, the rename of the converted copy and the
+# swap's two renames (its link comes in the archive); per POP one more mkdir, chmod and sync, and the copies of
+# certbot's files: one tar into an archive file, one out of it, one rm (commit.sh copy_all; four `cp` each before).
+ONE_CONVERTED = 26  # was 27 before one tar copied every conversion (28 before that)
+PER_CONVERTED = 4  # was 8 (four `cp`), 13 before that
 # rollback.sh (certificates that did not verify): per certificate one `ln` (its link staged), then one `mv -t`
 # for all, one sync; per POP one mkdir and one rm of the stage dir (one certificate: ln + mv, no stage dir)
 ONE_ROLLBACK = 14

@@ -68,6 +68,36 @@ SUMS
 # live version K copied into a temp dir per lineage (mkdir for all, cp per file, one chmod per mode,
 # one keyown, one sync), renamed into archive/<name>/K/ by stage. A copy that failed is c_cfail_<j>.
 # K/ holding other content (or K being the store's number) puts certbot's copy aside instead.
+# copy_all: certbot's four files of every conversion prepared (c_ctmp_<j>) into it as cert.pem … privkey.pem,
+# by one tar into an archive file and one out of it (GNU tar; cp follows links, so does -h; -m: new mtimes, as
+# cp's). Non-zero when anything failed (no pipe: each tar's status is seen) or a file is not there after.
+copy_all() {
+  ca=$root/archive/.tmp-conv$$.tar
+  set --
+  j=0 cn='' cc='' ct='' k=''
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "cn=\$c_name_$j cc=\$c_conv_$j ct=\$c_ctmp_$j"
+    [ -n "$ct" ] || continue
+    for k in cert chain fullchain privkey; do set -- "$@" "$cn/$k$cc.pem"; done
+  done
+  [ $# -gt 0 ] || return 1
+  ok=
+  if tar -chf "$ca" -C "$root/archive" -- "$@" 2>/dev/null \
+      && tar -xmf "$ca" -C "$root/archive" --no-same-owner \
+        --transform "s,^\([^/]*\)/\([a-z]*\)\([0-9][0-9]*\)\.pem\$,\1/.tmp-\3-conv$$/\2.pem," 2>/dev/null; then
+    ok=1
+  fi
+  rm -f -- "$ca"
+  [ -n "$ok" ] || return 1
+  j=0
+  while [ "$j" -lt "$m" ]; do
+    j=$((j + 1))
+    eval "ct=\$c_ctmp_$j"
+    [ -n "$ct" ] || continue
+    for k in cert chain fullchain privkey; do [ -f "$ct/$k.pem" ] || return 1; done
+  done
+}
 prepare_conversions() {
   set --
   j=0 cn='' cv='' cc='' ct='' o='' fresh=1
@@ -102,6 +132,9 @@ prepare_conversions() {
       o=$(mkdir -m 755 -- "$ct" 2>&1) || eval "c_ctmp_$j= c_cfail_$j=\$o"
     done
   fi
+  # every copy at once (copy_all: 3 processes, not a `cp` per file); if that fails, file by file, to say which
+  copied=
+  if copy_all; then copied=1; fi
   set --
   j=0
   while [ "$j" -lt "$m" ]; do
@@ -110,6 +143,7 @@ prepare_conversions() {
     [ -n "$ct" ] || continue
     lineage "$cn"
     for k in cert chain fullchain privkey; do
+      [ -z "$copied" ] || continue
       if ! o=$(cp -- "$arch/$k$cc.pem" "$ct/$k.pem" 2>&1); then
         rm -rf -- "$ct"
         eval "c_ctmp_$j= c_cfail_$j=\$o"
