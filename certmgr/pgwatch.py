@@ -78,11 +78,13 @@ class Watch:
                 overdue = since is not None and time.monotonic() - since > self.bound and self.cut is None
                 if overdue:
                     self.cut = f"{what} unanswered for more than {self.bound:g}s (connection cut)"
+                    # the loss is known (on_cut: no more statements) before anyone sees the connection end: a
+                    # statement another thread sends right after the cut is refused, not lost on a dead socket
+                    if self._on_cut is not None:
+                        self._on_cut(self.cut)
                     self._shutdown()  # under the lock: the statement cannot end and its socket be reused meanwhile
             if overdue:
                 logger.error("store %s: %s", self._where, self.cut)
-                if self._on_cut is not None and self.cut is not None:
-                    self._on_cut(self.cut)
 
     def _shutdown(self) -> None:
         """Shut the socket down (both ways): libpq's wait for an answer sees end-of-file at once."""
