@@ -116,15 +116,12 @@ class Deployer:
         # a time in this process (another controller cannot write them: the certificates' locks are ours)
         self.state_lock = threading.Lock()
         self.handshakes: dict[str, asyncio.Semaphore] = {}  # per host: handshake.PER_HOST in flight at most
-        # one run's uploads: the same temp dir name (its random part per certificate per run) and so the same
-        # archive members on every POP, built once (steps.upload_archive); the SHA-256 lines likewise
-        self._tokens: dict[str, str] = {}
+        # one run's uploads: the same temp dir name on every POP (one random part per run, the version last:
+        # commit.sh stores every version by one rename.ul) and so the same archive members, built once
+        # (steps.upload_archive); the SHA-256 lines likewise
+        self.upload_token = secrets.token_hex(6)
         self.upload_blocks: dict[tuple[str, str, int], bytes] = {}
         self._sums: dict[str, str] = {}
-
-    def upload_token(self, name: str) -> str:
-        """The random part of `name`'s upload temp dirs in this run (unique per POP as ever: one per run)."""
-        return self._tokens.setdefault(name, secrets.token_hex(6))
 
     def sums(self, job: Job) -> str:
         """`sha256sum -c` lines of the job's files, computed once per certificate per run (one material each)."""

@@ -7,8 +7,10 @@ functions turn them into frozen records, so no caller reads a dict of strings.
 
 from __future__ import annotations
 
+import io
 import re
-from collections.abc import Mapping
+import tarfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -134,14 +136,41 @@ class Inspection:
     raw: Result
 
 
+MAX_FULLCHAIN = 1 << 20  # a live fullchain.pem larger than this is not read (a few KB is usual)
+
+
+def fullchains_from_tar(value: str | None, names: Iterable[str]) -> dict[str, bytes]:
+    """inspect.sh's one tar of every live fullchain (members `<name>/fullchain.pem`), read in memory only:
+    the regular members of the names asked about, up to MAX_FULLCHAIN each; nothing from a malformed one."""
+    data = b64bytes(value)
+    if not data:
+        return {}
+    wanted = {f"{n}/fullchain.pem": n for n in names}
+    got: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for member in tf:
+                name = wanted.get(member.name)
+                if name is None or not member.isfile() or not 0 < member.size <= MAX_FULLCHAIN:
+                    continue
+                f = tf.extractfile(member)
+                if f is not None:
+                    got[name] = f.read()
+    except (tarfile.TarError, OSError, EOFError):
+        return {}
+    return got
+
+
 def parse_inspection(res: Result) -> Inspection:
     own, per = sections(res)
+    chains = fullchains_from_tar(_last(own, "fullchains_tar_b64"), per)
     certs = {}
     for name, f in per.items():
         certs[name] = CertState(
             name=name, layout=_last(f, "layout") or "none", target=_last(f, "target"),
             versions=frozenset(int(v) for v in f.get("version", []) if v.isdigit()),
-            missing=frozenset(f.get("missing", [])), fullchain=b64bytes(_last(f, "fullchain_b64")),
+            missing=frozenset(f.get("missing", [])),
+            fullchain=chains.get(name) or b64bytes(_last(f, "fullchain_b64")),
             key_owner=_last(f, "key_owner"), last_commit=_last(f, "last_commit") or None, fields=f)
     return Inspection(certs=certs, test_rc=_int(own, "test_rc"), test_out=b64text(_last(own, "test_out") or ""),
                       preflight=_last(own, "preflight") != "skipped", restored=tuple(res.all("restored")), raw=res)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# the upload's temp dir (txn.py): .tmp-up-<controller tag>-<version>-<hex>
+# the upload's temp dir (txn.py): .tmp-up-<controller tag>-<hex per run>-<version>
 TMP_NAME = re.compile(r"\.tmp-up-[A-Za-z0-9_.-]{1,200}")
 
 # what a tar that is not GNU tar (BusyBox) or no tar at all says to receive.sh's options

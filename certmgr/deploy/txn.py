@@ -223,7 +223,7 @@ class Transaction:
         for job in todo:
             d = job.decision
             assert d is not None
-            job.tmp = f".tmp-up-{self.d.tag}-{d.version}-{self.d.upload_token(job.name)}"
+            job.tmp = f".tmp-up-{self.d.tag}-{self.d.upload_token}-{d.version}"  # <prefix><version>: commit.sh
         failed = await self.d.intend_all(todo)
         for job in todo:
             if (exc := failed.get(job.name)) is not None:

@@ -33,12 +33,13 @@ def names(k: int) -> tuple[str, ...]:
     return tuple(f"n{i}.example" for i in range(k))
 
 
-def traced(argv: list[str], data: bytes = b"") -> tuple[subprocess.CompletedProcess[bytes], int]:
+def traced(argv: list[str], data: bytes = b"",
+           env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[bytes], int]:
     """Run argv under `strace -f`; (its result, how many processes it and its descendants were)."""
     with tempfile.TemporaryDirectory() as t:
         log = Path(t) / "trace"
-        proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=process", "-o", str(log), *argv], input=data,
-                              capture_output=True, timeout=60, check=False)
+        proc = subprocess.run([shutil.which("strace") or "strace", "-f", "-qq", "-e", "trace=process", "-o", str(log), *argv], input=data,
+                              capture_output=True, timeout=60, check=False, env=env)
         pids = {line.split()[0] for line in log.read_text().splitlines() if line.strip()}
     return proc, len(pids)
 
@@ -61,20 +62,23 @@ def certbot_layout(root: Path, ns: tuple[str, ...]) -> None:
 
 
 def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: str = "/bin/true",
-                    reload: str = "/bin/true", bad_sum: str = "") -> tuple[Result, int]:
+                    reload: str = "/bin/true", bad_sum: str = "",
+                    tmp: str = ".tmp-up-tag-0a1b2c3d4e5f-",
+                    env: dict[str, str] | None = None) -> tuple[Result, int]:
     """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
-    `bad_sum`: that name's sums announce other bytes (its upload fails verification)."""
+    `bad_sum`: that name's sums announce other bytes (its upload fails verification). Each upload's temp dir is
+    `tmp` + its version, as deploy names them (txn.py): one prefix for the run, so stored by one rename.ul."""
     five: list[list[str]] = []
     uploads = []
     for n in ns:
         m = material((n,))
         sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
-        five.append([n, f".tmp-up-tag-2-{n}", "2", sums, conv])
-        uploads.append((n, f".tmp-up-tag-2-{n}", 2, m.files()))
+        five.append([n, f"{tmp}2", "2", sums, conv])
+        uploads.append((n, f"{tmp}2", 2, m.files()))
     data = upload_archive(uploads, mtime=0)
     args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", str(len(data)),
             *[a for f in five[1:] for a in f]]
-    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], data + b"go\n")
+    proc, count = traced(["sh", "-c", sh_command(COMMIT_SH, args)], data + b"go\n", env)
     return as_result(proc), count
 
 
@@ -82,9 +86,10 @@ def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: st
 # and `tar` (the whole upload: every file and every staged live link), one chmod, one sha256sum, one sync of the
 # uploads, one readlink (two with its subshell, for 2+ links), one `mv -t` for every swap, one sync after the
 # swaps, the test and the reload (each exec'd in its command substitution: one process), and one `rm` of the
-# stage dir; per certificate only the rename that stores its version (each lineage its own directory).
+# stage dir. The renames that store each version (each lineage its own directory): one `mv -T` for one
+# certificate, ONE `rename.ul` (util-linux) for two or more.
 ONE_CERT = 17  # was 18 before the one-archive upload and the batched swap (issue 13 §1, third pass), 23 before
-PER_CERT = 1  # was 7: four `head -c`, ln + mv
+PER_CERT = 0  # was 1 (the store's `mv -T` per certificate), 7 before that: four `head -c`, ln + mv
 # certbot's layout converted, per certificate: the store's rename, the rename of the converted copy and the
 # swap's two renames (its link comes in the archive); per POP one more mkdir, chmod and sync, and the copies of
 # certbot's files: one tar into an archive file, one out of it, one rm (commit.sh copy_all; four `cp` each before).
@@ -104,17 +109,51 @@ def test_a_commit_of_one_certificate_starts_few_processes(tmp_path: Path) -> Non
     assert count <= ONE_CERT, count
 
 
-def test_each_further_certificate_adds_at_most_one_process(tmp_path: Path) -> None:
-    """Ten certificates in one commit cost at most one process more per certificate than one (its version's
-    rename): no per-certificate upload write, link, swap, mkdir, chmod, sync, readlink or subshell."""
+def test_further_certificates_add_no_process(tmp_path: Path) -> None:
+    """Ten certificates in one commit cost no process per certificate more than one: no per-certificate
+    upload write, rename into the store, link, swap, mkdir, chmod, sync, readlink or subshell."""
     root = multi_root(tmp_path, names(10))
     res, count = streamed_commit(root, names(10))
     c = parse_commit(res)
     assert c.done, res.stdout + res.stderr
     assert all(c.certs[n].prev == f"../archive/{n}/1" for n in names(10))
+    assert all(c.certs[n].swapped and c.certs[n].failed_step is None for n in names(10)), res.stdout
+    for n in names(10):
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
+        assert sorted(os.listdir(root / "archive" / n)) == ["1", "2"]
+        assert sorted(os.listdir(root / "archive" / n / "2")) == sorted(f"{k}.pem" for k in KINDS)
+        assert stat.S_IMODE((root / "archive" / n / "2" / "privkey.pem").stat().st_mode) == 0o600
     # + 2: the readlink of 2+ links runs in a subshell; dash writes a here-document larger than a pipe (the
     # 40 sums lines) from a child
     assert count <= ONE_CERT + 9 * PER_CERT + 2, count
+
+
+@pytest.mark.parametrize("renamer", ["none", "renames-nothing", "renames-one-then-fails"])
+def test_the_store_renames_never_trust_rename_ul(tmp_path: Path, renamer: str) -> None:
+    """Without util-linux's rename.ul, or with one that says it renamed what it did not (or fails part-way),
+    every version is still stored by `mv -T` one by one and swapped: what is on disk decides, not its status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "tar", "sha256sum", "sync", "mv", "rm", "readlink", "mkdir", "chmod", "flock", "head",
+                 "base64", "true", "find", "ln", "cat", "cp", "cmp", "stat", "date", "sleep"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    if renamer == "renames-nothing":
+        (bin_dir / "rename.ul").write_text("#!/bin/sh\nexit 0\n")
+    elif renamer == "renames-one-then-fails":
+        (bin_dir / "rename.ul").write_text('#!/bin/sh\nshift 4\nmv -T -- "$1" "${1%/*}/2"\nexit 1\n')
+    if renamer != "none":
+        (bin_dir / "rename.ul").chmod(0o755)
+    ns = names(4)
+    root = multi_root(tmp_path, ns)
+    res, _ = streamed_commit(root, ns, env={"PATH": str(bin_dir)})
+    c = parse_commit(res)
+    assert c.done, res.stdout + res.stderr
+    for n in ns:
+        assert c.certs[n].swapped and c.certs[n].failed_step is None, res.stdout
+        assert os.readlink(root / "live" / n) == f"../archive/{n}/2"
+        assert sorted(os.listdir(root / "archive" / n)) == ["1", "2"]
 
 
 def test_a_converting_commit_prepares_every_copy_at_once(tmp_path: Path) -> None:
@@ -163,16 +202,26 @@ def test_a_rollback_of_many_certificates_renames_them_all_with_one_mv(tmp_path: 
     assert ten <= ONE_ROLLBACK + 9 * PER_ROLLBACK + 2, ten  # + 2: mkdir and rm of the stage dir (2+ links)
 
 
-def test_inspect_reads_every_link_with_one_readlink(tmp_path: Path) -> None:
-    """Inspecting ten certificates in certmgr's layout: one readlink (in a subshell) and one base64 per
-    certificate, not a readlink per certificate."""
-    ns = names(10)
+INSPECT_ONE = 4  # sh ×2, subshell + readlink; was + one base64 per certificate for every K
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 10])
+def test_inspect_reads_every_link_and_fullchain_in_a_few_processes(tmp_path: Path, k: int) -> None:
+    """Inspecting K certificates in certmgr's layout: one readlink (in a subshell) for every link; the live
+    fullchains by one base64 each up to 3, by ONE tar and ONE base64 (in a subshell) from 4 — each one's own bytes."""
+    ns = names(k)
     root = multi_root(tmp_path, ns)
     (root / "archive" / ".certmgr.lock").touch()
     proc, count = traced(["sh", "-c", sh_command(INSPECT_SH, [str(root), ns[0], "/bin/true", "", "5", "", *ns[1:]])])
     state = parse_inspection(as_result(proc))
     assert {n: (s.layout, s.target) for n, s in state.certs.items()} == {n: ("link", f"../archive/{n}/1") for n in ns}
-    assert count <= 2 + 2 + len(ns), count  # sh ×2, subshell + readlink, base64 per certificate
+    assert {n: s.fullchain for n, s in state.certs.items()} == {
+        n: (root / "archive" / n / "1" / "fullchain.pem").read_bytes() for n in ns}
+    if k <= 3:
+        assert count <= INSPECT_ONE + k, count
+        assert "fullchains_tar_b64" not in proc.stdout.decode()
+    else:
+        assert count <= INSPECT_ONE + 3, count  # subshell, tar, base64: whatever K
 
 
 def test_inspect_reads_certbot_links_of_many_lineages_exactly(tmp_path: Path) -> None:
@@ -191,6 +240,7 @@ def test_inspect_reads_certbot_links_of_many_lineages_exactly(tmp_path: Path) ->
     state = parse_inspection(res)
     for n in ns:
         s = state.certs[n]
+        assert s.fullchain == (root / "live" / n / "fullchain.pem").read_bytes()  # through certbot's links too
         if n in ns[::2]:
             k = 3 + ns.index(n)
             assert s.layout == "certbot"

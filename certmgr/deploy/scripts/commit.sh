@@ -232,8 +232,69 @@ stage() {
       fi
       say "aside=$aside"
     fi
+    if deferrable; then
+      # renamed with every other such upload by ONE process after this loop (store_deferred)
+      defer="$defer $1"
+      eval "c_cur_$1=\$cur"
+      return 0
+    fi
     o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1) || { fail rename "$o"; return 1; }
   fi
+  eval "c_cur_$1=\$cur"
+  stage_tail "$1"
+}
+
+# deferrable: whether this upload's rename to archive/<name>/<ver>/ can wait for the one rename of all
+# (util-linux's `rename.ul`, Debian's name for it: it renames each path it is given by one rename(2)):
+# two or more certificates, and every deferred temp dir is <one common prefix><its version>.
+deferrable() {
+  [ -n "$renamer" ] || return 1
+  p=${tmp%"$ver"}
+  [ -n "$p" ] && [ "$p$ver" = "$tmp" ] || return 1
+  case $p in .tmp-up-*) ;; *) return 1 ;; esac
+  case ${p#.tmp-up-} in *.tmp-up-*) return 1 ;; esac  # the one occurrence in a path is then its temp dir's
+  case $p in *[!A-Za-z0-9_.-]*) return 1 ;; esac
+  [ -n "$pfx" ] || pfx=$p
+  [ "$pfx" = "$p" ]
+}
+
+# store_deferred: every deferred upload renamed to archive/<name>/<ver>/ by ONE `rename.ul` (the last
+# occurrence of the common prefix in each path replaced by nothing: only its temp dir's own name changes);
+# one it did not rename (it goes on past a failure) is renamed alone by `mv -T`, whose words say why not.
+store_deferred() {
+  [ -n "$defer" ] || return 0
+  set --
+  for j in $defer; do
+    eval "set -- \"\$@\" \"\$root/archive/\$c_name_$j/\$c_tmp_$j\""
+  done
+  "$renamer" -l -- "$pfx" '' "$@" >/dev/null 2>&1 || :
+  for j in $defer; do
+    eval "lineage \"\$c_name_$j\"; tmp=\$c_tmp_$j ver=\$c_ver_$j"
+    if [ -e "$arch/$tmp" ] || [ -L "$arch/$tmp" ] || [ ! -d "$arch/$ver" ]; then
+      if ! o=$(mv -T -- "$arch/$tmp" "$arch/$ver" 2>&1); then
+        say "cert=$name"
+        fail rename "$o"
+        unprepared "$j"
+        continue
+      fi
+    fi
+    stage_tail "$j" || unprepared "$j"
+  done
+}
+
+# unprepared J: a certificate that failed before its conversion was renamed into place leaves no prepared copy
+unprepared() {
+  eval "ct=\$c_ctmp_$1"
+  if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi
+}
+
+# stage_tail J: certificate J's version is stored as archive/<name>/<ver>/: say so, and swap a converted
+# certbot directory (or leave the swap to swap_all); non-zero when it failed.
+stage_tail() {
+  ver='' conv='' cur='' cdir='' ct='' cfail=''
+  eval "lineage \"\$c_name_$1\"; ver=\$c_ver_$1 conv=\$c_conv_$1"
+  eval "cur=\$c_cur_$1 cdir=\$c_cdir_$1 ct=\$c_ctmp_$1 cfail=\$c_cfail_$1"
+  say "cert=$name"
   [ -n "$lazysync" ] || sync -- "$arch" 2>/dev/null || :
   say "stored=$ver"
   prev=
@@ -380,13 +441,14 @@ while [ "$j" -lt "$m" ]; do
 done
 readlinks c_link_ "$@"
 prepare_conversions
-baks='' pend=''
+baks='' pend='' defer='' pfx='' renamer=''
+if [ "$m" -ge 2 ] && command -v rename.ul >/dev/null 2>&1; then renamer=rename.ul; fi
 j=0
 while [ "$j" -lt "$m" ]; do
   j=$((j + 1))
-  # a certificate that failed before its conversion was renamed into place leaves no prepared copy
-  stage "$j" || { eval "ct=\$c_ctmp_$j"; if [ -n "$ct" ] && [ -d "$ct" ]; then rm -rf -- "$ct"; fi; }
+  stage "$j" || unprepared "$j"
 done
+store_deferred
 say cert=
 # before any switch, archive/.last-commit-<name> names this commit's upload: a later run settling an
 # interrupted deploy tells "switched and switched back" from "never switched" by it (intents.verdict;
