@@ -155,6 +155,10 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
                  if h in spec["address"] else x for h, x in hosts.items()}
     if not canary:
         hosts = {h: dataclasses.replace(x, tags=tuple(t for t in x.tags if t != "canary")) for h, x in hosts.items()}
+    if pids := os.environ.get("CERTMGR_BENCH_RELOAD_PIDS"):  # --reload-by-pid: SIGHUP to the master's pid itself
+        master = json.loads(pids)
+        hosts = {h: dataclasses.replace(x, reload_command=("sudo", "-n", KILL, "-HUP", str(master[h])))
+                 if h in master else x for h, x in hosts.items()}
     store = open_store(state, pg)
     ca = pki.make_ca("benchmark CA")
     trust = Path(state).parent / "benchmark-ca.pem"  # deploy's certcheck verifies the chain to a trusted root
@@ -273,6 +277,7 @@ def run_child(lab: Lab, n: int, parallel: int, state: Path, canary: bool = False
     return out
 
 
+KILL = "/usr/bin/kill"  # procps' kill: signals the pid it is given, reads no process table
 _GROUPS: list[CpuGroups] = []  # with --cgroups: exact CPU per kind of process (procmeter.CpuGroups)
 _PROXIES: list[int] = []  # the running wanproxy's pid: its CPU is the lab's, reported apart from certmgr's
 
@@ -442,6 +447,10 @@ def main() -> int:
     ap.add_argument("--cgroups", action="store_true",
                     help="also meter CPU per kind (certmgr, the POPs' sshd trees, their nginx, wanproxy) exactly, "
                          "kernel time and unreaped processes included, in cgroup v1 cpuacct groups (root only)")
+    ap.add_argument("--reload-by-pid", action="store_true",
+                    help="an experiment, not certmgr's default: each POP reloads by `sudo -n kill -HUP <its nginx "
+                         "master's pid>` (a sudoers rule per POP for this run), where the default `pkill -F` reads "
+                         "the whole machine's process table — on this lab every POP's processes, on a POP its own")
     ap.add_argument("--rtt", type=float, default=0.0,
                     help="milliseconds of round-trip time between certmgr and each POP (benchmarks/wanproxy.py)")
     args = ap.parse_args()
@@ -462,6 +471,18 @@ def main() -> int:
         print(f"every POP is {args.rtt:g} ms away (round trip), through benchmarks/wanproxy.py")
     ks = [int(k) for k in args.certs.split(",")]
     add_bench_lineages(lab, max(ks))
+    by_pid = Path(f"/etc/sudoers.d/certmgr-bench-{args.port_base}")
+    if args.reload_by_pid:
+        master = {p: lab.nginx_pid(p) for p in lab.pop_names}
+        rules = ", ".join(f"{KILL} -HUP {pid}" for pid in master.values())
+        by_pid.write_text(f"# benchmarks/deploy.py --reload-by-pid (removed at its end)\n"
+                          f"certmgr-deploy ALL=(root) NOPASSWD: {rules}\n")
+        by_pid.chmod(0o440)
+        if subprocess.run(["visudo", "-cqf", str(by_pid)], check=False).returncode != 0:
+            by_pid.unlink()
+            raise SystemExit(f"--reload-by-pid: visudo refused {by_pid}")
+        os.environ["CERTMGR_BENCH_RELOAD_PIDS"] = json.dumps(master)
+        print("reload: `sudo -n kill -HUP <nginx master pid>` per POP (--reload-by-pid), not pkill's scan")
     if args.cgroups:
         groups = CpuGroups(str(args.port_base), ["certmgr", "sshd", "nginx", "wanproxy"])
         if not groups.ok:
@@ -552,6 +573,7 @@ def main() -> int:
             print(f"target K: {kk} certificates × {big} POPs ≤ 1.5x 1 certificate × {big} POPs → {ratio:.2f}x "
                   f"({'met' if ratio <= 1.5 else 'NOT met'})")
     finally:
+        by_pid.unlink(missing_ok=True)
         for gr in _GROUPS:
             gr.close()
         if far:
