@@ -26,8 +26,8 @@ n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to 
 # Forks are what a POP pays per certificate: every upload arrives in ONE tar (receive.sh), is checked
 # by ONE sha256sum and made durable by ONE sync before any rename (per certificate only when that
 # fails, to say which one); every live/<name> is switched by ONE mv (swap_all), and live/ and the
-# lineages are synced once after the swaps ($lazysync), before the test. What is left per
-# certificate is the rename that stores its version (mv -T: each lineage its own directory).
+# lineages are synced once after the swaps ($lazysync), before the test. The renames that store each
+# version (each lineage its own directory) are one `rename.ul` for all where it is there (store_deferred).
 m=0  # certificates asked for: c_<field>_<j> (j = 1..m)
 want() { m=$((m + 1)); eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$4 c_conv_$m=\$5"; }
 # every upload's files and directory, synced by one process
