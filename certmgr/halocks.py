@@ -94,7 +94,12 @@ def leftover_owner(store: StateStore, certs: Iterable[str]) -> Iterator[frozense
         yield frozenset(mine)
 
 
-def _waiting(key: str, exc: LockHeld, wait: float) -> None:
+def _waiting(key: str, exc: LockHeld, wait: float, *, ours: bool = False) -> None:
+    """Say who is waited for: another controller (a warning: an operator may want to know), or another task
+    of this run (each POP's transaction in turn: routine, said at INFO)."""
+    if ours:
+        event(log, logging.INFO, "waiting for a lock another task of this run holds", lock=key, wait=f"{wait:g}s")
+        return
     event(log, logging.WARNING, "waiting for a lock another controller holds", lock=key, wait=f"{wait:g}s",
           holder=exc.message)
 
@@ -135,6 +140,7 @@ async def _take(store: StateStore, kind: str, name: str, cm_factory: Callable[[]
     said = False
     while True:
         busy: LockHeld | None = None
+        ours = False
         if key not in taking:
             mine = holds(store, kind, name)
             if mine is not None and reentrant:
@@ -148,12 +154,12 @@ async def _take(store: StateStore, kind: str, name: str, cm_factory: Callable[[]
                 finally:
                     taking.discard(key)
             else:
-                busy = LockHeld(f"{key} is held by another task of this controller")
+                busy, ours = LockHeld(f"{key} is held by another task of this controller"), True
         if time.monotonic() >= deadline:
             raise busy or LockHeld(f"{key} is being taken by another task of this controller "
                                    f"(gave up after {wait:g}s)")
         if busy is not None and not said:
-            _waiting(key, busy, wait)
+            _waiting(key, busy, wait, ours=ours)
             said = True
         await asyncio.sleep(POLL)
 

@@ -328,11 +328,15 @@ def test_a_blackholed_holder_loses_its_lock_and_writes_nothing(fresh_schema: PgS
         hole.close()
 
 
-def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore) -> None:
+def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore, caplog: pytest.LogCaptureFixture) -> None:
     """Two concurrent POP transactions of one controller on one POP (two deploy() calls in one process) take turns:
     the second waits until the first released the POP lock and then takes it itself, with a newer epoch — never
-    inside the first's hold, and never on after the first released it (holding nothing)."""
+    inside the first's hold, and never on after the first released it (holding nothing). The wait is said as one
+    for another task of this run, not (a warning) for another controller."""
     import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO, logger="certmgr")
 
     from certmgr import halocks
 
@@ -357,6 +361,9 @@ def test_two_deploys_of_one_controller_never_share_a_pops_lock(pgs: PgStore) -> 
     assert all(held for *_, held in trace), trace
     first, second = trace[0][2], trace[2][2]
     assert first is not None and second is not None and second > first, trace
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "waiting for a lock" in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == logging.INFO, said
+    assert "another task of this run" in said[0][1] and "another controller" not in said[0][1], said
 
 
 def test_a_statement_in_flight_when_the_route_goes_silent_ends_within_its_bound(
