@@ -6,7 +6,6 @@ certificate, a sane validity window, and a chain that verifies to a trusted root
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from certmgr.errors import CertificateRefused
 from certmgr.material import CertMaterial, public_key_der, split_pem
-from certmgr.verify import TrustError, system_roots
+from certmgr.verify import TrustError, load_pem_anchors, system_roots
 
 # A CA's clock may run a little ahead of ours; Let's Encrypt backdates notBefore by an hour anyway.
 SKEW = dt.timedelta(hours=1)
@@ -50,13 +49,14 @@ def load_roots(trust: Sequence[Path], *, system: bool = True, outcome: str) -> t
     roots = list(system_roots()) if system else []
     for path in trust:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # historical roots with odd serials are still anchors
-                anchors = x509.load_pem_x509_certificates(path.read_bytes())
+            anchors = load_pem_anchors(path)
         except (OSError, ValueError) as exc:
             cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TrustError(f"load trust {path}: {cause} ({outcome})",
                              hint="fix or remove the path in [defaults] trust") from exc
+        if not anchors:
+            raise TrustError(f"load trust {path}: no PEM certificate in file ({outcome})",
+                             hint="trust files are PEM bundles of CA certificates")
         roots.extend(anchors)
     return tuple(roots)
 

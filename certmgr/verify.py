@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import ssl
 import warnings
 from collections.abc import Iterable, Sequence
@@ -52,19 +53,32 @@ class Verdict:
 
 
 def system_roots() -> list[x509.Certificate]:
-    """The system trust store: OpenSSL's default cafile (Debian's bundle), no certifi."""
+    """The system trust store: OpenSSL's default cafile (Debian's bundle), no certifi. A root that does not
+    parse is left out, not the bundle: a few historical roots have non-positive serials, which cryptography
+    only warns about today and says a later release will refuse."""
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile, str(DEBIAN_BUNDLE)):
         if candidate and Path(candidate).is_file():
-            return _load_pem_file(Path(candidate))
+            return load_pem_anchors(Path(candidate), skip_bad=True)
     return []
 
 
-def _load_pem_file(path: Path) -> list[x509.Certificate]:
-    with warnings.catch_warnings():
-        # a few historical roots have non-positive serials; cryptography warns but they are still anchors
-        warnings.simplefilter("ignore")
-        return x509.load_pem_x509_certificates(path.read_bytes())
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def load_pem_anchors(path: Path, *, skip_bad: bool = False) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, each parsed on its own (OSError: unreadable). One that does not parse
+    raises ValueError naming its place in the file — or, with `skip_bad` (the system bundle), is left out."""
+    certs = []
+    for i, block in enumerate(_PEM_CERT.findall(path.read_bytes()), 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an odd serial is warned about, and still an anchor
+                certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            if not skip_bad:
+                raise ValueError(f"certificate {i} does not parse: {sanitize.line(str(exc))}") from exc
+    return certs
 
 
 def matches_name(patterns: Iterable[str], name: str) -> bool:
@@ -105,7 +119,7 @@ class Verifier:
         roots = system_roots() if system else []
         for path in trust:
             try:
-                anchors = _load_pem_file(path)
+                anchors = load_pem_anchors(path)
             except (OSError, ValueError) as exc:
                 cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise TrustError(f"load trust {path}: {cause} (scan not started)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certmgr import inventory as inv_mod
 from certmgr import scan as scan_mod
+from certmgr.certcheck import load_roots
 from certmgr.inventory import Threshold
 from certmgr.material import CertInfo
 from certmgr.scan import Endpoint, EndpointResult, Probe, apply_drift, classify, expiry_problem, probe
-from certmgr.verify import Verifier, matches_name
+from certmgr.verify import TrustError, Verifier, load_pem_anchors, matches_name
 from lab.pki import Issued, make_ca, make_leaf
 from tests import inv as inv_builder
 
@@ -247,6 +249,30 @@ def test_system_roots_are_loaded() -> None:
     """Without extra trust, the system bundle is used (Debian's ca-certificates)."""
     v = Verifier(now=NOW)
     assert len(v._roots) > 50
+
+
+BAD_PEM = b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"  # what a later cryptography refuses
+
+
+def test_a_root_that_does_not_parse_leaves_the_system_bundle_usable(tmp_path: Path) -> None:
+    """One certificate of a bundle that does not parse (cryptography says it will refuse non-positive serials, which a
+    few historical roots of the system bundle have) is left out of the system roots, never the whole bundle; in a
+    trust file the inventory names it is an error that says which certificate."""
+    a, b = make_ca("root a"), make_ca("root b")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"# a comment line, as in Debian's bundle\n" + a.cert_pem + BAD_PEM + b.cert_pem)
+    got = load_pem_anchors(bundle, skip_bad=True)
+    assert [c.subject for c in got] == [x509.load_pem_x509_certificate(p).subject for p in (a.cert_pem, b.cert_pem)]
+    with pytest.raises(ValueError, match=r"^certificate 2 does not parse"):
+        load_pem_anchors(bundle)
+    with pytest.raises(TrustError, match=re.escape(f"load trust {bundle}: certificate 2 does not parse")):
+        Verifier(now=NOW, trust=(bundle,), system=False)
+    with pytest.raises(TrustError, match=re.escape(f"load trust {bundle}: certificate 2 does not parse")):
+        load_roots((bundle,), system=False, outcome="nothing stored")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here\n")
+    with pytest.raises(TrustError, match="no PEM certificate in file"):
+        load_roots((empty,), system=False, outcome="nothing stored")
 
 
 def info(not_before: dt.datetime, not_after: dt.datetime, sha: str = "aa", serial: str = "1") -> CertInfo:
