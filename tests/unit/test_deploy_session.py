@@ -174,7 +174,8 @@ def test_a_step_that_does_not_answer_in_time_is_a_timeout_and_ends_the_session(t
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("line", ["1 0", "x 0 3", "1 2 3", "9 0 0", "1 0 3 4", " 1 0 3", "0 0 0"])
+@pytest.mark.parametrize("line", ["1 0", "x 0 3", "1 2 3", "9 0 0", "1 0 3 4", " 1 0 3", "0 0 0", "1 0 --",
+                                  "1 0 -3", "1 0 3-", "1 0 - ", "x 0 -", "9 0 -"])
 def test_the_session_script_ends_on_a_step_line_it_does_not_expect(line: str) -> None:
     """session.sh runs nothing for a malformed step line (or an index out of range) and exits 2."""
     drv = session.SESSION_SH
@@ -191,12 +192,24 @@ def test_the_session_script_runs_each_step_with_its_own_arguments_and_stdin() ->
         words = shlex.join(args).encode()
         return f"{i} {stdin} {len(words)}\n".encode() + words
 
+    def line(i: int, stdin: int, args: list[str]) -> bytes:
+        return f"{i} {stdin} -\n".encode() + shlex.join(args).encode() + b"\n"
+
     s1 = 'printf "%s|" "$@"; IFS= read -r l || printf "eof"; exit 3'
     data = step(1, 0, ["a b", "c\nd", "$(echo x)"]) + step(1, 1, ["z"]) + b"from stdin\n"
+    data += line(1, 0, ["a  b", "\\n\\", "$(echo x)", "'", "", " "]) + line(1, 1, ["y"]) + b"more\n"
     p = subprocess.run(["sh", "-c", drv, "certmgr", "M", s1], input=data, capture_output=True, timeout=10,
                        check=False)
-    assert p.stdout == b"a b|c\nd|$(echo x)|eof\nM=3\nz|\nM=3\n"
-    assert (p.returncode, p.stderr) == (0, b"\nM\n\nM\n")
+    assert p.stdout == (b"a b|c\nd|$(echo x)|eof\nM=3\nz|\nM=3\n"
+                        b"a  b|\\n\\|$(echo x)|'|| |eof\nM=3\ny|\nM=3\n")
+    assert (p.returncode, p.stderr) == (0, b"\nM\n\nM\n" * 2)
+
+
+def test_a_step_line_cut_before_its_end_runs_nothing() -> None:
+    """The one-line form read by the shell: arguments that end without their newline (the stream cut) run no step."""
+    p = subprocess.run(["sh", "-c", session.SESSION_SH, "certmgr", "M", "echo ran"], input=b"1 0 -\n'a' 'b",
+                       capture_output=True, timeout=10, check=False)
+    assert (p.returncode, p.stdout) == (2, b"")
 
 
 def test_an_output_of_many_chunks_is_read_whole(tmp_path: Path) -> None:

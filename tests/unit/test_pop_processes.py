@@ -5,6 +5,7 @@ at once: the certbot conversion, the real paths, the key check) against the per-
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from certmgr.deploy import COMMIT_SH, INSPECT_SH, ROLLBACK_SH, sha256sums
 from certmgr.deploy.model import parse_commit, parse_inspection, parse_rollback
+from certmgr.deploy.shell import SESSION_SH
 from certmgr.deploy.steps import upload_archive
 from certmgr.discover import collect
 from certmgr.remote import Result, parse_kv, sh_command
@@ -453,3 +455,17 @@ def test_prune_orders_versions_as_numbers(tmp_path: Path) -> None:
     assert per["a.example"]["kept_live"] == ["11"] and per["b.example"]["kept_live"] == ["12"]
     assert sorted(os.listdir(root / "archive" / "a.example"), key=int) == ["10", "11", "12"]
     assert sorted(os.listdir(root / "archive" / "b.example"), key=int) == ["10", "11", "12"]
+
+
+def test_a_session_step_reads_its_arguments_without_a_process() -> None:
+    """session.sh reads a step's one-line arguments with the shell's `read`: a step costs its subshell only, where
+    the length-prefixed form (arguments with a newline in them) costs a `head -c` more."""
+    words = shlex.join(["a b", "c"]).encode()
+    by_line = b"".join(f"{i} 0 -\n".encode() + words + b"\n" for i in (1, 2))
+    by_length = b"".join(f"{i} 0 {len(words)}\n".encode() + words for i in (1, 2))
+    counts = []
+    for data in (by_line, by_length):
+        proc, count = traced(["sh", "-c", SESSION_SH, "certmgr", "M", ":", ":"], data)
+        assert proc.returncode == 0 and proc.stdout == b"\nM=0\n" * 2, proc
+        counts.append(count)
+    assert counts[0] <= 3 and counts[1] == counts[0] + 2, counts  # sh and a subshell per step; + a head per step
