@@ -333,8 +333,8 @@ def test_the_parent_keeps_no_memory_per_endpoint(
     # tracemalloc counts every thread of this process: a thread an earlier test of this worker left running can
     # allocate inside one window (seen once in CI: 3.8 MB in one). Each figure is the lesser of two scans; memory
     # the scan itself keeps per endpoint shows in both.
-    small = min((_retained_after_scan(_inventory(tmp_path, pki, _wide(10, 6)), workers) for _ in range(2)))
-    large = min((_retained_after_scan(_inventory(tmp_path, pki, _wide(10, 60)), workers) for _ in range(2)))
+    small = min(_retained_after_scan(_inventory(tmp_path, pki, _wide(10, 6)), workers) for _ in range(2))
+    large = min(_retained_after_scan(_inventory(tmp_path, pki, _wide(10, 60)), workers) for _ in range(2))
     assert (small[2], large[2]) == (240, 2400)
     assert small[1] <= 20 and large[1] <= 20  # only the `keep` most urgent results are objects
     per_endpoint = (large[0] - small[0]) / (large[2] - small[2])
