@@ -4,8 +4,11 @@ over one channel and answer exactly as each would over a channel of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,10 +29,15 @@ SAY = 'printf "a=%s\\n" "$1"; printf "b=%s\\n" "$2"; printf "to stderr" >&2; pri
 READ = 'IFS= read -r l; printf "line=%s\\n" "$l"'
 
 
-async def _run_streaming(process: asyncssh.SSHServerProcess[bytes]) -> None:
-    """The client's command under the local sh, its stdin and output streamed both ways (as sshd does)."""
+async def _run_streaming(process: asyncssh.SSHServerProcess[bytes], started: list[asyncio.subprocess.Process]) -> None:
+    """The client's command under the local sh, its stdin and output streamed both ways (as sshd does).
+
+    Each command runs in a process group of its own, listed in `started`, so that fake_pop can end what a
+    test left running (a `sleep 5` past its step's timeout) before the test's event loop closes."""
     local = await asyncio.create_subprocess_exec("sh", "-c", process.command or "true", stdin=subprocess.PIPE,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 start_new_session=True)
+    started.append(local)
     assert local.stdin is not None and local.stdout is not None and local.stderr is not None
 
     async def feed() -> None:
@@ -60,6 +68,7 @@ async def _run_streaming(process: asyncssh.SSHServerProcess[bytes]) -> None:
 
 @asynccontextmanager
 async def fake_pop(tmp: Path) -> AsyncIterator[Remote]:
+    started: list[asyncio.subprocess.Process] = []
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     key_file = tmp / "id"
@@ -67,7 +76,7 @@ async def fake_pop(tmp: Path) -> AsyncIterator[Remote]:
     server = await asyncssh.create_server(
         asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[host_key], encoding=None,
         authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-        process_factory=_run_streaming)
+        process_factory=functools.partial(_run_streaming, started=started))
     port = server.sockets[0].getsockname()[1]
     kh = tmp / "known_hosts"
     kh.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode().strip()}\n")
@@ -79,6 +88,12 @@ async def fake_pop(tmp: Path) -> AsyncIterator[Remote]:
     finally:
         server.close()
         await server.wait_closed()
+        for local in started:  # reaped, its pipes closed, while the loop still runs
+            if local.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(local.pid, signal.SIGKILL)
+                await local.wait()
+            local._transport.close()  # type: ignore[attr-defined]  # no public way; else GC closes it on a dead loop
 
 
 def test_steps_answer_as_scripts_of_their_own_over_one_channel(tmp_path: Path) -> None:
