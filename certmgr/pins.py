@@ -3,13 +3,16 @@
 A pin (`state/pin/<name>.json`) says an operator rolled the certificate back to version N on purpose:
 `run` keeps version N live and deployed and says so; an explicit `renew NAME` or `deploy NAME`, or a
 renewal that can wait no longer (plan.decide), clears it. `state/revoked/<name>.json` lists the serials
-certmgr revoked at the CA, so that no rollback ever makes one live again.
+certmgr revoked at the CA, so that no rollback ever makes one live again. `state/revoking/<name>.json` is a
+revocation asked for and not finished (a replacement, its deploy or the CA's answer still to come): it outlives
+a killed `certmgr revoke`, so that the rerun revokes the leaked versions, not the replacement that is live by then.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,3 +103,81 @@ def record_revoked(store: StateStore, name: str, serial: str, *, version: int | 
     serials = load_revoked(store, name)
     serials[serial] = {"version": version, "reason": reason, "at": at.isoformat()}
     store.save_json(_revoked_path(name), {"serials": serials})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingRevocation:
+    """`certmgr revoke` was asked to revoke `versions` (`serials`) for `reason` at `at` and has not finished."""
+
+    reason: str
+    versions: tuple[int, ...]
+    serials: tuple[str, ...]
+    now_first: bool
+    at: dt.datetime
+
+    def note(self, name: str, revoked: Collection[str] = ()) -> str:
+        """One line for `run` and `status`: what is still valid at the CA that should not be (`revoked`: the
+        serials certmgr has revoked), and the command that finishes it."""
+        left = [f"version {v} (serial {s})" for v, s in zip(self.versions, self.serials, strict=True)
+                if s not in revoked]
+        state = (f"{', '.join(left)} still valid at the CA" if left else
+                 "revoked at the CA, the replacement not yet confirmed on every host")
+        return (f"revocation of {name} not finished ({self.reason}, asked {self.at:%Y-%m-%d %H:%M}Z): {state}; "
+                f"`certmgr revoke {name} --reason {self.reason}` finishes it")
+
+    @classmethod
+    def of(cls, store: StateStore, name: str) -> str | None:
+        """The note for `name`'s unfinished revocation, None if there is none; an unreadable record says so."""
+        try:
+            pending = load_pending(store, name)
+        except CertmgrError as exc:
+            return f"revocation record of {name} unreadable: {exc}"
+        return pending.note(name, load_revoked(store, name)) if pending is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "versions": list(self.versions), "serials": list(self.serials),
+                "now_first": self.now_first, "at": self.at.isoformat()}
+
+
+def _revoking_path(name: str) -> str:
+    return f"state/revoking/{name}.json"
+
+
+def load_pending(store: StateStore, name: str) -> PendingRevocation | None:
+    """The unfinished revocation of `name`, None if there is none; an unreadable record is a StoreError."""
+    data = store.load_json(_revoking_path(name), default=None)
+    if not data:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(str(data["at"]))
+        versions = tuple(int(v) for v in data["versions"])
+        serials = tuple(str(s) for s in data["serials"])
+        if len(versions) != len(serials) or not versions:
+            raise ValueError("versions and serials do not pair up")
+        return PendingRevocation(reason=str(data["reason"]), versions=versions, serials=serials,
+                                 now_first=bool(data.get("now_first", False)),
+                                 at=at if at.tzinfo else at.replace(tzinfo=dt.UTC))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"store {name}: state/revoking/{name}.json is not a pending revocation ({exc!r})",
+                         hint=f"see the audit log's 'revoke requested' line for {name}; move the file aside and "
+                              f"rerun `certmgr revoke {name} --version N`") from exc
+
+
+def save_pending(store: StateStore, name: str, pending: PendingRevocation) -> None:
+    store.save_json(_revoking_path(name), pending.to_json())
+
+
+def clear_pending(store: StateStore, name: str) -> None:
+    store.save_json(_revoking_path(name), {})
+
+
+def live_revoked(store: StateStore, name: str, serial: str | None) -> str | None:
+    """The reason certmgr revoked `serial` (the live certificate's), None if it did not (or cannot tell)."""
+    if serial is None:
+        return None
+    try:
+        entry = load_revoked(store, name).get(serial)
+    except CertmgrError as exc:
+        event(log, logging.WARNING, "revocation record unreadable, ignored", cert=name, error=str(exc))
+        return None
+    return str(entry.get("reason") or "revoked") if entry is not None else None

@@ -240,9 +240,13 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
                          for r in before.iter_endpoints() if r.severity != "ok"))
 
     # A rolled-back certificate stays on its pinned version (plan.pin_hold); say so, every run
-    notes = tuple(pin.note(c.name) for c in certs if (pin := _pin(store, c.name)) is not None)
-    for note in notes:
-        log.event(_log, logging.WARNING, "run: " + note, cert=note.split()[1])
+    # and so does a revocation asked for and not finished (a killed `certmgr revoke`)
+    revoking = [(c.name, note) for c in certs
+                if store is not None and (note := pins.PendingRevocation.of(store, c.name))]
+    named = [(c.name, pin.note(c.name)) for c in certs if (pin := _pin(store, c.name)) is not None] + revoking
+    for name, note in named:
+        log.event(_log, logging.WARNING, "run: " + note, cert=name)
+    notes = tuple(note for _, note in named)
 
     messages: list[tuple[str, notify_mod.Message, notify_mod.Delivery]] = []
     client_retry = retry or notify_mod.Retry()
@@ -310,7 +314,8 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
 
     # 5. notify: one summary when anything happened, else only deduplicated expiry alerts
     if channels and after is not None:
-        if report.changed or report.renew_failed or report.deploy_failed:
+        # an unfinished revocation (a leaked key still valid at the CA) is said on chat every run until it is done
+        if report.changed or report.renew_failed or report.deploy_failed or revoking:
             names = [c.name for c in after.certificates]
             state = notify_mod.load_state(store, names)
             loaded = {name: dict(chans) for name, chans in state.items()}  # save_state writes only the changes

@@ -101,7 +101,7 @@ class Decision:
     overdue_at: dt.datetime | None = None
     not_after: dt.datetime | None = None
     blocked_until: dt.datetime | None = None  # backoff or the CA's Retry-After after failures
-    source: str = "lifetime"  # "ari" | "renew_before" | "lifetime" | "missing" | "changed" | "pin"
+    source: str = "lifetime"  # "ari" | "renew_before" | "lifetime" | "missing" | "changed" | "pin" | "revoked"
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -154,11 +154,13 @@ def backoff_until(state: RenewState, live: CertInfo | None = None) -> dt.datetim
 
 
 def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now: dt.datetime, *,
-           pinned: int | None = None, release_pin: bool = False) -> Decision:
+           pinned: int | None = None, release_pin: bool = False, revoked: str | None = None) -> Decision:
     """Renew now / later / overdue, and why. Pure: everything, including `now`, is passed in.
 
     `pinned`: the live version is rolled-back version N, pinned by `certmgr rollback` (see pin_hold).
     `release_pin`: an operator named the certificate (`renew NAME`): a pinned certificate renews now.
+    `revoked`: certmgr revoked the live certificate at the CA (the reason): it renews now, pinned or not
+    (`certmgr revoke --now` killed before its replacement was live leaves exactly that).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -187,6 +189,9 @@ def decide(cert: Certificate, live_info: CertInfo | None, state: RenewState, now
                         reason=f"key type changed ({live_info.key_type} → {cert.key_type})", not_after=not_after,
                         blocked_until=blocked, source="changed", notes=notes)
 
+    if revoked is not None:
+        return Decision(due=True, overdue=True, reason=f"the live certificate was revoked by certmgr ({revoked})",
+                        not_after=not_after, blocked_until=blocked, source="revoked", notes=notes)
     if pinned is not None:
         return pin_hold(cert, live_info, pinned, now, release=release_pin, blocked=blocked, notes=notes)
 

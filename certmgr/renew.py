@@ -80,6 +80,8 @@ class RenewOutcome:
             extra = " (replaces)" if self.replaced else ""
             if self.unpinned is not None:
                 extra += f"; pin on rolled-back version {self.unpinned} cleared"
+            if self.decision.source == "revoked":
+                extra += f"; {self.decision.reason}: a new key"
             return (f"renewed  {self.name}: {old} → serial {self.new_serial} (expires {self.new_not_after:%Y-%m-%d})"
                     f" as version {self.version} in {self.elapsed:.1f}s{extra}")
         if self.status == "failed":
@@ -139,7 +141,13 @@ def pinned_version(store: StateStore, name: str) -> int | None:
 def status(store: StateStore, cert: Certificate, now: dt.datetime) -> Decision:
     """The plan for one certificate from the store alone (no network): for scan/status to show overdue."""
     _, info = live_info(store, cert.name)
-    return plan_mod.decide(cert, info, load_state(store, cert.name), now, pinned=pinned_version(store, cert.name))
+    return plan_mod.decide(cert, info, load_state(store, cert.name), now, pinned=pinned_version(store, cert.name),
+                           revoked=revoked_reason(store, cert.name, info))
+
+
+def revoked_reason(store: StateStore, name: str, info: CertInfo | None) -> str | None:
+    """Why certmgr revoked the live certificate (plan.decide renews it now), None if it did not."""
+    return pins.live_revoked(store, name, info.serial if info is not None else None)
 
 
 class _Run:
@@ -295,10 +303,12 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
         state = load_state(store, cert.name)
         state = await _refresh_ari(run, ca, cert, material, info, state, now=now, dry_run=dry_run, rng=rng)
     except CertmgrError as exc:
-        decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin)
+        decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin,
+                                   revoked=revoked_reason(store, cert.name, info))
         return RenewOutcome(name=cert.name, status="failed", decision=decision, error=str(exc), hint=exc.hint,
                             retryable=exc.retryable, elapsed=loop.time() - t0)
-    decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin)
+    decision = plan_mod.decide(cert, info, state, now, pinned=pinned, release_pin=release_pin,
+                               revoked=revoked_reason(store, cert.name, info))
     base = RenewOutcome(name=cert.name, status="not-due", decision=decision, old_serial=info.serial if info else None,
                         old_not_after=info.not_after if info else None)
     if not decision.due and not force:
@@ -310,7 +320,9 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
 
     event(log, logging.INFO, "renewing", cert=cert.name, reason=decision.reason, forced=force and not decision.due)
     try:
-        result = await _issue_and_store(run, ca, cert, material, info, state, now=now, new_key=new_key)
+        # a revoked live certificate never hands its key on: the revocation may have been for keyCompromise
+        result = await _issue_and_store(run, ca, cert, material, info, state, now=now,
+                                        new_key=new_key or decision.source == "revoked")
     except SecretError as exc:
         # A secret this process cannot read (a *_credential outside systemd, a missing key file) is
         # this machine's configuration, not the CA's or the DNS server's answer: no backoff, so the
@@ -337,7 +349,9 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
             event(log, logging.ERROR, "cannot record renewal failure", cert=cert.name, error=str(store_exc))
         event(log, logging.ERROR, "renewal failed", cert=cert.name, error=str(exc), failures=failed.failures)
         return replace(base, status="failed", decision=plan_mod.decide(cert, info, failed, now, pinned=pinned,
-                                                                       release_pin=release_pin), error=str(exc),
+                                                                       release_pin=release_pin,
+                                                                       revoked=revoked_reason(store, cert.name, info)),
+                       error=str(exc),
                        hint=exc.hint, retryable=exc.retryable, elapsed=loop.time() - t0)
     if pinned is not None:
         # the new version is live: the rollback it replaces is over (said in the run's chat summary)

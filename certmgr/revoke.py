@@ -100,8 +100,10 @@ def _serial_value(text: str) -> int | None:
 
 
 def targets(store: StateStore, name: str, *, reason: str, version: int | None, serial: str | None,
-            now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
-    """The versions to revoke, notes on what was left out, and the leaked public key (SPKI DER)."""
+            now: dt.datetime, pending: pins.PendingRevocation | None = None) -> tuple[list[Target], list[str], bytes]:
+    """The versions to revoke, notes on what was left out, and the leaked public key (SPKI DER).
+
+    `pending`: an unfinished revocation, resumed: its versions, not the live one (which may be its replacement)."""
     versions = store.versions(name)
     if not versions:
         raise UsageError(f"revoke {name}: no stored version (nothing revoked)")
@@ -109,6 +111,8 @@ def targets(store: StateStore, name: str, *, reason: str, version: int | None, s
     for v in versions:
         m = store.read(name, v)
         infos[v] = (m.info(), public_key_der(m.leaf.public_key()))
+    if pending is not None:
+        return _pending_targets(store, name, pending, infos, now)
     if serial is not None:
         want = _serial_value(serial)  # by value: `0x…`, with colons, any case, leading zeros or not
         found = [v for v, (i, _) in infos.items() if want is not None and _serial_value(i.serial) == want]
@@ -130,17 +134,52 @@ def targets(store: StateStore, name: str, *, reason: str, version: int | None, s
     notes = []
     if len(chosen) > 1:
         notes.append(f"versions {', '.join(map(str, chosen))} share the leaked key: all are revoked")
+    return [_target(store, name, v, infos[v][0], now) for v in chosen], notes, spki
+
+
+def _target(store: StateStore, name: str, version: int, info: Any, now: dt.datetime) -> Target:
+    """A stored version to revoke, skipped when certmgr revoked it already or it has expired."""
     done = pins.load_revoked(store, name)
+    status = "pending"
+    if info.serial in done:
+        status = f"skipped: already revoked by certmgr on {str(done[info.serial].get('at', '?'))[:16]}"
+    elif info.not_after <= now:
+        status = "skipped: expired (a CA no longer revokes it; no client accepts it)"
+    return Target(version=version, serial=info.serial, not_after=info.not_after, status=status)
+
+
+def _pending_targets(store: StateStore, name: str, pending: pins.PendingRevocation,
+                     infos: dict[int, tuple[Any, bytes]], now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
+    """The targets of an unfinished revocation, as recorded when it was asked for."""
     out = []
-    for v in chosen:
-        info = infos[v][0]
-        status = "pending"
-        if info.serial in done:
-            status = f"skipped: already revoked by certmgr on {str(done[info.serial].get('at', '?'))[:16]}"
-        elif info.not_after <= now:
-            status = "skipped: expired (a CA no longer revokes it; no client accepts it)"
-        out.append(Target(version=v, serial=info.serial, not_after=info.not_after, status=status))
-    return out, notes, spki
+    for v, recorded in zip(pending.versions, pending.serials, strict=True):
+        if v not in infos or infos[v][0].serial != recorded:  # the store changed under the record: say so
+            out.append(Target(version=v, serial=recorded, not_after=now,
+                              status="skipped: no longer in the store (revoke it at the CA by hand)"))
+        else:
+            out.append(_target(store, name, v, infos[v][0], now))
+    spki = next((infos[t.version][1] for t in out if not t.status.startswith("skipped: no longer")), b"")
+    what = ", ".join(str(v) for v in pending.versions)
+    return out, [f"resuming the revocation asked at {pending.at:%Y-%m-%d %H:%M}Z ({pending.reason}): version"
+                 f"{'s' if len(pending.versions) > 1 else ''} {what}"], spki
+
+
+def _resumable(store: StateStore, name: str, *, reason: str, version: int | None, serial: str | None,
+               now: dt.datetime) -> pins.PendingRevocation | None:
+    """The unfinished revocation this request resumes; a request for something else is refused until it is done."""
+    pending = pins.load_pending(store, name)
+    if pending is None:
+        return None
+    refuse = (f"revoke {name}: the revocation asked at {pending.at:%Y-%m-%d %H:%M}Z (version"
+              f"{'s' if len(pending.versions) > 1 else ''} {', '.join(map(str, pending.versions))}, {pending.reason}) "
+              f"is not finished; finish it first with `certmgr revoke {name} --reason {pending.reason}` (nothing done)")
+    if reason != pending.reason:
+        raise UsageError(refuse)
+    if version is not None or serial is not None:
+        asked, _, _ = targets(store, name, reason=reason, version=version, serial=serial, now=now)
+        if sorted(t.version for t in asked) != sorted(pending.versions):
+            raise UsageError(refuse)
+    return pending
 
 
 async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason: str, version: int | None = None,
@@ -156,11 +195,20 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     name = cert.name
-    todo, notes, spki = targets(store, name, reason=reason, version=version, serial=serial, now=now)
+    # A revocation asked for and not finished (killed, a POP down, the CA failing) is resumed: its versions are
+    # revoked, never the replacement that is live by now.
+    pending = _resumable(store, name, reason=reason, version=version, serial=serial, now=now)
+    todo, notes, spki = targets(store, name, reason=reason, version=version, serial=serial, now=now, pending=pending)
+    if pending is not None:
+        now_first = now_first or pending.now_first
+    else:
+        pins.save_pending(store, name, pins.PendingRevocation(
+            reason=reason, versions=tuple(t.version for t in todo), serials=tuple(t.serial for t in todo),
+            now_first=now_first, at=now))
     live = store.live_version(name)
     replace = any(t.version == live for t in todo)  # keyCompromise: the live version too if it shares the key
     store.audit("revoke requested", name, reason=reason, versions=[t.version for t in todo],
-                serials=[t.serial for t in todo], now_first=now_first, replace=replace)
+                serials=[t.serial for t in todo], now_first=now_first, replace=replace, resumed=pending is not None)
     event(log, logging.WARNING, "revoke requested", cert=name, reason=reason,
           serials=",".join(t.serial for t in todo), now_first=now_first)
     result = RevokeResult(name=name, reason=reason, now_first=now_first, targets=tuple(todo), notes=tuple(notes))
@@ -187,8 +235,8 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
     if bad and not now_first:
         held = (f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not serve the replacement (see above), so "
                 f"revoking now would break them; the old certificate stays valid. Fix them, then rerun "
-                f"`certmgr revoke {name} --reason {reason}" + (f" --version {todo[0].version}`" if replace else "`")
-                + " (or add --now to revoke regardless)")
+                f"`certmgr revoke {name} --reason {reason}` (it revokes the same certificate"
+                f"{'s' if len(todo) > 1 else ''}; or add --now to revoke regardless)")
         return await _finish(_with(result, held=held), store, channels, t0, loop)
     if not now_first:
         result = _with(result, targets=tuple(await _revoke_at_ca(inv, store, cert, todo, reason, now=now)))
@@ -244,6 +292,8 @@ async def _revoke_at_ca(inv: Inventory, store: StateStore, cert: Certificate, to
 async def _finish(result: RevokeResult, store: StateStore, channels: Sequence[Any], t0: float,
                   loop: asyncio.AbstractEventLoop) -> RevokeResult:
     result = _with(result, elapsed=loop.time() - t0)
+    if result.ok:
+        pins.clear_pending(store, result.name)
     store.audit("revoke done" if result.ok else "revoke incomplete", result.name, reason=result.reason,
                 revoked=[t.serial for t in result.revoked], held=result.held,
                 failed_hosts=[o.host for o in result.deploys if not o.ok], seconds=round(result.elapsed, 3))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from certmgr import intents as intents_mod
+from certmgr import pins, sanitize
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
-from certmgr import sanitize
 from certmgr.dns import journal as journal_mod
 from certmgr.errors import CertmgrError
 from certmgr.inventory import Certificate, Inventory
@@ -55,6 +55,7 @@ class CertView:
     # past the renewal time plus its grace: the timer had its chances (a failed attempt alone makes plan's
     # `overdue` true, but the next run retries it by itself)
     past_grace: bool = False
+    revoking: str | None = None  # an unfinished `certmgr revoke` (pins.PendingRevocation.note)
 
     @property
     def all_current(self) -> bool:
@@ -69,6 +70,8 @@ class CertView:
             out.append((2, "expired"))
         elif self.past_grace:
             out.append((2, "renewal overdue"))
+        if self.revoking:
+            out.append((2, "revocation not finished"))
         for p in self.pops:
             if p.unsettled:
                 out.append((2, f"{p.host} deploy interrupted"))
@@ -94,6 +97,7 @@ class CertView:
             "failures": self.failures, "last_error": self.last_error, "scanned_at": self.scanned_at,
             "all_pops_current": self.all_current,
             "level": self.level, "needs": [why for _, why in self.findings()],
+            "revoking": self.revoking,
             "pops": [{"host": p.host, "serves": p.serves, "severity": p.severity, "current": p.current,
                       "source": p.source, "problems": list(p.problems), "last_deploy": p.last_deploy,
                       "last_deploy_at": p.last_deploy_at, "deployed_at": p.deployed_at,
@@ -170,7 +174,8 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
         except CertmgrError:
             info = None
         rstate = renew_mod.load_state(store, cert.name)
-        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
+        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name),
+                                   revoked=renew_mod.revoked_reason(store, cert.name, info))
         scan = store.load_json(f"state/scan/{cert.name}.json", default={}) or {}
         deploy = (store.load_json(f"state/deploy/{cert.name}.json", default={}) or {}).get("hosts", {})
         unsettled = {i.host for i in intents_mod.pending(store, cert.name)}
@@ -186,7 +191,8 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
             last_success=rstate.last_success, failures=rstate.failures,
             last_error=sanitize.line(rstate.last_error, limit=None) if rstate.last_error else rstate.last_error,
             scanned_at=scan.get("scanned_at"), pops=tuple(pops),
-            past_grace=decision.overdue_at is not None and now >= decision.overdue_at))
+            past_grace=decision.overdue_at is not None and now >= decision.overdue_at,
+            revoking=pins.PendingRevocation.of(store, cert.name)))
     return views
 
 
@@ -205,6 +211,8 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
         if d.blocked_until:
             out.append(f"  backoff: no attempt before {d.blocked_until:%Y-%m-%d %H:%M}Z "
                        f"(after {v.failures} failures; `certmgr renew --force {v.name}` overrides)")
+        if v.revoking:
+            out.append(f"  {v.revoking}")
         if v.last_error:
             out.append(f"  last error: {v.last_error}")
         if v.last_success:

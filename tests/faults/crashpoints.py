@@ -14,7 +14,9 @@ unchanged, and the process dies exactly as a power cut or the OOM killer would l
 * `audit-renewed`  — `live/<name>` already switched, half-way through appending the `renewed` line to
   audit.log (a torn last line; the renewal state is not saved either);
 * `intent-remove`  — a POP's switch is in the audit log, but the deploy intent written before its commit
-  is not removed yet (the next run must not audit that switch a second time).
+  is not removed yet (the next run must not audit that switch a second time);
+* `after-audit:ACTION` — right after the audit line of ACTION (`renewed`, `revoked`, …) is written whole:
+  the step it records is done, whatever follows it is not (`certmgr revoke` killed between its steps).
 """
 
 from __future__ import annotations
@@ -68,8 +70,24 @@ def arm(step: str) -> None:
             real_unlink(path, *args, **kwargs)
 
         os.unlink = unlink
+    elif step.startswith("after-audit:"):
+        real_write = os.write
+        mark = f'"action": "{step.removeprefix("after-audit:")}"'.encode()
+
+        def write_then_die(fd: int, data: Any) -> int:
+            n = real_write(fd, data)
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if target.endswith("/audit.log") and mark in bytes(data):
+                _die()
+            return n
+
+        os.write = write_then_die
     else:
-        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap, audit-renewed, intent-remove)")
+        raise SystemExit(f"crashpoints: unknown step {step!r} (privkey-write, live-swap, audit-renewed, intent-remove, "
+                         "after-audit:ACTION)")
 
 
 def main(argv: list[str]) -> None:

@@ -257,6 +257,90 @@ def test_pop_crash_between_the_two_renames_of_the_certbot_conversion(fresh: Lab,
     state = tmp_path / "state"
     res = certmgr(inv, state, "run", "--no-notify")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert_every_pop_serves_live(fresh, state)
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
     check_pop_files_whole(fresh)
     assert not (live / f".{MEDIA}.certbot-old").exists()
+
+
+# ---------------------------------------------------------------- `certmgr revoke` killed between its steps
+
+
+def _revoke_setup(flab: Lab, proxy: ACMEProxy, tmp_path: Path) -> tuple[Path, Path, str]:
+    """media.hachyderm.test alone, version 1 issued and served on every POP: (inventory, state, its serial)."""
+    from tests.integration.lifecycle import serial_of
+
+    inv = write_inventory(flab, proxy, tmp_path / "domains.toml", certs=[MEDIA])
+    state = tmp_path / "state"
+    first = certmgr(inv, state, "renew", MEDIA)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return inv, state, serial_of(state, 1)
+
+
+def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_rerun(
+        fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """SIGKILL right after the replacement (version 2, a new key) became live, before the deploy and the revocation:
+    status and run say the leaked certificate is still valid; another request waits for this one; the rerun revokes
+    version 1 — not the replacement, which is live by then — without ordering a third certificate."""
+    from tests.integration.lifecycle import cert_status, live, serial_of, spki_of
+
+    inv, state, leaked = _revoke_setup(fresh, proxy, tmp_path)
+    killed = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify",
+                     crash="after-audit:renewed")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert live(state) == 2 and spki_of(state, 2) != spki_of(state, 1)
+    replacement = serial_of(state, 2)
+    assert cert_status(fresh, leaked)["Status"] == "Valid"
+
+    status = certmgr(inv, state, "status", MEDIA)
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert (f"revocation of {MEDIA} not finished (keyCompromise, asked ") in status.stdout
+    assert f"version 1 (serial {leaked}) still valid at the CA; `certmgr revoke {MEDIA} --reason keyCompromise` " \
+           "finishes it" in status.stdout
+    assert "revocation not finished" in status.stdout.splitlines()[-1]
+
+    other = certmgr(inv, state, "revoke", MEDIA, "--reason", "superseded", "--version", "2", "--no-notify")
+    assert other.returncode != 0 and "is not finished; finish it first with " \
+        f"`certmgr revoke {MEDIA} --reason keyCompromise` (nothing done)" in other.stdout + other.stderr
+    assert cert_status(fresh, replacement)["Status"] == "Valid"
+
+    orders = proxy.created("new-order", MEDIA)
+    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming the revocation asked at " in rerun.stdout
+    assert f"revoked          {MEDIA} version 1 serial {leaked} (keyCompromise)" in rerun.stdout
+    assert proxy.created("new-order", MEDIA) == orders, "the rerun ordered no certificate"
+    assert live(state) == 2 and not (state / "archive" / MEDIA / "3").exists()
+    assert (cert_status(fresh, leaked)["Status"], cert_status(fresh, leaked)["Reason"]) == ("Revoked", 1)
+    assert cert_status(fresh, replacement)["Status"] == "Valid"
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+    after = certmgr(inv, state, "status", MEDIA)
+    assert "revocation" not in after.stdout, after.stdout
+
+
+def test_revoke_now_killed_after_revoking_is_replaced_by_the_next_run(
+        fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """`revoke --now` SIGKILLed right after the CA revoked the live certificate (served everywhere, no replacement):
+    the next `run` renews it at once with a new key and deploys it, and says the revocation is not finished; the
+    rerun of revoke then only confirms the replacement everywhere and clears the record."""
+    from tests.integration.lifecycle import cert_status, live, spki_of
+
+    inv, state, leaked = _revoke_setup(fresh, proxy, tmp_path)
+    killed = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--now", "--no-notify",
+                     crash="after-audit:revoked")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert cert_status(fresh, leaked)["Status"] == "Revoked" and live(state) == 1
+
+    run = certmgr(inv, state, "run", "--no-notify")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "the live certificate was revoked by certmgr (keyCompromise): a new key" in run.stdout, run.stdout
+    assert (f"revocation of {MEDIA} not finished (keyCompromise, asked ") in run.stdout, run.stdout
+    assert "revoked at the CA, the replacement not yet confirmed on every host" in run.stdout, run.stdout
+    assert live(state) == 2 and spki_of(state, 2) != spki_of(state, 1)
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+
+    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "skipped: already revoked by certmgr on " in rerun.stdout and "renewed" not in rerun.stdout
+    assert live(state) == 2
+    again = certmgr(inv, state, "run", "--no-notify")
+    assert again.returncode == 0 and "revocation" not in again.stdout and "renewed" not in again.stdout, again.stdout

@@ -144,3 +144,99 @@ def test_run_says_pinned_and_chat_says_when_a_renewal_cleared_a_pin() -> None:
     assert (f"unpinned {NAME}: renewal could wait no longer; rolled-back version 1 replaced by version 3 "
             f"(pinned to rolled-back version 1, but only 9d left (the last third of 1/3 of lifetime before expiry): "
             "renewing clears the pin)") in lines
+
+
+def test_a_live_certificate_certmgr_revoked_renews_now_pinned_or_not() -> None:
+    """decide(revoked=…): due and overdue at once, whatever the pin or the lifetime left; backoff still applies."""
+    for pinned in (None, 1):
+        d = decide(cert(), info(90), RenewState(), T0 + DAY, pinned=pinned, revoked="keyCompromise")
+        assert (d.due, d.overdue, d.attempt, d.source) == (True, True, True, "revoked")
+        assert d.reason == "the live certificate was revoked by certmgr (keyCompromise)"
+    failed = RenewState(failures=1, last_attempt=T0, last_failure=T0, last_error="CA down")
+    assert decide(cert(), info(90), failed, T0 + dt.timedelta(seconds=1), revoked="superseded").blocked_until
+
+
+def _three_versions(store: Store) -> None:
+    """Versions 1 and 2 share a key (2 live), version 3 is a replacement with its own key, made live."""
+    first = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY)
+    again = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY, key=first.key)
+    with store.lock("test"):
+        store.add_version(NAME, CertMaterial(cert=first.cert_pem, chain=_CA.cert_pem, privkey=first.key_pem))
+        store.activate(NAME, store.add_version(NAME, CertMaterial(cert=again.cert_pem, chain=_CA.cert_pem,
+                                                                  privkey=again.key_pem)))
+
+
+def test_an_unfinished_revocation_resumes_its_own_versions_not_the_live_replacement(tmp_path: Path) -> None:
+    """With a pending record, targets are the recorded versions (the leaked key), not the live replacement; a
+    version whose serial no longer matches the record is named, not revoked; other requests are refused."""
+    from certmgr.revoke import _resumable
+
+    store = Store.open(tmp_path / "state")
+    _three_versions(store)
+    now = T0 + DAY
+    todo, _, leaked = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now)
+    pending = pins.PendingRevocation(reason="keyCompromise", versions=tuple(t.version for t in todo),
+                                     serials=tuple(t.serial for t in todo), now_first=False, at=now)
+    pins.save_pending(store, NAME, pending)
+    assert pins.load_pending(store, NAME) == pending
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, _material()))  # the replacement, version 3, is live
+    assert _resumable(store, NAME, reason="keyCompromise", version=None, serial=None, now=now) == pending
+    assert _resumable(store, NAME, reason="keyCompromise", version=2, serial=None, now=now) == pending
+    resumed, notes, spki = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now,
+                                   pending=pending)
+    assert [(t.version, t.status) for t in resumed] == [(1, "pending"), (2, "pending")] and spki == leaked
+    assert notes == ["resuming the revocation asked at 2026-01-02 00:00Z (keyCompromise): versions 1, 2"]
+    for reason, version in (("superseded", None), ("keyCompromise", 3)):
+        with pytest.raises(UsageError, match=r"^revoke media.hachyderm.test: the revocation asked at 2026-01-02 "
+                                             r"00:00Z \(versions 1, 2, keyCompromise\) is not finished; finish it "
+                                             r"first with `certmgr revoke media.hachyderm.test --reason "
+                                             r"keyCompromise` \(nothing done\)$"):
+            _resumable(store, NAME, reason=reason, version=version, serial=None, now=now)
+
+    odd = pins.PendingRevocation(reason="keyCompromise", versions=(1, 7), serials=(todo[0].serial, "77"),
+                                 now_first=False, at=now)
+    resumed, _, _ = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now, pending=odd)
+    assert [(t.version, t.serial, t.status) for t in resumed] == [
+        (1, todo[0].serial, "pending"), (7, "77", "skipped: no longer in the store (revoke it at the CA by hand)")]
+
+    pins.record_revoked(store, NAME, todo[0].serial, version=1, reason="keyCompromise", at=now)
+    assert pending.note(NAME, pins.load_revoked(store, NAME)) == (
+        f"revocation of {NAME} not finished (keyCompromise, asked 2026-01-02 00:00Z): version 2 (serial "
+        f"{todo[1].serial}) still valid at the CA; `certmgr revoke {NAME} --reason keyCompromise` finishes it")
+    pins.record_revoked(store, NAME, todo[1].serial, version=2, reason="keyCompromise", at=now)
+    assert pins.PendingRevocation.of(store, NAME) == (
+        f"revocation of {NAME} not finished (keyCompromise, asked 2026-01-02 00:00Z): revoked at the CA, the "
+        f"replacement not yet confirmed on every host; `certmgr revoke {NAME} --reason keyCompromise` finishes it")
+    pins.clear_pending(store, NAME)
+    assert pins.load_pending(store, NAME) is None and pins.PendingRevocation.of(store, NAME) is None
+
+
+def test_an_unreadable_revocation_record_is_named_not_ignored(tmp_path: Path) -> None:
+    """A record that is not a pending revocation: status and run say so (and revoke refuses) instead of forgetting
+    a leaked key."""
+    store = Store.open(tmp_path / "state")
+    store.save_json(f"state/revoking/{NAME}.json", {"reason": "keyCompromise", "versions": [1, 2], "serials": ["a"],
+                                                    "at": "2026-01-01T00:00:00+00:00"})
+    note = pins.PendingRevocation.of(store, NAME)
+    assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: store {NAME}: "
+                                                f"state/revoking/{NAME}.json is not a pending revocation")
+    from certmgr.errors import StoreError
+    from certmgr.revoke import _resumable
+
+    with pytest.raises(StoreError):
+        _resumable(store, NAME, reason="keyCompromise", version=None, serial=None, now=T0)
+
+
+def test_status_needs_action_while_a_revocation_is_unfinished(tmp_path: Path) -> None:
+    """`status`: a pending revocation is a level-2 finding with its own line, and JSON carries it."""
+    from certmgr import status as status_mod
+
+    store = Store.open(tmp_path / "state")
+    _three_versions(store)
+    pins.save_pending(store, NAME, pins.PendingRevocation(reason="superseded", versions=(2,), serials=("ab",),
+                                                          now_first=False, at=T0))
+    [view] = status_mod.gather(None, store, now=T0 + DAY, certs=[cert()])  # type: ignore[arg-type]  # certs given
+    assert view.revoking and (2, "revocation not finished") in view.findings()
+    assert view.to_json()["revoking"] == view.revoking
+    assert f"  {view.revoking}" in status_mod.render([view], T0 + DAY)
