@@ -148,7 +148,8 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertS
             hosts = {}
         deploys = {h: (str(d.get("status")), parse_time(d.get("at"))) for h, d in sorted(hosts.items())
                    if isinstance(d, dict) and d.get("status") and h in cert.hosts}
-        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name))
+        decision = plan_mod.decide(cert, info, rstate, now, pinned=renew_mod.pinned_version(store, cert.name),
+                                   revoked=renew_mod.revoked_reason(store, cert.name, info))
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
                              not_after=info.not_after if info else None, overdue=decision.overdue,
                              renew=rstate, deploys=deploys))

@@ -68,6 +68,21 @@ def load_pin(store: StateStore, name: str) -> Pin | None:
                          hint=f"`certmgr deploy {name}` clears it, or move the file aside") from exc
 
 
+def holding_pin(store: StateStore, name: str) -> Pin | None:
+    """The pin of `name` if it holds the live version; a pin on another version (a rollback killed between
+    saving its pin and switching live) holds nothing and is said once, at WARNING."""
+    pin = load_pin(store, name)
+    if pin is None:
+        return None
+    live = store.live_version(name)
+    if live != pin.version:
+        event(log, logging.WARNING, "pin ignored: not the live version", cert=name, pinned=pin.version, live=live,
+              hint=f"a rollback that did not finish; `certmgr rollback {name} --to {pin.version}` or "
+                   f"`certmgr deploy {name}`")
+        return None
+    return pin
+
+
 def save_pin(store: StateStore, name: str, pin: Pin) -> None:
     store.save_json(_pin_path(name), pin.to_json())
 

@@ -339,7 +339,7 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
 
 def _pin(store: StateStore, name: str) -> pins.Pin | None:
     try:
-        return pins.load_pin(store, name) if store is not None else None
+        return pins.holding_pin(store, name) if store is not None else None
     except CertmgrError as exc:
         log.event(_log, logging.WARNING, "run: pin unreadable, ignored", cert=name, error=str(exc))
         return None

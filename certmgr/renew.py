@@ -131,7 +131,7 @@ def live_info(store: StateStore, name: str, *, known: halocks.Turn | None = None
 def pinned_version(store: StateStore, name: str) -> int | None:
     """The rolled-back version `name` is pinned to (certmgr.pins), None when not pinned or unreadable."""
     try:
-        pin = pins.load_pin(store, name)
+        pin = pins.holding_pin(store, name)
     except StoreError as exc:
         event(log, logging.WARNING, "pin unreadable, ignored", cert=name, error=str(exc))
         return None

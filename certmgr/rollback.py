@@ -176,11 +176,13 @@ async def rollback(inv: Inventory, store: StateStore, cert: Certificate, *, to: 
     if dry_run:
         return result
 
-    store.activate(name, target)  # audited "activate"
+    # The pin first: killed between the two, a pin on a version that is not live holds nothing (pins.holding_pin)
+    # and the store is as before the rollback; the other way round a rollback would be live without its pin.
     if pin_it:
         pins.save_pin(store, name, pins.Pin(version=target, serial=info.serial, rolled_back_from=live, at=now))
     else:
         pins.clear_pin(store, name, why=f"rollback --to {target}: the newest version is live again")
+    store.activate(name, target)  # audited "activate"
     store.audit("rollback", name, frm=live, to=target, serial=info.serial, previous_serial=prev_serial,
                 hosts=list(chosen), pinned=pin_it,
                 summary=f"rolling back {name} from version {live} to {target} on {', '.join(chosen)}")

@@ -101,7 +101,7 @@ def _unpin(c: Ctx, store: StateStore, certs: Any, *, named: bool) -> None:
             if line:
                 click.echo(line)
         else:
-            pin = pins.load_pin(store, cert.name)
+            pin = pins.holding_pin(store, cert.name)
             if pin is not None:
                 click.echo(f"note: {pin.note(cert.name)}")
 

@@ -240,3 +240,21 @@ def test_status_needs_action_while_a_revocation_is_unfinished(tmp_path: Path) ->
     assert view.revoking and (2, "revocation not finished") in view.findings()
     assert view.to_json()["revoking"] == view.revoking
     assert f"  {view.revoking}" in status_mod.render([view], T0 + DAY)
+
+
+def test_a_pin_on_a_version_that_is_not_live_holds_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """rollback saves its pin, then switches live: killed between the two, the pin names a version that is not live.
+    It holds nothing (renewal, run and status go by the live version) and the log says so."""
+    from certmgr.renew import pinned_version
+
+    store = Store.open(tmp_path / "state")
+    with store.lock("test"):
+        for _ in range(2):
+            store.add_version(NAME, _material())
+        store.activate(NAME, 2)
+    pins.save_pin(store, NAME, pins.Pin(version=1, serial="ab", rolled_back_from=2, at=T0))
+    assert pins.holding_pin(store, NAME) is None and pinned_version(store, NAME) is None
+    assert "pin ignored: not the live version" in caplog.text
+    with store.lock("test"):
+        store.activate(NAME, 1)  # the rollback's switch
+    assert pinned_version(store, NAME) == 1
