@@ -247,7 +247,9 @@ class Lab:
                     errors.append(f"{what}: {exc}")
         self._write_outputs()
         if errors:
-            raise LabError("some components did not start:\n" + "\n".join(errors))
+            raise LabError("some components did not start:\n" + "\n".join(errors) + "\nthe others are running: "
+                           f"`python -m lab down --dir {self.dir}` stops them; `up` again after the fix starts only "
+                           "what is not running")
 
     def _prepare(self) -> None:
         """Everything before the daemons: tools, user, dirs, keys, certificates, sudoers."""
