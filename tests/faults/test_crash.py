@@ -35,6 +35,7 @@ from tests.faults.conftest import (
     wait_for,
     write_inventory,
 )
+from tests.receiver import Receiver
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -277,10 +278,11 @@ def _revoke_setup(flab: Lab, proxy: ACMEProxy, tmp_path: Path) -> tuple[Path, Pa
 
 
 def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_rerun(
-        fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+        fresh: Lab, proxy: ACMEProxy, chat: Receiver, tmp_path: Path) -> None:
     """SIGKILL right after the replacement (version 2, a new key) became live, before the deploy and the revocation:
-    status and run say the leaked certificate is still valid; another request waits for this one; the rerun revokes
-    version 1 — not the replacement, which is live by then — without ordering a third certificate."""
+    status and run say the leaked certificate is still valid — run on chat too, even when it changed nothing —;
+    another request waits for this one; the rerun revokes version 1 — not the replacement, which is live by then —
+    without ordering a third certificate."""
     from tests.integration.lifecycle import cert_status, live, serial_of, spki_of
 
     inv, state, leaked = _revoke_setup(fresh, proxy, tmp_path)
@@ -297,6 +299,13 @@ def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_re
     assert f"version 1 (serial {leaked}) still valid at the CA; `certmgr revoke {MEDIA} --reason keyCompromise` " \
            "finishes it" in status.stdout
     assert "revocation not finished" in status.stdout.splitlines()[-1]
+
+    for _ in range(2):  # the first run deploys version 2 to the POPs; the second changes nothing and still says it
+        chat.clear()
+        run = certmgr(inv, state, "run")
+        assert run.returncode == 0 and f"version 1 (serial {leaked}) still valid at the CA" in run.stdout, run.stdout
+        summary = [r.json for r in chat.wait_for(1) if "certmgr run" in str(r.json.get("title", ""))]
+        assert summary and any(f"revocation of {MEDIA} not finished" in line for line in summary[0]["lines"]), summary
 
     other = certmgr(inv, state, "revoke", MEDIA, "--reason", "superseded", "--version", "2", "--no-notify")
     assert other.returncode != 0 and "is not finished; finish it first with " \
