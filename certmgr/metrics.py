@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from certmgr import pins
 from certmgr import plan as plan_mod
 from certmgr import renew as renew_mod
 from certmgr.docmerge import parse_time
@@ -43,6 +44,8 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
      "notBefore of the certificate live in the local store (Unix time)."),
     ("certmgr_certificate_renewal_overdue", "gauge",
      "1 if the certificate is past its renewal time (plus grace) and still not renewed."),
+    ("certmgr_certificate_revocation_pending", "gauge",
+     "1 while a `certmgr revoke` of the certificate is not finished (a leaked key may still be valid at the CA)."),
     ("certmgr_certificate_renewal_consecutive_failures", "gauge",
      "Renewal attempts that failed in a row (0 after a success)."),
     ("certmgr_certificate_renewal_last_attempt_success", "gauge",
@@ -100,6 +103,7 @@ class CertState:
     overdue: bool = False
     renew: RenewState = field(default_factory=RenewState)
     deploys: Mapping[str, tuple[str, dt.datetime | None]] = field(default_factory=dict)  # host → (status, at)
+    revoking: bool = False  # an unfinished `certmgr revoke` (certmgr.pins.PendingRevocation), or its record unreadable
 
 
 def run_succeeded(report: RunReport) -> bool:
@@ -152,7 +156,8 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertS
                                    revoked=renew_mod.revoked_reason(store, cert.name, info))
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
                              not_after=info.not_after if info else None, overdue=decision.overdue,
-                             renew=rstate, deploys=deploys))
+                             renew=rstate, deploys=deploys,
+                             revoking=pins.PendingRevocation.of(store, cert.name) is not None))
     return out
 
 
@@ -200,6 +205,7 @@ def lines(*, scan: ScanResult, report: RunReport, certs: Sequence[CertState], re
             add("certmgr_certificate_not_after_timestamp_seconds", c.not_after.timestamp(), certificate=c.name)
             add("certmgr_certificate_not_before_timestamp_seconds", c.not_before.timestamp(), certificate=c.name)
         add("certmgr_certificate_renewal_overdue", 1 if c.overdue else 0, certificate=c.name)
+        add("certmgr_certificate_revocation_pending", 1 if c.revoking else 0, certificate=c.name)
         r = c.renew
         add("certmgr_certificate_renewal_consecutive_failures", r.failures, certificate=c.name)
         if r.last_attempt is not None:

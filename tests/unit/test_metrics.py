@@ -240,12 +240,18 @@ def test_gather_reads_renew_and_deploy_state_and_skips_garbage() -> None:
             "gone-host": {"status": "deployed"},  # no longer in the inventory
             media.hosts[1]: ["not", "a", "dict"]}},
         "state/deploy/hachyderm.io.json": ["garbage"],
+        "state/revoking/media.hachyderm.io.json": {"reason": "keyCompromise", "versions": [4], "serials": ["0A"],
+                                                   "now_first": False, "at": NOW.isoformat()},
+        "state/revoking/hachyderm.io.json": {},  # a revocation that finished
     })
     by_name = {c.name: c for c in metrics.gather(inv, store, now=NOW)}
     m = by_name["media.hachyderm.io"]
-    assert (m.renew.failures, m.overdue, m.not_after) == (3, True, None)
+    assert (m.renew.failures, m.overdue, m.not_after, m.revoking) == (3, True, None, True)
     assert m.deploys == {media.hosts[0]: ("failed", NOW)}
-    assert by_name["hachyderm.io"].deploys == {}
+    assert by_name["hachyderm.io"].deploys == {} and not by_name["hachyderm.io"].revoking
+    s = samples(textfile(certs=tuple(by_name.values())))
+    assert s['certmgr_certificate_revocation_pending{certificate="media.hachyderm.io"}'] == "1"
+    assert s['certmgr_certificate_revocation_pending{certificate="hachyderm.io"}'] == "0"
 
 
 @pytest.mark.skipif(promtool is None, reason="promtool not installed (Debian package prometheus)")
