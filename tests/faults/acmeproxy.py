@@ -52,6 +52,7 @@ _KINDS = (
     ("/my-order/", "order"),
     ("/certZ/", "certificate"),
     ("/my-account/", "account"),
+    ("/revoke-cert", "revoke"),
 )
 
 

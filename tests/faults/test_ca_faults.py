@@ -285,3 +285,45 @@ def test_alternate_roots_and_long_chain(fresh: Lab, proxy: ACMEProxy, tmp_path: 
             assert path[:-1] == chain, "every stored certificate is on the path to the root, in order"
             assert path[-1].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == preferred
         assert_every_pop_serves_live(fresh, state)
+
+
+def test_revoke_through_a_lost_answer_and_a_refusal(fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """revokeCert as the CA may answer it. A 503 after Pebble revoked (the answer lost): the retry finds it
+    `alreadyRevoked`, and revoke is done. The CA refusing: `failed: …`, exit 1, the replacement stays live and
+    served, the request stays pending (status exit 2); once the CA accepts again, the plain rerun revokes the
+    same certificate without a new order."""
+    from tests.integration.lifecycle import cert_status, live, serial_of
+
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA])
+    state = tmp_path / "state"
+    first = certmgr(inv, state, "renew", MEDIA)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    v1 = serial_of(state, 1)
+    proxy.fail("revoke", 503, "serverInternal", "answer lost (injected)", lost=True, retry_after=1)
+    lost = certmgr(inv, state, "revoke", MEDIA, "--reason", "superseded", "--version", "1", "--no-notify")
+    assert lost.returncode == 0, lost.stdout + lost.stderr
+    assert f"already revoked  {MEDIA} version 1 serial {v1} (superseded)" in lost.stdout
+    assert [s.status for s in proxy.requests("revoke") if s.status != 400][:1] == [503]
+    assert cert_status(fresh, v1)["Status"] == "Revoked"
+
+    v2 = serial_of(state, 2)
+    orders = proxy.created("new-order", MEDIA)
+    refusal = proxy.fail("revoke", 403, "unauthorized", "not today (injected)", times=None)
+    refused = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "failed: " in refused.stdout and "not today (injected)" in refused.stdout
+    assert f"revoke {MEDIA}: INCOMPLETE in " in refused.stdout
+    assert live(state) == 3 and cert_status(fresh, v2)["Status"] == "Valid"
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+    status = certmgr(inv, state, "status", MEDIA)
+    assert status.returncode == 2 and f"version 2 (serial {v2}) still valid at the CA" in status.stdout
+
+    proxy.remove(refusal)
+    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"revoked          {MEDIA} version 2 serial {v2} (keyCompromise)" in rerun.stdout
+    assert proxy.created("new-order", MEDIA) == orders + 1, "one replacement in all, none on the rerun"
+    assert live(state) == 3 and cert_status(fresh, v2)["Status"] == "Revoked"
+    assert cert_status(fresh, serial_of(state, 3))["Status"] == "Valid"
+    assert "revocation" not in certmgr(inv, state, "status", MEDIA).stdout
