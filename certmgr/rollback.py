@@ -97,7 +97,8 @@ def select_hosts(inv: Inventory, cert: Certificate, refs: Sequence[str], *, step
 
 def refusals(store: StateStore, inv: Inventory, cert: Certificate, version: int, *, now: dt.datetime,
              roots: Any = None) -> tuple[CertMaterial | None, tuple[str, ...]]:
-    """Why `version` of `cert` may not go live again: revoked by certmgr, key mismatch, expired, names, chain."""
+    """Why `version` of `cert` may not go live again: revoked by certmgr (or asked to be), key mismatch, expired,
+    names, chain."""
     try:
         material = store.read(cert.name, version)
     except StoreError as exc:
@@ -111,6 +112,14 @@ def refusals(store: StateStore, inv: Inventory, cert: Certificate, version: int,
     if revoked is not None:
         found.append(f"serial {info.serial} was revoked by certmgr on {str(revoked.get('at', '?'))[:16]} "
                      f"({revoked.get('reason', '?')})")
+    try:
+        pending = pins.load_pending(store, cert.name)
+    except StoreError as exc:  # unreadable: it may name this version; status says what it is
+        found.append(f"the record of an unfinished revocation cannot be read ({exc.message})")
+        pending = None
+    if pending is not None and revoked is None and info.serial in pending.serials:
+        found.append(f"its revocation ({pending.reason}) was asked for on {pending.at:%Y-%m-%d %H:%M}Z and is not "
+                     f"finished: `certmgr revoke {cert.name} --reason {pending.reason}` finishes it")
     try:
         material.check()
     except MaterialError as exc:

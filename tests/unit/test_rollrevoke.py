@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from certmgr import pins
 from certmgr.errors import UsageError
@@ -258,3 +259,22 @@ def test_a_pin_on_a_version_that_is_not_live_holds_nothing(tmp_path: Path, caplo
     with store.lock("test"):
         store.activate(NAME, 1)  # the rollback's switch
     assert pinned_version(store, NAME) == 1
+
+
+def test_rollback_refuses_a_version_whose_revocation_is_unfinished(tmp_path: Path) -> None:
+    """A version named by an unfinished revocation (a leaked key not yet revoked) may not be made live again."""
+    from certmgr.rollback import refusals
+
+    store = Store.open(tmp_path / "state")
+    _three_versions(store)
+    v1 = store.read(NAME, 1).info().serial
+    pins.save_pending(store, NAME, pins.PendingRevocation(reason="keyCompromise", versions=(1,), serials=(v1,),
+                                                          now_first=False, at=T0))
+    why = ("its revocation (keyCompromise) was asked for on 2026-01-01 00:00Z and is not finished: "
+           f"`certmgr revoke {NAME} --reason keyCompromise` finishes it")
+    roots = (x509.load_pem_x509_certificate(_CA.cert_pem),)
+    assert why in refusals(store, None, cert(), 1, now=T0 + DAY, roots=roots)[1]  # type: ignore[arg-type]
+    assert why not in refusals(store, None, cert(), 2, now=T0 + DAY, roots=roots)[1]  # type: ignore[arg-type]
+    pins.record_revoked(store, NAME, v1, version=1, reason="keyCompromise", at=T0)
+    [only] = [p for p in refusals(store, None, cert(), 1, now=T0 + DAY, roots=roots)[1] if "revo" in p]  # type: ignore[arg-type]
+    assert only.startswith(f"serial {v1} was revoked by certmgr on ")
