@@ -7,6 +7,7 @@ exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN. The anchor is `check_ssl_cert`, but
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from certmgr.inventory import SEVERITIES, Inventory
@@ -63,13 +64,16 @@ def unknown(message: str) -> PluginResult:
     return PluginResult(status=UNKNOWN, lines=(f"CERTMGR UNKNOWN - {lines[0]}", *lines[1:]))
 
 
-def check(result: ScanResult, inv: Inventory) -> PluginResult:
-    """The plugin result for one scan: the worst endpoint decides; the soonest expiry is always named."""
+def check(result: ScanResult, inv: Inventory, *, revoking: Sequence[str] = ()) -> PluginResult:
+    """The plugin result for one scan: the worst endpoint decides; the soonest expiry is always named.
+
+    `revoking`: notes on unfinished `certmgr revoke`s (pins.PendingRevocation.of; only when the store is readable):
+    each is CRITICAL, first on the status line — a leaked key may still be valid at the CA."""
     eps = list(result.iter_endpoints())  # all of them: `endpoints` holds only the most urgent 1,000 of a large scan
     if not eps:
         return unknown("no endpoints to scan (no certificate has hosts)")
     now = result.started
-    status = max(EXIT_BY_SEVERITY[r.severity] for r in eps)
+    status = max([EXIT_BY_SEVERITY[r.severity] for r in eps] + [CRITICAL for _ in revoking])
     counts = {s: sum(1 for r in eps if r.severity == s) for s in SEVERITIES}
     read = [r for r in eps if r.info is not None]
     soonest = min(read, key=lambda r: (r.days_left(now) or 0.0, r.endpoint.name, r.endpoint.host)) if read else None
@@ -84,6 +88,8 @@ def check(result: ScanResult, inv: Inventory) -> PluginResult:
         text = f"{len(eps)} endpoints ok"
     if soonest is not None and (days := soonest.days_left(now)) is not None:
         text += f", soonest expiry {clean(_where(soonest))} in {days:.0f}d"
+    if revoking:
+        text = "; ".join(clean(r) for r in revoking) + "; " + text
 
     perf = [f"{perf_label('endpoints')}={len(eps)};;;0"]
     perf += [f"{perf_label(s)}={counts[s]};;;0;{len(eps)}" for s in SEVERITIES]
@@ -95,6 +101,7 @@ def check(result: ScanResult, inv: Inventory) -> PluginResult:
     perf.append(f"{perf_label('time')}={result.elapsed:.3f}s;;;0")
 
     lines = [f"CERTMGR {STATE_NAMES[status]} - {text} | {' '.join(perf)}"]
+    lines += [f"CRITICAL: {clean(r)}" for r in revoking]
     lines += [f"{r.severity.upper()}: {clean(_what(r))}" for r in bad[:LONG_OUTPUT_MAX]]
     if len(bad) > LONG_OUTPUT_MAX:
         lines.append(f"… {len(bad) - LONG_OUTPUT_MAX} more (certmgr scan shows all)")

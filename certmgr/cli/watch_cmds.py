@@ -140,7 +140,7 @@ def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout:
     """
     import datetime as dt
 
-    from certmgr import nagios
+    from certmgr import nagios, pins
     from certmgr import scan as scan_mod
 
     try:
@@ -150,7 +150,9 @@ def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout:
         result = run_async(scan_mod.scan(
             inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
             timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
-        out = nagios.check(result, inv)
+        revoking = [n for cert in inv.select(list(names)) if store is not None
+                    and (n := pins.PendingRevocation.of(store, cert.name))]
+        out = nagios.check(result, inv, revoking=revoking)
     except CertmgrError as exc:
         out = nagios.unknown(log.redact(str(exc)))
     except Exception:  # a bug: the traceback goes to stderr, the monitoring system still gets UNKNOWN

@@ -299,6 +299,8 @@ def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_re
     assert f"version 1 (serial {leaked}) still valid at the CA; `certmgr revoke {MEDIA} --reason keyCompromise` " \
            "finishes it" in status.stdout
     assert "revocation not finished" in status.stdout.splitlines()[-1]
+    check = certmgr(inv, state, "check", MEDIA)  # the monitoring plugin, the store readable
+    assert check.returncode == 2 and check.stdout.startswith(f"CERTMGR CRITICAL - revocation of {MEDIA} not finished")
 
     for _ in range(2):  # the first run deploys version 2 to the POPs; the second changes nothing and still says it
         chat.clear()

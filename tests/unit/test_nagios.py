@@ -94,3 +94,14 @@ def test_cli_check_bad_inventory_is_unknown(tmp_path: Path) -> None:
     assert res.output.startswith(f"CERTMGR UNKNOWN - inventory {bad}: ")
     res = CliRunner().invoke(main, ["--inventory", str(tmp_path / "none.toml"), "check"])
     assert res.exit_code == 3 and res.output.startswith("CERTMGR UNKNOWN - "), res.output
+
+
+def test_an_unfinished_revocation_is_critical_and_named_first() -> None:
+    """With the store readable, an unfinished `certmgr revoke` makes an all-ok scan CRITICAL, first on the line."""
+    note = "revocation of media.hachyderm.io not finished (keyCompromise, asked 2026-01-01 00:00Z): version 4 " \
+           "(serial 0A) still valid at the CA; `certmgr revoke media.hachyderm.io --reason keyCompromise` finishes it"
+    out = nagios.check(result(ep("sally", 41.2)), INV, revoking=[note])
+    assert out.status == 2
+    assert out.lines[0].startswith(f"CERTMGR CRITICAL - {note}; 1 endpoints ok, soonest expiry ")
+    assert out.lines[1] == f"CRITICAL: {note}"
+    assert nagios.check(result(ep("sally", 41.2)), INV).status == 0
