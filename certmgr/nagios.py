@@ -70,6 +70,10 @@ def check(result: ScanResult, inv: Inventory, *, revoking: Sequence[str] = ()) -
     `revoking`: notes on unfinished `certmgr revoke`s (pins.PendingRevocation.of; only when the store is readable):
     each is CRITICAL, first on the status line — a leaked key may still be valid at the CA."""
     eps = list(result.iter_endpoints())  # all of them: `endpoints` holds only the most urgent 1,000 of a large scan
+    if not eps and revoking:
+        notes = [clean(r) for r in revoking]
+        return PluginResult(status=CRITICAL, lines=(f"CERTMGR CRITICAL - {'; '.join(notes)}",
+                                                    *(f"CRITICAL: {n}" for n in notes)))
     if not eps:
         return unknown("no endpoints to scan (no certificate has hosts)")
     now = result.started

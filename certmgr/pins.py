@@ -70,7 +70,7 @@ def load_pin(store: StateStore, name: str) -> Pin | None:
 
 def holding_pin(store: StateStore, name: str) -> Pin | None:
     """The pin of `name` if it holds the live version; a pin on another version (a rollback killed between
-    saving its pin and switching live) holds nothing and is said once, at WARNING."""
+    saving its pin and switching live) holds nothing and is logged, at WARNING, by each command that reads it."""
     pin = load_pin(store, name)
     if pin is None:
         return None
@@ -129,6 +129,11 @@ class PendingRevocation:
     serials: tuple[str, ...]
     now_first: bool
     at: dt.datetime
+    # the leaked public key (SPKI DER, hex; "" unknown) and each version's leaf certificate (PEM; "" unknown): a
+    # version issued later with that key (reuse_key) is revoked too, and a version pruned from the store meanwhile
+    # can still be revoked from its recorded certificate
+    spki: str = ""
+    leaves: tuple[str, ...] = ()
 
     def note(self, name: str, revoked: Collection[str] = ()) -> str:
         """One line for `run` and `status`: what is still valid at the CA that should not be (`revoked`: the
@@ -142,16 +147,22 @@ class PendingRevocation:
 
     @classmethod
     def of(cls, store: StateStore, name: str) -> str | None:
-        """The note for `name`'s unfinished revocation, None if there is none; an unreadable record says so."""
+        """The note for `name`'s unfinished revocation, None if there is none; an unreadable record (or record of
+        revoked serials) says so. Never raises: status, run, metrics and check call it for every certificate."""
         try:
             pending = load_pending(store, name)
-        except CertmgrError as exc:
+            return pending.note(name, load_revoked(store, name)) if pending is not None else None
+        except Exception as exc:  # whatever a damaged document raises is reported, not raised
             return f"revocation record of {name} unreadable: {exc}"
-        return pending.note(name, load_revoked(store, name)) if pending is not None else None
 
     def to_json(self) -> dict[str, Any]:
         return {"reason": self.reason, "versions": list(self.versions), "serials": list(self.serials),
-                "now_first": self.now_first, "at": self.at.isoformat()}
+                "now_first": self.now_first, "at": self.at.isoformat(), "spki": self.spki, "leaves": list(self.leaves)}
+
+    def leaf(self, version: int) -> str:
+        """The recorded leaf certificate (PEM) of `version`, "" when not recorded."""
+        i = self.versions.index(version)
+        return self.leaves[i] if i < len(self.leaves) else ""
 
 
 def _revoking_path(name: str) -> str:
@@ -167,12 +178,14 @@ def load_pending(store: StateStore, name: str) -> PendingRevocation | None:
         at = dt.datetime.fromisoformat(str(data["at"]))
         versions = tuple(int(v) for v in data["versions"])
         serials = tuple(str(s) for s in data["serials"])
-        if len(versions) != len(serials) or not versions:
-            raise ValueError("versions and serials do not pair up")
+        leaves = tuple(str(c) for c in data.get("leaves") or ())
+        if len(versions) != len(serials) or not versions or len(leaves) not in (0, len(versions)):
+            raise ValueError("versions, serials and leaves do not pair up")
         return PendingRevocation(reason=str(data["reason"]), versions=versions, serials=serials,
                                  now_first=bool(data.get("now_first", False)),
-                                 at=at if at.tzinfo else at.replace(tzinfo=dt.UTC))
-    except (KeyError, TypeError, ValueError) as exc:
+                                 at=at if at.tzinfo else at.replace(tzinfo=dt.UTC),
+                                 spki=str(data.get("spki") or ""), leaves=leaves)
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise StoreError(f"store {name}: state/revoking/{name}.json is not a pending revocation ({exc!r})",
                          hint=f"see the audit log's 'revoke requested' line for {name}; move the file aside and "
                               f"rerun `certmgr revoke {name} --version N`") from exc
@@ -196,3 +209,11 @@ def live_revoked(store: StateStore, name: str, serial: str | None) -> str | None
         event(log, logging.WARNING, "revocation record unreadable, ignored", cert=name, error=str(exc))
         return None
     return str(entry.get("reason") or "revoked") if entry is not None else None
+
+
+def revocation_pending(store: StateStore, name: str) -> bool:
+    """Whether a revocation of `name` is asked for and unfinished; an unreadable record counts as one."""
+    try:
+        return load_pending(store, name) is not None
+    except CertmgrError:
+        return True

@@ -48,6 +48,7 @@ class RunReport:
     messages: tuple[tuple[str, notify_mod.Message, notify_mod.Delivery], ...] = ()
     elapsed: float = 0.0
     notes: tuple[str, ...] = field(default=())
+    revoking: tuple[str, ...] = field(default=())  # of `notes`: unfinished revocations (the summary is critical)
 
     @property
     def final_scan(self) -> ScanResult:
@@ -210,7 +211,7 @@ def summary_message(report: RunReport, alerts: Sequence[notify_mod.Alert]) -> no
         m = a.message
         lines.append(f"{a.severity.upper()} {a.certificate}: {m.title}" + (f" → {m.command}" if m.command else ""))
     final = report.final_scan
-    worst = max([final.severity] + ["critical" for _ in report.renew_failed + report.deploy_failed],
+    worst = max([final.severity] + ["critical" for _ in report.renew_failed + report.deploy_failed + report.revoking],
                 key=SEVERITY_RANK.__getitem__)
     title = (f"certmgr run: {len(renewed)} renewed, {len(deployed)} deployed, "
              f"{len(report.renew_failed) + len(report.deploy_failed)} failed; "
@@ -310,7 +311,8 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
         scan_mod.save_state(store, after)
 
     report = RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
-                       deploy_plan=tuple(plans), deploys=deploys, scan_after=after, notes=notes)
+                       deploy_plan=tuple(plans), deploys=deploys, scan_after=after, notes=notes,
+                       revoking=tuple(note for _, note in revoking))
 
     # 5. notify: one summary when anything happened, else only deduplicated expiry alerts
     if channels and after is not None:
@@ -334,7 +336,7 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
 
     return RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
                      deploy_plan=tuple(plans), deploys=deploys, scan_after=after, messages=tuple(messages),
-                     elapsed=time.monotonic() - t0, notes=notes)
+                     elapsed=time.monotonic() - t0, notes=notes, revoking=tuple(note for _, note in revoking))
 
 
 def _pin(store: StateStore, name: str) -> pins.Pin | None:

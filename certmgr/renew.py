@@ -320,9 +320,11 @@ async def _one(run: _Run, cert: Certificate, *, now: dt.datetime, force: bool, d
 
     event(log, logging.INFO, "renewing", cert=cert.name, reason=decision.reason, forced=force and not decision.due)
     try:
-        # a revoked live certificate never hands its key on: the revocation may have been for keyCompromise
-        result = await _issue_and_store(run, ca, cert, material, info, state, now=now,
-                                        new_key=new_key or decision.source == "revoked")
+        # a revoked live certificate, or one whose revocation is asked for, never hands its key on (reuse_key or
+        # not): the revocation may be for keyCompromise, and whatever shares the key would have to go too
+        fresh_key = (new_key or revoked_reason(store, cert.name, info) is not None
+                     or pins.revocation_pending(store, cert.name))
+        result = await _issue_and_store(run, ca, cert, material, info, state, now=now, new_key=fresh_key)
     except SecretError as exc:
         # A secret this process cannot read (a *_credential outside systemd, a missing key file) is
         # this machine's configuration, not the CA's or the DNS server's answer: no backoff, so the

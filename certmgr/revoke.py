@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from certmgr import deploy as deploy_mod
 from certmgr import notify as notify_mod
 from certmgr import pins
@@ -26,7 +28,7 @@ from certmgr.errors import ACMEError, CertmgrError, UsageError
 from certmgr.inventory import Certificate, Inventory
 from certmgr.issue import ACMEClient
 from certmgr.log import event
-from certmgr.material import public_key_der
+from certmgr.material import public_key_der, serial_text
 from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class Target:
     serial: str
     not_after: dt.datetime
     status: str = "pending"  # pending | revoked | already revoked | skipped: … | failed: …
+    leaf_pem: str = ""  # the certificate as recorded when the revocation was asked for ("": read it from the store)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,34 +137,59 @@ def targets(store: StateStore, name: str, *, reason: str, version: int | None, s
     notes = []
     if len(chosen) > 1:
         notes.append(f"versions {', '.join(map(str, chosen))} share the leaked key: all are revoked")
-    return [_target(store, name, v, infos[v][0], now) for v in chosen], notes, spki
+    return [_target(store, name, v, infos[v][0].serial, infos[v][0].not_after, now) for v in chosen], notes, spki
 
 
-def _target(store: StateStore, name: str, version: int, info: Any, now: dt.datetime) -> Target:
-    """A stored version to revoke, skipped when certmgr revoked it already or it has expired."""
+def _target(store: StateStore, name: str, version: int, serial: str, not_after: dt.datetime, now: dt.datetime,
+            leaf_pem: str = "") -> Target:
+    """A version to revoke, skipped when certmgr revoked it already or it has expired."""
     done = pins.load_revoked(store, name)
     status = "pending"
-    if info.serial in done:
-        status = f"skipped: already revoked by certmgr on {str(done[info.serial].get('at', '?'))[:16]}"
-    elif info.not_after <= now:
+    if serial in done:
+        status = f"skipped: already revoked by certmgr on {str(done[serial].get('at', '?'))[:16]}"
+    elif not_after <= now:
         status = "skipped: expired (a CA no longer revokes it; no client accepts it)"
-    return Target(version=version, serial=info.serial, not_after=info.not_after, status=status)
+    return Target(version=version, serial=serial, not_after=not_after, status=status, leaf_pem=leaf_pem)
 
 
 def _pending_targets(store: StateStore, name: str, pending: pins.PendingRevocation,
                      infos: dict[int, tuple[Any, bytes]], now: dt.datetime) -> tuple[list[Target], list[str], bytes]:
-    """The targets of an unfinished revocation, as recorded when it was asked for."""
-    out = []
+    """The targets of an unfinished revocation as recorded when it was asked for, from the store or, for a version
+    pruned since, from its recorded certificate; with keyCompromise also any version issued since with that key."""
+    out, notes = [], []
     for v, recorded in zip(pending.versions, pending.serials, strict=True):
-        if v not in infos or infos[v][0].serial != recorded:  # the store changed under the record: say so
-            out.append(Target(version=v, serial=recorded, not_after=now,
-                              status="skipped: no longer in the store (revoke it at the CA by hand)"))
+        pem = pending.leaf(v)
+        leaf = _recorded_leaf(pem)
+        if v in infos and infos[v][0].serial == recorded:
+            out.append(_target(store, name, v, recorded, infos[v][0].not_after, now))
+        elif leaf is not None and serial_text(leaf.serial_number) == recorded:
+            out.append(_target(store, name, v, recorded, leaf.not_valid_after_utc, now, leaf_pem=pem))
+            notes.append(f"version {v} is no longer in the store: revoked from the certificate recorded with the "
+                         "request")
         else:
-            out.append(_target(store, name, v, infos[v][0], now))
-    spki = next((infos[t.version][1] for t in out if not t.status.startswith("skipped: no longer")), b"")
+            out.append(Target(version=v, serial=recorded, not_after=now, status=(
+                f"failed: no longer in the store and not recorded with the request: revoke serial {recorded} at the CA "
+                f"by hand, then move state/revoking/{name}.json aside")))
+    spki = bytes.fromhex(pending.spki) if pending.spki else next(
+        (infos[t.version][1] for t in out if t.version in infos and infos[t.version][0].serial == t.serial), b"")
+    if pending.reason == "keyCompromise" and spki:
+        later = [v for v, (_, key) in sorted(infos.items()) if key == spki and v not in pending.versions]
+        out += [_target(store, name, v, infos[v][0].serial, infos[v][0].not_after, now) for v in later]
+        if later:
+            notes.append(f"version{'s' if len(later) > 1 else ''} {', '.join(map(str, later))} carr"
+                         f"{'y' if len(later) > 1 else 'ies'} the leaked key too (issued since with reuse_key): "
+                         "revoked as well")
     what = ", ".join(str(v) for v in pending.versions)
     return out, [f"resuming the revocation asked at {pending.at:%Y-%m-%d %H:%M}Z ({pending.reason}): version"
-                 f"{'s' if len(pending.versions) > 1 else ''} {what}"], spki
+                 f"{'s' if len(pending.versions) > 1 else ''} {what}", *notes], spki
+
+
+def _recorded_leaf(pem: str) -> x509.Certificate | None:
+    """The certificate recorded with a revocation request, None when none was or it does not parse."""
+    try:
+        return x509.load_pem_x509_certificate(pem.encode()) if pem else None
+    except ValueError:
+        return None
 
 
 def _resumable(store: StateStore, name: str, *, reason: str, version: int | None, serial: str | None,
@@ -204,7 +232,8 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
     else:
         pins.save_pending(store, name, pins.PendingRevocation(
             reason=reason, versions=tuple(t.version for t in todo), serials=tuple(t.serial for t in todo),
-            now_first=now_first, at=now))
+            now_first=now_first, at=now, spki=spki.hex(),
+            leaves=tuple(store.read(name, t.version).cert.decode() for t in todo)))
     live = store.live_version(name)
     replace = any(t.version == live for t in todo)  # keyCompromise: the live version too if it shares the key
     store.audit("revoke requested", name, reason=reason, versions=[t.version for t in todo],
@@ -264,7 +293,8 @@ async def _revoke_at_ca(inv: Inventory, store: StateStore, cert: Certificate, to
         client = await ACMEClient.open(inv.cas[cert.ca], executor=executor)
         await client.ensure_account(store)
         for t in pending:
-            leaf = store.read(cert.name, t.version).leaf
+            leaf = (x509.load_pem_x509_certificate(t.leaf_pem.encode()) if t.leaf_pem
+                    else store.read(cert.name, t.version).leaf)
             step = f"acme revoke {cert.name} version {t.version} (serial {t.serial})"
             try:
                 fresh = await client.revoke(leaf, REASONS[reason], step=step)

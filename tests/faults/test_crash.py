@@ -355,3 +355,30 @@ def test_revoke_now_killed_after_revoking_is_replaced_by_the_next_run(
     assert live(state) == 2
     again = certmgr(inv, state, "run", "--no-notify")
     assert again.returncode == 0 and "revocation" not in again.stdout and "renewed" not in again.stdout, again.stdout
+
+
+def test_a_renewal_while_a_revocation_is_pending_never_reuses_the_leaked_key(
+        fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
+    """`reuse_key = true`, revoke killed right after it recorded its request (nothing else done): an operator's
+    `renew --force` meanwhile makes a new key, not the leaked one; the rerun revokes version 1 only and keeps the
+    renewed version 2 live, with no further order."""
+    from tests.integration.lifecycle import cert_status, live, serial_of, spki_of
+
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA],
+                          cert_extra={"reuse_key": "true"})
+    state = tmp_path / "state"
+    assert certmgr(inv, state, "renew", MEDIA).returncode == 0
+    leaked = serial_of(state, 1)
+    killed = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify",
+                     crash="after-audit:revoke requested")
+    assert killed.returncode == -9 and live(state) == 1
+    renewed = certmgr(inv, state, "renew", MEDIA, "--force")
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    assert live(state) == 2 and spki_of(state, 2) != spki_of(state, 1), "the pending revocation forbids reuse_key"
+    orders = proxy.created("new-order", MEDIA)
+    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert proxy.created("new-order", MEDIA) == orders and live(state) == 2
+    assert cert_status(fresh, leaked)["Status"] == "Revoked"
+    assert cert_status(fresh, serial_of(state, 2))["Status"] == "Valid"
+    assert_every_pop_serves_live(fresh, state, [MEDIA])

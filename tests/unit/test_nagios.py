@@ -105,3 +105,5 @@ def test_an_unfinished_revocation_is_critical_and_named_first() -> None:
     assert out.lines[0].startswith(f"CERTMGR CRITICAL - {note}; 1 endpoints ok, soonest expiry ")
     assert out.lines[1] == f"CRITICAL: {note}"
     assert nagios.check(result(ep("sally", 41.2)), INV).status == 0
+    alone = nagios.check(result(), INV, revoking=[note])  # no endpoint to scan: still CRITICAL, not UNKNOWN
+    assert (alone.status, alone.lines) == (2, (f"CERTMGR CRITICAL - {note}", f"CRITICAL: {note}"))

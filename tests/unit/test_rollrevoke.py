@@ -195,11 +195,28 @@ def test_an_unfinished_revocation_resumes_its_own_versions_not_the_live_replacem
                                              r"keyCompromise` \(nothing done\)$"):
             _resumable(store, NAME, reason=reason, version=version, serial=None, now=now)
 
+    # version 1 alone was recorded (no key, no certificates: an older record): version 2, with the same key, joins;
+    # version 7 is gone from the store and was not recorded, so it is failed, never silently done
     odd = pins.PendingRevocation(reason="keyCompromise", versions=(1, 7), serials=(todo[0].serial, "77"),
                                  now_first=False, at=now)
-    resumed, _, _ = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now, pending=odd)
+    resumed, notes, _ = targets(store, NAME, reason="keyCompromise", version=None, serial=None, now=now, pending=odd)
     assert [(t.version, t.serial, t.status) for t in resumed] == [
-        (1, todo[0].serial, "pending"), (7, "77", "skipped: no longer in the store (revoke it at the CA by hand)")]
+        (1, todo[0].serial, "pending"),
+        (7, "77", "failed: no longer in the store and not recorded with the request: revoke serial 77 at the CA by "
+                  f"hand, then move state/revoking/{NAME}.json aside"),
+        (2, todo[1].serial, "pending")]
+    assert notes[1] == "version 2 carries the leaked key too (issued since with reuse_key): revoked as well"
+    # a version pruned since the request: revoked from the certificate recorded with it
+    pem = store.read(NAME, 1).cert.decode()
+    pruned = pins.PendingRevocation(reason="superseded", versions=(9,), serials=(todo[0].serial,), now_first=False,
+                                    at=now, leaves=(pem,))
+    resumed, notes, _ = targets(store, NAME, reason="superseded", version=None, serial=None, now=now, pending=pruned)
+    assert [(t.version, t.serial, t.status, t.leaf_pem) for t in resumed] == [(9, todo[0].serial, "pending", pem)]
+    assert notes[1] == "version 9 is no longer in the store: revoked from the certificate recorded with the request"
+    assert pins.load_pending(store, NAME) == pending  # unchanged by the look-ups
+    pins.save_pending(store, NAME, pruned)
+    assert pins.load_pending(store, NAME) == pruned
+    pins.save_pending(store, NAME, pending)
 
     pins.record_revoked(store, NAME, todo[0].serial, version=1, reason="keyCompromise", at=now)
     assert pending.note(NAME, pins.load_revoked(store, NAME)) == (
@@ -278,3 +295,42 @@ def test_rollback_refuses_a_version_whose_revocation_is_unfinished(tmp_path: Pat
     pins.record_revoked(store, NAME, v1, version=1, reason="keyCompromise", at=T0)
     [only] = [p for p in refusals(store, None, cert(), 1, now=T0 + DAY, roots=roots)[1] if "revo" in p]  # type: ignore[arg-type]
     assert only.startswith(f"serial {v1} was revoked by certmgr on ")
+
+
+def test_a_damaged_record_never_stops_status_run_or_metrics(tmp_path: Path) -> None:
+    """A record of revoked serials that does not parse, or a pending record with an infinite version: the note
+    says unreadable, nothing raises, and renewal would still change the key."""
+    from certmgr import status as status_mod
+
+    store = Store.open(tmp_path / "state")
+    _three_versions(store)
+    pins.save_pending(store, NAME, pins.PendingRevocation(reason="superseded", versions=(2,), serials=("ab",),
+                                                          now_first=False, at=T0))
+    (tmp_path / "state" / "state" / "revoked").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "state" / "state" / "revoked" / f"{NAME}.json").write_text("{not json")
+    note = pins.PendingRevocation.of(store, NAME)
+    assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: ")
+    [view] = status_mod.gather(None, store, now=T0 + DAY, certs=[cert()])  # type: ignore[arg-type]  # certs given
+    assert view.revoking == note
+    (tmp_path / "state" / "state" / "revoked" / f"{NAME}.json").unlink()
+    (tmp_path / "state" / "state" / "revoking" / f"{NAME}.json").write_text(
+        '{"reason": "superseded", "versions": [Infinity], "serials": ["ab"], "at": "2026-01-01T00:00:00+00:00"}')
+    note = pins.PendingRevocation.of(store, NAME)
+    assert note is not None and "is not a pending revocation" in note
+    assert pins.revocation_pending(store, NAME)
+
+
+def test_the_run_summary_is_critical_while_a_revocation_is_unfinished() -> None:
+    """The chat summary of a run that only says an unfinished revocation is critical, not ok."""
+    from certmgr import pipeline
+    from certmgr.scan import ScanResult
+
+    scan = ScanResult(started=T0, elapsed=0.1, endpoints=(), certificates=())
+    note = f"revocation of {NAME} not finished (…)"
+    report = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(), deploy_plan=(),
+                                scan_after=scan, notes=(note,), revoking=(note,))
+    msg = pipeline.summary_message(report, [])
+    assert msg.severity == "critical" and note in msg.lines
+    quiet = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(), deploy_plan=(),
+                               scan_after=scan)
+    assert pipeline.summary_message(quiet, []).severity == "ok"
