@@ -202,3 +202,27 @@ def test_names_are_checked(store: Any) -> None:
     """A name with a slash or '..' is refused by both stores."""
     with pytest.raises(StoreError):
         store.versions("../etc")
+
+
+def test_a_pending_revocation_round_trips_on_both_stores(store: Any, materials: list[CertMaterial]) -> None:
+    """The record of an unfinished `certmgr revoke` (certificates included) reads back whole; cleared, it is gone;
+    the renewal plan sees a live certificate certmgr revoked."""
+    import datetime as dt
+
+    from certmgr import pins
+    from certmgr.renew import revoked_reason
+
+    with store.lock("test"):
+        store.activate("example.com", store.add_version("example.com", materials[0]))
+    info = store.read("example.com").info()
+    pending = pins.PendingRevocation(reason="keyCompromise", versions=(1,), serials=(info.serial,), now_first=True,
+                                     at=dt.datetime(2026, 12, 4, tzinfo=dt.UTC), spki="3059",
+                                     leaves=(materials[0].cert.decode(),))
+    pins.save_pending(store, "example.com", pending)
+    assert pins.load_pending(store, "example.com") == pending and pins.revocation_pending(store, "example.com")
+    assert pins.PendingRevocation.of(store, "example.com") == pending.note("example.com")
+    assert revoked_reason(store, "example.com", info) is None
+    pins.record_revoked(store, "example.com", info.serial, version=1, reason="keyCompromise", at=pending.at)
+    assert revoked_reason(store, "example.com", info) == "keyCompromise"
+    pins.clear_pending(store, "example.com")
+    assert pins.load_pending(store, "example.com") is None and pins.PendingRevocation.of(store, "example.com") is None
