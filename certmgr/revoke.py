@@ -210,6 +210,33 @@ def _resumable(store: StateStore, name: str, *, reason: str, version: int | None
     return pending
 
 
+def plan(store: StateStore, cert: Certificate, *, reason: str, version: int | None = None, serial: str | None = None,
+         now_first: bool = False, now: dt.datetime) -> list[str]:
+    """`revoke --dry-run`: what `revoke` would do, from the store alone (nothing ordered, deployed, revoked or
+    recorded). Refuses what `revoke` would refuse (a different request while one is pending)."""
+    if reason not in REASONS:
+        raise UsageError(f"revoke {cert.name}: --reason {reason!r} is not one of {', '.join(REASONS)}")
+    name = cert.name
+    pending = _resumable(store, name, reason=reason, version=version, serial=serial, now=now)
+    todo, notes, _ = targets(store, name, reason=reason, version=version, serial=serial, now=now, pending=pending)
+    now_first = now_first or (pending is not None and pending.now_first)
+    live = store.live_version(name)
+    replace = any(t.version == live for t in todo)
+    hosts = f"{len(cert.hosts)} host{'s' if len(cert.hosts) != 1 else ''} ({', '.join(cert.hosts) or 'none'})"
+    out = list(notes)
+    if replace:
+        then = (f"a replacement with a new key, deployed to {hosts} and verified" if not now_first else
+                f"revoke first (--now), then a replacement with a new key, deployed to {hosts} and verified")
+    else:
+        then = f"version {live} (live) deployed to {hosts} and verified, nothing ordered"
+    out.append(f"would do: {then}" + ("; then revoke" if not now_first else ""))
+    for t in todo:
+        verb = "would revoke" if t.status == "pending" else t.status
+        out.append(f"{verb:<16} {name} version {t.version} serial {t.serial} ({reason})")
+    out.append(f"revoke {name}: dry run, nothing ordered, deployed, revoked or recorded")
+    return out
+
+
 async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason: str, version: int | None = None,
                  serial: str | None = None, now_first: bool = False, now: dt.datetime, parallel: int = 20,
                  timeouts: Any = None, channels: Sequence[Any] = ()) -> RevokeResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -301,24 +302,31 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
 @click.option("--now", "now_first", is_flag=True,
               help="Revoke first, then replace and deploy (clients see errors until the replacement is served).")
 @click.option("--parallel", type=click.IntRange(1, 500), default=20, show_default=True, help="Hosts at once.")
+@click.option("--dry-run", is_flag=True, help="Show what would be revoked and replaced; change nothing.")
 @click.option("--no-notify", is_flag=True, help="Send nothing to chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 def revoke_cmd(c: Ctx, name: str, reason: str, version: int | None, serial: str | None, now_first: bool,
-               parallel: int, no_notify: bool, as_json: bool) -> None:
+               parallel: int, dry_run: bool, no_notify: bool, as_json: bool) -> None:
     """Replace NAME with a new key on every POP, verify, then revoke the old certificate(s) at the CA.
 
-    With --now the old certificate is revoked first. Exit 1 unless everything was replaced and revoked.
+    With --now the old certificate is revoked first. An interrupted or incomplete revoke is resumed by
+    running it again. Exit 1 unless everything was replaced and revoked.
     """
     import datetime as dt
 
     from certmgr import halocks
-    from certmgr.revoke import revoke
+    from certmgr.revoke import plan, revoke
 
     if version is not None and serial is not None:
         raise UsageError("revoke: give --version or --serial (not both)")
     inv = c.inventory()
     [cert] = inv.select([name])
+    if dry_run:
+        lines = plan(c.store_readonly(), cert, reason=reason, version=version, serial=serial, now_first=now_first,
+                     now=dt.datetime.now(dt.UTC))
+        click.echo(json.dumps({"name": name, "dry_run": True, "lines": lines}) if as_json else "\n".join(lines))
+        return
     store = c.store()
     with halocks.oncall(store, [name], "certmgr revoke"):
         result = run_async(revoke(inv, store, cert, reason=reason, version=version, serial=serial,

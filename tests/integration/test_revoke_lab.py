@@ -150,3 +150,19 @@ def test_revoke_with_a_pop_down_does_not_revoke(lab: Lab, state: Path, receiver:
     assert cert_status(lab, old)["Status"] == "Revoked"
     assert cert_status(lab, serial_of(state, 3))["Status"] == "Valid" and live(state) == 3
     assert served(lab) == {pop: serial_of(state, 3) for pop in lab.pop_names}
+
+
+def test_revoke_dry_run_shows_the_plan_and_changes_nothing(lab: Lab, state: Path) -> None:
+    """--dry-run names what would be revoked and replaced, and leaves the store, the audit log, the CA and every POP
+    as they were (no pending record either)."""
+    old = serial_of(state, 2)
+    before = (live(state), len(audit(state)), sorted(p.name for p in (state / "archive" / MEDIA).iterdir()))
+    out = ok(certmgr(lab, state, "revoke", MEDIA, "--reason", "keyCompromise", "--dry-run"))
+    assert out.splitlines() == [
+        f"would do: a replacement with a new key, deployed to 4 hosts ({', '.join(lab.pop_names)}) and verified; "
+        "then revoke",
+        f"would revoke     {MEDIA} version 2 serial {old} (keyCompromise)",
+        f"revoke {MEDIA}: dry run, nothing ordered, deployed, revoked or recorded"]
+    assert (live(state), len(audit(state)), sorted(p.name for p in (state / "archive" / MEDIA).iterdir())) == before
+    assert not (state / "state" / "revoking" / f"{MEDIA}.json").exists()
+    assert cert_status(lab, old)["Status"] == "Valid" and served(lab) == {pop: old for pop in lab.pop_names}

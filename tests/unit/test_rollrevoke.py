@@ -334,3 +334,24 @@ def test_the_run_summary_is_critical_while_a_revocation_is_unfinished() -> None:
     quiet = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(), deploy_plan=(),
                                scan_after=scan)
     assert pipeline.summary_message(quiet, []).severity == "ok"
+
+
+def test_revoke_dry_run_plans_a_resume_without_a_new_order(tmp_path: Path) -> None:
+    """--dry-run on an unfinished revocation whose replacement is live: resume lines, deploy of the live version, no
+    order; it refuses what the real command would refuse."""
+    from certmgr.revoke import plan
+
+    store = Store.open(tmp_path / "state")
+    _three_versions(store)
+    v2 = store.read(NAME, 2).info().serial
+    pins.save_pending(store, NAME, pins.PendingRevocation(reason="superseded", versions=(2,), serials=(v2,),
+                                                          now_first=False, at=T0))
+    with store.lock("test"):
+        store.activate(NAME, store.add_version(NAME, _material()))  # 3, the replacement
+    lines = plan(store, cert(), reason="superseded", now=T0 + DAY)
+    assert lines == ["resuming the revocation asked at 2026-01-01 00:00Z (superseded): version 2",
+                     "would do: version 3 (live) deployed to 0 hosts (none) and verified, nothing ordered; then revoke",
+                     f"would revoke     {NAME} version 2 serial {v2} (superseded)",
+                     f"revoke {NAME}: dry run, nothing ordered, deployed, revoked or recorded"]
+    with pytest.raises(UsageError, match="is not finished; finish it first"):
+        plan(store, cert(), reason="keyCompromise", now=T0 + DAY)
