@@ -166,3 +166,23 @@ def test_revoke_dry_run_shows_the_plan_and_changes_nothing(lab: Lab, state: Path
     assert (live(state), len(audit(state)), sorted(p.name for p in (state / "archive" / MEDIA).iterdir())) == before
     assert not (state / "state" / "revoking" / f"{MEDIA}.json").exists()
     assert cert_status(lab, old)["Status"] == "Valid" and served(lab) == {pop: old for pop in lab.pop_names}
+
+
+def test_revoke_with_the_compromised_pop_taken_out_of_the_inventory(lab: Lab, state: Path, tmp_path: Path) -> None:
+    """The runbook's way when the compromised POP is the one offline: its [hosts.*] table removed (the certificate
+    names its hosts by tag), revoke replaces the key on the other POPs and revokes the old certificate."""
+    old = serial_of(state, 2)
+    text = lab.inventory_path.read_text()
+    head, _, rest = text.partition("[hosts.esme]\n")
+    assert rest, "the lab inventory has a [hosts.esme] table"
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(head + rest[rest.index("\n["):].lstrip("\n"))
+    lab.stop_pop("esme")
+    try:
+        out = ok(certmgr(lab, state, "revoke", MEDIA, "--no-notify", "--reason", "keyCompromise", inventory=inv))
+    finally:
+        lab.start_pop("esme")
+    assert f"revoke {MEDIA}: done in " in out and "esme" not in out
+    assert cert_status(lab, old)["Status"] == "Revoked"
+    others = {pop: serial_of(state, 3) for pop in lab.pop_names if pop != "esme"}
+    assert {pop: s for pop, s in served(lab).items() if pop != "esme"} == others
