@@ -157,7 +157,7 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime) -> list[CertS
         out.append(CertState(name=cert.name, not_before=info.not_before if info else None,
                              not_after=info.not_after if info else None, overdue=decision.overdue,
                              renew=rstate, deploys=deploys,
-                             revoking=pins.PendingRevocation.of(store, cert.name) is not None))
+                             revoking=pins.pending_note(store, cert.name) is not None))
     return out
 
 

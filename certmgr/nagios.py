@@ -67,7 +67,7 @@ def unknown(message: str) -> PluginResult:
 def check(result: ScanResult, inv: Inventory, *, revoking: Sequence[str] = ()) -> PluginResult:
     """The plugin result for one scan: the worst endpoint decides; the soonest expiry is always named.
 
-    `revoking`: notes on unfinished `certmgr revoke`s (pins.PendingRevocation.of; only when the store is readable):
+    `revoking`: notes on unfinished `certmgr revoke`s (pins.pending_note; only when the store is readable):
     each is CRITICAL, first on the status line — a leaked key may still be valid at the CA."""
     eps = list(result.iter_endpoints())  # all of them: `endpoints` holds only the most urgent 1,000 of a large scan
     if not eps and revoking:

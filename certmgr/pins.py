@@ -145,16 +145,6 @@ class PendingRevocation:
         return (f"revocation of {name} not finished ({self.reason}, asked {self.at:%Y-%m-%d %H:%M}Z): {state}; "
                 f"`certmgr revoke {name} --reason {self.reason}` finishes it")
 
-    @classmethod
-    def of(cls, store: StateStore, name: str) -> str | None:
-        """The note for `name`'s unfinished revocation, None if there is none; an unreadable record (or record of
-        revoked serials) says so. Never raises: status, run, metrics and check call it for every certificate."""
-        try:
-            pending = load_pending(store, name)
-            return pending.note(name, load_revoked(store, name)) if pending is not None else None
-        except Exception as exc:  # whatever a damaged document raises is reported, not raised
-            return f"revocation record of {name} unreadable: {exc}"
-
     def to_json(self) -> dict[str, Any]:
         return {"reason": self.reason, "versions": list(self.versions), "serials": list(self.serials),
                 "now_first": self.now_first, "at": self.at.isoformat(), "spki": self.spki, "leaves": list(self.leaves)}
@@ -179,16 +169,28 @@ def load_pending(store: StateStore, name: str) -> PendingRevocation | None:
         versions = tuple(int(v) for v in data["versions"])
         serials = tuple(str(s) for s in data["serials"])
         leaves = tuple(str(c) for c in data.get("leaves") or ())
+        spki = str(data.get("spki") or "")
+        bytes.fromhex(spki)  # ValueError unless hex
         if len(versions) != len(serials) or not versions or len(leaves) not in (0, len(versions)):
             raise ValueError("versions, serials and leaves do not pair up")
         return PendingRevocation(reason=str(data["reason"]), versions=versions, serials=serials,
                                  now_first=bool(data.get("now_first", False)),
                                  at=at if at.tzinfo else at.replace(tzinfo=dt.UTC),
-                                 spki=str(data.get("spki") or ""), leaves=leaves)
+                                 spki=spki, leaves=leaves)
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise StoreError(f"store {name}: state/revoking/{name}.json is not a pending revocation ({exc!r})",
                          hint=f"see the audit log's 'revoke requested' line for {name}; move the file aside and "
                               f"rerun `certmgr revoke {name} --version N`") from exc
+
+
+def pending_note(store: StateStore, name: str) -> str | None:
+    """The note for `name`'s unfinished revocation, None if there is none; an unreadable record (or record of
+    revoked serials) says so. Never raises: status, run, metrics and check call it for every certificate."""
+    try:
+        pending = load_pending(store, name)
+        return pending.note(name, load_revoked(store, name)) if pending is not None else None
+    except Exception as exc:  # whatever a damaged document raises is reported, not raised
+        return f"revocation record of {name} unreadable: {exc}"
 
 
 def save_pending(store: StateStore, name: str, pending: PendingRevocation) -> None:

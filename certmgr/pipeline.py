@@ -242,8 +242,7 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
 
     # A rolled-back certificate stays on its pinned version (plan.pin_hold); say so, every run
     # and so does a revocation asked for and not finished (a killed `certmgr revoke`)
-    revoking = [(c.name, note) for c in certs
-                if store is not None and (note := pins.PendingRevocation.of(store, c.name))]
+    revoking = [(c.name, note) for c in certs if (note := pins.pending_note(store, c.name))]
     named = [(c.name, pin.note(c.name)) for c in certs if (pin := _pin(store, c.name)) is not None] + revoking
     for name, note in named:
         log.event(_log, logging.WARNING, "run: " + note, cert=name)

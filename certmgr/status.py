@@ -192,7 +192,7 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
             last_error=sanitize.line(rstate.last_error, limit=None) if rstate.last_error else rstate.last_error,
             scanned_at=scan.get("scanned_at"), pops=tuple(pops),
             past_grace=decision.overdue_at is not None and now >= decision.overdue_at,
-            revoking=pins.PendingRevocation.of(store, cert.name)))
+            revoking=pins.pending_note(store, cert.name)))
     return views
 
 

@@ -151,7 +151,7 @@ def check_cmd(c: Ctx, names: tuple[str, ...], concurrency: int, connect_timeout:
             inv, store, names, now=dt.datetime.now(dt.UTC), concurrency=concurrency,
             timeouts=scan_mod.Timeouts(connect=connect_timeout, handshake=handshake_timeout)))
         revoking = [n for cert in inv.select(list(names)) if store is not None
-                    and (n := pins.PendingRevocation.of(store, cert.name))]
+                    and (n := pins.pending_note(store, cert.name))]
         out = nagios.check(result, inv, revoking=revoking)
     except CertmgrError as exc:
         out = nagios.unknown(log.redact(str(exc)))

@@ -220,9 +220,9 @@ def test_a_pending_revocation_round_trips_on_both_stores(store: Any, materials: 
                                      leaves=(materials[0].cert.decode(),))
     pins.save_pending(store, "example.com", pending)
     assert pins.load_pending(store, "example.com") == pending and pins.revocation_pending(store, "example.com")
-    assert pins.PendingRevocation.of(store, "example.com") == pending.note("example.com")
+    assert pins.pending_note(store, "example.com") == pending.note("example.com")
     assert revoked_reason(store, "example.com", info) is None
     pins.record_revoked(store, "example.com", info.serial, version=1, reason="keyCompromise", at=pending.at)
     assert revoked_reason(store, "example.com", info) == "keyCompromise"
     pins.clear_pending(store, "example.com")
-    assert pins.load_pending(store, "example.com") is None and pins.PendingRevocation.of(store, "example.com") is None
+    assert pins.load_pending(store, "example.com") is None and pins.pending_note(store, "example.com") is None

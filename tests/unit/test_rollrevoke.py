@@ -223,11 +223,11 @@ def test_an_unfinished_revocation_resumes_its_own_versions_not_the_live_replacem
         f"revocation of {NAME} not finished (keyCompromise, asked 2026-01-02 00:00Z): version 2 (serial "
         f"{todo[1].serial}) still valid at the CA; `certmgr revoke {NAME} --reason keyCompromise` finishes it")
     pins.record_revoked(store, NAME, todo[1].serial, version=2, reason="keyCompromise", at=now)
-    assert pins.PendingRevocation.of(store, NAME) == (
+    assert pins.pending_note(store, NAME) == (
         f"revocation of {NAME} not finished (keyCompromise, asked 2026-01-02 00:00Z): revoked at the CA, the "
         f"replacement not yet confirmed on every host; `certmgr revoke {NAME} --reason keyCompromise` finishes it")
     pins.clear_pending(store, NAME)
-    assert pins.load_pending(store, NAME) is None and pins.PendingRevocation.of(store, NAME) is None
+    assert pins.load_pending(store, NAME) is None and pins.pending_note(store, NAME) is None
 
 
 def test_an_unreadable_revocation_record_is_named_not_ignored(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_an_unreadable_revocation_record_is_named_not_ignored(tmp_path: Path) ->
     store = Store.open(tmp_path / "state")
     store.save_json(f"state/revoking/{NAME}.json", {"reason": "keyCompromise", "versions": [1, 2], "serials": ["a"],
                                                     "at": "2026-01-01T00:00:00+00:00"})
-    note = pins.PendingRevocation.of(store, NAME)
+    note = pins.pending_note(store, NAME)
     assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: store {NAME}: "
                                                 f"state/revoking/{NAME}.json is not a pending revocation")
     from certmgr.errors import StoreError
@@ -308,14 +308,14 @@ def test_a_damaged_record_never_stops_status_run_or_metrics(tmp_path: Path) -> N
                                                           now_first=False, at=T0))
     (tmp_path / "state" / "state" / "revoked").mkdir(parents=True, exist_ok=True)
     (tmp_path / "state" / "state" / "revoked" / f"{NAME}.json").write_text("{not json")
-    note = pins.PendingRevocation.of(store, NAME)
+    note = pins.pending_note(store, NAME)
     assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: ")
     [view] = status_mod.gather(None, store, now=T0 + DAY, certs=[cert()])  # type: ignore[arg-type]  # certs given
     assert view.revoking == note
     (tmp_path / "state" / "state" / "revoked" / f"{NAME}.json").unlink()
     (tmp_path / "state" / "state" / "revoking" / f"{NAME}.json").write_text(
         '{"reason": "superseded", "versions": [Infinity], "serials": ["ab"], "at": "2026-01-01T00:00:00+00:00"}')
-    note = pins.PendingRevocation.of(store, NAME)
+    note = pins.pending_note(store, NAME)
     assert note is not None and "is not a pending revocation" in note
     assert pins.revocation_pending(store, NAME)
 
@@ -355,3 +355,16 @@ def test_revoke_dry_run_plans_a_resume_without_a_new_order(tmp_path: Path) -> No
                      f"revoke {NAME}: dry run, nothing ordered, deployed, revoked or recorded"]
     with pytest.raises(UsageError, match="is not finished; finish it first"):
         plan(store, cert(), reason="keyCompromise", now=T0 + DAY)
+
+
+def test_a_record_whose_leaked_key_is_not_hex_is_unreadable_not_a_crash(tmp_path: Path) -> None:
+    """A damaged `spki` would otherwise fail revoke's resume deep inside; it is a StoreError at load time."""
+    from certmgr.errors import StoreError
+
+    store = Store.open(tmp_path / "state")
+    store.save_json(f"state/revoking/{NAME}.json", {"reason": "keyCompromise", "versions": [1], "serials": ["a"],
+                                                    "at": "2026-01-01T00:00:00+00:00", "spki": "zz"})
+    with pytest.raises(StoreError, match="is not a pending revocation"):
+        pins.load_pending(store, NAME)
+    note = pins.pending_note(store, NAME)
+    assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: ")
