@@ -1,3 +1,3 @@
-from certmgr.cli import main
+from certmgr.cli import entry
 
-main()
+entry()

@@ -1,7 +1,7 @@
 """Command line: the only place that runs the event loop and turns CertmgrError into exit codes.
 
 `base` holds the `main` group, its context and the error/signal handling; each `*_cmds` module adds one
-family of commands to it. `certmgr.cli:main` is the console script.
+family of commands to it. `certmgr.cli:entry` (which runs `main`) is the console script.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from certmgr.cli.base import (
     Group,
     emit_json,
     emit_result,
+    entry,
     env_flag,
     fail,
     main,
@@ -29,4 +30,5 @@ from certmgr.storecli import store_group
 main.add_command(store_group)
 
 __all__ = ["DEFAULT_INVENTORIES", "DEFAULT_STATE_DIR", "EXIT_BUG", "EXIT_PIPE", "EXIT_TERMINATED", "Ctx", "Group",
-           "emit_json", "emit_result", "env_flag", "fail", "main", "pass_ctx", "resolve_inventory", "run_async"]
+           "emit_json", "emit_result", "entry", "env_flag", "fail", "main", "pass_ctx", "resolve_inventory",
+           "run_async"]

@@ -160,6 +160,32 @@ def interrupted(signum: int, finish: str | None = None) -> NoReturn:
     sys.exit(interrupt.exit_code(signum))
 
 
+def entry() -> NoReturn:
+    """The console script (and `python -m certmgr`): `main`, whose exit after SIGINT/SIGTERM does not wait for a
+    worker thread still blocked on the network. An ACME request holds its thread until the CA answers or its own
+    timeout (20 s) passes, and the interpreter joins every such thread at exit: Ctrl-C would seem to hang. Its
+    answer no longer matters (the work was cancelled and recorded), so the process ends once its output is out.
+    In-process callers (tests' CliRunner) call `main` and are never ended this way."""
+    import logging
+    import threading
+
+    try:
+        main()
+    except SystemExit as exc:
+        blocked = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        if interrupt.state().signum is None or not blocked:
+            raise
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        logging.shutdown()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+    raise AssertionError("main() returns only by SystemExit")  # standalone click
+
+
 class Group(click.Group):
     """Maps CertmgrError to its message and exit code; anything else is a bug and keeps its traceback.
 

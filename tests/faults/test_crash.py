@@ -10,7 +10,9 @@ after the rerun every POP serves a valid certificate with at most one extra orde
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -382,3 +384,59 @@ def test_a_renewal_while_a_revocation_is_pending_never_reuses_the_leaked_key(
     assert cert_status(fresh, leaked)["Status"] == "Revoked"
     assert cert_status(fresh, serial_of(state, 2))["Status"] == "Valid"
     assert_every_pop_serves_live(fresh, state, [MEDIA])
+
+
+@pytest.mark.parametrize(("sig", "after"), [(signal.SIGINT, False), (signal.SIGKILL, True)],
+                         ids=["ctrl-c-before-the-ca-revoked", "sigkill-after-the-ca-revoked-unseen"])
+def test_revoke_interrupted_at_the_ca_request(fresh: Lab, proxy: ACMEProxy, tmp_path: Path, sig: signal.Signals,
+                                               after: bool) -> None:
+    """Ctrl-C while revokeCert is on its way (the CA never gets it), or SIGKILL once the CA revoked but before
+    certmgr saw the answer. Checked from outside: the replacement is live and served on every POP with whole
+    files, no challenge record is left in the zone, Pebble's status of the old serial is what really happened,
+    the audit log holds no `revoked` line; status needs action. The rerun revokes (or finds `already revoked`)
+    the old certificate only, with no new order, and clears the record."""
+    from tests.integration.lifecycle import cert_status, live, serial_of
+
+    inv, state, leaked = _revoke_setup(fresh, proxy, tmp_path)
+    rule = proxy.hold("revoke", after=after)
+    proc = start_certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    try:
+        ACMEProxy.wait_held(rule)
+        signalled = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        # not a benchmark: the held request's own timeout is 20 s, and Ctrl-C must not wait for it
+        stopped_in = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        proxy.release()
+    assert proc.returncode == (130 if sig == signal.SIGINT else -9), (proc.returncode, out, err)
+    assert stopped_in < 12, f"certmgr took {stopped_in:.1f}s to stop: it waited for the blocked CA request"
+    if sig == signal.SIGINT:
+        assert err.rstrip().splitlines()[-1].startswith("certmgr: interrupted by SIGINT: renewed "), err
+
+    replacement = serial_of(state, 2)
+    assert live(state) == 2
+    check_store_whole(state)
+    wait_for_pop_scripts(fresh)
+    check_pop_files_whole(fresh)
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+    assert challenge_txt(fresh) == {}
+    assert cert_status(fresh, leaked)["Status"] == ("Revoked" if after else "Valid")
+    assert cert_status(fresh, replacement)["Status"] == "Valid"
+    actions = [e["action"] for e in audit(state)]
+    assert "revoke requested" in actions and "revoked" not in actions and "revoke done" not in actions
+    status = certmgr(inv, state, "status", MEDIA)
+    assert status.returncode == 2 and f"version 1 (serial {leaked}) still valid at the CA" in status.stdout
+
+    orders = proxy.created("new-order", MEDIA)
+    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    verb = "already revoked" if after else "revoked        "
+    assert f"{verb}  {MEDIA} version 1 serial {leaked} (keyCompromise)" in rerun.stdout
+    assert proxy.created("new-order", MEDIA) == orders and live(state) == 2
+    assert cert_status(fresh, leaked)["Status"] == "Revoked" and cert_status(fresh, replacement)["Status"] == "Valid"
+    assert [e["action"] for e in audit(state)].count("revoked") == 1
+    assert "revocation" not in certmgr(inv, state, "status", MEDIA).stdout

@@ -122,3 +122,33 @@ def test_ctrl_c_outside_the_event_loop_exits_130_without_aborted(monkeypatch: py
     assert result.exit_code == 130, result.output
     assert "Aborted!" not in result.output
     assert result.output.strip().splitlines() == ["certmgr: interrupted by SIGINT: nothing renewed or deployed"]
+
+
+_BLOCKED_EXIT = """
+import signal, sys, threading
+from certmgr import interrupt
+from certmgr.cli import base
+
+def main():  # a command interrupted while a worker thread waits on the network (an ACME request, up to 20 s)
+    threading.Thread(target=threading.Event().wait, args=(%(hold)s,), name="certmgr-acme_0").start()
+    interrupt.note(signal.SIGINT)
+    print("summary line", file=sys.stderr)
+    sys.exit(130)
+
+base.main = main
+base.entry()
+"""
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_the_console_script_does_not_wait_for_a_blocked_worker_after_a_signal(interrupted: bool) -> None:
+    """After SIGINT the process ends with its exit code and its output, not when a blocked worker thread gives up;
+    without a signal, exit is as Python's own (threads are joined)."""
+    import subprocess
+    import sys
+
+    code = _BLOCKED_EXIT % {"hold": 60 if interrupted else 0.2}
+    if not interrupted:
+        code = code.replace("    interrupt.note(signal.SIGINT)\n", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False)
+    assert (proc.returncode, proc.stderr) == (130, "summary line\n")
