@@ -26,6 +26,9 @@ session processes nobody reaps into the master's counters (most of them): `--cgr
 each kind exactly instead — certmgr, the POPs' sshd trees, their nginx, the WAN proxy — in cgroup v1
 cpuacct groups (procmeter.CpuGroups), kernel time included. `--profile` also splits certmgr's CPU
 inside deploy() by part (asyncssh protocol and crypto, TLS handshakes, asyncio, certmgr's steps).
+Each size also prints every host's steps (connect, inspect, commit, verify, the whole) as
+min/median/max seconds over its runs: where a fan-out's time goes (at `--rtt 50`, 50 POPs wait in
+the commit — the POPs' processes on the two shared cores — far more than in connecting or verifying).
 
 Two hand-written peers, sequential over POPs: the by-hand loop for one certificate (`ssh mkdir`,
 `scp` the four files, `ssh 'ln -sfn … && sudo nginx -t && sudo nginx -s reload'`) and the batched
@@ -185,8 +188,12 @@ def child(lab_dir: str, n: int, parallel: int, state: str, canary: bool, far: st
         store.close()
     bad = [o.line() for o in outcomes if o.status != Status.DEPLOYED]
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    steps: dict[str, list[float]] = {}
+    for o in outcomes:
+        for key, secs in (*o.timings, ("elapsed", o.elapsed)):
+            steps.setdefault(key, []).append(secs)
     print(json.dumps({"n": n, "k": k, "wall": wall, "rss_kb": ru.ru_maxrss, "client_cpu": ru.ru_utime + ru.ru_stime,
-                      "deploy_cpu": deploy_cpu,
+                      "deploy_cpu": deploy_cpu, "steps": {key: sorted(v) for key, v in steps.items()},
                       "deployed": sum(o.status == Status.DEPLOYED for o in outcomes), "bad": bad, **counts}))
 
 
@@ -526,6 +533,13 @@ def main() -> int:
                       f"per POP: {avg['connections'] / n:.1f} SSH connections, {avg['channels'] / n:.1f} SSH channels, "
                       f"{avg['handshakes'] / n:.1f} TLS handshakes; certmgr's CPU inside deploy() (start-up, "
                       f"keys and store set-up left out) {avg['deploy_cpu'] * 1000 / n:.1f} ms per POP")
+                # each host's steps (deploy's own timings), over every run: where the time of a fan-out goes
+                steps: dict[str, list[float]] = {}
+                for r in runs:
+                    for key, secs in r["steps"].items():
+                        steps.setdefault(key, []).extend(secs)
+                print("    per host, seconds min/median/max: " + ", ".join(
+                    f"{key} {min(v):.3f}/{sorted(v)[len(v) // 2]:.3f}/{max(v):.3f}" for key, v in steps.items()))
                 if _GROUPS:
                     g = {kd: [sum(r["groups"][kd][j] for r in runs) / len(runs) / n * 1000 for j in (0, 1)]
                          for kd in _GROUPS[0].kinds}

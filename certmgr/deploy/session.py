@@ -93,10 +93,9 @@ class Session:
             async with asyncio.timeout(limit):
                 proc = self.proc or await self._open()
                 index = self.scripts.index(script) + 1
-                if b"\n" in words:  # read by `head -c`: a newline quoted inside an argument
-                    head = f"{index} {0 if data is None else 1} {len(words)}\n".encode() + words
-                else:  # one line, read by the shell's `read` (no process on the POP)
-                    head = f"{index} {0 if data is None else 1} -\n".encode() + words + b"\n"
+                # its lines ("-": one), each read by the shell's `read` (no process on the POP)
+                lines = words.count(b"\n") + 1
+                head = f"{index} {0 if data is None else 1} {'-' if lines == 1 else lines}\n".encode() + words + b"\n"
                 proc.stdin.write(head + (data or b""))
                 self.steps += 1
                 # read in chunks, not lines: an inspection is a hundred lines per POP

@@ -45,11 +45,16 @@ _WHAT = {"unreceived": "not uploaded (the upload of the certificates due here st
          "swap": "cannot switch the live link"}
 
 
+# the mode of each file of a version on a POP: the private key readable by its owner alone from creation
+_MODES = {"fullchain.pem": 0o644, "privkey.pem": 0o600, "cert.pem": 0o644, "chain.pem": 0o644}
+
+
 def upload_archive(uploads: Sequence[tuple[str, str, int, Mapping[str, bytes]]], *, mtime: float,
                    cache: dict[tuple[str, str, int], bytes] | None = None) -> bytes:
     """The upload as ONE tar archive (scripts/receive.sh) of `uploads` (name, temp dir, version, files), built
-    from validated names only: each certificate's files as archive/<name>/<tmp>/<file> (mode 0600, owner 0:
-    the POP's tar keeps neither), then its new live link, staged as live/<first tmp>/<name> ->
+    from validated names only: each certificate's files as archive/<name>/<tmp>/<file> (owner 0, which the
+    POP's tar does not keep; the modes they get there, which it does under umask 022: _MODES), then its new
+    live link, staged as live/<first tmp>/<name> ->
     ../archive/<name>/<version>. The bytes tarfile writes (GNU format), member by member.
 
     `cache`: one run's certificate blocks by (name, temp dir, version): every POP of the run gets the same
@@ -66,7 +71,7 @@ def upload_archive(uploads: Sequence[tuple[str, str, int, Mapping[str, bytes]]],
         block = cache.get((name, tmp, version))
         if block is None:
             block = cache[(name, tmp, version)] = b"".join(
-                _member(f"archive/{name}/{tmp}/{f}", 0o600, mtime, files[f]) for f in FILE_ORDER)
+                _member(f"archive/{name}/{tmp}/{f}", _MODES[f], mtime, files[f]) for f in FILE_ORDER)
         parts.append(block)
     for name, _, version, _ in uploads:
         parts.append(_member(f"live/{stage}/{name}", 0o777, mtime, link=f"../archive/{name}/{version}"))

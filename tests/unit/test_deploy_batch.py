@@ -202,7 +202,7 @@ def _tarfile_archive(uploads: list[tuple[str, str, int, dict[str, bytes]]], mtim
         for name, tmp, _, files in uploads:
             for f in FILE_ORDER:
                 info = tarfile.TarInfo(f"archive/{name}/{tmp}/{f}")
-                info.size, info.mode, info.mtime = len(files[f]), 0o600, int(mtime)
+                info.size, info.mode, info.mtime = len(files[f]), 0o600 if f == "privkey.pem" else 0o644, int(mtime)
                 tar.addfile(info, io.BytesIO(files[f]))
         for name, _, version, _ in uploads:
             info = tarfile.TarInfo(f"live/{stage}/{name}")

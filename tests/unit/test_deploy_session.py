@@ -190,7 +190,7 @@ def test_a_step_that_does_not_answer_in_time_is_a_timeout_and_ends_the_session(t
 
 
 @pytest.mark.parametrize("line", ["1 0", "x 0 3", "1 2 3", "9 0 0", "1 0 3 4", " 1 0 3", "0 0 0", "1 0 --",
-                                  "1 0 -3", "1 0 3-", "1 0 - ", "x 0 -", "9 0 -"])
+                                  "1 0 -3", "1 0 3-", "1 0 - ", "x 0 -", "9 0 -", "1 0 0", "1 0 02"])
 def test_the_session_script_ends_on_a_step_line_it_does_not_expect(line: str) -> None:
     """session.sh runs nothing for a malformed step line (or an index out of range) and exits 2."""
     drv = session.SESSION_SH
@@ -205,7 +205,8 @@ def test_the_session_script_runs_each_step_with_its_own_arguments_and_stdin() ->
 
     def step(i: int, stdin: int, args: list[str]) -> bytes:
         words = shlex.join(args).encode()
-        return f"{i} {stdin} {len(words)}\n".encode() + words
+        lines = words.count(b"\n") + 1
+        return f"{i} {stdin} {lines}\n".encode() + words + b"\n"
 
     def line(i: int, stdin: int, args: list[str]) -> bytes:
         return f"{i} {stdin} -\n".encode() + shlex.join(args).encode() + b"\n"

@@ -1,14 +1,16 @@
 # shellcheck shell=sh
 # RECEIVE (commit.sh): every upload arrives on the commit's stdin, under the POP lock, as ONE tar
 # archive of $sizes bytes, built by the controller from validated names only: each certificate's files
-# as archive/<name>/<tmp>/<file> (mode 0600) and its new live link, staged as live/<tmp of the first
-# certificate>/<name> (the stage dir, $st: the swap renames them all into live/ at once). `head -c`
-# reads no byte past the archive (tar alone would read whole records, the `go` line with them) and
-# feeds GNU tar, which extracts exactly the members named here from the arguments — none other —
-# with its defaults (no absolute name, no `..`), never the archive's owners or modes, into the temp
-# dirs made here, umask 077: a private key is never readable by others, even briefly. Then
-# `received=1`, and the controller's `go` line: a stream cut anywhere before it (EOF, a short archive)
-# removes every temp dir made here and switches nothing (exit 3). SHA-256 is checked after, as before.
+# as archive/<name>/<tmp>/<file> (privkey.pem mode 0600, the others 0644) and its new live link, staged
+# as live/<tmp of the first certificate>/<name> (the stage dir, $st: the swap renames them all into
+# live/ at once). `head -c` reads no byte past the archive (tar alone would read whole records, the
+# `go` line with them) and feeds GNU tar, which extracts exactly the members named here from the
+# arguments — none other — with its defaults (no absolute name, no `..`), never the archive's owners,
+# its modes under umask 022 (--no-same-permissions: a mode is the archive's less the umask, so no file
+# is ever more open than the archive says — the private key 0600 from its creation — and none gets
+# a bit the archive leaves out), making the temp dirs (0755) itself. Then `received=1`, and the
+# controller's `go` line: a stream cut anywhere before it (EOF, a short archive) removes every temp
+# dir of this upload and switches nothing (exit 3). SHA-256 is checked after, as before.
 # Needs say/b64/lineage (common.sh), fail, $m and c_<field>_<j> (commit.sh), $root, $sizes and $st.
 received=0  # temp dirs made so far (certificates 1..received)
 unreceive() {
@@ -33,8 +35,8 @@ refused() {
   done
   say cert=
 }
-# mkdirs: every certificate's temp dir, mode 0755 (its files stay 0600 until their chmod below), by
-# ONE mkdir; all or none (a failure removes those it made and names the first it could not make)
+# mkdirs: whether every certificate's temp dir is new: then tar makes them (no process here); one
+# there already is not ours to remove: each made by mkdir, one at a time, to say which (refused)
 mkdirs() {
   set --
   j=0 cn='' ct='' o='' fresh=1
@@ -46,17 +48,7 @@ mkdirs() {
     if [ -e "$arch/$ct" ] || [ -L "$arch/$ct" ]; then fresh=; fi
     set -- "$@" "$arch/$ct"
   done
-  if [ -n "$fresh" ]; then
-    if o=$(mkdir -m 755 -- "$@" 2>&1); then received=$m; return 0; fi
-    # none was there before: remove whichever it made, name the first it could not make
-    received=$m
-    j=0
-    for d in "$@"; do j=$((j + 1)); [ -d "$d" ] || break; done
-    unreceive
-    refused "$j" upload "$o"
-    return 1
-  fi
-  # one is there already (not ours to remove): one at a time, as before, to say which
+  if [ -n "$fresh" ]; then received=$m; return 0; fi
   j=0
   for d in "$@"; do
     j=$((j + 1))
@@ -99,11 +91,12 @@ receive() {
     eval "cn=\$c_name_$j"
     set -- "$@" "live/${st##*/}/$cn"
   done
-  # --no-wildcards: a name may hold `*` (a wildcard certificate), matched as itself
-  o=$({ head -c "$sizes" | tar -x -f - -C "$root" --no-same-owner --no-same-permissions --no-wildcards -m \
-    -- "$@"; } 2>&1) || { unreceive; untarred "$o"; return 1; }
+  # --no-wildcards: a name may hold `*` (a wildcard certificate), matched as itself. The umask is the
+  # command substitution's own: the script's stays 077.
+  o=$(umask 022; { head -c "$sizes" | tar -x -f - -C "$root" --no-same-owner --no-same-permissions --no-wildcards \
+    -m -- "$@"; } 2>&1) || { unreceive; untarred "$o"; return 1; }
   # what tar made is what was listed: regular files, and links (no process: the shell's own tests) —
-  # never a link where a file belongs, which chmod would follow
+  # never a link where a file belongs, which a later step would follow
   j=0
   while [ "$j" -lt "$m" ]; do
     j=$((j + 1))
@@ -114,16 +107,6 @@ receive() {
     done
     if [ ! -L "$st/$cn" ]; then unreceive; refused "$j" upload "live/${st##*/}/$cn is not a link"; return 1; fi
   done
-  # the modes deploy has always given (the key keeps 0600; the dirs were made 0755): one process
-  set --
-  j=0
-  while [ "$j" -lt "$m" ]; do
-    j=$((j + 1))
-    eval "cn=\$c_name_$j ct=\$c_tmp_$j"
-    d=$root/archive/$cn/$ct
-    set -- "$@" "$d/cert.pem" "$d/chain.pem" "$d/fullchain.pem"
-  done
-  o=$(chmod 644 -- "$@" 2>&1) || { unreceive; refused 0 upload "$o"; return 1; }
   say received=1
   IFS= read -r go || go=
   [ "$go" = go ] || { unreceive; refused 0 upload "the upload stream ended early"; return 1; }
