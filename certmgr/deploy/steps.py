@@ -92,13 +92,23 @@ def _member(path: str, mode: int, mtime: float, data: bytes = b"", *, link: str 
     return head + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
 
 
+def link_line(job: Job) -> str:
+    """`link TARGET` and a newline: the live link's target as inspect read it, ahead of the job's SHA-256 lines;
+    commit.sh takes it as the rollback target, without a `readlink`, where the link still leads to that
+    directory (else it reads the link). "" when inspect found no link (or a target a line cannot carry)."""
+    st = job.state
+    if st is None or st.layout != "link" or not st.target or "\n" in st.target:
+        return ""
+    return f"link {st.target}\n"
+
+
 def commit_args(t: Transaction, todo: Sequence[Job]) -> tuple[list[str], bytes]:
     """commit.sh's positional arguments (the first certificate, the common ones, five per further
     certificate) and its stdin: ONE tar archive of every certificate's files and staged live link."""
     def five(job: Job) -> list[str]:
         d = job.decision
         assert d is not None
-        return [job.name, job.tmp, str(d.version), t.d.sums(job), d.conv]
+        return [job.name, job.tmp, str(d.version), link_line(job) + t.d.sums(job), d.conv]
 
     uploads = []
     for job in todo:

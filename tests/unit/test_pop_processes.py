@@ -66,16 +66,20 @@ def certbot_layout(root: Path, ns: tuple[str, ...]) -> None:
 def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: str = "/bin/true",
                     reload: str = "/bin/true", bad_sum: str = "",
                     tmp: str = ".tmp-up-tag-0a1b2c3d4e5f-",
-                    env: dict[str, str] | None = None) -> tuple[Result, int]:
+                    env: dict[str, str] | None = None,
+                    seen: dict[str, str] | None = None) -> tuple[Result, int]:
     """One commit.sh of version 2 of every name, its files on stdin (as deploy sends them); (result, processes).
     `bad_sum`: that name's sums announce other bytes (its upload fails verification). Each upload's temp dir is
-    `tmp` + its version, as deploy names them (txn.py): one prefix for the run, so stored by one rename.ul."""
+    `tmp` + its version, as deploy names them (txn.py): one prefix for the run, so stored by one rename.ul.
+    Each live link's target goes ahead of its sums (steps.link_line), as inspect read it: now, or `seen`'s."""
     five: list[list[str]] = []
     uploads = []
     for n in ns:
         m = material((n,))
         sums = sha256sums(m) if n != bad_sum else sha256sums(material((n,)))
-        five.append([n, f"{tmp}2", "2", sums, conv])
+        live = root / "live" / n
+        target = (seen or {}).get(n) or (os.readlink(live) if live.is_symlink() else "")
+        five.append([n, f"{tmp}2", "2", (f"link {target}\n" if target else "") + sums, conv])
         uploads.append((n, f"{tmp}2", 2, m.files()))
     data = upload_archive(uploads, mtime=0)
     args = [str(root), *five[0], test, reload, "", "tag", "stamp", "5", "", "", str(len(data)),
@@ -86,12 +90,13 @@ def streamed_commit(root: Path, ns: tuple[str, ...], *, conv: str = "", test: st
 
 # A commit in certmgr's layout pays, per POP: the login shell (and strace's own sh), flock, `head -c` and `tar`
 # (the whole upload: every file and every staged live link, their dirs and modes), one sha256sum, one sync of the
-# uploads, one readlink (two with its subshell, for 2+ links), one `mv -t` for every swap, one sync after the
-# swaps, the test and the reload (each exec'd in its command substitution: one process), and one `rm` of the
-# stage dir. The renames that store each version (each lineage its own directory): one `mv -T` for one
-# certificate, ONE `rename.ul` (util-linux) for two or more.
-ONE_CERT = 15  # was 17 before tar made the temp dirs and gave the modes (no mkdir, no chmod), 18 before the
-# one-archive upload and the batched swap (issue 13 §1, third pass), 23 before
+# uploads, one `mv -t` for every swap, one sync after the swaps, the test and the reload (each exec'd in its
+# command substitution: one process), and one `rm` of the stage dir; no readlink while every live link still
+# leads where inspect saw it. The renames that store each version (each lineage its own directory): one
+# `mv -T` for one certificate, ONE `rename.ul` (util-linux) for two or more.
+ONE_CERT = 14  # was 15 before inspect's reading of the live links stood in for a readlink, 17 before tar made
+# the temp dirs and gave the modes (no mkdir, no chmod), 18 before the one-archive upload and the batched swap
+# (issue 13 §1, third pass), 23 before
 PER_CERT = 0  # was 1 (the store's `mv -T` per certificate), 7 before that: four `head -c`, ln + mv
 # certbot's layout converted, per certificate: the store's rename, the rename of the converted copy and the
 # swap's two renames (its link comes in the archive); per POP one more mkdir, chmod and sync, and the copies of
@@ -105,11 +110,29 @@ PER_ROLLBACK = 1  # was 3: ln, mv and a sync of live/ each
 
 
 def test_a_commit_of_one_certificate_starts_few_processes(tmp_path: Path) -> None:
-    """One certificate in certmgr's layout: stored, swapped, tested and reloaded with at most 15 processes."""
+    """One certificate in certmgr's layout: stored, swapped, tested and reloaded with at most 14 processes."""
     root = multi_root(tmp_path, names(1))
     res, count = streamed_commit(root, names(1))
     assert parse_commit(res).done, res.stdout + res.stderr
     assert count <= ONE_CERT, count
+
+
+def test_a_live_link_changed_since_inspect_is_read_again(tmp_path: Path) -> None:
+    """The rollback target is inspect's reading only while the link still leads to that directory: one changed
+    since (another version made live meanwhile) or leading nowhere is read by readlink — what it points at
+    now is what a failed test switches back to, and what the commit reports as `prev`."""
+    fresh = multi_root(tmp_path / "fresh", names(2))
+    _, trusted = streamed_commit(fresh, names(2), test="/bin/false")
+    root = multi_root(tmp_path / "stale", names(2))
+    a, b = names(2)
+    shutil.copytree(root / "archive" / a / "1", root / "archive" / a / "0")  # the version live when inspect ran
+    res, count = streamed_commit(root, names(2), seen={a: f"../archive/{a}/0", b: f"../archive/{b}/9"},
+                                 test="/bin/false")
+    c = parse_commit(res)
+    assert c.certs[a].prev == f"../archive/{a}/1" and c.certs[b].prev == f"../archive/{b}/1", res.stdout
+    assert os.readlink(root / "live" / a) == f"../archive/{a}/1"  # the test failed: switched back to it, not to 0
+    assert os.readlink(root / "live" / b) == f"../archive/{b}/1"
+    assert count > trusted, (count, trusted)
 
 
 def test_further_certificates_add_no_process(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 # COMMIT: one transaction for every certificate due on this POP, under the POP lock. For each:
 # verify the upload's SHA-256, store it as archive/<name>/<ver>/, swap live/<name> (one rename).
 # Then ONE test and ONE reload for all; a failed test (or reload) switches every one of them back.
-# $1-$6 the first certificate: name, upload temp dir, store version, sha256sum lines, certbot
-# version to convert ("": no conversion); $7 test command, $8 reload command, $9 privkey owner,
+# $1-$6 the first certificate: name, upload temp dir, store version, sha256sum lines (the first may
+# be `link TARGET`: its live link's target as inspect read it, see below), certbot version to
+# convert ("": no conversion); $7 test command, $8 reload command, $9 privkey owner,
 # $10 this controller's tag (its own upload temp dirs are `.tmp-up-<tag>-…`), $11 a UTC stamp for
 # names set aside, $12 seconds to wait for the POP lock, $13 $14 the POP lock's epoch and holder
 # ("" "": no fencing, fence.sh), $15 the size of the upload's tar archive on stdin ("": the files are
@@ -29,7 +30,12 @@ n=0  # certificates swapped so far: name_<i> and prev_<i> (i = 1..n) say how to 
 # lineages are synced once after the swaps ($lazysync), before the test. The renames that store each
 # version (each lineage its own directory) are one `rename.ul` for all where it is there (store_deferred).
 m=0  # certificates asked for: c_<field>_<j> (j = 1..m)
-want() { m=$((m + 1)); eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$4 c_conv_$m=\$5"; }
+want() {
+  m=$((m + 1))
+  w='' s=$4
+  case $s in "link "*"$nl"*) w=${s%%"$nl"*} s=${s#*"$nl"} w=${w#link } ;; esac
+  eval "c_name_$m=\$1 c_tmp_$m=\$2 c_ver_$m=\$3 c_sums_$m=\$s c_conv_$m=\$5 c_want_$m=\$w"
+}
 # every upload's files and directory, synced by one process
 sync_uploads() {
   set --
@@ -432,14 +438,31 @@ if [ -n "$keyown" ] && [ -n "$checked" ]; then
   done
   if keyown "$@" >/dev/null 2>&1; then keyed=1; sync -- "$@" 2>/dev/null || :; fi
 fi
-# what every live/<name> points at now: one readlink for all (the rollback targets)
+# what every live/<name> points at now (the rollback targets): inspect's reading of the link where it
+# still leads to that very directory (`-ef`, the shell's own test: no process; under the lock, so it
+# stays so), else one readlink for all the others. `-ef` is not POSIX, but dash, bash, ksh and busybox
+# have it; a shell without it fails the test, and so reads every link.
 set --
-j=0
+j=0 cn='' cw='' idx=''
 while [ "$j" -lt "$m" ]; do
   j=$((j + 1))
-  eval "set -- \"\$@\" \"\$root/live/\$c_name_$j\""
+  eval "cn=\$c_name_$j cw=\$c_want_$j"
+  # shellcheck disable=SC3013
+  if [ -n "$cw" ] && [ -L "$root/live/$cn" ] && [ "$root/live/$cn" -ef "$root/live/$cw" ] 2>/dev/null; then
+    eval "c_link_$j=\$cw"
+  else
+    set -- "$@" "$root/live/$cn"
+    idx="$idx $j"
+  fi
 done
-readlinks c_link_ "$@"
+if [ $# -gt 0 ]; then
+  readlinks r_link_ "$@"
+  i=0
+  for j in $idx; do
+    i=$((i + 1))
+    eval "c_link_$j=\$r_link_$i"
+  done
+fi
 prepare_conversions
 baks='' pend='' defer='' pfx='' renamer=''
 if [ "$m" -ge 2 ] && command -v rename.ul >/dev/null 2>&1; then renamer=rename.ul; fi
