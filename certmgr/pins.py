@@ -68,17 +68,24 @@ def load_pin(store: StateStore, name: str) -> Pin | None:
                          hint=f"`certmgr deploy {name}` clears it, or move the file aside") from exc
 
 
+# (certificate, pinned version, live version) already logged as an ignored pin by this process
+_IGNORED: set[tuple[str, int, int | None]] = set()
+
+
 def holding_pin(store: StateStore, name: str) -> Pin | None:
     """The pin of `name` if it holds the live version; a pin on another version (a rollback killed between
-    saving its pin and switching live) holds nothing and is logged, at WARNING, by each command that reads it."""
+    saving its pin and switching live) holds nothing and is logged, at WARNING, once per command that reads it
+    (a run reads a pin several times: planning, renewing, its report)."""
     pin = load_pin(store, name)
     if pin is None:
         return None
     live = store.live_version(name)
     if live != pin.version:
-        event(log, logging.WARNING, "pin ignored: not the live version", cert=name, pinned=pin.version, live=live,
-              hint=f"a rollback that did not finish; `certmgr rollback {name} --to {pin.version}` or "
-                   f"`certmgr deploy {name}`")
+        if (name, pin.version, live) not in _IGNORED:
+            _IGNORED.add((name, pin.version, live))
+            event(log, logging.WARNING, "pin ignored: not the live version", cert=name, pinned=pin.version,
+                  live=live, hint=f"a rollback that did not finish; `certmgr rollback {name} --to {pin.version}` "
+                                  f"or `certmgr deploy {name}`")
         return None
     return pin
 
