@@ -101,7 +101,11 @@ def main() -> int:
                 five: list[str] = []
                 blobs: list[bytes] = []
                 for n in ns:
-                    five += [n, f".tmp-up-popside-{version}-{n}", str(version), sha256sums(mats[n]), conv]
+                    # the live link's target as inspect read it, ahead of the sums, as deploy sends it
+                    # (steps.link_line; an older tree's scripts would take it for a sum: none there)
+                    live = root / "live" / n
+                    link = f"link {os.readlink(live)}\n" if live.is_symlink() and "c_want_" in commit_sh else ""
+                    five += [n, f".tmp-up-popside-{version}-{n}", str(version), link + sha256sums(mats[n]), conv]
                     blobs += [mats[n].files()[f] for f in FILE_ORDER]
                 if "| tar -x" in commit_sh:  # one tar archive (receive.sh since issue 13 §1's third pass)
                     data = upload_archive([(n, f".tmp-up-popside-{version}-{n}", version, mats[n].files()) for n in ns],
