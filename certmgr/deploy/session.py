@@ -23,6 +23,7 @@ from certmgr.deploy.shell import SESSION_SH
 from certmgr.remote import ConnectionLost, Remote, RemoteTimeout, Result, parse_kv, sh_command
 from certmgr.sshlib import asyncssh
 
+_READ_LINES = 32  # a step's arguments up to this many lines are read by session.sh's `read`, longer by `head -c`
 # The end of a step's stderr: the channel's mark on a line. asyncssh's readuntil compiles a bytes separator
 # at each call, and a fresh mark per channel missed re's cache every time (~0.15 ms per POP, and one entry of
 # its 512 evicted per POP): one pattern for every mark, compiled once, and the match checked against ours.
@@ -93,9 +94,15 @@ class Session:
             async with asyncio.timeout(limit):
                 proc = self.proc or await self._open()
                 index = self.scripts.index(script) + 1
-                # its lines ("-": one), each read by the shell's `read` (no process on the POP)
+                # a few lines ("-": one), each read by the shell's `read` (no process on the POP); a longer text
+                # (hundreds of certificates' sums) as a count of bytes, read by `head -c`: the shell's joining of
+                # lines grows with the square of their number (bash: 9 s for 5000 lines)
                 lines = words.count(b"\n") + 1
-                head = f"{index} {0 if data is None else 1} {'-' if lines == 1 else lines}\n".encode() + words + b"\n"
+                stdin = 0 if data is None else 1
+                if lines <= _READ_LINES:
+                    head = f"{index} {stdin} {'-' if lines == 1 else f'={lines}'}\n".encode() + words + b"\n"
+                else:
+                    head = f"{index} {stdin} {len(words)}\n".encode() + words
                 proc.stdin.write(head + (data or b""))
                 self.steps += 1
                 # read in chunks, not lines: an inspection is a hundred lines per POP

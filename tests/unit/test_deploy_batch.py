@@ -226,3 +226,32 @@ def test_the_upload_archive_is_byte_for_byte_what_tarfile_writes_and_its_blocks_
     blocks = dict(cache)
     assert upload_archive(ups[1:], mtime=5, cache=cache) == _tarfile_archive(ups[1:], 5)  # another POP, 2 of the 3
     assert cache == blocks and all(cache[k] is blocks[k] for k in blocks)  # nothing built again
+
+
+def test_the_archive_gives_the_private_key_no_bit_for_others_and_the_rest_no_write_for_them() -> None:
+    """receive.sh creates each file with the archive's mode less umask 022: the key's own mode must already be
+    owner-only (tar opens it O_CREAT with that mode: never readable by others, even briefly)."""
+    from certmgr.deploy.plan import FILE_ORDER
+    from certmgr.deploy.steps import _MODES
+
+    assert set(_MODES) == set(FILE_ORDER) and _MODES["privkey.pem"] & 0o077 == 0
+    data = upload_archive([("a.example", ".tmp-up-t-2-0a1b2c3d4e5f", 2, MATERIAL["a.example"].files())], mtime=0)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        modes = {m.name.rsplit("/", 1)[1]: m.mode for m in tf if m.isfile()}
+    assert modes == {"fullchain.pem": 0o644, "privkey.pem": 0o600, "cert.pem": 0o644, "chain.pem": 0o644}
+
+
+def test_link_line_carries_the_live_link_inspect_read_and_nothing_else() -> None:
+    """steps.link_line: `link TARGET` ahead of the sums only for a live link (certbot's directory, no live/<name>,
+    or a target a line cannot carry give none: commit.sh then reads the link itself)."""
+    import types
+
+    from certmgr.deploy.steps import link_line
+
+    def job(layout: str, target: str | None) -> types.SimpleNamespace:
+        return types.SimpleNamespace(state=types.SimpleNamespace(layout=layout, target=target))
+
+    assert link_line(job("link", "../archive/a.example/3")) == "link ../archive/a.example/3\n"
+    assert link_line(job("certbot", None)) == "" and link_line(job("none", None)) == ""
+    assert link_line(job("link", "")) == "" and link_line(job("link", "../x\nlink ../y")) == ""
+    assert link_line(types.SimpleNamespace(state=None)) == ""

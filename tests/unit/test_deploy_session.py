@@ -190,7 +190,8 @@ def test_a_step_that_does_not_answer_in_time_is_a_timeout_and_ends_the_session(t
 
 
 @pytest.mark.parametrize("line", ["1 0", "x 0 3", "1 2 3", "9 0 0", "1 0 3 4", " 1 0 3", "0 0 0", "1 0 --",
-                                  "1 0 -3", "1 0 3-", "1 0 - ", "x 0 -", "9 0 -", "1 0 0", "1 0 02"])
+                                  "1 0 -3", "1 0 3-", "1 0 - ", "x 0 -", "9 0 -", "1 0 =0", "1 0 =100",
+                                  "1 0 =x", "1 0 =", "1 0 =-1"])
 def test_the_session_script_ends_on_a_step_line_it_does_not_expect(line: str) -> None:
     """session.sh runs nothing for a malformed step line (or an index out of range) and exits 2."""
     drv = session.SESSION_SH
@@ -205,8 +206,11 @@ def test_the_session_script_runs_each_step_with_its_own_arguments_and_stdin() ->
 
     def step(i: int, stdin: int, args: list[str]) -> bytes:
         words = shlex.join(args).encode()
-        lines = words.count(b"\n") + 1
-        return f"{i} {stdin} {lines}\n".encode() + words + b"\n"
+        return f"{i} {stdin} {len(words)}\n".encode() + words
+
+    def lines(i: int, stdin: int, args: list[str]) -> bytes:
+        words = shlex.join(args).encode()
+        return f"{i} {stdin} ={words.count(10) + 1}\n".encode() + words + b"\n"
 
     def line(i: int, stdin: int, args: list[str]) -> bytes:
         return f"{i} {stdin} -\n".encode() + shlex.join(args).encode() + b"\n"
@@ -214,11 +218,22 @@ def test_the_session_script_runs_each_step_with_its_own_arguments_and_stdin() ->
     s1 = 'printf "%s|" "$@"; IFS= read -r l || printf "eof"; exit 3'
     data = step(1, 0, ["a b", "c\nd", "$(echo x)"]) + step(1, 1, ["z"]) + b"from stdin\n"
     data += line(1, 0, ["a  b", "\\n\\", "$(echo x)", "'", "", " "]) + line(1, 1, ["y"]) + b"more\n"
+    data += lines(1, 0, ["a\n", "\nb", "c\r\nd", ""]) + lines(1, 1, ["w\nx"]) + b"last\n"
     p = subprocess.run(["sh", "-c", drv, "certmgr", "M", s1], input=data, capture_output=True, timeout=10,
                        check=False)
     assert p.stdout == (b"a b|c\nd|$(echo x)|eof\nM=3\nz|\nM=3\n"
-                        b"a  b|\\n\\|$(echo x)|'|| |eof\nM=3\ny|\nM=3\n")
-    assert (p.returncode, p.stderr) == (0, b"\nM\n\nM\n" * 2)
+                        b"a  b|\\n\\|$(echo x)|'|| |eof\nM=3\ny|\nM=3\n"
+                        b"a\n|\nb|c\r\nd||eof\nM=3\nw\nx|\nM=3\n")
+    assert (p.returncode, p.stderr) == (0, b"\nM\n\nM\n" * 3)
+
+
+@pytest.mark.parametrize("cut", range(1, 9))  # every cut after the step line, inside its 8 bytes of arguments
+def test_a_multi_line_step_cut_before_its_last_line_runs_nothing(cut: int) -> None:
+    """The counted-lines form: arguments cut anywhere before their last newline (the stream ends) run no step."""
+    data = b"1 0 =3\n'a\nb\nc'\n"
+    p = subprocess.run(["sh", "-c", session.SESSION_SH, "certmgr", "M", "echo ran"], input=data[:len(data) - cut],
+                       capture_output=True, timeout=10, check=False)
+    assert (p.returncode, p.stdout) == (2, b"")
 
 
 def test_a_step_line_cut_before_its_end_runs_nothing() -> None:
@@ -261,5 +276,23 @@ def test_a_step_end_mark_on_stderr_that_is_not_the_channels_own_does_not_end_the
                 assert (await s.run_script(SAY, ["1", "2", "0"], step="say")).get("b") == "2"
                 assert (s.opened, s.steps) == (1, 2)
             assert alone.stderr == "before\ncertmgr-step-end-0123456789abcdef\nafter" and alone.get("a") == "1"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("lines", [1, 3, session._READ_LINES, session._READ_LINES + 1, 400])
+def test_arguments_of_any_number_of_lines_arrive_whole(tmp_path: Path, lines: int) -> None:
+    """A few lines go as counted lines read by the shell, a long text (past _READ_LINES, where the shell's joining
+    would grow with its square) as counted bytes read by `head -c`: either way each argument arrives whole."""
+    show = 'printf "n=%s\\n" "$#"; for a in "$@"; do printf "arg=%s\\n" "$(printf %s "$a" | od -An -tx1 | tr -d " \\n")"; done'
+    args = ["\n".join(f"l{i}" for i in range(lines)), "", "tail\n"]
+
+    async def main() -> None:
+        async with fake_pop(tmp_path) as rem, session.over(rem, [show, READ]) as s:
+            res = await s.run_script(show, args, step="show")
+            assert res.get("n") == "3"
+            assert res.all("arg") == [a.encode().hex() for a in args]
+            assert (await s.run_script(READ, [], step="read")).get("line") == ""  # nothing of it left on stdin
+            assert s.opened == 1
 
     asyncio.run(main())

@@ -488,7 +488,7 @@ def test_a_session_step_reads_its_arguments_without_a_process() -> None:
     multi = shlex.join(["a\nb", "c\n", "\nd"]).encode()
     by_line = b"".join(f"{i} 0 -\n".encode() + one + b"\n" for i in (1, 2))
     lines = multi.count(b"\n") + 1
-    by_lines = b"".join(f"{i} 0 {lines}\n".encode() + multi + b"\n" for i in (1, 2))
+    by_lines = b"".join(f"{i} 0 ={lines}\n".encode() + multi + b"\n" for i in (1, 2))
     counts = []
     for data in (by_line, by_lines):
         proc, count = traced(["sh", "-c", SESSION_SH, "certmgr", "M", 'printf "%s|" "$@"', ":"], data)

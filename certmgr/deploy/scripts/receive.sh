@@ -94,7 +94,10 @@ receive() {
   # --no-wildcards: a name may hold `*` (a wildcard certificate), matched as itself. The umask is the
   # command substitution's own: the script's stays 077.
   o=$(umask 022; { head -c "$sizes" | tar -x -f - -C "$root" --no-same-owner --no-same-permissions --no-wildcards \
-    -m -- "$@"; } 2>&1) || { unreceive; untarred "$o"; return 1; }
+    -m -- "$@"; } 2>&1)
+  rc=$?
+  umask 077  # the script's own again, whichever shell ran the substitution (ksh93 may not fork for it)
+  [ "$rc" -eq 0 ] || { unreceive; untarred "$o"; return 1; }
   # what tar made is what was listed: regular files, and links (no process: the shell's own tests) —
   # never a link where a file belongs, which a later step would follow
   j=0

@@ -5,9 +5,10 @@
 # $1 a random marker; $2… the scripts' texts. On stdin, per step: a line "INDEX STDIN LENGTH" (INDEX
 # 1-based into the texts; STDIN 1: the step reads what follows on stdin — commit's upload and its
 # `go` —, 0: it reads /dev/null), then its arguments, shell-quoted by the controller (shlex.join:
-# `eval "set -- …"` re-parses exactly that argv, as the remote shell parses a command): LENGTH lines
-# ("-": one), each ended by a newline, read by the shell's own `read` and joined by newlines — no
-# process, whatever newlines the quoted arguments hold (commit's SHA-256 lines do).
+# `eval "set -- …"` re-parses exactly that argv, as the remote shell parses a command): with LENGTH
+# "-" one line, with "=N" N lines (a few: commit's SHA-256 lines of a certificate or two), each ended
+# by a newline, read by the shell's own `read` and joined by newlines — no process —, with a plain
+# number N that many bytes, read by `head -c` (a long text: the shell's joining grows with its square).
 # After each step: a line "<marker>=<exit status>" on stdout and "<marker>" on stderr, each after a
 # newline of its own. Anything else on stdin ends the session (exit 2); so does its end.
 mark=$1
@@ -17,16 +18,25 @@ while IFS= read -r step; do
   in=${rest%% *} len=${rest#* }
   [ "$step" = "$i $in $len" ] || exit 2
   case $i in '' | *[!0-9]*) exit 2 ;; esac
-  case $len in -) len=1 ;; '' | *[!0-9]* | 0*) exit 2 ;; esac
+  nlines=
+  case $len in
+    -) nlines=1 ;;
+    =[1-9] | =[1-9][0-9]) nlines=${len#=} ;;
+    '' | *[!0-9]*) exit 2 ;;
+  esac
   case $in in 0 | 1) ;; *) exit 2 ;; esac
   [ "$i" -ge 1 ] && [ "$i" -le $# ] || exit 2
-  IFS= read -r words || exit 2
-  while [ "$len" -gt 1 ]; do
-    IFS= read -r more || exit 2
-    words="$words
+  if [ -n "$nlines" ]; then
+    IFS= read -r words || exit 2
+    while [ "$nlines" -gt 1 ]; do
+      IFS= read -r more || exit 2
+      words="$words
 $more"
-    len=$((len - 1))
-  done
+      nlines=$((nlines - 1))
+    done
+  else
+    words=$(head -c "$len") || exit 2
+  fi
   script=
   eval "script=\${$i}"
   if [ "$in" = 1 ]; then
