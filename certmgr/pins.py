@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from certmgr.errors import CertmgrError, StoreError
 from certmgr.log import event
 from certmgr.store_api import StateStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,20 +53,37 @@ def _revoked_path(name: str) -> str:
     return f"state/revoked/{name}.json"
 
 
-def load_pin(store: StateStore, name: str) -> Pin | None:
-    """The pin of `name`, None when it is not pinned. A pin file that cannot be understood is a StoreError."""
-    data = store.load_json(_pin_path(name), default=None)
+_MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError)
+
+
+def _document(store: StateStore, name: str, path: str, build: Callable[[dict[str, Any]], T], *, what: str,
+              hint: str) -> T | None:
+    """The state document at `path` built by `build`; None when absent or empty; one `build` cannot understand
+    (a missing key, a wrong type or value) is a StoreError naming the file and `what` it should be."""
+    data = store.load_json(path, default=None)
     if not data:
         return None
     try:
-        at = dt.datetime.fromisoformat(str(data["at"]))
+        return build(data)
+    except _MALFORMED as exc:
+        raise StoreError(f"store {name}: {path} is not {what} ({exc!r})", hint=hint) from exc
+
+
+def _utc(value: Any) -> dt.datetime:
+    """An ISO 8601 time from a state document; one written without an offset is UTC."""
+    at = dt.datetime.fromisoformat(str(value))
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+def load_pin(store: StateStore, name: str) -> Pin | None:
+    """The pin of `name`, None when it is not pinned. A pin file that cannot be understood is a StoreError."""
+    def build(data: dict[str, Any]) -> Pin:
         frm = data.get("rolled_back_from")
         return Pin(version=int(data["version"]), serial=str(data["serial"]),
-                   rolled_back_from=int(frm) if frm is not None else None,
-                   at=at if at.tzinfo else at.replace(tzinfo=dt.UTC))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"store {name}: state/pin/{name}.json is not a pin ({exc!r})",
-                         hint=f"`certmgr deploy {name}` clears it, or move the file aside") from exc
+                   rolled_back_from=int(frm) if frm is not None else None, at=_utc(data["at"]))
+
+    return _document(store, name, _pin_path(name), build, what="a pin",
+                     hint=f"`certmgr deploy {name}` clears it, or move the file aside")
 
 
 # (certificate, pinned version, live version) already logged as an ignored pin by this process
@@ -168,11 +186,7 @@ def _revoking_path(name: str) -> str:
 
 def load_pending(store: StateStore, name: str) -> PendingRevocation | None:
     """The unfinished revocation of `name`, None if there is none; an unreadable record is a StoreError."""
-    data = store.load_json(_revoking_path(name), default=None)
-    if not data:
-        return None
-    try:
-        at = dt.datetime.fromisoformat(str(data["at"]))
+    def build(data: dict[str, Any]) -> PendingRevocation:
         versions = tuple(int(v) for v in data["versions"])
         serials = tuple(str(s) for s in data["serials"])
         leaves = tuple(str(c) for c in data.get("leaves") or ())
@@ -181,13 +195,12 @@ def load_pending(store: StateStore, name: str) -> PendingRevocation | None:
         if len(versions) != len(serials) or not versions or len(leaves) not in (0, len(versions)):
             raise ValueError("versions, serials and leaves do not pair up")
         return PendingRevocation(reason=str(data["reason"]), versions=versions, serials=serials,
-                                 now_first=bool(data.get("now_first", False)),
-                                 at=at if at.tzinfo else at.replace(tzinfo=dt.UTC),
+                                 now_first=bool(data.get("now_first", False)), at=_utc(data["at"]),
                                  spki=spki, leaves=leaves)
-    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
-        raise StoreError(f"store {name}: state/revoking/{name}.json is not a pending revocation ({exc!r})",
-                         hint=f"see the audit log's 'revoke requested' line for {name}; move the file aside and "
-                              f"rerun `certmgr revoke {name} --version N`") from exc
+
+    return _document(store, name, _revoking_path(name), build, what="a pending revocation",
+                     hint=f"see the audit log's 'revoke requested' line for {name}; move the file aside and "
+                          f"rerun `certmgr revoke {name} --version N`")
 
 
 def pending_note(store: StateStore, name: str) -> str | None:
