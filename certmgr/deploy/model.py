@@ -181,7 +181,7 @@ class CertCommit:
     """One certificate's part of commit.sh: stored, swapped (and maybe switched back), or failed at a step."""
 
     name: str
-    failed_step: str | None  # verify | chown | sync | aside | rename | convert | swap
+    failed_step: str | None  # verify | chmod | chown | sync | aside | rename | convert | swap
     failed_out: str
     aside: str | None  # the name archive/<name>/N/ of other content was moved to
     converted: str | None  # certbot's version K, when live/<name>/ was converted

@@ -221,13 +221,22 @@ stage() {
   # very certificate (a rolled-back attempt, another controller's upload) is used as it is; other
   # content (a certbot-era or hand-made N/) is set aside as N.certmgr-aside-<stamp>/, never lost.
   if [ -d "$arch/$ver" ] && [ ! -L "$arch/$ver" ] && sumsok "$arch/$ver" >/dev/null; then
+    # its key owner-only whatever made it (an older tool, a hand-made copy): the one chmod of a reuse
+    o=$(chmod 600 -- "$arch/$ver/privkey.pem" 2>&1) || { fail chmod "$o"; return 1; }
     if [ -n "$keyown" ]; then o=$(keyown "$arch/$ver/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }; fi
     rm -rf -- "${arch:?}/$tmp"
     say "reused=$ver"
   else
     if [ -e "$arch/$ver" ] || [ -L "$arch/$ver" ]; then
       aside=$ver.certmgr-aside-$stamp
-      if [ "$cur" = "../archive/$name/$ver" ]; then
+      # not the name certbot's converted copy takes (K = N, prepare_conversions), nor one already there
+      if [ "$aside" = "$cdir" ] || [ -e "$arch/$aside" ] || [ -L "$arch/$aside" ]; then
+        aside=$ver.certmgr-aside-$stamp-$$
+      fi
+      # live reads N/ under whatever spelling its link has (an absolute path, a trailing slash): `-ef`
+      # shellcheck disable=SC3013
+      if [ "$cur" = "../archive/$name/$ver" ] || { [ -L "$live" ] && [ "$live" -ef "$arch/$ver" ]; } 2>/dev/null
+      then
         # live reads N/: copy it aside, point live at the copy, then remove N/ — live never dangles
         o=$(cp -a -- "$arch/$ver" "$arch/$aside" 2>&1) || { fail aside "$o"; return 1; }
         point "../archive/$name/$aside" aside || { fail aside "cannot point live at $aside"; return 1; }
@@ -476,11 +485,9 @@ say cert=
 # before any switch, archive/.last-commit-<name> names this commit's upload: a later run settling an
 # interrupted deploy tells "switched and switched back" from "never switched" by it (intents.verdict;
 # a certbot conversion needs none: its link tells). Builtins only; outside the lineage, left to certbot.
-j=0 cc=''
-while [ "$j" -lt "$m" ]; do
-  j=$((j + 1))
-  eval "cn=\$c_name_$j ct=\$c_tmp_$j cc=\$c_conv_$j"
-  [ -n "$cc" ] || printf '%s\n' "$ct" > "$root/archive/.last-commit-$cn" 2>/dev/null || :
+for j in $pend; do  # stored, its swap to come (a certificate that failed before is not switched by this commit)
+  eval "cn=\$c_name_$j ct=\$c_tmp_$j"
+  printf '%s\n' "$ct" > "$root/archive/.last-commit-$cn" 2>/dev/null || :
 done
 swap_all
 [ "$n" -gt 0 ] || exit 3
@@ -534,7 +541,7 @@ sweepable() {
   esac
 }
 set --
-for d in "$root"/live/.tmp-up-* "$root"/live/.tmp-back-*; do
+for d in "$root"/live/.tmp-up-* "$root"/live/.tmp-back-* "$root"/archive/.tmp-conv*.tar "$root"/archive/.certmgr-fence.tmp-*; do
   if sweepable "$d"; then set -- "$@" "$d"; fi
 done
 i=0 bn=''

@@ -7,7 +7,16 @@
 set -u
 nl='
 '
-say() { printf '%s\n' "$*"; }
+# say KEY=VALUE: one line, always. A value read from the POP's file system (a link's target, a file name) may
+# hold a newline, which would start a line of its own — a forged `cert=` or `version=`: it is cut there and
+# marked (a literal `\n...`), so that no parser takes the rest, or the cut text, for a plain value.
+say() {
+  say_l=$*
+  case $say_l in
+    *"$nl"*) printf '%s\\n...\n' "${say_l%%"$nl"*}" ;;
+    *) printf '%s\n' "$say_l" ;;
+  esac
+}
 b64() { printf '%s' "$1" | base64 -w0; }
 # lineage NAME: the paths of one certificate under $root
 lineage() {

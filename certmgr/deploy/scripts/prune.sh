@@ -34,13 +34,20 @@ while [ "$i" -lt "$k" ]; do
   eval "n=\$p_name_$i t=\$p_link_$i"
   arch=$root/archive/$n
   say "cert=$n"
+  t=${t%/}  # `../archive/<name>/N/` names N too
   cur=${t##*/}
   case $cur in ''|*[!0-9]*) cur= ;; esac
   vs=''
   for e in "$arch"/*; do
     b=${e##*/}
     case $b in ''|*[!0-9]*) continue ;; esac
-    if [ -d "$e" ] && [ ! -L "$e" ]; then vs="$vs $b"; fi
+    if [ -d "$e" ] && [ ! -L "$e" ]; then
+      vs="$vs $b"
+      # the version live/<name> leads to, however its link spells it (an absolute path, `./`): the shell's
+      # own test, no process; a shell without `-ef` fails it and keeps the link's reading
+      # shellcheck disable=SC3013
+      if [ -z "$cur" ] && [ -L "$root/live/$n" ] && [ "$root/live/$n" -ef "$e" ] 2>/dev/null; then cur=$b; fi
+    fi
   done
   # newest first, by repeated selection: a few numbers per lineage
   rest=$vs desc=''
