@@ -34,6 +34,11 @@ class Tally:
     planned: dict[str, list[str]] = field(default_factory=dict)  # cert → hosts this run meant to deploy to
     done: dict[str, dict[str, str]] = field(default_factory=dict)  # cert → host → outcome status
     committing: set[tuple[str, str]] = field(default_factory=set)  # (cert, host) with a commit under way
+    # The command that finishes this one's work when that is not `certmgr deploy` of what is left (rollback,
+    # revoke: a deploy would undo a rollback, and never revokes); `finish_due`: its work is unfinished even when
+    # every deploy it made is done (a revocation at the CA still to come).
+    finish: str | None = None
+    finish_due: bool = False
 
     def plan(self, cert: str, hosts: list[str]) -> None:
         have = self.planned.setdefault(cert, [])
@@ -171,7 +176,8 @@ def summary(st: StopState, *, finish: str | None = None) -> str:
     line = f"{head}: {'; '.join(parts)}"
     unfinished = [r.cert for r in rows if r.unfinished]
     redo = t.not_renewed + t.renew_cut
-    if not unfinished and not redo:
+    finish = finish or t.finish
+    if not unfinished and not redo and not (finish and t.finish_due):
         return line
     deploy = "certmgr deploy " + (" ".join(unfinished) if len(unfinished) <= MANY else "--all")
     commands = [finish] if finish else (

@@ -21,8 +21,8 @@ from typing import Any
 from cryptography import x509
 
 from certmgr import deploy as deploy_mod
+from certmgr import interrupt, pins
 from certmgr import notify as notify_mod
-from certmgr import pins
 from certmgr import renew as renew_mod
 from certmgr.errors import ACMEError, CertmgrError, UsageError
 from certmgr.inventory import Certificate, Inventory
@@ -261,6 +261,8 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
             reason=reason, versions=tuple(t.version for t in todo), serials=tuple(t.serial for t in todo),
             now_first=now_first, at=now, spki=spki.hex(),
             leaves=tuple(store.read(name, t.version).cert.decode() for t in todo)))
+    # interrupted from here on, the rerun finishes it (a `certmgr deploy NAME` never revokes)
+    interrupt.tally().finish, interrupt.tally().finish_due = f"certmgr revoke {name} --reason {reason}", True
     live = store.live_version(name)
     replace = any(t.version == live for t in todo)  # keyCompromise: the live version too if it shares the key
     store.audit("revoke requested", name, reason=reason, versions=[t.version for t in todo],
@@ -289,8 +291,9 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
     result = _with(result, deploys=tuple(outcomes))
     bad = [o.host for o in outcomes if not o.ok]
     if bad and not now_first:
+        them = "it" if len(bad) == 1 else "them"
         held = (f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not serve the replacement (see above), so "
-                f"revoking now would break them; the old certificate stays valid. Fix them, then rerun "
+                f"revoking now would break {them}; the old certificate stays valid. Fix {them}, then rerun "
                 f"`certmgr revoke {name} --reason {reason}` (it revokes the same certificate"
                 f"{'s' if len(todo) > 1 else ''}; or add --now to revoke regardless)")
         return await _finish(_with(result, held=held), store, channels, t0, loop)
@@ -298,7 +301,9 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
         result = _with(result, targets=tuple(await _revoke_at_ca(inv, store, cert, todo, reason, now=now)))
     elif bad:
         result = _with(result, notes=(*result.notes, f"--now: revoked although {', '.join(bad)} may still serve the "
-                                      "revoked certificate: fix them now (`certmgr deploy " + name + "`)"))
+                                      f"revoked certificate: fix {'it' if len(bad) == 1 else 'them'} now, then rerun "
+                                      f"`certmgr revoke {name} --reason {reason}` (it deploys the replacement there "
+                                      "and finishes the revocation)"))
     return await _finish(result, store, channels, t0, loop)
 
 
@@ -351,6 +356,7 @@ async def _finish(result: RevokeResult, store: StateStore, channels: Sequence[An
     result = _with(result, elapsed=loop.time() - t0)
     if result.ok:
         pins.clear_pending(store, result.name)
+        interrupt.tally().finish_due = False
     store.audit("revoke done" if result.ok else "revoke incomplete", result.name, reason=result.reason,
                 revoked=[t.serial for t in result.revoked], held=result.held,
                 failed_hosts=[o.host for o in result.deploys if not o.ok], seconds=round(result.elapsed, 3))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from certmgr import certcheck, pins
+from certmgr import certcheck, interrupt, pins
 from certmgr import deploy as deploy_mod
 from certmgr import notify as notify_mod
 from certmgr.errors import CertificateRefused, CertmgrError, StoreError, UsageError
@@ -184,6 +184,9 @@ async def rollback(inv: Inventory, store: StateStore, cert: Certificate, *, to: 
                             hosts=chosen, others=others, pinned=pin_it, dry_run=dry_run)
     if dry_run:
         return result
+    # interrupted, this command finishes it (a `certmgr deploy NAME` would clear the pin: the newest version again)
+    only = f" --hosts {','.join(chosen)}" if hosts else ""
+    interrupt.tally().finish = f"certmgr rollback {name} --to {target}{only}"
 
     # The pin first: killed between the two, a pin on a version that is not live holds nothing (pins.holding_pin)
     # and the store is as before the rollback; the other way round a rollback would be live without its pin.

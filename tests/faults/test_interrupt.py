@@ -284,3 +284,49 @@ def test_run_stops_on_sigterm_and_the_next_run_settles_a_killed_deploy(fresh: La
         assert_every_pop_serves_live(fresh, state)
     finally:
         switches.close()
+
+
+@pytest.mark.parametrize("command", ["rollback", "revoke"])
+def test_ctrl_c_in_rollback_or_revoke_names_the_command_that_finishes_it(fresh: Lab, proxy: ACMEProxy, tmp_path: Path,
+                                                                         command: str) -> None:
+    """Ctrl-C during `rollback` (to the version below live, not named) or `revoke`, one POP frozen (its sshd stopped)
+    after the others switched: the exit line names the command that finishes the job — `certmgr rollback NAME --to
+    V` with V resolved, `certmgr revoke NAME --reason R` — never `certmgr deploy NAME`, which would undo the rollback
+    (it clears the pin) and never revokes. Running the named command finishes it: every POP serves the live version."""
+    from tests.integration.lifecycle import MEDIA, cert_status, live, serial_of
+
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA])
+    state = tmp_path / "state"
+    for args in (("renew", MEDIA), ("renew", "--force", MEDIA)):
+        made = certmgr(inv, state, *args)
+        assert made.returncode == 0, made.stdout + made.stderr
+    assert live(state) == 2
+    if command == "rollback":
+        argv, finish = ("rollback", MEDIA), ("rollback", MEDIA, "--to", "1")
+    else:
+        argv, finish = ("revoke", MEDIA, "--reason", "superseded"), ("revoke", MEDIA, "--reason", "superseded")
+    switches = LiveSwitches(fresh)
+    frozen = fresh.pop_names[-1]
+    pid = fresh.sshd_pid(frozen)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        proc = start_certmgr(inv, state, *argv, "--no-notify")
+        others = set(fresh.pop_names) - {frozen}
+        wait_for(lambda: proc.poll() is not None or {pop for (_, pop) in switches.poll()} >= others, 60,
+                 "every POP but the frozen one to switch", interval=0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        switches.close()
+    assert proc.returncode == 130, out + err
+    [line] = [x for x in err.splitlines() if x.startswith("certmgr:")]
+    assert line.endswith(f" — run `certmgr {' '.join(finish)}` to finish"), line
+    assert "certmgr deploy" not in line, line
+    done = certmgr(inv, state, *finish, "--no-notify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert live(state) == (1 if command == "rollback" else 3)
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+    if command == "revoke":
+        assert cert_status(fresh, serial_of(state, 2))["Status"] == "Revoked"

@@ -66,6 +66,20 @@ H = ["sally", "harry", "esme", "fred"]
     (signal.SIGTERM, 1, {"planned": {M: H[:2]}, "done": {M: {"sally": "deployed"}}}, "certmgr run",
      "certmgr: interrupted by SIGTERM: media.example deployed to 1/2 POPs (sally); not started: 1 POP (harry) — "
      "run `certmgr run` to finish"),
+    # rollback: its own command finishes it (`certmgr deploy` would clear the pin and undo the rollback)
+    (signal.SIGINT, 1, {"planned": {M: H}, "done": {M: {"sally": "deployed", "harry": "deployed"}},
+                        "finish": f"certmgr rollback {M} --to 4"}, None,
+     "certmgr: interrupted by SIGINT: media.example deployed to 2/4 POPs (sally, harry); not started: 2 POPs "
+     f"(esme, fred) — run `certmgr rollback {M} --to 4` to finish"),
+    # revoke: unfinished while the CA has not revoked, even with every deploy done
+    (signal.SIGTERM, 1, {"renewed": {M: 5}, "deploy_follows": True, "planned": {M: H[:1]},
+                         "done": {M: {"sally": "deployed"}}, "finish": f"certmgr revoke {M} --reason keyCompromise",
+                         "finish_due": True}, None,
+     "certmgr: interrupted by SIGTERM: renewed media.example (v5); media.example deployed to 1/1 POPs (sally) — "
+     f"run `certmgr revoke {M} --reason keyCompromise` to finish"),
+    (signal.SIGTERM, 1, {"planned": {M: H[:1]}, "done": {M: {"sally": "deployed"}},
+                         "finish": f"certmgr revoke {M} --reason superseded", "finish_due": False}, None,
+     "certmgr: interrupted by SIGTERM: media.example deployed to 1/1 POPs (sally)"),
 ])
 def test_summary_says_what_was_done_and_what_was_not(signum: int, count: int, kw: dict[str, object],
                                                      finish: str | None, line: str) -> None:
