@@ -189,5 +189,6 @@ def _record_state(store: StateStore, intent: Intent) -> None:
     state = store.load_json(path, default={}) or {}
     entry = state.setdefault("hosts", {}).setdefault(intent.host, {})
     entry.update({"status": "deployed", "at": intent.at, "deployed_at": intent.at, "error": None,
-                  "serial": intent.to_serial, "version": intent.version, "wanted_serial": intent.to_serial})
+                  "serial": intent.to_serial, "version": intent.version, "wanted_serial": intent.to_serial,
+                  "serial_at": intent.at})
     store.save_json(path, state)

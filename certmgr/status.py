@@ -36,6 +36,7 @@ class PopView:
     source: str = "scan"  # where `serves`/`current` come from: "scan", "deploy" (verified, newer than the scan)
     deployed_at: str | None = None  # when live/<name> last switched to a new version there (settled ones too)
     unsettled: bool = False  # an interrupted deploy left an intent the next deploy settles
+    verified_at: str | None = None  # with source "deploy": when a deploy confirmed `serves` by handshake
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,7 +102,7 @@ class CertView:
             "pops": [{"host": p.host, "serves": p.serves, "severity": p.severity, "current": p.current,
                       "source": p.source, "problems": list(p.problems), "last_deploy": p.last_deploy,
                       "last_deploy_at": p.last_deploy_at, "deployed_at": p.deployed_at,
-                      "unsettled": p.unsettled} for p in self.pops],
+                      "unsettled": p.unsettled, "verified_at": p.verified_at} for p in self.pops],
         }
 
 
@@ -131,21 +132,36 @@ def _newer(at: str | None, than: str | None) -> bool:
         return False
 
 
+# deploy outcomes that confirm by handshake what the POP serves (a rollback: that the old certificate is)
+_CONFIRMING = ("deployed", "skipped", "rolled back")
+
+
 def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],
              scanned_at: str | None, *, unsettled: bool = False) -> PopView:
-    """One POP: the last scan's view, unless a later deploy verified what this POP serves."""
+    """One POP: the last scan's view, unless a later deploy verified what this POP serves.
+
+    The deploy state keeps the serial its last confirming outcome saw (`serial`, at `serial_at`) through later
+    failures: an unreachable POP, a failed test. That confirmation, when newer than the scan, is what the POP
+    serves — not the older scan's reading. (A state written before `serial_at` was kept dates it by `at` when
+    its last outcome confirmed, and is read from the scan otherwise.)
+    """
     last, last_at = deployed.get("status"), deployed.get("at")
     switched = deployed.get("deployed_at")
-    if (info is not None and last in ("deployed", "skipped", "rolled back") and deployed.get("serial")
-            and _newer(last_at, scanned_at)):
-        # deploy confirmed the served serial by handshake (a rollback confirmed the old one is served)
+    verified = deployed.get("serial_at") or (last_at if last in _CONFIRMING else None)
+    if info is not None and deployed.get("serial") and _newer(verified, scanned_at):
         key = _serial_key(deployed["serial"])
         same = key == _serial_key(info.serial)
         shown = serial_text(key) if key is not None else str(deployed["serial"])
-        why: tuple[str, ...] = () if same else ("a deploy rolled back: serves the old certificate",)
+        why: tuple[str, ...] = ()
+        if not same:
+            v = deployed.get("version")
+            known = isinstance(v, int) and not isinstance(v, bool)
+            why = ("a deploy rolled back: serves the old certificate" + (f" (version {v})" if known else "")
+                   if last == "rolled back" else
+                   f"serves {f'version {v}' if known else 'another certificate'}, not the live version",)
         return PopView(host=host, serves=shown, severity="ok" if same else "critical", current=same, problems=why,
                        last_deploy=last, last_deploy_at=last_at, source="deploy", deployed_at=switched,
-                       unsettled=unsettled)
+                       unsettled=unsettled, verified_at=verified)
     serials = sorted({e.get("serial") or "-" for e in eps})
     sevs = [e.get("severity") for e in eps if e.get("severity")]
     worst = max(sevs, key=lambda s: ("ok", "warning", "critical", "error").index(s)) if sevs else None
@@ -224,7 +240,8 @@ def render(views: list[CertView], now: dt.datetime) -> list[str]:
             if p.deployed_at and (p.last_deploy != "deployed" or p.deployed_at != p.last_deploy_at):
                 dep += f" (switched {_short(p.deployed_at)})"
             if p.source == "deploy":
-                dep += " (verified by that deploy" + (", after the last scan)" if v.scanned_at else ")")
+                by = "that deploy" if p.verified_at == p.last_deploy_at else f"a deploy {_short(p.verified_at)}"
+                dep += f" (verified by {by}" + (", after the last scan)" if v.scanned_at else ")")
             if p.unsettled:
                 dep += f", INTERRUPTED deploy not settled yet (`certmgr deploy {v.name}` settles it)"
             prob = f" — {'; '.join(p.problems[:2])}" if p.problems else ""

@@ -357,10 +357,11 @@ def state_entry(entry: dict[str, Any], o: HostOutcome, now: dt.datetime, local_v
                   "wanted_serial": o.new_serial, "local_version": local_version})
     if o.status == Status.DEPLOYED:
         entry["deployed_at"] = now.isoformat()
+    # `serial`: what the POP served at the last handshake that confirmed it (`serial_at`), kept through failures
     if o.status in (Status.DEPLOYED, Status.SKIPPED):
-        entry.update({"serial": o.new_serial, "version": o.version})
+        entry.update({"serial": o.new_serial, "version": o.version, "serial_at": now.isoformat()})
     elif o.status == Status.ROLLED_BACK:
-        entry.update({"serial": o.old_serial, "version": o.version})
+        entry.update({"serial": o.old_serial, "version": o.version, "serial_at": now.isoformat()})
 
 
 def all_serve(seen: Mapping[str, Probe], serial: str) -> bool:

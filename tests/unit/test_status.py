@@ -104,6 +104,52 @@ def test_a_rolled_back_deploy_is_behind(env: tuple[Path, Store, dict[str, Any]])
     assert "pop1                 BEHIND   critical serial 0A, last deploy rolled back" in out
 
 
+def test_a_failed_deploy_after_a_confirming_one_keeps_what_that_one_saw(
+        env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """A POP unreachable (or failing its test) since a deploy confirmed another serial AFTER the last scan serves that
+    serial, not what the older scan saw: BEHIND, exit 2 — not `current` from a scan the deploy made stale."""
+    inv, store, infos = env
+    a = infos["a.example.test"]
+    scan_state(store, "a.example.test", at(-60), {"pop1": (a.serial, a.sha256, "ok"), "pop2": (a.serial, a.sha256, "ok")})
+    store.save_json("state/deploy/a.example.test.json", {"hosts": {
+        "pop1": {"status": "unreachable", "at": at(-1), "serial": "0B", "version": 5, "serial_at": at(-30),
+                 "error": "connect refused"},
+        "pop2": {"status": "deployed", "at": at(-30), "serial": a.serial, "version": 1, "serial_at": at(-30)}}})
+    code, out = status(inv, store, "a.example.test")
+    assert code == 2, out
+    line = next(s for s in out.splitlines() if s.strip().startswith("pop1"))
+    assert line.split()[1:4] == ["BEHIND", "critical", "serial"], line
+    assert "serial 0B, last deploy unreachable" in line and "(verified by a deploy " in line, line
+    assert line.endswith("serves version 5, not the live version"), line
+    assert "pop2                 current  ok       serial " + a.serial in out
+    assert out.splitlines()[-1] == "status: needs action: a.example.test: pop1 behind (exit 2)"
+
+
+def test_a_failed_deploy_without_a_confirmation_time_reads_the_scan(env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """State saved before `serial_at` existed: a failed last deploy says nothing of when its serial was seen, so the
+    scan decides (as before)."""
+    inv, store, infos = env
+    a = infos["a.example.test"]
+    scan_state(store, "a.example.test", at(-60), {"pop1": (a.serial, a.sha256, "ok"), "pop2": (a.serial, a.sha256, "ok")})
+    deploy_state(store, "a.example.test", {"pop1": ("unreachable", at(-1), "0B")})
+    code, out = status(inv, store, "a.example.test")
+    assert code == 0, out
+    assert "pop1                 current  ok       serial " + a.serial + ", last deploy unreachable" in out
+
+
+def test_a_pop_left_on_a_version_the_store_moved_from_is_not_called_rolled_back(
+        env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """A deploy verified version 7 there, then the live version changed (a rollback of other hosts only): the POP
+    serves version 7, not the live one — no deploy rolled back there."""
+    inv, store, _ = env
+    store.save_json("state/deploy/a.example.test.json", {"hosts": {
+        "pop1": {"status": "deployed", "at": at(-5), "serial": "0C", "version": 7, "serial_at": at(-5), "error": None}}})
+    code, out = status(inv, store, "a.example.test")
+    assert code == 2, out
+    assert "rolled back" not in out
+    assert "serial 0C, last deploy deployed" in out and out.count("serves version 7, not the live version") == 1
+
+
 def test_names_filter_and_unknown_name(env: tuple[Path, Store, dict[str, Any]]) -> None:
     """`status NAME` shows only that certificate; an unknown name is an inventory error (exit 2)."""
     inv, store, _ = env
