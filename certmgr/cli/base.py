@@ -345,5 +345,14 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def csv_list(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+def csv_list(value: str | None, option: str | None = None) -> list[str]:
+    """The comma-separated items of an option's value ([] when the option was not given).
+
+    With `option` (its name, e.g. "--hosts"), a value given but holding no item ("", ",") is a UsageError:
+    an empty shell variable must not widen "these hosts" to every host.
+    """
+    items = [v.strip() for v in (value or "").split(",") if v.strip()]
+    if option is not None and value is not None and not items:
+        raise UsageError(f"{option}: {value!r} names nothing (give names, comma-separated; leave {option} out for "
+                         "all)")
+    return items

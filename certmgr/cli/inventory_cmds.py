@@ -142,7 +142,7 @@ def discover_cmd(c: Ctx, hosts_csv: str | None, as_json: bool, stub: bool, paral
     from certmgr.discover import command
 
     inv = c.inventory()
-    hosts = command.select_hosts(inv, csv_list(hosts_csv))
+    hosts = command.select_hosts(inv, csv_list(hosts_csv, "--hosts"))
     report = run_async(command.discover(inv, hosts, now=dt.datetime.now(dt.UTC), parallel=parallel,
                                         accept_new=accept_new))
     command.save_quietly(c.store, report)

@@ -136,16 +136,16 @@ def deploy_cmd(c: Ctx, names: tuple[str, ...], all_certs: bool, hosts_csv: str |
 
     if bool(names) == all_certs:
         raise UsageError("deploy: give certificate NAMEs or --all (not both)")
+    hosts, canary = csv_list(hosts_csv, "--hosts") or None, csv_list(canary_csv, "--canary")
     inv = c.inventory()
     certs = inv.select(list(names)) if names else inv.certificates
     store = c.store()
     with halocks.oncall(store, names, "deploy") if names else store.lock("deploy"):
         _unpin(c, store, certs, named=bool(names))
-        shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=csv_list(hosts_csv) or None,
-                                                    canary=csv_list(canary_csv))
+        shown = None if as_json else progress.start(inv, certs, c.verbosity, hosts=hosts, canary=canary)
         try:
-            outcomes = run_async(deploy(inv, store, certs, hosts=csv_list(hosts_csv) or None, parallel=parallel,
-                                        accept_new=accept_new, canary=csv_list(canary_csv), prune=prune,
+            outcomes = run_async(deploy(inv, store, certs, hosts=hosts, parallel=parallel, accept_new=accept_new,
+                                        canary=canary, prune=prune,
                                         keep=inv.keep_versions,
                                         now=dt.datetime.now(dt.UTC), on_outcome=shown))
         except BaseException:
@@ -280,12 +280,13 @@ def rollback_cmd(c: Ctx, name: str, to: int | None, hosts_csv: str | None, dry_r
     from certmgr import halocks
     from certmgr.rollback import rollback
 
+    hosts = csv_list(hosts_csv, "--hosts")
     inv = c.inventory()
     [cert] = inv.select([name])
     store = c.store_readonly() if dry_run else c.store()
     lock: Any = contextlib.nullcontext() if dry_run else halocks.oncall(store, [name], "certmgr rollback")
     with lock:
-        result = run_async(rollback(inv, store, cert, to=to, hosts=csv_list(hosts_csv), dry_run=dry_run,
+        result = run_async(rollback(inv, store, cert, to=to, hosts=hosts, dry_run=dry_run,
                                     now=dt.datetime.now(dt.UTC), parallel=parallel,
                                     channels=() if dry_run or no_notify else list(inv.channels.values())))
     emit_result(result, as_json)

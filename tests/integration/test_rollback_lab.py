@@ -146,6 +146,19 @@ def test_rollback_hosts_subset(lab: Lab, state: Path) -> None:
     out = ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--hosts", "tag:canary,esme"))
     assert served(lab) == {"cdn-frankfurt-1": v1, "cdn-fremont-1": v2, "sally": v2, "esme": v1}
     assert "not touched now: cdn-fremont-1, sally; they still serve what they had" in out
+    shown = certmgr(lab, state, "status", MEDIA)
+    assert shown.exit_code == 2, shown.output
+    for pop in ("cdn-fremont-1", "sally"):  # verified on version 2 by the fixture's deploy: not on live 1, no rollback
+        [row] = [x for x in shown.output.splitlines() if x.strip().startswith(pop)]
+        assert f"serial {v2}," in row and row.endswith("serves version 2, not the live version"), row
+    assert "a deploy rolled back" not in shown.output
+    before = tree_digest(state), served(lab)
+    for empty in ("", ","):  # an empty shell variable must not mean "every host"
+        bad = certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1", "--hosts", empty)
+        assert bad.exit_code == 2 and f"--hosts: {empty!r} names nothing" in bad.output, bad.output
+    bad = certmgr(lab, state, "deploy", MEDIA, "--hosts", "")
+    assert bad.exit_code == 2 and "--hosts: '' names nothing" in bad.output, bad.output
+    assert (tree_digest(state), served(lab)) == before
     ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1"))  # the rest follow
     assert served(lab) == {pop: v1 for pop in lab.pop_names}
     bad = certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1", "--hosts", "nowhere")
@@ -173,5 +186,11 @@ def test_rollback_with_a_pop_down_says_where_it_did_not_happen(lab: Lab, state: 
     finally:
         lab.start_pop("sally")
     assert served(lab) == {"cdn-frankfurt-1": v1, "cdn-fremont-1": v1, "sally": v2, "esme": v1}
+    # status says what sally serves: version 2, which the fixture's deploy verified (the rollback could not reach it)
+    shown = certmgr(lab, state, "status", MEDIA)
+    assert shown.exit_code == 2, shown.output
+    [row] = [x for x in shown.output.splitlines() if x.strip().startswith("sally")]
+    assert row.split()[1] == "BEHIND" and f"serial {v2}, last deploy unreachable" in row, row
+    assert "(verified by a deploy " in row and row.endswith("serves version 2, not the live version"), row
     ok(certmgr(lab, state, "rollback", MEDIA, "--no-notify", "--to", "1"))
     assert served(lab) == {pop: v1 for pop in lab.pop_names}
