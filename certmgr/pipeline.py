@@ -19,6 +19,7 @@ from certmgr import intents as intents_mod
 from certmgr import log, pins, rundeploys
 from certmgr import notify as notify_mod
 from certmgr import renew as renew_mod
+from certmgr import revoke as revoke_mod
 from certmgr import scan as scan_mod
 from certmgr.errors import CertmgrError, StoreError
 from certmgr.inventory import Certificate, Inventory
@@ -74,7 +75,9 @@ class RunReport:
         severity = self.final_scan.severity
         if self.dry_run:
             return EXIT_OK
-        return {"ok": EXIT_OK, "warning": EXIT_WARNING, "critical": EXIT_FAILED}.get(severity, EXIT_ERROR)
+        code = {"ok": EXIT_OK, "warning": EXIT_WARNING, "critical": EXIT_FAILED}.get(severity, EXIT_ERROR)
+        # an unfinished revocation is critical (a leaked key may still be valid at the CA), as status says
+        return max(code, EXIT_FAILED) if self.revoking else code
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -308,6 +311,15 @@ async def run(inv: Inventory, store: StateStore, *, now: dt.datetime, dry_run: b
         later = max(now, dt.datetime.now(dt.UTC))
         after = before if not touched else await scan_mod.scan(inv, store, now=later, concurrency=scan_concurrency)
         scan_mod.save_state(store, after)
+        # a revocation done in all but its record (every leaked serial revoked, the replacement served on every
+        # host as this run's scan shows: say, a `revoke --now` killed before its deploy, then this run's): finished
+        if revoking:
+            served = [r for _, group in after.by_certificate() for r in group]
+            finished = {name: line for name, _ in revoking
+                        if (line := revoke_mod.finish_confirmed(store, inv.certificate(name), served)) is not None}
+            notes = tuple(n for n in notes if n not in {note for name, note in revoking if name in finished})
+            notes += tuple(finished.values())
+            revoking = [(name, note) for name, note in revoking if name not in finished]
 
     report = RunReport(started=now, dry_run=dry_run, scan_before=before, renewals=renewals,
                        deploy_plan=tuple(plans), deploys=deploys, scan_after=after, notes=notes,

@@ -307,6 +307,39 @@ async def revoke(inv: Inventory, store: StateStore, cert: Certificate, *, reason
     return await _finish(result, store, channels, t0, loop)
 
 
+def finish_confirmed(store: StateStore, cert: Certificate, served: Sequence[Any]) -> str | None:
+    """A pending revocation of `cert` that is done in all but its record — every serial it asked for revoked by
+    certmgr, and the live version (not one of them) served by every endpoint of every host of `cert` in `served`
+    (a run's scan, EndpointResults) — is finished: its record cleared, audited "revoke done". Returns the line
+    that says so, None when there is nothing to finish or it is not done (an unreadable record stays as it is)."""
+    name = cert.name
+    try:
+        pending = pins.load_pending(store, name)
+        if pending is None:
+            return None
+        revoked = pins.load_revoked(store, name)
+        live = store.live_version(name)
+        info = store.read(name).info() if live is not None else None
+    except (CertmgrError, ValueError):
+        return None
+    if info is None or info.serial in pending.serials or info.serial in revoked:
+        return None
+    if not all(s in revoked for s in pending.serials):
+        return None
+    mine = [r for r in served if r.endpoint.cert == name and r.endpoint.host in cert.hosts]
+    if {r.endpoint.host for r in mine} != set(cert.hosts) or not all(
+            r.info is not None and r.info.sha256 == info.sha256 for r in mine):
+        return None
+    pins.clear_pending(store, name)
+    line = (f"revocation of {name} finished ({pending.reason}): "
+            f"{', '.join(f'version {v}' for v in pending.versions)} revoked at the CA, the replacement (version "
+            f"{live}, serial {info.serial}) served on every host")
+    store.audit("revoke done", name, reason=pending.reason, revoked=list(pending.serials), by="run",
+                summary=line + " (confirmed by the run's scan)")
+    event(log, logging.WARNING, "revoke done", cert=name, reason=pending.reason, by="run")
+    return line
+
+
 def _with(result: RevokeResult, **kw: Any) -> RevokeResult:
     from dataclasses import replace
 

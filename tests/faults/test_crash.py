@@ -304,10 +304,10 @@ def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_re
     check = certmgr(inv, state, "check", MEDIA)  # the monitoring plugin, the store readable
     assert check.returncode == 2 and check.stdout.startswith(f"CERTMGR CRITICAL - revocation of {MEDIA} not finished")
 
-    for _ in range(2):  # the first run deploys version 2 to the POPs; the second changes nothing and still says it
-        chat.clear()
+    for _ in range(2):  # the first run deploys version 2 to the POPs; the second changes nothing and still says it,
+        chat.clear()    # exiting 2 as status does: a leaked key still valid at the CA is critical
         run = certmgr(inv, state, "run")
-        assert run.returncode == 0 and f"version 1 (serial {leaked}) still valid at the CA" in run.stdout, run.stdout
+        assert run.returncode == 2 and f"version 1 (serial {leaked}) still valid at the CA" in run.stdout, run.stdout
         summary = [r.json for r in chat.wait_for(1) if "certmgr run" in str(r.json.get("title", ""))]
         assert summary and any(f"revocation of {MEDIA} not finished" in line for line in summary[0]["lines"]), summary
 
@@ -333,9 +333,10 @@ def test_revoke_killed_once_the_replacement_is_live_revokes_the_leaked_key_on_re
 def test_revoke_now_killed_after_revoking_is_replaced_by_the_next_run(
         fresh: Lab, proxy: ACMEProxy, tmp_path: Path) -> None:
     """`revoke --now` SIGKILLed right after the CA revoked the live certificate (served everywhere, no replacement):
-    the next `run` renews it at once with a new key and deploys it, and says the revocation is not finished; the
-    rerun of revoke then only confirms the replacement everywhere and clears the record."""
-    from tests.integration.lifecycle import cert_status, live, spki_of
+    the next `run` renews it at once with a new key and deploys it, and — its scan showing the replacement on every
+    POP, the leaked serial revoked — finishes the revocation itself: record cleared, audited, exit 0; no rerun of
+    revoke is needed."""
+    from tests.integration.lifecycle import cert_status, live, serial_of, spki_of
 
     inv, state, leaked = _revoke_setup(fresh, proxy, tmp_path)
     killed = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--now", "--no-notify",
@@ -343,18 +344,19 @@ def test_revoke_now_killed_after_revoking_is_replaced_by_the_next_run(
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert cert_status(fresh, leaked)["Status"] == "Revoked" and live(state) == 1
 
+    # the run renews with a new key and deploys it everywhere; its scan then shows the replacement on every POP and
+    # the leaked serial is revoked: the revocation is finished by the run itself, record cleared, exit 0
     run = certmgr(inv, state, "run", "--no-notify")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "the live certificate was revoked by certmgr (keyCompromise): a new key" in run.stdout, run.stdout
-    assert (f"revocation of {MEDIA} not finished (keyCompromise, asked ") in run.stdout, run.stdout
-    assert "revoked at the CA, the replacement not yet confirmed on every host" in run.stdout, run.stdout
+    assert "not finished" not in run.stdout, run.stdout
+    assert f"revocation of {MEDIA} finished (keyCompromise): version 1 revoked at the CA, the replacement (version " \
+           f"2, serial {serial_of(state, 2)}) served on every host" in run.stdout, run.stdout
     assert live(state) == 2 and spki_of(state, 2) != spki_of(state, 1)
     assert_every_pop_serves_live(fresh, state, [MEDIA])
-
-    rerun = certmgr(inv, state, "revoke", MEDIA, "--reason", "keyCompromise", "--no-notify")
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "skipped: already revoked by certmgr on " in rerun.stdout and "renewed" not in rerun.stdout
-    assert live(state) == 2
+    assert [e.get("by") for e in audit(state) if e["action"] == "revoke done"] == ["run"]
+    status = certmgr(inv, state, "status", MEDIA)
+    assert status.returncode == 0 and "revocation" not in status.stdout, status.stdout
     again = certmgr(inv, state, "run", "--no-notify")
     assert again.returncode == 0 and "revocation" not in again.stdout and "renewed" not in again.stdout, again.stdout
 
