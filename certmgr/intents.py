@@ -190,5 +190,6 @@ def _record_state(store: StateStore, intent: Intent) -> None:
     entry = state.setdefault("hosts", {}).setdefault(intent.host, {})
     entry.update({"status": "deployed", "at": intent.at, "deployed_at": intent.at, "error": None,
                   "serial": intent.to_serial, "version": intent.version, "wanted_serial": intent.to_serial,
-                  "serial_at": intent.at})
+                  "verified": False})
+    entry.pop("serial_at", None)  # the link switched; no handshake saw what is served (status reads the scan)
     store.save_json(path, state)

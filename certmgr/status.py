@@ -147,7 +147,8 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
     """
     last, last_at = deployed.get("status"), deployed.get("at")
     switched = deployed.get("deployed_at")
-    verified = deployed.get("serial_at") or (last_at if last in _CONFIRMING else None)
+    confirming = last in _CONFIRMING and deployed.get("verified", True) is not False  # not a settled switch
+    verified = deployed.get("serial_at") or (last_at if confirming else None)
     if info is not None and deployed.get("serial") and _newer(verified, scanned_at):
         key = _serial_key(deployed["serial"])
         same = key == _serial_key(info.serial)

@@ -73,6 +73,9 @@ class Job:
     # and this host's deploy state (issue 18: the row commits with the change it records)
     rows: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     settled: bool = False  # this deploy settled a switch an interrupted run made: retention applies as if deployed
+    # that switch, never verified (the run died before its handshakes): (the link it replaced, the serial served
+    # before), so that if the new version is not served this deploy switches back there, as that run would have
+    unverified: tuple[str, str | None] | None = None
     state: CertState | None = None
     decision: Decision | None = None
     tmp: str = ""  # the upload temp dir's name under archive/<name>/
@@ -305,8 +308,12 @@ class Deployer:
             for n, its in left.items():
                 verdicts = await asyncio.to_thread(settle, its, state.certs[n])
                 # the interrupted run switched this POP but never pruned it (killed, paused, fenced): we do
-                if any(what == "deployed" for _, what in verdicts) and n in by_name:
+                switched = [intent for intent, what in verdicts if what == "deployed"]
+                if switched and n in by_name:
                     by_name[n].settled = True
+                    last = switched[-1]
+                    if last.back_target:
+                        by_name[n].unverified = (last.back_target, last.from_serial)
         except CertmgrError as exc:  # switching again before the last switch is audited would lose it
             raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",
                               hint=exc.hint) from exc
@@ -359,9 +366,9 @@ def state_entry(entry: dict[str, Any], o: HostOutcome, now: dt.datetime, local_v
         entry["deployed_at"] = now.isoformat()
     # `serial`: what the POP served at the last handshake that confirmed it (`serial_at`), kept through failures
     if o.status in (Status.DEPLOYED, Status.SKIPPED):
-        entry.update({"serial": o.new_serial, "version": o.version, "serial_at": now.isoformat()})
+        entry.update({"serial": o.new_serial, "version": o.version, "serial_at": now.isoformat(), "verified": True})
     elif o.status == Status.ROLLED_BACK:
-        entry.update({"serial": o.old_serial, "version": o.version, "serial_at": now.isoformat()})
+        entry.update({"serial": o.old_serial, "version": o.version, "serial_at": now.isoformat(), "verified": True})
 
 
 def all_serve(seen: Mapping[str, Probe], serial: str) -> bool:

@@ -21,6 +21,7 @@ from certmgr.deploy.plan import (
     quote_text,
     served_text,
     sni_names,
+    verify_failure,
     version_of_target,
 )
 from certmgr.deploy.shell import ROLLBACK_SH
@@ -30,6 +31,7 @@ from certmgr.log import event
 if TYPE_CHECKING:
     from certmgr.deploy.host import Job
     from certmgr.deploy.txn import Transaction
+    from certmgr.probe import Probe
 
 logger = logging.getLogger(__name__)
 
@@ -246,20 +248,43 @@ async def after_failed_test(t: Transaction, job: Job, res: Commit) -> None:
 async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], commit: Commit) -> None:
     """Switch back just the certificates that did not verify: one script, one test, one reload; then
     each old serial is verified by handshake."""
+    backs = []
+    for job, cause in bad:
+        d, cc = job.decision, commit.certs[job.name]
+        assert d is not None
+        backs.append((job, cause, cc.prev, d.old_serial, cc.converted is not None))
+    await switch_back(t, backs)
+
+
+async def undo_unverified(t: Transaction, jobs: Sequence[Job], seen: Sequence[Mapping[str, Probe]]) -> None:
+    """An interrupted run switched these (settled by this deploy) and died before verifying; the new version is not
+    served: switch each back where that run would have on a failed verify — the link it replaced — and verify the
+    serial served before, as a verify failure of that run's transaction."""
+    backs = []
+    for job, s in zip(jobs, seen, strict=True):
+        assert job.unverified is not None
+        target, old_serial = job.unverified
+        cause = (f"version {job.decision.version if job.decision else '?'}, switched by an interrupted run, is not "
+                 f"served: {verify_failure(job.info.serial, s, t.d.timeouts.verify)}")
+        backs.append((job, cause, target, old_serial, False))
+    await switch_back(t, backs)
+
+
+async def switch_back(t: Transaction, backs: Sequence[tuple[Job, str, str, str | None, bool]]) -> None:
+    """(job, cause, the link target to switch back to, the serial that must be served then, converted): one
+    rollback script for all, one test, one reload; each outcome ROLLED_BACK once its old serial is served."""
     host = t.host
-    first, *more = [j for j, _ in bad]
-    args = [t.root, first.name, commit.certs[first.name].prev, t.test, t.reload, t.d.lock_wait, *fence.args(t.fence)]
-    for job in more:
-        args += [job.name, commit.certs[job.name].prev]
+    (first, _, first_back, _, _), *more = backs
+    args = [t.root, first.name, first_back, t.test, t.reload, t.d.lock_wait, *fence.args(t.fence)]
+    for job, _, back_target, _, _ in more:
+        args += [job.name, back_target]
     res = parse_rollback(await t.rem.run_script(ROLLBACK_SH, args, step="rollback"))
     locked_out = popguard.lock_error(res.raw, host, t.root) or fence.refusal(res.raw, host, t.fence)
 
-    async def settle_one(job: Job, cause: str) -> None:
-        d, cc = job.decision, commit.certs[job.name]
+    async def settle_one(job: Job, cause: str, back_target: str, old_serial: str | None, converted: bool) -> None:
+        d = job.decision
         assert d is not None
-        old_serial = d.old_serial
-        prev_version = version_of_target(cc.prev, job.name)
-        converted = cc.converted is not None
+        prev_version = version_of_target(back_target, job.name)
         back = f"version {prev_version}" if prev_version is not None else "the previous version"
         if locked_out:
             outcome = f"could NOT switch back to {back}: {locked_out}"
@@ -287,4 +312,4 @@ async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], 
         t.finish(job, Status.FAILED, old_serial=old_serial, previous_version=prev_version, converted=converted,
                  error=f"{job.subject}: {cause} ({outcome})", hint=f"log in to {host.name} and check what nginx serves")
 
-    await asyncio.gather(*(settle_one(job, cause) for job, cause in bad))
+    await asyncio.gather(*(settle_one(*b) for b in backs))

@@ -21,7 +21,13 @@ from certmgr.deploy.host import Deployer, Job, RemoteSession, all_serve, argv_te
 from certmgr.deploy.model import Commit, HostOutcome, Inspection, Status, parse_commit, parse_inspection
 from certmgr.deploy.plan import command_label, decide, quote_text, sni_names, verify_failure, version_of_target
 from certmgr.deploy.shell import COMMIT_SH, INSPECT_SH
-from certmgr.deploy.steps import after_failed_test, commit_args, read_commit, rollback_after_verify
+from certmgr.deploy.steps import (
+    after_failed_test,
+    commit_args,
+    read_commit,
+    rollback_after_verify,
+    undo_unverified,
+)
 from certmgr.errors import DeployError
 from certmgr.inventory import Host
 from certmgr.log import event
@@ -201,11 +207,27 @@ class Transaction:
                                   local_version=job.local_version, keyown=self.host.privkey_chown)
         maybe = [j for j in self.jobs if j.decision and j.decision.maybe_skip]
         seen = await asyncio.gather(*(self.d.served(self.host, sni_names(j.cert)) for j in maybe))
+        undo: list[tuple[Job, Any]] = []
         for job, s in zip(maybe, seen, strict=True):
             if job.decision is not None and all_serve(s, job.info.serial):
                 dec = job.decision
                 self.finish(job, Status.SKIPPED, old_serial=dec.old_serial, version=dec.prev_version,
                             previous_version=dec.prev_version)
+            elif job.unverified is not None:
+                undo.append((job, s))  # switched by a run that died before verifying, and not served yet
+        if undo:
+            # that run's commit may still be running on the POP (it finishes whatever happens to its controller):
+            # its reload is given the verify's time, as that run's verify would have been
+            waited = await self.d.wait_all(self.host, [(sni_names(j.cert), j.info.serial) for j, _ in undo])
+            back = []
+            for (job, _), (ok, s) in zip(undo, waited, strict=True):
+                if ok and (d := job.decision) is not None:
+                    self.finish(job, Status.SKIPPED, old_serial=d.old_serial, version=d.prev_version,
+                                previous_version=d.prev_version)
+                else:
+                    back.append((job, s))
+            if back and not interrupt.stopping():
+                await undo_unverified(self, [j for j, _ in back], [s for _, s in back])
         for job in self.undone():
             d = job.decision
             assert d is not None

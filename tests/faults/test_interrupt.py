@@ -31,6 +31,7 @@ from tests.faults.conftest import (
     audit,
     certmgr,
     check_pop_files_whole,
+    kill9,
     start_certmgr,
     wait_for,
     write_inventory,
@@ -330,3 +331,59 @@ def test_ctrl_c_in_rollback_or_revoke_names_the_command_that_finishes_it(fresh: 
     assert_every_pop_serves_live(fresh, state, [MEDIA])
     if command == "revoke":
         assert cert_status(fresh, serial_of(state, 2))["Status"] == "Revoked"
+
+
+def test_a_switch_a_killed_run_never_verified_is_switched_back_when_not_served(fresh: Lab, proxy: ACMEProxy,
+                                                                               tmp_path: Path) -> None:
+    """One POP's nginx serves media from a fixed version directory (so a new live link changes nothing there);
+    `deploy` is SIGKILLed while that POP's verify polls for the new serial. The next deploy settles the switch —
+    never verified, so `status` does not call that POP current — and, the new serial still not served after the
+    verify's wait, switches it back to the version before (not to the same one), reloads and verifies the old
+    serial, exactly as the killed run's failed verify would have: rolled back, audited, BEHIND in status."""
+    from tests.integration.lifecycle import MEDIA, serial_of
+
+    inv = write_inventory(fresh, proxy, tmp_path / "domains.toml", certs=[MEDIA])
+    state = tmp_path / "state"
+    for args in (("renew", MEDIA), ("renew", "--force", "--no-deploy", MEDIA)):
+        made = certmgr(inv, state, *args)
+        assert made.returncode == 0, made.stdout + made.stderr
+    v1, v2 = serial_of(state, 1), serial_of(state, 2)
+    pop = fresh.pop_names[-1]
+    p = fresh.pop_paths(pop)
+    link = p.cert_root / "live" / MEDIA
+    before = os.readlink(link)
+    fixed = (link.parent / before).resolve()
+    conf = p.prefix / "nginx.conf"
+    original = conf.read_text()
+    conf.write_text(original.replace(f"{link}/", f"{fixed}/"))
+    fresh.nginx_reload(pop)
+    switches = LiveSwitches(fresh)
+    try:
+        proc = start_certmgr(inv, state, "deploy", MEDIA)
+        wait_for(lambda: proc.poll() is not None or switches.poll()[(MEDIA, pop)] > 0, 60, f"{pop} to switch")
+        time.sleep(1.0)  # its commit (test, reload) is over: its verify polls for a serial it will never see
+        kill9(proc)
+        assert os.readlink(link) == f"../archive/{MEDIA}/2" and fresh.served_serial(pop, MEDIA) == int(v1, 16)
+        shown = certmgr(inv, state, "status", MEDIA)
+        [row] = [x for x in shown.stdout.splitlines() if x.strip().startswith(pop)]
+        assert "current" not in row.split()[1:2], row
+
+        again = certmgr(inv, state, "deploy", MEDIA)
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert "switched by an interrupted run, is not served" in again.stdout, again.stdout
+        assert f"(rolled back to version {before.rsplit('/', 1)[-1]}, reloaded)" in again.stdout, again.stdout
+        assert os.readlink(link) == before and fresh.served_serial(pop, MEDIA) == int(v1, 16)
+        mine = [e["action"] for e in audit(state) if e.get("host") == pop and e["action"] in ("deployed", "rolled back")]
+        assert mine[-2:] == ["deployed", "rolled back"], mine  # the settled switch, then its switch back
+        shown = certmgr(inv, state, "status", MEDIA)
+        [row] = [x for x in shown.stdout.splitlines() if x.strip().startswith(pop)]
+        assert shown.returncode == 2 and row.split()[1] == "BEHIND" and f"serial {v1}" in row, row
+        assert "a deploy rolled back: serves the old certificate" in row, row
+    finally:
+        conf.write_text(original)
+        fresh.nginx_reload(pop)
+        switches.close()
+    done = certmgr(inv, state, "deploy", MEDIA)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_every_pop_serves_live(fresh, state, [MEDIA])
+    assert fresh.served_serial(pop, MEDIA) == int(v2, 16)

@@ -150,6 +150,21 @@ def test_a_pop_left_on_a_version_the_store_moved_from_is_not_called_rolled_back(
     assert "serial 0C, last deploy deployed" in out and out.count("serves version 7, not the live version") == 1
 
 
+def test_a_settled_switch_is_not_a_verified_one(env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """A switch settled from a killed run's intent (the link moved, no handshake saw what is served) does not make
+    the POP current: the scan says what it serves."""
+    inv, store, infos = env
+    a = infos["a.example.test"]
+    scan_state(store, "a.example.test", at(-60), {"pop1": ("0A", "old", "critical"), "pop2": (a.serial, a.sha256, "ok")})
+    store.save_json("state/deploy/a.example.test.json", {"hosts": {
+        "pop1": {"status": "deployed", "at": at(-5), "deployed_at": at(-5), "serial": a.serial, "version": 1,
+                 "verified": False, "error": None}}})
+    code, out = status(inv, store, "a.example.test")
+    assert code == 2, out
+    assert "pop1                 BEHIND   critical serial 0A, last deploy deployed" in out
+    assert "verified by" not in out
+
+
 def test_names_filter_and_unknown_name(env: tuple[Path, Store, dict[str, Any]]) -> None:
     """`status NAME` shows only that certificate; an unknown name is an inventory error (exit 2)."""
     inv, store, _ = env
