@@ -160,9 +160,10 @@ def settle(store: StateStore, intents: list[Intent], *, layout: str | None, targ
                 if what == "deployed":
                     store.audit("deployed", name, frm=intent.from_serial, to=intent.to_serial, host=host,
                                 version=intent.version, intent=intent.id, settled=True, at=intent.at,
-                                summary=f"deployed {name} to {host}: serial {intent.from_serial or '-'} → "
-                                        f"{intent.to_serial} (settled after interrupt: the run that switched it "
-                                        "stopped before recording it)")
+                                summary=f"deployed {name} to {host}: live/{name} switched to version "
+                                        f"{intent.version}, serial {intent.from_serial or '-'} → {intent.to_serial} "
+                                        "(settled after interrupt: the run that switched it stopped before "
+                                        "verifying and recording it; not verified by handshake here)")
                     _record_state(store, intent)
                 elif what == "rolled back":
                     store.audit("rolled back", name, frm=intent.to_serial, to=intent.from_serial, host=host,

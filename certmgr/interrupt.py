@@ -101,14 +101,15 @@ class _Row:
     failed: list[str]
     cut: list[str]
     left: list[str]  # not started
+    rolled: list[str] = field(default_factory=list)  # switched, not served, switched back: the old one serves
 
     @property
     def total(self) -> int:
-        return len(self.ok) + len(self.failed) + len(self.cut) + len(self.left)
+        return len(self.ok) + len(self.failed) + len(self.cut) + len(self.left) + len(self.rolled)
 
     @property
     def unfinished(self) -> bool:
-        return bool(self.failed or self.cut or self.left or not self.total)
+        return bool(self.failed or self.cut or self.left or self.rolled or not self.total)
 
 
 def _few(names: list[str], limit: int = 6) -> str:
@@ -126,10 +127,11 @@ def _rows(t: Tally) -> list[_Row]:
             continue
         done = t.done.get(cert, {})
         ok = [h for h in hosts if done.get(h) in ("deployed", "skipped")]
-        failed = [h for h in hosts if h in done and done[h] not in ("deployed", "skipped", "held")]
+        rolled = [h for h in hosts if done.get(h) == "rolled back"]
+        failed = [h for h in hosts if h in done and done[h] not in ("deployed", "skipped", "held", "rolled back")]
         cut = [h for h in hosts if (cert, h) in t.committing]
-        left = [h for h in hosts if h not in ok + failed + cut]
-        rows.append(_Row(cert=cert, ok=ok, failed=failed, cut=cut, left=left))
+        left = [h for h in hosts if h not in ok + failed + cut + rolled]
+        rows.append(_Row(cert=cert, ok=ok, failed=failed, cut=cut, left=left, rolled=rolled))
     return rows
 
 
@@ -138,6 +140,8 @@ def _row_text(r: _Row) -> str:
         return f"{r.cert} deployed to no POP (not started)"
     text = f"{r.cert} deployed to {len(r.ok)}/{r.total} POPs" + (f" ({_few(r.ok)})" if r.ok else "")
     text += f"; failed on {len(r.failed)} ({_few(r.failed)})" if r.failed else ""
+    text += f"; rolled back on {len(r.rolled)} ({_few(r.rolled)}: not served, the old version serves)" if r.rolled \
+        else ""
     them = "them" if len(r.cut) > 1 else "it"
     text += f"; cut short on {len(r.cut)} ({_few(r.cut)}: the next deploy settles {them})" if r.cut else ""
     text += f"; not started: {len(r.left)} POP{'s' if len(r.left) != 1 else ''} ({_few(r.left)})" if r.left else ""
@@ -145,9 +149,11 @@ def _row_text(r: _Row) -> str:
 
 
 def _rows_text(rows: list[_Row]) -> str:
-    ok, failed, cut, left = (sum(len(getattr(r, k)) for r in rows) for k in ("ok", "failed", "cut", "left"))
-    text = f"deployed {ok}/{ok + failed + cut + left} (certificate, POP) pairs of {len(rows)} certificates"
+    ok, failed, cut, left, rolled = (sum(len(getattr(r, k)) for r in rows)
+                                     for k in ("ok", "failed", "cut", "left", "rolled"))
+    text = f"deployed {ok}/{ok + failed + cut + left + rolled} (certificate, POP) pairs of {len(rows)} certificates"
     text += f"; failed {failed}" if failed else ""
+    text += f"; rolled back {rolled}" if rolled else ""
     text += f"; cut short {cut} (the next deploy settles them)" if cut else ""
     text += f"; not started {left}" if left else ""
     never = [r.cert for r in rows if not r.total]

@@ -97,7 +97,17 @@ class Transaction:
             return
         except (remote_mod.ConnectionLost, DeployError) as exc:
             for job in self.undone():  # a switch may have happened unheard: their intents stay for the next run
-                self.finish(job, Status.FAILED, hint=exc.hint, error=f"{job.subject}: {exc.message}")
+                d = job.decision
+                old = d.old_serial if d is not None else None
+                if isinstance(exc, remote_mod.ConnectionLost) and job.intent is not None:
+                    # the commit was under way: the POP's script runs to its end whatever became of us
+                    self.finish(job, Status.UNKNOWN, old_serial=old, error=f"{job.subject}: {exc.message} (state "
+                                f"unknown: the commit may have run on {self.host.name}; the next deploy settles it)",
+                                hint=exc.hint or f"`certmgr deploy {job.name}` inspects {self.host.name} and settles "
+                                                 "what happened there")
+                else:
+                    self.finish(job, Status.FAILED, old_serial=old, hint=exc.hint,
+                                error=f"{job.subject}: {exc.message}")
             await self.record(cut=True)
             return
         await self.record(cut=False)

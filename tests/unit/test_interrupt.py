@@ -66,6 +66,11 @@ H = ["sally", "harry", "esme", "fred"]
     (signal.SIGTERM, 1, {"planned": {M: H[:2]}, "done": {M: {"sally": "deployed"}}}, "certmgr run",
      "certmgr: interrupted by SIGTERM: media.example deployed to 1/2 POPs (sally); not started: 1 POP (harry) — "
      "run `certmgr run` to finish"),
+    # a POP that rolled back (its verify failed as the signal came) is said so, not "failed"
+    (signal.SIGINT, 1, {"planned": {M: H[:3]}, "done": {M: {"sally": "deployed", "harry": "rolled back",
+                                                            "esme": "unreachable"}}}, None,
+     "certmgr: interrupted by SIGINT: media.example deployed to 1/3 POPs (sally); failed on 1 (esme); rolled back "
+     "on 1 (harry: not served, the old version serves) — run `certmgr deploy media.example` to finish"),
     # rollback: its own command finishes it (`certmgr deploy` would clear the pin and undo the rollback)
     (signal.SIGINT, 1, {"planned": {M: H}, "done": {M: {"sally": "deployed", "harry": "deployed"}},
                         "finish": f"certmgr rollback {M} --to 4"}, None,

@@ -336,6 +336,11 @@ def test_the_run_summary_is_critical_while_a_revocation_is_unfinished() -> None:
     quiet = pipeline.RunReport(started=T0, dry_run=False, scan_before=scan, renewals=(), deploy_plan=(),
                                scan_after=scan)
     assert pipeline.summary_message(quiet, []).severity == "ok"
+    # and the run exits 2 for it, as status does (a leaked key may still be valid at the CA); a dry run does not
+    assert (report.exit_code, quiet.exit_code) == (pipeline.EXIT_FAILED, pipeline.EXIT_OK)
+    dry = pipeline.RunReport(started=T0, dry_run=True, scan_before=scan, renewals=(), deploy_plan=(),
+                             scan_after=scan, notes=(note,), revoking=(note,))
+    assert dry.exit_code == pipeline.EXIT_OK
 
 
 def test_revoke_dry_run_plans_a_resume_without_a_new_order(tmp_path: Path) -> None:
