@@ -379,9 +379,7 @@ def render(report: RunReport, *, deploys_shown: bool = False) -> list[str]:
         if report.dry_run:
             out.append(f"  would deploy {p.cert} → {', '.join(p.hosts)} ({p.reason})")
     for d in () if deploys_shown else report.deploys:
-        out.append("  " + d.line())
-        if d.hint and not d.ok:
-            out.append(f"              hint: {d.hint}")
+        out += d.lines()
     if report.scan_after is not None:
         f = report.scan_after
         out.append(f"verify: {f.endpoint_count} endpoints {f.severity}")

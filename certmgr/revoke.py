@@ -77,10 +77,13 @@ class RevokeResult:
         out = list(self.notes)
         if self.renewal is not None:
             out.append(self.renewal.line())
-        out += ["  " + o.line() for o in self.deploys]
-        out += [f"              hint: {o.hint}" for o in self.deploys if o.hint and not o.ok]
+        out += [line for o in self.deploys for line in o.lines()]
         for t in self.targets:
-            out.append(f"{t.status:<16} {self.name} version {t.version} serial {t.serial} ({self.reason})")
+            if t.status.startswith("skipped: "):  # why, after what: not this request's reason, which it did not get
+                out.append(f"{'skipped':<16} {self.name} version {t.version} serial {t.serial}: "
+                           f"{t.status.removeprefix('skipped: ')}")
+            else:
+                out.append(f"{t.status:<16} {self.name} version {t.version} serial {t.serial} ({self.reason})")
         if self.held:
             out.append(f"NOT revoked: {self.held}")
         out.append(f"revoke {self.name}: {'done' if self.ok else 'INCOMPLETE'} in {self.elapsed:.1f}s")
@@ -146,7 +149,9 @@ def _target(store: StateStore, name: str, version: int, serial: str, not_after: 
     done = pins.load_revoked(store, name)
     status = "pending"
     if serial in done:
-        status = f"skipped: already revoked by certmgr on {str(done[serial].get('at', '?'))[:16]}"
+        was = done[serial]
+        status = (f"skipped: already revoked by certmgr on {str(was.get('at', '?'))[:16]} "
+                  f"as {was.get('reason') or '?'}")
     elif not_after <= now:
         status = "skipped: expired (a CA no longer revokes it; no client accepts it)"
     return Target(version=version, serial=serial, not_after=not_after, status=status, leaf_pem=leaf_pem)

@@ -47,11 +47,15 @@ class RollbackResult:
 
     def lines(self) -> list[str]:
         verb = "would roll back" if self.dry_run else "rolled back"
-        head = (f"{verb} {self.name}: version {self.previous or '-'} (serial {self.previous_serial or '-'}) → "
-                f"version {self.target} (serial {self.serial}) on {', '.join(self.hosts) or 'no host'}")
+        where = ', '.join(self.hosts) or 'no host'
+        if self.previous == self.target:  # finishing an earlier rollback (a POP it could not reach), or a no-op
+            head = (f"{'would make' if self.dry_run else 'made'} {self.name} version {self.target} (serial "
+                    f"{self.serial}, already the store's live version) live again on {where}")
+        else:
+            head = (f"{verb} {self.name}: version {self.previous or '-'} (serial {self.previous_serial or '-'}) → "
+                    f"version {self.target} (serial {self.serial}) on {where}")
         out = [head + (" (dry run: nothing changed)" if self.dry_run else "")]
-        out += ["  " + o.line() for o in self.deploys]
-        out += [f"              hint: {o.hint}" for o in self.deploys if o.hint and not o.ok]
+        out += [line for o in self.deploys for line in o.lines()]
         bad = [o.host for o in self.deploys if not o.ok]
         if bad:
             out.append(f"NOT rolled back on {', '.join(bad)} (each kept what it served, see above); the store's "

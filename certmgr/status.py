@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from certmgr import intents as intents_mod
@@ -137,7 +137,21 @@ _CONFIRMING = ("deployed", "skipped", "rolled back")
 
 
 def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],
-             scanned_at: str | None, *, unsettled: bool = False) -> PopView:
+             scanned_at: str | None, *, unsettled: bool = False,
+             revoked: dict[str, dict[str, Any]] | None = None) -> PopView:
+    """One POP (`_pop_view`), and — whatever the live version — a POP serving a serial certmgr revoked is critical:
+    clients that check revocation refuse it."""
+    view = _pop_view(host, eps, info, deployed, scanned_at, unsettled=unsettled)
+    gone = {k: v for s, v in (revoked or {}).items() if (k := _serial_key(s)) is not None}
+    hit = [gone[k] for s in (view.serves or "").split(", ") if (k := _serial_key(s)) in gone]
+    if not hit:
+        return view
+    why = f"serves a certificate certmgr revoked ({hit[0].get('reason') or 'revoked'})"
+    return replace(view, severity="critical", problems=(why, *view.problems))
+
+
+def _pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],
+              scanned_at: str | None, *, unsettled: bool = False) -> PopView:
     """One POP: the last scan's view, unless a later deploy verified what this POP serves.
 
     The deploy state keeps the serial its last confirming outcome saw (`serial`, at `serial_at`) through later
@@ -199,8 +213,12 @@ def gather(inv: Inventory, store: StateStore, *, now: dt.datetime,
         per_host: dict[str, list[dict[str, Any]]] = {}
         for ep in scan.get("endpoints", []):
             per_host.setdefault(ep.get("host"), []).append(ep)
+        try:
+            revoked = pins.load_revoked(store, cert.name)
+        except CertmgrError:
+            revoked = {}
         pops = [pop_view(host, per_host.get(host, []), info, deploy.get(host, {}), scan.get("scanned_at"),
-                         unsettled=host in unsettled) for host in cert.hosts]
+                         unsettled=host in unsettled, revoked=revoked) for host in cert.hosts]
         views.append(CertView(
             name=cert.name, domains=cert.domains, live_version=version, serial=info.serial if info else None,
             not_after=info.not_after if info else None,

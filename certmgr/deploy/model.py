@@ -70,6 +70,11 @@ class HostOutcome:
             text += f"\n            note: {self.note}"
         return text
 
+    def lines(self, indent: str = "  ") -> list[str]:
+        """line(), then its hint right under it when it did not go well (never under another host's line)."""
+        hint = [f"{indent}            hint: {self.hint}"] if self.hint and not self.ok else []
+        return [indent + self.line(), *hint]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "cert": self.cert, "host": self.host, "status": self.status.value, "ok": self.ok,

@@ -375,3 +375,20 @@ def test_a_record_whose_leaked_key_is_not_hex_is_unreadable_not_a_crash(tmp_path
         pins.load_pending(store, NAME)
     note = pins.pending_note(store, NAME)
     assert note is not None and note.startswith(f"revocation record of {NAME} unreadable: ")
+
+
+def test_a_hint_stands_under_its_own_pop() -> None:
+    """A rollback (or revoke) whose first POP failed its test and whose last deployed: the hint about the first
+    POP's config is printed under that POP's line, not after the last one."""
+    from certmgr.deploy import HostOutcome, Status
+    from certmgr.rollback import RollbackResult
+
+    bad = HostOutcome(cert=NAME, host="sally", status=Status.FAILED, new_serial="0B", old_serial="0A",
+                      error="nginx -t failed", hint="fix the web server config on sally first")
+    good = HostOutcome(cert=NAME, host="esme", status=Status.DEPLOYED, new_serial="0B", old_serial="0A")
+    result = RollbackResult(name=NAME, target=1, serial="0B", previous=2, previous_serial="0A",
+                            hosts=("sally", "esme"), others=(), pinned=True, deploys=(bad, good))
+    lines = result.lines()
+    hint = next(i for i, line in enumerate(lines) if "hint: fix the web server config on sally" in line)
+    assert "→ sally" in lines[hint - 1] and "nginx -t failed" in lines[hint - 1], lines
+    assert "→ esme" in lines[hint + 1], lines

@@ -165,6 +165,21 @@ def test_a_settled_switch_is_not_a_verified_one(env: tuple[Path, Store, dict[str
     assert "verified by" not in out
 
 
+def test_a_pop_serving_a_certificate_certmgr_revoked_is_critical(env: tuple[Path, Store, dict[str, Any]]) -> None:
+    """`revoke --now` killed before the replacement: every POP serves the live certificate, which certmgr revoked.
+    Each POP line says so and is critical (exit 2), not `current ok`."""
+    from certmgr import pins
+
+    inv, store, infos = env
+    a = infos["a.example.test"]
+    scan_state(store, "a.example.test", at(-1), {"pop1": (a.serial, a.sha256, "ok"), "pop2": (a.serial, a.sha256, "ok")})
+    with store.lock("test"):
+        pins.record_revoked(store, "a.example.test", a.serial.lower(), version=1, reason="keyCompromise", at=NOW)
+    code, out = status(inv, store, "a.example.test")
+    assert code == 2, out
+    assert out.count(f"critical serial {a.serial} — serves a certificate certmgr revoked (keyCompromise)") == 2, out
+
+
 def test_names_filter_and_unknown_name(env: tuple[Path, Store, dict[str, Any]]) -> None:
     """`status NAME` shows only that certificate; an unknown name is an inventory error (exit 2)."""
     inv, store, _ = env
