@@ -146,3 +146,20 @@ def test_last_commit_names_only_a_certificate_this_commit_may_switch(tmp_path: P
     assert c.certs[NAME].swapped and c.certs[OTHER].failed_step == "verify", res.stdout + res.stderr
     assert (root / "archive" / f".last-commit-{NAME}").read_text() == ".tmp-up-t-x-2\n"
     assert not (root / "archive" / f".last-commit-{OTHER}").exists()
+
+
+def test_a_certbot_link_into_another_lineage_is_not_taken_for_this_ones_version(tmp_path: Path) -> None:
+    """certbot's live/<name>/chain.pem leads to ../../archive/<other>/chain3.pem: inspect does not report it as
+    K=3 of this lineage (a conversion would copy archive/<name>/chain3.pem instead), so the conversion is refused."""
+    from certmgr.deploy.plan import certbot_version
+
+    root, _ = certbot_root(tmp_path, k=3)
+    (root / "archive" / OTHER).mkdir()
+    (root / "archive" / OTHER / "chain3.pem").write_text("another lineage's chain")
+    os.unlink(live(root) / "chain.pem")
+    os.symlink(f"../../archive/{OTHER}/chain3.pem", live(root) / "chain.pem")
+    state = parse_inspection(sh(INSPECT_SH, str(root), NAME, "", "", "5", ""))
+    k, why = certbot_version(state.certs[NAME].fields, NAME)
+    assert k is None and why == f"live/{NAME}/chain.pem is not a link to archive/{NAME}/chainK.pem", why
+    assert certbot_version(parse_inspection(sh(INSPECT_SH, str(certbot_root(tmp_path / "ok", k=3)[0]), NAME, "",
+                                                  "", "5", "")).certs[NAME].fields, NAME) == (3, None)

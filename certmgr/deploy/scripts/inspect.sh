@@ -47,7 +47,15 @@ inspect_one() {
     for k in cert chain fullchain privkey; do
       li=$((li + 1))
       eval "t=\$link_$li"
-      say "certbot_$k=${t##*/}"
+      b=${t##*/}
+      # its K only if the link leads to this lineage's archive/<name>/<kind>K.pem (what a conversion copies), not
+      # to another lineage's file of that name: `-ef`, 1 when they differ (2, a shell without it: the name only)
+      # shellcheck disable=SC3013
+      if [ -n "$b" ]; then
+        [ "$live/$k.pem" -ef "$arch/$b" ] 2>/dev/null
+        [ "$?" -ne 1 ] || b=
+      fi
+      say "certbot_$k=$b"
     done
   elif [ -e "$live" ]; then
     steady=
