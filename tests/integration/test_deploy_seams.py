@@ -173,6 +173,9 @@ def test_timed_out_commit_leaves_the_host_alone_and_its_lock_keeps_the_next_run_
         assert o.error == (f"deploy {c.name} → sally: commit sally ({p.address}:{fresh.ports.ssh}): no answer "
                            "within 3s (state unknown; host left alone for the rest of this run)")
 
+    # a newer version, so that the next deploy must commit (the version the stranded script switched to is served
+    # once its reload comes: a deploy of that one waits for it, as verify would, and skips)
+    add(store, new_material(certs[0].domains), certs[0].name)
     second = asyncio.run(deploy(inv, store, certs[:1], hosts=["sally"], now=NOW, timeouts=short))
     lock = p.cert_root / "archive" / ".certmgr.lock"
     assert second[0].status == Status.FAILED and second[0].error == (

@@ -140,8 +140,8 @@ def test_revoke_with_a_pop_down_does_not_revoke(lab: Lab, state: Path, receiver:
     finally:
         lab.start_pop("esme")
     assert result.exit_code == 1, result.output
-    assert ("NOT revoked: esme does not serve the replacement (see above), so revoking now would break them; the old "
-            f"certificate stays valid. Fix them, then rerun `certmgr revoke {MEDIA} --reason keyCompromise` (it "
+    assert ("NOT revoked: esme does not serve the replacement (see above), so revoking now would break it; the old "
+            f"certificate stays valid. Fix it, then rerun `certmgr revoke {MEDIA} --reason keyCompromise` (it "
             "revokes the same certificate; or add --now to revoke regardless)") in result.output
     assert cert_status(lab, old)["Status"] == "Valid"
     chat = [r.json for r in receiver.wait_for(1) if r.json["kind"] == "revoke"]
