@@ -56,6 +56,7 @@ import pwd
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,7 @@ class FarPops:
         _PROXIES.remove(self.proc.pid)
         self.proc.terminate()
         self.proc.wait(10)
+        shutil.rmtree(self.spec.parent, ignore_errors=True)
 
 
 def by_hand(lab: Lab, n: int, version: int, far: FarPops | None = None) -> float:
@@ -344,7 +346,9 @@ def by_hand(lab: Lab, n: int, version: int, far: FarPops | None = None) -> float
         script = " && ".join([shlex.join(["ln", "-sfn", dest, f"{p.cert_root}/live/{NAME}"]),
                               shlex.join(p.test_command), shlex.join(p.nginx_reload_command)])
         subprocess.run(["ssh", *opts, "-p", port, target, script], check=True, capture_output=True)
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    shutil.rmtree(files, ignore_errors=True)  # the loop's key: not left in /tmp
+    return took
 
 
 def batched(lab: Lab, n: int, k: int, version: int, far: FarPops | None = None) -> float:
@@ -375,7 +379,9 @@ def batched(lab: Lab, n: int, k: int, version: int, far: FarPops | None = None) 
                  for x in names]
         script = " && ".join([*swaps, shlex.join(p.test_command), shlex.join(p.nginx_reload_command)])
         subprocess.run(["ssh", *opts, "-p", port, target, script], check=True, capture_output=True)
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    shutil.rmtree(top, ignore_errors=True)  # the loop's keys: not left in /tmp
+    return took
 
 
 # Where a function's own time is counted in the profile's split: the first pattern its file path contains.
@@ -595,6 +601,7 @@ def main() -> int:
             gr.close()
         if far:
             far.close()
+        shutil.rmtree(state, ignore_errors=True)  # the benchmark's stores (private keys): not left in /tmp
         if not args.keep:
             lab.reseed()
             lab.down()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def main() -> int:
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         chat.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the stores (private keys): not left in /tmp
         if not args.keep:
             lab.down()
     return 0
