@@ -103,9 +103,10 @@ _KEY = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def parse_kv(text: str) -> dict[str, list[str]]:
-    """`key=value` lines → {key: [values...]}; lines without '=' are ignored."""
+    """`key=value` lines (ended by "\n" only: a "\r" inside a value is no line end) → {key: [values...]}; lines
+    without '=' are ignored."""
     out: dict[str, list[str]] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         key, sep, value = line.partition("=")
         if sep and _KEY.fullmatch(key):
             out.setdefault(key, []).append(value)

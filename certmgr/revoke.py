@@ -324,11 +324,15 @@ def finish_confirmed(store: StateStore, cert: Certificate, served: Sequence[Any]
             return None
         revoked = pins.load_revoked(store, name)
         live = store.live_version(name)
-        info = store.read(name).info() if live is not None else None
+        material = store.read(name) if live is not None else None
+        info = material.info() if material is not None else None
+        key = public_key_der(material.leaf.public_key()).hex() if material is not None else ""
     except (CertmgrError, ValueError):
         return None
     if info is None or info.serial in pending.serials or info.serial in revoked:
-        return None
+        return None  # the live certificate is one being revoked
+    if pending.spki and key == pending.spki:
+        return None  # or carries the leaked key (the rerun of revoke revokes such a version too)
     if not all(s in revoked for s in pending.serials):
         return None
     mine = [r for r in served if r.endpoint.cert == name and r.endpoint.host in cert.hosts]

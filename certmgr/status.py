@@ -147,7 +147,8 @@ def pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deploy
     if not hit:
         return view
     why = f"serves a certificate certmgr revoked ({hit[0].get('reason') or 'revoked'})"
-    return replace(view, severity="critical", problems=(why, *view.problems))
+    worse = view.severity == "error"  # ok < warning < critical < error
+    return replace(view, severity="error" if worse else "critical", problems=(why, *view.problems))
 
 
 def _pop_view(host: str, eps: list[dict[str, Any]], info: CertInfo | None, deployed: dict[str, Any],

@@ -21,7 +21,7 @@ from certmgr import interrupt, popguard
 from certmgr import remote as remote_mod
 from certmgr.deploy import fence, handshake
 from certmgr.deploy.model import CertState, HostOutcome, Inspection, Status, parse_inspection, sections
-from certmgr.deploy.plan import Decision, serial_of_probe, sha256sums
+from certmgr.deploy.plan import Decision, serial_of_probe, sha256sums, version_of_target
 from certmgr.deploy.shell import INSPECT_SH, PRUNE_SH
 from certmgr.errors import CertmgrError, DeployError, LockLost, StoreUnavailable
 from certmgr.inventory import Certificate, Host, Inventory
@@ -267,6 +267,33 @@ class Deployer:
         return {name: DeployError(f"cannot record the deploy intent: {exc.message} (live unchanged)", hint=exc.hint)
                 for name, exc in failed.items()}
 
+    async def intend_back(self, jobs: Sequence[Job]) -> list[Job]:
+        """Before switching back a settled switch nobody verified (Transaction.decide): the intent of that switch
+        back, written durably, so that a controller dying during it leaves it for the next deploy to settle and
+        audit. The jobs that may go on: those with a link in certmgr's own spelling to go back to, intent written."""
+        if self.store is None:
+            return list(jobs)
+        now = dt.datetime.now(dt.UTC)
+        made: list[tuple[Job, intents_mod.Intent]] = []
+        for job in jobs:
+            assert job.unverified is not None and job.decision is not None
+            back, old_serial = job.unverified
+            v = version_of_target(back, job.name)
+            if v is None or back != f"../archive/{job.name}/{v}":
+                continue  # a link spelled otherwise could not be settled by its target: left to a redeploy
+            cur = f"../archive/{job.name}/{job.decision.version}"
+            made.append((job, intents_mod.Intent.new(
+                cert=job.name, host=job.host.name, version=v, layout="link", from_target=cur, back_target=cur,
+                from_serial=job.info.serial, to_serial=old_serial or "", now=now)))
+        failed = await asyncio.to_thread(intents_mod.write_all, self.store, [i for _, i in made]) if made else {}
+        out = []
+        for job, intent in made:
+            if job.name not in failed:
+                job.intent = intent
+                interrupt.tally().committing.add((job.cert.name, job.host.name))
+                out.append(job)
+        return out
+
     async def settle(self, rem: RemoteSession, host: Host, jobs: Sequence[Job], state: Inspection,
                      inspect: Sequence[str]) -> Inspection:
         """Settle what interrupted runs left for these certificates on this host, from their live links as inspected.
@@ -312,7 +339,8 @@ class Deployer:
                 if switched and n in by_name:
                     by_name[n].settled = True
                     last = switched[-1]
-                    if last.back_target:
+                    # a link it replaced (not a certbot conversion, whose copy may have taken another name)
+                    if last.back_target and last.layout == "link":
                         by_name[n].unverified = (last.back_target, last.from_serial)
         except CertmgrError as exc:  # switching again before the last switch is audited would lose it
             raise DeployError(f"cannot settle an interrupted deploy: {exc.message} (nothing changed)",

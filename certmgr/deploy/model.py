@@ -93,7 +93,9 @@ def sections(res: Result) -> tuple[dict[str, list[str]], dict[str, dict[str, lis
     own: dict[str, list[str]] = {}
     per: dict[str, dict[str, list[str]]] = {}
     cur = own
-    for line in res.stdout.splitlines():
+    # lines end at "\n" only, as the scripts' `say` writes them: splitlines() would also end one at a "\r",
+    # "\v", "\x1c"… inside a value read from the POP's file system (a link's target), and forge a key
+    for line in res.stdout.split("\n"):
         key, sep, value = line.partition("=")
         if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
             continue
@@ -186,7 +188,7 @@ class CertCommit:
     """One certificate's part of commit.sh: stored, swapped (and maybe switched back), or failed at a step."""
 
     name: str
-    failed_step: str | None  # verify | chmod | chown | sync | aside | rename | convert | swap
+    failed_step: str | None  # verify | chown | sync | aside | rename | convert | swap
     failed_out: str
     aside: str | None  # the name archive/<name>/N/ of other content was moved to
     converted: str | None  # certbot's version K, when live/<name>/ was converted

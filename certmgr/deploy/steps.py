@@ -44,7 +44,7 @@ _NOT_GNU_TAR = ("unrecognized option", "invalid option", "not found", "unknown o
 _WHAT = {"unreceived": "not uploaded (the upload of the certificates due here stopped)",
          "verify": "uploaded files do not match their SHA-256", "sync": "fsync failed",
          "rename": "cannot store the version", "convert": "cannot convert certbot's layout",
-         "swap": "cannot switch the live link", "chmod": "cannot make the stored privkey.pem owner-only (0600)"}
+         "swap": "cannot switch the live link"}
 
 
 # the mode of each file of a version on a POP: the private key readable by its owner alone from creation
@@ -161,7 +161,7 @@ async def read_commit(t: Transaction, todo: Sequence[Job], res: Commit) -> Commi
         step = cc.failed_step
         if step is not None:
             text = cc.failed_out or res.raw.stderr.strip()
-            if step in ("verify", "chown", "chmod", "sync", "aside", "rename"):
+            if step in ("verify", "chown", "sync", "aside", "rename"):
                 await t.rem.remove_tree_quietly(t.tmpdir(job))
             what, shown = _WHAT.get(step, f"step {step} failed"), quote_text(text)
             if step == "upload":  # receive.sh removed every temp dir it made: nothing to clean

@@ -43,6 +43,7 @@ class Transaction:
         self.root = ""
         self.test = self.reload = ""
         self.reload_argv: tuple[str, ...] = ()  # what self.reload runs: reload_command, or its fallback (reload.py)
+        self.reload_resolved = False
         self.note: str | None = None  # said on every outcome of this transaction (the reload fallback)
         self.preflight = True  # inspect ran the test before any change (else the commit's retest judges)
         self.fence: Token | None = None  # the POP lock's epoch for commit.sh (None: directory store)
@@ -142,8 +143,7 @@ class Transaction:
             return
         # the default reload, or the old one where sudo allows only that: asked only when a commit is due, and
         # before the intents are written (a failed question leaves nothing for the next run to settle)
-        self.reload_argv, self.note = await reload_mod.resolve(self.d, self.rem, host)
-        self.reload = argv_text(self.reload_argv, "reload_command", host)
+        await self.resolve_reload()
         todo = await self.upload(todo)
         if not todo:
             return
@@ -157,6 +157,14 @@ class Transaction:
             await asyncio.gather(*(after_failed_test(self, job, commit) for job in swapped))
             return
         await self.verify(swapped, commit)
+
+    async def resolve_reload(self) -> None:
+        """The reload argv for this host (reload.resolve: the default, or its fallback), asked once per transaction."""
+        if self.reload_resolved:
+            return
+        self.reload_argv, self.note = await reload_mod.resolve(self.d, self.rem, self.host)
+        self.reload = argv_text(self.reload_argv, "reload_command", self.host)
+        self.reload_resolved = True
 
     async def inspect(self) -> Inspection | None:
         """One script for every certificate: layouts, versions, live fullchains, and the preflight test."""
@@ -237,7 +245,11 @@ class Transaction:
                 else:
                     back.append((job, s))
             if back and not interrupt.stopping():
-                await undo_unverified(self, [j for j, _ in back], [s for _, s in back])
+                await self.resolve_reload()  # the reload this host takes (its fallback, where sudo allows only that)
+                going = await self.d.intend_back([j for j, _ in back])
+                if going:
+                    probes = {id(j): s for j, s in back}
+                    await undo_unverified(self, going, [probes[id(j)] for j in going])
         for job in self.undone():
             d = job.decision
             assert d is not None

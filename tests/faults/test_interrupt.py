@@ -375,6 +375,10 @@ def test_a_switch_a_killed_run_never_verified_is_switched_back_when_not_served(f
         assert os.readlink(link) == before and fresh.served_serial(pop, MEDIA) == int(v1, 16)
         mine = [e["action"] for e in audit(state) if e.get("host") == pop and e["action"] in ("deployed", "rolled back")]
         assert mine[-2:] == ["deployed", "rolled back"], mine  # the settled switch, then its switch back
+        # the switch back had its own intent (a controller dying during it leaves it to be settled), now removed
+        [back] = [e for e in audit(state) if e.get("host") == pop and e["action"] == "rolled back"][-1:]
+        assert back.get("intent"), back
+        assert not list((state / "state" / "intents").rglob("*.json"))
         shown = certmgr(inv, state, "status", MEDIA)
         [row] = [x for x in shown.stdout.splitlines() if x.strip().startswith(pop)]
         assert shown.returncode == 2 and row.split()[1] == "BEHIND" and f"serial {v1}" in row, row

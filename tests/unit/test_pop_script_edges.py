@@ -163,3 +163,23 @@ def test_a_certbot_link_into_another_lineage_is_not_taken_for_this_ones_version(
     assert k is None and why == f"live/{NAME}/chain.pem is not a link to archive/{NAME}/chainK.pem", why
     assert certbot_version(parse_inspection(sh(INSPECT_SH, str(certbot_root(tmp_path / "ok", k=3)[0]), NAME, "",
                                                   "", "5", "")).certs[NAME].fields, NAME) == (3, None)
+
+
+@pytest.mark.parametrize("sep", ["\r", "\v", "\x1c", "\x85"])
+def test_a_line_break_other_than_newline_in_a_link_target_forges_no_key(tmp_path: Path, sep: str) -> None:
+    """A target holding "\\r" (or another character str.splitlines() ends a line at) and `version=9`: the parser
+    ends lines at "\\n" only, as `say` writes them, so no version 9 appears and the target reads as no version."""
+    import subprocess
+
+    from certmgr.deploy.plan import version_of_target
+    from certmgr.remote import Result, parse_kv, sh_command
+
+    root = linked_root(tmp_path, 1)
+    relink(root, f"../archive/{NAME}/1{sep}version=9")
+    # bytes, decoded as the SSH session does (a text-mode pipe would turn "\r" into "\n" on its own)
+    proc = subprocess.run(["sh", "-c", sh_command(INSPECT_SH, [str(root), NAME, "", "", "5", ""])],
+                          capture_output=True, timeout=30, check=False)
+    out = proc.stdout.decode("utf-8", "replace")
+    state = parse_inspection(Result(exit_status=proc.returncode, stdout=out, stderr="", fields=parse_kv(out)))
+    assert sorted(state.certs[NAME].versions) == [1], state.certs[NAME].fields
+    assert version_of_target(state.certs[NAME].target, NAME) is None

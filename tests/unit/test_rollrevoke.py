@@ -392,3 +392,66 @@ def test_a_hint_stands_under_its_own_pop() -> None:
     hint = next(i for i, line in enumerate(lines) if "hint: fix the web server config on sally" in line)
     assert "→ sally" in lines[hint - 1] and "nginx -t failed" in lines[hint - 1], lines
     assert "→ esme" in lines[hint + 1], lines
+
+
+def test_a_run_finishes_a_revocation_only_when_it_is_done_but_for_its_record(tmp_path: Path) -> None:
+    """revoke.finish_confirmed clears a pending revocation (audited `revoke done`, by run) only when every recorded
+    serial is revoked and the run's scan shows the live replacement — not one being revoked, not the leaked key —
+    on every endpoint of every host; anything short of that leaves the record."""
+    from types import SimpleNamespace
+
+    from certmgr.material import public_key_der
+    from certmgr.revoke import finish_confirmed
+
+    store = Store.open(tmp_path / "state")
+    leaked = pki.make_leaf(_CA, [NAME], not_before=T0, not_after=T0 + 90 * DAY)
+    with store.lock("test"):
+        store.add_version(NAME, CertMaterial(cert=leaked.cert_pem, chain=_CA.cert_pem, privkey=leaked.key_pem))
+        store.activate(NAME, store.add_version(NAME, _material()))
+    old, new = store.read(NAME, 1).info(), store.read(NAME, 2).info()
+    spki = public_key_der(store.read(NAME, 1).leaf.public_key()).hex()
+    pins.save_pending(store, NAME, pins.PendingRevocation(reason="keyCompromise", versions=(1,),
+                                                          serials=(old.serial,), now_first=False, at=T0, spki=spki))
+    hosts = ("h1", "h2")
+    crt = SimpleNamespace(name=NAME, hosts=hosts)
+
+    def ep(host: str, sha: str | None, cert_name: str = NAME) -> SimpleNamespace:
+        return SimpleNamespace(endpoint=SimpleNamespace(cert=cert_name, host=host),
+                               info=None if sha is None else SimpleNamespace(sha256=sha))
+
+    everywhere = [ep(h, new.sha256) for h in hosts]
+    assert finish_confirmed(store, crt, everywhere) is None  # the leaked serial is not revoked yet
+    with store.lock("test"):
+        pins.record_revoked(store, NAME, old.serial, version=1, reason="keyCompromise", at=T0)
+    for short in ([ep("h1", new.sha256)],                                   # h2 not in the scan
+                  [ep("h1", new.sha256), ep("h2", old.sha256)],              # h2 serves the leaked one
+                  [ep("h1", new.sha256), ep("h2", None)],                    # h2 unreadable
+                  [ep("h1", new.sha256), ep("h2", new.sha256, "other.test")]):  # h2's line is another certificate's
+        assert finish_confirmed(store, crt, short) is None
+        assert pins.load_pending(store, NAME) is not None
+    line = finish_confirmed(store, crt, everywhere)
+    assert line is not None and line.startswith(f"revocation of {NAME} finished (keyCompromise): version 1 revoked")
+    assert pins.load_pending(store, NAME) is None
+    [done] = [e for e in store.read_audit() if e["action"] == "revoke done"]
+    assert done["by"] == "run"
+    # a live version that carries the leaked key is no replacement
+    pins.save_pending(store, NAME, pins.PendingRevocation(
+        reason="keyCompromise", versions=(1,), serials=(old.serial,), now_first=False, at=T0,
+        spki=public_key_der(store.read(NAME, 2).leaf.public_key()).hex()))
+    assert finish_confirmed(store, crt, everywhere) is None
+
+
+@pytest.mark.parametrize(("value", "items"), [(None, []), ("a, b,", ["a", "b"]), ("tag:canary", ["tag:canary"])])
+def test_csv_list_reads_an_option(value: str | None, items: list[str]) -> None:
+    from certmgr.cli.base import csv_list
+
+    assert csv_list(value, "--hosts") == items
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_csv_list_refuses_an_option_given_but_naming_nothing(value: str) -> None:
+    from certmgr.cli.base import csv_list
+
+    with pytest.raises(UsageError, match=r"^--hosts: .* names nothing"):
+        csv_list(value, "--hosts")
+    assert csv_list(value) == []  # without an option name (not a user's option): empty stays empty

@@ -221,8 +221,9 @@ stage() {
   # very certificate (a rolled-back attempt, another controller's upload) is used as it is; other
   # content (a certbot-era or hand-made N/) is set aside as N.certmgr-aside-<stamp>/, never lost.
   if [ -d "$arch/$ver" ] && [ ! -L "$arch/$ver" ] && sumsok "$arch/$ver" >/dev/null; then
-    # its key owner-only whatever made it (an older tool, a hand-made copy): the one chmod of a reuse
-    o=$(chmod 600 -- "$arch/$ver/privkey.pem" 2>&1) || { fail chmod "$o"; return 1; }
+    # its key owner-only whatever made it (an older tool, a hand-made copy); best effort: a key given to
+    # privkey_owner by an earlier deploy is not the deploy user's to chmod (and was made 0600 then)
+    chmod 600 -- "$arch/$ver/privkey.pem" 2>/dev/null || :
     if [ -n "$keyown" ]; then o=$(keyown "$arch/$ver/privkey.pem" 2>&1) || { fail chown "$o"; return 1; }; fi
     rm -rf -- "${arch:?}/$tmp"
     say "reused=$ver"
