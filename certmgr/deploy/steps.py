@@ -256,16 +256,16 @@ async def rollback_after_verify(t: Transaction, bad: Sequence[tuple[Job, str]], 
     await switch_back(t, backs)
 
 
-async def undo_unverified(t: Transaction, jobs: Sequence[Job], seen: Sequence[Mapping[str, Probe]]) -> None:
+async def undo_unverified(t: Transaction, jobs: Sequence[tuple[Job, Mapping[str, Probe]]]) -> None:
     """An interrupted run switched these (settled by this deploy) and died before verifying; the new version is not
-    served: switch each back where that run would have on a failed verify — the link it replaced — and verify the
-    serial served before, as a verify failure of that run's transaction."""
+    served (what the verify saw): switch each back where that run would have on a failed verify — the link it
+    replaced — and verify the serial served before, as a verify failure of that run's transaction."""
     backs = []
-    for job, s in zip(jobs, seen, strict=True):
-        assert job.unverified is not None
+    for job, seen in jobs:
+        assert job.unverified is not None and job.decision is not None
         target, old_serial = job.unverified
-        cause = (f"version {job.decision.version if job.decision else '?'}, switched by an interrupted run, is not "
-                 f"served: {verify_failure(job.info.serial, s, t.d.timeouts.verify)}")
+        cause = (f"version {job.decision.version}, switched by an interrupted run, is not served: "
+                 f"{verify_failure(job.info.serial, seen, t.d.timeouts.verify)}")
         backs.append((job, cause, target, old_serial, False))
     await switch_back(t, backs)
 

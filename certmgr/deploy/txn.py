@@ -225,31 +225,14 @@ class Transaction:
                                   local_version=job.local_version, keyown=self.host.privkey_chown)
         maybe = [j for j in self.jobs if j.decision and j.decision.maybe_skip]
         seen = await asyncio.gather(*(self.d.served(self.host, sni_names(j.cert)) for j in maybe))
-        undo: list[tuple[Job, Any]] = []
+        unverified: list[Job] = []
         for job, s in zip(maybe, seen, strict=True):
-            if job.decision is not None and all_serve(s, job.info.serial):
-                dec = job.decision
-                self.finish(job, Status.SKIPPED, old_serial=dec.old_serial, version=dec.prev_version,
-                            previous_version=dec.prev_version)
+            if all_serve(s, job.info.serial):
+                self.skipped(job)
             elif job.unverified is not None:
-                undo.append((job, s))  # switched by a run that died before verifying, and not served yet
-        if undo:
-            # that run's commit may still be running on the POP (it finishes whatever happens to its controller):
-            # its reload is given the verify's time, as that run's verify would have been
-            waited = await self.d.wait_all(self.host, [(sni_names(j.cert), j.info.serial) for j, _ in undo])
-            back = []
-            for (job, _), (ok, s) in zip(undo, waited, strict=True):
-                if ok and (d := job.decision) is not None:
-                    self.finish(job, Status.SKIPPED, old_serial=d.old_serial, version=d.prev_version,
-                                previous_version=d.prev_version)
-                else:
-                    back.append((job, s))
-            if back and not interrupt.stopping():
-                await self.resolve_reload()  # the reload this host takes (its fallback, where sudo allows only that)
-                going = await self.d.intend_back([j for j, _ in back])
-                if going:
-                    probes = {id(j): s for j, s in back}
-                    await undo_unverified(self, going, [probes[id(j)] for j in going])
+                unverified.append(job)  # switched by a run that died before verifying, and not served yet
+        if unverified:
+            await self.verify_settled(unverified)
         for job in self.undone():
             d = job.decision
             assert d is not None
@@ -257,6 +240,30 @@ class Transaction:
                 self.finish(job, Status.FAILED, old_serial=d.old_serial, error=f"{job.subject}: {d.refused}",
                             hint=d.hint)
         return self.undone()
+
+    def skipped(self, job: Job) -> None:
+        d = job.decision
+        assert d is not None
+        self.finish(job, Status.SKIPPED, old_serial=d.old_serial, version=d.prev_version,
+                    previous_version=d.prev_version)
+
+    async def verify_settled(self, jobs: list[Job]) -> None:
+        """The verify a run that died after switching these never finished: the new serial within the verify's
+        time (that run's commit may still be running on the POP, its reload to come), else switched back to the
+        link that switch replaced (steps.undo_unverified), under an intent of its own (Deployer.intend_back)."""
+        waited = await self.d.wait_all(self.host, [(sni_names(j.cert), j.info.serial) for j in jobs])
+        back = []
+        for job, (ok, seen) in zip(jobs, waited, strict=True):
+            if ok:
+                self.skipped(job)
+            else:
+                back.append((job, seen))
+        if not back or interrupt.stopping():
+            return
+        await self.resolve_reload()  # the reload this host takes (its fallback, where sudo allows only that)
+        going = {id(j) for j in await self.d.intend_back([j for j, _ in back])}
+        if going:
+            await undo_unverified(self, [(j, seen) for j, seen in back if id(j) in going])
 
     async def upload(self, todo: list[Job]) -> list[Job]:
         """Name each new version's temp dir and write the intents; the files go up on the commit's stdin."""
