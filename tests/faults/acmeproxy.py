@@ -262,10 +262,17 @@ class ACMEProxy:
         if rule is not None and rule.hold is None:
             if rule.lost:
                 try:
-                    _, lost_headers, lost_data = forward(h, body, self.upstream_port, self._upstream_ctx)
+                    lost_status, lost_headers, lost_data = forward(h, body, self.upstream_port, self._upstream_ctx)
                     self._learn(kind, lost_headers, lost_data, idents)
                 except OSError:
-                    pass
+                    lost_status = 0
+                if lost_status >= 400:
+                    # the CA refused this one itself (Pebble's random badNonce, 5 %): nothing happened whose
+                    # answer could be lost; pass its own answer on and lose the answer of the next one instead
+                    with self._lock:
+                        rule.hits -= 1
+                    self._record(h, kind, path, idents, lost_status, True)
+                    return reply(h, lost_status, lost_headers, lost_data)
             headers = [("Content-Type", "application/problem+json"), ("Cache-Control", "no-store")]
             nonce = self._fresh_nonce()
             if nonce:
